@@ -1,0 +1,5 @@
+import sys
+
+from moepic.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading Hugging Face model folders into moepic's canonical spec and weights."""

@@ -1,0 +1,31 @@
+"""Architecture adapters, one per file, registered by Hugging Face `model_type`.
+
+Adding an architecture: write `adapters/NAME.py` with a class that has `model_types`, `spec(cfg)`
+and `load_weights(...)` (subclass LlamaLikeAdapter when the file layout is Llama-like), then add it
+to `_ADAPTERS` below.
+"""
+
+from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter
+from moepic.checkpoint.adapters.mixtral import MixtralAdapter
+from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
+from moepic.checkpoint.adapters.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
+from moepic.errors import CheckpointError
+
+_ADAPTERS: dict[str, LlamaLikeAdapter] = {
+    model_type: adapter
+    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter())
+    for model_type in adapter.model_types
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model_type: str, source: str) -> LlamaLikeAdapter:
+    try:
+        return _ADAPTERS[model_type]
+    except KeyError:
+        raise CheckpointError(
+            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+        ) from None

@@ -1,0 +1,148 @@
+"""The shared shape of Llama-family MoE checkpoints: spec fields every one has, and a loader driven by name templates.
+
+An architecture that fits this mould (Mixtral, Qwen2/3-MoE, OLMoE) is a spec function plus a
+`TensorNames`. One that does not (DeepSeek's MLA attention, GPT-OSS's fused experts) writes its own
+`load_weights` in its own file and registers it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.checkpoint.hf_config import HFConfig
+from moepic.core.spec import ModelSpec
+from moepic.core.weights import AttentionWeights, LayerWeights, ModelWeights, MoEWeights, SwiGLUWeights
+from moepic.errors import CheckpointError
+
+
+def common_spec_fields(cfg: HFConfig) -> dict[str, Any]:
+    """Keyword arguments of ModelSpec that every Llama-family config spells the same way."""
+    act = cfg.get("hidden_act", kind=str, default="silu")
+    if act != "silu":
+        raise CheckpointError(f"{cfg.source}: hidden_act {act!r} is not supported (moepic runs SwiGLU/silu experts)")
+    hidden = cfg.get("hidden_size")
+    heads = cfg.get("num_attention_heads")
+    if hidden % heads and cfg.get("head_dim", default=None) is None:
+        raise CheckpointError(f"{cfg.source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    return dict(
+        model_type=cfg.model_type,
+        vocab_size=cfg.get("vocab_size"),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", default=heads),
+        head_dim=cfg.get("head_dim", default=hidden // heads),
+        norm_eps=cfg.get("rms_norm_eps", kind=float),
+        rope=cfg.rope(),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", kind=bool, default=False),
+        max_position_embeddings=cfg.get("max_position_embeddings", default=4096),
+        eos_token_ids=cfg.token_ids("eos_token_id"),
+        bos_token_id=(cfg.token_ids("bos_token_id") or (None,))[0],
+    )
+
+
+def build_spec(cfg: HFConfig, **fields: Any) -> ModelSpec:
+    """ModelSpec(**common + fields), turning a validation failure into an error naming config.json."""
+    try:
+        return ModelSpec(**(common_spec_fields(cfg) | fields))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
+
+
+@attrs.frozen
+class TensorNames:
+    """Where each canonical weight lives in the checkpoint. `{l}` is the layer, `{e}` the expert."""
+
+    moe_prefix: str = "model.layers.{l}.mlp"
+    expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    dense_prefix: str = "model.layers.{l}.mlp"
+
+
+class LlamaLikeAdapter:
+    """Base for architectures whose files follow the Llama naming scheme."""
+
+    model_types: tuple[str, ...] = ()
+    names = TensorNames()
+
+    def spec(self, cfg: HFConfig) -> ModelSpec:
+        raise NotImplementedError
+
+    def load_weights(
+        self, ckpt: SafetensorsCheckpoint, spec: ModelSpec, dtype: torch.dtype, device: str, progress: bool
+    ) -> ModelWeights:
+        def read(name: str, *shape: int) -> torch.Tensor:
+            return ckpt.read(name, shape, dtype, device)
+
+        D, V = spec.hidden_size, spec.vocab_size
+        embed = read("model.embed_tokens.weight", V, D)
+        layers = tuple(
+            self._layer(read, spec, l)
+            for l in tqdm(range(spec.num_layers), desc="loading layers", disable=not progress, leave=False)
+        )
+        final_norm = read("model.norm.weight", D)
+        if spec.tie_word_embeddings and not ckpt.has("lm_head.weight"):
+            lm_head = embed
+        else:
+            lm_head = read("lm_head.weight", V, D)
+        return ModelWeights(embed, layers, final_norm, lm_head)
+
+    def _layer(self, read: Callable[..., torch.Tensor], spec: ModelSpec, l: int) -> LayerWeights:
+        D = spec.hidden_size
+        p = f"model.layers.{l}"
+        ffn = self._moe(read, spec, l) if spec.layer_kinds[l] == "moe" else self._dense(read, spec, l)
+        return LayerWeights(
+            input_norm_D=read(f"{p}.input_layernorm.weight", D),
+            attention=self._attention(read, spec, f"{p}.self_attn"),
+            post_attention_norm_D=read(f"{p}.post_attention_layernorm.weight", D),
+            ffn=ffn,
+        )
+
+    def _attention(self, read, spec: ModelSpec, p: str) -> AttentionWeights:
+        D, Q, K = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        bias = spec.attention_bias
+        norm_width = {"none": (None, None), "per_head": (spec.head_dim, spec.head_dim), "full": (Q, K)}[spec.qk_norm]
+        return AttentionWeights(
+            q_QD=read(f"{p}.q_proj.weight", Q, D),
+            k_KD=read(f"{p}.k_proj.weight", K, D),
+            v_KD=read(f"{p}.v_proj.weight", K, D),
+            o_DQ=read(f"{p}.o_proj.weight", D, Q),
+            q_bias=read(f"{p}.q_proj.bias", Q) if bias else None,
+            k_bias=read(f"{p}.k_proj.bias", K) if bias else None,
+            v_bias=read(f"{p}.v_proj.bias", K) if bias else None,
+            q_norm=read(f"{p}.q_norm.weight", norm_width[0]) if norm_width[0] else None,
+            k_norm=read(f"{p}.k_norm.weight", norm_width[1]) if norm_width[1] else None,
+        )
+
+    def _swiglu(self, read, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
+        gate, up, down = projections
+        return SwiGLUWeights(
+            gate_FD=read(f"{prefix}.{gate}.weight", F, D),
+            up_FD=read(f"{prefix}.{up}.weight", F, D),
+            # Stored transposed (F×D) so a neuron range is a contiguous row block (core/weights.py).
+            down_FD=read(f"{prefix}.{down}.weight", D, F).t().contiguous(),
+        )
+
+    def _dense(self, read, spec: ModelSpec, l: int) -> SwiGLUWeights:
+        prefix = self.names.dense_prefix.format(l=l)
+        return self._swiglu(read, prefix, ("gate_proj", "up_proj", "down_proj"), spec.hidden_size, spec.dense_ffn)
+
+    def _moe(self, read, spec: ModelSpec, l: int) -> MoEWeights:
+        moe, D = spec.moe, spec.hidden_size
+        prefix = self.names.moe_prefix.format(l=l)
+        experts = tuple(
+            self._swiglu(read, f"{prefix}.experts.{e}", self.names.expert_projections, D, moe.expert_ffn)
+            for e in range(moe.num_experts)
+        )
+        shared = shared_gate = None
+        if moe.shared_expert_ffn:
+            shared = self._swiglu(
+                read, f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj"), D, moe.shared_expert_ffn
+            )
+            if moe.shared_expert_gated:
+                shared_gate = read(f"{prefix}.shared_expert_gate.weight", 1, D)
+        return MoEWeights(read(f"{prefix}.gate.weight", moe.num_experts, D), experts, shared, shared_gate)

@@ -1,0 +1,79 @@
+"""config.json → typed values, with key aliases and errors that name the file and the key. Side effects: reads one file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moepic.checkpoint.hf_rope import rope_spec_from_hf_config
+from moepic.errors import CheckpointError
+
+_MISSING = object()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFConfig:
+    """A parsed config.json. `get` accepts aliases (`num_experts | num_local_experts | …`) and checks the type."""
+
+    def __init__(self, data: dict[str, Any], source: str):
+        self.data = data
+        self.source = source
+
+    @classmethod
+    def read(cls, folder: Path) -> HFConfig:
+        path = folder / "config.json"
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: model folder not found")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (a Hugging Face model folder needs config.json)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object at the top level")
+        return cls(data, str(path))
+
+    def get(self, *keys: str, kind: type = int, default: Any = _MISSING) -> Any:
+        for key in keys:
+            value = self.data.get(key)
+            if value is None:
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise CheckpointError(
+                    f"{self.source}: key {key!r} should be {kind.__name__}, got {value!r}"
+                )
+            return value
+        if default is _MISSING:
+            raise CheckpointError(f"{self.source}: missing key {' | '.join(repr(k) for k in keys)}")
+        return default
+
+    @property
+    def model_type(self) -> str:
+        return self.get("model_type", kind=str)
+
+    def rope(self):
+        return rope_spec_from_hf_config(self.data, source=self.source)
+
+    def checkpoint_dtype(self) -> torch.dtype:
+        """The dtype the weights were saved in (`dtype`, or transformers 4's `torch_dtype`); float32 if unstated."""
+        name = self.get("dtype", "torch_dtype", kind=str, default="float32")
+        try:
+            return DTYPES[name.removeprefix("torch.")]
+        except KeyError:
+            raise CheckpointError(f"{self.source}: unsupported dtype {name!r}; supported: {', '.join(DTYPES)}") from None
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        value = self.data.get(key)
+        if value is None:
+            return ()
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise CheckpointError(f"{self.source}: key {key!r} should be a token id or a list of them, got {value!r}")
+        return tuple(values)

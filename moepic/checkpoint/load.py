@@ -1,0 +1,41 @@
+"""load_model: a Hugging Face model folder → a ready `Model`. Side effects: file I/O, progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moepic.checkpoint.adapters import adapter_for
+from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.checkpoint.hf_config import HFConfig
+from moepic.core.model import Model
+from moepic.core.spec import ModelSpec
+from moepic.errors import CheckpointError
+
+# Buffers some exporters save that carry no information moepic needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
+    cfg = HFConfig.read(Path(folder))
+    return adapter_for(cfg.model_type, cfg.source).spec(cfg), cfg
+
+
+def load_model(
+    folder: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", progress: bool = False
+) -> Model:
+    """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype."""
+    folder = Path(folder)
+    spec, cfg = read_spec(folder)
+    adapter = adapter_for(spec.model_type, cfg.source)
+    dtype = cfg.checkpoint_dtype() if dtype is None else dtype
+    with SafetensorsCheckpoint(folder) as ckpt:
+        weights = adapter.load_weights(ckpt, spec, dtype, device, progress)
+        unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)]
+    if unexpected:
+        shown = ", ".join(repr(n) for n in unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
+        raise CheckpointError(
+            f"{ckpt.file_of(unexpected[0])}: unexpected tensor(s) {shown} for a {spec.model_type} model with this config"
+        )
+    return Model.build(spec, weights)

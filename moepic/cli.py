@@ -1,0 +1,141 @@
+"""The `moepic` command. Argument parsing, config loading and printing; user mistakes become one line.
+
+    moepic generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
+                    [--greedy] [--temperature T] [--top-p P] [--seed S] [--dtype D] [--device DEV]
+                    [--config FILE.yaml] [--json] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from moepic.config import RunConfig, load_config
+from moepic.errors import ConfigError, MoepicError
+
+DEFAULT_PROMPT = "And God said"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage dump is noise for a one-line mistake
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _prompt_ids(text: str) -> str:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return "[" + ",".join(map(str, ids)) + "]"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moepic", description="Exact MoE inference with experts offloaded to host memory.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("--config", help="YAML run config (keys as in moepic/config.py)")
+    gen.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as token ids: 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--greedy", action="store_true", default=None, help="argmax decoding (default: sampling)")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--dtype", choices=["auto", *DTYPES])
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 …")
+    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
+    return parser
+
+
+_FLAG_KEYS = {
+    "model": "model.path",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "prompt": "generate.prompt",
+    "prompt_ids": "generate.prompt_ids",
+    "max_new_tokens": "generate.max_new_tokens",
+    "greedy": "sampling.greedy",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "seed": "sampling.seed",
+}
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags are spelled as overrides, so one validation path serves YAML, flags and key=value alike."""
+    out = []
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) and flag != 'prompt_ids' else value}")
+    return out
+
+
+def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
+    from moepic.checkpoint.load import load_model
+    from moepic.default_model import default_model_dir
+    from moepic.runtime.generation import generate
+    from moepic.tokenizer import TextCodec
+
+    folder = cfg.model.path or str(default_model_dir())
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {cfg.model.device!r}, but CUDA is not available on this machine")
+    dtype = None if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
+    codec = TextCodec.from_folder(folder)
+    if cfg.generate.prompt_ids is not None:
+        prompt_ids = list(cfg.generate.prompt_ids)
+    else:
+        if codec is None:
+            raise ConfigError(f"{folder} has no tokenizer.json: give the prompt as --prompt-ids 1,2,3")
+        prompt_ids = codec.encode(DEFAULT_PROMPT if cfg.generate.prompt is None else cfg.generate.prompt)
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
+    model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json)
+    bad = [i for i in prompt_ids if not 0 <= i < model.spec.vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")
+    result = generate(
+        model, prompt_ids, max_new_tokens=cfg.generate.max_new_tokens, sampling=cfg.sampling, progress=not as_json
+    )
+    report = {"model": folder, "prompt_ids": prompt_ids, "token_ids": result.token_ids}
+    if codec is not None:
+        report["text"] = codec.decode(result.token_ids)
+    report["stopped_on_eos"] = result.stopped_on_eos
+    report["stats"] = result.stats.as_dict()
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        cfg = load_config(args.config, [*_flag_overrides(args), *args.overrides])
+        report = run_generate(cfg, as_json=args.json)
+    except MoepicError as e:
+        print(f"moepic: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moepic: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report.get("text", " ".join(map(str, report["token_ids"]))))
+        stats = report["stats"]
+        print(
+            f"[{stats['tokens']} tokens · prefill {stats['prefill_s'] * 1e3:.1f} ms · "
+            f"decode {stats['decode_s_per_token'] * 1e3:.2f} ms/token]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Run configuration: frozen attrs classes, and the one function where YAML + overrides become them.
+
+OmegaConf is used only inside `load_config`; everything after it is typed Python. Unknown keys and
+ill-typed values fail here, with the dotted key, the expected type and the value found.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moepic.errors import ConfigError
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    # A Hugging Face model folder; None means the built-in default model.
+    path: str | None = None
+    # "auto" keeps the checkpoint's dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "cpu"
+
+
+@attrs.frozen(kw_only=True)
+class SamplingConfig:
+    greedy: bool = False
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+
+
+@attrs.frozen(kw_only=True)
+class GenerateConfig:
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    max_new_tokens: int = 32
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompt is not None and self.prompt_ids is not None:
+            raise ValueError("give generate.prompt or generate.prompt_ids, not both")
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    generate: GenerateConfig = GenerateConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the field type `tp`; convert only lossless, obvious cases (int → float, list → tuple)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+    if attrs.has(tp):
+        return structure(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key}: expected {_describe(tp)}, got {value!r}")
+    return value
+
+
+def structure(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build the attrs class `cls` from plain dicts, rejecting unknown keys and wrong types."""
+    where = prefix or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in attrs.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
+    values = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """defaults ← YAML file ← `key=value` overrides, validated into a frozen RunConfig."""
+    merged = OmegaConf.create({})
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            merged = OmegaConf.load(path)
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not OmegaConf.is_dict(merged):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. sampling.seed=3)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+    # Keys left out keep their attrs defaults, so a YAML may set a single key of a section.
+    return structure(RunConfig, data)

@@ -1,0 +1,46 @@
+"""SwiGLU feed-forward, whole or as neuron segments. Pure.
+
+A SwiGLU expert is a sum over its neurons, so cutting it along F into segments and adding the
+segments' outputs computes the same function (paper-brief §2):
+    y = Σ_s down_s · (silu(gate_s·x) ⊙ up_s·x)
+The split only reorders a sum, so results agree to floating-point rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moepic.core.weights import SwiGLUWeights
+
+
+def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
+    h_TF = F.silu(F.linear(x_TD, w.gate_FD)) * F.linear(x_TD, w.up_FD)
+    return h_TF @ w.down_FD
+
+
+def swiglu_segments(x_TD: torch.Tensor, segments: Sequence[SwiGLUWeights]) -> torch.Tensor:
+    """One expert given as neuron segments (e.g. a cached top and a freshly loaded bottom)."""
+    nonempty = [s for s in segments if s.ffn_size > 0]
+    if not nonempty:
+        raise ValueError("an expert needs at least one non-empty neuron segment")
+    y_TD = swiglu(x_TD, nonempty[0])
+    for segment in nonempty[1:]:
+        y_TD = y_TD + swiglu(x_TD, segment)
+    return y_TD
+
+
+def split_expert(expert: SwiGLUWeights, top_neurons: int) -> tuple[SwiGLUWeights, SwiGLUWeights]:
+    """(top, bottom): neurons [0, top_neurons) and [top_neurons, F). Either may be empty."""
+    if not 0 <= top_neurons <= expert.ffn_size:
+        raise ValueError(f"top_neurons must be in [0, {expert.ffn_size}], got {top_neurons}")
+    return expert.neurons(0, top_neurons), expert.neurons(top_neurons, expert.ffn_size)
+
+
+def top_neurons_for(theta: float, ffn_size: int, block: int = 1) -> int:
+    """Neurons in the top segment for split ratio θ, rounded down to whole neuron blocks."""
+    if not 0.0 <= theta <= 1.0:
+        raise ValueError(f"split ratio theta must be in [0, 1], got {theta}")
+    return min(ffn_size, int(theta * ffn_size) // block * block)

@@ -1,0 +1,103 @@
+"""The decoder forward pass: tokens + KV cache → logits + advanced KV cache. Pure core.
+
+    tokens ─embed─▶ [ norm ─attention(KV)─▶ + ─norm─▶ dense MLP | MoE block ─▶ + ] × L ─norm─▶ lm_head
+
+`forward` is a function of (model, tokens, cache, expert source); the only state it touches is the
+donated cache buffers (see core/attention.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from moepic.core.attention import attention
+from moepic.core.ffn import swiglu
+from moepic.core.moe import ExpertSource, ResidentExperts, moe_block
+from moepic.core.norms import rms_norm
+from moepic.core.rope import rope_cos_sin, rope_inv_freq
+from moepic.core.spec import ModelSpec
+from moepic.core.weights import ModelWeights, MoEWeights
+
+
+@attrs.frozen
+class Model:
+    """A spec, its weights and the rotary frequencies derived from them."""
+
+    spec: ModelSpec
+    weights: ModelWeights
+    inv_freq_d: torch.Tensor
+    rope_scaling: float
+
+    @classmethod
+    def build(cls, spec: ModelSpec, weights: ModelWeights) -> Model:
+        inv_freq, scaling = rope_inv_freq(
+            spec.rope, spec.head_dim, max_position_embeddings=spec.max_position_embeddings
+        )
+        return cls(spec, weights, inv_freq.to(weights.embed_VD.device), scaling)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed_VD.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed_VD.device
+
+
+@attrs.frozen
+class KVCache:
+    """Per-layer key/value buffers [Hkv, S_max, d] and how many positions are filled."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, model: Model, max_length: int) -> KVCache:
+        spec = model.spec
+        shape = (spec.num_kv_heads, max_length, spec.head_dim)
+        make = lambda: torch.empty(shape, dtype=model.dtype, device=model.device)  # noqa: E731
+        return cls(tuple(make() for _ in range(spec.num_layers)), tuple(make() for _ in range(spec.num_layers)))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def forward(
+    model: Model,
+    tokens_T: torch.Tensor,
+    cache: KVCache,
+    experts: ExpertSource | None = None,
+    *,
+    logits_for: Literal["all", "last"] = "all",
+) -> tuple[torch.Tensor, KVCache]:
+    """Logits for the new tokens (all of them, or only the last) and the cache advanced past them."""
+    spec, w = model.spec, model.weights
+    experts = ResidentExperts(w) if experts is None else experts
+    T, start = tokens_T.shape[0], cache.length
+    if start + T > cache.capacity:
+        raise ValueError(f"KV cache holds {cache.capacity} positions; {start} used + {T} new does not fit")
+    positions_T = torch.arange(start, start + T, device=tokens_T.device)
+    cos_Td, sin_Td = rope_cos_sin(model.inv_freq_d, model.rope_scaling, positions_T, model.dtype)
+
+    x_TD = F.embedding(tokens_T, w.embed_VD)
+    for layer, lw in enumerate(w.layers):
+        h_TD = rms_norm(x_TD, lw.input_norm_D, spec.norm_eps)
+        x_TD = x_TD + attention(
+            h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start
+        )
+        h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
+        if isinstance(lw.ffn, MoEWeights):
+            x_TD = x_TD + moe_block(h_TD, lw.ffn, spec.moe, layer, experts)
+        else:
+            x_TD = x_TD + swiglu(h_TD, lw.ffn)
+
+    if logits_for == "last":
+        x_TD = x_TD[-1:]
+    logits_TV = F.linear(rms_norm(x_TD, w.final_norm_D, spec.norm_eps), w.lm_head_VD)
+    return logits_TV, attrs.evolve(cache, length=start + T)

@@ -1,0 +1,110 @@
+"""ModelSpec: everything about an architecture that the core needs, as frozen, validated values.
+
+Pure. Checkpoint adapters (moepic/checkpoint/adapters) turn a Hugging Face config.json into one of
+these; nothing in the core reads config.json keys directly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from attrs import validators as v
+
+LayerKind = Literal["dense", "moe"]
+QKNorm = Literal["none", "per_head", "full"]
+
+
+def _positive(instance, attribute, value) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class RopeSpec:
+    """Rotary embedding settings, in Hugging Face's `rope_parameters` vocabulary."""
+
+    theta: float = attrs.field(validator=_positive)
+    kind: Literal["default", "linear", "llama3", "yarn"] = "default"
+    # Scaling knobs; which ones matter depends on `kind` (see core/rope.py).
+    factor: float = 1.0
+    original_max_position: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    # Fraction of each head's dims that rotate (1.0 for every supported model).
+    partial_rotary_factor: float = 1.0
+
+
+@attrs.frozen(kw_only=True)
+class RouterSpec:
+    """How router logits become (weights_TK, ids_TK). See core/routing.py for the registered kinds."""
+
+    kind: str = "softmax_topk"
+    # Renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen/OLMoE `norm_topk_prob`).
+    renormalize: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class MoESpec:
+    num_experts: int = attrs.field(validator=_positive)
+    top_k: int = attrs.field(validator=_positive)
+    expert_ffn: int = attrs.field(validator=_positive)
+    router: RouterSpec = RouterSpec()
+    # Qwen2-MoE style always-on shared expert; 0 means none.
+    shared_expert_ffn: int = 0
+    # Whether the shared expert's output is scaled by sigmoid(x · w_gate) (Qwen2-MoE).
+    shared_expert_gated: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+
+
+@attrs.frozen(kw_only=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int = attrs.field(validator=_positive)
+    hidden_size: int = attrs.field(validator=_positive)
+    num_heads: int = attrs.field(validator=_positive)
+    num_kv_heads: int = attrs.field(validator=_positive)
+    head_dim: int = attrs.field(validator=_positive)
+    norm_eps: float = attrs.field(validator=_positive)
+    rope: RopeSpec
+    layer_kinds: tuple[LayerKind, ...] = attrs.field(converter=tuple, validator=v.min_len(1))
+    moe: MoESpec | None = None
+    dense_ffn: int = 0
+    attention_bias: bool = False
+    qk_norm: QKNorm = "none"
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    bos_token_id: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if "moe" in self.layer_kinds and self.moe is None:
+            raise ValueError("a layer is 'moe' but the spec has no MoESpec")
+        if "dense" in self.layer_kinds and self.dense_ffn <= 0:
+            raise ValueError("a layer is 'dense' but dense_ffn is not set")
+        for kind in self.layer_kinds:
+            if kind not in ("dense", "moe"):
+                raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, kind in enumerate(self.layer_kinds) if kind == "moe")

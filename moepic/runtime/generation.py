@@ -1,0 +1,108 @@
+"""The generation loop: prefill, then decode token by token until EOS or the token limit.
+
+Side effects: wall-clock timing and an optional progress bar. Numbers come from the pure core
+(`forward`, `sample_next_token`); this module only drives them and measures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from moepic.config import SamplingConfig
+from moepic.core.model import KVCache, Model, forward
+from moepic.core.moe import ExpertSource
+from moepic.core.sampling import sample_next_token
+
+
+@attrs.frozen(kw_only=True)
+class GenerationStats:
+    prompt_tokens: int
+    tokens: int  # new tokens generated
+    prefill_s: float
+    decode_s: float  # the decode steps only (tokens after the first)
+
+    @property
+    def decode_s_per_token(self) -> float:
+        steps = self.tokens - 1
+        return self.decode_s / steps if steps > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return attrs.asdict(self) | {"decode_s_per_token": self.decode_s_per_token}
+
+
+@attrs.frozen(kw_only=True)
+class GenerationResult:
+    token_ids: list[int]
+    stats: GenerationStats
+    stopped_on_eos: bool
+    # Logits that chose each new token (only when asked for: they cost memory).
+    logits: list[torch.Tensor] | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Model,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(greedy=True),
+    eos_ids: Sequence[int] | None = None,
+    experts: ExpertSource | None = None,
+    keep_logits: bool = False,
+    progress: bool = False,
+) -> GenerationResult:
+    """Greedy or seeded sampling; stops at max_new_tokens or after emitting an EOS id."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = set(model.spec.eos_token_ids if eos_ids is None else eos_ids)
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    cache = KVCache.allocate(model, len(prompt_ids) + max_new_tokens)
+    tokens_T = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+
+    def step(tokens: torch.Tensor, cache: KVCache):
+        logits_TV, cache = forward(model, tokens, cache, experts, logits_for="last")
+        logits_V = logits_TV[-1]
+        next_id = sample_next_token(
+            logits_V,
+            greedy=sampling.greedy,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            generator=generator,
+        )
+        return logits_V, next_id, cache
+
+    kept, new_ids = [], []
+    bar = tqdm(total=max_new_tokens, desc="generating", unit="tok", disable=not progress, leave=False)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits_V, next_id, cache = step(tokens_T, cache)
+    token = int(next_id)  # the host needs the id anyway (EOS check, next input): this is the sync
+    t1 = time.perf_counter()
+    while True:
+        new_ids.append(token)
+        if keep_logits:
+            kept.append(logits_V.clone())
+        bar.update(1)
+        if token in eos or len(new_ids) == max_new_tokens:
+            break
+        logits_V, next_id, cache = step(next_id.view(1), cache)
+        token = int(next_id)
+    t2 = time.perf_counter()
+    bar.close()
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), tokens=len(new_ids), prefill_s=t1 - t0, decode_s=t2 - t1)
+    return GenerationResult(
+        token_ids=new_ids, stats=stats, stopped_on_eos=new_ids[-1] in eos, logits=kept if keep_logits else None
+    )

@@ -1,0 +1,73 @@
+"""Reference parity: moepic's loader + core against HF transformers on tiny random checkpoints (fp32).
+
+Measured worst difference here is 6.6e-7 (logits of magnitude ~2); the bar is 1e-5 max-abs,
+tighter than the 1e-4 the issue asks for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CHECKPOINTS
+from moepic.checkpoint.load import load_model
+from moepic.core.model import KVCache, forward
+from moepic.runtime.generation import generate
+
+ATOL = 1e-5
+PROMPT = [1, 17, 5, 42, 8, 77, 3, 61, 29]
+DECODE_STEPS = 10
+
+
+def _hf_model(folder):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_prefill_logits_match_transformers(checkpoint_dir, name):
+    folder = checkpoint_dir(name)
+    ours = load_model(folder, dtype=torch.float32)
+    hf = _hf_model(folder)
+    tokens = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        ours_TV, _ = forward(ours, tokens, KVCache.allocate(ours, len(PROMPT)))
+        ref_TV = hf(tokens[None]).logits[0]
+    assert ours_TV.shape == ref_TV.shape
+    torch.testing.assert_close(ours_TV, ref_TV, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_greedy_decode_with_kv_cache_matches_transformers_generate(checkpoint_dir, name):
+    folder = checkpoint_dir(name)
+    ours = load_model(folder, dtype=torch.float32)
+    hf = _hf_model(folder)
+    hf.generation_config.eos_token_id = None  # run all steps on both sides; EOS stopping is tested elsewhere
+    hf.generation_config.pad_token_id = 0
+    result = generate(ours, PROMPT, max_new_tokens=DECODE_STEPS, eos_ids=(), keep_logits=True)
+    with torch.inference_mode():
+        ref = hf.generate(
+            torch.tensor([PROMPT]),
+            max_new_tokens=DECODE_STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert ref.sequences.shape[1] == len(PROMPT) + DECODE_STEPS, "HF stopped early; the comparison needs all steps"
+    assert result.token_ids == ref.sequences[0, len(PROMPT) :].tolist()
+    assert len(result.logits) == DECODE_STEPS
+    for step, (mine, theirs) in enumerate(zip(result.logits, ref.logits)):
+        torch.testing.assert_close(mine, theirs[0], atol=ATOL, rtol=0, msg=lambda m: f"decode step {step}: {m}")
+
+
+def test_sharded_checkpoint_really_is_sharded(checkpoint_dir):
+    folder = checkpoint_dir("mixtral_sharded")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+
+
+def test_bf16_checkpoint_keeps_its_dtype_by_default(checkpoint_dir):
+    model = load_model(checkpoint_dir("mixtral_bf16"))
+    assert model.dtype == torch.bfloat16
+    assert model.weights.layers[0].ffn.experts[0].gate_FD.dtype == torch.bfloat16

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints saved with `save_pretrained`, and the hypothesis profile."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=30, print_blob=True)
+settings.register_profile("dev", deadline=None, max_examples=60)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _common(**overrides):
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,  # larger than HF's default so routing and logits are far from uniform
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return base | overrides
+
+
+# name → (config class name, model class name, config kwargs, save kwargs)
+CHECKPOINTS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", _common(num_local_experts=4, num_experts_per_tok=2), {}),
+    "mixtral_sharded": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=1),
+        {"max_shard_size": "40KB"},
+    ),
+    "mixtral_bf16": ("MixtralConfig", "MixtralForCausalLM", _common(num_local_experts=4, num_experts_per_tok=2), {"bf16": True}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        _common(
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+        {},
+    ),
+    "qwen2_moe_step2_norm": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        _common(
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+            num_hidden_layers=4,
+        ),
+        {},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        _common(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16, norm_topk_prob=True),
+        {},
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        _common(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, clip_qkv=0.5),
+        {},
+    ),
+}
+
+
+def save_tiny_checkpoint(name: str, folder) -> None:
+    import transformers
+
+    config_cls, model_cls, config_kwargs, save = CHECKPOINTS[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**config_kwargs)
+    model = getattr(transformers, model_cls)(config).eval()
+    if save.get("bf16"):
+        model = model.to(torch.bfloat16)
+    kwargs = {"max_shard_size": save["max_shard_size"]} if "max_shard_size" in save else {}
+    model.save_pretrained(folder, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """checkpoint_dir(name) → a folder holding that tiny checkpoint, built once per session."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name)
+            save_tiny_checkpoint(name, folder)
+            built[name] = folder
+        return built[name]
+
+    return get
