@@ -42,6 +42,12 @@ CHECKPOINTS = {
         {"max_shard_size": "40KB"},
     ),
     "mixtral_bf16": ("MixtralConfig", "MixtralForCausalLM", _common(num_local_experts=4, num_experts_per_tok=2), {"bf16": True}),
+    "mixtral_window": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
+        {},
+    ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",

@@ -21,8 +21,12 @@ from moepic.core.weights import AttentionWeights, LayerWeights, ModelWeights, Mo
 from moepic.errors import CheckpointError
 
 
-def common_spec_fields(cfg: HFConfig) -> dict[str, Any]:
-    """Keyword arguments of ModelSpec that every Llama-family config spells the same way."""
+def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, Any]:
+    """Keyword arguments of ModelSpec that every Llama-family config spells the same way.
+
+    `default_rope_theta` is what the architecture assumes when config.json states no theta
+    (transformers: 1e6 for Mixtral, 1e4 for the others).
+    """
     act = cfg.get("hidden_act", kind=str, default="silu")
     if act != "silu":
         raise CheckpointError(f"{cfg.source}: hidden_act {act!r} is not supported (moepic runs SwiGLU/silu experts)")
@@ -38,7 +42,7 @@ def common_spec_fields(cfg: HFConfig) -> dict[str, Any]:
         num_kv_heads=cfg.get("num_key_value_heads", default=heads),
         head_dim=cfg.get("head_dim", default=hidden // heads),
         norm_eps=cfg.get("rms_norm_eps", kind=float),
-        rope=cfg.rope(),
+        rope=cfg.rope(default_rope_theta),
         tie_word_embeddings=cfg.get("tie_word_embeddings", kind=bool, default=False),
         max_position_embeddings=cfg.get("max_position_embeddings", default=4096),
         eos_token_ids=cfg.token_ids("eos_token_id"),
@@ -46,10 +50,10 @@ def common_spec_fields(cfg: HFConfig) -> dict[str, Any]:
     )
 
 
-def build_spec(cfg: HFConfig, **fields: Any) -> ModelSpec:
+def build_spec(cfg: HFConfig, *, default_rope_theta: float = 10_000.0, **fields: Any) -> ModelSpec:
     """ModelSpec(**common + fields), turning a validation failure into an error naming config.json."""
     try:
-        return ModelSpec(**(common_spec_fields(cfg) | fields))
+        return ModelSpec(**(common_spec_fields(cfg, default_rope_theta) | fields))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
 

@@ -20,5 +20,6 @@ class MixtralAdapter(LlamaLikeAdapter):
             cfg,
             layer_kinds=("moe",) * cfg.get("num_hidden_layers"),
             moe=moe,
+            default_rope_theta=1e6,
             sliding_window=cfg.get("sliding_window", default=None),
         )

@@ -1,0 +1,63 @@
+"""Split experts compute the same function as whole experts (paper-brief §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moepic.core.ffn import split_expert, swiglu, swiglu_segments, top_neurons_for
+from tests_support import random_expert
+
+
+@given(
+    D=st.integers(1, 48),
+    F=st.integers(1, 96),
+    T=st.integers(1, 9),
+    theta=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_top_plus_bottom_segment_equals_whole_expert(D, F, T, theta, seed):
+    expert = random_expert(D, F, seed)
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(seed + 1))
+    top, bottom = split_expert(expert, top_neurons_for(theta, F))
+    assert top.ffn_size + bottom.ffn_size == F
+    torch.testing.assert_close(swiglu_segments(x_TD, (top, bottom)), swiglu(x_TD, expert), atol=1e-5, rtol=1e-5)
+
+
+@given(cuts=st.lists(st.integers(0, 64), max_size=5), seed=st.integers(0, 2**16))
+def test_any_partition_into_neuron_segments_equals_whole_expert(cuts, seed):
+    F = 64
+    expert = random_expert(16, F, seed)
+    bounds = sorted({0, F, *cuts})
+    segments = [expert.neurons(a, b) for a, b in zip(bounds, bounds[1:])]
+    x_TD = torch.randn(3, 16, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(swiglu_segments(x_TD, segments), swiglu(x_TD, expert), atol=1e-5, rtol=1e-5)
+
+
+def test_split_segments_are_views_not_copies():
+    expert = random_expert(8, 16, 0)
+    top, bottom = split_expert(expert, 6)
+    assert top.gate_FD.data_ptr() == expert.gate_FD.data_ptr()
+    assert bottom.down_FD.data_ptr() == expert.down_FD[6:].data_ptr()
+    assert top.down_FD.is_contiguous() and bottom.down_FD.is_contiguous()
+
+
+def test_theta_rounds_down_to_whole_neuron_blocks():
+    assert top_neurons_for(0.4, 1408, block=128) == 512
+    assert top_neurons_for(1.0, 1408, block=128) == 1408
+    assert top_neurons_for(0.0, 1408, block=128) == 0
+    assert top_neurons_for(0.5, 10) == 5
+
+
+@pytest.mark.parametrize("theta", [-0.1, 1.5])
+def test_theta_outside_unit_interval_is_rejected(theta):
+    with pytest.raises(ValueError, match="theta"):
+        top_neurons_for(theta, 10)
+
+
+def test_expert_with_only_empty_segments_is_rejected():
+    expert = random_expert(4, 4, 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        swiglu_segments(torch.zeros(1, 4), [expert.neurons(0, 0)])

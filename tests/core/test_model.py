@@ -1,0 +1,110 @@
+"""The decoder forward: KV-cache consistency, sliding windows, and the ExpertSource seam."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moepic.checkpoint.load import load_model
+from moepic.core.ffn import split_expert, top_neurons_for
+from moepic.core.model import KVCache, forward
+from moepic.core.moe import combine_experts
+from moepic.runtime.generation import generate
+from tests_support import random_expert_set
+
+TOKENS = [1, 17, 5, 42, 8, 77, 3, 61, 29, 11, 90, 4]
+
+
+@pytest.fixture(scope="module")
+def qwen2(checkpoint_dir):
+    # Qwen2-MoE: dense and MoE layers, shared expert, GQA, biases: the most moving parts.
+    return load_model(checkpoint_dir("qwen2_moe"), dtype=torch.float32)
+
+
+def _logits(model, tokens, chunks):
+    cache = KVCache.allocate(model, len(tokens))
+    out, start = [], 0
+    for size in chunks:
+        logits, cache = forward(model, torch.tensor(tokens[start : start + size]), cache)
+        out.append(logits)
+        start += size
+    assert cache.length == len(tokens)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("chunks", [[12], [1] * 12, [5, 7], [3, 1, 8]])
+def test_prefill_in_chunks_or_token_by_token_matches_one_prefill(qwen2, chunks):
+    torch.testing.assert_close(_logits(qwen2, TOKENS, chunks), _logits(qwen2, TOKENS, [12]), atol=1e-5, rtol=0)
+
+
+def test_sliding_window_changes_attention_once_the_prompt_exceeds_it(checkpoint_dir):
+    windowed = load_model(checkpoint_dir("mixtral_window"), dtype=torch.float32)
+    assert windowed.spec.sliding_window == 4
+    unwindowed = attrs.evolve(windowed, spec=attrs.evolve(windowed.spec, sliding_window=None))
+    a, b = _logits(windowed, TOKENS, [12]), _logits(unwindowed, TOKENS, [12])
+    torch.testing.assert_close(a[:4], b[:4], atol=1e-6, rtol=0)  # within the window: identical
+    assert (a[4:] - b[4:]).abs().max() > 1e-3
+    # Chunked decoding honours the window too.
+    torch.testing.assert_close(_logits(windowed, TOKENS, [6, 1, 1, 4]), a, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_overflow_is_a_clear_error(qwen2):
+    with pytest.raises(ValueError, match="KV cache holds 4 positions"):
+        forward(qwen2, torch.tensor(TOKENS[:5]), KVCache.allocate(qwen2, 4))
+
+
+def test_last_only_logits_equal_the_last_row_of_all_logits(qwen2):
+    all_TV, _ = forward(qwen2, torch.tensor(TOKENS), KVCache.allocate(qwen2, 12))
+    last_TV, _ = forward(qwen2, torch.tensor(TOKENS), KVCache.allocate(qwen2, 12), logits_for="last")
+    torch.testing.assert_close(last_TV, all_TV[-1:])
+
+
+@given(T=st.integers(1, 10), E=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_grouped_expert_combine_equals_a_per_token_loop(T, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    experts = random_expert_set(E, D=8, F=12, seed=seed)
+    x_TD = torch.randn(T, 8, generator=g)
+    ids = [torch.randperm(E, generator=g)[:2].tolist() for _ in range(T)]
+    weights_TK = torch.rand(T, 2, generator=g)
+    segments = {e: (experts[e],) for e in range(E)}
+    combined = combine_experts(x_TD, weights_TK, ids, segments)
+    for t in range(T):
+        expected = sum(
+            weights_TK[t, k] * combine_experts(x_TD[t : t + 1], torch.ones(1, 1), [[e]], segments)[0]
+            for k, e in enumerate(ids[t])
+        )
+        torch.testing.assert_close(combined[t], expected, atol=1e-5, rtol=1e-5)
+
+
+@attrs.frozen
+class SplitExperts:
+    """An ExpertSource that hands every expert out as a top and a bottom segment at per-layer θ."""
+
+    model: object
+    thetas: tuple[float, ...]
+    asked: list = attrs.field(factory=list)
+
+    def experts_for(self, layer, expert_ids):
+        self.asked.append((layer, tuple(expert_ids)))
+        experts = self.model.weights.layers[layer].ffn.experts
+        theta = self.thetas[layer]
+        return {e: split_expert(experts[e], top_neurons_for(theta, experts[e].ffn_size)) for e in expert_ids}
+
+
+@given(thetas=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), prompt_len=st.integers(1, 8))
+def test_generation_through_split_experts_equals_the_dense_model(qwen2, thetas, prompt_len):
+    prompt = TOKENS[:prompt_len]
+    dense = generate(qwen2, prompt, max_new_tokens=6, eos_ids=(), keep_logits=True)
+    source = SplitExperts(qwen2, tuple(thetas))
+    split = generate(qwen2, prompt, max_new_tokens=6, eos_ids=(), keep_logits=True, experts=source)
+    assert split.token_ids == dense.token_ids
+    for a, b in zip(split.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Only MoE layers ask for experts, once per forward, and only for experts that were routed.
+    moe_layers = set(qwen2.spec.moe_layers)
+    assert {layer for layer, _ in source.asked} == moe_layers
+    assert len(source.asked) == 6 * len(moe_layers)
+    assert all(0 < len(ids) <= qwen2.spec.moe.num_experts for _, ids in source.asked)
