@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 
@@ -69,13 +70,32 @@ _FLAG_KEYS = {
 }
 
 
+def _yaml_char(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if " " <= c <= "~":
+        return c
+    return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+
+
+def _literal(text: str) -> str:
+    """`text` as an override value that OmegaConf reads back verbatim.
+
+    A YAML double-quoted scalar with every non-ASCII character escaped (YAML rejects some raw
+    characters and JSON's surrogate-pair escapes for emoji). `${` becomes `\\${` so a prompt is never
+    an interpolation, and backslashes just before it are doubled, as OmegaConf's escaping asks.
+    """
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    return '"' + "".join(map(_yaml_char, escaped)) + '"'
+
+
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """Flags are spelled as overrides, so one validation path serves YAML, flags and key=value alike."""
     out = []
     for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
-            out.append(f"{key}={json.dumps(value) if isinstance(value, str) and flag != 'prompt_ids' else value}")
+            out.append(f"{key}={_literal(value) if isinstance(value, str) and flag != 'prompt_ids' else value}")
     return out
 
 
@@ -86,6 +106,10 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     from moepic.tokenizer import TextCodec
 
     folder = cfg.model.path or str(default_model_dir())
+    try:
+        torch.device(cfg.model.device)
+    except RuntimeError:
+        raise ConfigError(f"model.device {cfg.model.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device is {cfg.model.device!r}, but CUDA is not available on this machine")
     dtype = None if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
@@ -99,6 +123,13 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
     model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json)
+    # The KV cache is sized for the whole run up front, so a huge max_new_tokens would fail allocating it.
+    length, limit = len(prompt_ids) + cfg.generate.max_new_tokens, model.spec.max_position_embeddings
+    if length > limit:
+        raise ConfigError(
+            f"prompt ({len(prompt_ids)} tokens) + generate.max_new_tokens ({cfg.generate.max_new_tokens}) = {length} "
+            f"exceeds the model's max_position_embeddings ({limit})"
+        )
     bad = [i for i in prompt_ids if not 0 <= i < model.spec.vocab_size]
     if bad:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")

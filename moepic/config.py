@@ -40,6 +40,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**64:  # the range torch.Generator.manual_seed accepts
+            raise ValueError(f"sampling.seed must be in [0, 2**64), got {self.seed}")
 
 
 @attrs.frozen(kw_only=True)
@@ -102,7 +104,7 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"config key {where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in attrs.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(set(data) - fields, key=str)  # YAML keys may be ints
     if unknown:
         raise ConfigError(f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
     values = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
@@ -121,7 +123,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[
             raise ConfigError(f"{path}: config file not found")
         try:
             merged = OmegaConf.load(path)
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
+        except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not OmegaConf.is_dict(merged):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
@@ -130,7 +132,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[
             raise ConfigError(f"override {item!r}: expected key=value (e.g. sampling.seed=3)")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
     try:
         data = OmegaConf.to_container(merged, resolve=True)

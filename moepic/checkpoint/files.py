@@ -28,7 +28,7 @@ def _index_shards(folder: Path) -> dict[str, Path]:
         raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
     except (KeyError, TypeError):
         raise CheckpointError(f"{index_path}: no 'weight_map' object") from None
-    if not isinstance(weight_map, dict):
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
         raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard files")
     for shard in set(weight_map.values()):
         if not (folder / shard).is_file():

@@ -32,7 +32,7 @@ class HFConfig:
             raise CheckpointError(f"{path}: missing (a Hugging Face model folder needs config.json)")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object at the top level")

@@ -19,7 +19,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
     cfg = HFConfig.read(Path(folder))
-    return adapter_for(cfg.model_type, cfg.source).spec(cfg), cfg
+    adapter = adapter_for(cfg.model_type, cfg.source)
+    try:
+        return adapter.spec(cfg), cfg
+    except (ValueError, TypeError) as e:  # MoESpec/RouterSpec validation inside an adapter
+        raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
 
 
 def load_model(

@@ -32,6 +32,8 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
         raise CheckpointError(f"{cfg.source}: hidden_act {act!r} is not supported (moepic runs SwiGLU/silu experts)")
     hidden = cfg.get("hidden_size")
     heads = cfg.get("num_attention_heads")
+    if heads <= 0:
+        raise CheckpointError(f"{cfg.source}: num_attention_heads must be > 0, got {heads}")
     if hidden % heads and cfg.get("head_dim", default=None) is None:
         raise CheckpointError(f"{cfg.source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     return dict(
@@ -84,10 +86,9 @@ class LlamaLikeAdapter:
 
         D, V = spec.hidden_size, spec.vocab_size
         embed = read("model.embed_tokens.weight", V, D)
-        layers = tuple(
-            self._layer(read, spec, l)
-            for l in tqdm(range(spec.num_layers), desc="loading layers", disable=not progress, leave=False)
-        )
+        # `with` clears the bar when a read fails, so the error line is not printed after it.
+        with tqdm(range(spec.num_layers), desc="loading layers", disable=not progress, leave=False) as bar:
+            layers = tuple(self._layer(read, spec, l) for l in bar)
         final_norm = read("model.norm.weight", D)
         if spec.tie_word_embeddings and not ckpt.has("lm_head.weight"):
             lm_head = embed

@@ -3,6 +3,7 @@
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
+from moepic.errors import CheckpointError
 
 
 class MixtralAdapter(LlamaLikeAdapter):
@@ -16,10 +17,13 @@ class MixtralAdapter(LlamaLikeAdapter):
             expert_ffn=cfg.get("intermediate_size"),
             router=RouterSpec(kind="softmax_topk", renormalize=True),
         )
+        window = cfg.get("sliding_window", default=None)
+        if window is not None and window < 1:
+            raise CheckpointError(f"{cfg.source}: sliding_window must be >= 1 or null, got {window}")
         return build_spec(
             cfg,
             layer_kinds=("moe",) * cfg.get("num_hidden_layers"),
             moe=moe,
             default_rope_theta=1e6,
-            sliding_window=cfg.get("sliding_window", default=None),
+            sliding_window=window,
         )

@@ -15,6 +15,8 @@ def qwen_layer_kinds(cfg: HFConfig, num_experts: int) -> tuple[str, ...]:
     """Layer l is MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid (HF's rule)."""
     step = cfg.get("decoder_sparse_step", default=1)
     dense_only = cfg.data.get("mlp_only_layers") or []
+    if not isinstance(dense_only, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in dense_only):
+        raise CheckpointError(f"{cfg.source}: mlp_only_layers should be a list of layer indices, got {dense_only!r}")
     if step < 1:
         raise CheckpointError(f"{cfg.source}: decoder_sparse_step must be >= 1, got {step}")
     return tuple(
