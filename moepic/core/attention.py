@@ -67,12 +67,23 @@ def attention(
     keys_HSd = cache_k_HSd[:, : start + T]
     values_HSd = cache_v_HSd[:, : start + T]
     mask = _attention_mask(T, start, spec.sliding_window, x_TD.device)
-    out_HTd = F.scaled_dot_product_attention(
-        q_HTd.unsqueeze(0),
-        keys_HSd.unsqueeze(0),
-        values_HSd.unsqueeze(0),
-        attn_mask=mask,
-        is_causal=mask is None and T > 1,
-        enable_gqa=spec.num_heads != spec.num_kv_heads,
-    ).squeeze(0)
+    group = spec.num_heads // spec.num_kv_heads
+    if T == 1 and group > 1:
+        # Decode: fold each KV head's group of query heads into the query-length axis, so one
+        # [group, S] attention runs per KV head with no K/V expansion (the FlashDecoding layout).
+        # Query head h reads KV head h // group, as in HF's repeat_kv. Any mask is per key, so it
+        # broadcasts over the folded rows.
+        q_1HGd = q_HTd.reshape(1, spec.num_kv_heads, group, spec.head_dim)
+        out_HTd = F.scaled_dot_product_attention(
+            q_1HGd, keys_HSd.unsqueeze(0), values_HSd.unsqueeze(0), attn_mask=mask
+        ).reshape(spec.num_heads, 1, spec.head_dim)
+    else:
+        out_HTd = F.scaled_dot_product_attention(
+            q_HTd.unsqueeze(0),
+            keys_HSd.unsqueeze(0),
+            values_HSd.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=group > 1,
+        ).squeeze(0)
     return F.linear(out_HTd.transpose(0, 1).reshape(T, -1), w.o_DQ)
