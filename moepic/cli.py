@@ -12,11 +12,12 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from moepic.config import RunConfig, load_config
-from moepic.errors import ConfigError, MoepicError
+from moepic.errors import CheckpointError, ConfigError, MoepicError
 
 DEFAULT_PROMPT = "And God said"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,6 +107,8 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     from moepic.tokenizer import TextCodec
 
     folder = cfg.model.path or str(default_model_dir())
+    if not Path(folder).is_dir():  # before the tokenizer lookup, which would blame tokenizer.json
+        raise CheckpointError(f"{folder}: model folder not found")
     try:
         torch.device(cfg.model.device)
     except RuntimeError:

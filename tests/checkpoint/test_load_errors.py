@@ -70,6 +70,12 @@ def test_missing_model_folder_is_named(capsys, tmp_path):
     assert _error(capsys, tmp_path / "nowhere") == f"{tmp_path / 'nowhere'}: model folder not found"
 
 
+def test_missing_model_folder_is_named_for_a_text_prompt_too(capsys, tmp_path):
+    # A text prompt looks for tokenizer.json first; the missing folder is still what gets named.
+    assert main(["generate", "--prompt", "hi", "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"moepic: error: {tmp_path / 'nowhere'}: model folder not found\n"
+
+
 def test_folder_without_config_json_is_named(checkpoint_dir, capsys, tmp_path):
     folder = _copy(checkpoint_dir, tmp_path)
     (folder / "config.json").unlink()
