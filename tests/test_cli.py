@@ -24,6 +24,7 @@ from moepic.cli import _flag_overrides, _parser, main
 from moepic.config import RunConfig, SamplingConfig, load_config
 from moepic.default_model import default_model_dir
 from moepic.tokenizer import TextCodec
+from tests_support import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = ["generate", "--json", "--greedy", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
@@ -55,16 +56,7 @@ def _run(capsys, argv) -> dict:
     return json.loads(out)
 
 
-def _error(capsys, argv) -> str:
-    """main(argv) must fail with exit 2, nothing on stdout and one `moepic: error:` line; return the message."""
-    capsys.readouterr()
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2
-    assert out == ""
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith("moepic: error: ")
-    return err.removeprefix("moepic: error: ").rstrip("\n")
+_error = cli_error
 
 
 # --- happy paths ---------------------------------------------------------------------------------------

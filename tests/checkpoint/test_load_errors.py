@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from moepic.checkpoint.load import load_model
 from moepic.cli import main
 from moepic.errors import CheckpointError
+from tests_support import cli_error
 
 ARGS = ["generate", "--json", "--greedy", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
 
@@ -26,15 +27,8 @@ def _copy(checkpoint_dir, tmp_path, name="mixtral"):
 
 
 def _error(capsys, folder) -> str:
-    """Run the CLI on `folder`; check the contract and return the message after `moepic: error: `."""
-    capsys.readouterr()  # drop what building the fixture checkpoint printed
-    code = main([*ARGS, "--model", str(folder)])
-    out, err = capsys.readouterr()
-    assert code == 2
-    assert out == ""
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith("moepic: error: ")
-    return err.removeprefix("moepic: error: ").rstrip("\n")
+    """Run the CLI on `folder`; check the one-line contract and return the message."""
+    return cli_error(capsys, [*ARGS, "--model", str(folder)])
 
 
 def _edit_config(folder, **changes):
