@@ -82,6 +82,37 @@ CHECKPOINTS = {
         _common(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16, norm_topk_prob=True),
         {},
     ),
+    "qwen3_moe_yarn_tied": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        _common(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            head_dim=8,
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+            mlp_only_layers=[0],
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        {},
+    ),
+    "olmoe_linear_rope": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        _common(
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+        ),
+        {},
+    ),
     "olmoe": (
         "OlmoeConfig",
         "OlmoeForCausalLM",

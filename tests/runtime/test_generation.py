@@ -61,12 +61,13 @@ def test_empty_prompt_or_zero_tokens_is_rejected(mixtral, prompt, max_new):
         generate(mixtral, prompt, max_new_tokens=max_new)
 
 
-def test_bf16_generation_runs_in_bf16_and_mostly_agrees_with_fp32(checkpoint_dir):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_generation_runs_in_that_dtype_and_stays_close_to_fp32(checkpoint_dir, dtype):
     folder = checkpoint_dir("mixtral")
     fp32 = load_model(folder, dtype=torch.float32)
-    bf16 = load_model(folder, dtype=torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16
+    half = load_model(folder, dtype=dtype)
+    assert half.dtype == dtype
     a = generate(fp32, PROMPT, max_new_tokens=3, eos_ids=(), keep_logits=True)
-    b = generate(bf16, PROMPT, max_new_tokens=3, eos_ids=(), keep_logits=True)
-    assert b.logits[0].dtype == torch.bfloat16
+    b = generate(half, PROMPT, max_new_tokens=3, eos_ids=(), keep_logits=True)
+    assert b.logits[0].dtype == dtype
     torch.testing.assert_close(b.logits[0].float(), a.logits[0], atol=0.1, rtol=0)
