@@ -22,10 +22,10 @@ def cli_error(capsys, argv) -> str:
 
 def random_expert(D: int, F: int, seed: int, dtype=torch.float32) -> SwiGLUWeights:
     g = torch.Generator().manual_seed(seed)
-    return SwiGLUWeights(
-        gate_FD=torch.randn(F, D, generator=g, dtype=dtype),
-        up_FD=torch.randn(F, D, generator=g, dtype=dtype),
-        down_FD=torch.randn(F, D, generator=g, dtype=dtype) / F**0.5,
+    return SwiGLUWeights.from_projections(
+        torch.randn(F, D, generator=g, dtype=dtype),
+        torch.randn(F, D, generator=g, dtype=dtype),
+        torch.randn(D, F, generator=g, dtype=dtype) / F**0.5,
     )
 
 

@@ -17,7 +17,9 @@ from moepic.core.weights import SwiGLUWeights
 
 
 def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
-    h_TF = F.silu(F.linear(x_TD, w.gate_FD)) * F.linear(x_TD, w.up_FD)
+    T, (Fn, _, D) = x_TD.shape[0], w.gate_up_F2D.shape
+    gate_up_TF2 = F.linear(x_TD, w.gate_up_F2D.view(2 * Fn, D)).view(T, Fn, 2)
+    h_TF = F.silu(gate_up_TF2[..., 0]) * gate_up_TF2[..., 1]
     return h_TF @ w.down_FD
 
 

@@ -2,9 +2,12 @@
 
 Pure data. Every routed expert is its own `SwiGLUWeights`, individually addressable as
 `model.layers[l].ffn.experts[e]`, so the offloading runtime can move experts one by one.
-The down projection is stored transposed (F×D) everywhere: a neuron range [a, b) of an expert
-is then rows a:b of all three matrices, which is what makes an expert splittable along F
-(paper-brief §2) with contiguous segments.
+Every matrix is neuron-major, so a neuron range [a, b) of an expert is a contiguous row block of
+each (what makes an expert splittable along F with contiguous segments, paper-brief §2):
+- gate and up are interleaved per neuron, `gate_up_F2D[n] = (gate row n, up row n)`: one
+  matrix-vector product computes both (measured ~7 % faster fp32 decode on CPU than two), and a
+  neuron range stays one block;
+- the down projection is stored transposed (F×D).
 """
 
 from __future__ import annotations
@@ -15,19 +18,31 @@ import torch
 
 @attrs.frozen
 class SwiGLUWeights:
-    """y = (silu(x·gate_FDᵀ) ⊙ x·up_FDᵀ) · down_FD — an expert, a shared expert or a dense MLP."""
+    """y = (silu(x·gateᵀ) ⊙ x·upᵀ) · down_FD — an expert, a shared expert or a dense MLP."""
 
-    gate_FD: torch.Tensor
-    up_FD: torch.Tensor
+    gate_up_F2D: torch.Tensor  # [F, 2, D]: gate_up_F2D[:, 0] is gate, [:, 1] is up
     down_FD: torch.Tensor
+
+    @classmethod
+    def from_projections(cls, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> SwiGLUWeights:
+        """From checkpoint-layout matrices (gate, up: F×D; down: D×F)."""
+        return cls(torch.stack((gate_FD, up_FD), dim=1), down_DF.t().contiguous())
 
     @property
     def ffn_size(self) -> int:
-        return self.gate_FD.shape[0]
+        return self.gate_up_F2D.shape[0]
+
+    @property
+    def gate_FD(self) -> torch.Tensor:
+        return self.gate_up_F2D[:, 0]
+
+    @property
+    def up_FD(self) -> torch.Tensor:
+        return self.gate_up_F2D[:, 1]
 
     def neurons(self, start: int, stop: int) -> SwiGLUWeights:
         """The segment holding neurons [start, stop): views, no copy."""
-        return SwiGLUWeights(self.gate_FD[start:stop], self.up_FD[start:stop], self.down_FD[start:stop])
+        return SwiGLUWeights(self.gate_up_F2D[start:stop], self.down_FD[start:stop])
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moepic.core.ffn import split_expert, swiglu, swiglu_segments, top_neurons_for
+from moepic.core.weights import SwiGLUWeights
 from tests_support import random_expert
 
 
@@ -39,9 +40,20 @@ def test_any_partition_into_neuron_segments_equals_whole_expert(cuts, seed):
 def test_split_segments_are_views_not_copies():
     expert = random_expert(8, 16, 0)
     top, bottom = split_expert(expert, 6)
-    assert top.gate_FD.data_ptr() == expert.gate_FD.data_ptr()
+    assert top.gate_up_F2D.data_ptr() == expert.gate_up_F2D.data_ptr()
     assert bottom.down_FD.data_ptr() == expert.down_FD[6:].data_ptr()
-    assert top.down_FD.is_contiguous() and bottom.down_FD.is_contiguous()
+    for segment in (top, bottom):
+        assert segment.gate_up_F2D.is_contiguous() and segment.down_FD.is_contiguous()
+
+
+def test_interleaved_gate_up_keeps_the_checkpoint_rows():
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.randn(3, 5, generator=g)
+    w = SwiGLUWeights.from_projections(gate, up, down)
+    assert torch.equal(w.gate_FD, gate) and torch.equal(w.up_FD, up) and torch.equal(w.down_FD, down.t())
+    x = torch.randn(2, 3, generator=g)
+    expected = (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+    torch.testing.assert_close(swiglu(x, w), expected)
 
 
 def test_theta_rounds_down_to_whole_neuron_blocks():

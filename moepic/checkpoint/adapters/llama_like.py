@@ -125,11 +125,10 @@ class LlamaLikeAdapter:
 
     def _swiglu(self, read, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
         gate, up, down = projections
-        return SwiGLUWeights(
-            gate_FD=read(f"{prefix}.{gate}.weight", F, D),
-            up_FD=read(f"{prefix}.{up}.weight", F, D),
-            # Stored transposed (F×D) so a neuron range is a contiguous row block (core/weights.py).
-            down_FD=read(f"{prefix}.{down}.weight", D, F).t().contiguous(),
+        return SwiGLUWeights.from_projections(
+            read(f"{prefix}.{gate}.weight", F, D),
+            read(f"{prefix}.{up}.weight", F, D),
+            read(f"{prefix}.{down}.weight", D, F),
         )
 
     def _dense(self, read, spec: ModelSpec, l: int) -> SwiGLUWeights:
