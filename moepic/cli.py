@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from moepic.checkpoint.hf_config import DTYPES
 from moepic.config import RunConfig, load_config
 from moepic.errors import CheckpointError, ConfigError, MoepicError
 
 DEFAULT_PROMPT = "And God said"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Parser(argparse.ArgumentParser):

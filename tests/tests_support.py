@@ -20,12 +20,13 @@ def cli_error(capsys, argv) -> str:
     return err.removeprefix("moepic: error: ").rstrip("\n")
 
 
-def random_expert(D: int, F: int, seed: int, dtype=torch.float32) -> SwiGLUWeights:
+def random_expert(D: int, F: int, seed: int, dtype=torch.float32, block: int | None = None) -> SwiGLUWeights:
     g = torch.Generator().manual_seed(seed)
     return SwiGLUWeights.from_projections(
         torch.randn(F, D, generator=g, dtype=dtype),
         torch.randn(F, D, generator=g, dtype=dtype),
         torch.randn(D, F, generator=g, dtype=dtype) / F**0.5,
+        block=block,
     )
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from moepic.checkpoint.adapters import adapter_for
+from moepic.checkpoint.adapters.llama_like import TensorReader
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.model import Model
 from moepic.core.spec import ModelSpec
+from moepic.core.weights import WIDEST_NEURON_BLOCK
 from moepic.errors import CheckpointError
 
 # Buffers some exporters save that carry no information moepic needs.
@@ -27,15 +29,24 @@ def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
 
 
 def load_model(
-    folder: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", progress: bool = False
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    widest_neuron_block: int = WIDEST_NEURON_BLOCK,
 ) -> Model:
-    """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype."""
+    """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype.
+
+    Experts are laid out in neuron blocks of up to `widest_neuron_block` neurons: the granularity
+    at which they can be split (core/weights.py).
+    """
     folder = Path(folder)
     spec, cfg = read_spec(folder)
     adapter = adapter_for(spec.model_type, cfg.source)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
     with SafetensorsCheckpoint(folder) as ckpt:
-        weights = adapter.load_weights(ckpt, spec, dtype, device, progress)
+        weights = adapter.load_weights(TensorReader(ckpt, dtype, device, widest_neuron_block), spec, progress)
         unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)]
     if unexpected:
         shown = ", ".join(repr(n) for n in unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")

@@ -17,9 +17,9 @@ from moepic.core.weights import SwiGLUWeights
 
 
 def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
-    T, (Fn, _, D) = x_TD.shape[0], w.gate_up_F2D.shape
-    gate_up_TF2 = F.linear(x_TD, w.gate_up_F2D.view(2 * Fn, D)).view(T, Fn, 2)
-    h_TF = F.silu(gate_up_TF2[..., 0]) * gate_up_TF2[..., 1]
+    T, (N, _, B, D) = x_TD.shape[0], w.gate_up_N2BD.shape
+    gate_up_TN2B = F.linear(x_TD, w.gate_up_N2BD.view(2 * N * B, D)).view(T, N, 2, B)
+    h_TF = (F.silu(gate_up_TN2B[:, :, 0]) * gate_up_TN2B[:, :, 1]).reshape(T, N * B)
     return h_TF @ w.down_FD
 
 
@@ -35,9 +35,10 @@ def swiglu_segments(x_TD: torch.Tensor, segments: Sequence[SwiGLUWeights]) -> to
 
 
 def split_expert(expert: SwiGLUWeights, top_neurons: int) -> tuple[SwiGLUWeights, SwiGLUWeights]:
-    """(top, bottom): neurons [0, top_neurons) and [top_neurons, F). Either may be empty."""
-    if not 0 <= top_neurons <= expert.ffn_size:
-        raise ValueError(f"top_neurons must be in [0, {expert.ffn_size}], got {top_neurons}")
+    """(top, bottom): neurons [0, top_neurons) and [top_neurons, F). Either may be empty.
+
+    `top_neurons` must be a multiple of the expert's neuron block (see `top_neurons_for`).
+    """
     return expert.neurons(0, top_neurons), expert.neurons(top_neurons, expert.ffn_size)
 
 

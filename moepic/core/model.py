@@ -60,8 +60,11 @@ class KVCache:
     def allocate(cls, model: Model, max_length: int) -> KVCache:
         spec = model.spec
         shape = (spec.num_kv_heads, max_length, spec.head_dim)
-        make = lambda: torch.empty(shape, dtype=model.dtype, device=model.device)  # noqa: E731
-        return cls(tuple(make() for _ in range(spec.num_layers)), tuple(make() for _ in range(spec.num_layers)))
+
+        def buffers() -> tuple[torch.Tensor, ...]:
+            return tuple(torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(spec.num_layers))
+
+        return cls(keys=buffers(), values=buffers())
 
     @property
     def capacity(self) -> int:

@@ -70,4 +70,4 @@ def test_sharded_checkpoint_really_is_sharded(checkpoint_dir):
 def test_bf16_checkpoint_keeps_its_dtype_by_default(checkpoint_dir):
     model = load_model(checkpoint_dir("mixtral_bf16"))
     assert model.dtype == torch.bfloat16
-    assert model.weights.layers[0].ffn.experts[0].gate_up_F2D.dtype == torch.bfloat16
+    assert model.weights.layers[0].ffn.experts[0].gate_up_N2BD.dtype == torch.bfloat16

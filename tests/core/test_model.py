@@ -21,7 +21,8 @@ TOKENS = [1, 17, 5, 42, 8, 77, 3, 61, 29, 11, 90, 4]
 @pytest.fixture(scope="module")
 def qwen2(checkpoint_dir):
     # Qwen2-MoE: dense and MoE layers, shared expert, GQA, biases: the most moving parts.
-    return load_model(checkpoint_dir("qwen2_moe"), dtype=torch.float32)
+    # Neuron blocks of 2 so the 16-neuron experts can be split at 8 places.
+    return load_model(checkpoint_dir("qwen2_moe"), dtype=torch.float32, widest_neuron_block=2)
 
 
 def _logits(model, tokens, chunks):
@@ -94,11 +95,15 @@ class SplitExperts:
         self.asked.append((layer, tuple(expert_ids)))
         experts = self.model.weights.layers[layer].ffn.experts
         theta = self.thetas[layer]
-        return {e: split_expert(experts[e], top_neurons_for(theta, experts[e].ffn_size)) for e in expert_ids}
+        return {
+            e: split_expert(experts[e], top_neurons_for(theta, experts[e].ffn_size, experts[e].block))
+            for e in expert_ids
+        }
 
 
 @given(thetas=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), prompt_len=st.integers(1, 8))
 def test_generation_through_split_experts_equals_the_dense_model(qwen2, thetas, prompt_len):
+    assert qwen2.weights.layers[qwen2.spec.moe_layers[0]].ffn.experts[0].block == 2  # real splits, not 0|F only
     prompt = TOKENS[:prompt_len]
     dense = generate(qwen2, prompt, max_new_tokens=6, eos_ids=(), keep_logits=True)
     source = SplitExperts(qwen2, tuple(thetas))

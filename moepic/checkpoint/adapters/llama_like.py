@@ -7,7 +7,6 @@ An architecture that fits this mould (Mixtral, Qwen2/3-MoE, OLMoE) is a spec fun
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -17,7 +16,15 @@ from tqdm.auto import tqdm
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec
-from moepic.core.weights import AttentionWeights, LayerWeights, ModelWeights, MoEWeights, SwiGLUWeights
+from moepic.core.weights import (
+    WIDEST_NEURON_BLOCK,
+    AttentionWeights,
+    LayerWeights,
+    ModelWeights,
+    MoEWeights,
+    SwiGLUWeights,
+    neuron_block,
+)
 from moepic.errors import CheckpointError
 
 
@@ -69,6 +76,28 @@ class TensorNames:
     dense_prefix: str = "model.layers.{l}.mlp"
 
 
+@attrs.frozen
+class TensorReader:
+    """Reads checkpoint tensors in the target dtype/device; builds SwiGLU weights in neuron blocks."""
+
+    ckpt: SafetensorsCheckpoint
+    dtype: torch.dtype
+    device: str
+    widest_neuron_block: int = WIDEST_NEURON_BLOCK
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        return self.ckpt.read(name, shape, self.dtype, self.device)
+
+    def swiglu(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
+        gate, up, down = projections
+        return SwiGLUWeights.from_projections(
+            self(f"{prefix}.{gate}.weight", F, D),
+            self(f"{prefix}.{up}.weight", F, D),
+            self(f"{prefix}.{down}.weight", D, F),
+            block=neuron_block(F, self.widest_neuron_block),
+        )
+
+
 class LlamaLikeAdapter:
     """Base for architectures whose files follow the Llama naming scheme."""
 
@@ -78,25 +107,20 @@ class LlamaLikeAdapter:
     def spec(self, cfg: HFConfig) -> ModelSpec:
         raise NotImplementedError
 
-    def load_weights(
-        self, ckpt: SafetensorsCheckpoint, spec: ModelSpec, dtype: torch.dtype, device: str, progress: bool
-    ) -> ModelWeights:
-        def read(name: str, *shape: int) -> torch.Tensor:
-            return ckpt.read(name, shape, dtype, device)
-
+    def load_weights(self, read: TensorReader, spec: ModelSpec, progress: bool) -> ModelWeights:
         D, V = spec.hidden_size, spec.vocab_size
         embed = read("model.embed_tokens.weight", V, D)
         # `with` clears the bar when a read fails, so the error line is not printed after it.
         with tqdm(range(spec.num_layers), desc="loading layers", disable=not progress, leave=False) as bar:
             layers = tuple(self._layer(read, spec, l) for l in bar)
         final_norm = read("model.norm.weight", D)
-        if spec.tie_word_embeddings and not ckpt.has("lm_head.weight"):
+        if spec.tie_word_embeddings and not read.ckpt.has("lm_head.weight"):
             lm_head = embed
         else:
             lm_head = read("lm_head.weight", V, D)
         return ModelWeights(embed, layers, final_norm, lm_head)
 
-    def _layer(self, read: Callable[..., torch.Tensor], spec: ModelSpec, l: int) -> LayerWeights:
+    def _layer(self, read: TensorReader, spec: ModelSpec, l: int) -> LayerWeights:
         D = spec.hidden_size
         p = f"model.layers.{l}"
         ffn = self._moe(read, spec, l) if spec.layer_kinds[l] == "moe" else self._dense(read, spec, l)
@@ -107,7 +131,7 @@ class LlamaLikeAdapter:
             ffn=ffn,
         )
 
-    def _attention(self, read, spec: ModelSpec, p: str) -> AttentionWeights:
+    def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> AttentionWeights:
         D, Q, K = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         bias = spec.attention_bias
         norm_width = {"none": (None, None), "per_head": (spec.head_dim, spec.head_dim), "full": (Q, K)}[spec.qk_norm]
@@ -123,29 +147,21 @@ class LlamaLikeAdapter:
             k_norm=read(f"{p}.k_norm.weight", norm_width[1]) if norm_width[1] else None,
         )
 
-    def _swiglu(self, read, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
-        gate, up, down = projections
-        return SwiGLUWeights.from_projections(
-            read(f"{prefix}.{gate}.weight", F, D),
-            read(f"{prefix}.{up}.weight", F, D),
-            read(f"{prefix}.{down}.weight", D, F),
-        )
-
-    def _dense(self, read, spec: ModelSpec, l: int) -> SwiGLUWeights:
+    def _dense(self, read: TensorReader, spec: ModelSpec, l: int) -> SwiGLUWeights:
         prefix = self.names.dense_prefix.format(l=l)
-        return self._swiglu(read, prefix, ("gate_proj", "up_proj", "down_proj"), spec.hidden_size, spec.dense_ffn)
+        return read.swiglu(prefix, ("gate_proj", "up_proj", "down_proj"), spec.hidden_size, spec.dense_ffn)
 
-    def _moe(self, read, spec: ModelSpec, l: int) -> MoEWeights:
+    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
         moe, D = spec.moe, spec.hidden_size
         prefix = self.names.moe_prefix.format(l=l)
         experts = tuple(
-            self._swiglu(read, f"{prefix}.experts.{e}", self.names.expert_projections, D, moe.expert_ffn)
+            read.swiglu(f"{prefix}.experts.{e}", self.names.expert_projections, D, moe.expert_ffn)
             for e in range(moe.num_experts)
         )
         shared = shared_gate = None
         if moe.shared_expert_ffn:
-            shared = self._swiglu(
-                read, f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj"), D, moe.shared_expert_ffn
+            shared = read.swiglu(
+                f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj"), D, moe.shared_expert_ffn
             )
             if moe.shared_expert_gated:
                 shared_gate = read(f"{prefix}.shared_expert_gate.weight", 1, D)
