@@ -16,12 +16,24 @@ _MISSING = object()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
 class HFConfig:
     """A parsed config.json. `get` accepts aliases (`num_experts | num_local_experts | …`) and checks the type."""
 
-    def __init__(self, data: dict[str, Any], source: str):
+    def __init__(self, data: dict[str, Any], source: str, generation: HFConfig | None = None):
         self.data = data
         self.source = source
+        # generation_config.json, when the folder has one: it may name more stop tokens.
+        self.generation = generation
 
     @classmethod
     def read(cls, folder: Path) -> HFConfig:
@@ -30,13 +42,9 @@ class HFConfig:
             raise CheckpointError(f"{folder}: model folder not found")
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (a Hugging Face model folder needs config.json)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: expected a JSON object at the top level")
-        return cls(data, str(path))
+        generation_path = folder / "generation_config.json"
+        generation = cls(_read_json_object(generation_path), str(generation_path)) if generation_path.is_file() else None
+        return cls(_read_json_object(path), str(path), generation)
 
     def get(self, *keys: str, kind: type = int, default: Any = _MISSING) -> Any:
         for key in keys:
@@ -68,6 +76,11 @@ class HFConfig:
             return DTYPES[name.removeprefix("torch.")]
         except KeyError:
             raise CheckpointError(f"{self.source}: unsupported dtype {name!r}; supported: {', '.join(DTYPES)}") from None
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Stop tokens: generation_config.json's `eos_token_id` when it sets one (as HF generate does)."""
+        from_generation = self.generation.token_ids("eos_token_id") if self.generation else ()
+        return from_generation or self.token_ids("eos_token_id")
 
     def token_ids(self, key: str) -> tuple[int, ...]:
         value = self.data.get(key)

@@ -83,6 +83,16 @@ def test_config_json_that_is_not_json_is_named(checkpoint_dir, capsys, tmp_path,
     assert _error(capsys, folder).startswith(f"{folder / 'config.json'}: not valid JSON (")
 
 
+@pytest.mark.parametrize(
+    "content,expected",
+    [("{broken", "not valid JSON ("), ('{"eos_token_id": "x"}', "key 'eos_token_id' should be a token id")],
+)
+def test_broken_generation_config_json_is_named(checkpoint_dir, capsys, tmp_path, content, expected):
+    folder = _copy(checkpoint_dir, tmp_path)
+    (folder / "generation_config.json").write_text(content)
+    assert _error(capsys, folder).startswith(f"{folder / 'generation_config.json'}: {expected}")
+
+
 def test_config_json_that_is_a_list_is_named(checkpoint_dir, capsys, tmp_path):
     folder = _copy(checkpoint_dir, tmp_path)
     (folder / "config.json").write_text("[1, 2]")

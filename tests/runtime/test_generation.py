@@ -71,3 +71,19 @@ def test_half_precision_generation_runs_in_that_dtype_and_stays_close_to_fp32(ch
     b = generate(half, PROMPT, max_new_tokens=3, eos_ids=(), keep_logits=True)
     assert b.logits[0].dtype == dtype
     torch.testing.assert_close(b.logits[0].float(), a.logits[0], atol=0.1, rtol=0)
+
+
+def test_generation_config_eos_ids_are_the_stop_tokens(checkpoint_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(checkpoint_dir("mixtral"), tmp_path / "m")
+    assert load_model(folder).spec.eos_token_ids == (2,)  # what save_pretrained wrote in both files
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    model = load_model(folder, dtype=torch.float32)
+    assert model.spec.eos_token_ids == (2, 7)
+    free = generate(model, PROMPT, max_new_tokens=8, eos_ids=())
+    stop = free.token_ids[2]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    stopped = generate(load_model(folder, dtype=torch.float32), PROMPT, max_new_tokens=8)
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop) + 1] and stopped.stopped_on_eos

@@ -54,7 +54,7 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
         rope=cfg.rope(default_rope_theta),
         tie_word_embeddings=cfg.get("tie_word_embeddings", kind=bool, default=False),
         max_position_embeddings=cfg.get("max_position_embeddings", default=4096),
-        eos_token_ids=cfg.token_ids("eos_token_id"),
+        eos_token_ids=cfg.eos_token_ids(),
         bos_token_id=(cfg.token_ids("bos_token_id") or (None,))[0],
     )
 
