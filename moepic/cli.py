@@ -100,7 +100,22 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _stdout_streamer(codec):
+    """(on_token, finish) that print the new text as it is generated (token ids without a tokenizer)."""
+    from moepic.tokenizer import IncrementalDecoder
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if codec is None:
+        return (lambda token: show(f"{token} ")), (lambda: show("\n"))
+    decoder = IncrementalDecoder(codec)
+    return (lambda token: show(decoder.push(token))), (lambda: show(decoder.flush() + "\n"))
+
+
 def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
+    """Load, generate, and return the report; streams the text to stdout unless `as_json`."""
     from moepic.checkpoint.load import load_model
     from moepic.default_model import default_model_dir
     from moepic.runtime.generation import generate
@@ -136,9 +151,13 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     bad = [i for i in prompt_ids if not 0 <= i < model.spec.vocab_size]
     if bad:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")
+    on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
+    # The streamed text is the progress display; a bar would interleave with it.
     result = generate(
-        model, prompt_ids, max_new_tokens=cfg.generate.max_new_tokens, sampling=cfg.sampling, progress=not as_json
+        model, prompt_ids, max_new_tokens=cfg.generate.max_new_tokens, sampling=cfg.sampling, on_token=on_token
     )
+    if finish is not None:
+        finish()
     report = {"model": folder, "prompt_ids": prompt_ids, "token_ids": result.token_ids}
     if codec is not None:
         report["text"] = codec.decode(result.token_ids)
@@ -161,7 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(report.get("text", " ".join(map(str, report["token_ids"]))))
         stats = report["stats"]
         print(
             f"[{stats['tokens']} tokens · prefill {stats['prefill_s'] * 1e3:.1f} ms · "

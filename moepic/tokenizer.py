@@ -32,3 +32,30 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDecoder:
+    """Text for a growing list of token ids, handed out piece by piece for streaming.
+
+    Decodes the whole list each time (tokenizers may merge pieces across tokens) and holds back
+    text that ends in U+FFFD, a character whose UTF-8 bytes have not all arrived yet.
+    """
+
+    def __init__(self, codec: TextCodec):
+        self._codec = codec
+        self._ids: list[int] = []
+        self._shown = 0
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        text = self._codec.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        return self._take(self._codec.decode(self._ids))
+
+    def _take(self, text: str) -> str:
+        piece, self._shown = text[self._shown :], len(text)
+        return piece

@@ -117,6 +117,19 @@ def test_plain_output_prints_text_on_stdout_and_stats_on_stderr(capsys, cache_en
     assert err.rstrip().split("\r")[-1].startswith("[2 tokens · prefill ")
 
 
+def test_plain_output_streams_exactly_the_decoded_text(capsys, cache_env):
+    argv = ["generate", "--prompt", "And God said", "--max-new-tokens", "12", "--greedy"]
+    report = _run(capsys, [*argv, "--json"])
+    assert main(argv) == 0
+    assert capsys.readouterr().out == report["text"] + "\n"
+
+
+def test_plain_output_without_a_tokenizer_streams_the_token_ids(capsys, mixtral):
+    report = _run(capsys, [*GREEDY, "--model", mixtral])
+    assert main([a for a in GREEDY if a != "--json"] + ["--model", mixtral]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in report["token_ids"]]
+
+
 def test_dtype_flag_loads_the_weights_in_that_dtype(capsys, mixtral, monkeypatch):
     loaded = []
     real = moepic.checkpoint.load.load_model

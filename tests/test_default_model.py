@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from moepic.checkpoint.load import load_model
 from moepic.default_model import byte_level_tokenizer, default_model_dir
-from moepic.tokenizer import TextCodec
+from moepic.tokenizer import IncrementalDecoder, TextCodec
 
 
 def test_default_model_is_created_once_and_reused(tmp_path, monkeypatch):
@@ -34,3 +37,18 @@ def test_byte_level_tokenizer_round_trips_any_text(tmp_path):
     for text in ["And God said", "  spaces\tand\nlines ", "ünïcödé ✓ 漢字", ""]:
         assert codec.decode(codec.encode(text)) == text
     assert len(codec.encode("abc")) == 3
+
+
+@given(text=st.text(max_size=40))
+def test_streamed_pieces_add_up_to_the_decoded_text(tmp_path_factory, text):
+    folder = tmp_path_factory.getbasetemp() / "byte-tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        folder.mkdir(exist_ok=True)
+        byte_level_tokenizer().save(str(folder / "tokenizer.json"))
+    codec = TextCodec.from_folder(folder)
+    decoder = IncrementalDecoder(codec)
+    pieces = [decoder.push(token) for token in codec.encode(text)]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    # Multi-byte characters arrive whole: no piece carries a half character.
+    assert all("\ufffd" not in piece for piece in pieces) or "\ufffd" in text

@@ -7,7 +7,7 @@ Side effects: wall-clock timing and an optional progress bar. Numbers come from 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -60,8 +60,13 @@ def generate(
     experts: ExpertSource | None = None,
     keep_logits: bool = False,
     progress: bool = False,
+    on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
-    """Greedy or seeded sampling; stops at max_new_tokens or after emitting an EOS id."""
+    """Greedy or seeded sampling; stops at max_new_tokens or after emitting an EOS id.
+
+    `on_token` sees each new id as soon as it is chosen (for streaming output); its time counts
+    in the decode timing, so keep it cheap.
+    """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
@@ -85,23 +90,25 @@ def generate(
         return logits_V, next_id, cache
 
     kept, new_ids = [], []
-    bar = tqdm(total=max_new_tokens, desc="generating", unit="tok", disable=not progress, leave=False)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits_V, next_id, cache = step(tokens_T, cache)
-    token = int(next_id)  # the host needs the id anyway (EOS check, next input): this is the sync
-    t1 = time.perf_counter()
-    while True:
-        new_ids.append(token)
-        if keep_logits:
-            kept.append(logits_V.clone())
-        bar.update(1)
-        if token in eos or len(new_ids) == max_new_tokens:
-            break
-        logits_V, next_id, cache = step(next_id.view(1), cache)
-        token = int(next_id)
-    t2 = time.perf_counter()
-    bar.close()
+    # `with` closes the bar on an exception too, so an error line is not printed after it.
+    with tqdm(total=max_new_tokens, desc="generating", unit="tok", disable=not progress, leave=False) as bar:
+        _sync(device)
+        t0 = time.perf_counter()
+        logits_V, next_id, cache = step(tokens_T, cache)
+        token = int(next_id)  # the host needs the id anyway (EOS check, next input): this is the sync
+        t1 = time.perf_counter()
+        while True:
+            new_ids.append(token)
+            if keep_logits:
+                kept.append(logits_V.clone())
+            if on_token is not None:
+                on_token(token)
+            bar.update(1)
+            if token in eos or len(new_ids) == max_new_tokens:
+                break
+            logits_V, next_id, cache = step(next_id.view(1), cache)
+            token = int(next_id)
+        t2 = time.perf_counter()
     stats = GenerationStats(prompt_tokens=len(prompt_ids), tokens=len(new_ids), prefill_s=t1 - t0, decode_s=t2 - t1)
     return GenerationResult(
         token_ids=new_ids, stats=stats, stopped_on_eos=new_ids[-1] in eos, logits=kept if keep_logits else None
