@@ -1,5 +1,6 @@
 """The `moepic` command. Argument parsing, config loading and printing; user mistakes become one line.
 
+    moepic inspect  [--model DIR] [--dtype D] [--json]
     moepic generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                     [--greedy] [--temperature T] [--top-p P] [--seed S] [--dtype D] [--device DEV]
                     [--config FILE.yaml] [--json] [key=value ...]
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1 …")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
+    inspect = commands.add_parser("inspect", help="a checkpoint's shape and memory, from config.json alone")
+    inspect.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
+    inspect.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="count bytes in this dtype")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -166,11 +171,59 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     return report
 
 
+def run_inspect(model: str | None, dtype_name: str) -> dict:
+    """Spec and parameter/byte counts of a model folder, without reading any weights."""
+    import attrs
+
+    from moepic.checkpoint.load import read_spec
+    from moepic.core.footprint import footprint
+    from moepic.default_model import default_model_dir
+
+    folder = model or str(default_model_dir())
+    spec, cfg = read_spec(folder)
+    dtype = cfg.checkpoint_dtype() if dtype_name == "auto" else DTYPES[dtype_name]
+    fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
+    return {
+        "model": folder,
+        "dtype": str(dtype).removeprefix("torch."),
+        "spec": attrs.asdict(spec),
+        "total_params": fp.total_params,
+        "routed_experts": fp.num_routed_experts,
+        "bytes_per_expert": fp.routed_expert_params * size,
+        "routed_expert_bytes": fp.routed_expert_bytes(size),
+        "resident_bytes": fp.resident_params * size,
+    }
+
+
+def _inspect_text(report: dict) -> str:
+    spec, moe, gib = report["spec"], report["spec"]["moe"], 2**30
+    kinds = spec["layer_kinds"]
+    lines = [
+        f"{report['model']}: {spec['model_type']}, {len(kinds)} layers ({kinds.count('moe')} MoE, "
+        f"{kinds.count('dense')} dense), D {spec['hidden_size']}, {spec['num_heads']} heads / "
+        f"{spec['num_kv_heads']} KV, {report['total_params'] / 1e9:.3f} B params"
+    ]
+    if moe:
+        lines.append(
+            f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, "
+            f"router {moe['router']['kind']}{' (renormalised)' if moe['router']['renormalize'] else ''}"
+            + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")
+        )
+    lines.append(
+        f"{report['dtype']}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
+        f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        cfg = load_config(args.config, [*_flag_overrides(args), *args.overrides])
-        report = run_generate(cfg, as_json=args.json)
+        if args.command == "inspect":
+            report = run_inspect(args.model, args.dtype)
+        else:
+            cfg = load_config(args.config, [*_flag_overrides(args), *args.overrides])
+            report = run_generate(cfg, as_json=args.json)
     except MoepicError as e:
         print(f"moepic: error: {e}", file=sys.stderr)
         return 2
@@ -179,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(report))
+    elif args.command == "inspect":
+        print(_inspect_text(report))
     else:
         stats = report["stats"]
         print(

@@ -1,0 +1,55 @@
+"""Parameter counts and bytes from a ModelSpec alone, without loading weights. Pure.
+
+The offloading budget is stated against these numbers ("25 % of routed-expert bytes"), and
+`moepic inspect` prints them for a checkpoint before anyone commits memory to it.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from moepic.core.spec import ModelSpec
+
+
+def swiglu_params(D: int, F: int) -> int:
+    return 3 * D * F
+
+
+@attrs.frozen(kw_only=True)
+class Footprint:
+    """Parameter counts, split the way offloading splits the model."""
+
+    routed_expert_params: int  # per expert
+    num_routed_experts: int  # over all MoE layers
+    resident_params: int  # everything that stays on the accelerator: attention, norms, routers, shared/dense MLPs, embeddings
+
+    @property
+    def total_params(self) -> int:
+        return self.resident_params + self.routed_expert_params * self.num_routed_experts
+
+    def routed_expert_bytes(self, dtype_bytes: int) -> int:
+        return self.routed_expert_params * self.num_routed_experts * dtype_bytes
+
+
+def footprint(spec: ModelSpec) -> Footprint:
+    D, V = spec.hidden_size, spec.vocab_size
+    Q, K = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    attention = 2 * Q * D + 2 * K * D
+    if spec.attention_bias:
+        attention += Q + 2 * K
+    attention += {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]
+    resident = V * D * (1 if spec.tie_word_embeddings else 2) + D  # embeddings, lm_head, final norm
+    moe = spec.moe
+    for kind in spec.layer_kinds:
+        resident += attention + 2 * D  # + the two norms
+        if kind == "dense":
+            resident += swiglu_params(D, spec.dense_ffn)
+        else:
+            resident += moe.num_experts * D  # router
+            if moe.shared_expert_ffn:
+                resident += swiglu_params(D, moe.shared_expert_ffn) + (D if moe.shared_expert_gated else 0)
+    return Footprint(
+        routed_expert_params=swiglu_params(D, moe.expert_ffn) if moe else 0,
+        num_routed_experts=len(spec.moe_layers) * moe.num_experts if moe else 0,
+        resident_params=resident,
+    )

@@ -1,0 +1,69 @@
+"""Spec-derived parameter counts equal the tensors the loader actually builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CHECKPOINTS
+from moepic.checkpoint.load import load_model
+from moepic.core.footprint import footprint
+from moepic.core.weights import MoEWeights
+
+
+def _numel(tree) -> int:
+    import attrs
+
+    if isinstance(tree, torch.Tensor):
+        return tree.numel()
+    if isinstance(tree, (tuple, list)):
+        return sum(_numel(t) for t in tree)
+    if attrs.has(type(tree)):
+        return sum(_numel(getattr(tree, f.name)) for f in attrs.fields(type(tree)))
+    return 0
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_footprint_counts_every_loaded_parameter_once(checkpoint_dir, name):
+    model = load_model(checkpoint_dir(name), dtype=torch.float32)
+    w, fp = model.weights, footprint(model.spec)
+    routed = [e for layer in w.layers if isinstance(layer.ffn, MoEWeights) for e in layer.ffn.experts]
+    assert fp.num_routed_experts == len(routed)
+    assert {_numel(e) for e in routed} == {fp.routed_expert_params}
+    tied = w.lm_head_VD is w.embed_VD
+    assert fp.total_params == _numel(w) - (w.embed_VD.numel() if tied else 0)
+    assert fp.routed_expert_bytes(4) == 4 * sum(_numel(e) for e in routed)
+
+
+# Published configs and parameter counts of two real checkpoints (config.json only: no weights needed).
+MIXTRAL_8X7B = {
+    "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+    "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}  # fmt: skip
+QWEN15_MOE_A27B = {
+    "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+    "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config,total,bytes_per_expert",
+    [(MIXTRAL_8X7B, 46_702_792_704, 352_321_536), (QWEN15_MOE_A27B, 14_315_784_192, 17_301_504)],
+    ids=["Mixtral-8x7B", "Qwen1.5-MoE-A2.7B"],
+)
+def test_inspect_reproduces_published_sizes_from_config_json_alone(capsys, tmp_path, config, total, bytes_per_expert):
+    import json
+
+    from moepic.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", "--model", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_params"] == total
+    assert report["bytes_per_expert"] == bytes_per_expert  # bf16, the checkpoint's dtype
+    assert main(["inspect", "--model", str(tmp_path)]) == 0
+    assert "offloadable" in capsys.readouterr().out
