@@ -60,11 +60,8 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
 
 
 def build_spec(cfg: HFConfig, *, default_rope_theta: float = 10_000.0, **fields: Any) -> ModelSpec:
-    """ModelSpec(**common + fields), turning a validation failure into an error naming config.json."""
-    try:
-        return ModelSpec(**(common_spec_fields(cfg, default_rope_theta) | fields))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
+    """ModelSpec(**common + fields). Its validation errors become CheckpointErrors in `read_spec`."""
+    return ModelSpec(**(common_spec_fields(cfg, default_rope_theta) | fields))
 
 
 @attrs.frozen
