@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["auto", *DTYPES])
     gen.add_argument("--device", help="cpu, cuda, cuda:1 …")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.add_argument("--record-trace", metavar="FILE.npz", help="save every token's routing to this file")
+    gen.add_argument("--trace-hidden", action="store_true", default=None, help="include router inputs in the trace")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
     inspect = commands.add_parser("inspect", help="a checkpoint's shape and memory, from config.json alone")
     inspect.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
@@ -73,6 +75,8 @@ _FLAG_KEYS = {
     "temperature": "sampling.temperature",
     "top_p": "sampling.top_p",
     "seed": "sampling.seed",
+    "record_trace": "generate.record_trace",
+    "trace_hidden": "generate.trace_hidden",
 }
 
 
@@ -119,6 +123,15 @@ def _stdout_streamer(codec):
     return (lambda token: show(decoder.push(token))), (lambda: show(decoder.flush() + "\n"))
 
 
+def _save_trace(recorder, path: str) -> None:
+    from moepic.tracing import save_trace
+
+    try:
+        save_trace(recorder.trace(), path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the trace ({e.strerror or e})") from None
+
+
 def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     """Load, generate, and return the report; streams the text to stdout unless `as_json`."""
     from moepic.checkpoint.load import load_model
@@ -135,6 +148,9 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
         raise ConfigError(f"model.device {cfg.model.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device is {cfg.model.device!r}, but CUDA is not available on this machine")
+    trace_path = cfg.generate.record_trace
+    if trace_path is not None and not Path(trace_path).resolve().parent.is_dir():
+        raise ConfigError(f"{trace_path}: cannot write the trace (its folder does not exist)")
     dtype = None if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
     codec = TextCodec.from_folder(folder)
     if cfg.generate.prompt_ids is not None:
@@ -157,12 +173,24 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     if bad:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")
     on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
+    recorder = None
+    if cfg.generate.record_trace is not None:
+        from moepic.tracing.recorder import RoutingRecorder
+
+        recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=cfg.generate.trace_hidden)
     # The streamed text is the progress display; a bar would interleave with it.
     result = generate(
-        model, prompt_ids, max_new_tokens=cfg.generate.max_new_tokens, sampling=cfg.sampling, on_token=on_token
+        model,
+        prompt_ids,
+        max_new_tokens=cfg.generate.max_new_tokens,
+        sampling=cfg.sampling,
+        on_token=on_token,
+        tap=recorder,
     )
     if finish is not None:
         finish()
+    if recorder is not None:
+        _save_trace(recorder, cfg.generate.record_trace)
     report = {"model": folder, "prompt_ids": prompt_ids, "token_ids": result.token_ids}
     if codec is not None:
         report["text"] = codec.decode(result.token_ids)

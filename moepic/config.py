@@ -49,6 +49,10 @@ class GenerateConfig:
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     max_new_tokens: int = 32
+    # Write the routing of every token (prompt and generated) to this .npz file (moepic/tracing).
+    record_trace: str | None = None
+    # Also store each MoE layer's router input in the trace (for training predictors).
+    trace_hidden: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moepic.core.attention import attention
 from moepic.core.ffn import swiglu
-from moepic.core.moe import ExpertSource, ResidentExperts, moe_block
+from moepic.core.moe import ExpertSource, ResidentExperts, RoutingTap, moe_block
 from moepic.core.norms import rms_norm
 from moepic.core.rope import rope_cos_sin, rope_inv_freq
 from moepic.core.spec import ModelSpec
@@ -78,8 +78,12 @@ def forward(
     experts: ExpertSource | None = None,
     *,
     logits_for: Literal["all", "last"] = "all",
+    tap: RoutingTap | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
-    """Logits for the new tokens (all of them, or only the last) and the cache advanced past them."""
+    """Logits for the new tokens (all of them, or only the last) and the cache advanced past them.
+
+    `tap`, when given, observes each MoE layer's routing and each layer's output (core/moe.py).
+    """
     spec, w = model.spec, model.weights
     experts = ResidentExperts(w) if experts is None else experts
     T, start = tokens_T.shape[0], cache.length
@@ -96,9 +100,11 @@ def forward(
         )
         h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):
-            x_TD = x_TD + moe_block(h_TD, lw.ffn, spec.moe, layer, experts)
+            x_TD = x_TD + moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)
         else:
             x_TD = x_TD + swiglu(h_TD, lw.ffn)
+        if tap is not None:
+            tap.layer_output(layer, x_TD)
 
     if logits_for == "last":
         x_TD = x_TD[-1:]

@@ -26,6 +26,20 @@ from moepic.core.spec import MoESpec
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
 
 
+class RoutingTap(Protocol):
+    """Sees every routing decision and layer output of a forward pass (tracing, reports).
+
+    A tap observes; it never changes numbers. It is an explicit argument, so the core stays a
+    function of its inputs, and the default (None) costs nothing.
+    """
+
+    def routed(self, layer: int, router_input_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> None:
+        ...
+
+    def layer_output(self, layer: int, x_TD: torch.Tensor) -> None:
+        ...
+
+
 class ExpertSource(Protocol):
     def experts_for(self, layer: int, expert_ids: Sequence[int]) -> Mapping[int, Sequence[SwiGLUWeights]]:
         """Each requested expert of `layer` as neuron segments that together cover all of F."""
@@ -77,8 +91,17 @@ def combine_experts(
     return y_TD
 
 
-def moe_block(x_TD: torch.Tensor, w: MoEWeights, moe: MoESpec, layer: int, experts: ExpertSource) -> torch.Tensor:
+def moe_block(
+    x_TD: torch.Tensor,
+    w: MoEWeights,
+    moe: MoESpec,
+    layer: int,
+    experts: ExpertSource,
+    tap: RoutingTap | None = None,
+) -> torch.Tensor:
     weights_TK, ids_TK = route(x_TD, w.router_ED, moe)
+    if tap is not None:
+        tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token = routing_to_host_sync(ids_TK)
     needed = sorted({e for ids in ids_per_token for e in ids})
     y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, needed))

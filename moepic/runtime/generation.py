@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from moepic.config import SamplingConfig
 from moepic.core.model import KVCache, Model, forward
-from moepic.core.moe import ExpertSource
+from moepic.core.moe import ExpertSource, RoutingTap
 from moepic.core.sampling import sample_next_token
 
 
@@ -61,6 +61,7 @@ def generate(
     keep_logits: bool = False,
     progress: bool = False,
     on_token: Callable[[int], None] | None = None,
+    tap: RoutingTap | None = None,
 ) -> GenerationResult:
     """Greedy or seeded sampling; stops at max_new_tokens or after emitting an EOS id.
 
@@ -78,7 +79,7 @@ def generate(
     tokens_T = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
 
     def step(tokens: torch.Tensor, cache: KVCache):
-        logits_TV, cache = forward(model, tokens, cache, experts, logits_for="last")
+        logits_TV, cache = forward(model, tokens, cache, experts, logits_for="last", tap=tap)
         logits_V = logits_TV[-1]
         next_id = sample_next_token(
             logits_V,
