@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from hypothesis import strategies as st
 
 from moepic.cli import main
 from moepic.core.weights import SwiGLUWeights
+from moepic.tracing import RoutingTrace
 
 
 def cli_error(capsys, argv) -> str:
@@ -32,3 +35,25 @@ def random_expert(D: int, F: int, seed: int, dtype=torch.float32, block: int | N
 
 def random_expert_set(E: int, D: int, F: int, seed: int) -> list[SwiGLUWeights]:
     return [random_expert(D, F, seed * 1000 + e) for e in range(E)]
+
+
+@st.composite
+def traces(draw):
+    N, L, K = draw(st.integers(0, 12)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    E = draw(st.integers(K, 9))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(N * L)]).reshape(N, L, K) if N else np.zeros((0, L, K), int)
+    hidden = rng.standard_normal((N, L, 3)).astype(np.float32) if draw(st.booleans()) else None
+    return RoutingTrace(
+        model=draw(st.text(max_size=10)),
+        moe_layers=tuple(sorted(rng.choice(40, L, replace=False).tolist())),
+        num_experts=E,
+        top_k=K,
+        expert_ids_NLK=ids.astype(np.int64),
+        weights_NLK=rng.random((N, L, K)).astype(np.float32),
+        sequence_N=np.sort(rng.integers(0, 3, N)).astype(np.int32),
+        position_N=rng.integers(0, 100, N).astype(np.int32),
+        prefill_N=rng.random(N) < 0.5,
+        hidden_NLD=hidden,
+        source="test",
+    )

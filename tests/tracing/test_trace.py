@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from moepic.checkpoint.load import load_model
 from moepic.cli import main
@@ -19,32 +18,10 @@ from moepic.tracing import RoutingTrace, load_trace, save_trace
 from moepic.tracing.jsonl import load_jsonl_trace
 from moepic.tracing.recorder import RoutingRecorder
 from moepic.tracing.trace import TraceError
-from tests_support import cli_error
+from tests_support import cli_error, traces
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mixtral-8x7b-instruct-fp8"
 PROMPT = [1, 17, 5, 42, 8]
-
-
-@st.composite
-def traces(draw):
-    N, L, K = draw(st.integers(0, 12)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
-    E = draw(st.integers(K, 9))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    ids = np.stack([rng.permutation(E)[:K] for _ in range(N * L)]).reshape(N, L, K) if N else np.zeros((0, L, K), int)
-    hidden = rng.standard_normal((N, L, 3)).astype(np.float32) if draw(st.booleans()) else None
-    return RoutingTrace(
-        model=draw(st.text(max_size=10)),
-        moe_layers=tuple(sorted(rng.choice(40, L, replace=False).tolist())),
-        num_experts=E,
-        top_k=K,
-        expert_ids_NLK=ids.astype(np.int64),
-        weights_NLK=rng.random((N, L, K)).astype(np.float32),
-        sequence_N=np.sort(rng.integers(0, 3, N)).astype(np.int32),
-        position_N=rng.integers(0, 100, N).astype(np.int32),
-        prefill_N=rng.random(N) < 0.5,
-        hidden_NLD=hidden,
-        source="test",
-    )
 
 
 def assert_same_trace(a: RoutingTrace, b: RoutingTrace) -> None:

@@ -1,0 +1,1 @@
+"""One module per `moepic` subcommand: each turns a typed request into a report dict. cli.py parses and prints."""

@@ -1,0 +1,104 @@
+"""`moepic generate`: load a model, generate (streaming text to stdout), optionally record a trace."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from moepic.checkpoint.hf_config import DTYPES
+from moepic.config import RunConfig
+from moepic.errors import CheckpointError, ConfigError
+
+DEFAULT_PROMPT = "And God said"
+
+
+def _stdout_streamer(codec):
+    """(on_token, finish) that print the new text as it is generated (token ids without a tokenizer)."""
+    from moepic.tokenizer import IncrementalDecoder
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if codec is None:
+        return (lambda token: show(f"{token} ")), (lambda: show("\n"))
+    decoder = IncrementalDecoder(codec)
+    return (lambda token: show(decoder.push(token))), (lambda: show(decoder.flush() + "\n"))
+
+
+def _save_trace(recorder, path: str) -> None:
+    from moepic.tracing import save_trace
+
+    try:
+        save_trace(recorder.trace(), path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the trace ({e.strerror or e})") from None
+
+
+def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
+    """Load, generate, and return the report; streams the text to stdout unless `as_json`."""
+    from moepic.checkpoint.load import load_model
+    from moepic.default_model import default_model_dir
+    from moepic.runtime.generation import generate
+    from moepic.tokenizer import TextCodec
+
+    folder = cfg.model.path or str(default_model_dir())
+    if not Path(folder).is_dir():  # before the tokenizer lookup, which would blame tokenizer.json
+        raise CheckpointError(f"{folder}: model folder not found")
+    try:
+        torch.device(cfg.model.device)
+    except RuntimeError:
+        raise ConfigError(f"model.device {cfg.model.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {cfg.model.device!r}, but CUDA is not available on this machine")
+    trace_path = cfg.generate.record_trace
+    if trace_path is not None and not Path(trace_path).resolve().parent.is_dir():
+        raise ConfigError(f"{trace_path}: cannot write the trace (its folder does not exist)")
+    dtype = None if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
+    codec = TextCodec.from_folder(folder)
+    if cfg.generate.prompt_ids is not None:
+        prompt_ids = list(cfg.generate.prompt_ids)
+    else:
+        if codec is None:
+            raise ConfigError(f"{folder} has no tokenizer.json: give the prompt as --prompt-ids 1,2,3")
+        prompt_ids = codec.encode(DEFAULT_PROMPT if cfg.generate.prompt is None else cfg.generate.prompt)
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
+    model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json)
+    # The KV cache is sized for the whole run up front, so a huge max_new_tokens would fail allocating it.
+    length, limit = len(prompt_ids) + cfg.generate.max_new_tokens, model.spec.max_position_embeddings
+    if length > limit:
+        raise ConfigError(
+            f"prompt ({len(prompt_ids)} tokens) + generate.max_new_tokens ({cfg.generate.max_new_tokens}) = {length} "
+            f"exceeds the model's max_position_embeddings ({limit})"
+        )
+    bad = [i for i in prompt_ids if not 0 <= i < model.spec.vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")
+    on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
+    recorder = None
+    if cfg.generate.record_trace is not None:
+        from moepic.tracing.recorder import RoutingRecorder
+
+        recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=cfg.generate.trace_hidden)
+    # The streamed text is the progress display; a bar would interleave with it.
+    result = generate(
+        model,
+        prompt_ids,
+        max_new_tokens=cfg.generate.max_new_tokens,
+        sampling=cfg.sampling,
+        on_token=on_token,
+        tap=recorder,
+    )
+    if finish is not None:
+        finish()
+    if recorder is not None:
+        _save_trace(recorder, cfg.generate.record_trace)
+    report = {"model": folder, "prompt_ids": prompt_ids, "token_ids": result.token_ids}
+    if codec is not None:
+        report["text"] = codec.decode(result.token_ids)
+    report["stopped_on_eos"] = result.stopped_on_eos
+    report["stats"] = result.stats.as_dict()
+    return report

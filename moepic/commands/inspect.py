@@ -1,0 +1,52 @@
+"""`moepic inspect`: a checkpoint's shape and memory from config.json alone (no weights are read)."""
+
+from __future__ import annotations
+
+import torch
+
+from moepic.checkpoint.hf_config import DTYPES
+
+
+def run_inspect(model: str | None, dtype_name: str) -> dict:
+    """Spec and parameter/byte counts of a model folder, without reading any weights."""
+    import attrs
+
+    from moepic.checkpoint.load import read_spec
+    from moepic.core.footprint import footprint
+    from moepic.default_model import default_model_dir
+
+    folder = model or str(default_model_dir())
+    spec, cfg = read_spec(folder)
+    dtype = cfg.checkpoint_dtype() if dtype_name == "auto" else DTYPES[dtype_name]
+    fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
+    return {
+        "model": folder,
+        "dtype": str(dtype).removeprefix("torch."),
+        "spec": attrs.asdict(spec),
+        "total_params": fp.total_params,
+        "routed_experts": fp.num_routed_experts,
+        "bytes_per_expert": fp.routed_expert_params * size,
+        "routed_expert_bytes": fp.routed_expert_bytes(size),
+        "resident_bytes": fp.resident_params * size,
+    }
+
+
+def inspect_text(report: dict) -> str:
+    spec, moe, gib = report["spec"], report["spec"]["moe"], 2**30
+    kinds = spec["layer_kinds"]
+    lines = [
+        f"{report['model']}: {spec['model_type']}, {len(kinds)} layers ({kinds.count('moe')} MoE, "
+        f"{kinds.count('dense')} dense), D {spec['hidden_size']}, {spec['num_heads']} heads / "
+        f"{spec['num_kv_heads']} KV, {report['total_params'] / 1e9:.3f} B params"
+    ]
+    if moe:
+        lines.append(
+            f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, "
+            f"router {moe['router']['kind']}{' (renormalised)' if moe['router']['renormalize'] else ''}"
+            + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")
+        )
+    lines.append(
+        f"{report['dtype']}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
+        f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident"
+    )
+    return "\n".join(lines)

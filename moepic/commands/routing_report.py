@@ -1,0 +1,108 @@
+"""`moepic routing-report`: how a model routes real text, per MoE layer.
+
+From a model and a text file it runs prefill over the text in chunks with two taps: a recorder
+(load, reuse) and gate lookahead (next-layer recall). From a recorded trace (.npz, or the JSONL
+form of the shared Mixtral traces) it reports what the routing alone shows. Side effects: file I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+
+from moepic.analysis.lookahead import GateLookaheadTap, Taps
+from moepic.analysis.routing_stats import layer_loads, most_popular_recall
+from moepic.errors import ConfigError
+from moepic.tracing.trace import RoutingTrace
+
+
+def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int) -> tuple[RoutingTrace, dict[int, float]]:
+    """Route `text` through `model` in independent chunks; the trace and gate-lookahead recall per layer."""
+    from moepic.core.model import KVCache, forward
+    from moepic.tracing.recorder import RoutingRecorder
+
+    ids = codec.encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise ConfigError("the text is too short: it needs at least 2 tokens")
+    chunk = min(chunk, model.spec.max_position_embeddings)
+    recorder, lookahead = RoutingRecorder(model.spec), GateLookaheadTap(model)
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            piece = torch.tensor(ids[start : start + chunk], device=model.device)
+            if start:
+                recorder.begin_sequence()
+            forward(model, piece, KVCache.allocate(model, len(piece)), logits_for="last", tap=Taps(recorder, lookahead))
+    return recorder.trace(source="moepic routing-report"), lookahead.recall()
+
+
+def load_any_trace(path: str) -> RoutingTrace:
+    from moepic.tracing import load_trace
+    from moepic.tracing.jsonl import load_jsonl_trace
+
+    return load_jsonl_trace(path) if path.endswith(".jsonl") else load_trace(path)
+
+
+def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | None) -> dict:
+    popular = most_popular_recall(trace)
+    layers = []
+    for column, load in enumerate(layer_loads(trace)):
+        row = attrs.asdict(load) | {"most_popular_recall": float(popular[column])}
+        if lookahead_recall is not None:
+            row["next_layer_recall"] = lookahead_recall.get(load.layer)
+            row["random_recall"] = trace.top_k / trace.num_experts
+        layers.append(row)
+    return {
+        "model": trace.model,
+        "source": trace.source,
+        "tokens": trace.num_tokens,
+        "num_experts": trace.num_experts,
+        "top_k": trace.top_k,
+        "layers": layers,
+    }
+
+
+def run_routing_report(model_dir: str | None, text_file: str | None, trace_file: str | None, *, chunk: int, max_tokens: int) -> dict:
+    if (text_file is None) == (trace_file is None):
+        raise ConfigError("routing-report needs exactly one of --text FILE or --trace FILE")
+    if trace_file is not None:
+        return routing_report(load_any_trace(trace_file), None)
+    from moepic.checkpoint.load import load_model
+    from moepic.default_model import default_model_dir
+    from moepic.tokenizer import TextCodec
+
+    folder = model_dir or str(default_model_dir())
+    path = Path(text_file)
+    if not path.is_file():
+        raise ConfigError(f"{path}: text file not found")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    model = load_model(folder)
+    codec = TextCodec.from_folder(folder)
+    if codec is None:
+        raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
+    trace, recall = trace_text(model, codec, text, chunk=chunk, max_tokens=max_tokens)
+    return routing_report(attrs.evolve(trace, model=folder), recall)
+
+
+def routing_report_text(report: dict) -> str:
+    def pct(x):
+        return "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:5.1f}%"
+
+    lines = [
+        f"{report['model'] or report['source']}: {report['tokens']} tokens, "
+        f"{report['num_experts']} experts, top-{report['top_k']}",
+        "layer | busiest | top 25% | least used | reuse (random) | next-layer recall | random | most-popular",
+    ]
+    for row in report["layers"]:
+        lines.append(
+            f"{row['layer']:5d} | {pct(row['busiest_share'])} | {pct(row['top_quarter_share'])} | "
+            f"{pct(row['min_share'])}     | {pct(row['reuse'])} ({pct(row['reuse_random'])}) | "
+            f"{pct(row.get('next_layer_recall'))}            | {pct(row.get('random_recall'))} | "
+            f"{pct(row['most_popular_recall'])}"
+        )
+    return "\n".join(lines)
