@@ -1,7 +1,7 @@
 """The `moepic` command. Argument parsing, config loading and printing; user mistakes become one line.
 
     moepic inspect  [--model DIR] [--dtype D] [--json]
-    moepic routing-report [--model DIR] (--text FILE | --trace FILE) [--json]
+    moepic routing-report [--model DIR] (--text FILE | --dataset NAME | --trace FILE) [--json]
     moepic generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                     [--greedy] [--temperature T] [--top-p P] [--seed S] [--dtype D] [--device DEV]
                     [--config FILE.yaml] [--json] [key=value ...]
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
     source = report.add_mutually_exclusive_group()
     source.add_argument("--text", help="a UTF-8 text file to route through the model")
+    source.add_argument("--dataset", help="a text shipped with moepic: kjv-heldout")
     source.add_argument("--trace", help="a recorded trace (.npz) or a JSONL routing log instead of a model run")
     report.add_argument("--chunk", type=int, default=256, help="tokens per independent prefill chunk")
     report.add_argument("--max-tokens", type=int, default=8192, help="route at most this many tokens of the text")
@@ -119,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "routing-report":
             from moepic.commands.routing_report import run_routing_report
 
-            report = run_routing_report(args.model, args.text, args.trace, chunk=args.chunk, max_tokens=args.max_tokens)
+            report = run_routing_report(
+                args.model, args.text, args.trace, dataset=args.dataset, chunk=args.chunk, max_tokens=args.max_tokens
+            )
         elif args.command == "inspect":
             from moepic.commands.inspect import run_inspect
 

@@ -30,18 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 GREEDY = ["generate", "--json", "--greedy", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
 
 
-@pytest.fixture(scope="module")
-def default_cache(tmp_path_factory):
-    """A MOEPIC_CACHE_DIR shared by this module, so the default model is written once."""
-    return tmp_path_factory.mktemp("moepic-cache")
-
-
-@pytest.fixture
-def cache_env(default_cache, monkeypatch):
-    monkeypatch.setenv("MOEPIC_CACHE_DIR", str(default_cache))
-    return default_cache
-
-
 @pytest.fixture
 def mixtral(checkpoint_dir):
     return str(checkpoint_dir("mixtral"))
@@ -92,10 +80,9 @@ def test_seeded_sampling_repeats_with_the_same_seed_and_varies_across_seeds(caps
     assert {tuple(_sampled(capsys, mixtral, seed)) for seed in (0, 1)} != {tuple(first)}
 
 
-def test_default_model_turns_a_text_prompt_into_text(capsys, cache_env):
+def test_default_model_turns_a_text_prompt_into_text(capsys):
     report = _run(capsys, ["generate", "--json", "--prompt", "And God said", "--max-new-tokens", "3"])
     folder = default_model_dir()
-    assert folder.parent == cache_env
     assert report["model"] == str(folder)
     codec = TextCodec.from_folder(folder)
     assert report["prompt_ids"] == codec.encode("And God said")
@@ -103,13 +90,13 @@ def test_default_model_turns_a_text_prompt_into_text(capsys, cache_env):
     assert report["text"] == codec.decode(report["token_ids"])
 
 
-def test_prompt_text_with_braces_quotes_and_emoji_reaches_the_tokenizer_verbatim(capsys, cache_env):
+def test_prompt_text_with_braces_quotes_and_emoji_reaches_the_tokenizer_verbatim(capsys):
     text = 'cost ${x} \\${y} "q" 😀\n'
     report = _run(capsys, ["generate", "--json", "--prompt", text, "--max-new-tokens", "1", "--greedy"])
     assert report["prompt_ids"] == TextCodec.from_folder(default_model_dir()).encode(text)
 
 
-def test_plain_output_prints_text_on_stdout_and_stats_on_stderr(capsys, cache_env):
+def test_plain_output_prints_text_on_stdout_and_stats_on_stderr(capsys):
     capsys.readouterr()
     assert main(["generate", "--prompt", "And God said", "--max-new-tokens", "2", "--greedy"]) == 0
     out, err = capsys.readouterr()
@@ -117,7 +104,7 @@ def test_plain_output_prints_text_on_stdout_and_stats_on_stderr(capsys, cache_en
     assert err.rstrip().split("\r")[-1].startswith("[2 tokens · prefill ")
 
 
-def test_plain_output_streams_exactly_the_decoded_text(capsys, cache_env):
+def test_plain_output_streams_exactly_the_decoded_text(capsys):
     argv = ["generate", "--prompt", "And God said", "--max-new-tokens", "12", "--greedy"]
     report = _run(capsys, [*argv, "--json"])
     assert main(argv) == 0

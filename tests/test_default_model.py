@@ -1,54 +1,69 @@
-"""The built-in default model: created once in the cache folder, loadable, deterministic."""
+"""The bundled default model: a real HF folder, HF-identical logits, a round-tripping tokenizer."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from moepic.checkpoint.load import load_model
-from moepic.default_model import byte_level_tokenizer, default_model_dir
+from moepic.core.model import KVCache, forward
+from moepic.default_model import default_model_dir
+from moepic.runtime.generation import generate
 from moepic.tokenizer import IncrementalDecoder, TextCodec
 
-
-def test_default_model_is_created_once_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEPIC_CACHE_DIR", str(tmp_path))
-    folder = default_model_dir()
-    assert folder.parent == tmp_path
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert default_model_dir() == folder
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
-    model = load_model(folder)
-    assert model.spec.model_type == "mixtral"
-    assert model.spec.moe.num_experts == 8 and model.spec.moe.top_k == 2
+FOLDER = default_model_dir()
+CODEC = TextCodec.from_folder(FOLDER)
 
 
-def test_two_cache_folders_get_identical_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEPIC_CACHE_DIR", str(tmp_path / "a"))
-    a = (default_model_dir() / "model.safetensors").read_bytes()
-    monkeypatch.setenv("MOEPIC_CACHE_DIR", str(tmp_path / "b"))
-    assert (default_model_dir() / "model.safetensors").read_bytes() == a
+def test_bundled_folder_is_a_small_complete_hf_checkpoint():
+    names = {p.name for p in FOLDER.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "training.json"} <= names
+    assert sum(p.stat().st_size for p in FOLDER.iterdir()) <= 30 * 2**20
+    spec = load_model(FOLDER).spec
+    assert spec.model_type == "mixtral" and spec.num_layers >= 6
+    assert spec.moe.num_experts >= 16 and spec.moe.top_k == 2
+    training = json.loads((FOLDER / "training.json").read_text())
+    assert training["shape"]["experts"] == spec.moe.num_experts and training["validation_loss_bf16"] > 0
 
 
-def test_byte_level_tokenizer_round_trips_any_text(tmp_path):
-    byte_level_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    codec = TextCodec.from_folder(tmp_path)
-    for text in ["And God said", "  spaces\tand\nlines ", "ünïcödé ✓ 漢字", ""]:
-        assert codec.decode(codec.encode(text)) == text
-    assert len(codec.encode("abc")) == 3
+def test_bundled_model_logits_equal_transformers(tmp_path):
+    import transformers
+
+    tokens = torch.tensor(CODEC.encode("And God said, Let there be light: and there was light."))
+    ours = load_model(FOLDER, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ours_TV, _ = forward(ours, tokens, KVCache.allocate(ours, len(tokens)))
+        ref_TV = hf(tokens[None]).logits[0]
+    torch.testing.assert_close(ours_TV, ref_TV, atol=1e-4, rtol=0)
 
 
-@given(text=st.text(max_size=40))
-def test_streamed_pieces_add_up_to_the_decoded_text(tmp_path_factory, text):
-    folder = tmp_path_factory.getbasetemp() / "byte-tokenizer"
-    if not (folder / "tokenizer.json").is_file():
-        folder.mkdir(exist_ok=True)
-        byte_level_tokenizer().save(str(folder / "tokenizer.json"))
-    codec = TextCodec.from_folder(folder)
-    decoder = IncrementalDecoder(codec)
-    pieces = [decoder.push(token) for token in codec.encode(text)]
+def test_bundled_model_writes_bible_like_words():
+    result = generate(load_model(FOLDER), CODEC.encode("And God said"), max_new_tokens=30)
+    words = CODEC.decode(result.token_ids).lower().split()
+    assert len(words) >= 5
+    assert {"the", "and", "of", "unto", "lord", "god", "he", "that", "thou", "them"} & set(words)
+
+
+@given(text=st.text(max_size=60))
+def test_bundled_tokenizer_round_trips_text(text):
+    assert CODEC.decode(CODEC.encode(text)) == text
+
+
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=60))
+def test_streamed_pieces_add_up_to_the_decoded_text(text):
+    decoder = IncrementalDecoder(CODEC)
+    pieces = [decoder.push(token) for token in CODEC.encode(text)]
     pieces.append(decoder.flush())
-    assert "".join(pieces) == text
+    assert "".join(pieces) == CODEC.decode(CODEC.encode(text))
     # Multi-byte characters arrive whole: no piece carries a half character.
     assert all("\ufffd" not in piece for piece in pieces) or "\ufffd" in text
+
+
+@pytest.mark.parametrize("text", ["In the beginning", "  spaces\tand\nlines ", "ünïcödé ✓ 漢字"])
+def test_bundled_tokenizer_round_trips_examples(text):
+    assert CODEC.decode(CODEC.encode(text)) == text

@@ -64,9 +64,26 @@ def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | Non
     }
 
 
-def run_routing_report(model_dir: str | None, text_file: str | None, trace_file: str | None, *, chunk: int, max_tokens: int) -> dict:
+# Texts shipped with the package, by name. kjv-heldout: the last 5 % of the KJV Bible, the part the
+# bundled model never trained on (experiments/train_tiny_moe.py's split).
+DATASETS = {"kjv-heldout": Path(__file__).resolve().parents[1] / "data" / "kjv-heldout.txt"}
+
+
+def run_routing_report(
+    model_dir: str | None,
+    text_file: str | None,
+    trace_file: str | None,
+    *,
+    dataset: str | None = None,
+    chunk: int,
+    max_tokens: int,
+) -> dict:
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
+        text_file = str(DATASETS[dataset])
     if (text_file is None) == (trace_file is None):
-        raise ConfigError("routing-report needs exactly one of --text FILE or --trace FILE")
+        raise ConfigError("routing-report needs exactly one of --text FILE, --dataset NAME or --trace FILE")
     if trace_file is not None:
         return routing_report(load_any_trace(trace_file), None)
     from moepic.checkpoint.load import load_model
