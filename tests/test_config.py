@@ -169,3 +169,14 @@ def test_yaml_file_that_is_not_utf8_is_a_config_error(tmp_path):
 def test_missing_yaml_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_example_config_loads(tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert files, f"no example configs in {folder}"
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.model.path is None  # examples run on the bundled default model
