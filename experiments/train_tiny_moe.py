@@ -34,6 +34,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps if args.steps is not None else (20 if args.quick else 1800)
     shape = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
-    wall = time.perf_counter()
+    wall, load_start = time.perf_counter(), os.getloadavg()[0]
 
     text, source = kjv_text()
     train_text, val_text = split_text(text)
@@ -331,9 +332,11 @@ def main(argv: list[str] | None = None) -> None:
         "final_balance_loss_ema": round(stats["balance_loss_ema"], 4),
         "validation_loss_fp32": round(val, 4),
         "validation_loss_bf16": round(val_bf16, 4),
-        "validation_curve": stats["validation_curve"] + [(args.steps, round(val, 4))],
+        "validation_curve": {str(step): loss for step, loss in stats["validation_curve"] + [(args.steps, round(val, 4))]},
         "train_seconds": round(stats["train_s"], 1),
         "threads": args.threads,
+        # Other processes on a small machine stretch the wall time (by 2x or more); this says how busy it was.
+        "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "versions": _versions(),
     }
     record["wall_seconds"] = round(time.perf_counter() - wall, 1)  # without the save, which follows
