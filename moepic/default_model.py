@@ -11,11 +11,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moepic.errors import CheckpointError
+
 NAME = "kjv-moe-tiny"
 
 
 def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "models" / NAME
+
+
+def model_folder(path: str | None) -> str:
+    """The folder a command runs on: `path`, or the bundled model; a missing folder is named first
+    (before a tokenizer lookup could blame tokenizer.json instead)."""
+    folder = path or str(default_model_dir())
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{folder}: model folder not found")
+    return folder
 
 
 def cache_root() -> Path:

@@ -20,10 +20,15 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
+    spec, cfg, _ = _read_spec_and_adapter(folder)
+    return spec, cfg
+
+
+def _read_spec_and_adapter(folder: str | Path):
     cfg = HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
     try:
-        return adapter.spec(cfg), cfg
+        return adapter.spec(cfg), cfg, adapter
     except (ValueError, TypeError) as e:  # MoESpec/RouterSpec validation inside an adapter
         raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
 
@@ -42,8 +47,7 @@ def load_model(
     at which they can be split (core/weights.py).
     """
     folder = Path(folder)
-    spec, cfg = read_spec(folder)
-    adapter = adapter_for(spec.model_type, cfg.source)
+    spec, cfg, adapter = _read_spec_and_adapter(folder)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
     with SafetensorsCheckpoint(folder) as ckpt:
         weights = adapter.load_weights(TensorReader(ckpt, dtype, device, widest_neuron_block), spec, progress)

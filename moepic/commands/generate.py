@@ -9,7 +9,7 @@ import torch
 
 from moepic.checkpoint.hf_config import DTYPES
 from moepic.config import RunConfig
-from moepic.errors import CheckpointError, ConfigError
+from moepic.errors import ConfigError
 
 DEFAULT_PROMPT = "And God said"
 
@@ -40,13 +40,11 @@ def _save_trace(recorder, path: str) -> None:
 def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     """Load, generate, and return the report; streams the text to stdout unless `as_json`."""
     from moepic.checkpoint.load import load_model
-    from moepic.default_model import default_model_dir
+    from moepic.default_model import model_folder
     from moepic.runtime.generation import generate
     from moepic.tokenizer import TextCodec
 
-    folder = cfg.model.path or str(default_model_dir())
-    if not Path(folder).is_dir():  # before the tokenizer lookup, which would blame tokenizer.json
-        raise CheckpointError(f"{folder}: model folder not found")
+    folder = model_folder(cfg.model.path)
     try:
         torch.device(cfg.model.device)
     except RuntimeError:
@@ -79,7 +77,7 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")
     on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
     recorder = None
-    if cfg.generate.record_trace is not None:
+    if trace_path is not None:
         from moepic.tracing.recorder import RoutingRecorder
 
         recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=cfg.generate.trace_hidden)
@@ -95,7 +93,7 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     if finish is not None:
         finish()
     if recorder is not None:
-        _save_trace(recorder, cfg.generate.record_trace)
+        _save_trace(recorder, trace_path)
     report = {"model": folder, "prompt_ids": prompt_ids, "token_ids": result.token_ids}
     if codec is not None:
         report["text"] = codec.decode(result.token_ids)

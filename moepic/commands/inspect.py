@@ -13,9 +13,9 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
 
     from moepic.checkpoint.load import read_spec
     from moepic.core.footprint import footprint
-    from moepic.default_model import default_model_dir
+    from moepic.default_model import model_folder
 
-    folder = model or str(default_model_dir())
+    folder = model_folder(model)
     spec, cfg = read_spec(folder)
     dtype = cfg.checkpoint_dtype() if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()

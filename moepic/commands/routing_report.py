@@ -87,10 +87,10 @@ def run_routing_report(
     if trace_file is not None:
         return routing_report(load_any_trace(trace_file), None)
     from moepic.checkpoint.load import load_model
-    from moepic.default_model import default_model_dir
+    from moepic.default_model import model_folder
     from moepic.tokenizer import TextCodec
 
-    folder = model_dir or str(default_model_dir())
+    folder = model_folder(model_dir)
     path = Path(text_file)
     if not path.is_file():
         raise ConfigError(f"{path}: text file not found")
@@ -98,10 +98,10 @@ def run_routing_report(
         text = path.read_text()
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    model = load_model(folder)
-    codec = TextCodec.from_folder(folder)
+    codec = TextCodec.from_folder(folder)  # before the weights: a missing tokenizer should fail fast
     if codec is None:
         raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
+    model = load_model(folder)
     trace, recall = trace_text(model, codec, text, chunk=chunk, max_tokens=max_tokens)
     return routing_report(attrs.evolve(trace, model=folder), recall)
 

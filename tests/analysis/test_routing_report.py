@@ -102,6 +102,11 @@ def test_routing_report_input_errors_are_one_line(capsys, tmp_path):
     assert cli_error(capsys, ["routing-report", "--dataset", "nope"]) == "unknown dataset 'nope'; known: kjv-heldout"
     assert cli_error(capsys, ["routing-report", "--text", str(tmp_path / "none.txt")]).endswith("text file not found")
     assert cli_error(capsys, ["routing-report", "--trace", str(tmp_path / "none.npz")]).endswith("trace file not found")
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning")
+    assert cli_error(capsys, ["routing-report", "--model", str(tmp_path / "nowhere"), "--text", str(text)]) == (
+        f"{tmp_path / 'nowhere'}: model folder not found"
+    )
 
 
 def test_bundled_model_routes_held_out_text_like_a_real_moe(capsys):
