@@ -16,7 +16,7 @@ import torch
 from moepic.analysis.lookahead import GateLookaheadTap, Taps
 from moepic.analysis.routing_stats import layer_loads, most_popular_recall
 from moepic.errors import ConfigError
-from moepic.tracing.trace import RoutingTrace
+from moepic.tracing import RoutingTrace, load_any_trace
 
 
 def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int) -> tuple[RoutingTrace, dict[int, float]]:
@@ -36,13 +36,6 @@ def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int) -> tuple
                 recorder.begin_sequence()
             forward(model, piece, KVCache.allocate(model, len(piece)), logits_for="last", tap=Taps(recorder, lookahead))
     return recorder.trace(source="moepic routing-report"), lookahead.recall()
-
-
-def load_any_trace(path: str) -> RoutingTrace:
-    from moepic.tracing import load_trace
-    from moepic.tracing.jsonl import load_jsonl_trace
-
-    return load_jsonl_trace(path) if path.endswith(".jsonl") else load_trace(path)
 
 
 def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | None) -> dict:

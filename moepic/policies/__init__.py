@@ -1,5 +1,10 @@
-"""Cache replacement policies (LRU, LFU, LCP, static, random, Belady) as pure, registered strategies.
+"""Cache replacement policies as pure, registered strategies: lru, lfu, lcp, static, random, belady.
 
-Each policy is a state update plus a priority score; eviction mechanics live once in the core's
-residency planner. Arrives with the offloading runtime (issue 4).
+Each policy is a state update plus a priority score (policies/base.py); eviction mechanics live
+once, in the residency planner (moepic/cache/planner.py). Importing this package registers them all.
 """
+
+from moepic.policies import belady, lcp, lfu, lru, random, static  # noqa: F401  (registration)
+from moepic.policies.base import POLICIES, CachePolicy, LayerStep, PolicyConfig, build_policy, known_policies
+
+__all__ = ["POLICIES", "CachePolicy", "LayerStep", "PolicyConfig", "build_policy", "known_policies"]

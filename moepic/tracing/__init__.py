@@ -1,7 +1,18 @@
 """Routing traces: record them while generating, store them as .npz with a JSON header, and read
-the shared Mixtral JSONL traces into the same in-memory form. Feeds predictors and the simulator.
+the shared Mixtral JSONL traces into the same in-memory form. Feeds predictors, cache policies
+that need a profile or the future (static, Belady) and the simulator.
 """
 
-from moepic.tracing.trace import RoutingTrace, load_trace, save_trace
+from pathlib import Path
 
-__all__ = ["RoutingTrace", "load_trace", "save_trace"]
+from moepic.tracing.trace import RoutingTrace, TraceError, load_trace, save_trace
+
+
+def load_any_trace(path: str | Path) -> RoutingTrace:
+    """A moepic .npz trace, or a JSONL routing log when the name ends in .jsonl."""
+    from moepic.tracing.jsonl import load_jsonl_trace
+
+    return load_jsonl_trace(path) if str(path).endswith(".jsonl") else load_trace(path)
+
+
+__all__ = ["RoutingTrace", "TraceError", "load_any_trace", "load_trace", "save_trace"]

@@ -1,0 +1,188 @@
+"""How the expert memory budget becomes per-layer caches: sizes, slots and θ. Pure.
+
+Two forms of budget (see README, "Offloading"):
+- one global value: all the device memory routed experts may use, cache *and* staging. Staging
+  (`top_k` whole-expert buffers, where misses and bottoms land before they are used) must fit, so
+  a smaller budget fails and names the minimum; the rest is split across the MoE layers in
+  proportion to their expert bytes. The one exception: if every layer caches whole experts
+  (θ = 1) and the budget holds them all, nothing is ever loaded and no staging is kept.
+- one value per MoE layer: that layer's cache alone (what a configurator emits); staging is extra.
+A value is bytes (`512MiB`, `2GB`, `1048576`) or a fraction of the experts it covers (`0.25`, `25%`).
+
+Per layer, θ becomes a whole number of neuron blocks (`top_neurons`), and the cache holds
+`slots = min(E, ⌊cache bytes / top bytes⌋)` top segments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import attrs
+
+from moepic.core.ffn import top_neurons_for
+from moepic.core.footprint import swiglu_params
+from moepic.core.spec import ModelSpec
+from moepic.core.weights import neuron_block
+from moepic.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*|%)\s*$")
+
+BudgetValue = str | float | int
+
+
+class BudgetError(ConfigError):
+    """A budget or θ that cannot be laid out; the message names the key and the minimum."""
+
+
+def budget_bytes(value: BudgetValue, whole_bytes: int, what: str) -> int:
+    """`value` in bytes: a size with a unit, a byte count (> 1), or a fraction (≤ 1) or percentage of `whole_bytes`."""
+    if isinstance(value, bool):
+        raise BudgetError(f"{what}: expected bytes (512MiB) or a fraction (0.25), got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = _SIZE.match(value)
+        if match is None:
+            raise BudgetError(f"{what}: expected bytes (512MiB, 2GB) or a fraction (0.25, 25%), got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "%":
+        if number > 100:
+            raise BudgetError(f"{what}: a percentage must be at most 100%, got {value!r}")
+        return int(number / 100 * whole_bytes)
+    if unit == "" and number <= 1:  # nobody means "one byte": a unitless number up to 1 is a fraction
+        return int(number * whole_bytes)
+    if unit not in _UNITS:
+        raise BudgetError(f"{what}: unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, KiB, MiB, GiB or %")
+    if number != int(number) and unit in ("", "b"):
+        raise BudgetError(f"{what}: a byte count must be a whole number (or a fraction ≤ 1), got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+@attrs.frozen(kw_only=True)
+class LayerCacheLayout:
+    layer: int  # the model layer index
+    num_experts: int
+    ffn_size: int
+    block: int  # neuron block: the granularity of the split
+    top_neurons: int
+    slots: int
+    neuron_bytes: int  # one neuron's gate row, up row and down row
+
+    @property
+    def theta(self) -> float:
+        """The split ratio actually used (θ rounded down to whole neuron blocks)."""
+        return self.top_neurons / self.ffn_size
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.ffn_size * self.neuron_bytes
+
+    @property
+    def top_bytes(self) -> int:
+        return self.top_neurons * self.neuron_bytes
+
+    @property
+    def bottom_bytes(self) -> int:
+        return self.expert_bytes - self.top_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.slots * self.top_bytes
+
+    @property
+    def fully_resident(self) -> bool:
+        """Every expert whole in the cache: this layer never loads anything."""
+        return self.slots == self.num_experts and self.top_neurons == self.ffn_size
+
+
+@attrs.frozen(kw_only=True)
+class CacheLayout:
+    layers: tuple[LayerCacheLayout, ...]  # MoE layers, in model order
+    staging_experts: int  # whole-expert staging buffers (0 when every layer is fully resident)
+    dtype_bytes: int
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_experts * max((l.expert_bytes for l in self.layers), default=0)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(l.cache_bytes for l in self.layers)
+
+    @property
+    def expert_bytes(self) -> int:
+        """All routed experts of the model."""
+        return sum(l.num_experts * l.expert_bytes for l in self.layers)
+
+    def for_layer(self, layer: int) -> LayerCacheLayout:
+        for entry in self.layers:
+            if entry.layer == layer:
+                return entry
+        raise KeyError(f"layer {layer} is not an MoE layer")
+
+
+def _per_moe_layer(value, count: int, what: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise BudgetError(f"{what}: expected one value per MoE layer ({count}), got {len(value)}")
+        return tuple(value)
+    return (value,) * count
+
+
+def plan_layout(
+    spec: ModelSpec,
+    *,
+    dtype_bytes: int,
+    budget: BudgetValue | Sequence[BudgetValue],
+    theta: float | Sequence[float],
+    widest_neuron_block: int | None = None,
+) -> CacheLayout:
+    """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ."""
+    moe = spec.moe
+    if moe is None or not spec.moe_layers:
+        raise BudgetError(f"{spec.model_type}: the model has no routed experts to offload")
+    layers_n = len(spec.moe_layers)
+    thetas = _per_moe_layer(theta, layers_n, "cache.theta")
+    for t in thetas:
+        if not 0 <= t <= 1:
+            raise BudgetError(f"cache.theta: each value must be in [0, 1], got {t}")
+    F, E = moe.expert_ffn, moe.num_experts
+    block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
+    neuron_bytes = swiglu_params(spec.hidden_size, 1) * dtype_bytes
+    expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
+    tops = [top_neurons_for(t, F, block) for t in thetas]
+
+    def layout(cache_bytes_per_layer: Sequence[int], staging_experts: int) -> CacheLayout:
+        entries = tuple(
+            LayerCacheLayout(
+                layer=l, num_experts=E, ffn_size=F, block=block, top_neurons=top, neuron_bytes=neuron_bytes,
+                slots=min(E, cache // (top * neuron_bytes)) if top else 0,
+            )
+            for l, top, cache in zip(spec.moe_layers, tops, cache_bytes_per_layer)
+        )
+        return CacheLayout(layers=entries, staging_experts=staging_experts, dtype_bytes=dtype_bytes)
+
+    if isinstance(budget, (list, tuple)):
+        per_layer = _per_moe_layer(budget, layers_n, "cache.budget")
+        caches = [budget_bytes(v, layer_bytes, f"cache.budget[{i}]") for i, v in enumerate(per_layer)]
+        result = layout(caches, moe.top_k)
+    else:
+        total = budget_bytes(budget, layers_n * layer_bytes, "cache.budget")
+        if all(top == F for top in tops) and total >= layers_n * layer_bytes:
+            return layout([layer_bytes] * layers_n, 0)
+        staging = moe.top_k * expert_bytes
+        if total < staging:
+            raise BudgetError(
+                f"cache.budget {budget!r} is {_mib(total)}, below the minimum working set of {_mib(staging)} "
+                f"(staging for {moe.top_k} whole experts of {_mib(expert_bytes)} each)"
+            )
+        result = layout([(total - staging) // layers_n] * layers_n, moe.top_k)
+    if all(l.fully_resident for l in result.layers):
+        result = attrs.evolve(result, staging_experts=0)
+    return result
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB ({n} bytes)"

@@ -1,0 +1,34 @@
+"""Replay a routing trace through the residency planner: hit rates and bytes without running a model. Pure.
+
+Each token is one step of every MoE layer (decode-style), and the cache and policy state carry
+over from one sequence to the next as in a server; a new sequence is a new request (LCP resets μ).
+The engine plans with the same `residency_step`, so its hit rate on the same routing is the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moepic.cache.layout import CacheLayout
+from moepic.cache.planner import initial_residency, residency_step
+from moepic.cache.stats import LayerCacheStats
+from moepic.policies.base import CachePolicy
+from moepic.tracing import RoutingTrace
+
+
+def replay_trace(trace: RoutingTrace, layout: CacheLayout, policy: CachePolicy) -> tuple[LayerCacheStats, ...]:
+    """Per-MoE-layer counters of `policy` on `trace`, with the caches that `layout` describes."""
+    if len(trace.moe_layers) != len(layout.layers):
+        raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
+    out = []
+    new_request_N = np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]]
+    for column, layer_layout in enumerate(layout.layers):
+        counts_NE = np.zeros((trace.num_tokens, trace.num_experts), dtype=np.int64)
+        np.add.at(counts_NE, (np.arange(trace.num_tokens)[:, None], trace.expert_ids_NLK[:, column]), 1)
+        residency = initial_residency(policy, layer_layout)
+        stats = LayerCacheStats(layer=layer_layout.layer)
+        for counts_E, new_request in zip(counts_NE, new_request_N):
+            plan, residency = residency_step(policy, layer_layout, residency, counts_E, tokens=1, new_request=bool(new_request))
+            stats = stats.add(plan, 1)
+        out.append(stats)
+    return tuple(out)

@@ -1,0 +1,73 @@
+"""Cache counters per layer, folded from layer plans. Pure.
+
+Activations count routed experts per layer step (an expert chosen by several tokens of one
+prefill step is one activation: it is loaded once). So hits + partial hits + misses = activations,
+and the hit rate of a decode-only run is the per-token hit rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from moepic.cache.planner import LayerPlan
+
+
+@attrs.frozen(kw_only=True)
+class LayerCacheStats:
+    layer: int
+    steps: int = 0
+    tokens: int = 0
+    activations: int = 0
+    hits: int = 0  # whole expert cached (θ = 1): nothing loaded
+    partial_hits: int = 0  # top cached: only the bottom loaded
+    misses: int = 0
+    admissions: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0  # host → device expert bytes
+
+    def add(self, plan: LayerPlan, tokens: int) -> LayerCacheStats:
+        outcomes = [p.outcome for p in plan.experts]
+        return attrs.evolve(
+            self,
+            steps=self.steps + 1,
+            tokens=self.tokens + tokens,
+            activations=self.activations + len(outcomes),
+            hits=self.hits + outcomes.count("hit"),
+            partial_hits=self.partial_hits + outcomes.count("partial"),
+            misses=self.misses + outcomes.count("miss"),
+            admissions=self.admissions + sum(p.admitted for p in plan.experts),
+            evictions=self.evictions + len(plan.evicted),
+            bytes_loaded=self.bytes_loaded + plan.bytes_loaded,
+        )
+
+    @property
+    def hit_rate(self) -> float:
+        """Activations whose cached part was resident (hits and partial hits)."""
+        return (self.hits + self.partial_hits) / self.activations if self.activations else 0.0
+
+
+def total(stats: Iterable[LayerCacheStats]) -> LayerCacheStats:
+    """All layers' counters summed (layer = -1)."""
+    out = LayerCacheStats(layer=-1)
+    for s in stats:
+        out = attrs.evolve(out, **{f.name: getattr(out, f.name) + getattr(s, f.name) for f in attrs.fields(LayerCacheStats) if f.name != "layer"})
+    return out
+
+
+def summary(stats: Iterable[LayerCacheStats], tokens: int) -> dict[str, object]:
+    """The numbers a run report shows: overall and per-layer hit rates, bytes, bytes per token."""
+    stats = tuple(stats)
+    all_layers = total(stats)
+    return {
+        "expert_hit_rate": all_layers.hit_rate,
+        "activations": all_layers.activations,
+        "hits": all_layers.hits,
+        "partial_hits": all_layers.partial_hits,
+        "misses": all_layers.misses,
+        "evictions": all_layers.evictions,
+        "bytes_loaded": all_layers.bytes_loaded,
+        "bytes_loaded_per_token": all_layers.bytes_loaded / tokens if tokens else 0.0,
+        "layer_hit_rates": [s.hit_rate for s in stats],
+    }

@@ -1,0 +1,119 @@
+"""What a cache replacement policy is, and the registry that builds one by name. Pure.
+
+A policy is a state update plus a priority score (house style): it never touches the cache.
+The residency planner (moepic/cache/planner.py) asks it, after each layer step, how much every
+expert is worth keeping, and does the evicting itself. So a new policy is one small file:
+a frozen config (its YAML keys), a state, and a class with `init`, `update` and `priority`,
+registered under a name with `@register_policy`.
+
+    step t of layer l ──update(state, step)──▶ state' ──priority(state')──▶ worth_E ──▶ planner
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import attrs
+import numpy as np
+
+from moepic.errors import ConfigError
+
+
+@attrs.frozen(kw_only=True)
+class LayerStep:
+    """One forward step of one MoE layer, as a policy sees it.
+
+    `clock` counts the tokens this layer routed before the step (so a decode step advances it by
+    one, a prefill of T tokens by T); `counts_E[e]` is how many of the step's tokens chose expert e.
+    `new_request` marks the first step of a request (LCP's μ counts within one request).
+    """
+
+    layer: int
+    clock: int
+    tokens: int
+    counts_E: np.ndarray
+    new_request: bool = False
+
+    @property
+    def used(self) -> np.ndarray:
+        return np.flatnonzero(self.counts_E)
+
+
+State = TypeVar("State")
+
+
+class CachePolicy(Protocol[State]):
+    def init(self, layer: int, num_experts: int) -> State:
+        """The state before the layer's first step."""
+        ...
+
+    def update(self, state: State, step: LayerStep) -> State:
+        """The state after `step` (returns a new value; never mutates `state`)."""
+        ...
+
+    def priority(self, state: State) -> np.ndarray:
+        """float64 [E]: how much each expert is worth keeping now; the lowest is evicted first."""
+        ...
+
+
+class PolicyConfig:
+    """Base of every policy's frozen config. A YAML node `{name: lcp, rho: 0.25}` becomes one."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def structure_node(cls, data: Any, key: str) -> PolicyConfig:
+        """The config class registered under `data['name']`, built from the node's other keys."""
+        from moepic.config import structure  # the one place YAML becomes attrs (config imports us)
+
+        if isinstance(data, PolicyConfig):
+            return data
+        if isinstance(data, str):  # `policy: lru` is shorthand for `policy: {name: lru}`
+            data = {"name": data}
+        if not isinstance(data, Mapping) or "name" not in data:
+            raise ConfigError(f"config key {key}: expected a mapping with a 'name' (one of {known_policies()}), got {data!r}")
+        entry = POLICIES.get(data["name"])
+        if entry is None:
+            raise ConfigError(f"config key {key}.name: unknown policy {data['name']!r}; known: {known_policies()}")
+        return structure(entry.config, {k: v for k, v in data.items() if k != "name"}, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name} | attrs.asdict(self)
+
+
+@attrs.frozen
+class PolicyEntry:
+    config: type[PolicyConfig]
+    factory: Callable[[Any], CachePolicy]
+
+
+POLICIES: dict[str, PolicyEntry] = {}
+
+C = TypeVar("C", bound=type)
+
+
+def register_policy(name: str, config: type[PolicyConfig]) -> Callable[[C], C]:
+    """Class decorator: `name` in YAML builds `policy_class(config_instance)`."""
+
+    def register(policy_class: C) -> C:
+        if name in POLICIES:
+            raise ValueError(f"cache policy {name!r} is registered twice")
+        config.name = name
+        POLICIES[name] = PolicyEntry(config, policy_class)
+        return policy_class
+
+    return register
+
+
+def known_policies() -> str:
+    return ", ".join(sorted(POLICIES))
+
+
+def build_policy(config: PolicyConfig) -> CachePolicy:
+    return POLICIES[config.name].factory(config)
+
+
+def recency_E(last_used_E: np.ndarray, clock: int) -> np.ndarray:
+    """Tokens since each expert's last use (ν); never-used experts are infinitely old."""
+    return np.where(last_used_E >= 0, clock - last_used_E, np.inf)

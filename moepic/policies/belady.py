@@ -1,0 +1,66 @@
+"""Belady's MIN: keep the experts that will be used soonest. Needs the future, so it is offline. Pure.
+
+With admission (a loaded expert may bypass the cache), evicting the expert whose next use is
+furthest away maximises hits: the upper bound every online policy is compared against. The
+future comes from a routing trace of the same run (record one with `moepic generate
+--record-trace`); the trace's token n is the layer's clock n.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+import attrs
+import numpy as np
+
+from moepic.errors import ConfigError
+from moepic.policies.base import LayerStep, PolicyConfig, register_policy
+from moepic.tracing import RoutingTrace, load_any_trace
+
+
+@attrs.frozen(kw_only=True)
+class BeladyConfig(PolicyConfig):
+    # The run's routing trace: the future that the policy sees.
+    trace: str | None = None
+
+
+@attrs.frozen(eq=False)
+class BeladyState:
+    uses_E: tuple[np.ndarray, ...]  # sorted clocks at which each expert is used
+    next_clock: int  # the first clock after the latest step
+
+
+@final
+@register_policy("belady", BeladyConfig)
+class BeladyPolicy:
+    def __init__(self, config: BeladyConfig = BeladyConfig(), future: RoutingTrace | None = None) -> None:
+        if future is None:
+            if config.trace is None:
+                raise ConfigError("the belady policy needs the future: set cache.policy.trace=FILE (the run's trace)")
+            future = load_any_trace(config.trace)
+        self.config = config
+        self.num_experts = future.num_experts
+        self.where = config.trace or future.source or "the future trace"
+        self.uses_by_layer = {
+            layer: tuple(np.flatnonzero((future.expert_ids_NLK[:, column] == e).any(axis=1)) for e in range(future.num_experts))
+            for column, layer in enumerate(future.moe_layers)
+        }
+
+    def init(self, layer: int, num_experts: int) -> BeladyState:
+        if layer not in self.uses_by_layer or num_experts != self.num_experts:
+            raise ConfigError(
+                f"{self.where}: trace has MoE layers {sorted(self.uses_by_layer)} with {self.num_experts} experts; "
+                f"the model's layer {layer} has {num_experts}"
+            )
+        return BeladyState(self.uses_by_layer[layer], 0)
+
+    def update(self, state: BeladyState, step: LayerStep) -> BeladyState:
+        return BeladyState(state.uses_E, step.clock + step.tokens)
+
+    def priority(self, state: BeladyState) -> np.ndarray:
+        """Minus the clock of each expert's next use (never again: -inf)."""
+        next_use_E = np.empty(len(state.uses_E))
+        for e, uses in enumerate(state.uses_E):
+            i = np.searchsorted(uses, state.next_clock)
+            next_use_E[e] = uses[i] if i < len(uses) else np.inf
+        return -next_use_E

@@ -1,0 +1,58 @@
+"""LCP, MoEpic's policy: P = μ·ρ^(ν/ω), a blend of LFU (μ) and LRU (ν). Pure.
+
+μ counts an expert's activations within the current request (prefill routing included), ν the
+tokens since its last activation, and ρ^(1/ω) is the per-token decay (paper-brief §3: ρ = 0.25,
+ω = 128, so an expert unused for 128 tokens keeps a quarter of its weight).
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+import attrs
+import numpy as np
+
+from moepic.policies.base import LayerStep, PolicyConfig, recency_E, register_policy
+
+
+def _in_unit_interval(instance, attribute, value) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"cache.policy.{attribute.name} must be in (0, 1], got {value}")
+
+
+def _positive(instance, attribute, value) -> None:
+    if value <= 0:
+        raise ValueError(f"cache.policy.{attribute.name} must be > 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class LCPConfig(PolicyConfig):
+    rho: float = attrs.field(default=0.25, validator=_in_unit_interval)
+    window: float = attrs.field(default=128.0, validator=_positive)  # ω, in tokens
+
+
+@attrs.frozen(eq=False)
+class LCPState:
+    mu_E: np.ndarray  # activations in this request
+    last_used_E: np.ndarray  # -1 never
+    now: int
+
+
+@final
+@register_policy("lcp", LCPConfig)
+class LCPPolicy:
+    def __init__(self, config: LCPConfig = LCPConfig()) -> None:
+        self.config = config
+
+    def init(self, layer: int, num_experts: int) -> LCPState:
+        return LCPState(np.zeros(num_experts, dtype=np.int64), np.full(num_experts, -1, dtype=np.int64), 0)
+
+    def update(self, state: LCPState, step: LayerStep) -> LCPState:
+        mu_E = (np.zeros_like(state.mu_E) if step.new_request else state.mu_E) + step.counts_E
+        last_used_E = state.last_used_E.copy()
+        last_used_E[step.used] = step.clock
+        return LCPState(mu_E, last_used_E, step.clock)
+
+    def priority(self, state: LCPState) -> np.ndarray:
+        nu_E = recency_E(state.last_used_E, state.now)  # ∞ for never-used experts, whose μ is 0: P = 0
+        return state.mu_E * self.config.rho ** (nu_E / self.config.window)
