@@ -4,6 +4,7 @@
     moepic routing-report [--model DIR] (--text FILE | --dataset NAME | --trace FILE) [--json]
     moepic generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                     [--greedy] [--temperature T] [--top-p P] [--seed S] [--dtype D] [--device DEV]
+                    [--budget B] [--theta X] [--policy NAME]
                     [--config FILE.yaml] [--json] [key=value ...]
 """
 
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from moepic.checkpoint.hf_config import DTYPES
-from moepic.config import load_config
+from moepic.config import RunConfig, load_config
 from moepic.errors import ConfigError, MoepicError
 
 
@@ -31,6 +32,14 @@ def _prompt_ids(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     return "[" + ",".join(map(str, ids)) + "]"
+
+
+def _floats(text: str) -> str:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return str(values[0]) if len(values) == 1 else "[" + ",".join(map(str, values)) + "]"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--record-trace", metavar="FILE.npz", help="save every token's routing to this file")
     gen.add_argument("--trace-hidden", action="store_true", default=None, help="include router inputs in the trace")
+    gen.add_argument("--budget", help="offload experts: device memory for them, 512MiB or 0.25 (of all expert bytes); "
+                     "or a,b,… cache sizes per MoE layer")
+    gen.add_argument("--theta", type=_floats, help="split ratio: one value or one per MoE layer (0.5 or 0.25,0.5,…)")
+    gen.add_argument("--policy", help="cache policy: lcp (default), lru, lfu, random, static, belady")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
     inspect = commands.add_parser("inspect", help="a checkpoint's shape and memory, from config.json alone")
     inspect.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
@@ -82,6 +95,8 @@ _FLAG_KEYS = {
     "seed": "sampling.seed",
     "record_trace": "generate.record_trace",
     "trace_hidden": "generate.trace_hidden",
+    "budget": "cache.budget",
+    "theta": "cache.theta",
 }
 
 
@@ -110,8 +125,18 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
-            out.append(f"{key}={_literal(value) if isinstance(value, str) and flag != 'prompt_ids' else value}")
+            literal = isinstance(value, str) and flag not in ("prompt_ids", "theta")
+            if flag == "budget" and "," in value:  # one cache size per MoE layer
+                value, literal = "[" + ",".join(_literal(v.strip()) for v in value.split(",")) + "]", False
+            out.append(f"{key}={_literal(value) if literal else value}")
     return out
+
+
+def generate_config(args: argparse.Namespace) -> RunConfig:
+    """defaults ← --config YAML ← flags ← key=value overrides."""
+    # --policy replaces the whole node, so a YAML policy's other keys do not follow it to the new one.
+    replace = {"cache.policy": {"name": args.policy}} if args.policy else None
+    return load_config(args.config, [*_flag_overrides(args), *args.overrides], replace=replace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from moepic.commands.generate import run_generate
 
-            cfg = load_config(args.config, [*_flag_overrides(args), *args.overrides])
-            report = run_generate(cfg, as_json=args.json)
+            report = run_generate(generate_config(args), as_json=args.json)
     except MoepicError as e:
         print(f"moepic: error: {e}", file=sys.stderr)
         return 2
@@ -150,9 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(routing_report_text(report))
     else:
         stats = report["stats"]
+        cache = ""
+        if "expert_hit_rate" in stats:
+            cache = (
+                f" · {report['cache']['policy']['name']} hit rate {stats['decode_expert_hit_rate']:.1%} · "
+                f"{stats['decode_bytes_loaded_per_token'] / 2**20:.2f} MiB/token loaded"
+            )
         print(
             f"[{stats['tokens']} tokens · prefill {stats['prefill_s'] * 1e3:.1f} ms · "
-            f"decode {stats['decode_s_per_token'] * 1e3:.2f} ms/token]",
+            f"decode {stats['decode_s_per_token'] * 1e3:.2f} ms/token{cache}]",
             file=sys.stderr,
         )
     return 0

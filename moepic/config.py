@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moepic.errors import ConfigError
+from moepic.policies import PolicyConfig
+from moepic.policies.lcp import LCPConfig
 
 
 @attrs.frozen(kw_only=True)
@@ -62,10 +64,25 @@ class GenerateConfig:
 
 
 @attrs.frozen(kw_only=True)
+class CacheConfig:
+    """Expert offloading (README, "Offloading"). No budget: every expert stays on the device."""
+
+    # Device memory for routed experts: bytes ("512MiB") or a fraction of all expert bytes (0.25),
+    # cache and staging together; or a list with one cache size per MoE layer.
+    budget: str | float | tuple[str | float, ...] | None = None
+    # Split ratio θ: the share of each expert's neurons (its top segment) that the cache keeps.
+    # One value, or one per MoE layer; rounded down to whole neuron blocks.
+    theta: float | tuple[float, ...] = 0.5
+    # Replacement policy, by name: {name: lcp, rho: 0.25, window: 128}; see moepic/policies.
+    policy: PolicyConfig = LCPConfig()  # policies.base.DEFAULT_POLICY
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     generate: GenerateConfig = GenerateConfig()
     sampling: SamplingConfig = SamplingConfig()
+    cache: CacheConfig = CacheConfig()
 
 
 def _describe(tp: Any) -> str:
@@ -92,6 +109,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key}: expected a list, got {value!r}")
         return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+    if isinstance(tp, type) and issubclass(tp, PolicyConfig):  # a strategy node: its class depends on `name`
+        return tp.structure_node(value, key)
     if attrs.has(tp):
         return structure(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -110,7 +129,8 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
     fields = {f.name for f in attrs.fields(cls)}
     unknown = sorted(set(data) - fields, key=str)  # YAML keys may be ints
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
+        known = f"known keys here: {', '.join(sorted(fields))}" if fields else "this node takes no other keys"
+        raise ConfigError(f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]}; {known}")
     values = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
     try:
         return cls(**values)
@@ -118,8 +138,16 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(str(e)) from None
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """defaults ← YAML file ← `key=value` overrides, validated into a frozen RunConfig."""
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    replace: typing.Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """defaults ← YAML file ← `replace` ← `key=value` overrides, validated into a frozen RunConfig.
+
+    `replace` sets whole nodes instead of merging into them: switching a strategy
+    (`{"cache.policy": {"name": "lru"}}`) must not keep the old strategy's keys.
+    """
     merged = OmegaConf.create({})
     if yaml_path is not None:
         path = Path(yaml_path)
@@ -131,6 +159,8 @@ def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not OmegaConf.is_dict(merged):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    for key, node in (replace or {}).items():
+        OmegaConf.update(merged, key, node, merge=False, force_add=True)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. sampling.seed=3)")

@@ -20,9 +20,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import moepic.checkpoint.load
-from moepic.cli import _flag_overrides, _parser, main
+from moepic.cli import _parser, generate_config, main
 from moepic.config import RunConfig, SamplingConfig, load_config
 from moepic.default_model import default_model_dir
+from moepic.policies.lcp import LCPConfig
+from moepic.policies.lru import LRUConfig
+from moepic.policies.random import RandomConfig
 from moepic.tokenizer import TextCodec
 from tests_support import cli_error
 
@@ -143,18 +146,35 @@ def test_yaml_config_file_drives_the_run(capsys, mixtral, tmp_path):
 
 
 def _config(argv, yaml_path=None) -> RunConfig:
-    args = _parser().parse_args(["generate", *argv])
-    return load_config(yaml_path, [*_flag_overrides(args), *args.overrides])
+    return generate_config(_parser().parse_args(["generate", *argv, *(["--config", str(yaml_path)] if yaml_path else [])]))
 
 
 def test_every_flag_sets_its_config_key():
     cfg = _config(
         "--model /m --dtype float16 --device cpu:0 --prompt-ids 5,6 --max-new-tokens 9 "
-        "--greedy --temperature 0.5 --top-p 0.7 --seed 11".split()
+        "--greedy --temperature 0.5 --top-p 0.7 --seed 11 --budget 512MiB --theta 0.3 --policy lru".split()
     )
     assert (cfg.model.path, cfg.model.dtype, cfg.model.device) == ("/m", "float16", "cpu:0")
     assert (cfg.generate.prompt_ids, cfg.generate.max_new_tokens) == ((5, 6), 9)
     assert cfg.sampling == SamplingConfig(greedy=True, temperature=0.5, top_p=0.7, seed=11)
+    assert (cfg.cache.budget, cfg.cache.theta, cfg.cache.policy) == ("512MiB", 0.3, LRUConfig())
+
+
+def test_per_layer_budget_and_theta_flags_become_lists():
+    cfg = _config(["--budget", "0.25,1GiB,0.5", "--theta", "0.2,0.4,1"])
+    assert (cfg.cache.budget, cfg.cache.theta) == (("0.25", "1GiB", "0.5"), (0.2, 0.4, 1.0))
+
+
+def test_policy_flag_replaces_the_yaml_policy_node_instead_of_merging_into_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("cache: {budget: 0.5, policy: {name: lcp, rho: 0.5}}\n")
+    assert _config([], path).cache.policy == LCPConfig(rho=0.5)
+    assert _config(["--policy", "random"], path).cache.policy == RandomConfig()
+    assert _config(["--policy", "random", "cache.policy.seed=4"], path).cache.policy == RandomConfig(seed=4)
+
+
+def test_policy_keys_without_a_name_tune_the_default_policy():
+    assert _config(["cache.policy.window=64"]).cache.policy == LCPConfig(window=64)
 
 
 def test_no_flags_leave_the_defaults():

@@ -140,7 +140,7 @@ def test_unknown_yaml_key_is_named_with_the_known_keys_of_its_section(tmp_path):
 
 
 def test_unknown_top_level_key_lists_the_sections(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 1; known keys here: generate, model, sampling"):
+    with pytest.raises(ConfigError, match=r"unknown config key 1; known keys here: cache, generate, model, sampling"):
         load_config(_yaml(tmp_path, "foo: 1\n1: 2\n"))  # int and str keys together must not break sorting
 
 

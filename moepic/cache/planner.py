@@ -77,7 +77,10 @@ class LayerResidency:
 
 
 def initial_residency(policy: CachePolicy, layout: LayerCacheLayout) -> LayerResidency:
-    return LayerResidency(LayerCache.empty(layout.slots), policy.init(layout.layer, layout.num_experts))
+    """An empty cache, except that a layer with room for all its whole experts starts with them all
+    (the engine loads them up front, as a dense model would: such a layer never loads again)."""
+    cache = LayerCache(tuple(range(layout.num_experts))) if layout.fully_resident else LayerCache.empty(layout.slots)
+    return LayerResidency(cache, policy.init(layout.layer, layout.num_experts))
 
 
 def plan_layer_step(
@@ -132,6 +135,12 @@ def residency_step(
     new_request: bool = False,
 ) -> tuple[LayerPlan, LayerResidency]:
     """One layer step over `tokens` tokens: let the policy see the routing, then plan with its fresh priorities."""
+    if layout.fully_resident:  # nothing can ever be evicted or loaded: the policy has nothing to decide
+        experts = tuple(
+            ExpertPlan(expert=int(e), outcome="hit", slot=int(e), load="none", bytes_loaded=0) for e in np.flatnonzero(counts_E)
+        )
+        plan = LayerPlan(layer=layout.layer, experts=experts, evicted=())
+        return plan, LayerResidency(residency.cache, residency.policy_state, residency.clock + tokens)
     step = LayerStep(layer=layout.layer, clock=residency.clock, tokens=tokens, counts_E=counts_E, new_request=new_request)
     policy_state = policy.update(residency.policy_state, step)
     plan, cache = plan_layer_step(layout, residency.cache, counts_E, policy.priority(policy_state))

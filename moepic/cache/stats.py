@@ -42,6 +42,11 @@ class LayerCacheStats:
             bytes_loaded=self.bytes_loaded + plan.bytes_loaded,
         )
 
+    def plus(self, other: LayerCacheStats) -> LayerCacheStats:
+        """Counters of both (this one's layer)."""
+        counters = (f.name for f in attrs.fields(LayerCacheStats) if f.name != "layer")
+        return attrs.evolve(self, **{name: getattr(self, name) + getattr(other, name) for name in counters})
+
     @property
     def hit_rate(self) -> float:
         """Activations whose cached part was resident (hits and partial hits)."""
@@ -52,7 +57,7 @@ def total(stats: Iterable[LayerCacheStats]) -> LayerCacheStats:
     """All layers' counters summed (layer = -1)."""
     out = LayerCacheStats(layer=-1)
     for s in stats:
-        out = attrs.evolve(out, **{f.name: getattr(out, f.name) + getattr(s, f.name) for f in attrs.fields(LayerCacheStats) if f.name != "layer"})
+        out = out.plus(s)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from moepic.core.model import Model
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK
 from moepic.errors import CheckpointError
+from moepic.runtime.host_store import pack_expert
 
 # Buffers some exporters save that carry no information moepic needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -40,17 +42,25 @@ def load_model(
     device: str = "cpu",
     progress: bool = False,
     widest_neuron_block: int = WIDEST_NEURON_BLOCK,
+    offload_experts: bool = False,
 ) -> Model:
     """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype.
 
     Experts are laid out in neuron blocks of up to `widest_neuron_block` neurons: the granularity
-    at which they can be split (core/weights.py).
+    at which they can be split (core/weights.py). With `offload_experts`, routed experts stay in
+    host memory, each packed in one flat buffer (pinned when `device` is CUDA) as it is read:
+    what the offloading engine (moepic/runtime/offload.py) copies from.
     """
     folder = Path(folder)
     spec, cfg, adapter = _read_spec_and_adapter(folder)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
     with SafetensorsCheckpoint(folder) as ckpt:
-        weights = adapter.load_weights(TensorReader(ckpt, dtype, device, widest_neuron_block), spec, progress)
+        place = None
+        if offload_experts:
+            pin = torch.device(device).type == "cuda"
+            place = functools.partial(pack_expert, pin_memory=pin)
+        reader = TensorReader(ckpt, dtype, device, widest_neuron_block, place_routed_expert=place)
+        weights = adapter.load_weights(reader, spec, progress)
         unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)]
     if unexpected:
         shown = ", ".join(repr(n) for n in unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")

@@ -64,7 +64,8 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
         prompt_ids = codec.encode(DEFAULT_PROMPT if cfg.generate.prompt is None else cfg.generate.prompt)
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
-    model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json)
+    offload = cfg.cache.budget is not None
+    model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json, offload_experts=offload)
     # The KV cache is sized for the whole run up front, so a huge max_new_tokens would fail allocating it.
     length, limit = len(prompt_ids) + cfg.generate.max_new_tokens, model.spec.max_position_embeddings
     if length > limit:
@@ -75,6 +76,11 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     bad = [i for i in prompt_ids if not 0 <= i < model.spec.vocab_size]
     if bad:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.spec.vocab_size})")
+    experts = None
+    if offload:
+        from moepic.runtime.offload import offloaded_experts
+
+        experts = offloaded_experts(model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy)
     on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
     recorder = None
     if trace_path is not None:
@@ -89,6 +95,7 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
         sampling=cfg.sampling,
         on_token=on_token,
         tap=recorder,
+        experts=experts,
     )
     if finish is not None:
         finish()
@@ -99,4 +106,7 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
         report["text"] = codec.decode(result.token_ids)
     report["stopped_on_eos"] = result.stopped_on_eos
     report["stats"] = result.stats.as_dict()
+    if experts is not None:
+        report["cache"] = {"policy": cfg.cache.policy.as_dict(), "budget": cfg.cache.budget}
+        report["stats"] |= experts.report()
     return report

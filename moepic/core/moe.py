@@ -1,19 +1,21 @@
 """The MoE block: route, ask an expert source for the routed experts, combine. Pure core.
 
-    x_TD ─route─▶ (weights_TK, ids_TK) ─host─▶ experts needed ─ExpertSource─▶ segments ─▶ Σ_k w·ffn
-                                                                                         + shared expert
+    x_TD ─route─▶ (weights_TK, ids_TK) ─host─▶ ids per token ─ExpertSource─▶ (expert, segments)… ─▶ Σ_k w·ffn
+                                                                                               + shared expert
 
 The expert ids must reach the host once per layer (that is what decides which weights to touch,
 and, in the offloading runtime, which to copy). `routing_to_host_sync` is the one place that
 happens; its name warns that it waits for the device.
 
 `ExpertSource` is the seam between the pure core and residency: the dense model hands out its
-resident experts; the offloading runtime hands out cached tops plus freshly copied bottoms.
+resident experts; the offloading runtime (moepic/runtime/offload.py) sees the step's routing,
+plans its cache and hands out each expert once it is on the device. It yields the experts one at
+a time, so a source may reuse a staging buffer once the next expert is asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import attrs
@@ -41,8 +43,15 @@ class RoutingTap(Protocol):
 
 
 class ExpertSource(Protocol):
-    def experts_for(self, layer: int, expert_ids: Sequence[int]) -> Mapping[int, Sequence[SwiGLUWeights]]:
-        """Each requested expert of `layer` as neuron segments that together cover all of F."""
+    def begin_request(self) -> None:
+        """A new request (prompt) starts: a source may reset per-request statistics."""
+        ...
+
+    def experts_for(
+        self, layer: int, ids_per_token: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
+        """Each expert that `ids_per_token` routes to, once, by ascending id, as neuron segments that
+        together cover all of F. Segments may be overwritten after the next expert is requested."""
         ...
 
 
@@ -52,9 +61,14 @@ class ResidentExperts:
 
     weights: ModelWeights
 
-    def experts_for(self, layer: int, expert_ids: Sequence[int]) -> Mapping[int, Sequence[SwiGLUWeights]]:
+    def begin_request(self) -> None:
+        pass
+
+    def experts_for(
+        self, layer: int, ids_per_token: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         experts = self.weights.layers[layer].ffn.experts
-        return {e: (experts[e],) for e in expert_ids}
+        return ((e, (experts[e],)) for e in sorted({e for ids in ids_per_token for e in ids}))
 
 
 def routing_to_host_sync(ids_TK: torch.Tensor) -> list[list[int]]:
@@ -66,13 +80,16 @@ def combine_experts(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_per_token: list[list[int]],
-    segments: Mapping[int, Sequence[SwiGLUWeights]],
+    experts: Iterable[tuple[int, Sequence[SwiGLUWeights]]],
 ) -> torch.Tensor:
-    """Σ_k weights_TK[t, k] · expert_{ids[t][k]}(x_t), running each expert once on its tokens."""
+    """Σ_k weights_TK[t, k] · expert_{ids[t][k]}(x_t), running each expert once on its tokens,
+    in the order `experts` yields them (the sum's order, so dense and offloaded runs agree)."""
     if len(ids_per_token) == 1:  # decode: one token, no gathering needed
+        slot_of = {e: k for k, e in enumerate(ids_per_token[0])}
         y_TD = None
-        for k, e in enumerate(ids_per_token[0]):
-            term = swiglu_segments(x_TD, segments[e]) * weights_TK[:, k : k + 1]
+        for e, segments in experts:
+            k = slot_of[e]
+            term = swiglu_segments(x_TD, segments) * weights_TK[:, k : k + 1]
             y_TD = term if y_TD is None else y_TD + term
         return y_TD
     tokens_of: dict[int, tuple[list[int], list[int]]] = {}
@@ -82,11 +99,11 @@ def combine_experts(
             token_list.append(t)
             slot_list.append(k)
     y_TD = torch.zeros_like(x_TD)
-    for e in sorted(tokens_of):
+    for e, segments in experts:
         token_list, slot_list = tokens_of[e]
         t_idx = torch.tensor(token_list, device=x_TD.device)
         k_idx = torch.tensor(slot_list, device=x_TD.device)
-        out = swiglu_segments(x_TD[t_idx], segments[e]) * weights_TK[t_idx, k_idx].unsqueeze(-1)
+        out = swiglu_segments(x_TD[t_idx], segments) * weights_TK[t_idx, k_idx].unsqueeze(-1)
         y_TD.index_add_(0, t_idx, out)
     return y_TD
 
@@ -103,8 +120,7 @@ def moe_block(
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token = routing_to_host_sync(ids_TK)
-    needed = sorted({e for ids in ids_per_token for e in ids})
-    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, needed))
+    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, ids_per_token))
     if w.shared_expert is not None:
         shared_TD = swiglu(x_TD, w.shared_expert)
         if w.shared_expert_gate_1D is not None:

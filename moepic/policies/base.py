@@ -71,8 +71,9 @@ class PolicyConfig:
             return data
         if isinstance(data, str):  # `policy: lru` is shorthand for `policy: {name: lru}`
             data = {"name": data}
-        if not isinstance(data, Mapping) or "name" not in data:
+        if not isinstance(data, Mapping):
             raise ConfigError(f"config key {key}: expected a mapping with a 'name' (one of {known_policies()}), got {data!r}")
+        data = {"name": DEFAULT_POLICY} | dict(data)  # `cache.policy.rho=0.5` tunes the default policy
         entry = POLICIES.get(data["name"])
         if entry is None:
             raise ConfigError(f"config key {key}.name: unknown policy {data['name']!r}; known: {known_policies()}")
@@ -89,6 +90,7 @@ class PolicyEntry:
 
 
 POLICIES: dict[str, PolicyEntry] = {}
+DEFAULT_POLICY = "lcp"  # MoEpic's own
 
 C = TypeVar("C", bound=type)
 

@@ -76,6 +76,8 @@ def generate(
     device = model.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     cache = KVCache.allocate(model, len(prompt_ids) + max_new_tokens)
+    if experts is not None:
+        experts.begin_request()
     tokens_T = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
 
     def step(tokens: torch.Tensor, cache: KVCache):

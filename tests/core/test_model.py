@@ -73,11 +73,11 @@ def test_grouped_expert_combine_equals_a_per_token_loop(T, E, seed):
     x_TD = torch.randn(T, 8, generator=g)
     ids = [torch.randperm(E, generator=g)[:2].tolist() for _ in range(T)]
     weights_TK = torch.rand(T, 2, generator=g)
-    segments = {e: (experts[e],) for e in range(E)}
-    combined = combine_experts(x_TD, weights_TK, ids, segments)
+    routed = sorted({e for token_ids in ids for e in token_ids})
+    combined = combine_experts(x_TD, weights_TK, ids, ((e, (experts[e],)) for e in routed))
     for t in range(T):
         expected = sum(
-            weights_TK[t, k] * combine_experts(x_TD[t : t + 1], torch.ones(1, 1), [[e]], segments)[0]
+            weights_TK[t, k] * combine_experts(x_TD[t : t + 1], torch.ones(1, 1), [[e]], [(e, (experts[e],))])[0]
             for k, e in enumerate(ids[t])
         )
         torch.testing.assert_close(combined[t], expected, atol=1e-5, rtol=1e-5)
@@ -91,14 +91,16 @@ class SplitExperts:
     thetas: tuple[float, ...]
     asked: list = attrs.field(factory=list)
 
-    def experts_for(self, layer, expert_ids):
+    def begin_request(self):
+        pass
+
+    def experts_for(self, layer, ids_per_token):
+        expert_ids = sorted({e for ids in ids_per_token for e in ids})
         self.asked.append((layer, tuple(expert_ids)))
         experts = self.model.weights.layers[layer].ffn.experts
         theta = self.thetas[layer]
-        return {
-            e: split_expert(experts[e], top_neurons_for(theta, experts[e].ffn_size, experts[e].block))
-            for e in expert_ids
-        }
+        for e in expert_ids:
+            yield e, split_expert(experts[e], top_neurons_for(theta, experts[e].ffn_size, experts[e].block))
 
 
 @given(thetas=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), prompt_len=st.integers(1, 8))

@@ -7,6 +7,7 @@ An architecture that fits this mould (Mixtral, Qwen2/3-MoE, OLMoE) is a spec fun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -81,18 +82,28 @@ class TensorReader:
     dtype: torch.dtype
     device: str
     widest_neuron_block: int = WIDEST_NEURON_BLOCK
+    # Where routed experts go instead: a function that stores one (e.g. packs it into pinned host
+    # memory for offloading), called as each is read, so no second full copy is ever held.
+    place_routed_expert: Callable[[SwiGLUWeights], SwiGLUWeights] | None = None
 
-    def __call__(self, name: str, *shape: int) -> torch.Tensor:
-        return self.ckpt.read(name, shape, self.dtype, self.device)
+    def __call__(self, name: str, *shape: int, device: str | None = None) -> torch.Tensor:
+        return self.ckpt.read(name, shape, self.dtype, self.device if device is None else device)
 
-    def swiglu(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
+    def swiglu(
+        self, prefix: str, projections: tuple[str, str, str], D: int, F: int, *, device: str | None = None
+    ) -> SwiGLUWeights:
         gate, up, down = projections
         return SwiGLUWeights.from_projections(
-            self(f"{prefix}.{gate}.weight", F, D),
-            self(f"{prefix}.{up}.weight", F, D),
-            self(f"{prefix}.{down}.weight", D, F),
+            self(f"{prefix}.{gate}.weight", F, D, device=device),
+            self(f"{prefix}.{up}.weight", F, D, device=device),
+            self(f"{prefix}.{down}.weight", D, F, device=device),
             block=neuron_block(F, self.widest_neuron_block),
         )
+
+    def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
+        if self.place_routed_expert is None:
+            return self.swiglu(prefix, projections, D, F)
+        return self.place_routed_expert(self.swiglu(prefix, projections, D, F, device="cpu"))
 
 
 class LlamaLikeAdapter:
@@ -152,7 +163,7 @@ class LlamaLikeAdapter:
         moe, D = spec.moe, spec.hidden_size
         prefix = self.names.moe_prefix.format(l=l)
         experts = tuple(
-            read.swiglu(f"{prefix}.experts.{e}", self.names.expert_projections, D, moe.expert_ffn)
+            read.routed_expert(f"{prefix}.experts.{e}", self.names.expert_projections, D, moe.expert_ffn)
             for e in range(moe.num_experts)
         )
         shared = shared_gate = None
