@@ -57,3 +57,14 @@ def traces(draw):
         hidden_NLD=hidden,
         source="test",
     )
+
+
+def policy_for(name: str, trace):
+    """The registered cache policy `name`; the ones that read a trace (static's profile, Belady's
+    future) get `trace`, so every policy registered later is tested without edits here."""
+    from moepic.policies import POLICIES, build_policy
+    from moepic.policies.belady import BeladyPolicy
+    from moepic.policies.static import StaticPolicy
+
+    needs_trace = {"static": lambda: StaticPolicy(profile=trace), "belady": lambda: BeladyPolicy(future=trace)}
+    return needs_trace[name]() if name in needs_trace else build_policy(POLICIES[name].config())

@@ -175,8 +175,8 @@ def plan_layout(
         staging = moe.top_k * expert_bytes
         if total < staging:
             raise BudgetError(
-                f"cache.budget {budget!r} is {_mib(total)}, below the minimum working set of {_mib(staging)} "
-                f"(staging for {moe.top_k} whole experts of {_mib(expert_bytes)} each)"
+                f"cache.budget {budget!r} is {_mib(total)}, below the minimum working set of {_mib(staging)}: "
+                f"staging for {moe.top_k} whole experts of {expert_bytes} bytes each"
             )
         result = layout([(total - staging) // layers_n] * layers_n, moe.top_k)
     if all(l.fully_resident for l in result.layers):

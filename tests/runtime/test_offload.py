@@ -1,0 +1,189 @@
+"""The offloading engine: offloaded generation equals the dense model bit for bit, and what it copies
+is what the planner says, into slots that hold exactly the host store's bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moepic.cache.layout import BudgetError, plan_layout
+from moepic.cache.planner import FREE
+from moepic.cache.stats import total
+from moepic.checkpoint.load import load_model
+from moepic.core.weights import MoEWeights
+from moepic.default_model import default_model_dir
+from moepic.policies import POLICIES
+from moepic.runtime.generation import generate
+from moepic.runtime.host_store import HostExpertStore, flat_buffer
+from moepic.runtime.offload import OffloadedExperts
+from moepic.tracing.recorder import RoutingRecorder
+from tests_support import policy_for
+
+MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
+
+
+class Models(dict):
+    def __repr__(self) -> str:  # hypothesis prints the arguments of a failing example
+        return f"Models({', '.join(self)})"
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint_dir):
+    # Neuron blocks of 4 so θ takes many values on these tiny experts (F = 16 or 48).
+    return Models({name: load_model(checkpoint_dir(name), dtype=torch.float32, widest_neuron_block=4) for name in MODELS})
+
+
+def dense_run(model, prompt, max_new_tokens):
+    recorder = RoutingRecorder(model.spec, model_name="test")
+    result = generate(model, prompt, max_new_tokens=max_new_tokens, eos_ids=(), keep_logits=True, tap=recorder)
+    return result, recorder.trace()
+
+
+def engine_for(model, policy_name, trace, *, budget, theta, block=None):
+    expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
+    layout = plan_layout(
+        model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block
+    )
+    return OffloadedExperts(model.weights, layout, policy_for(policy_name, trace), device="cpu")
+
+
+def minimum_budget_fraction(model) -> float:
+    layout = plan_layout(model.spec, dtype_bytes=model.dtype.itemsize, budget=1.0, theta=0.5)
+    return layout.staging_bytes / layout.expert_bytes
+
+
+def assert_slots_hold_the_host_bytes(engine: OffloadedExperts) -> None:
+    for layer, residency in engine.residency.items():
+        pool = engine.pools[layer]
+        top = engine.layout.for_layer(layer).top_neurons
+        assert len(residency.cache.slots_S) == pool.flat_SX.shape[0] == engine.layout.for_layer(layer).slots
+        cached = [e for e in residency.cache.slots_S if e != FREE]
+        assert len(cached) == len(set(cached)), "two slots hold the same expert"
+        for slot, expert in enumerate(residency.cache.slots_S):
+            if expert != FREE:
+                host_top = engine.store.experts[layer][expert].neurons(0, top)
+                assert torch.equal(pool.slots[slot].gate_up_N2BD, host_top.gate_up_N2BD)
+                assert torch.equal(pool.slots[slot].down_FD, host_top.down_FD)
+
+
+@given(
+    name=st.sampled_from(MODELS),
+    policy=st.sampled_from(sorted(POLICIES)),
+    share=st.floats(0.0, 1.0),
+    per_layer=st.booleans(),
+    thetas=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=3, max_size=3),
+    prompt_len=st.integers(1, len(PROMPT)),
+    new_tokens=st.integers(1, 8),
+)
+def test_offloaded_generation_equals_the_dense_model_bit_for_bit(
+    models, name, policy, share, per_layer, thetas, prompt_len, new_tokens
+):
+    model = models[name]
+    moe_layers = len(model.spec.moe_layers)
+    prompt = PROMPT[:prompt_len]
+    dense, trace = dense_run(model, prompt, new_tokens)
+    lowest = minimum_budget_fraction(model)
+    budget = [share] * moe_layers if per_layer else lowest + share * (1 - lowest)
+    engine = engine_for(model, policy, trace, budget=budget, theta=thetas[:moe_layers])
+    offloaded = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, experts=engine)
+    assert offloaded.token_ids == dense.token_ids
+    for got, want in zip(offloaded.logits, dense.logits):
+        assert torch.equal(got, want)
+    assert_slots_hold_the_host_bytes(engine)
+    everything = total((*engine.prefill_stats.values(), *engine.decode_stats.values()))
+    assert engine.host_to_device_bytes == everything.bytes_loaded
+    assert everything.hits + everything.partial_hits + everything.misses == everything.activations
+    # Every distinct routed expert of a step is one activation: the prompt is one step, then one per token.
+    ids_NLK = trace.expert_ids_NLK
+    steps = [slice(0, len(prompt))] + [slice(t, t + 1) for t in range(len(prompt), trace.num_tokens)]
+    assert everything.activations == sum(len(set(ids_NLK[step, l].ravel())) for step in steps for l in range(moe_layers))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    model = load_model(default_model_dir())
+    prompt = list(range(300, 340))
+    return model, prompt, *dense_run(model, prompt, 24)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("budget,theta", [(0.2, 0.5), (0.5, 0.25), ("1000000", 0.75), (1.0, 1.0)])
+def test_bundled_model_offloaded_equals_dense_in_bf16(bundled, policy, budget, theta):
+    model, prompt, dense, trace = bundled
+    engine = engine_for(model, policy, trace, budget=budget, theta=theta)
+    offloaded = generate(model, prompt, max_new_tokens=24, eos_ids=(), keep_logits=True, experts=engine)
+    assert offloaded.token_ids == dense.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.logits, dense.logits))
+    assert_slots_hold_the_host_bytes(engine)
+
+
+def test_full_budget_of_whole_experts_loads_nothing_while_generating(models):
+    model = models["mixtral"]
+    dense, trace = dense_run(model, PROMPT, 6)
+    engine = engine_for(model, "lru", trace, budget=1.0, theta=1.0)
+    generate(model, PROMPT, max_new_tokens=6, eos_ids=(), experts=engine)
+    report = engine.report()
+    assert (report["bytes_loaded"], report["staging_bytes"], report["expert_hit_rate"]) == (0, 0, 1.0)
+    assert report["preload_bytes"] == report["cache_bytes"] == engine.layout.expert_bytes
+
+
+def test_theta_zero_caches_nothing_and_loads_every_activated_expert_whole(models):
+    model = models["mixtral"]
+    _, trace = dense_run(model, PROMPT, 5)
+    engine = engine_for(model, "lcp", trace, budget=1.0, theta=0.0)
+    generate(model, PROMPT, max_new_tokens=5, eos_ids=(), experts=engine)
+    stats = total((*engine.prefill_stats.values(), *engine.decode_stats.values()))
+    assert engine.layout.cache_bytes == 0 and stats.misses == stats.activations
+    assert stats.bytes_loaded == stats.activations * engine.layout.layers[0].expert_bytes
+
+
+def test_partial_hits_load_only_bottoms(models):
+    model = models["mixtral"]
+    _, trace = dense_run(model, PROMPT, 8)
+    engine = engine_for(model, "lru", trace, budget=1.0, theta=0.5)
+    generate(model, PROMPT, max_new_tokens=8, eos_ids=(), experts=engine)
+    stats = total((*engine.prefill_stats.values(), *engine.decode_stats.values()))
+    layer = engine.layout.layers[0]
+    assert stats.partial_hits > 0 and stats.hits == 0
+    assert stats.bytes_loaded == stats.partial_hits * layer.bottom_bytes + stats.misses * layer.expert_bytes
+
+
+def test_budget_below_the_working_set_names_the_minimum(models):
+    model = models["mixtral"]
+    with pytest.raises(BudgetError, match=r"below the minimum working set of 0.04 MiB \(36864 bytes\): staging for 2 whole"):
+        plan_layout(model.spec, dtype_bytes=4, budget="1KB", theta=0.5)
+
+
+def test_host_store_adopts_packed_experts_without_copying(checkpoint_dir):
+    model = load_model(checkpoint_dir("mixtral"), dtype=torch.float32, offload_experts=True)
+    expert = model.weights.layers[0].ffn.experts[1]
+    store = HostExpertStore(model.weights)
+    assert flat_buffer(expert) is not None
+    assert store.flat[0][1].data_ptr() == expert.gate_up_N2BD.data_ptr()
+
+
+def test_host_store_packs_unpacked_experts_into_one_flat_buffer_each(models):
+    model = models["qwen2_moe"]
+    store = HostExpertStore(model.weights)
+    layer = model.spec.moe_layers[0]
+    original, packed = model.weights.layers[layer].ffn.experts[2], store.experts[layer][2]
+    assert torch.equal(original.gate_up_N2BD, packed.gate_up_N2BD) and torch.equal(original.down_FD, packed.down_FD)
+    flat = store.flat[layer][2]
+    assert flat.numel() == 3 * original.ffn_size * original.down_FD.shape[1]
+    assert packed.down_FD.data_ptr() == flat.data_ptr() + 2 * original.ffn_size * original.down_FD.shape[1] * 4
+
+
+def test_engine_reports_cache_counters_and_sizes(models):
+    model = models["olmoe"]
+    _, trace = dense_run(model, PROMPT, 6)
+    engine = engine_for(model, "lfu", trace, budget=0.6, theta=0.5)
+    generate(model, PROMPT, max_new_tokens=6, eos_ids=(), experts=engine)
+    report = engine.report()
+    for key in ("expert_hit_rate", "bytes_loaded", "bytes_loaded_per_token", "cache_bytes", "staging_bytes", "layer_hit_rates"):
+        assert key in report
+    assert len(report["layer_hit_rates"]) == len(model.spec.moe_layers)
+    assert report["bytes_loaded_per_token"] == report["bytes_loaded"] / (len(PROMPT) + 6 - 1)
+    assert report["cache_bytes"] + report["staging_bytes"] <= 0.6 * engine.layout.expert_bytes
