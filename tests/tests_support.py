@@ -59,12 +59,23 @@ def traces(draw):
     )
 
 
-def policy_for(name: str, trace):
-    """The registered cache policy `name`; the ones that read a trace (static's profile, Belady's
-    future) get `trace`, so every policy registered later is tested without edits here."""
-    from moepic.policies import POLICIES, build_policy
-    from moepic.policies.belady import BeladyPolicy
-    from moepic.policies.static import StaticPolicy
 
-    needs_trace = {"static": lambda: StaticPolicy(profile=trace), "belady": lambda: BeladyPolicy(future=trace)}
-    return needs_trace[name]() if name in needs_trace else build_policy(POLICIES[name].config())
+def policy_for(name: str, trace: RoutingTrace, *, seed: int = 0):
+    """The registered cache policy `name` with its default config, for runs on `trace`.
+
+    A policy whose constructor takes a RoutingTrace (static's profile, belady's future) is given
+    `trace`; a config with a `seed` gets `seed`. So a newly registered policy needs no edit here.
+    """
+    import typing
+
+    import attrs
+
+    from moepic.policies import POLICIES
+
+    entry = POLICIES[name]
+    config = entry.config()
+    if "seed" in attrs.fields_dict(entry.config):
+        config = attrs.evolve(config, seed=seed)
+    hints = typing.get_type_hints(entry.factory.__init__)
+    takes_trace = {key for key, hint in hints.items() if hint is RoutingTrace or RoutingTrace in typing.get_args(hint)}
+    return entry.factory(config, **{key: trace for key in takes_trace - {"config", "return"}})

@@ -15,8 +15,11 @@ Per layer, θ becomes a whole number of neuron blocks (`top_neurons`), and the c
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 
 import attrs
 
@@ -37,16 +40,23 @@ class BudgetError(ConfigError):
 
 
 def budget_bytes(value: BudgetValue, whole_bytes: int, what: str) -> int:
-    """`value` in bytes: a size with a unit, a byte count (> 1), or a fraction (≤ 1) or percentage of `whole_bytes`."""
-    if isinstance(value, bool):
+    """`value` in bytes: a size with a unit, a byte count (> 1), or a fraction (≤ 1) or percentage of `whole_bytes`.
+
+    Decimal arithmetic, so "8.2GB" is 8,200,000,000 bytes and 57 % of 100 is 57, not a float's 56.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
         raise BudgetError(f"{what}: expected bytes (512MiB) or a fraction (0.25), got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
+    if isinstance(value, str):
         match = _SIZE.match(value)
         if match is None:
             raise BudgetError(f"{what}: expected bytes (512MiB, 2GB) or a fraction (0.25, 25%), got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
+        number, unit = Decimal(match.group(1)), match.group(2).lower()
+    else:
+        if not math.isfinite(value) or value < 0:
+            raise BudgetError(f"{what}: expected a size ≥ 0, got {value!r}")
+        # repr gives the shortest decimal that reads back as the float: 0.57, not 0.5699999…
+        number = Decimal(int(value)) if isinstance(value, numbers.Integral) else Decimal(repr(float(value)))
+        unit = ""
     if unit == "%":
         if number > 100:
             raise BudgetError(f"{what}: a percentage must be at most 100%, got {value!r}")
@@ -69,6 +79,12 @@ class LayerCacheLayout:
     top_neurons: int
     slots: int
     neuron_bytes: int  # one neuron's gate row, up row and down row
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.top_neurons <= self.ffn_size or self.top_neurons % self.block:
+            raise ValueError(f"top_neurons {self.top_neurons} must be whole blocks of {self.block} in [0, {self.ffn_size}]")
+        if not 0 <= self.slots <= self.num_experts or (self.slots and not self.top_neurons):
+            raise ValueError(f"slots {self.slots} must be in [0, {self.num_experts}], and 0 when there is no top segment")
 
     @property
     def theta(self) -> float:

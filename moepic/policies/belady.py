@@ -1,7 +1,7 @@
 """Belady's MIN: keep the experts that will be used soonest. Needs the future, so it is offline. Pure.
 
 With admission (a loaded expert may bypass the cache), evicting the expert whose next use is
-furthest away maximises hits: the upper bound every online policy is compared against. The
+furthest away maximises hits (ties: see `priority`): the upper bound every online policy is compared against. The
 future comes from a routing trace of the same run (record one with `moepic generate
 --record-trace`); the trace's token n is the layer's clock n.
 """
@@ -16,6 +16,9 @@ import numpy as np
 from moepic.errors import ConfigError
 from moepic.policies.base import LayerStep, PolicyConfig, register_policy
 from moepic.tracing import RoutingTrace, load_any_trace
+
+
+LOOKAHEAD_USES = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -58,9 +61,22 @@ class BeladyPolicy:
         return BeladyState(state.uses_E, step.clock + step.tokens)
 
     def priority(self, state: BeladyState) -> np.ndarray:
-        """Minus the clock of each expert's next use (never again: -inf)."""
-        next_use_E = np.empty(len(state.uses_E))
+        """Minus each expert's rank by upcoming uses: the soonest next use ranks first.
+
+        Ties on the next use are broken by the use after it, and so on (up to LOOKAHEAD_USES): with
+        several experts per step a tie matters, because an expert the step uses cannot be evicted
+        for one it does not, so keeping the one needed again sooner afterwards saves a later miss.
+        Experts with the same upcoming uses share a rank.
+        """
+        E = len(state.uses_E)
+        upcoming_EU = np.full((E, LOOKAHEAD_USES), np.inf)
         for e, uses in enumerate(state.uses_E):
             i = np.searchsorted(uses, state.next_clock)
-            next_use_E[e] = uses[i] if i < len(uses) else np.inf
-        return -next_use_E
+            ahead = uses[i : i + LOOKAHEAD_USES]
+            upcoming_EU[e, : len(ahead)] = ahead
+        order = np.lexsort(upcoming_EU.T[::-1])  # lexsort's last key is the primary one
+        in_order = upcoming_EU[order]
+        starts_group = np.r_[True, (in_order[1:] != in_order[:-1]).any(axis=1)]
+        rank_E = np.empty(E)
+        rank_E[order] = np.cumsum(starts_group)
+        return -rank_E

@@ -12,7 +12,12 @@ from moepic.policies.base import LayerStep, PolicyConfig, register_policy
 
 @attrs.frozen(kw_only=True)
 class RandomConfig(PolicyConfig):
-    seed: int = 0
+    seed: int = attrs.field(default=0)
+
+    @seed.validator
+    def _non_negative(self, attribute, value) -> None:
+        if value < 0:  # numpy seeds must be non-negative
+            raise ValueError(f"cache.policy.seed must be >= 0, got {value}")
 
 
 @attrs.frozen(eq=False)

@@ -1,35 +1,12 @@
-"""Builders shared by the cache-policy tests: any registered policy for a trace, layouts, steps."""
+"""Builders shared by the cache-policy tests: layouts, hand-made and skewed traces."""
 
 from __future__ import annotations
 
-import typing
-
-import attrs
 import numpy as np
 from hypothesis import strategies as st
 
 from moepic.cache.layout import CacheLayout, LayerCacheLayout
-from moepic.policies import POLICIES
 from moepic.tracing import RoutingTrace
-
-
-def _takes_a_trace(hint) -> bool:
-    return hint is RoutingTrace or RoutingTrace in typing.get_args(hint)
-
-
-def policy_for(name: str, trace: RoutingTrace, *, seed: int = 0):
-    """The registered policy `name` with its default config, for runs on `trace`.
-
-    A policy whose constructor takes a RoutingTrace (static's profile, belady's future) is given
-    `trace`; a config with a `seed` gets `seed`. So a newly registered policy needs no edit here.
-    """
-    entry = POLICIES[name]
-    config = entry.config()
-    if "seed" in attrs.fields_dict(entry.config):
-        config = attrs.evolve(config, seed=seed)
-    hints = typing.get_type_hints(entry.factory.__init__)
-    extra = {key: trace for key, hint in hints.items() if key not in ("config", "return") and _takes_a_trace(hint)}
-    return entry.factory(config, **extra)
 
 
 def whole_expert_layout(layer: int, num_experts: int, slots: int, *, ffn_size: int = 4, neuron_bytes: int = 3) -> LayerCacheLayout:

@@ -17,7 +17,7 @@ from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.planner import FREE, initial_residency, residency_step
 from moepic.cache.stats import LayerCacheStats
 from moepic.policies import POLICIES
-from policy_support import policy_for
+from tests_support import policy_for
 from tests_support import traces
 
 POLICY_NAMES = sorted(POLICIES)

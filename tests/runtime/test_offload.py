@@ -50,9 +50,10 @@ def engine_for(model, policy_name, trace, *, budget, theta, block=None):
     return OffloadedExperts(model.weights, layout, policy_for(policy_name, trace), device="cpu")
 
 
-def minimum_budget_fraction(model) -> float:
+def budget_between_the_minimum_and_everything(model, share: float) -> int:
+    """Bytes: the minimum working set (staging) at share 0, all expert bytes at share 1."""
     layout = plan_layout(model.spec, dtype_bytes=model.dtype.itemsize, budget=1.0, theta=0.5)
-    return layout.staging_bytes / layout.expert_bytes
+    return layout.staging_bytes + int(share * (layout.expert_bytes - layout.staging_bytes))
 
 
 def assert_slots_hold_the_host_bytes(engine: OffloadedExperts) -> None:
@@ -85,8 +86,7 @@ def test_offloaded_generation_equals_the_dense_model_bit_for_bit(
     moe_layers = len(model.spec.moe_layers)
     prompt = PROMPT[:prompt_len]
     dense, trace = dense_run(model, prompt, new_tokens)
-    lowest = minimum_budget_fraction(model)
-    budget = [share] * moe_layers if per_layer else lowest + share * (1 - lowest)
+    budget = [share] * moe_layers if per_layer else budget_between_the_minimum_and_everything(model, share)
     engine = engine_for(model, policy, trace, budget=budget, theta=thetas[:moe_layers])
     offloaded = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, experts=engine)
     assert offloaded.token_ids == dense.token_ids

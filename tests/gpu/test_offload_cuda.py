@@ -1,0 +1,75 @@
+"""Offloading on a CUDA device: pinned host experts, device pools, exact results, and device memory
+that stays within the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moepic.checkpoint.load import load_model
+from moepic.core.weights import MoEWeights
+from moepic.default_model import default_model_dir
+from moepic.policies import POLICIES
+from moepic.runtime.generation import generate
+from moepic.runtime.offload import offloaded_experts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+PROMPT = list(range(300, 340))
+
+
+def routed_experts(model):
+    return [w for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights) for w in lw.ffn.experts]
+
+
+@pytest.fixture(scope="module")
+def models():
+    dense = load_model(default_model_dir(), device="cuda")
+    offload = load_model(default_model_dir(), device="cuda", offload_experts=True)
+    return dense, offload
+
+
+def test_offloaded_load_keeps_experts_in_pinned_host_memory_and_the_rest_on_the_gpu(models):
+    _, model = models
+    assert model.weights.layers[0].attention.q_QD.is_cuda and model.weights.embed_VD.is_cuda
+    for w in routed_experts(model):
+        assert w.gate_up_N2BD.device.type == "cpu" and w.gate_up_N2BD.is_pinned() and w.down_FD.is_pinned()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lcp", "random"])
+@pytest.mark.parametrize("budget,theta", [(0.2, 0.5), (0.5, 0.25), (1.0, 1.0)])
+def test_offloaded_generation_on_cuda_equals_the_dense_gpu_model(models, policy, budget, theta):
+    dense_model, model = models
+    dense = generate(dense_model, PROMPT, max_new_tokens=24, eos_ids=(), keep_logits=True)
+    engine = offloaded_experts(model, budget, theta, POLICIES[policy].config())
+    assert engine.store.pinned and all(p.flat_SX.is_cuda for p in engine.pools.values())
+    offloaded = generate(model, PROMPT, max_new_tokens=24, eos_ids=(), keep_logits=True, experts=engine)
+    assert offloaded.token_ids == dense.token_ids
+    for a, b in zip(offloaded.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def peak_above_resident(model, budget, theta):
+    """(peak device bytes allocated above the resident weights during an offloaded run, its layout)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    engine = offloaded_experts(model, budget, theta, POLICIES["lcp"].config())
+    generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, engine.layout
+
+
+@pytest.mark.parametrize("budget,theta", [(0.15, 0.5), (0.3, 1.0), (0.6, 0.25)])
+def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budget, theta):
+    """Peak above the resident weights ≤ cache + staging + what a cacheless run needs besides its
+    staging (KV cache, activations): the engine allocates nothing else on the device."""
+    _, model = models
+    floor_peak, floor_layout = peak_above_resident(model, 1.0, 0.0)
+    run_itself = floor_peak - floor_layout.staging_bytes
+    peak, layout = peak_above_resident(model, budget, theta)
+    assert layout.cache_bytes + layout.staging_bytes <= budget * layout.expert_bytes
+    assert peak <= layout.cache_bytes + layout.staging_bytes + run_itself + 64 * 1024
