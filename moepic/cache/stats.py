@@ -28,16 +28,21 @@ class LayerCacheStats:
     bytes_loaded: int = 0  # host → device expert bytes
 
     def add(self, plan: LayerPlan, tokens: int) -> LayerCacheStats:
-        outcomes = [p.outcome for p in plan.experts]
-        return attrs.evolve(
-            self,
+        # One pass and one constructor call: the engine runs this on every layer step.
+        outcomes = {"hit": 0, "partial": 0, "miss": 0}
+        admissions = 0
+        for p in plan.experts:
+            outcomes[p.outcome] += 1
+            admissions += p.admitted
+        return LayerCacheStats(
+            layer=self.layer,
             steps=self.steps + 1,
             tokens=self.tokens + tokens,
-            activations=self.activations + len(outcomes),
-            hits=self.hits + outcomes.count("hit"),
-            partial_hits=self.partial_hits + outcomes.count("partial"),
-            misses=self.misses + outcomes.count("miss"),
-            admissions=self.admissions + sum(p.admitted for p in plan.experts),
+            activations=self.activations + len(plan.experts),
+            hits=self.hits + outcomes["hit"],
+            partial_hits=self.partial_hits + outcomes["partial"],
+            misses=self.misses + outcomes["miss"],
+            admissions=self.admissions + admissions,
             evictions=self.evictions + len(plan.evicted),
             bytes_loaded=self.bytes_loaded + plan.bytes_loaded,
         )

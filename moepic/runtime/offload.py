@@ -65,6 +65,7 @@ class OffloadedExperts:
         if dtype.itemsize != layout.dtype_bytes:
             raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts are {dtype}")
         self.pools = {l.layer: _LayerPool(l, hidden, dtype, self.device) for l in layout.layers}
+        self._layer_layouts = {l.layer: l for l in layout.layers}
         widest = max(layout.layers, key=lambda l: l.expert_bytes)
         self._staging = [
             torch.empty(3 * widest.ffn_size * hidden, dtype=dtype, device=self.device) for _ in range(layout.staging_experts)
@@ -93,10 +94,12 @@ class OffloadedExperts:
         self._new_request = set(self.residency)
 
     def experts_for(self, layer: int, ids_per_token: Sequence[Sequence[int]]) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
-        layout = self.layout.for_layer(layer)
+        layout = self._layer_layouts[layer]
         counts_E = np.zeros(layout.num_experts, dtype=np.int64)
-        for ids in ids_per_token:
-            counts_E[list(ids)] += 1
+        if len(ids_per_token) == 1:  # decode: a token's experts are distinct
+            counts_E[ids_per_token[0]] = 1
+        else:
+            np.add.at(counts_E, np.asarray(ids_per_token).ravel(), 1)
         tokens = len(ids_per_token)
         new_request = layer in self._new_request
         self._new_request.discard(layer)

@@ -187,3 +187,13 @@ def test_engine_reports_cache_counters_and_sizes(models):
     assert len(report["layer_hit_rates"]) == len(model.spec.moe_layers)
     assert report["bytes_loaded_per_token"] == report["bytes_loaded"] / (len(PROMPT) + 6 - 1)
     assert report["cache_bytes"] + report["staging_bytes"] <= 0.6 * engine.layout.expert_bytes
+
+
+def test_engines_with_different_theta_share_one_host_store_without_rereading_or_repacking(checkpoint_dir):
+    model = load_model(checkpoint_dir("mixtral"), dtype=torch.float32, offload_experts=True, widest_neuron_block=4)
+    _, trace = dense_run(model, PROMPT, 4)
+    a = engine_for(model, "lcp", trace, budget=0.5, theta=0.25)
+    b = engine_for(model, "lcp", trace, budget=0.5, theta=[1.0, 0.5, 0.0])
+    for layer in a.store.flat:
+        assert [f.data_ptr() for f in a.store.flat[layer]] == [f.data_ptr() for f in b.store.flat[layer]]
+    assert [l.top_neurons for l in b.layout.layers] == [48, 24, 0]
