@@ -70,6 +70,20 @@ def assert_slots_hold_the_host_bytes(engine: OffloadedExperts) -> None:
                 assert torch.equal(pool.slots[slot].down_FD, host_top.down_FD)
 
 
+class CheckedAfterEveryStep:
+    """Wraps an engine: after each layer step, every slot must hold its expert's host bytes."""
+
+    def __init__(self, engine: OffloadedExperts) -> None:
+        self.engine = engine
+
+    def begin_request(self) -> None:
+        self.engine.begin_request()
+
+    def experts_for(self, layer, ids_per_token):
+        yield from self.engine.experts_for(layer, ids_per_token)
+        assert_slots_hold_the_host_bytes(self.engine)
+
+
 @given(
     name=st.sampled_from(MODELS),
     policy=st.sampled_from(sorted(POLICIES)),
@@ -88,11 +102,11 @@ def test_offloaded_generation_equals_the_dense_model_bit_for_bit(
     dense, trace = dense_run(model, prompt, new_tokens)
     budget = [share] * moe_layers if per_layer else budget_between_the_minimum_and_everything(model, share)
     engine = engine_for(model, policy, trace, budget=budget, theta=thetas[:moe_layers])
-    offloaded = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, experts=engine)
+    checked = CheckedAfterEveryStep(engine)
+    offloaded = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, experts=checked)
     assert offloaded.token_ids == dense.token_ids
     for got, want in zip(offloaded.logits, dense.logits):
         assert torch.equal(got, want)
-    assert_slots_hold_the_host_bytes(engine)
     everything = total((*engine.prefill_stats.values(), *engine.decode_stats.values()))
     assert engine.host_to_device_bytes == everything.bytes_loaded
     assert everything.hits + everything.partial_hits + everything.misses == everything.activations
