@@ -17,7 +17,6 @@ experts. For an expert the step routes to:
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import attrs
@@ -126,12 +125,6 @@ def plan_layer_step(
     return LayerPlan(layer=layout.layer, experts=tuple(plans), evicted=tuple(evicted)), LayerCache(tuple(slots_S))
 
 
-@functools.cache
-def _resident_hit(expert: int) -> ExpertPlan:
-    """The plan of an expert in a fully resident layer (slot e holds expert e): made once, reused."""
-    return ExpertPlan(expert=expert, outcome="hit", slot=expert, load="none", bytes_loaded=0)
-
-
 def residency_step(
     policy: CachePolicy,
     layout: LayerCacheLayout,
@@ -142,9 +135,6 @@ def residency_step(
     new_request: bool = False,
 ) -> tuple[LayerPlan, LayerResidency]:
     """One layer step over `tokens` tokens: let the policy see the routing, then plan with its fresh priorities."""
-    if layout.fully_resident:  # nothing can ever be evicted or loaded: the policy has nothing to decide
-        plan = LayerPlan(layer=layout.layer, experts=tuple(map(_resident_hit, np.flatnonzero(counts_E).tolist())), evicted=())
-        return plan, LayerResidency(residency.cache, residency.policy_state, residency.clock + tokens)
     step = LayerStep(layer=layout.layer, clock=residency.clock, tokens=tokens, counts_E=counts_E, new_request=new_request)
     policy_state = policy.update(residency.policy_state, step)
     plan, cache = plan_layer_step(layout, residency.cache, counts_E, policy.priority(policy_state))

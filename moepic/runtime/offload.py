@@ -80,8 +80,10 @@ class OffloadedExperts:
                 if e != FREE:
                     self.pools[l.layer].flat_SX[s].copy_(self.store.flat[l.layer][e], non_blocking=True)
                     self.preload_bytes += l.expert_bytes
-        self.decode_stats = {l.layer: LayerCacheStats(layer=l.layer) for l in layout.layers}
-        self.prefill_stats = dict(self.decode_stats)
+        self._decode_stats = {l.layer: LayerCacheStats(layer=l.layer) for l in layout.layers}
+        self._prefill_stats = dict(self._decode_stats)
+        # decode? → layer → [steps, tokens, activations] of fully resident layers (all hits).
+        self._resident_counts = {decode: {l: [0, 0, 0] for l in self.pools} for decode in (False, True)}
         self._new_request: set[int] = set()
         # Bytes actually copied (the planner's `bytes_loaded` must equal the first).
         self.host_to_device_bytes = 0
@@ -95,18 +97,29 @@ class OffloadedExperts:
 
     def experts_for(self, layer: int, ids_per_token: Sequence[Sequence[int]]) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         layout = self._layer_layouts[layer]
+        tokens = len(ids_per_token)
+        if layout.fully_resident:
+            # Slot e holds expert e forever, so there is nothing to plan: every routed expert is a
+            # hit. Counting it directly saves ~25 µs a step (measured: 7 % of the bundled model's
+            # decode); the planner would reach the same counts.
+            routed = sorted({e for ids in ids_per_token for e in ids})
+            counts = self._resident_counts[tokens == 1][layer]
+            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + tokens, counts[2] + len(routed)
+            slots = self.pools[layer].slots
+            for e in routed:
+                yield e, (slots[e],)
+            return
         counts_E = np.zeros(layout.num_experts, dtype=np.int64)
         if len(ids_per_token) == 1:  # decode: a token's experts are distinct
             counts_E[ids_per_token[0]] = 1
         else:
             np.add.at(counts_E, np.asarray(ids_per_token).ravel(), 1)
-        tokens = len(ids_per_token)
         new_request = layer in self._new_request
         self._new_request.discard(layer)
         plan, self.residency[layer] = residency_step(
             self.policy, layout, self.residency[layer], counts_E, tokens=tokens, new_request=new_request
         )
-        stats = self.decode_stats if tokens == 1 else self.prefill_stats
+        stats = self._decode_stats if tokens == 1 else self._prefill_stats
         stats[layer] = stats[layer].add(plan, tokens)
         for expert_plan in plan.experts:
             yield expert_plan.expert, (self._materialize(layout, expert_plan),)
@@ -153,6 +166,25 @@ class OffloadedExperts:
             self.device_copy_bytes += s.numel() * s.element_size()
 
     # -- reporting ------------------------------------------------------------------------------
+
+    @property
+    def decode_stats(self) -> dict[int, LayerCacheStats]:
+        """Per MoE layer: counters of the one-token steps."""
+        return self._with_resident_hits(self._decode_stats, self._resident_counts[True])
+
+    @property
+    def prefill_stats(self) -> dict[int, LayerCacheStats]:
+        """Per MoE layer: counters of the multi-token steps (prompts)."""
+        return self._with_resident_hits(self._prefill_stats, self._resident_counts[False])
+
+    @staticmethod
+    def _with_resident_hits(stats, resident_counts) -> dict[int, LayerCacheStats]:
+        out = {}
+        for layer, s in stats.items():
+            steps, tokens, activations = resident_counts[layer]
+            hits = LayerCacheStats(layer=layer, steps=steps, tokens=tokens, activations=activations, hits=activations)
+            out[layer] = s.plus(hits)
+        return out
 
     def report(self) -> dict[str, object]:
         """Cache counters of the run so far: whole run, and the decode steps alone."""
