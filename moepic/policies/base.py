@@ -18,6 +18,7 @@ import attrs
 import numpy as np
 
 from moepic.errors import ConfigError
+from moepic.tracing import RoutingTrace, load_any_trace
 
 
 @attrs.frozen(kw_only=True)
@@ -114,6 +115,25 @@ def known_policies() -> str:
 
 def build_policy(config: PolicyConfig) -> CachePolicy:
     return POLICIES[config.name].factory(config)
+
+
+def trace_for(given: RoutingTrace | None, path: str | None, *, missing: str) -> tuple[RoutingTrace, str]:
+    """A policy's routing trace, given directly or read from `path`; and how to name it in errors."""
+    if given is None:
+        if path is None:
+            raise ConfigError(missing)
+        given = load_any_trace(path)
+    return given, path or given.source or "the trace"
+
+
+def check_trace_covers(where: str, trace: RoutingTrace, layer: int, num_experts: int) -> int:
+    """The trace column of model layer `layer`, which must have `num_experts` experts."""
+    if layer not in trace.moe_layers or num_experts != trace.num_experts:
+        raise ConfigError(
+            f"{where}: trace has MoE layers {sorted(trace.moe_layers)} with {trace.num_experts} experts; "
+            f"the model's layer {layer} has {num_experts}"
+        )
+    return trace.moe_layers.index(layer)
 
 
 def recency_E(last_used_E: np.ndarray, clock: int) -> np.ndarray:

@@ -13,9 +13,8 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.errors import ConfigError
-from moepic.policies.base import LayerStep, PolicyConfig, register_policy
-from moepic.tracing import RoutingTrace, load_any_trace
+from moepic.policies.base import LayerStep, PolicyConfig, check_trace_covers, register_policy, trace_for
+from moepic.tracing import RoutingTrace
 
 
 LOOKAHEAD_USES = 16
@@ -37,25 +36,13 @@ class BeladyState:
 @register_policy("belady", BeladyConfig)
 class BeladyPolicy:
     def __init__(self, config: BeladyConfig = BeladyConfig(), future: RoutingTrace | None = None) -> None:
-        if future is None:
-            if config.trace is None:
-                raise ConfigError("the belady policy needs the future: set cache.policy.trace=FILE (the run's trace)")
-            future = load_any_trace(config.trace)
+        missing = "the belady policy needs the future: set cache.policy.trace=FILE (the run's trace)"
+        self.future, self.where = trace_for(future, config.trace, missing=missing)
         self.config = config
-        self.num_experts = future.num_experts
-        self.where = config.trace or future.source or "the future trace"
-        self.uses_by_layer = {
-            layer: tuple(np.flatnonzero((future.expert_ids_NLK[:, column] == e).any(axis=1)) for e in range(future.num_experts))
-            for column, layer in enumerate(future.moe_layers)
-        }
 
     def init(self, layer: int, num_experts: int) -> BeladyState:
-        if layer not in self.uses_by_layer or num_experts != self.num_experts:
-            raise ConfigError(
-                f"{self.where}: trace has MoE layers {sorted(self.uses_by_layer)} with {self.num_experts} experts; "
-                f"the model's layer {layer} has {num_experts}"
-            )
-        return BeladyState(self.uses_by_layer[layer], 0)
+        ids_NK = self.future.expert_ids_NLK[:, check_trace_covers(self.where, self.future, layer, num_experts)]
+        return BeladyState(tuple(np.flatnonzero((ids_NK == e).any(axis=1)) for e in range(num_experts)), 0)
 
     def update(self, state: BeladyState, step: LayerStep) -> BeladyState:
         return BeladyState(state.uses_E, step.clock + step.tokens)

@@ -12,9 +12,9 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.errors import ConfigError
-from moepic.policies.base import LayerStep, PolicyConfig, register_policy
-from moepic.tracing import RoutingTrace, load_any_trace
+from moepic.analysis.routing_stats import expert_shares
+from moepic.policies.base import LayerStep, PolicyConfig, check_trace_covers, register_policy, trace_for
+from moepic.tracing import RoutingTrace
 
 
 @attrs.frozen(kw_only=True)
@@ -32,24 +32,13 @@ class StaticState:
 @register_policy("static", StaticConfig)
 class StaticPolicy:
     def __init__(self, config: StaticConfig = StaticConfig(), profile: RoutingTrace | None = None) -> None:
-        if profile is None:
-            if config.profile is None:
-                raise ConfigError("the static policy needs a routing profile: set cache.policy.profile=FILE (a trace)")
-            profile = load_any_trace(config.profile)
-        from moepic.analysis.routing_stats import expert_shares
-
+        missing = "the static policy needs a routing profile: set cache.policy.profile=FILE (a trace)"
+        self.profile, self.where = trace_for(profile, config.profile, missing=missing)
         self.config = config
-        self.num_experts = profile.num_experts
-        self.share_by_layer = dict(zip(profile.moe_layers, expert_shares(profile)))
-        self.where = config.profile or profile.source or "the profile trace"
+        self.shares_LE = expert_shares(self.profile)
 
     def init(self, layer: int, num_experts: int) -> StaticState:
-        if layer not in self.share_by_layer or num_experts != self.num_experts:
-            raise ConfigError(
-                f"{self.where}: profile has MoE layers {sorted(self.share_by_layer)} with {self.num_experts} experts; "
-                f"the model's layer {layer} has {num_experts}"
-            )
-        return StaticState(self.share_by_layer[layer])
+        return StaticState(self.shares_LE[check_trace_covers(self.where, self.profile, layer, num_experts)])
 
     def update(self, state: StaticState, step: LayerStep) -> StaticState:
         return state
