@@ -136,6 +136,13 @@ def check_trace_covers(where: str, trace: RoutingTrace, layer: int, num_experts:
     return trace.moe_layers.index(layer)
 
 
+def last_used_after(last_used_E: np.ndarray, step: LayerStep) -> np.ndarray:
+    """A copy of the last-use clocks with the step's experts used now (states are values)."""
+    out_E = last_used_E.copy()
+    out_E[step.used] = step.clock
+    return out_E
+
+
 def recency_E(last_used_E: np.ndarray, clock: int) -> np.ndarray:
     """Tokens since each expert's last use (ν); never-used experts are infinitely old."""
     return np.where(last_used_E >= 0, clock - last_used_E, np.inf)

@@ -12,7 +12,7 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.policies.base import LayerStep, PolicyConfig, recency_E, register_policy
+from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, recency_E, register_policy
 
 
 def _in_unit_interval(instance, attribute, value) -> None:
@@ -49,9 +49,7 @@ class LCPPolicy:
 
     def update(self, state: LCPState, step: LayerStep) -> LCPState:
         mu_E = (np.zeros_like(state.mu_E) if step.new_request else state.mu_E) + step.counts_E
-        last_used_E = state.last_used_E.copy()
-        last_used_E[step.used] = step.clock
-        return LCPState(mu_E, last_used_E, step.clock)
+        return LCPState(mu_E, last_used_after(state.last_used_E, step), step.clock)
 
     def priority(self, state: LCPState) -> np.ndarray:
         nu_E = recency_E(state.last_used_E, state.now)  # ∞ for never-used experts, whose μ is 0: P = 0

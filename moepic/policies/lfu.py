@@ -7,7 +7,7 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.policies.base import LayerStep, PolicyConfig, register_policy
+from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, register_policy
 
 
 @attrs.frozen
@@ -32,9 +32,7 @@ class LFUPolicy:
         return LFUState(np.zeros(num_experts, dtype=np.int64), np.full(num_experts, -1, dtype=np.int64), 0)
 
     def update(self, state: LFUState, step: LayerStep) -> LFUState:
-        last_used_E = state.last_used_E.copy()
-        last_used_E[step.used] = step.clock
-        return LFUState(state.counts_E + step.counts_E, last_used_E, step.clock)
+        return LFUState(state.counts_E + step.counts_E, last_used_after(state.last_used_E, step), step.clock)
 
     def priority(self, state: LFUState) -> np.ndarray:
         # The fraction is in [0, 1), so it orders equal counts by recency and never outweighs a count.

@@ -7,7 +7,7 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.policies.base import LayerStep, PolicyConfig, register_policy
+from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, register_policy
 
 
 @attrs.frozen
@@ -30,9 +30,7 @@ class LRUPolicy:
         return LRUState(np.full(num_experts, -1, dtype=np.int64))
 
     def update(self, state: LRUState, step: LayerStep) -> LRUState:
-        last_used_E = state.last_used_E.copy()
-        last_used_E[step.used] = step.clock
-        return LRUState(last_used_E)
+        return LRUState(last_used_after(state.last_used_E, step))
 
     def priority(self, state: LRUState) -> np.ndarray:
         return state.last_used_E.astype(np.float64)
