@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moepic.errors import ConfigError
 from moepic.policies import PolicyConfig
+from moepic.registry import StrategyConfig
 from moepic.policies.lcp import LCPConfig
 
 
@@ -109,7 +110,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key}: expected a list, got {value!r}")
         return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
-    if isinstance(tp, type) and issubclass(tp, PolicyConfig):  # a strategy node: its class depends on `name`
+    if isinstance(tp, type) and issubclass(tp, StrategyConfig):  # a strategy node: its class depends on `name`
         return tp.structure_node(value, key)
     if attrs.has(tp):
         return structure(tp, value, key)

@@ -11,13 +11,13 @@ registered under a name with `@register_policy`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 import numpy as np
 
 from moepic.errors import ConfigError
+from moepic.registry import Registry, StrategyConfig
 from moepic.tracing import RoutingTrace, load_any_trace
 
 
@@ -58,63 +58,26 @@ class CachePolicy(Protocol[State]):
         ...
 
 
-class PolicyConfig:
+POLICIES = Registry("policy", default="lcp")  # MoEpic's own is the default
+
+
+class PolicyConfig(StrategyConfig):
     """Base of every policy's frozen config. A YAML node `{name: lcp, rho: 0.25}` becomes one."""
 
-    name: ClassVar[str]
-
-    @classmethod
-    def structure_node(cls, data: Any, key: str) -> PolicyConfig:
-        """The config class registered under `data['name']`, built from the node's other keys."""
-        from moepic.config import structure  # the one place YAML becomes attrs (config imports us)
-
-        if isinstance(data, PolicyConfig):
-            return data
-        if isinstance(data, str):  # `policy: lru` is shorthand for `policy: {name: lru}`
-            data = {"name": data}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config key {key}: expected a mapping with a 'name' (one of {known_policies()}), got {data!r}")
-        data = {"name": DEFAULT_POLICY} | dict(data)  # `cache.policy.rho=0.5` tunes the default policy
-        entry = POLICIES.get(data["name"])
-        if entry is None:
-            raise ConfigError(f"config key {key}.name: unknown policy {data['name']!r}; known: {known_policies()}")
-        return structure(entry.config, {k: v for k, v in data.items() if k != "name"}, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name} | attrs.asdict(self)
+    registry = POLICIES
 
 
-@attrs.frozen
-class PolicyEntry:
-    config: type[PolicyConfig]
-    factory: Callable[[Any], CachePolicy]
-
-
-POLICIES: dict[str, PolicyEntry] = {}
-DEFAULT_POLICY = "lcp"  # MoEpic's own
-
-C = TypeVar("C", bound=type)
-
-
-def register_policy(name: str, config: type[PolicyConfig]) -> Callable[[C], C]:
+def register_policy(name: str, config: type[PolicyConfig]):
     """Class decorator: `name` in YAML builds `policy_class(config_instance)`."""
-
-    def register(policy_class: C) -> C:
-        if name in POLICIES:
-            raise ValueError(f"cache policy {name!r} is registered twice")
-        config.name = name
-        POLICIES[name] = PolicyEntry(config, policy_class)
-        return policy_class
-
-    return register
+    return POLICIES.register(name, config)
 
 
 def known_policies() -> str:
-    return ", ".join(sorted(POLICIES))
+    return POLICIES.known()
 
 
 def build_policy(config: PolicyConfig) -> CachePolicy:
-    return POLICIES[config.name].factory(config)
+    return POLICIES.build(config)
 
 
 def trace_for(given: RoutingTrace | None, path: str | None, *, missing: str) -> tuple[RoutingTrace, str]:

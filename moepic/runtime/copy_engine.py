@@ -1,0 +1,209 @@
+"""Asynchronous host→device copies: one interface, a CUDA implementation and a CPU one. Side effects:
+threads, CUDA streams and events. The only module that owns them.
+
+    engine ─submit(ranges, urgent)─▶ Ticket ─ ... compute ... ─wait(ticket)─▶ data usable
+              │                                                    └─ the time blocked here is *exposed* copy time
+              ├─ CUDA: copies on a side stream (urgent ones on a higher-priority stream), an event per
+              │        ticket; `wait` makes the compute stream wait on the event, never the host.
+              └─ CPU:  one worker thread is the link: it takes urgent jobs before queued prefetches,
+                       copies, and with an emulated link holds each job for latency + bytes/bandwidth,
+                       so a CPU-only machine runs the pipeline at a realistic copy/compute ratio.
+
+A buffer being written by a copy must not be read until its ticket is waited for, and must not be
+written again while compute still reads it: `submit(..., after=fence)` takes the fence the compute
+side recorded when it let go of the buffer (`fence()`; on the CPU compute is synchronous, so None).
+A copy that fails raises CopyError from `wait`, naming the copy; the engine then refuses new work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from moepic.errors import MoepicError
+
+Ranges = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (destination, source) pairs, same shapes
+
+
+class CopyError(MoepicError):
+    """A host→device copy failed; the message names its size and cause."""
+
+
+@attrs.frozen(kw_only=True)
+class Link:
+    """An emulated host→device link: each copy takes latency + bytes / bandwidth."""
+
+    gbps: float  # gigabytes (10⁹ bytes) per second
+    latency_us: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.gbps <= 0 or self.latency_us < 0:
+            raise ValueError(f"link: bandwidth must be > 0 GB/s and latency ≥ 0 µs, got {self.gbps}, {self.latency_us}")
+
+    def seconds(self, nbytes: int) -> float:
+        return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
+
+
+def ranges_bytes(ranges: Ranges) -> int:
+    return sum(src.numel() * src.element_size() for _, src in ranges)
+
+
+@attrs.define(eq=False)
+class Ticket:
+    nbytes: int
+    urgent: bool
+    owner: object
+    done: threading.Event = attrs.field(factory=threading.Event)
+    error: BaseException | None = None
+    event: object = None  # CUDA: the event recorded after the copies
+
+
+@attrs.define
+class CopyStats:
+    copies: int = 0
+    bytes: int = 0
+    exposed_s: float = 0.0  # time compute waited for copies (CPU: measured in `wait`)
+    waits: int = 0
+
+
+class ThreadCopyEngine:
+    """The CPU copy engine: a worker thread drains a two-level queue (urgent first, then FIFO)."""
+
+    def __init__(self, link: Link | None = None) -> None:
+        self.link = link
+        self.stats = CopyStats()
+        self._jobs: deque[tuple[Ticket, Ranges]] = deque()
+        self._urgent: deque[tuple[Ticket, Ranges]] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name="moepic-copy", daemon=True)
+        self._worker.start()
+
+    def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
+        if self._failure is not None:
+            raise CopyError(f"the copy engine stopped after a failed copy: {self._failure}")
+        ticket = Ticket(nbytes=ranges_bytes(ranges), urgent=urgent, owner=self)
+        with self._wake:
+            if self._closed:
+                raise CopyError("the copy engine is closed")
+            (self._urgent if urgent else self._jobs).append((ticket, tuple(ranges)))
+            self._wake.notify()
+        return ticket
+
+    def wait(self, ticket: Ticket) -> None:
+        if ticket.owner is not self:
+            raise ValueError("waiting for a copy this engine did not issue")
+        start = time.perf_counter()
+        while not ticket.done.wait(timeout=1.0):
+            if not self._worker.is_alive():  # never hang on a dead worker
+                raise CopyError("the copy worker died before finishing a copy")
+        self.stats.exposed_s += time.perf_counter() - start
+        self.stats.waits += 1
+        if ticket.error is not None:
+            raise CopyError(f"copying {ticket.nbytes} bytes failed: {ticket.error}") from ticket.error
+
+    def fence(self) -> None:
+        return None  # compute on the CPU is synchronous: a released buffer is free at once
+
+    def exposed_s(self) -> float:
+        """Wall time compute spent blocked in `wait`."""
+        return self.stats.exposed_s
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the worker."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._worker.join()
+
+    def _next(self) -> tuple[Ticket, Ranges] | None:
+        with self._wake:
+            while not (self._urgent or self._jobs or self._closed):
+                self._wake.wait()
+            queue = self._urgent if self._urgent else self._jobs
+            return queue.popleft() if queue else None
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            ticket, ranges = job
+            start = time.perf_counter()
+            try:
+                if self._failure is not None:
+                    raise CopyError(f"not run: an earlier copy failed ({self._failure})")
+                for dst, src in ranges:
+                    dst.copy_(src)
+                if self.link is not None:  # hold the link for as long as the emulated transfer takes
+                    time.sleep(max(0.0, self.link.seconds(ticket.nbytes) - (time.perf_counter() - start)))
+                self.stats.copies += 1
+                self.stats.bytes += ticket.nbytes
+            except BaseException as e:  # surfaced to whoever waits, never swallowed
+                ticket.error = e
+                self._failure = self._failure or e
+            finally:
+                ticket.done.set()
+
+
+class CudaCopyEngine:
+    """Copies on side streams; urgent (on-demand) copies on a higher-priority stream than prefetches."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stats = CopyStats()
+        self._prefetch_stream = torch.cuda.Stream(device, priority=0)
+        self._urgent_stream = torch.cuda.Stream(device, priority=-1)
+        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
+        ticket = Ticket(nbytes=ranges_bytes(ranges), urgent=urgent, owner=self)
+        stream = self._urgent_stream if urgent else self._prefetch_stream
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)  # compute has let go of the destination
+            for dst, src in ranges:
+                dst.copy_(src, non_blocking=True)
+            ticket.event = torch.cuda.Event(enable_timing=False)
+            ticket.event.record(stream)
+        self.stats.copies += 1
+        self.stats.bytes += ticket.nbytes
+        ticket.done.set()  # issued; completion is the event's business
+        return ticket
+
+    def wait(self, ticket: Ticket) -> None:
+        if ticket.owner is not self:
+            raise ValueError("waiting for a copy this engine did not issue")
+        compute = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        compute.wait_event(ticket.event)  # the device waits; the host does not
+        after.record(compute)
+        self._stalls.append((before, after))
+        self.stats.waits += 1
+
+    def fence(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def exposed_s(self) -> float:
+        """Device time compute spent stalled on copies (synchronises: call when reporting)."""
+        torch.cuda.synchronize(self.device)
+        self.stats.exposed_s += sum(b.elapsed_time(a) for b, a in self._stalls) / 1e3
+        self._stalls.clear()
+        return self.stats.exposed_s
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def copy_engine_for(device: torch.device, link: Link | None = None) -> ThreadCopyEngine | CudaCopyEngine:
+    if device.type == "cuda":
+        if link is not None:
+            raise ValueError("an emulated link is for CPU runs; on CUDA the real link is used")
+        return CudaCopyEngine(device)
+    return ThreadCopyEngine(link)
