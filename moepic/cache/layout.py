@@ -154,8 +154,11 @@ def plan_layout(
     budget: BudgetValue | Sequence[BudgetValue],
     theta: float | Sequence[float],
     widest_neuron_block: int | None = None,
+    staging_experts: int | None = None,
 ) -> CacheLayout:
-    """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ."""
+    """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ.
+
+    `staging_experts` whole-expert buffers are staged (default: top_k; prefetching needs more)."""
     moe = spec.moe
     if moe is None or not spec.moe_layers:
         raise BudgetError(f"{spec.model_type}: the model has no routed experts to offload")
@@ -165,6 +168,7 @@ def plan_layout(
         if not 0 <= t <= 1:
             raise BudgetError(f"cache.theta: each value must be in [0, 1], got {t}")
     F, E = moe.expert_ffn, moe.num_experts
+    staging_n = moe.top_k if staging_experts is None else staging_experts
     block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
     neuron_bytes = swiglu_params(spec.hidden_size, 1) * dtype_bytes
     expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
@@ -183,18 +187,18 @@ def plan_layout(
     if isinstance(budget, (list, tuple)):
         per_layer = _per_moe_layer(budget, layers_n, "cache.budget")
         caches = [budget_bytes(v, layer_bytes, f"cache.budget[{i}]") for i, v in enumerate(per_layer)]
-        result = layout(caches, moe.top_k)
+        result = layout(caches, staging_n)
     else:
         total = budget_bytes(budget, layers_n * layer_bytes, "cache.budget")
         if all(top == F for top in tops) and total >= layers_n * layer_bytes:
             return layout([layer_bytes] * layers_n, 0)
-        staging = moe.top_k * expert_bytes
+        staging = staging_n * expert_bytes
         if total < staging:
             raise BudgetError(
                 f"cache.budget {budget!r} is {_mib(total)}, below the minimum working set of {_mib(staging)}: "
-                f"staging for {moe.top_k} whole experts of {expert_bytes} bytes each"
+                f"staging for {staging_n} whole experts of {expert_bytes} bytes each"
             )
-        result = layout([(total - staging) // layers_n] * layers_n, moe.top_k)
+        result = layout([(total - staging) // layers_n] * layers_n, staging_n)
     if all(l.fully_resident for l in result.layers):
         result = attrs.evolve(result, staging_experts=0)
     return result

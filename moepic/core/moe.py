@@ -48,10 +48,11 @@ class ExpertSource(Protocol):
         ...
 
     def experts_for(
-        self, layer: int, ids_per_token: Sequence[Sequence[int]]
+        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         """Each expert that `ids_per_token` routes to, once, by ascending id, as neuron segments that
-        together cover all of F. Segments may be overwritten after the next expert is requested."""
+        together cover all of F. Segments may be overwritten after the next expert is requested.
+        `router_input_TD` is what the layer routed on (a prefetching source predicts from it)."""
         ...
 
 
@@ -65,7 +66,7 @@ class ResidentExperts:
         pass
 
     def experts_for(
-        self, layer: int, ids_per_token: Sequence[Sequence[int]]
+        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         experts = self.weights.layers[layer].ffn.experts
         return ((e, (experts[e],)) for e in sorted({e for ids in ids_per_token for e in ids}))
@@ -120,7 +121,7 @@ def moe_block(
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token = routing_to_host_sync(ids_TK)
-    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, ids_per_token))
+    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, ids_per_token, x_TD))
     if w.shared_expert is not None:
         shared_TD = swiglu(x_TD, w.shared_expert)
         if w.shared_expert_gate_1D is not None:

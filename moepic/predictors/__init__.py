@@ -1,5 +1,10 @@
-"""Expert predictors (gate lookahead, learned MLP, oracle) as pure, registered strategies.
+"""Expert predictors as pure, registered strategies: none, gate_lookahead, oracle.
 
-They plug into the MoE block's routing step to prefetch the next layer's experts. Arrive with the
-prefetch issue (issue 5).
+The engine asks one, after each layer routes, which experts the next layers will need, and copies
+them ahead. Importing this package registers them all.
 """
+
+from moepic.predictors import gate_lookahead, oracle  # noqa: F401  (registration)
+from moepic.predictors.base import PREDICTORS, Predictor, PredictorConfig
+
+__all__ = ["PREDICTORS", "Predictor", "PredictorConfig"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 
@@ -71,29 +72,72 @@ class CopyStats:
     waits: int = 0
 
 
+class _LinkQueue:
+    """The worker's state, apart from the engine, so a dropped engine is collected and its worker ends."""
+
+    def __init__(self, link: Link | None, stats: CopyStats) -> None:
+        self.link, self.stats = link, stats
+        self.jobs: deque[tuple[Ticket, Ranges]] = deque()
+        self.urgent: deque[tuple[Ticket, Ranges]] = deque()
+        self.wake = threading.Condition()
+        self.closed = False
+        self.failure: BaseException | None = None
+
+    def put(self, ticket: Ticket, ranges: Ranges) -> None:
+        with self.wake:
+            if self.closed:
+                raise CopyError("the copy engine is closed")
+            (self.urgent if ticket.urgent else self.jobs).append((ticket, ranges))
+            self.wake.notify()
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+
+    def next(self) -> tuple[Ticket, Ranges] | None:
+        with self.wake:
+            while not (self.urgent or self.jobs or self.closed):
+                self.wake.wait()
+            queue = self.urgent if self.urgent else self.jobs
+            return queue.popleft() if queue else None
+
+    def run(self) -> None:
+        while (job := self.next()) is not None:
+            ticket, ranges = job
+            start = time.perf_counter()
+            try:
+                if self.failure is not None:
+                    raise CopyError(f"not run: an earlier copy failed ({self.failure})")
+                for dst, src in ranges:
+                    dst.copy_(src)
+                if self.link is not None:  # hold the link for as long as the emulated transfer takes
+                    time.sleep(max(0.0, self.link.seconds(ticket.nbytes) - (time.perf_counter() - start)))
+                self.stats.copies += 1
+                self.stats.bytes += ticket.nbytes
+            except BaseException as e:  # surfaced to whoever waits, never swallowed
+                ticket.error = e
+                self.failure = self.failure or e
+            finally:
+                ticket.done.set()
+
+
 class ThreadCopyEngine:
     """The CPU copy engine: a worker thread drains a two-level queue (urgent first, then FIFO)."""
 
     def __init__(self, link: Link | None = None) -> None:
         self.link = link
         self.stats = CopyStats()
-        self._jobs: deque[tuple[Ticket, Ranges]] = deque()
-        self._urgent: deque[tuple[Ticket, Ranges]] = deque()
-        self._wake = threading.Condition()
-        self._closed = False
-        self._failure: BaseException | None = None
-        self._worker = threading.Thread(target=self._run, name="moepic-copy", daemon=True)
+        self._queue = _LinkQueue(link, self.stats)
+        self._worker = threading.Thread(target=self._queue.run, name="moepic-copy", daemon=True)
         self._worker.start()
+        weakref.finalize(self, self._queue.close)  # an engine nobody closed still stops its worker
 
     def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
-        if self._failure is not None:
-            raise CopyError(f"the copy engine stopped after a failed copy: {self._failure}")
+        if self._queue.failure is not None:
+            raise CopyError(f"the copy engine stopped after a failed copy: {self._queue.failure}")
         ticket = Ticket(nbytes=ranges_bytes(ranges), urgent=urgent, owner=self)
-        with self._wake:
-            if self._closed:
-                raise CopyError("the copy engine is closed")
-            (self._urgent if urgent else self._jobs).append((ticket, tuple(ranges)))
-            self._wake.notify()
+        self._queue.put(ticket, tuple(ranges))
         return ticket
 
     def wait(self, ticket: Ticket) -> None:
@@ -117,36 +161,8 @@ class ThreadCopyEngine:
 
     def close(self) -> None:
         """Finish what was submitted, then stop the worker."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
+        self._queue.close()
         self._worker.join()
-
-    def _next(self) -> tuple[Ticket, Ranges] | None:
-        with self._wake:
-            while not (self._urgent or self._jobs or self._closed):
-                self._wake.wait()
-            queue = self._urgent if self._urgent else self._jobs
-            return queue.popleft() if queue else None
-
-    def _run(self) -> None:
-        while (job := self._next()) is not None:
-            ticket, ranges = job
-            start = time.perf_counter()
-            try:
-                if self._failure is not None:
-                    raise CopyError(f"not run: an earlier copy failed ({self._failure})")
-                for dst, src in ranges:
-                    dst.copy_(src)
-                if self.link is not None:  # hold the link for as long as the emulated transfer takes
-                    time.sleep(max(0.0, self.link.seconds(ticket.nbytes) - (time.perf_counter() - start)))
-                self.stats.copies += 1
-                self.stats.bytes += ticket.nbytes
-            except BaseException as e:  # surfaced to whoever waits, never swallowed
-                ticket.error = e
-                self._failure = self._failure or e
-            finally:
-                ticket.done.set()
 
 
 class CudaCopyEngine:

@@ -1,47 +1,60 @@
-"""The offloading engine: an ExpertSource that keeps routed experts in host memory and a per-layer
-cache of their top segments on the device. Side effects: device allocation and copies.
+"""The offloading engine: an ExpertSource that keeps routed experts in host memory, a per-layer
+device cache of their top segments, and copies the rest ahead of need. Side effects: device
+allocation and copies (through the copy engine, the only owner of streams and threads).
 
-    routing of layer l ─▶ residency_step (pure planner + policy) ─▶ plan ─▶ copies ─▶ whole experts
-                                                                                    │
-    hit       slot holds the whole expert (θ = 1) ──────────────────────────────────┤ computed in place
-    partial   top: slot ─D2D─▶ staging   bottom: host ─H2D─▶ staging ────────────────┤
-    miss      host ─H2D─▶ staging (one copy)  [admitted: staging top ─D2D─▶ slot] ───┘
+    layer l routes ─▶ residency_step (pure planner + policy) ─▶ plan
+        ├─ predictor ─▶ later layers' experts ─▶ prefetch (bottom if top cached, else whole) ─┐ copy engine,
+        └─ plan's loads not prefetched ─▶ demand copies (urgent) ────────────────────────────┘ async
+    per routed expert, in order:
+        hit       slot holds the whole expert (θ = 1) ─────────────────────────▶ computed in place
+        partial   wait bottom; top slot ─D2D─▶ staging ─────────────────────────▶ computed in staging
+        miss      wait whole;  [admitted: staging top ─D2D─▶ slot] ─────────────▶ computed in staging
 
 Every expert is computed from one buffer in the compute layout, reassembled from its segments,
 so the kernels see the same shapes and values as in the dense model: offloaded results equal the
-dense model's bit for bit, whatever the policy, budget or θ. (Computing the cached top while the
-bottom is in flight, paper-brief §2, trades that for a little overlap; the copy engine of the
-prefetch issue decides where overlap pays.)
-
-Copies are issued on the current stream, `non_blocking` from pinned memory on CUDA; on the CPU
-they are plain memory copies through the same code. Staging buffers are reused round-robin: the
-next copy into a buffer is queued after the compute that read it, on the same stream.
+dense model's bit for bit, whatever the policy, budget, θ, predictor or link. (Computing a cached
+top while its bottom is in flight, paper-brief §2, would trade that exactness for a little overlap.)
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 
+import attrs
 import numpy as np
 import torch
 
 from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout
 from moepic.cache.planner import FREE, ExpertPlan, LayerResidency, initial_residency, residency_step
-from moepic.cache.stats import LayerCacheStats, summary
 from moepic.core.model import Model
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
+from moepic.predictors import PREDICTORS, PredictorConfig
+from moepic.predictors.base import NoPredictor, Predictor
+from moepic.runtime.copy_engine import Link, Ticket, copy_engine_for
+from moepic.runtime.engine_stats import EngineCounters
 from moepic.runtime.host_store import HostExpertStore, flat_views
+from moepic.runtime.staging import Buffer, StagingPool
 
 
 class _LayerPool:
     """One layer's preallocated cache: `slots` flat top segments on the device."""
 
     def __init__(self, layout: LayerCacheLayout, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.layout = layout
         self.flat_SX = torch.empty(layout.slots, 3 * layout.top_neurons * hidden, dtype=dtype, device=device)
         # Views made once: building them on every hit costs more than a small expert's compute.
         self.slots = [flat_views(self.flat_SX[s], layout.top_neurons, layout.block, hidden) for s in range(layout.slots)]
+
+
+@attrs.frozen
+class _Load:
+    """An expert's copy in flight (or done) into a staging buffer."""
+
+    buffer: Buffer
+    ticket: Ticket
+    part: str  # "whole" or "bottom"
 
 
 class OffloadedExperts:
@@ -54,25 +67,24 @@ class OffloadedExperts:
         policy: CachePolicy,
         *,
         device: str | torch.device,
+        predictor: Predictor | None = None,
+        link: Link | None = None,
         store: HostExpertStore | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.layout = layout
-        self.policy = policy
+        self.layout, self.policy = layout, policy
+        self.predictor = predictor or NoPredictor()
         self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
         any_expert = next(iter(self.store.experts.values()))[0]
         dtype, hidden = any_expert.down_FD.dtype, any_expert.down_FD.shape[1]
         if dtype.itemsize != layout.dtype_bytes:
             raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts are {dtype}")
+        self._layouts = {l.layer: l for l in layout.layers}
         self.pools = {l.layer: _LayerPool(l, hidden, dtype, self.device) for l in layout.layers}
-        self._layer_layouts = {l.layer: l for l in layout.layers}
-        widest = max(layout.layers, key=lambda l: l.expert_bytes)
-        self._staging = [
-            torch.empty(3 * widest.ffn_size * hidden, dtype=dtype, device=self.device) for _ in range(layout.staging_experts)
-        ]
-        self._next_staging = 0
-        # Every MoE layer of a model has the same expert shape, so one set of staging views serves all.
-        self._staged = [flat_views(b, widest.ffn_size, widest.block, hidden) for b in self._staging]
+        widest = max(layout.layers, key=lambda l: l.expert_bytes)  # all MoE layers share one expert shape
+        self.staging = StagingPool(layout.staging_experts, widest.ffn_size, widest.block, hidden, dtype, self.device)
+        self.copies = copy_engine_for(self.device, link)
+        self.counters = EngineCounters(layout)
         self.residency: dict[int, LayerResidency] = {l.layer: initial_residency(policy, l) for l in layout.layers}
         self.preload_bytes = 0  # before the run: layers with room for every whole expert start full
         for l in layout.layers:
@@ -80,14 +92,14 @@ class OffloadedExperts:
                 if e != FREE:
                     self.pools[l.layer].flat_SX[s].copy_(self.store.flat[l.layer][e], non_blocking=True)
                     self.preload_bytes += l.expert_bytes
-        self._decode_stats = {l.layer: LayerCacheStats(layer=l.layer) for l in layout.layers}
-        self._prefill_stats = dict(self._decode_stats)
-        # decode? → layer → [steps, tokens, activations] of fully resident layers (all hits).
-        self._resident_counts = {decode: {l: [0, 0, 0] for l in self.pools} for decode in (False, True)}
+        self._clock = {l.layer: 0 for l in layout.layers}  # tokens each layer has routed
+        self._predictor_state = self.predictor.init()
+        self._prefetched: dict[int, dict[int, _Load]] = {l.layer: {} for l in layout.layers}
+        self._predicted: dict[int, set[int]] = {}  # what the predictor named for each later layer
         self._new_request: set[int] = set()
-        # Bytes actually copied (the planner's `bytes_loaded` must equal the first).
-        self.host_to_device_bytes = 0
-        self.device_copy_bytes = 0
+        # Buffers prefetching never takes, so this layer's own loads always find one.
+        prefetch_buffers = self.predictor.candidates * (self.predictor.horizon + 1)
+        self._demand_reserve = max(1, layout.staging_experts - prefetch_buffers)
 
     # -- ExpertSource ---------------------------------------------------------------------------
 
@@ -95,22 +107,29 @@ class OffloadedExperts:
         """The next step of every layer starts a request (LCP counts μ within one)."""
         self._new_request = set(self.residency)
 
-    def experts_for(self, layer: int, ids_per_token: Sequence[Sequence[int]]) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
-        layout = self._layer_layouts[layer]
-        tokens = len(ids_per_token)
+    def experts_for(
+        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
+    ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
+        layout, tokens = self._layouts[layer], len(ids_per_token)
+        routed = sorted({e for ids in ids_per_token for e in ids})
+        prefetched = self._prefetched[layer]
+        self._prefetched[layer] = {}
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None and tokens == 1:  # recall is a decode measure (a prompt's prefetch is capped)
+            self.counters.add_prediction(layer, predicted, routed)
+        clock, self._clock[layer] = self._clock[layer], self._clock[layer] + tokens
         if layout.fully_resident:
             # Slot e holds expert e forever, so there is nothing to plan: every routed expert is a
             # hit. Counting it directly saves ~25 µs a step (measured: 7 % of the bundled model's
             # decode); the planner would reach the same counts.
-            routed = sorted({e for ids in ids_per_token for e in ids})
-            counts = self._resident_counts[tokens == 1][layer]
-            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + tokens, counts[2] + len(routed)
+            self.counters.add_resident_step(layer, tokens, len(routed))
+            self._prefetch_ahead(layer, router_input_TD, clock)
             slots = self.pools[layer].slots
             for e in routed:
                 yield e, (slots[e],)
             return
         counts_E = np.zeros(layout.num_experts, dtype=np.int64)
-        if len(ids_per_token) == 1:  # decode: a token's experts are distinct
+        if tokens == 1:  # decode: a token's experts are distinct
             counts_E[ids_per_token[0]] = 1
         else:
             np.add.at(counts_E, np.asarray(ids_per_token).ravel(), 1)
@@ -119,98 +138,138 @@ class OffloadedExperts:
         plan, self.residency[layer] = residency_step(
             self.policy, layout, self.residency[layer], counts_E, tokens=tokens, new_request=new_request
         )
-        stats = self._decode_stats if tokens == 1 else self._prefill_stats
-        stats[layer] = stats[layer].add(plan, tokens)
-        for expert_plan in plan.experts:
-            yield expert_plan.expert, (self._materialize(layout, expert_plan),)
+        self.counters.add_plan(plan, tokens)
+        loads: dict[int, _Load] = {}
+        for e, load in prefetched.items():  # keep what matches the plan, drop the rest
+            expert_plan = next((p for p in plan.experts if p.expert == e), None)
+            if expert_plan is not None and expert_plan.load == load.part:
+                loads[e] = load
+            else:
+                self.counters.wasted_prefetch_bytes += load.ticket.nbytes
+                self.staging.release(load.buffer, pending=load.ticket)
+        # This layer's loads go first (they block compute), in plan order, as buffers allow; then
+        # the next layers' prefetches, which overlap this layer's compute.
+        queue = deque(p for p in plan.experts if p.load != "none" and p.expert not in loads)
+        self._issue_demand(layout, queue, loads)
+        self._prefetch_ahead(layer, router_input_TD, clock)
+        for p in plan.experts:
+            if p.load == "none":  # a hit: the slot holds the whole expert
+                yield p.expert, (self.pools[layer].slots[p.slot],)
+                continue
+            if p.expert not in loads:  # its turn came before a buffer did: it heads the queue
+                self._issue_demand(layout, queue, loads, at_least_one=True)
+            load = loads.pop(p.expert)
+            yield p.expert, (self._assemble(layout, p, load),)
+            self.staging.release(load.buffer, fence=self.copies.fence())
+            self._issue_demand(layout, queue, loads)
 
     # -- copies ---------------------------------------------------------------------------------
 
-    def _next_staging_buffer(self) -> tuple[torch.Tensor, SwiGLUWeights]:
-        """The next staging buffer, flat and as a whole expert."""
-        i = self._next_staging
-        self._next_staging = (i + 1) % len(self._staging)
-        return self._staging[i], self._staged[i]
-
-    def _materialize(self, layout: LayerCacheLayout, p: ExpertPlan) -> SwiGLUWeights:
-        """The expert as one compute-layout buffer on the device, after the copies the plan asks for."""
-        host = self.store.experts[layout.layer][p.expert]
-        pool = self.pools[layout.layer]
+    def _ranges(self, layout: LayerCacheLayout, expert: int, part: str, buffer: Buffer):
+        if part == "whole":
+            flat = self.store.flat[layout.layer][expert]
+            return [(buffer.flat[: flat.numel()], flat)]
         top = layout.top_neurons
-        if p.load == "none":  # a hit: the slot holds the whole expert
-            return pool.slots[p.slot]
-        if layout.top_neurons == layout.ffn_size and p.admitted:  # whole experts are cached: load into the slot
-            self._load(pool.flat_SX[p.slot], self.store.flat[layout.layer][p.expert])
-            return pool.slots[p.slot]
-        buffer, staged = self._next_staging_buffer()
-        if p.load == "whole":
-            flat = self.store.flat[layout.layer][p.expert]
-            self._load(buffer[: flat.numel()], flat)
-            if p.admitted:
-                self._copy_on_device(pool.slots[p.slot], staged.neurons(0, top))
-        else:  # partial hit: cached top from the slot, bottom from the host
-            self._copy_on_device(staged.neurons(0, top), pool.slots[p.slot])
-            bottom = host.neurons(top, layout.ffn_size)
-            self._load(staged.neurons(top, layout.ffn_size).gate_up_N2BD, bottom.gate_up_N2BD)
-            self._load(staged.neurons(top, layout.ffn_size).down_FD, bottom.down_FD)
-        return staged
+        src = self.store.experts[layout.layer][expert].neurons(top, layout.ffn_size)
+        dst = buffer.expert.neurons(top, layout.ffn_size)
+        return [(dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)]
 
-    def _load(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Host → device: one contiguous range, asynchronous from pinned memory."""
-        dst.copy_(src, non_blocking=True)
-        self.host_to_device_bytes += src.numel() * src.element_size()
+    def _start(self, layout: LayerCacheLayout, expert: int, part: str, *, urgent: bool) -> _Load:
+        buffer = self.staging.acquire(self.copies.wait)
+        ticket = self.copies.submit(self._ranges(layout, expert, part, buffer), urgent=urgent, after=buffer.fence)
+        if urgent:
+            self.counters.demand_bytes += ticket.nbytes
+        else:
+            self.counters.prefetch_bytes += ticket.nbytes
+        return _Load(buffer, ticket, part)
+
+    def _issue_demand(
+        self, layout: LayerCacheLayout, queue: deque[ExpertPlan], loads: dict[int, _Load], *, at_least_one: bool = False
+    ) -> None:
+        """Demand copies from the head of `queue` while buffers are free."""
+        while queue and (self.staging.free or at_least_one):
+            p = queue.popleft()
+            loads[p.expert] = self._start(layout, p.expert, p.load, urgent=True)
+            at_least_one = False
+
+    def _prefetch_ahead(self, layer: int, router_input_TD: torch.Tensor, clock: int) -> None:
+        if not self.predictor.horizon:
+            return
+        start = time.perf_counter()
+        predictions, self._predictor_state = self.predictor.predict(self._predictor_state, layer, router_input_TD, clock)
+        self.counters.predictor_s += time.perf_counter() - start
+        for target, experts in predictions.items():
+            target_layout, pending = self._layouts[target], self._prefetched[target]
+            slot_of = self.residency[target].cache.slot_of()
+            experts = experts[: self.predictor.candidates]
+            self._predicted.setdefault(target, set()).update(experts)
+            for e in experts:
+                part = "bottom" if e in slot_of else "whole"
+                if e in pending or (part == "bottom" and target_layout.top_neurons == target_layout.ffn_size):
+                    continue  # already on its way, or a whole-expert hit: nothing to copy
+                if self.staging.free <= self._demand_reserve:  # never starve on-demand loads
+                    return
+                pending[e] = self._start(target_layout, e, part, urgent=False)
+
+    def _assemble(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> SwiGLUWeights:
+        """Wait for the expert's copy and complete it in its staging buffer; admit its top if planned."""
+        self.copies.wait(load.ticket)
+        staged, top = load.buffer.expert, layout.top_neurons
+        slot = self.pools[layout.layer].slots[p.slot] if p.slot is not None else None
+        if p.outcome == "partial":
+            self._copy_on_device(staged.neurons(0, top), slot)
+        elif p.admitted:
+            self._copy_on_device(slot, staged.neurons(0, top))
+        return staged
 
     def _copy_on_device(self, dst: SwiGLUWeights, src: SwiGLUWeights) -> None:
         for d, s in ((dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)):
             d.copy_(s, non_blocking=True)
-            self.device_copy_bytes += s.numel() * s.element_size()
+            self.counters.device_copy_bytes += s.numel() * s.element_size()
 
     # -- reporting ------------------------------------------------------------------------------
 
     @property
-    def decode_stats(self) -> dict[int, LayerCacheStats]:
-        """Per MoE layer: counters of the one-token steps."""
-        return self._with_resident_hits(self._decode_stats, self._resident_counts[True])
+    def decode_stats(self):
+        return self.counters.cache_stats(decode=True)
 
     @property
-    def prefill_stats(self) -> dict[int, LayerCacheStats]:
-        """Per MoE layer: counters of the multi-token steps (prompts)."""
-        return self._with_resident_hits(self._prefill_stats, self._resident_counts[False])
+    def prefill_stats(self):
+        return self.counters.cache_stats(decode=False)
 
-    @staticmethod
-    def _with_resident_hits(stats, resident_counts) -> dict[int, LayerCacheStats]:
-        out = {}
-        for layer, s in stats.items():
-            steps, tokens, activations = resident_counts[layer]
-            hits = LayerCacheStats(layer=layer, steps=steps, tokens=tokens, activations=activations, hits=activations)
-            out[layer] = s.plus(hits)
-        return out
+    @property
+    def host_to_device_bytes(self) -> int:
+        return self.counters.demand_bytes + self.counters.prefetch_bytes
 
     def report(self) -> dict[str, object]:
-        """Cache counters of the run so far: whole run, and the decode steps alone."""
-        layers = self.layout.layers
-        decode = tuple(self.decode_stats.values())
-        everything = tuple(a.plus(b) for a, b in zip(self.prefill_stats.values(), decode))
-        # Every MoE layer sees every token, so any layer's token count is the run's.
-        decode_summary = summary(decode, decode[0].tokens)
-        return summary(everything, everything[0].tokens) | {
-            "decode_expert_hit_rate": decode_summary["expert_hit_rate"],
-            "decode_bytes_loaded_per_token": decode_summary["bytes_loaded_per_token"],
-            "device_copy_bytes": self.device_copy_bytes,
-            "preload_bytes": self.preload_bytes,
-            "cache_bytes": self.layout.cache_bytes,
-            "staging_bytes": self.layout.staging_bytes,
-            "theta": [l.theta for l in layers],
-            "slots": [l.slots for l in layers],
-        }
+        """Counters of the run so far: cache, prediction, copies."""
+        return self.counters.report(exposed_copy_s=self.copies.exposed_s(), preload_bytes=self.preload_bytes)
+
+    def close(self) -> None:
+        self.copies.close()
 
 
-def offloaded_experts(model: Model, budget, theta, policy_config: PolicyConfig) -> OffloadedExperts:
-    """The engine for `model` (its routed experts in host memory) under a budget, θ and policy config."""
+def staging_buffers(top_k: int, predictor: Predictor) -> int:
+    """The current layer's loads, plus what prefetching holds: k′ for each layer ahead and for this one."""
+    return top_k + (predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0)
+
+
+def offloaded_experts(
+    model: Model,
+    budget,
+    theta,
+    policy_config: PolicyConfig,
+    predictor_config: PredictorConfig | None = None,
+    *,
+    link: Link | None = None,
+    predictor: Predictor | None = None,
+) -> OffloadedExperts:
+    """The engine for `model` (its routed experts in host memory) under a budget, θ, policy and predictor."""
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
+    if predictor is None:
+        predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
     layout = plan_layout(
-        model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block
+        model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block,
+        staging_experts=staging_buffers(model.spec.moe.top_k, predictor),
     )
-    return OffloadedExperts(model.weights, layout, build_policy(policy_config), device=model.device)
-
-
+    return OffloadedExperts(model.weights, layout, build_policy(policy_config), device=model.device, predictor=predictor, link=link)

@@ -94,7 +94,7 @@ class SplitExperts:
     def begin_request(self):
         pass
 
-    def experts_for(self, layer, ids_per_token):
+    def experts_for(self, layer, ids_per_token, router_input_TD):
         expert_ids = sorted({e for ids in ids_per_token for e in ids})
         self.asked.append((layer, tuple(expert_ids)))
         experts = self.model.weights.layers[layer].ffn.experts

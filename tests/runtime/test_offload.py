@@ -79,8 +79,8 @@ class CheckedAfterEveryStep:
     def begin_request(self) -> None:
         self.engine.begin_request()
 
-    def experts_for(self, layer, ids_per_token):
-        yield from self.engine.experts_for(layer, ids_per_token)
+    def experts_for(self, layer, ids_per_token, router_input_TD):
+        yield from self.engine.experts_for(layer, ids_per_token, router_input_TD)
         assert_slots_hold_the_host_bytes(self.engine)
 
 

@@ -1,0 +1,66 @@
+"""Gate lookahead: the next layers' routers applied to the current layer's router input. Pure.
+
+The cheapest predictor that works (MoEpic, AdapMoE, Pre-gated MoE): layer l's router input is close
+to what layer l+1's router will see, so layer l+1's router on it names most of layer l+1's experts
+(the bundled model: 68–86 % recall at k′ = k). Tap points:
+- `router_input`: layer l's router input as it is (normalised with layer l's norm weight);
+- `rescaled`: the same hidden state with the *target* layer's norm weight instead, i.e. the target
+  router applied to rmsnorm(layer l's residual) the way the target layer will normalise it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from moepic.core.model import Model
+from moepic.core.weights import MoEWeights
+from moepic.predictors.base import PredictorConfig, candidates_from_scores, register_predictor
+
+
+def _at_least_one(instance, attribute, value) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"predictor.{attribute.name} must be >= 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class GateLookaheadConfig(PredictorConfig):
+    # k′: experts prefetched per token and layer (default: the model's top-k).
+    candidates: int | None = attrs.field(default=None, validator=_at_least_one)
+    horizon: int = attrs.field(default=1, validator=_at_least_one)  # MoE layers ahead: 1–3 make sense
+    tap: Literal["router_input", "rescaled"] = "router_input"
+
+
+@register_predictor("gate_lookahead", GateLookaheadConfig)
+class GateLookahead:
+    def __init__(self, config: GateLookaheadConfig, model: Model) -> None:
+        self.config = config
+        self.horizon = config.horizon
+        self.candidates = config.candidates or model.spec.moe.top_k
+        moe_layers = model.spec.moe_layers
+        self.targets = {l: moe_layers[i + 1 : i + 1 + config.horizon] for i, l in enumerate(moe_layers)}
+        self.moe = {l: model.weights.layers[l] for l in moe_layers}
+        # rescaled: x·(w_target / w_source), precomputed per (source, target) pair
+        self.rescale = {}
+        if config.tap == "rescaled":
+            for source, targets in self.targets.items():
+                w_source = self.moe[source].post_attention_norm_D
+                if bool((w_source == 0).any()):
+                    raise ValueError(f"layer {source}'s norm weight has zeros: the rescaled tap point cannot undo it")
+                for target in targets:
+                    self.rescale[source, target] = self.moe[target].post_attention_norm_D / w_source
+
+    def init(self) -> None:
+        return None
+
+    def predict(self, state, layer: int, router_input_TD: torch.Tensor, clock: int):
+        out = {}
+        for target in self.targets.get(layer, ()):
+            x_TD = router_input_TD * self.rescale[layer, target] if self.rescale else router_input_TD
+            ffn = self.moe[target].ffn
+            assert isinstance(ffn, MoEWeights)
+            out[target] = candidates_from_scores(F.linear(x_TD, ffn.router_ED), self.candidates)
+        return out, state

@@ -1,0 +1,41 @@
+"""Oracle: the future read from a trace of the same run: the upper bound for every predictor. Pure."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from moepic.core.model import Model
+from moepic.policies.base import check_trace_covers, trace_for
+from moepic.predictors.base import PredictorConfig, register_predictor
+from moepic.tracing import RoutingTrace
+
+
+@attrs.frozen(kw_only=True)
+class OracleConfig(PredictorConfig):
+    trace: str | None = None  # the run's routing trace (`moepic generate --record-trace`)
+    horizon: int = 1
+
+
+@register_predictor("oracle", OracleConfig)
+class OraclePredictor:
+    def __init__(self, config: OracleConfig, model: Model, future: RoutingTrace | None = None) -> None:
+        missing = "the oracle predictor needs the future: set predictor.trace=FILE (the run's trace)"
+        self.future, where = trace_for(future, config.trace, missing=missing)
+        self.config = config
+        self.horizon = config.horizon
+        self.candidates = model.spec.moe.top_k  # per token; a prefill step prefetches its most common
+        moe_layers = model.spec.moe_layers
+        self.targets = {l: moe_layers[i + 1 : i + 1 + config.horizon] for i, l in enumerate(moe_layers)}
+        self.columns = {l: check_trace_covers(where, self.future, l, model.spec.moe.num_experts) for l in moe_layers}
+
+    def init(self) -> None:
+        return None
+
+    def predict(self, state, layer: int, router_input_TD: torch.Tensor, clock: int):
+        tokens = router_input_TD.shape[0]
+        out = {}
+        for target in self.targets.get(layer, ()):
+            ids = self.future.expert_ids_NLK[clock : clock + tokens, self.columns[target]]
+            out[target] = sorted({int(e) for e in ids.ravel()})
+        return out, state

@@ -1,0 +1,105 @@
+"""What the offloading engine counts, and the report it makes of it. Side effects: none (plain counters).
+
+Cache counters come from the pure planner (`LayerCacheStats`), split into prefill (multi-token)
+and decode steps; fully resident layers are counted directly as hits. Prediction counters compare
+what was prefetched for a layer with what it then routed. Bytes are split by how they moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from moepic.cache.layout import CacheLayout
+from moepic.cache.planner import LayerPlan
+from moepic.cache.stats import LayerCacheStats, summary
+
+
+@attrs.define
+class PredictionCounts:
+    steps: int = 0
+    predicted: int = 0  # experts prefetched for the layer
+    routed: int = 0  # experts the layer then routed to
+    correct: int = 0  # both
+
+    @property
+    def recall(self) -> float | None:
+        return self.correct / self.routed if self.routed else None
+
+    @property
+    def precision(self) -> float | None:
+        return self.correct / self.predicted if self.predicted else None
+
+
+@attrs.define
+class EngineCounters:
+    layout: CacheLayout
+    decode: dict[int, LayerCacheStats] = attrs.field(init=False)
+    prefill: dict[int, LayerCacheStats] = attrs.field(init=False)
+    # decode? → layer → [steps, tokens, activations] of fully resident layers (all hits).
+    resident: dict[bool, dict[int, list[int]]] = attrs.field(init=False)
+    predictions: dict[int, PredictionCounts] = attrs.field(init=False)
+    demand_bytes: int = 0  # host → device, waited for at once
+    prefetch_bytes: int = 0  # host → device, issued ahead
+    wasted_prefetch_bytes: int = 0  # prefetched, then not routed
+    device_copy_bytes: int = 0  # device → device (reassembly, admission)
+    predictor_s: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        layers = [l.layer for l in self.layout.layers]
+        self.decode = {l: LayerCacheStats(layer=l) for l in layers}
+        self.prefill = dict(self.decode)
+        self.resident = {decode: {l: [0, 0, 0] for l in layers} for decode in (False, True)}
+        self.predictions = {l: PredictionCounts() for l in layers}
+
+    def add_plan(self, plan: LayerPlan, tokens: int) -> None:
+        stats = self.decode if tokens == 1 else self.prefill
+        stats[plan.layer] = stats[plan.layer].add(plan, tokens)
+
+    def add_resident_step(self, layer: int, tokens: int, activations: int) -> None:
+        counts = self.resident[tokens == 1][layer]
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + tokens, counts[2] + activations
+
+    def add_prediction(self, layer: int, predicted: Iterable[int], routed: Iterable[int]) -> None:
+        predicted, routed = set(predicted), set(routed)
+        counts = self.predictions[layer]
+        counts.steps += 1
+        counts.predicted += len(predicted)
+        counts.routed += len(routed)
+        counts.correct += len(predicted & routed)
+
+    def cache_stats(self, decode: bool) -> dict[int, LayerCacheStats]:
+        stats = self.decode if decode else self.prefill
+        out = {}
+        for layer, s in stats.items():
+            steps, tokens, activations = self.resident[decode][layer]
+            out[layer] = s.plus(LayerCacheStats(layer=layer, steps=steps, tokens=tokens, activations=activations, hits=activations))
+        return out
+
+    def report(self, *, exposed_copy_s: float, preload_bytes: int) -> dict[str, object]:
+        layers = self.layout.layers
+        decode = tuple(self.cache_stats(decode=True).values())
+        everything = tuple(a.plus(b) for a, b in zip(self.cache_stats(decode=False).values(), decode))
+        decode_summary = summary(decode, decode[0].tokens)  # every MoE layer sees every token
+        predicted = [c for c in self.predictions.values() if c.steps]
+        correct, routed, named = (sum(getattr(c, f) for c in predicted) for f in ("correct", "routed", "predicted"))
+        return summary(everything, everything[0].tokens) | {
+            "decode_expert_hit_rate": decode_summary["expert_hit_rate"],
+            "decode_bytes_loaded_per_token": decode_summary["bytes_loaded_per_token"],
+            "exposed_copy_s": exposed_copy_s,
+            "prediction_recall": correct / routed if routed else None,
+            "prediction_precision": correct / named if named else None,
+            "layer_prediction_recall": [self.predictions[l.layer].recall for l in layers],
+            "layer_prediction_precision": [self.predictions[l.layer].precision for l in layers],
+            "predictor_s": self.predictor_s,
+            "demand_bytes": self.demand_bytes,
+            "prefetch_bytes": self.prefetch_bytes,
+            "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
+            "device_copy_bytes": self.device_copy_bytes,
+            "preload_bytes": preload_bytes,
+            "cache_bytes": self.layout.cache_bytes,
+            "staging_bytes": self.layout.staging_bytes,
+            "theta": [l.theta for l in layers],
+            "slots": [l.slots for l in layers],
+        }

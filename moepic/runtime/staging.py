@@ -1,0 +1,64 @@
+"""Staging buffers: where loaded experts land before they run. Side effects: device allocation.
+
+A fixed set of whole-expert buffers in the compute layout, handed out and taken back:
+
+    acquire() ─▶ copy into it ─▶ wait ─▶ compute reads it ─▶ release(fence) ─▶ free again
+
+A released buffer may still be read by queued compute (CUDA) or written by a copy whose result
+nobody wanted (a wasted prefetch): `release` records what must finish first (a compute fence, a
+ticket), and the next copy into the buffer waits for it. So no buffer is overwritten while in use.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+import torch
+
+from moepic.core.weights import SwiGLUWeights
+from moepic.runtime.copy_engine import Ticket
+from moepic.runtime.host_store import flat_views
+
+
+@attrs.define(eq=False)
+class Buffer:
+    index: int
+    flat: torch.Tensor
+    expert: SwiGLUWeights  # views of `flat` in the compute layout
+    fence: object = None  # CUDA event compute recorded when it let go (None on the CPU)
+    pending: Ticket | None = None  # a copy into it that may still be running (a dropped prefetch)
+
+
+class StagingPool:
+    def __init__(self, count: int, ffn_size: int, block: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buffers = []
+        for i in range(count):
+            flat = torch.empty(3 * ffn_size * hidden, dtype=dtype, device=device)
+            self.buffers.append(Buffer(i, flat, flat_views(flat, ffn_size, block, hidden)))
+        self._free: deque[Buffer] = deque(self.buffers)
+        self.in_use = 0
+        self.peak_in_use = 0
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self, wait_for_copy) -> Buffer:
+        """A free buffer; `wait_for_copy(ticket)` settles a dropped prefetch still writing into it."""
+        if not self._free:
+            raise RuntimeError(f"all {len(self.buffers)} staging buffers are in use (a sizing bug in the engine)")
+        buffer = self._free.popleft()
+        if buffer.pending is not None:  # a wasted prefetch may still be landing here
+            wait_for_copy(buffer.pending)
+            buffer.pending = None
+        self.in_use += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        return buffer
+
+    def release(self, buffer: Buffer, *, fence: object = None, pending: Ticket | None = None) -> None:
+        if buffer in self._free:
+            raise RuntimeError(f"staging buffer {buffer.index} released twice")
+        buffer.fence, buffer.pending = fence, pending
+        self.in_use -= 1
+        self._free.append(buffer)
