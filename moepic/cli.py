@@ -4,7 +4,8 @@
     moepic routing-report [--model DIR] (--text FILE | --dataset NAME | --trace FILE) [--json]
     moepic generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                     [--greedy] [--temperature T] [--top-p P] [--seed S] [--dtype D] [--device DEV]
-                    [--budget B] [--theta X] [--policy NAME]
+                    [--budget B] [--theta X] [--policy NAME] [--predictor NAME] [--horizon H]
+                    [--link-gbps X] [--link-latency-us Y]
                     [--config FILE.yaml] [--json] [key=value ...]
 """
 
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                      "or a,b,… cache sizes per MoE layer")
     gen.add_argument("--theta", type=_floats, help="split ratio: one value or one per MoE layer (0.5 or 0.25,0.5,…)")
     gen.add_argument("--policy", help="cache policy: lcp (default), lru, lfu, random, static, belady")
+    gen.add_argument("--predictor", help="prefetch with an expert predictor: none (default), gate_lookahead, oracle")
+    gen.add_argument("--horizon", type=int, help="MoE layers ahead the predictor prefetches (1-3)")
+    gen.add_argument("--link-gbps", type=float, help="CPU: emulate a host→device link of this many GB/s")
+    gen.add_argument("--link-latency-us", type=float, help="CPU: per-copy latency of the emulated link, µs")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
     inspect = commands.add_parser("inspect", help="a checkpoint's shape and memory, from config.json alone")
     inspect.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
@@ -97,6 +102,9 @@ _FLAG_KEYS = {
     "trace_hidden": "generate.trace_hidden",
     "budget": "cache.budget",
     "theta": "cache.theta",
+    "horizon": "cache.predictor.horizon",
+    "link_gbps": "cache.link_gbps",
+    "link_latency_us": "cache.link_latency_us",
 }
 
 
@@ -135,7 +143,11 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 def generate_config(args: argparse.Namespace) -> RunConfig:
     """defaults ← --config YAML ← flags ← key=value overrides."""
     # --policy replaces the whole node, so a YAML policy's other keys do not follow it to the new one.
-    replace = {"cache.policy": {"name": args.policy}} if args.policy else None
+    replace = {}
+    if args.policy:
+        replace["cache.policy"] = {"name": args.policy}
+    if args.predictor:
+        replace["cache.predictor"] = {"name": args.predictor}
     return load_config(args.config, [*_flag_overrides(args), *args.overrides], replace=replace)
 
 
@@ -178,8 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "expert_hit_rate" in stats:
             cache = (
                 f" · {report['cache']['policy']['name']} hit rate {stats['decode_expert_hit_rate']:.1%} · "
-                f"{stats['decode_bytes_loaded_per_token'] / 2**20:.2f} MiB/token loaded"
+                f"{stats['decode_bytes_loaded_per_token'] / 2**20:.2f} MiB/token loaded · "
+                f"exposed copies {stats['decode_exposed_copy_s_per_token'] * 1e3:.2f} ms/token"
             )
+            if stats["prediction_recall"] is not None:
+                cache += f" · {report['cache']['predictor']['name']} recall {stats['prediction_recall']:.1%}"
         print(
             f"[{stats['tokens']} tokens · prefill {stats['prefill_s'] * 1e3:.1f} ms · "
             f"decode {stats['decode_s_per_token'] * 1e3:.2f} ms/token{cache}]",

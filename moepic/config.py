@@ -20,6 +20,8 @@ from moepic.errors import ConfigError
 from moepic.policies import PolicyConfig
 from moepic.registry import StrategyConfig
 from moepic.policies.lcp import LCPConfig
+from moepic.predictors import PredictorConfig
+from moepic.predictors.base import NoneConfig
 
 
 @attrs.frozen(kw_only=True)
@@ -75,7 +77,18 @@ class CacheConfig:
     # One value, or one per MoE layer; rounded down to whole neuron blocks.
     theta: float | tuple[float, ...] = 0.5
     # Replacement policy, by name: {name: lcp, rho: 0.25, window: 128}; see moepic/policies.
-    policy: PolicyConfig = LCPConfig()  # policies.base.DEFAULT_POLICY
+    policy: PolicyConfig = LCPConfig()  # POLICIES.default
+    # Expert predictor for prefetching: {name: gate_lookahead, candidates: 2, horizon: 1}; see moepic/predictors.
+    predictor: PredictorConfig = NoneConfig()  # PREDICTORS.default: load on demand
+    # CPU runs only: emulate a host→device link of this bandwidth (GB/s) and per-copy latency (µs).
+    link_gbps: float | None = None
+    link_latency_us: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.link_gbps is not None and self.link_gbps <= 0:
+            raise ValueError(f"cache.link_gbps must be > 0, got {self.link_gbps}")
+        if self.link_latency_us < 0:
+            raise ValueError(f"cache.link_latency_us must be >= 0, got {self.link_latency_us}")
 
 
 @attrs.frozen(kw_only=True)

@@ -37,6 +37,16 @@ def _save_trace(recorder, path: str) -> None:
         raise ConfigError(f"{path}: cannot write the trace ({e.strerror or e})") from None
 
 
+def _link(cfg: RunConfig, device: torch.device):
+    from moepic.runtime.copy_engine import Link
+
+    if cfg.cache.link_gbps is None:
+        return None
+    if device.type == "cuda":
+        raise ConfigError("cache.link_gbps emulates a link for CPU runs; on CUDA the real link is used")
+    return Link(gbps=cfg.cache.link_gbps, latency_us=cfg.cache.link_latency_us)
+
+
 def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     """Load, generate, and return the report; streams the text to stdout unless `as_json`."""
     from moepic.checkpoint.load import load_model
@@ -80,7 +90,9 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     if offload:
         from moepic.runtime.offload import offloaded_experts
 
-        experts = offloaded_experts(model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy)
+        experts = offloaded_experts(
+            model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy, cfg.cache.predictor, link=_link(cfg, model.device)
+        )
     on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
     recorder = None
     if trace_path is not None:
@@ -107,6 +119,9 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     report["stopped_on_eos"] = result.stopped_on_eos
     report["stats"] = result.stats.as_dict()
     if experts is not None:
-        report["cache"] = {"policy": cfg.cache.policy.as_dict(), "budget": cfg.cache.budget}
+        report["cache"] = {
+            "policy": cfg.cache.policy.as_dict(), "predictor": cfg.cache.predictor.as_dict(), "budget": cfg.cache.budget
+        }
         report["stats"] |= experts.report()
+        experts.close()
     return report

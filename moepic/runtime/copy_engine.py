@@ -69,6 +69,7 @@ class CopyStats:
     copies: int = 0
     bytes: int = 0
     exposed_s: float = 0.0  # time compute waited for copies (CPU: measured in `wait`)
+    decode_exposed_s: float = 0.0  # the part of it in decode steps (see `phase`)
     waits: int = 0
 
 
@@ -128,10 +129,13 @@ class ThreadCopyEngine:
     def __init__(self, link: Link | None = None) -> None:
         self.link = link
         self.stats = CopyStats()
+        self.phase = "prefill"  # set by the engine: which step kind the next waits belong to
         self._queue = _LinkQueue(link, self.stats)
         self._worker = threading.Thread(target=self._queue.run, name="moepic-copy", daemon=True)
         self._worker.start()
-        weakref.finalize(self, self._queue.close)  # an engine nobody closed still stops its worker
+        # An engine nobody closed still stops and joins its worker: when collected, or at exit (a
+        # worker thread alive at interpreter exit, having run torch ops, aborts the process).
+        self._finalizer = weakref.finalize(self, _stop, self._queue, self._worker)
 
     def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
         if self._queue.failure is not None:
@@ -147,7 +151,9 @@ class ThreadCopyEngine:
         while not ticket.done.wait(timeout=1.0):
             if not self._worker.is_alive():  # never hang on a dead worker
                 raise CopyError("the copy worker died before finishing a copy")
-        self.stats.exposed_s += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.stats.exposed_s += waited
+        self.stats.decode_exposed_s += waited if self.phase == "decode" else 0.0
         self.stats.waits += 1
         if ticket.error is not None:
             raise CopyError(f"copying {ticket.nbytes} bytes failed: {ticket.error}") from ticket.error
@@ -155,14 +161,18 @@ class ThreadCopyEngine:
     def fence(self) -> None:
         return None  # compute on the CPU is synchronous: a released buffer is free at once
 
-    def exposed_s(self) -> float:
-        """Wall time compute spent blocked in `wait`."""
-        return self.stats.exposed_s
+    def current_stats(self) -> CopyStats:
+        """The stats, with the wall time compute spent blocked in `wait`."""
+        return self.stats
 
     def close(self) -> None:
         """Finish what was submitted, then stop the worker."""
-        self._queue.close()
-        self._worker.join()
+        self._finalizer()
+
+
+def _stop(queue: _LinkQueue, worker: threading.Thread) -> None:
+    queue.close()
+    worker.join()
 
 
 class CudaCopyEngine:
@@ -171,9 +181,10 @@ class CudaCopyEngine:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stats = CopyStats()
+        self.phase = "prefill"
         self._prefetch_stream = torch.cuda.Stream(device, priority=0)
         self._urgent_stream = torch.cuda.Stream(device, priority=-1)
-        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event, str]] = []
 
     def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
         ticket = Ticket(nbytes=ranges_bytes(ranges), urgent=urgent, owner=self)
@@ -198,7 +209,7 @@ class CudaCopyEngine:
         before.record(compute)
         compute.wait_event(ticket.event)  # the device waits; the host does not
         after.record(compute)
-        self._stalls.append((before, after))
+        self._stalls.append((before, after, self.phase))
         self.stats.waits += 1
 
     def fence(self) -> torch.cuda.Event:
@@ -206,12 +217,15 @@ class CudaCopyEngine:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def exposed_s(self) -> float:
-        """Device time compute spent stalled on copies (synchronises: call when reporting)."""
+    def current_stats(self) -> CopyStats:
+        """The stats, with the device time compute spent stalled on copies (synchronises: for reports)."""
         torch.cuda.synchronize(self.device)
-        self.stats.exposed_s += sum(b.elapsed_time(a) for b, a in self._stalls) / 1e3
+        for before, after, phase in self._stalls:
+            stalled = before.elapsed_time(after) / 1e3
+            self.stats.exposed_s += stalled
+            self.stats.decode_exposed_s += stalled if phase == "decode" else 0.0
         self._stalls.clear()
-        return self.stats.exposed_s
+        return self.stats
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -111,6 +111,7 @@ class OffloadedExperts:
         self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         layout, tokens = self._layouts[layer], len(ids_per_token)
+        self.copies.phase = "decode" if tokens == 1 else "prefill"
         routed = sorted({e for ids in ids_per_token for e in ids})
         prefetched = self._prefetched[layer]
         self._prefetched[layer] = {}
@@ -243,7 +244,10 @@ class OffloadedExperts:
 
     def report(self) -> dict[str, object]:
         """Counters of the run so far: cache, prediction, copies."""
-        return self.counters.report(exposed_copy_s=self.copies.exposed_s(), preload_bytes=self.preload_bytes)
+        copies = self.copies.current_stats()
+        return self.counters.report(
+            exposed_copy_s=copies.exposed_s, decode_exposed_copy_s=copies.decode_exposed_s, preload_bytes=self.preload_bytes
+        )
 
     def close(self) -> None:
         self.copies.close()
