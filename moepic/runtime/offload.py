@@ -262,13 +262,15 @@ def offloaded_experts(
     model: Model,
     budget,
     theta,
-    policy_config: PolicyConfig,
+    policy_config: PolicyConfig | None = None,
     predictor_config: PredictorConfig | None = None,
     *,
     link: Link | None = None,
+    policy: CachePolicy | None = None,
     predictor: Predictor | None = None,
 ) -> OffloadedExperts:
-    """The engine for `model` (its routed experts in host memory) under a budget, θ, policy and predictor."""
+    """The engine for `model` (its routed experts in host memory) under a budget, θ, policy and predictor,
+    given as configs (built here) or as built strategies."""
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
     if predictor is None:
         predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
@@ -276,4 +278,6 @@ def offloaded_experts(
         model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block,
         staging_experts=staging_buffers(model.spec.moe.top_k, predictor),
     )
-    return OffloadedExperts(model.weights, layout, build_policy(policy_config), device=model.device, predictor=predictor, link=link)
+    if policy is None:
+        policy = build_policy(policy_config)
+    return OffloadedExperts(model.weights, layout, policy, device=model.device, predictor=predictor, link=link)

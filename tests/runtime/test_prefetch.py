@@ -1,0 +1,147 @@
+"""Prefetching: any predictor, policy, θ and link gives the dense model's numbers bit for bit; what is
+prefetched and then used replaces demand copies byte for byte; predictions are scored honestly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moepic.cache.stats import total
+from moepic.checkpoint.load import load_model
+from moepic.default_model import default_model_dir
+from moepic.policies import POLICIES
+from moepic.predictors import PREDICTORS
+from moepic.predictors.gate_lookahead import GateLookaheadConfig
+from moepic.predictors.oracle import OracleConfig, OraclePredictor
+from moepic.runtime.copy_engine import Link
+from moepic.runtime.generation import generate
+from moepic.runtime.offload import offloaded_experts
+from moepic.tracing.recorder import RoutingRecorder
+from tests_support import policy_for
+
+MODELS = ("mixtral", "qwen2_moe", "olmoe")
+PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
+
+
+class Models(dict):
+    def __repr__(self) -> str:
+        return f"Models({', '.join(self)})"
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint_dir):
+    return Models({name: load_model(checkpoint_dir(name), dtype=torch.float32, widest_neuron_block=4) for name in MODELS})
+
+
+def dense_run(model, prompt, new_tokens):
+    recorder = RoutingRecorder(model.spec, model_name="test")
+    result = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, tap=recorder)
+    return result, recorder.trace()
+
+
+def predictor_for(name, model, trace, draw_config):
+    if name == "oracle":
+        return OraclePredictor(OracleConfig(horizon=draw_config.get("horizon", 1)), model, future=trace)
+    if name == "gate_lookahead":
+        return PREDICTORS.build(GateLookaheadConfig(**draw_config), model)
+    return PREDICTORS.build(PREDICTORS[name].config(), model)
+
+
+def run_offloaded(model, prompt, new_tokens, engine):
+    try:
+        return generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, experts=engine)
+    finally:
+        engine.close()
+
+
+def assert_prefetched_bytes_replace_demand_bytes(engine) -> None:
+    planned = total((*engine.prefill_stats.values(), *engine.decode_stats.values())).bytes_loaded
+    c = engine.counters
+    assert c.demand_bytes + c.prefetch_bytes - c.wasted_prefetch_bytes == planned
+    assert engine.copies.current_stats().bytes == c.demand_bytes + c.prefetch_bytes
+
+
+@given(
+    name=st.sampled_from(MODELS),
+    predictor=st.sampled_from(sorted(PREDICTORS)),
+    predictor_config=st.fixed_dictionaries(
+        {"candidates": st.integers(1, 5), "horizon": st.integers(1, 2), "tap": st.sampled_from(["router_input", "rescaled"])}
+    ),
+    policy=st.sampled_from(sorted(POLICIES)),
+    share=st.floats(0.0, 1.0),
+    theta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    link=st.sampled_from([None, Link(gbps=2.0, latency_us=5.0)]),
+    prompt_len=st.integers(1, len(PROMPT)),
+    new_tokens=st.integers(1, 6),
+)
+def test_prefetching_generation_equals_the_dense_model_bit_for_bit(
+    models, name, predictor, predictor_config, policy, share, theta, link, prompt_len, new_tokens
+):
+    model = models[name]
+    prompt = PROMPT[:prompt_len]
+    dense, trace = dense_run(model, prompt, new_tokens)
+    pred = predictor_for(predictor, model, trace, predictor_config)
+    staging = model.spec.moe.top_k + pred.candidates * (pred.horizon + 1)
+    expert_bytes = 3 * model.spec.hidden_size * model.spec.moe.expert_ffn * 4
+    all_bytes = expert_bytes * model.spec.moe.num_experts * len(model.spec.moe_layers)
+    budget = staging * expert_bytes + int(share * max(0, all_bytes - staging * expert_bytes))
+    engine = offloaded_experts(model, budget, theta, link=link, policy=policy_for(policy, trace), predictor=pred)
+    offloaded = run_offloaded(model, prompt, new_tokens, engine)
+    assert offloaded.token_ids == dense.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.logits, dense.logits))
+    assert_prefetched_bytes_replace_demand_bytes(engine)
+    assert engine.staging.in_use == 0  # every staging buffer came back
+
+
+def test_oracle_predicts_every_decode_expert_and_wastes_nothing(models):
+    model = models["mixtral"]
+    dense, trace = dense_run(model, PROMPT, 8)
+    oracle = OraclePredictor(OracleConfig(), model, future=trace)
+    engine = offloaded_experts(model, 0.5, 0.5, POLICIES["lru"].config(), predictor=oracle)
+    offloaded = run_offloaded(model, PROMPT, 8, engine)
+    report = engine.report()
+    assert offloaded.token_ids == dense.token_ids
+    assert report["prediction_recall"] == report["prediction_precision"] == 1.0
+    assert report["wasted_prefetch_bytes"] == 0
+    assert report["layer_prediction_recall"][0] is None  # nothing predicts the first MoE layer
+    assert_prefetched_bytes_replace_demand_bytes(engine)
+
+
+def test_no_predictor_loads_everything_on_demand(models):
+    model = models["olmoe"]
+    dense, trace = dense_run(model, PROMPT, 5)
+    engine = offloaded_experts(model, 0.5, 0.5, POLICIES["lcp"].config())
+    run_offloaded(model, PROMPT, 5, engine)
+    report = engine.report()
+    assert report["prefetch_bytes"] == 0 and report["demand_bytes"] == report["bytes_loaded"]
+    assert report["prediction_recall"] is None
+
+
+def test_gate_lookahead_recall_on_the_bundled_model_is_reported_per_layer_and_beats_chance():
+    model = load_model(default_model_dir(), offload_experts=True)
+    prompt = list(range(300, 340))
+    engine = offloaded_experts(model, 0.3, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig())
+    run_offloaded(model, prompt, 24, engine)
+    report = engine.report()
+    recalls = report["layer_prediction_recall"]
+    assert recalls[0] is None and all(0 <= r <= 1 for r in recalls[1:])
+    chance = model.spec.moe.top_k / model.spec.moe.num_experts
+    assert report["prediction_recall"] > 2 * chance  # the bundled model: 68–86 % measured by routing-report
+
+
+def test_a_slow_link_makes_copies_exposed_and_prefetching_hides_part_of_them():
+    model = load_model(default_model_dir(), offload_experts=True)
+    prompt = list(range(300, 316))
+    dense, trace = dense_run(model, prompt, 12)
+    link = Link(gbps=0.5, latency_us=50)
+    exposed = {}
+    for name in ("none", "oracle"):
+        predictor = OraclePredictor(OracleConfig(), model, future=trace) if name == "oracle" else None
+        engine = offloaded_experts(model, 0.3, 0.0, POLICIES["lcp"].config(), link=link, predictor=predictor)
+        result = run_offloaded(model, prompt, 12, engine)
+        assert result.token_ids == dense.token_ids
+        exposed[name] = engine.report()["decode_exposed_copy_s_per_token"]
+    assert exposed["none"] > 0
+    assert exposed["oracle"] < exposed["none"]
