@@ -2,6 +2,7 @@
 
     moepic inspect  [--model DIR] [--dtype D] [--json]
     moepic routing-report [--model DIR] (--text FILE | --dataset NAME | --trace FILE) [--json]
+    moepic train-predictor [--model DIR] (--trace FILE… | --text FILE | --dataset NAME) --out DIR [--json]
     moepic generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                     [--greedy] [--temperature T] [--top-p P] [--seed S] [--dtype D] [--device DEV]
                     [--budget B] [--theta X] [--policy NAME] [--predictor NAME] [--horizon H]
@@ -84,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--chunk", type=int, default=256, help="tokens per independent prefill chunk")
     report.add_argument("--max-tokens", type=int, default=8192, help="route at most this many tokens of the text")
     report.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    train = commands.add_parser("train-predictor", help="learn the mlp expert predictor from routing with hidden states")
+    train.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
+    data = train.add_mutually_exclusive_group()
+    data.add_argument("--trace", action="append", default=[], help="a trace recorded with --trace-hidden (repeatable)")
+    data.add_argument("--text", help="a UTF-8 text file to route through the model")
+    data.add_argument("--dataset", help="a text shipped with moepic: kjv-heldout")
+    train.add_argument("--out", required=True, help="folder for predictor.safetensors + predictor.json")
+    train.add_argument("--width", type=int, default=128, help="hidden width of each MLP")
+    train.add_argument("--horizon", type=int, default=1, help="MoE layers ahead to learn (1-3)")
+    train.add_argument("--epochs", type=int, default=200, help="full-batch Adam steps per MLP")
+    train.add_argument("--valid", type=float, default=0.2, help="share of tokens held out (the last ones)")
+    train.add_argument("--max-tokens", type=int, default=20000)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -160,6 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = run_routing_report(
                 args.model, args.text, args.trace, dataset=args.dataset, chunk=args.chunk, max_tokens=args.max_tokens
             )
+        elif args.command == "train-predictor":
+            from moepic.commands.routing_report import DATASETS
+            from moepic.commands.train_predictor import run_train_predictor
+
+            if args.dataset is not None and args.dataset not in DATASETS:
+                raise ConfigError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+            report = run_train_predictor(
+                args.model, traces=args.trace, text_file=str(DATASETS[args.dataset]) if args.dataset else args.text,
+                out=args.out, width=args.width, horizon=args.horizon, epochs=args.epochs, valid=args.valid,
+                max_tokens=args.max_tokens, seed=args.seed, progress=not args.json,
+            )
         elif args.command == "inspect":
             from moepic.commands.inspect import run_inspect
 
@@ -184,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from moepic.commands.routing_report import routing_report_text
 
         print(routing_report_text(report))
+    elif args.command == "train-predictor":
+        from moepic.commands.train_predictor import train_predictor_text
+
+        print(train_predictor_text(report))
     else:
         stats = report["stats"]
         cache = ""

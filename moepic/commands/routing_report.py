@@ -19,8 +19,11 @@ from moepic.errors import ConfigError
 from moepic.tracing import RoutingTrace, load_any_trace
 
 
-def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int) -> tuple[RoutingTrace, dict[int, float]]:
-    """Route `text` through `model` in independent chunks; the trace and gate-lookahead recall per layer."""
+def trace_text(
+    model, codec, text: str, *, chunk: int, max_tokens: int, record_hidden: bool = False
+) -> tuple[RoutingTrace, dict[int, float]]:
+    """Route `text` through `model` in independent chunks; the trace (with each router's input if
+    `record_hidden`) and gate-lookahead recall per layer."""
     from moepic.core.model import KVCache, forward
     from moepic.tracing.recorder import RoutingRecorder
 
@@ -28,7 +31,7 @@ def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int) -> tuple
     if len(ids) < 2:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
     chunk = min(chunk, model.spec.max_position_embeddings)
-    recorder, lookahead = RoutingRecorder(model.spec), GateLookaheadTap(model)
+    recorder, lookahead = RoutingRecorder(model.spec, record_hidden=record_hidden), GateLookaheadTap(model)
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
             piece = torch.tensor(ids[start : start + chunk], device=model.device)

@@ -103,6 +103,7 @@ def forward(
             x_TD = x_TD + moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)
         else:
             x_TD = x_TD + swiglu(h_TD, lw.ffn)
+        experts.after_layer(layer, x_TD)
         if tap is not None:
             tap.layer_output(layer, x_TD)
 

@@ -55,6 +55,10 @@ class ExpertSource(Protocol):
         `router_input_TD` is what the layer routed on (a prefetching source predicts from it)."""
         ...
 
+    def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
+        """Layer `layer`'s output (the residual stream), for sources that predict from it."""
+        ...
+
 
 @attrs.frozen
 class ResidentExperts:
@@ -63,6 +67,9 @@ class ResidentExperts:
     weights: ModelWeights
 
     def begin_request(self) -> None:
+        pass
+
+    def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
         pass
 
     def experts_for(

@@ -37,6 +37,10 @@ def register_predictor(name: str, config: type[PredictorConfig]):
 class Predictor(Protocol[State]):
     horizon: int  # how many MoE layers ahead it predicts
     candidates: int  # at most this many experts a layer are worth prefetching (k′)
+    # Where it reads the hidden state: "router_input" (as a MoE layer routes: the earliest, so the
+    # copies overlap that layer's experts and the next attention) or "layer_output" (the residual
+    # after a layer: more accurate, later, so the copies overlap only the next attention).
+    tap: str
 
     def init(self) -> State:
         ...
@@ -46,6 +50,11 @@ class Predictor(Protocol[State]):
     ) -> tuple[dict[int, list[int]], State]:
         """Per later MoE layer: candidate experts for this step's tokens, most likely first."""
         ...
+
+
+def layers_ahead(moe_layers: tuple[int, ...], num_layers: int, horizon: int) -> dict[int, tuple[int, ...]]:
+    """For every layer l: the next `horizon` MoE layers after it (what a prediction at l targets)."""
+    return {l: tuple(m for m in moe_layers if m > l)[:horizon] for l in range(num_layers)}
 
 
 def candidates_from_scores(scores_TE: torch.Tensor, per_token: int) -> list[int]:
@@ -70,6 +79,7 @@ class NoPredictor:
 
     horizon = 0
     candidates = 0
+    tap = "router_input"
 
     def __init__(self, config: NoneConfig = NoneConfig(), model=None) -> None:
         self.config = config

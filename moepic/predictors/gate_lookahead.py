@@ -5,7 +5,10 @@ to what layer l+1's router will see, so layer l+1's router on it names most of l
 (the bundled model: 68–86 % recall at k′ = k). Tap points:
 - `router_input`: layer l's router input as it is (normalised with layer l's norm weight);
 - `rescaled`: the same hidden state with the *target* layer's norm weight instead, i.e. the target
-  router applied to rmsnorm(layer l's residual) the way the target layer will normalise it.
+  router applied to rmsnorm(layer l's residual) the way the target layer will normalise it;
+- `layer_output`: layer l's output (after its experts), normalised with the target's norm weight.
+  The most accurate (it includes layer l's experts: 86 % vs 31 % recall into the bundled model's
+  second MoE layer), but known later, so its copies overlap only the next layer's attention.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from moepic.core.model import Model
+from moepic.core.norms import rms_norm
 from moepic.core.weights import MoEWeights
-from moepic.predictors.base import PredictorConfig, candidates_from_scores, register_predictor
+from moepic.predictors.base import PredictorConfig, candidates_from_scores, layers_ahead, register_predictor
 
 
 def _at_least_one(instance, attribute, value) -> None:
@@ -31,7 +35,7 @@ class GateLookaheadConfig(PredictorConfig):
     # k′: experts prefetched per token and layer (default: the model's top-k).
     candidates: int | None = attrs.field(default=None, validator=_at_least_one)
     horizon: int = attrs.field(default=1, validator=_at_least_one)  # MoE layers ahead: 1–3 make sense
-    tap: Literal["router_input", "rescaled"] = "router_input"
+    tap: Literal["router_input", "rescaled", "layer_output"] = "router_input"
 
 
 @register_predictor("gate_lookahead", GateLookaheadConfig)
@@ -40,13 +44,16 @@ class GateLookahead:
         self.config = config
         self.horizon = config.horizon
         self.candidates = config.candidates or model.spec.moe.top_k
+        self.tap = "layer_output" if config.tap == "layer_output" else "router_input"
+        self.eps = model.spec.norm_eps
         moe_layers = model.spec.moe_layers
-        self.targets = {l: moe_layers[i + 1 : i + 1 + config.horizon] for i, l in enumerate(moe_layers)}
+        self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
         self.moe = {l: model.weights.layers[l] for l in moe_layers}
         # rescaled: x·(w_target / w_source), precomputed per (source, target) pair
         self.rescale = {}
         if config.tap == "rescaled":
-            for source, targets in self.targets.items():
+            for source in moe_layers:
+                targets = self.targets[source]
                 w_source = self.moe[source].post_attention_norm_D
                 if bool((w_source == 0).any()):
                     raise ValueError(f"layer {source}'s norm weight has zeros: the rescaled tap point cannot undo it")
@@ -56,10 +63,15 @@ class GateLookahead:
     def init(self) -> None:
         return None
 
-    def predict(self, state, layer: int, router_input_TD: torch.Tensor, clock: int):
+    def predict(self, state, layer: int, hidden_TD: torch.Tensor, clock: int):
         out = {}
         for target in self.targets.get(layer, ()):
-            x_TD = router_input_TD * self.rescale[layer, target] if self.rescale else router_input_TD
+            if self.config.tap == "layer_output":
+                x_TD = rms_norm(hidden_TD, self.moe[target].post_attention_norm_D, self.eps)
+            elif self.rescale:
+                x_TD = hidden_TD * self.rescale[layer, target]
+            else:
+                x_TD = hidden_TD
             ffn = self.moe[target].ffn
             assert isinstance(ffn, MoEWeights)
             out[target] = candidates_from_scores(F.linear(x_TD, ffn.router_ED), self.candidates)

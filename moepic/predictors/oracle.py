@@ -7,7 +7,7 @@ import torch
 
 from moepic.core.model import Model
 from moepic.policies.base import check_trace_covers, trace_for
-from moepic.predictors.base import PredictorConfig, register_predictor
+from moepic.predictors.base import PredictorConfig, layers_ahead, register_predictor
 from moepic.tracing import RoutingTrace
 
 
@@ -26,7 +26,8 @@ class OraclePredictor:
         self.horizon = config.horizon
         self.candidates = model.spec.moe.top_k  # per token; a prefill step prefetches its most common
         moe_layers = model.spec.moe_layers
-        self.targets = {l: moe_layers[i + 1 : i + 1 + config.horizon] for i, l in enumerate(moe_layers)}
+        self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
+        self.tap = "router_input"
         self.columns = {l: check_trace_covers(where, self.future, l, model.spec.moe.num_experts) for l in moe_layers}
 
     def init(self) -> None:

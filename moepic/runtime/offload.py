@@ -93,6 +93,7 @@ class OffloadedExperts:
                     self.pools[l.layer].flat_SX[s].copy_(self.store.flat[l.layer][e], non_blocking=True)
                     self.preload_bytes += l.expert_bytes
         self._clock = {l.layer: 0 for l in layout.layers}  # tokens each layer has routed
+        self._step_clock = 0  # the clock of the step in progress
         self._predictor_state = self.predictor.init()
         self._prefetched: dict[int, dict[int, _Load]] = {l.layer: {} for l in layout.layers}
         self._predicted: dict[int, set[int]] = {}  # what the predictor named for each later layer
@@ -107,6 +108,10 @@ class OffloadedExperts:
         """The next step of every layer starts a request (LCP counts μ within one)."""
         self._new_request = set(self.residency)
 
+    def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
+        if self.predictor.tap == "layer_output":
+            self._prefetch_ahead(layer, x_TD, self._step_clock)
+
     def experts_for(
         self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
@@ -119,12 +124,14 @@ class OffloadedExperts:
         if predicted is not None and tokens == 1:  # recall is a decode measure (a prompt's prefetch is capped)
             self.counters.add_prediction(layer, predicted, routed)
         clock, self._clock[layer] = self._clock[layer], self._clock[layer] + tokens
+        self._step_clock = clock
         if layout.fully_resident:
             # Slot e holds expert e forever, so there is nothing to plan: every routed expert is a
             # hit. Counting it directly saves ~25 µs a step (measured: 7 % of the bundled model's
             # decode); the planner would reach the same counts.
             self.counters.add_resident_step(layer, tokens, len(routed))
-            self._prefetch_ahead(layer, router_input_TD, clock)
+            if self.predictor.tap == "router_input":
+                self._prefetch_ahead(layer, router_input_TD, clock)
             slots = self.pools[layer].slots
             for e in routed:
                 yield e, (slots[e],)
@@ -152,7 +159,8 @@ class OffloadedExperts:
         # the next layers' prefetches, which overlap this layer's compute.
         queue = deque(p for p in plan.experts if p.load != "none" and p.expert not in loads)
         self._issue_demand(layout, queue, loads)
-        self._prefetch_ahead(layer, router_input_TD, clock)
+        if self.predictor.tap == "router_input":
+            self._prefetch_ahead(layer, router_input_TD, clock)
         for p in plan.experts:
             if p.load == "none":  # a hit: the slot holds the whole expert
                 yield p.expert, (self.pools[layer].slots[p.slot],)
@@ -193,11 +201,11 @@ class OffloadedExperts:
             loads[p.expert] = self._start(layout, p.expert, p.load, urgent=True)
             at_least_one = False
 
-    def _prefetch_ahead(self, layer: int, router_input_TD: torch.Tensor, clock: int) -> None:
+    def _prefetch_ahead(self, layer: int, hidden_TD: torch.Tensor, clock: int) -> None:
         if not self.predictor.horizon:
             return
         start = time.perf_counter()
-        predictions, self._predictor_state = self.predictor.predict(self._predictor_state, layer, router_input_TD, clock)
+        predictions, self._predictor_state = self.predictor.predict(self._predictor_state, layer, hidden_TD, clock)
         self.counters.predictor_s += time.perf_counter() - start
         for target, experts in predictions.items():
             target_layout, pending = self._layouts[target], self._prefetched[target]

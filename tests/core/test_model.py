@@ -94,6 +94,9 @@ class SplitExperts:
     def begin_request(self):
         pass
 
+    def after_layer(self, layer, x_TD):
+        pass
+
     def experts_for(self, layer, ids_per_token, router_input_TD):
         expert_ids = sorted({e for ids in ids_per_token for e in ids})
         self.asked.append((layer, tuple(expert_ids)))

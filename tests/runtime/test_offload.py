@@ -79,6 +79,9 @@ class CheckedAfterEveryStep:
     def begin_request(self) -> None:
         self.engine.begin_request()
 
+    def after_layer(self, layer, x_TD) -> None:
+        self.engine.after_layer(layer, x_TD)
+
     def experts_for(self, layer, ids_per_token, router_input_TD):
         yield from self.engine.experts_for(layer, ids_per_token, router_input_TD)
         assert_slots_hold_the_host_bytes(self.engine)

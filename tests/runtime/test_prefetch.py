@@ -9,15 +9,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moepic.cache.stats import total
+from moepic.commands.train_predictor import run_train_predictor
 from moepic.checkpoint.load import load_model
 from moepic.default_model import default_model_dir
 from moepic.policies import POLICIES
 from moepic.predictors import PREDICTORS
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
+from moepic.predictors.mlp import MLPConfig
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
 from moepic.runtime.copy_engine import Link
 from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
+from moepic.tracing import save_trace
 from moepic.tracing.recorder import RoutingRecorder
 from tests_support import policy_for
 
@@ -41,11 +44,31 @@ def dense_run(model, prompt, new_tokens):
     return result, recorder.trace()
 
 
-def predictor_for(name, model, trace, draw_config):
+@pytest.fixture(scope="module")
+def mlp_dirs(models, checkpoint_dir, tmp_path_factory):
+    """A small trained `mlp` predictor (horizon 2) per model, from a trace with hidden states."""
+    out = {}
+    for name, model in models.items():
+        recorder = RoutingRecorder(model.spec, model_name=name, record_hidden=True)
+        generate(model, PROMPT, max_new_tokens=40, eos_ids=(), tap=recorder)
+        folder = tmp_path_factory.mktemp(f"mlp-{name}")
+        save_trace(recorder.trace(), folder / "trace.npz")
+        run_train_predictor(
+            str(checkpoint_dir(name)), traces=[str(folder / "trace.npz")], text_file=None, out=str(folder / "mlp"),
+            width=16, horizon=2, epochs=30, valid=0.5, progress=False,
+        )
+        out[name] = str(folder / "mlp")
+    return Models(out)
+
+
+def predictor_for(name, model_name, model, trace, draw_config, mlp_dirs):
     if name == "oracle":
-        return OraclePredictor(OracleConfig(horizon=draw_config.get("horizon", 1)), model, future=trace)
+        return OraclePredictor(OracleConfig(horizon=draw_config["horizon"]), model, future=trace)
     if name == "gate_lookahead":
         return PREDICTORS.build(GateLookaheadConfig(**draw_config), model)
+    if name == "mlp":
+        config = MLPConfig(path=mlp_dirs[model_name], candidates=draw_config["candidates"], horizon=draw_config["horizon"])
+        return PREDICTORS.build(config, model)
     return PREDICTORS.build(PREDICTORS[name].config(), model)
 
 
@@ -67,7 +90,7 @@ def assert_prefetched_bytes_replace_demand_bytes(engine) -> None:
     name=st.sampled_from(MODELS),
     predictor=st.sampled_from(sorted(PREDICTORS)),
     predictor_config=st.fixed_dictionaries(
-        {"candidates": st.integers(1, 5), "horizon": st.integers(1, 2), "tap": st.sampled_from(["router_input", "rescaled"])}
+        {"candidates": st.integers(1, 5), "horizon": st.integers(1, 2), "tap": st.sampled_from(["router_input", "rescaled", "layer_output"])}
     ),
     policy=st.sampled_from(sorted(POLICIES)),
     share=st.floats(0.0, 1.0),
@@ -77,12 +100,12 @@ def assert_prefetched_bytes_replace_demand_bytes(engine) -> None:
     new_tokens=st.integers(1, 6),
 )
 def test_prefetching_generation_equals_the_dense_model_bit_for_bit(
-    models, name, predictor, predictor_config, policy, share, theta, link, prompt_len, new_tokens
+    models, mlp_dirs, name, predictor, predictor_config, policy, share, theta, link, prompt_len, new_tokens
 ):
     model = models[name]
     prompt = PROMPT[:prompt_len]
     dense, trace = dense_run(model, prompt, new_tokens)
-    pred = predictor_for(predictor, model, trace, predictor_config)
+    pred = predictor_for(predictor, name, model, trace, predictor_config, mlp_dirs)
     staging = model.spec.moe.top_k + pred.candidates * (pred.horizon + 1)
     expert_bytes = 3 * model.spec.hidden_size * model.spec.moe.expert_ffn * 4
     all_bytes = expert_bytes * model.spec.moe.num_experts * len(model.spec.moe_layers)

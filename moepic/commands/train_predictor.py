@@ -1,0 +1,138 @@
+"""`moepic train-predictor`: learn the `mlp` expert predictor from routing with hidden states.
+
+Data: traces recorded with hidden states (`moepic generate --record-trace F --trace-hidden`), or a
+text routed through the model here. The last `--valid` share of tokens is held out; the report
+compares, per (layer, layer ahead), the MLP's recall@k with gate lookahead's on those tokens.
+Side effects: file I/O, training on the CPU/GPU, a progress bar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moepic.errors import ConfigError
+from moepic.predictors.mlp import ScoreMLP, pair_key, save_predictor
+
+
+def recall_at_k(scores_NE: torch.Tensor, ids_NK: torch.Tensor) -> float:
+    """Mean share of each token's routed experts among its top-k scores."""
+    top_NK = scores_NE.topk(ids_NK.shape[1], dim=-1).indices
+    return (ids_NK[:, :, None] == top_NK[:, None, :]).any(-1).float().mean().item()
+
+
+def train_pair(x_ND, ids_NK, num_experts: int, *, width: int, epochs: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
+    """One MLP's weights, trained with binary cross-entropy on multi-hot targets (full batch, Adam)."""
+    torch.manual_seed(seed)
+    net = ScoreMLP(x_ND.shape[1], width, num_experts)
+    params = {name: p.detach().clone().requires_grad_() for name, p in net.named_parameters()}
+    target_NE = torch.zeros(len(ids_NK), num_experts).scatter_(1, ids_NK, 1.0)
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        scores = torch.func.functional_call(net, params, (x_ND,))
+        F.binary_cross_entropy_with_logits(scores, target_NE).backward()
+        optimizer.step()
+    return {name: p.detach() for name, p in params.items()}
+
+
+def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
+    """(hidden_NLD, ids_NLK) as float32 / int64 tensors, from trace files or a text routed here."""
+    from moepic.tracing import load_any_trace
+
+    if text is not None:
+        from moepic.commands.routing_report import trace_text
+        from moepic.tokenizer import TextCodec
+
+        codec = TextCodec.from_folder(folder)
+        if codec is None:
+            raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
+        loaded = [trace_text(model, codec, text, chunk=256, max_tokens=max_tokens, record_hidden=True)[0]]
+    else:
+        loaded = [load_any_trace(path) for path in traces]
+    spec = model.spec
+    for path, trace in zip(traces or ["the routed text"], loaded):
+        if trace.hidden_NLD is None:
+            raise ConfigError(f"{path}: the trace has no hidden states (record it with --trace-hidden)")
+        if tuple(trace.moe_layers) != tuple(spec.moe_layers) or trace.num_experts != spec.moe.num_experts:
+            raise ConfigError(
+                f"{path}: trace has MoE layers {list(trace.moe_layers)} with {trace.num_experts} experts; "
+                f"the model has {list(spec.moe_layers)} with {spec.moe.num_experts}"
+            )
+    hidden = np.concatenate([t.hidden_NLD for t in loaded])[:max_tokens]
+    ids = np.concatenate([t.expert_ids_NLK for t in loaded])[:max_tokens]
+    return torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(ids.astype(np.int64))
+
+
+def run_train_predictor(
+    model_dir: str | None,
+    *,
+    traces: list[str],
+    text_file: str | None,
+    out: str,
+    width: int = 128,
+    horizon: int = 1,
+    epochs: int = 200,
+    lr: float = 3e-3,
+    valid: float = 0.2,
+    max_tokens: int = 20000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    from moepic.checkpoint.load import load_model
+    from moepic.default_model import model_folder
+
+    if not traces and text_file is None:
+        raise ConfigError("train-predictor needs --trace FILE (with hidden states) or --text FILE / --dataset NAME")
+    if not 0 < valid < 1 or horizon < 1 or width < 1 or epochs < 1:
+        raise ConfigError("train-predictor: --valid must be in (0, 1); --horizon, --width and --epochs must be >= 1")
+    text = None
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise ConfigError(f"{path}: text file not found")
+        text = path.read_text()
+    folder = model_folder(model_dir)
+    model = load_model(folder, dtype=torch.float32)
+    spec = model.spec
+    hidden_NLD, ids_NLK = gather(model, folder, traces, text, max_tokens)
+    split = int(len(hidden_NLD) * (1 - valid))
+    if split < 16 or len(hidden_NLD) - split < 16:
+        raise ConfigError(
+            f"{len(hidden_NLD)} tokens split {split} / {len(hidden_NLD) - split} by --valid {valid}: "
+            "training and validation need 16 tokens each at least"
+        )
+    layers = list(spec.moe_layers)
+    pairs = [(c, c + h) for c in range(len(layers)) for h in range(1, horizon + 1) if c + h < len(layers)]
+    params, metrics = {}, []
+    for source, target in tqdm(pairs, desc="training", unit="layer", disable=not progress, leave=False):
+        x, y = hidden_NLD[:, source], ids_NLK[:, target]
+        weights = train_pair(x[:split], y[:split], spec.moe.num_experts, width=width, epochs=epochs, lr=lr, seed=seed)
+        key = pair_key(layers[source], layers[target])
+        params[key] = weights
+        net = ScoreMLP(spec.hidden_size, width, spec.moe.num_experts)
+        with torch.no_grad():
+            mlp = recall_at_k(torch.func.functional_call(net, weights, (x[split:],)), y[split:])
+            router = model.weights.layers[layers[target]].ffn.router_ED
+            gate = recall_at_k(F.linear(x[split:], router), y[split:])
+        metrics.append({"source": layers[source], "target": layers[target], "mlp_recall": mlp, "gate_lookahead_recall": gate})
+    meta = {
+        "hidden": spec.hidden_size, "width": width, "experts": spec.moe.num_experts, "horizon": horizon,
+        "layers": layers, "train_tokens": split, "valid_tokens": len(hidden_NLD) - split, "metrics": metrics,
+    }
+    save_predictor(out, params, meta)
+    return {"out": out, **meta}
+
+
+def train_predictor_text(report: dict) -> str:
+    lines = [
+        f"{report['out']}: trained on {report['train_tokens']} tokens, validated on {report['valid_tokens']}",
+        "layer → ahead | mlp recall | gate-lookahead recall",
+    ]
+    for m in report["metrics"]:
+        lines.append(f"{m['source']:>5} → {m['target']:<5} | {100 * m['mlp_recall']:9.1f}% | {100 * m['gate_lookahead_recall']:20.1f}%")
+    return "\n".join(lines)
