@@ -62,6 +62,7 @@ class Ticket:
     done: threading.Event = attrs.field(factory=threading.Event)
     error: BaseException | None = None
     event: object = None  # CUDA: the event recorded after the copies
+    cancelled: bool = False  # withdrawn before it started: nothing was copied
 
 
 @attrs.define
@@ -95,6 +96,27 @@ class _LinkQueue:
         with self.wake:
             self.closed = True
             self.wake.notify()
+
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Take a job that has not started off the queue; True if it was still waiting."""
+        with self.wake:
+            queue = self.urgent if ticket.urgent else self.jobs
+            for i, (queued, _) in enumerate(queue):
+                if queued is ticket:
+                    del queue[i]
+                    ticket.cancelled = True
+                    ticket.done.set()
+                    return True
+        return False
+
+    def promote(self, ticket: Ticket) -> None:
+        """Move a waiting job to the urgent queue's end (compute needs it now)."""
+        with self.wake:
+            for i, (queued, ranges) in enumerate(self.jobs):
+                if queued is ticket:
+                    del self.jobs[i]
+                    self.urgent.append((ticket, ranges))
+                    return
 
     def next(self) -> tuple[Ticket, Ranges] | None:
         with self.wake:
@@ -147,6 +169,10 @@ class ThreadCopyEngine:
     def wait(self, ticket: Ticket) -> None:
         if ticket.owner is not self:
             raise ValueError("waiting for a copy this engine did not issue")
+        if ticket.cancelled:
+            raise ValueError("waiting for a copy that was cancelled")
+        if not ticket.done.is_set():  # a prefetch compute now needs goes ahead of the other prefetches
+            self._queue.promote(ticket)
         start = time.perf_counter()
         while not ticket.done.wait(timeout=1.0):
             if not self._worker.is_alive():  # never hang on a dead worker
@@ -157,6 +183,13 @@ class ThreadCopyEngine:
         self.stats.waits += 1
         if ticket.error is not None:
             raise CopyError(f"copying {ticket.nbytes} bytes failed: {ticket.error}") from ticket.error
+
+    def cancel(self, ticket: Ticket) -> bool:
+        """Withdraw a copy nobody needs any more if it has not started (a wrong prefetch), so it does
+        not hold the link; True if it was withdrawn. A started copy runs to the end."""
+        if ticket.owner is not self:
+            raise ValueError("cancelling a copy this engine did not issue")
+        return self._queue.withdraw(ticket)
 
     def fence(self) -> None:
         return None  # compute on the CPU is synchronous: a released buffer is free at once
@@ -211,6 +244,10 @@ class CudaCopyEngine:
         after.record(compute)
         self._stalls.append((before, after, self.phase))
         self.stats.waits += 1
+
+    def cancel(self, ticket: Ticket) -> bool:
+        """Copies already queued on a stream cannot be withdrawn."""
+        return False
 
     def fence(self) -> torch.cuda.Event:
         event = torch.cuda.Event()

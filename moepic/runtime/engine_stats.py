@@ -43,6 +43,7 @@ class EngineCounters:
     demand_bytes: int = 0  # host → device, waited for at once
     prefetch_bytes: int = 0  # host → device, issued ahead
     wasted_prefetch_bytes: int = 0  # prefetched, then not routed
+    cancelled_prefetches: int = 0  # wrong prefetches withdrawn before they started
     device_copy_bytes: int = 0  # device → device (reassembly, admission)
     predictor_s: float = 0.0
 
@@ -97,6 +98,7 @@ class EngineCounters:
             "demand_bytes": self.demand_bytes,
             "prefetch_bytes": self.prefetch_bytes,
             "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
+            "cancelled_prefetches": self.cancelled_prefetches,
             "device_copy_bytes": self.device_copy_bytes,
             "preload_bytes": preload_bytes,
             "cache_bytes": self.layout.cache_bytes,

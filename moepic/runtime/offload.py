@@ -152,6 +152,10 @@ class OffloadedExperts:
             expert_plan = next((p for p in plan.experts if p.expert == e), None)
             if expert_plan is not None and expert_plan.load == load.part:
                 loads[e] = load
+            elif self.copies.cancel(load.ticket):  # not started: it never uses the link
+                self.counters.prefetch_bytes -= load.ticket.nbytes
+                self.counters.cancelled_prefetches += 1
+                self.staging.release(load.buffer)
             else:
                 self.counters.wasted_prefetch_bytes += load.ticket.nbytes
                 self.staging.release(load.buffer, pending=load.ticket)
