@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--horizon", type=int, help="MoE layers ahead the predictor prefetches (1-3)")
     gen.add_argument("--link-gbps", type=float, help="CPU: emulate a host→device link of this many GB/s")
     gen.add_argument("--link-latency-us", type=float, help="CPU: per-copy latency of the emulated link, µs")
+    gen.add_argument("--token-log", metavar="FILE.jsonl", help="offloaded runs: one JSON line per token (latency, copies)")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
     inspect = commands.add_parser("inspect", help="a checkpoint's shape and memory, from config.json alone")
     inspect.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
@@ -120,6 +121,7 @@ _FLAG_KEYS = {
     "horizon": "cache.predictor.horizon",
     "link_gbps": "cache.link_gbps",
     "link_latency_us": "cache.link_latency_us",
+    "token_log": "generate.token_log",
 }
 
 

@@ -58,6 +58,8 @@ class GenerateConfig:
     record_trace: str | None = None
     # Also store each MoE layer's router input in the trace (for training predictors).
     trace_hidden: bool = False
+    # Offloaded runs: write one JSON line per token (latency, exposed copy time, bytes) to this file.
+    token_log: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.max_new_tokens < 1:

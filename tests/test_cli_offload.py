@@ -93,3 +93,39 @@ def test_belady_with_a_trace_of_another_model_is_named(capsys, mixtral, checkpoi
     _run(capsys, [*GREEDY, "--model", str(checkpoint_dir("qwen2_moe")), "--record-trace", str(trace)])
     message = cli_error(capsys, [*GREEDY, "--model", mixtral, "--budget", "0.5", "--policy", "belady", f"cache.policy.trace={trace}"])
     assert message.startswith(f"{trace}: trace has MoE layers [0, 2] with 6 experts; the model's layer 0 has 4")
+
+
+def test_token_log_has_one_line_per_token_with_its_copies(capsys, mixtral, tmp_path):
+    log = tmp_path / "tokens.jsonl"
+    report = _run(capsys, [*GREEDY, "--model", mixtral, "--budget", "0.5", "--predictor", "gate_lookahead", "--token-log", str(log)])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["id"] for line in lines] == report["token_ids"]
+    assert [line["token"] for line in lines] == list(range(len(report["token_ids"])))
+    stats = report["stats"]
+    for key in ("demand_bytes", "prefetch_bytes", "wasted_prefetch_bytes"):
+        assert sum(line[key] for line in lines) == stats[key]
+    assert all(line["latency_s"] > 0 and line["exposed_copy_s"] >= 0 for line in lines)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--token-log", "t.jsonl"], "generate.token_log logs what each token copies: it needs an offloaded run (--budget)"),
+        (["--budget", "0.5", "--token-log", "/nowhere/t.jsonl"], "/nowhere/t.jsonl: cannot write the token log"),
+        (["--budget", "0.5", "--link-gbps", "0"], "cache.link_gbps must be > 0, got 0.0"),
+        (["--budget", "0.5", "--predictor", "crystal"], "unknown predictor 'crystal'; known: gate_lookahead, mlp, none, oracle"),
+        (["--budget", "0.5", "--predictor", "oracle"], "the oracle predictor needs the future: set predictor.trace=FILE"),
+        (["--budget", "0.5", "--predictor", "gate_lookahead", "--horizon", "0"], "predictor.horizon must be >= 1, got 0"),
+    ],
+)
+def test_prefetch_mistakes_are_one_line(capsys, mixtral, argv, message):
+    assert message in cli_error(capsys, [*GREEDY, "--model", mixtral, *argv])
+
+
+def test_prefetching_run_reports_recall_and_exposed_copy_time(capsys, mixtral):
+    dense = _run(capsys, [*GREEDY, "--model", mixtral])
+    report = _run(capsys, [*GREEDY, "--model", mixtral, "--budget", "0.9", "--predictor", "gate_lookahead", "--horizon", "2", "--link-gbps", "5"])
+    assert report["token_ids"] == dense["token_ids"]
+    stats = report["stats"]
+    assert 0 <= stats["prediction_recall"] <= 1 and stats["exposed_copy_s"] >= 0 and stats["decode_s_per_token"] > 0
+    assert report["cache"]["predictor"] == {"name": "gate_lookahead", "candidates": None, "horizon": 2, "tap": "router_input"}

@@ -64,6 +64,12 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
     trace_path = cfg.generate.record_trace
     if trace_path is not None and not Path(trace_path).resolve().parent.is_dir():
         raise ConfigError(f"{trace_path}: cannot write the trace (its folder does not exist)")
+    log_path = cfg.generate.token_log
+    if log_path is not None:
+        if cfg.cache.budget is None:
+            raise ConfigError("generate.token_log logs what each token copies: it needs an offloaded run (--budget)")
+        if not Path(log_path).resolve().parent.is_dir():
+            raise ConfigError(f"{log_path}: cannot write the token log (its folder does not exist)")
     dtype = None if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
     codec = TextCodec.from_folder(folder)
     if cfg.generate.prompt_ids is not None:
@@ -94,21 +100,32 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
             model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy, cfg.cache.predictor, link=_link(cfg, model.device)
         )
     on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
+    log_file = None
+    if log_path is not None:
+        from moepic.runtime.token_log import TokenLog
+
+        log_file = open(log_path, "w")  # noqa: SIM115 (closed below, after generation)
+        log, show = TokenLog(log_file, experts), on_token
+        on_token = log if show is None else (lambda token: (log(token), show(token)))
     recorder = None
     if trace_path is not None:
         from moepic.tracing.recorder import RoutingRecorder
 
         recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=cfg.generate.trace_hidden)
     # The streamed text is the progress display; a bar would interleave with it.
-    result = generate(
-        model,
-        prompt_ids,
-        max_new_tokens=cfg.generate.max_new_tokens,
-        sampling=cfg.sampling,
-        on_token=on_token,
-        tap=recorder,
-        experts=experts,
-    )
+    try:
+        result = generate(
+            model,
+            prompt_ids,
+            max_new_tokens=cfg.generate.max_new_tokens,
+            sampling=cfg.sampling,
+            on_token=on_token,
+            tap=recorder,
+            experts=experts,
+        )
+    finally:
+        if log_file is not None:
+            log_file.close()
     if finish is not None:
         finish()
     if recorder is not None:

@@ -199,8 +199,10 @@ class OffloadedExperts:
     def _issue_demand(
         self, layout: LayerCacheLayout, queue: deque[ExpertPlan], loads: dict[int, _Load], *, at_least_one: bool = False
     ) -> None:
-        """Demand copies from the head of `queue` while buffers are free."""
-        while queue and (self.staging.free or at_least_one):
+        """Demand copies from the head of `queue`, at most the demand reserve in flight, so that a
+        prompt's many loads leave the prefetch buffers free and the next layer's copies start
+        behind this layer's compute (prefill pipelining)."""
+        while queue and (len(loads) < self._demand_reserve or at_least_one) and self.staging.free:
             p = queue.popleft()
             loads[p.expert] = self._start(layout, p.expert, p.load, urgent=True)
             at_least_one = False

@@ -73,3 +73,47 @@ def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budg
     peak, layout = peak_above_resident(model, budget, theta)
     assert layout.cache_bytes + layout.staging_bytes <= budget * layout.expert_bytes
     assert peak <= layout.cache_bytes + layout.staging_bytes + run_itself + 64 * 1024
+
+
+def test_prefetch_copies_overlap_compute_on_the_device(models):
+    """The profiler's device timeline shows host→device copies running while kernels run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moepic.predictors.gate_lookahead import GateLookaheadConfig
+
+    _, model = models
+    engine = offloaded_experts(model, 0.2, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig(candidates=4))
+    generate(model, PROMPT, max_new_tokens=4, eos_ids=(), experts=engine)  # warm-up
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    copies = [e.time_range for e in device_events if "HtoD" in e.name]
+    kernels = [e.time_range for e in device_events if "Memcpy" not in e.name and "Memset" not in e.name]
+    assert copies and kernels
+    overlapping = sum(any(c.start < k.end and k.start < c.end for k in kernels) for c in copies)
+    assert overlapping > 0, "no host→device copy ran concurrently with a kernel"
+    assert engine.report()["prefetch_bytes"] > 0
+
+
+def test_a_decode_step_syncs_with_the_host_only_to_read_each_layers_routing(models):
+    import warnings
+
+    from moepic.core.model import KVCache, forward
+    from moepic.predictors.gate_lookahead import GateLookaheadConfig
+
+    _, model = models
+    engine = offloaded_experts(model, 0.2, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig())
+    cache = KVCache.allocate(model, 64)
+    with torch.inference_mode():
+        _, cache = forward(model, torch.tensor(PROMPT[:8], device="cuda"), cache, engine)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                forward(model, torch.tensor([5], device="cuda"), cache, engine, logits_for="last")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == len(model.spec.moe_layers)

@@ -128,7 +128,8 @@ def test_copies_land_in_their_ranges_only_and_stats_count_tickets_and_bytes(dtyp
 
 def test_ticket_records_its_size_and_urgency():
     with closing(ThreadCopyEngine()) as engine:
-        ticket = engine.submit([(torch.zeros(3, 2), torch.ones(3, 2)), (torch.zeros(5, dtype=torch.int8), torch.ones(5, dtype=torch.int8))], urgent=True)
+        int8 = torch.ones(5, dtype=torch.int8)
+        ticket = engine.submit([(torch.zeros(3, 2), torch.ones(3, 2)), (torch.zeros_like(int8), int8)], urgent=True)
         engine.wait(ticket)
         assert (ticket.nbytes, ticket.urgent, ticket.owner, ticket.error) == (3 * 2 * 4 + 5, True, engine, None)
 

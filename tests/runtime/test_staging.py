@@ -68,7 +68,10 @@ def test_releasing_a_buffer_twice_raises_and_leaves_the_pool_unchanged():
         p.acquire(no_wait)
 
 
-@given(count=st.integers(1, 5), ops=st.lists(st.tuples(st.sampled_from(["acquire", "release", "release_free"]), st.integers(0, 99)), max_size=40))
+OPS = st.tuples(st.sampled_from(["acquire", "release", "release_free"]), st.integers(0, 99))
+
+
+@given(count=st.integers(1, 5), ops=st.lists(OPS, max_size=40))
 def test_pool_matches_a_fifo_model_and_peak_tracks_the_most_in_use(count, ops):
     p = pool(count)
     free, held, peak = deque(range(count)), [], 0
@@ -107,7 +110,8 @@ def test_expert_views_are_views_into_flat_in_the_compute_layout(dtype):
         assert torch.equal(down.reshape(-1), buffer.flat[2 * F * D :])
         gate_up.fill_(-1)
         down.fill_(-2)
-        assert torch.equal(buffer.flat, torch.cat([torch.full((2 * F * D,), -1, dtype=dtype), torch.full((F * D,), -2, dtype=dtype)]))
+        expected = torch.cat([torch.full((2 * F * D,), -1, dtype=dtype), torch.full((F * D,), -2, dtype=dtype)])
+        assert torch.equal(buffer.flat, expected)
     # Buffers do not share memory.
     a, b = p.buffers
     a.flat.fill_(1)
