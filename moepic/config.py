@@ -87,9 +87,9 @@ class CacheConfig:
     link_latency_us: float = 0.0
 
     def __attrs_post_init__(self) -> None:
-        if self.link_gbps is not None and self.link_gbps <= 0:
+        if self.link_gbps is not None and not 0 < self.link_gbps < float("inf"):
             raise ValueError(f"cache.link_gbps must be > 0, got {self.link_gbps}")
-        if self.link_latency_us < 0:
+        if not 0 <= self.link_latency_us < float("inf"):
             raise ValueError(f"cache.link_latency_us must be >= 0, got {self.link_latency_us}")
 
 

@@ -17,6 +17,7 @@ A copy that fails raises CopyError from `wait`, naming the copy; the engine then
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -43,7 +44,7 @@ class Link:
     latency_us: float = 0.0
 
     def __attrs_post_init__(self) -> None:
-        if self.gbps <= 0 or self.latency_us < 0:
+        if not (self.gbps > 0 and self.latency_us >= 0 and math.isfinite(self.gbps) and math.isfinite(self.latency_us)):
             raise ValueError(f"link: bandwidth must be > 0 GB/s and latency ≥ 0 µs, got {self.gbps}, {self.latency_us}")
 
     def seconds(self, nbytes: int) -> float:
@@ -51,6 +52,10 @@ class Link:
 
 
 def ranges_bytes(ranges: Ranges) -> int:
+    """Bytes the ranges move; each destination must have its source's shape (no broadcasting)."""
+    for dst, src in ranges:
+        if dst.shape != src.shape:
+            raise ValueError(f"copy range: destination shape {tuple(dst.shape)} differs from source {tuple(src.shape)}")
     return sum(src.numel() * src.element_size() for _, src in ranges)
 
 
@@ -100,13 +105,13 @@ class _LinkQueue:
     def withdraw(self, ticket: Ticket) -> bool:
         """Take a job that has not started off the queue; True if it was still waiting."""
         with self.wake:
-            queue = self.urgent if ticket.urgent else self.jobs
-            for i, (queued, _) in enumerate(queue):
-                if queued is ticket:
-                    del queue[i]
-                    ticket.cancelled = True
-                    ticket.done.set()
-                    return True
+            for queue in (self.jobs, self.urgent):  # a waited-for prefetch may have been promoted
+                for i, (queued, _) in enumerate(queue):
+                    if queued is ticket:
+                        del queue[i]
+                        ticket.cancelled = True
+                        ticket.done.set()
+                        return True
         return False
 
     def promote(self, ticket: Ticket) -> None:
@@ -143,6 +148,9 @@ class _LinkQueue:
                 self.failure = self.failure or e
             finally:
                 ticket.done.set()
+            # Drop the finished job before blocking for the next: its ticket points at the engine,
+            # and a reference held here would keep a dropped engine (and its worker) alive.
+            job = ticket = ranges = dst = src = None
 
 
 class ThreadCopyEngine:

@@ -48,10 +48,11 @@ class StagingPool:
         """A free buffer; `wait_for_copy(ticket)` settles a dropped prefetch still writing into it."""
         if not self._free:
             raise RuntimeError(f"all {len(self.buffers)} staging buffers are in use (a sizing bug in the engine)")
-        buffer = self._free.popleft()
+        buffer = self._free[0]
         if buffer.pending is not None:  # a wasted prefetch may still be landing here
-            wait_for_copy(buffer.pending)
+            wait_for_copy(buffer.pending)  # if it raises, the buffer stays free (and pending)
             buffer.pending = None
+        self._free.popleft()
         self.in_use += 1
         self.peak_in_use = max(self.peak_in_use, self.in_use)
         return buffer

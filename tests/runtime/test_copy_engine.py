@@ -42,6 +42,8 @@ def call_bounded(fn, timeout: float = BOUND_S):
 class Gate:
     """A destination whose copy blocks until opened: it holds the worker so later jobs queue behind it."""
 
+    shape = torch.Size([1])  # its source is torch.zeros(1)
+
     def __init__(self) -> None:
         self.entered, self.opened = threading.Event(), threading.Event()
 
@@ -58,6 +60,7 @@ class Recorder:
     def __init__(self, name: str, log: list, tickets: dict, size: int = 4) -> None:
         self.name, self.log, self.tickets = name, log, tickets
         self.tensor = torch.zeros(size)
+        self.shape = self.tensor.shape
 
     def copy_(self, src: torch.Tensor) -> None:
         done = {name for name, t in self.tickets.items() if t.done.is_set()}
@@ -307,8 +310,8 @@ def test_failed_copy_surfaces_from_wait_as_copy_error_naming_its_bytes_and_refus
         engine.submit([(gate, torch.zeros(1))])
         assert gate.entered.wait(BOUND_S)
         ok_dst = torch.zeros(3)
-        # 12 + 12 bytes, the second range mismatched; urgent, so it runs before both jobs queued after it.
-        bad = engine.submit([(ok_dst, torch.ones(3)), (torch.zeros(2), torch.ones(3))], urgent=True)
+        # 12 + 12 bytes, the second range's copy raises; urgent, so it runs before both jobs queued after it.
+        bad = engine.submit([(ok_dst, torch.ones(3)), (torch.zeros(3), torch.ones(3).as_subclass(ExplodingSource))], urgent=True)
         behind = [torch.zeros(4), torch.zeros(4)]
         queued = [engine.submit([(behind[0], torch.ones(4))]), engine.submit([(behind[1], torch.ones(4))], urgent=True)]
         gate.opened.set()
@@ -316,7 +319,7 @@ def test_failed_copy_surfaces_from_wait_as_copy_error_naming_its_bytes_and_refus
         _, error = call_bounded(lambda: engine.wait(bad))
         assert isinstance(error, CopyError)
         assert "copying 24 bytes failed" in str(error)
-        assert isinstance(error.__cause__, RuntimeError)
+        assert isinstance(error.__cause__, OSError)
         assert bad.done.is_set() and bad.error is error.__cause__
 
         for ticket in queued:  # queued behind the failure: completed with an error, never run
@@ -470,3 +473,45 @@ def test_a_dropped_engine_stops_its_worker_thread():
         gc.collect()
     assert not any(w.is_alive() for w in workers)
     assert threading.active_count() <= count
+
+
+def test_a_range_whose_shapes_differ_is_refused_at_submit_instead_of_broadcasting():
+    with closing(ThreadCopyEngine()) as engine:
+        with pytest.raises(ValueError, match=r"destination shape \(3, 3\) differs from source \(3,\)"):
+            engine.submit([(torch.zeros(3, 3), torch.ones(3))])
+        with pytest.raises(ValueError, match="differs from source"):
+            engine.submit([(torch.zeros(2), torch.ones(3))])
+
+
+def test_a_queued_prefetch_can_be_withdrawn_and_then_never_copies():
+    with closing(ThreadCopyEngine()) as engine:
+        gate = Gate()
+        running = engine.submit([(gate, torch.zeros(1))])
+        assert gate.entered.wait(BOUND_S)
+        dst = torch.zeros(4)
+        queued = engine.submit([(dst, torch.ones(4))])
+        assert engine.cancel(queued) and queued.cancelled and queued.done.is_set()
+        assert not engine.cancel(running)  # started: it runs to the end
+        with pytest.raises(ValueError, match="cancelled"):
+            engine.wait(queued)
+        gate.opened.set()
+        engine.wait(running)
+    assert torch.equal(dst, torch.zeros(4)) and engine.current_stats().copies == 1
+
+
+def test_waiting_for_a_queued_prefetch_moves_it_ahead_of_the_other_prefetches():
+    log, tickets = [], {}
+    with closing(ThreadCopyEngine()) as engine:
+        gate = Gate()
+        engine.submit([(gate, torch.zeros(1))])
+        assert gate.entered.wait(BOUND_S)
+        for name in ("a", "b", "c"):
+            tickets[name] = engine.submit([(Recorder(name, log, tickets), torch.ones(4))])
+        waiter = threading.Thread(target=engine.wait, args=(tickets["c"],))
+        waiter.start()
+        time.sleep(0.05)  # let the wait promote "c" before the gate opens
+        gate.opened.set()
+        waiter.join(BOUND_S)
+        for t in tickets.values():
+            engine.wait(t)
+    assert [entry[0] for entry in log][:1] == ["c"]

@@ -155,6 +155,8 @@ def test_acquire_of_a_buffer_a_dropped_prefetch_still_writes_waits_for_that_copy
     # A gate holds the copy worker so the prefetch into the buffer cannot have run when it is
     # released; acquire must block on engine.wait until the gate opens and the copy lands.
     class Gate:
+        shape = torch.Size([1])
+
         def __init__(self) -> None:
             self.entered, self.opened = threading.Event(), threading.Event()
 
