@@ -208,7 +208,7 @@ def test_unknown_yaml_key_is_named_with_the_known_keys(capsys, mixtral, tmp_path
     path.write_text("generate: {max_tokens: 3}\n")
     assert _error(capsys, [*GREEDY, "--model", mixtral, "--config", str(path)]) == (
         "unknown config key generate.max_tokens; known keys here: "
-        "max_new_tokens, prompt, prompt_ids, record_trace, trace_hidden"
+        "max_new_tokens, prompt, prompt_ids, record_trace, token_log, trace_hidden"
     )
 
 
