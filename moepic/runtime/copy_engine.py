@@ -17,6 +17,7 @@ A copy that fails raises CopyError from `wait`, naming the copy; the engine then
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 import time
@@ -76,7 +77,23 @@ class CopyStats:
     bytes: int = 0
     exposed_s: float = 0.0  # time compute waited for copies (CPU: measured in `wait`)
     decode_exposed_s: float = 0.0  # the part of it in decode steps (see `phase`)
+    busy_s: float = 0.0  # time the link spent copying (what is not exposed was overlapped)
     waits: int = 0
+
+
+def _host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """One range, copied by the worker thread. Contiguous same-dtype host ranges (all the engine's)
+    go through a plain memmove: torch's copy would start an OpenMP team in this thread, whose
+    spinning threads then steal the cores from compute (measured: +5 ms/token on 2 cores)."""
+    plain = (
+        isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor) and type(src) is torch.Tensor
+        and dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype
+        and dst.is_contiguous() and src.is_contiguous()
+    )
+    if plain:
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    else:
+        dst.copy_(src)
 
 
 class _LinkQueue:
@@ -138,11 +155,12 @@ class _LinkQueue:
                 if self.failure is not None:
                     raise CopyError(f"not run: an earlier copy failed ({self.failure})")
                 for dst, src in ranges:
-                    dst.copy_(src)
+                    _host_copy(dst, src)
                 if self.link is not None:  # hold the link for as long as the emulated transfer takes
                     time.sleep(max(0.0, self.link.seconds(ticket.nbytes) - (time.perf_counter() - start)))
                 self.stats.copies += 1
                 self.stats.bytes += ticket.nbytes
+                self.stats.busy_s += time.perf_counter() - start
             except BaseException as e:  # surfaced to whoever waits, never swallowed
                 ticket.error = e
                 self.failure = self.failure or e
@@ -226,6 +244,7 @@ class CudaCopyEngine:
         self._prefetch_stream = torch.cuda.Stream(device, priority=0)
         self._urgent_stream = torch.cuda.Stream(device, priority=-1)
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event, str]] = []
+        self._copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
         ticket = Ticket(nbytes=ranges_bytes(ranges), urgent=urgent, owner=self)
@@ -233,10 +252,13 @@ class CudaCopyEngine:
         with torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)  # compute has let go of the destination
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
             for dst, src in ranges:
                 dst.copy_(src, non_blocking=True)
-            ticket.event = torch.cuda.Event(enable_timing=False)
+            ticket.event = torch.cuda.Event(enable_timing=True)
             ticket.event.record(stream)
+        self._copies.append((start, ticket.event))
         self.stats.copies += 1
         self.stats.bytes += ticket.nbytes
         ticket.done.set()  # issued; completion is the event's business
@@ -269,7 +291,9 @@ class CudaCopyEngine:
             stalled = before.elapsed_time(after) / 1e3
             self.stats.exposed_s += stalled
             self.stats.decode_exposed_s += stalled if phase == "decode" else 0.0
+        self.stats.busy_s += sum(start.elapsed_time(end) for start, end in self._copies) / 1e3
         self._stalls.clear()
+        self._copies.clear()
         return self.stats
 
     def close(self) -> None:

@@ -78,7 +78,9 @@ class EngineCounters:
             out[layer] = s.plus(LayerCacheStats(layer=layer, steps=steps, tokens=tokens, activations=activations, hits=activations))
         return out
 
-    def report(self, *, exposed_copy_s: float, decode_exposed_copy_s: float, preload_bytes: int) -> dict[str, object]:
+    def report(
+        self, *, exposed_copy_s: float, decode_exposed_copy_s: float, copy_s: float, preload_bytes: int
+    ) -> dict[str, object]:
         layers = self.layout.layers
         decode = tuple(self.cache_stats(decode=True).values())
         everything = tuple(a.plus(b) for a, b in zip(self.cache_stats(decode=False).values(), decode))
@@ -89,6 +91,8 @@ class EngineCounters:
             "decode_expert_hit_rate": decode_summary["expert_hit_rate"],
             "decode_bytes_loaded_per_token": decode_summary["bytes_loaded_per_token"],
             "exposed_copy_s": exposed_copy_s,
+            "copy_s": copy_s,  # link busy time; copy_s − exposed_copy_s of it overlapped compute
+            "overlapped_copy_s": max(0.0, copy_s - exposed_copy_s),
             "decode_exposed_copy_s_per_token": decode_exposed_copy_s / decode[0].tokens if decode[0].tokens else 0.0,
             "prediction_recall": correct / routed if routed else None,
             "prediction_precision": correct / named if named else None,

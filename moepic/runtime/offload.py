@@ -260,7 +260,8 @@ class OffloadedExperts:
         """Counters of the run so far: cache, prediction, copies."""
         copies = self.copies.current_stats()
         return self.counters.report(
-            exposed_copy_s=copies.exposed_s, decode_exposed_copy_s=copies.decode_exposed_s, preload_bytes=self.preload_bytes
+            exposed_copy_s=copies.exposed_s, decode_exposed_copy_s=copies.decode_exposed_s, copy_s=copies.busy_s,
+            preload_bytes=self.preload_bytes,
         )
 
     def close(self) -> None:
