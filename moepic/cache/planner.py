@@ -13,10 +13,13 @@ experts. For an expert the step routes to:
 - miss     nothing cached: the whole expert is loaded. It is *admitted* (its top kept in a slot)
            if a slot is free or its priority beats the lowest-priority cached expert that this
            step does not use, which is then evicted. A segment the step uses is never evicted.
+An expert that was loaded whole without being routed (a wrong prefetch) competes for admission
+by the same rule: the policy decides whether it is kept or dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
@@ -61,6 +64,7 @@ class LayerPlan:
     layer: int
     experts: tuple[ExpertPlan, ...]  # one per routed expert, by expert id
     evicted: tuple[tuple[int, int], ...]  # (expert, slot) whose top this step drops
+    kept: tuple[tuple[int, int], ...] = ()  # (expert, slot): loaded without being routed, admitted
 
     @property
     def bytes_loaded(self) -> int:
@@ -88,11 +92,14 @@ def plan_layer_step(
     cache: LayerCache,
     counts_E: np.ndarray,
     priority_E: np.ndarray,
+    loaded: Sequence[int] = (),
 ) -> tuple[LayerPlan, LayerCache]:
-    """Plan one step of a layer: the experts with nonzero `counts_E` are used, `priority_E` ranks all."""
+    """Plan one step of a layer: the experts with nonzero `counts_E` are used, `priority_E` ranks all;
+    `loaded` experts are on the device whole without being used (candidates for admission only)."""
     used = [int(e) for e in np.flatnonzero(counts_E)]
     slot_of = cache.slot_of()
-    misses = [e for e in used if e not in slot_of]
+    extra = [e for e in loaded if e not in slot_of and counts_E[e] == 0]
+    misses = [e for e in used if e not in slot_of] + extra
     # Misses in order of priority (ties: lower id first); each takes a free slot or displaces the
     # lowest-priority cached expert this step does not use, if it is worth more.
     slots_S = list(cache.slots_S)
@@ -122,7 +129,9 @@ def plan_layer_step(
             ))
         else:
             plans.append(ExpertPlan(expert=e, outcome="miss", slot=admitted.get(e), load="whole", bytes_loaded=whole))
-    return LayerPlan(layer=layout.layer, experts=tuple(plans), evicted=tuple(evicted)), LayerCache(tuple(slots_S))
+    kept = tuple((e, admitted[e]) for e in extra if e in admitted)
+    plan = LayerPlan(layer=layout.layer, experts=tuple(plans), evicted=tuple(evicted), kept=kept)
+    return plan, LayerCache(tuple(slots_S))
 
 
 def residency_step(
@@ -133,9 +142,10 @@ def residency_step(
     *,
     tokens: int,
     new_request: bool = False,
+    loaded: Sequence[int] = (),
 ) -> tuple[LayerPlan, LayerResidency]:
     """One layer step over `tokens` tokens: let the policy see the routing, then plan with its fresh priorities."""
     step = LayerStep(layer=layout.layer, clock=residency.clock, tokens=tokens, counts_E=counts_E, new_request=new_request)
     policy_state = policy.update(residency.policy_state, step)
-    plan, cache = plan_layer_step(layout, residency.cache, counts_E, policy.priority(policy_state))
+    plan, cache = plan_layer_step(layout, residency.cache, counts_E, policy.priority(policy_state), loaded)
     return plan, LayerResidency(cache, policy_state, residency.clock + tokens)

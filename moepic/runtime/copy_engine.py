@@ -210,6 +210,10 @@ class ThreadCopyEngine:
         if ticket.error is not None:
             raise CopyError(f"copying {ticket.nbytes} bytes failed: {ticket.error}") from ticket.error
 
+    def landed(self, ticket: Ticket) -> bool:
+        """Whether the copy has finished, successfully (never blocks)."""
+        return ticket.done.is_set() and not ticket.cancelled and ticket.error is None
+
     def cancel(self, ticket: Ticket) -> bool:
         """Withdraw a copy nobody needs any more if it has not started (a wrong prefetch), so it does
         not hold the link; True if it was withdrawn. A started copy runs to the end."""
@@ -274,6 +278,10 @@ class CudaCopyEngine:
         after.record(compute)
         self._stalls.append((before, after, self.phase))
         self.stats.waits += 1
+
+    def landed(self, ticket: Ticket) -> bool:
+        """Whether the copy has finished on the device (never blocks)."""
+        return ticket.event.query()
 
     def cancel(self, ticket: Ticket) -> bool:
         """Copies already queued on a stream cannot be withdrawn."""

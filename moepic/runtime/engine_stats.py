@@ -44,6 +44,8 @@ class EngineCounters:
     prefetch_bytes: int = 0  # host → device, issued ahead
     wasted_prefetch_bytes: int = 0  # prefetched, then not routed
     cancelled_prefetches: int = 0  # wrong prefetches withdrawn before they started
+    kept_prefetches: int = 0  # wrong prefetches the policy admitted to the cache anyway
+    kept_prefetch_bytes: int = 0
     device_copy_bytes: int = 0  # device → device (reassembly, admission)
     predictor_s: float = 0.0
 
@@ -103,6 +105,8 @@ class EngineCounters:
             "prefetch_bytes": self.prefetch_bytes,
             "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
             "cancelled_prefetches": self.cancelled_prefetches,
+            "kept_prefetches": self.kept_prefetches,
+            "kept_prefetch_bytes": self.kept_prefetch_bytes,
             "device_copy_bytes": self.device_copy_bytes,
             "preload_bytes": preload_bytes,
             "cache_bytes": self.layout.cache_bytes,

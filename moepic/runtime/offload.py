@@ -143,10 +143,18 @@ class OffloadedExperts:
             np.add.at(counts_E, np.asarray(ids_per_token).ravel(), 1)
         new_request = layer in self._new_request
         self._new_request.discard(layer)
+        # A wrong prefetch that has landed whole may still be worth caching: the planner decides.
+        landed = [e for e, load in prefetched.items() if load.part == "whole" and self.copies.landed(load.ticket)]
         plan, self.residency[layer] = residency_step(
-            self.policy, layout, self.residency[layer], counts_E, tokens=tokens, new_request=new_request
+            self.policy, layout, self.residency[layer], counts_E, tokens=tokens, new_request=new_request, loaded=landed
         )
         self.counters.add_plan(plan, tokens)
+        for e, slot in plan.kept:
+            load = prefetched.pop(e)
+            self._copy_on_device(self.pools[layer].slots[slot], load.buffer.expert.neurons(0, layout.top_neurons))
+            self.counters.kept_prefetches += 1
+            self.counters.kept_prefetch_bytes += load.ticket.nbytes
+            self.staging.release(load.buffer, fence=self.copies.fence())
         loads: dict[int, _Load] = {}
         for e, load in prefetched.items():  # keep what matches the plan, drop the rest
             expert_plan = next((p for p in plan.experts if p.expert == e), None)

@@ -82,7 +82,8 @@ def run_offloaded(model, prompt, new_tokens, engine):
 def assert_prefetched_bytes_replace_demand_bytes(engine) -> None:
     planned = total((*engine.prefill_stats.values(), *engine.decode_stats.values())).bytes_loaded
     c = engine.counters
-    assert c.demand_bytes + c.prefetch_bytes - c.wasted_prefetch_bytes == planned
+    # Every byte loaded was routed (demand, used prefetch), wasted, or kept in the cache by the policy.
+    assert c.demand_bytes + c.prefetch_bytes - c.wasted_prefetch_bytes - c.kept_prefetch_bytes == planned
     assert engine.copies.current_stats().bytes == c.demand_bytes + c.prefetch_bytes
 
 
@@ -168,3 +169,24 @@ def test_a_slow_link_makes_copies_exposed_and_prefetching_hides_part_of_them():
         exposed[name] = engine.report()["decode_exposed_copy_s_per_token"]
     assert exposed["none"] > 0
     assert exposed["oracle"] < exposed["none"]
+
+
+def test_wrong_prefetches_the_policy_admits_are_kept_and_the_numbers_stay_exact(models):
+    model = models["mixtral"]
+    dense, trace = dense_run(model, PROMPT, 10)
+    # Predict every expert, so most prefetches are wrong; random priorities keep some of them.
+    predictor = PREDICTORS.build(GateLookaheadConfig(candidates=model.spec.moe.num_experts), model)
+    engine = offloaded_experts(model, [0.75] * 3, 1.0, policy=policy_for("random", trace), predictor=predictor)
+    checked = []
+    offloaded = run_offloaded(model, PROMPT, 10, engine)
+    assert offloaded.token_ids == dense.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.logits, dense.logits))
+    assert engine.counters.kept_prefetches > 0
+    assert_prefetched_bytes_replace_demand_bytes(engine)
+    for layer, residency in engine.residency.items():
+        top = engine.layout.for_layer(layer).top_neurons
+        for slot, expert in enumerate(residency.cache.slots_S):
+            if expert >= 0:
+                host = engine.store.experts[layer][expert].neurons(0, top)
+                checked.append(torch.equal(engine.pools[layer].slots[slot].gate_up_N2BD, host.gate_up_N2BD))
+    assert checked and all(checked)
