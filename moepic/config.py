@@ -85,6 +85,10 @@ class CacheConfig:
     # CPU runs only: emulate a host→device link of this bandwidth (GB/s) and per-copy latency (µs).
     link_gbps: float | None = None
     link_latency_us: float = 0.0
+    # Compute a partial hit's cached top while its bottom is still being copied. Faster where copies
+    # are exposed, but the split sum rounds differently: results equal the dense model's only up to
+    # floating-point rounding (off: bit for bit).
+    overlap_top: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.link_gbps is not None and not 0 < self.link_gbps < float("inf"):

@@ -97,7 +97,8 @@ def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
         from moepic.runtime.offload import offloaded_experts
 
         experts = offloaded_experts(
-            model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy, cfg.cache.predictor, link=_link(cfg, model.device)
+            model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy, cfg.cache.predictor,
+            link=_link(cfg, model.device), overlap_top=cfg.cache.overlap_top,
         )
     on_token, finish = (None, None) if as_json else _stdout_streamer(codec)
     log_file = None

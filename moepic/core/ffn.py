@@ -8,7 +8,7 @@ The split only reorders a sum, so results agree to floating-point rounding, not 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,19 @@ def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
     return h_TF @ w.down_FD
 
 
-def swiglu_segments(x_TD: torch.Tensor, segments: Sequence[SwiGLUWeights]) -> torch.Tensor:
-    """One expert given as neuron segments (e.g. a cached top and a freshly loaded bottom)."""
-    nonempty = [s for s in segments if s.ffn_size > 0]
-    if not nonempty:
+def swiglu_segments(x_TD: torch.Tensor, segments: Iterable[SwiGLUWeights]) -> torch.Tensor:
+    """One expert given as neuron segments (e.g. a cached top and a freshly loaded bottom).
+
+    Segments are taken one at a time, so a source may hand out the next one only when it is ready
+    (the top is computed while the bottom is still being copied)."""
+    y_TD = None
+    for segment in segments:
+        if segment.ffn_size == 0:
+            continue
+        term = swiglu(x_TD, segment)
+        y_TD = term if y_TD is None else y_TD + term
+    if y_TD is None:
         raise ValueError("an expert needs at least one non-empty neuron segment")
-    y_TD = swiglu(x_TD, nonempty[0])
-    for segment in nonempty[1:]:
-        y_TD = y_TD + swiglu(x_TD, segment)
     return y_TD
 
 

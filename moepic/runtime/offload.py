@@ -12,8 +12,10 @@ allocation and copies (through the copy engine, the only owner of streams and th
 
 Every expert is computed from one buffer in the compute layout, reassembled from its segments,
 so the kernels see the same shapes and values as in the dense model: offloaded results equal the
-dense model's bit for bit, whatever the policy, budget, θ, predictor or link. (Computing a cached
-top while its bottom is in flight, paper-brief §2, would trade that exactness for a little overlap.)
+dense model's bit for bit, whatever the policy, budget, θ, predictor or link. `overlap_top` trades
+that for overlap (paper-brief §2): a partial hit's cached top is computed while its bottom is
+still in flight, and the two segments' outputs are summed (equal to the dense model up to
+floating-point rounding, not bit for bit).
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ class OffloadedExperts:
         predictor: Predictor | None = None,
         link: Link | None = None,
         store: HostExpertStore | None = None,
+        overlap_top: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.layout, self.policy = layout, policy
+        self.overlap_top = overlap_top
         self.predictor = predictor or NoPredictor()
         self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
         any_expert = next(iter(self.store.experts.values()))[0]
@@ -180,7 +184,10 @@ class OffloadedExperts:
             if p.expert not in loads:  # its turn came before a buffer did: it heads the queue
                 self._issue_demand(layout, queue, loads, at_least_one=True)
             load = loads.pop(p.expert)
-            yield p.expert, (self._assemble(layout, p, load),)
+            if self.overlap_top and p.outcome == "partial":
+                yield p.expert, self._top_then_bottom(layout, p, load)
+            else:
+                yield p.expert, (self._assemble(layout, p, load),)
             self.staging.release(load.buffer, fence=self.copies.fence())
             self._issue_demand(layout, queue, loads)
 
@@ -245,6 +252,14 @@ class OffloadedExperts:
             self._copy_on_device(slot, staged.neurons(0, top))
         return staged
 
+    def _top_then_bottom(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> Iterator[SwiGLUWeights]:
+        """A partial hit as two segments: the cached top at once (computed while the bottom is still
+        in flight), then the bottom once it has landed. Not bit-exact: the sum of two segments
+        rounds differently from one matmul over the whole expert (paper-brief §2)."""
+        yield self.pools[layout.layer].slots[p.slot]
+        self.copies.wait(load.ticket)
+        yield load.buffer.expert.neurons(layout.top_neurons, layout.ffn_size)
+
     def _copy_on_device(self, dst: SwiGLUWeights, src: SwiGLUWeights) -> None:
         for d, s in ((dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)):
             d.copy_(s, non_blocking=True)
@@ -291,6 +306,7 @@ def offloaded_experts(
     link: Link | None = None,
     policy: CachePolicy | None = None,
     predictor: Predictor | None = None,
+    overlap_top: bool = False,
 ) -> OffloadedExperts:
     """The engine for `model` (its routed experts in host memory) under a budget, θ, policy and predictor,
     given as configs (built here) or as built strategies."""
@@ -303,4 +319,6 @@ def offloaded_experts(
     )
     if policy is None:
         policy = build_policy(policy_config)
-    return OffloadedExperts(model.weights, layout, policy, device=model.device, predictor=predictor, link=link)
+    return OffloadedExperts(
+        model.weights, layout, policy, device=model.device, predictor=predictor, link=link, overlap_top=overlap_top
+    )

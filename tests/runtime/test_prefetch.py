@@ -190,3 +190,26 @@ def test_wrong_prefetches_the_policy_admits_are_kept_and_the_numbers_stay_exact(
                 host = engine.store.experts[layer][expert].neurons(0, top)
                 checked.append(torch.equal(engine.pools[layer].slots[slot].gate_up_N2BD, host.gate_up_N2BD))
     assert checked and all(checked)
+
+
+@given(
+    name=st.sampled_from(MODELS),
+    predictor=st.sampled_from(["none", "gate_lookahead", "oracle"]),
+    theta=st.sampled_from([0.25, 0.5, 0.75]),
+    link=st.sampled_from([None, Link(gbps=2.0, latency_us=5.0)]),
+    prompt_len=st.integers(1, len(PROMPT)),
+)
+def test_overlapping_the_cached_top_with_its_bottom_copy_keeps_tokens_and_logits_within_rounding(
+    models, name, predictor, theta, link, prompt_len
+):
+    model = models[name]
+    prompt = PROMPT[:prompt_len]
+    dense, trace = dense_run(model, prompt, 6)
+    pred = predictor_for(predictor, name, model, trace, {"candidates": 2, "horizon": 1, "tap": "router_input"}, None)
+    engine = offloaded_experts(model, 1.0, theta, POLICIES["lru"].config(), link=link, predictor=pred, overlap_top=True)
+    offloaded = run_offloaded(model, prompt, 6, engine)
+    assert offloaded.token_ids == dense.token_ids
+    for a, b in zip(offloaded.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert total(engine.decode_stats.values()).partial_hits > 0 or len(dense.token_ids) == 1
+    assert_prefetched_bytes_replace_demand_bytes(engine)
