@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import moepic.checkpoint.load
 from moepic.cli import _parser, generate_config, main
-from moepic.config import RunConfig, SamplingConfig, load_config
+from moepic.config import RunConfig, SamplingConfig
 from moepic.default_model import default_model_dir
 from moepic.policies.lcp import LCPConfig
 from moepic.policies.lru import LRUConfig

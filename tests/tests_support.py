@@ -79,3 +79,27 @@ def policy_for(name: str, trace: RoutingTrace, *, seed: int = 0):
     hints = typing.get_type_hints(entry.factory.__init__)
     takes_trace = {key for key, hint in hints.items() if hint is RoutingTrace or RoutingTrace in typing.get_args(hint)}
     return entry.factory(config, **{key: trace for key in takes_trace - {"config", "return"}})
+
+
+class Models(dict):
+    """name → loaded model, with a short repr (hypothesis prints the arguments of a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"Models({', '.join(self)})"
+
+
+def load_split_friendly(checkpoint_dir, names) -> Models:
+    """Tiny checkpoints in fp32 with neuron blocks of 4, so θ takes many values (F = 16 or 48)."""
+    from moepic.checkpoint.load import load_model
+
+    return Models({name: load_model(checkpoint_dir(name), dtype=torch.float32, widest_neuron_block=4) for name in names})
+
+
+def dense_run(model, prompt, new_tokens):
+    """The dense model's greedy run (with logits) and the routing trace it produced."""
+    from moepic.runtime.generation import generate
+    from moepic.tracing.recorder import RoutingRecorder
+
+    recorder = RoutingRecorder(model.spec, model_name="test")
+    result = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, tap=recorder)
+    return result, recorder.trace()

@@ -18,28 +18,15 @@ from moepic.policies import POLICIES
 from moepic.runtime.generation import generate
 from moepic.runtime.host_store import HostExpertStore, flat_buffer
 from moepic.runtime.offload import OffloadedExperts
-from moepic.tracing.recorder import RoutingRecorder
-from tests_support import policy_for
+from tests_support import dense_run, load_split_friendly, policy_for
 
 MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
 
 
-class Models(dict):
-    def __repr__(self) -> str:  # hypothesis prints the arguments of a failing example
-        return f"Models({', '.join(self)})"
-
-
 @pytest.fixture(scope="module")
 def models(checkpoint_dir):
-    # Neuron blocks of 4 so θ takes many values on these tiny experts (F = 16 or 48).
-    return Models({name: load_model(checkpoint_dir(name), dtype=torch.float32, widest_neuron_block=4) for name in MODELS})
-
-
-def dense_run(model, prompt, max_new_tokens):
-    recorder = RoutingRecorder(model.spec, model_name="test")
-    result = generate(model, prompt, max_new_tokens=max_new_tokens, eos_ids=(), keep_logits=True, tap=recorder)
-    return result, recorder.trace()
+    return load_split_friendly(checkpoint_dir, MODELS)
 
 
 def engine_for(model, policy_name, trace, *, budget, theta, block=None):

@@ -22,26 +22,15 @@ from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
 from moepic.tracing import save_trace
 from moepic.tracing.recorder import RoutingRecorder
-from tests_support import policy_for
+from tests_support import Models, dense_run, load_split_friendly, policy_for
 
 MODELS = ("mixtral", "qwen2_moe", "olmoe")
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
 
 
-class Models(dict):
-    def __repr__(self) -> str:
-        return f"Models({', '.join(self)})"
-
-
 @pytest.fixture(scope="module")
 def models(checkpoint_dir):
-    return Models({name: load_model(checkpoint_dir(name), dtype=torch.float32, widest_neuron_block=4) for name in MODELS})
-
-
-def dense_run(model, prompt, new_tokens):
-    recorder = RoutingRecorder(model.spec, model_name="test")
-    result = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, tap=recorder)
-    return result, recorder.trace()
+    return load_split_friendly(checkpoint_dir, MODELS)
 
 
 @pytest.fixture(scope="module")
