@@ -1,10 +1,11 @@
-"""Asynchronous host→device copies: one interface, a CUDA implementation and a CPU one. Side effects:
-threads, CUDA streams and events. The only module that owns them.
+"""Asynchronous host→device copies: one interface, the CPU implementation here and the CUDA one in
+copy_cuda.py. Side effects: a worker thread (here), CUDA streams and events (there); no other
+module owns any.
 
     engine ─submit(ranges, urgent)─▶ Ticket ─ ... compute ... ─wait(ticket)─▶ data usable
               │                                                    └─ the time blocked here is *exposed* copy time
-              ├─ CUDA: copies on a side stream (urgent ones on a higher-priority stream), an event per
-              │        ticket; `wait` makes the compute stream wait on the event, never the host.
+              ├─ CUDA (copy_cuda.py): copies on a side stream (urgent ones on a higher-priority stream),
+              │        an event per ticket; `wait` makes the compute stream wait on it, never the host.
               └─ CPU:  one worker thread is the link: it takes urgent jobs before queued prefetches,
                        copies, and with an emulated link holds each job for latency + bytes/bandwidth,
                        so a CPU-only machine runs the pipeline at a realistic copy/compute ratio.
@@ -238,78 +239,11 @@ def _stop(queue: _LinkQueue, worker: threading.Thread) -> None:
     worker.join()
 
 
-class CudaCopyEngine:
-    """Copies on side streams; urgent (on-demand) copies on a higher-priority stream than prefetches."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stats = CopyStats()
-        self.phase = "prefill"
-        self._prefetch_stream = torch.cuda.Stream(device, priority=0)
-        self._urgent_stream = torch.cuda.Stream(device, priority=-1)
-        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event, str]] = []
-        self._copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    def submit(self, ranges: Ranges, *, urgent: bool = False, after: object = None) -> Ticket:
-        ticket = Ticket(nbytes=ranges_bytes(ranges), urgent=urgent, owner=self)
-        stream = self._urgent_stream if urgent else self._prefetch_stream
-        with torch.cuda.stream(stream):
-            if after is not None:
-                stream.wait_event(after)  # compute has let go of the destination
-            start = torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for dst, src in ranges:
-                dst.copy_(src, non_blocking=True)
-            ticket.event = torch.cuda.Event(enable_timing=True)
-            ticket.event.record(stream)
-        self._copies.append((start, ticket.event))
-        self.stats.copies += 1
-        self.stats.bytes += ticket.nbytes
-        ticket.done.set()  # issued; completion is the event's business
-        return ticket
-
-    def wait(self, ticket: Ticket) -> None:
-        if ticket.owner is not self:
-            raise ValueError("waiting for a copy this engine did not issue")
-        compute = torch.cuda.current_stream(self.device)
-        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        before.record(compute)
-        compute.wait_event(ticket.event)  # the device waits; the host does not
-        after.record(compute)
-        self._stalls.append((before, after, self.phase))
-        self.stats.waits += 1
-
-    def landed(self, ticket: Ticket) -> bool:
-        """Whether the copy has finished on the device (never blocks)."""
-        return ticket.event.query()
-
-    def cancel(self, ticket: Ticket) -> bool:
-        """Copies already queued on a stream cannot be withdrawn."""
-        return False
-
-    def fence(self) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def current_stats(self) -> CopyStats:
-        """The stats, with the device time compute spent stalled on copies (synchronises: for reports)."""
-        torch.cuda.synchronize(self.device)
-        for before, after, phase in self._stalls:
-            stalled = before.elapsed_time(after) / 1e3
-            self.stats.exposed_s += stalled
-            self.stats.decode_exposed_s += stalled if phase == "decode" else 0.0
-        self.stats.busy_s += sum(start.elapsed_time(end) for start, end in self._copies) / 1e3
-        self._stalls.clear()
-        self._copies.clear()
-        return self.stats
-
-    def close(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-
-def copy_engine_for(device: torch.device, link: Link | None = None) -> ThreadCopyEngine | CudaCopyEngine:
+def copy_engine_for(device: torch.device, link: Link | None = None):
+    """The CUDA engine for a CUDA device, else the thread engine (over `link`, if emulating one)."""
     if device.type == "cuda":
+        from moepic.runtime.copy_cuda import CudaCopyEngine
+
         if link is not None:
             raise ValueError("an emulated link is for CPU runs; on CUDA the real link is used")
         return CudaCopyEngine(device)
