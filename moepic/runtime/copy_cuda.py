@@ -61,6 +61,11 @@ class CudaCopyEngine:
         """Copies already queued on a stream cannot be withdrawn."""
         return False
 
+    def settle(self, ticket: Ticket) -> torch.cuda.Event:
+        """The fence for a buffer a dropped copy may still be writing: that copy's event (the next
+        copy into the buffer waits on it on the device; the host does not)."""
+        return ticket.event
+
     def fence(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

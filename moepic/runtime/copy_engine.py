@@ -225,6 +225,10 @@ class ThreadCopyEngine:
     def fence(self) -> None:
         return None  # compute on the CPU is synchronous: a released buffer is free at once
 
+    def settle(self, ticket: Ticket) -> None:
+        """Make a buffer that a dropped copy may still be writing safe to copy into: wait for it."""
+        self.wait(ticket)
+
     def current_stats(self) -> CopyStats:
         """The stats, with the wall time compute spent blocked in `wait`."""
         return self.stats

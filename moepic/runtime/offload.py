@@ -203,7 +203,7 @@ class OffloadedExperts:
         return [(dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)]
 
     def _start(self, layout: LayerCacheLayout, expert: int, part: str, *, urgent: bool) -> _Load:
-        buffer = self.staging.acquire(self.copies.wait)
+        buffer = self.staging.acquire(self.copies.settle)
         ticket = self.copies.submit(self._ranges(layout, expert, part, buffer), urgent=urgent, after=buffer.fence)
         if urgent:
             self.counters.demand_bytes += ticket.nbytes

@@ -44,14 +44,17 @@ class StagingPool:
     def free(self) -> int:
         return len(self._free)
 
-    def acquire(self, wait_for_copy) -> Buffer:
-        """A free buffer; `wait_for_copy(ticket)` settles a dropped prefetch still writing into it."""
+    def acquire(self, settle) -> Buffer:
+        """A free buffer. If a dropped prefetch may still be writing into it, `settle(ticket)` makes
+        it safe (CPU: waits for the copy; CUDA: returns the copy's event, the buffer's new fence)."""
         if not self._free:
             raise RuntimeError(f"all {len(self.buffers)} staging buffers are in use (a sizing bug in the engine)")
         buffer = self._free[0]
         if buffer.pending is not None:  # a wasted prefetch may still be landing here
-            wait_for_copy(buffer.pending)  # if it raises, the buffer stays free (and pending)
+            fence = settle(buffer.pending)  # if it raises, the buffer stays free (and pending)
             buffer.pending = None
+            if fence is not None:
+                buffer.fence = fence
         self._free.popleft()
         self.in_use += 1
         self.peak_in_use = max(self.peak_in_use, self.in_use)
