@@ -48,15 +48,24 @@ class ExpertSource(Protocol):
         ...
 
     def experts_for(
-        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
-    ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
+        self,
+        layer: int,
+        ids_per_token: Sequence[Sequence[int]],
+        router_input_TD: torch.Tensor,
+        lookahead_rows: list[list[int]] | None = None,
+    ) -> Iterator[tuple[int, Iterable[SwiGLUWeights]]]:
         """Each expert that `ids_per_token` routes to, once, by ascending id, as neuron segments that
         together cover all of F. Segments may be overwritten after the next expert is requested.
-        `router_input_TD` is what the layer routed on (a prefetching source predicts from it)."""
+        `router_input_TD` is what the layer routed on; `lookahead_rows` is `lookahead(...)` on the host."""
         ...
 
     def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
         """Layer `layer`'s output (the residual stream), for sources that predict from it."""
+        ...
+
+    def lookahead(self, layer: int, router_input_TD: torch.Tensor) -> torch.Tensor | None:
+        """Device-side ids [T, n] to read back together with this layer's routing (a prefetching
+        source's predictions), so that they cost no host sync of their own; None if none."""
         ...
 
 
@@ -72,16 +81,26 @@ class ResidentExperts:
     def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
         pass
 
+    def lookahead(self, layer: int, router_input_TD: torch.Tensor) -> None:
+        return None
+
     def experts_for(
-        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
+        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor, lookahead_rows=None
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         experts = self.weights.layers[layer].ffn.experts
         return ((e, (experts[e],)) for e in sorted({e for ids in ids_per_token for e in ids}))
 
 
-def routing_to_host_sync(ids_TK: torch.Tensor) -> list[list[int]]:
-    """The routed expert ids as Python ints. Waits for the device: once per MoE layer."""
-    return ids_TK.tolist()
+def routing_to_host_sync(
+    ids_TK: torch.Tensor, extra_TN: torch.Tensor | None = None
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """The routed expert ids as Python ints, and `extra_TN` (more ids the source wants, e.g. its
+    predictions) read in the same transfer. Waits for the device: once per MoE layer."""
+    if extra_TN is None:
+        return ids_TK.tolist(), None
+    rows = torch.cat((ids_TK, extra_TN.to(ids_TK.dtype)), dim=1).tolist()
+    K = ids_TK.shape[1]
+    return [row[:K] for row in rows], [row[K:] for row in rows]
 
 
 def combine_experts(
@@ -127,8 +146,8 @@ def moe_block(
     weights_TK, ids_TK = route(x_TD, w.router_ED, moe)
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
-    ids_per_token = routing_to_host_sync(ids_TK)
-    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, ids_per_token, x_TD))
+    ids_per_token, lookahead_rows = routing_to_host_sync(ids_TK, experts.lookahead(layer, x_TD))
+    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, ids_per_token, x_TD, lookahead_rows))
     if w.shared_expert is not None:
         shared_TD = swiglu(x_TD, w.shared_expert)
         if w.shared_expert_gate_1D is not None:

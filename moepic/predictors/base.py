@@ -45,10 +45,16 @@ class Predictor(Protocol[State]):
     def init(self) -> State:
         ...
 
+    def guess(self, layer: int, hidden_TD: torch.Tensor) -> torch.Tensor | None:
+        """Device-side part, if any: each token's candidate ids [T, n] for the layers ahead. The MoE
+        block reads it back together with the routing, so predicting costs no extra host sync."""
+        ...
+
     def predict(
-        self, state: State, layer: int, router_input_TD: torch.Tensor, clock: int
+        self, state: State, layer: int, hidden_TD: torch.Tensor, clock: int, guess_rows: list[list[int]] | None = None
     ) -> tuple[dict[int, list[int]], State]:
-        """Per later MoE layer: candidate experts for this step's tokens, most likely first."""
+        """Per later MoE layer: candidate experts for this step's tokens, most likely first.
+        `guess_rows` is `guess(...)` already on the host (computed and read here when None)."""
         ...
 
 
@@ -57,15 +63,48 @@ def layers_ahead(moe_layers: tuple[int, ...], num_layers: int, horizon: int) -> 
     return {l: tuple(m for m in moe_layers if m > l)[:horizon] for l in range(num_layers)}
 
 
-def candidates_from_scores(scores_TE: torch.Tensor, per_token: int) -> list[int]:
-    """Each token's top `per_token` experts, merged: ordered by their best rank, then total score."""
-    top_TK = scores_TE.topk(min(per_token, scores_TE.shape[-1]), dim=-1)
-    if scores_TE.shape[0] == 1:  # decode: already in order
-        return top_TK.indices[0].tolist()
-    totals = torch.zeros(scores_TE.shape[-1], dtype=torch.float32, device=scores_TE.device)
-    totals.index_add_(0, top_TK.indices.reshape(-1), torch.ones(top_TK.indices.numel(), device=scores_TE.device))
-    chosen = totals.nonzero().squeeze(-1)
-    return chosen[totals[chosen].argsort(descending=True, stable=True)].tolist()
+def merge_votes(rows: list[list[int]]) -> list[int]:
+    """Tokens' candidate lists merged: one token's as it is (best first); several by votes, then id."""
+    if len(rows) == 1:
+        return list(rows[0])
+    votes: dict[int, int] = {}
+    for row in rows:
+        for e in row:
+            votes[e] = votes.get(e, 0) + 1
+    return sorted(votes, key=lambda e: (-votes[e], e))
+
+
+class ScoringPredictor:
+    """A predictor that scores every expert of a layer ahead on the device (gate lookahead, mlp).
+
+    Subclasses set `targets` (layer → layers ahead), `candidates` (k′), `num_experts`, and write
+    `scores`; the top-k′ ids of all targets form one [T, targets·k′] tensor for the fused read.
+    """
+
+    targets: dict[int, tuple[int, ...]]
+    candidates: int
+    num_experts: int
+
+    def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init(self) -> None:
+        return None
+
+    def guess(self, layer: int, hidden_TD: torch.Tensor) -> torch.Tensor | None:
+        targets = self.targets.get(layer, ())
+        if not targets:
+            return None
+        k = min(self.candidates, self.num_experts)
+        return torch.cat([self.scores(layer, t, hidden_TD).topk(k, dim=-1).indices for t in targets], dim=1)
+
+    def predict(self, state, layer: int, hidden_TD: torch.Tensor, clock: int, guess_rows=None):
+        targets = self.targets.get(layer, ())
+        if not targets:
+            return {}, state
+        rows = guess_rows if guess_rows is not None else self.guess(layer, hidden_TD).tolist()
+        k = min(self.candidates, self.num_experts)
+        return {t: merge_votes([row[i * k : (i + 1) * k] for row in rows]) for i, t in enumerate(targets)}, state
 
 
 @attrs.frozen(kw_only=True)
@@ -87,5 +126,8 @@ class NoPredictor:
     def init(self) -> None:
         return None
 
-    def predict(self, state, layer, router_input_TD, clock):
+    def guess(self, layer, hidden_TD):
+        return None
+
+    def predict(self, state, layer, hidden_TD, clock, guess_rows=None):
         return {}, state

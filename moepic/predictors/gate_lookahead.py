@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moepic.core.model import Model
 from moepic.core.norms import rms_norm
 from moepic.core.weights import MoEWeights
-from moepic.predictors.base import PredictorConfig, candidates_from_scores, layers_ahead, register_predictor
+from moepic.predictors.base import PredictorConfig, ScoringPredictor, layers_ahead, register_predictor
 
 
 def _at_least_one(instance, attribute, value) -> None:
@@ -39,11 +39,12 @@ class GateLookaheadConfig(PredictorConfig):
 
 
 @register_predictor("gate_lookahead", GateLookaheadConfig)
-class GateLookahead:
+class GateLookahead(ScoringPredictor):
     def __init__(self, config: GateLookaheadConfig, model: Model) -> None:
         self.config = config
         self.horizon = config.horizon
         self.candidates = config.candidates or model.spec.moe.top_k
+        self.num_experts = model.spec.moe.num_experts
         self.tap = "layer_output" if config.tap == "layer_output" else "router_input"
         self.eps = model.spec.norm_eps
         moe_layers = model.spec.moe_layers
@@ -60,19 +61,13 @@ class GateLookahead:
                 for target in targets:
                     self.rescale[source, target] = self.moe[target].post_attention_norm_D / w_source
 
-    def init(self) -> None:
-        return None
-
-    def predict(self, state, layer: int, hidden_TD: torch.Tensor, clock: int):
-        out = {}
-        for target in self.targets.get(layer, ()):
-            if self.config.tap == "layer_output":
-                x_TD = rms_norm(hidden_TD, self.moe[target].post_attention_norm_D, self.eps)
-            elif self.rescale:
-                x_TD = hidden_TD * self.rescale[layer, target]
-            else:
-                x_TD = hidden_TD
-            ffn = self.moe[target].ffn
-            assert isinstance(ffn, MoEWeights)
-            out[target] = candidates_from_scores(F.linear(x_TD, ffn.router_ED), self.candidates)
-        return out, state
+    def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
+        if self.config.tap == "layer_output":
+            x_TD = rms_norm(hidden_TD, self.moe[target].post_attention_norm_D, self.eps)
+        elif self.rescale:
+            x_TD = hidden_TD * self.rescale[layer, target]
+        else:
+            x_TD = hidden_TD
+        ffn = self.moe[target].ffn
+        assert isinstance(ffn, MoEWeights)
+        return F.linear(x_TD, ffn.router_ED)

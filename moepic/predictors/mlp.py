@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from moepic.core.model import Model
 from moepic.errors import ConfigError
-from moepic.predictors.base import PredictorConfig, candidates_from_scores, layers_ahead, register_predictor
+from moepic.predictors.base import PredictorConfig, ScoringPredictor, layers_ahead, register_predictor
 
 WEIGHTS, META = "predictor.safetensors", "predictor.json"
 
@@ -75,7 +75,7 @@ class MLPConfig(PredictorConfig):
 
 
 @register_predictor("mlp", MLPConfig)
-class MLPPredictor:
+class MLPPredictor(ScoringPredictor):
     def __init__(self, config: MLPConfig, model: Model) -> None:
         if config.path is None:
             raise ConfigError("the mlp predictor needs its weights: set predictor.path=DIR (from `moepic train-predictor`)")
@@ -89,6 +89,7 @@ class MLPPredictor:
             raise ConfigError(f"{config.path}: trained for horizon {meta['horizon']}, asked for {config.horizon}")
         self.config, self.horizon = config, config.horizon
         self.candidates = config.candidates or spec.moe.top_k
+        self.num_experts = spec.moe.num_experts
         device, dtype = model.device, model.dtype
         self.params = {pair: {n: t.to(device, dtype) for n, t in p.items()} for pair, p in params.items()}
         with torch.device("meta"):  # shape only: the weights come from self.params
@@ -97,12 +98,5 @@ class MLPPredictor:
         self.targets = layers_ahead(moe_layers, spec.num_layers, config.horizon)
         self.tap = "router_input"
 
-    def init(self) -> None:
-        return None
-
-    def predict(self, state, layer: int, router_input_TD: torch.Tensor, clock: int):
-        out = {}
-        for target in self.targets.get(layer, ()):
-            scores_TE = functional_call(self.net, self.params[pair_key(layer, target)], (router_input_TD,))
-            out[target] = candidates_from_scores(scores_TE, self.candidates)
-        return out, state
+    def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.net, self.params[pair_key(layer, target)], (hidden_TD,))

@@ -33,8 +33,11 @@ class OraclePredictor:
     def init(self) -> None:
         return None
 
-    def predict(self, state, layer: int, router_input_TD: torch.Tensor, clock: int):
-        tokens = router_input_TD.shape[0]
+    def guess(self, layer: int, hidden_TD: torch.Tensor) -> None:
+        return None  # it reads the trace on the host: nothing to compute on the device
+
+    def predict(self, state, layer: int, hidden_TD: torch.Tensor, clock: int, guess_rows=None):
+        tokens = hidden_TD.shape[0]
         out = {}
         for target in self.targets.get(layer, ()):
             ids = self.future.expert_ids_NLK[clock : clock + tokens, self.columns[target]]

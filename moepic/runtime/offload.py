@@ -116,8 +116,21 @@ class OffloadedExperts:
         if self.predictor.tap == "layer_output":
             self._prefetch_ahead(layer, x_TD, self._step_clock)
 
+    def lookahead(self, layer: int, router_input_TD: torch.Tensor) -> torch.Tensor | None:
+        """The predictor's device-side guess, read back with the routing (no sync of its own)."""
+        if not self.predictor.horizon or self.predictor.tap != "router_input":
+            return None
+        start = time.perf_counter()
+        guess = self.predictor.guess(layer, router_input_TD)
+        self.counters.predictor_s += time.perf_counter() - start
+        return guess
+
     def experts_for(
-        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor
+        self,
+        layer: int,
+        ids_per_token: Sequence[Sequence[int]],
+        router_input_TD: torch.Tensor,
+        lookahead_rows: list[list[int]] | None = None,
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         layout, tokens = self._layouts[layer], len(ids_per_token)
         self.copies.phase = "decode" if tokens == 1 else "prefill"
@@ -135,7 +148,7 @@ class OffloadedExperts:
             # decode); the planner would reach the same counts.
             self.counters.add_resident_step(layer, tokens, len(routed))
             if self.predictor.tap == "router_input":
-                self._prefetch_ahead(layer, router_input_TD, clock)
+                self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
             slots = self.pools[layer].slots
             for e in routed:
                 yield e, (slots[e],)
@@ -176,7 +189,7 @@ class OffloadedExperts:
         queue = deque(p for p in plan.experts if p.load != "none" and p.expert not in loads)
         self._issue_demand(layout, queue, loads)
         if self.predictor.tap == "router_input":
-            self._prefetch_ahead(layer, router_input_TD, clock)
+            self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
         for p in plan.experts:
             if p.load == "none":  # a hit: the slot holds the whole expert
                 yield p.expert, (self.pools[layer].slots[p.slot],)
@@ -222,11 +235,13 @@ class OffloadedExperts:
             loads[p.expert] = self._start(layout, p.expert, p.load, urgent=True)
             at_least_one = False
 
-    def _prefetch_ahead(self, layer: int, hidden_TD: torch.Tensor, clock: int) -> None:
+    def _prefetch_ahead(self, layer: int, hidden_TD: torch.Tensor, clock: int, guess_rows=None) -> None:
         if not self.predictor.horizon:
             return
         start = time.perf_counter()
-        predictions, self._predictor_state = self.predictor.predict(self._predictor_state, layer, hidden_TD, clock)
+        predictions, self._predictor_state = self.predictor.predict(
+            self._predictor_state, layer, hidden_TD, clock, guess_rows
+        )
         self.counters.predictor_s += time.perf_counter() - start
         for target, experts in predictions.items():
             target_layout, pending = self._layouts[target], self._prefetched[target]

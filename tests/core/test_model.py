@@ -97,7 +97,10 @@ class SplitExperts:
     def after_layer(self, layer, x_TD):
         pass
 
-    def experts_for(self, layer, ids_per_token, router_input_TD):
+    def lookahead(self, layer, router_input_TD):
+        return None
+
+    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None):
         expert_ids = sorted({e for ids in ids_per_token for e in ids})
         self.asked.append((layer, tuple(expert_ids)))
         experts = self.model.weights.layers[layer].ffn.experts
@@ -121,3 +124,14 @@ def test_generation_through_split_experts_equals_the_dense_model(qwen2, thetas, 
     assert {layer for layer, _ in source.asked} == moe_layers
     assert len(source.asked) == 6 * len(moe_layers)
     assert all(0 < len(ids) <= qwen2.spec.moe.num_experts for _, ids in source.asked)
+
+
+@given(T=st.integers(1, 5), K=st.integers(1, 3), N=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_routing_and_extra_ids_read_in_one_transfer_split_back_exactly(T, K, N, seed):
+    from moepic.core.moe import routing_to_host_sync
+
+    g = torch.Generator().manual_seed(seed)
+    ids_TK, extra_TN = torch.randint(0, 8, (T, K), generator=g), torch.randint(0, 8, (T, N), generator=g)
+    routed, extra = routing_to_host_sync(ids_TK, extra_TN)
+    assert routed == ids_TK.tolist() and extra == extra_TN.tolist()
+    assert routing_to_host_sync(ids_TK) == (ids_TK.tolist(), None)

@@ -97,9 +97,9 @@ def test_prefetch_copies_overlap_compute_on_the_device(models):
 
 
 @pytest.mark.parametrize("predictor", ["none", "gate_lookahead"])
-def test_a_decode_step_syncs_with_the_host_only_to_read_routing_and_predictions(models, predictor):
-    """One sync per MoE layer to read its routing; a predictor adds one per layer it predicts from
-    (its candidates must reach the host to pick what to copy). Copies and waits never sync."""
+def test_a_decode_step_syncs_with_the_host_only_to_read_each_layers_routing(models, predictor):
+    """One sync per MoE layer, to read its routing; a router-input predictor's candidates travel in
+    the same transfer. Copies and waits never sync."""
     import warnings
 
     from moepic.core.model import KVCache, forward
@@ -121,4 +121,4 @@ def test_a_decode_step_syncs_with_the_host_only_to_read_routing_and_predictions(
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     moe_layers = len(model.spec.moe_layers)
-    assert len(syncs) == moe_layers + (moe_layers - 1 if predictor == "gate_lookahead" else 0)
+    assert len(syncs) == moe_layers

@@ -16,7 +16,7 @@ from moepic.commands.train_predictor import run_train_predictor
 from moepic.core.norms import rms_norm
 from moepic.errors import ConfigError
 from moepic.predictors import PREDICTORS
-from moepic.predictors.base import candidates_from_scores
+from moepic.predictors.base import merge_votes
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
 from moepic.predictors.mlp import MLPConfig
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
@@ -33,16 +33,14 @@ def mixtral(checkpoint_dir):
     return load_model(checkpoint_dir("mixtral"), dtype=torch.float32)
 
 
-@given(T=st.integers(1, 6), E=st.integers(2, 8), k=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_candidates_are_every_tokens_top_k_most_voted_first(T, E, k, seed):
-    scores = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
-    chosen = candidates_from_scores(scores, k)
-    top = scores.topk(min(k, E), dim=-1).indices
-    assert set(chosen) == set(top.ravel().tolist()) and len(chosen) == len(set(chosen))
-    votes = {e: int((top == e).sum()) for e in chosen}
+@given(rows=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=4, unique=True), min_size=1, max_size=6))
+def test_merged_candidates_are_every_tokens_candidates_most_voted_first(rows):
+    chosen = merge_votes(rows)
+    assert set(chosen) == {e for row in rows for e in row} and len(chosen) == len(set(chosen))
+    votes = {e: sum(e in row for row in rows) for e in chosen}
     assert [votes[e] for e in chosen] == sorted(votes.values(), reverse=True)
-    if T == 1:
-        assert chosen == top[0].tolist()
+    if len(rows) == 1:
+        assert chosen == rows[0]
 
 
 @pytest.mark.parametrize("tap", ["router_input", "rescaled", "layer_output"])
@@ -51,6 +49,8 @@ def test_gate_lookahead_applies_the_next_layers_router_to_the_tapped_state(mixtr
     x = torch.randn(1, mixtral.spec.hidden_size, generator=torch.Generator().manual_seed(0))
     predicted, _ = predictor.predict(predictor.init(), 0, x, clock=0)
     assert sorted(predicted) == [1, 2]  # two MoE layers ahead of layer 0
+    fused, _ = predictor.predict(predictor.init(), 0, x, clock=0, guess_rows=predictor.guess(0, x).tolist())
+    assert fused == predicted  # read back with the routing or on its own: the same candidates
     w = mixtral.weights.layers
     for target, experts in predicted.items():
         if tap == "router_input":

@@ -69,8 +69,11 @@ class CheckedAfterEveryStep:
     def after_layer(self, layer, x_TD) -> None:
         self.engine.after_layer(layer, x_TD)
 
-    def experts_for(self, layer, ids_per_token, router_input_TD):
-        yield from self.engine.experts_for(layer, ids_per_token, router_input_TD)
+    def lookahead(self, layer, router_input_TD):
+        return self.engine.lookahead(layer, router_input_TD)
+
+    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None):
+        yield from self.engine.experts_for(layer, ids_per_token, router_input_TD, lookahead_rows)
         assert_slots_hold_the_host_bytes(self.engine)
 
 

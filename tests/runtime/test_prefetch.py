@@ -202,3 +202,23 @@ def test_overlapping_the_cached_top_with_its_bottom_copy_keeps_tokens_and_logits
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert total(engine.decode_stats.values()).partial_hits > 0 or len(dense.token_ids) == 1
     assert_prefetched_bytes_replace_demand_bytes(engine)
+
+
+def test_router_input_predictions_are_read_back_with_the_routing_not_on_their_own(models):
+    """The engine hands the predictor's device-side guess to the MoE block, which reads it in the same
+    transfer as the routing; the predictor then never reads anything back itself."""
+    model = models["mixtral"]
+    predictor = PREDICTORS.build(GateLookaheadConfig(), model)
+    seen = []
+    original = predictor.predict
+
+    def predict(state, layer, hidden, clock, guess_rows=None):
+        seen.append((layer, guess_rows is not None))
+        return original(state, layer, hidden, clock, guess_rows)
+
+    predictor.predict = predict
+    engine = offloaded_experts(model, 0.9, 0.5, POLICIES["lcp"].config(), predictor=predictor)
+    run_offloaded(model, PROMPT, 3, engine)
+    ahead = set(model.spec.moe_layers[:-1])  # the last MoE layer has nothing ahead: nothing to read
+    assert seen and all(fused for layer, fused in seen if layer in ahead)
+    assert {layer for layer, fused in seen if fused} == ahead
