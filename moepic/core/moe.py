@@ -5,7 +5,8 @@
 
 The expert ids must reach the host once per layer (that is what decides which weights to touch,
 and, in the offloading runtime, which to copy). `routing_to_host_sync` is the one place that
-happens; its name warns that it waits for the device.
+happens; its name warns that it waits for the device. Ids a source computes on the device for
+itself (a prefetcher's predictions, `ExpertSource.lookahead`) travel in the same transfer.
 
 `ExpertSource` is the seam between the pure core and residency: the dense model hands out its
 resident experts; the offloading runtime (moepic/runtime/offload.py) sees the step's routing,
@@ -107,7 +108,7 @@ def combine_experts(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_per_token: list[list[int]],
-    experts: Iterable[tuple[int, Sequence[SwiGLUWeights]]],
+    experts: Iterable[tuple[int, Iterable[SwiGLUWeights]]],
 ) -> torch.Tensor:
     """Σ_k weights_TK[t, k] · expert_{ids[t][k]}(x_t), running each expert once on its tokens,
     in the order `experts` yields them (the sum's order, so dense and offloaded runs agree)."""
