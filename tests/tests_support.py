@@ -103,3 +103,29 @@ def dense_run(model, prompt, new_tokens):
     recorder = RoutingRecorder(model.spec, model_name="test")
     result = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), keep_logits=True, tap=recorder)
     return result, recorder.trace()
+
+
+def budget_between_the_minimum_and_everything(model, share: float, staging_experts: int | None = None) -> int:
+    """Bytes: the minimum working set (staging) at share 0, all expert bytes at share 1 (or the
+    staging alone, if it is larger than all experts)."""
+    from moepic.cache.layout import plan_layout
+
+    layout = plan_layout(model.spec, dtype_bytes=model.dtype.itemsize, budget=1.0, theta=0.5, staging_experts=staging_experts)
+    return layout.staging_bytes + int(share * max(0, layout.expert_bytes - layout.staging_bytes))
+
+
+def assert_slots_hold_the_host_bytes(engine) -> None:
+    """Every cache slot of an offloading engine holds exactly its expert's top, and no expert twice."""
+    from moepic.cache.planner import FREE
+
+    for layer, residency in engine.residency.items():
+        pool = engine.pools[layer]
+        top = engine.layout.for_layer(layer).top_neurons
+        assert len(residency.cache.slots_S) == pool.flat_SX.shape[0] == engine.layout.for_layer(layer).slots
+        cached = [e for e in residency.cache.slots_S if e != FREE]
+        assert len(cached) == len(set(cached)), "two slots hold the same expert"
+        for slot, expert in enumerate(residency.cache.slots_S):
+            if expert != FREE:
+                host_top = engine.store.experts[layer][expert].neurons(0, top)
+                assert torch.equal(pool.slots[slot].gate_up_N2BD, host_top.gate_up_N2BD)
+                assert torch.equal(pool.slots[slot].down_FD, host_top.down_FD)

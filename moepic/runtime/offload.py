@@ -103,8 +103,7 @@ class OffloadedExperts:
         self._predicted: dict[int, set[int]] = {}  # what the predictor named for each later layer
         self._new_request: set[int] = set()
         # Buffers prefetching never takes, so this layer's own loads always find one.
-        prefetch_buffers = self.predictor.candidates * (self.predictor.horizon + 1)
-        self._demand_reserve = max(1, layout.staging_experts - prefetch_buffers)
+        self._demand_reserve = max(1, layout.staging_experts - prefetch_buffers(self.predictor))
 
     # -- ExpertSource ---------------------------------------------------------------------------
 
@@ -306,9 +305,14 @@ class OffloadedExperts:
         self.copies.close()
 
 
+def prefetch_buffers(predictor: Predictor) -> int:
+    """Staging buffers prefetching may hold: k′ for each layer ahead and for the layer computing."""
+    return predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0
+
+
 def staging_buffers(top_k: int, predictor: Predictor) -> int:
-    """The current layer's loads, plus what prefetching holds: k′ for each layer ahead and for this one."""
-    return top_k + (predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0)
+    """The current layer's own loads, plus what prefetching holds."""
+    return top_k + prefetch_buffers(predictor)
 
 
 def offloaded_experts(

@@ -9,16 +9,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moepic.cache.layout import BudgetError, plan_layout
-from moepic.cache.planner import FREE
 from moepic.cache.stats import total
 from moepic.checkpoint.load import load_model
-from moepic.core.weights import MoEWeights
 from moepic.default_model import default_model_dir
 from moepic.policies import POLICIES
 from moepic.runtime.generation import generate
 from moepic.runtime.host_store import HostExpertStore, flat_buffer
-from moepic.runtime.offload import OffloadedExperts
-from tests_support import dense_run, load_split_friendly, policy_for
+from moepic.runtime.offload import OffloadedExperts, offloaded_experts
+from tests_support import (
+    assert_slots_hold_the_host_bytes,
+    budget_between_the_minimum_and_everything,
+    dense_run,
+    load_split_friendly,
+    policy_for,
+)
 
 MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
@@ -29,32 +33,8 @@ def models(checkpoint_dir):
     return load_split_friendly(checkpoint_dir, MODELS)
 
 
-def engine_for(model, policy_name, trace, *, budget, theta, block=None):
-    expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
-    layout = plan_layout(
-        model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block
-    )
-    return OffloadedExperts(model.weights, layout, policy_for(policy_name, trace), device="cpu")
-
-
-def budget_between_the_minimum_and_everything(model, share: float) -> int:
-    """Bytes: the minimum working set (staging) at share 0, all expert bytes at share 1."""
-    layout = plan_layout(model.spec, dtype_bytes=model.dtype.itemsize, budget=1.0, theta=0.5)
-    return layout.staging_bytes + int(share * (layout.expert_bytes - layout.staging_bytes))
-
-
-def assert_slots_hold_the_host_bytes(engine: OffloadedExperts) -> None:
-    for layer, residency in engine.residency.items():
-        pool = engine.pools[layer]
-        top = engine.layout.for_layer(layer).top_neurons
-        assert len(residency.cache.slots_S) == pool.flat_SX.shape[0] == engine.layout.for_layer(layer).slots
-        cached = [e for e in residency.cache.slots_S if e != FREE]
-        assert len(cached) == len(set(cached)), "two slots hold the same expert"
-        for slot, expert in enumerate(residency.cache.slots_S):
-            if expert != FREE:
-                host_top = engine.store.experts[layer][expert].neurons(0, top)
-                assert torch.equal(pool.slots[slot].gate_up_N2BD, host_top.gate_up_N2BD)
-                assert torch.equal(pool.slots[slot].down_FD, host_top.down_FD)
+def engine_for(model, policy_name, trace, *, budget, theta):
+    return offloaded_experts(model, budget, theta, policy=policy_for(policy_name, trace))
 
 
 class CheckedAfterEveryStep:
