@@ -8,6 +8,9 @@
                     [--budget B] [--theta X] [--policy NAME] [--predictor NAME] [--horizon H]
                     [--link-gbps X] [--link-latency-us Y]
                     [--config FILE.yaml] [--json] [key=value ...]
+    moepic profile [--device DEV] [--model DIR] [--out FILE.yaml] [--quick] [--link-gbps X] [--json]
+    moepic configure --budget B --hardware NAME|FILE --trace FILE [--model DIR] [--policy NAME]
+                    [--predictor NAME] [--recall X] [--configurator NAME] [--out FILE.yaml] [--json]
 """
 
 from __future__ import annotations
@@ -100,6 +103,31 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-tokens", type=int, default=20000)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    prof = commands.add_parser("profile", help="measure this machine's copy and compute speeds (a hardware profile)")
+    prof.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--model", help="calibrate per-layer overhead on this model's dense decode (default: the built-in model)")
+    prof.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    prof.add_argument("--name", help="the profile's name (default: measured-DEVICE)")
+    prof.add_argument("--out", metavar="FILE.yaml", help="write the profile here")
+    prof.add_argument("--quick", action="store_true", help="smaller and fewer measurements (seconds, noisier)")
+    prof.add_argument("--link-gbps", type=float, help="CPU: measure through an emulated link of this many GB/s")
+    prof.add_argument("--link-latency-us", type=float, default=0.0, help="CPU: the emulated link's per-copy latency")
+    prof.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    conf = commands.add_parser("configure", help="choose per-layer cache budgets and θ with the latency model")
+    conf.add_argument("--model", help="Hugging Face model folder; only config.json is read unless recall is measured")
+    conf.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="the dtype the run will use")
+    conf.add_argument("--budget", required=True, help="device memory for routed experts, cache and staging: 24GiB or 0.25")
+    conf.add_argument("--hardware", required=True, help="a bundled profile (a6000, a100-pcie, rtx4090, h100-pcie, h200) "
+                      "or a YAML file from `moepic profile`")
+    conf.add_argument("--trace", required=True, help="routing trace (.npz or JSONL) whose hit-rate curves to use")
+    conf.add_argument("--policy", help="cache policy whose hit rates to measure (default: lcp)")
+    conf.add_argument("--predictor", default="gate_lookahead", help="prefetching predictor (default: gate_lookahead; none: load on demand)")
+    conf.add_argument("--recall", help="predictor recall, one value or one per MoE layer (default: measured on the "
+                      "trace's router inputs)")
+    conf.add_argument("--configurator", default="moepic", help="moepic (default), dp or uniform")
+    conf.add_argument("--context", type=int, default=512, help="KV-cache length the decode step reads (tokens)")
+    conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
+    conf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -188,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out=args.out, width=args.width, horizon=args.horizon, epochs=args.epochs, valid=args.valid,
                 max_tokens=args.max_tokens, seed=args.seed, progress=not args.json,
             )
+        elif args.command == "profile":
+            from moepic.commands.profile import run_profile
+
+            report = run_profile(args)
+        elif args.command == "configure":
+            from moepic.commands.configure import run_configure
+
+            report = run_configure(args)
         elif args.command == "inspect":
             from moepic.commands.inspect import run_inspect
 
@@ -216,6 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from moepic.commands.train_predictor import train_predictor_text
 
         print(train_predictor_text(report))
+    elif args.command == "profile":
+        from moepic.commands.profile import profile_text
+
+        print(profile_text(report))
+    elif args.command == "configure":
+        from moepic.commands.configure import configure_text
+
+        print(configure_text(report))
     else:
         stats = report["stats"]
         cache = ""

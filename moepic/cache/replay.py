@@ -7,13 +7,26 @@ The engine plans with the same `residency_step`, so its hit rate on the same rou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
-from moepic.cache.layout import CacheLayout
-from moepic.cache.planner import initial_residency, residency_step
+from moepic.cache.layout import CacheLayout, LayerCacheLayout
+from moepic.cache.planner import LayerPlan, initial_residency, residency_step
 from moepic.cache.stats import LayerCacheStats
 from moepic.policies.base import CachePolicy
 from moepic.tracing import RoutingTrace
+
+
+def replay_layer(trace: RoutingTrace, column: int, layout: LayerCacheLayout, policy: CachePolicy) -> Iterator[LayerPlan]:
+    """The plan of every token's step of MoE layer `column` (the trace's order), with `layout`'s cache."""
+    counts_NE = np.zeros((trace.num_tokens, trace.num_experts), dtype=np.int64)
+    np.add.at(counts_NE, (np.arange(trace.num_tokens)[:, None], trace.expert_ids_NLK[:, column]), 1)
+    new_request_N = np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]]
+    residency = initial_residency(policy, layout)
+    for counts_E, new_request in zip(counts_NE, new_request_N):
+        plan, residency = residency_step(policy, layout, residency, counts_E, tokens=1, new_request=bool(new_request))
+        yield plan
 
 
 def replay_trace(trace: RoutingTrace, layout: CacheLayout, policy: CachePolicy) -> tuple[LayerCacheStats, ...]:
@@ -21,14 +34,9 @@ def replay_trace(trace: RoutingTrace, layout: CacheLayout, policy: CachePolicy) 
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     out = []
-    new_request_N = np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]]
     for column, layer_layout in enumerate(layout.layers):
-        counts_NE = np.zeros((trace.num_tokens, trace.num_experts), dtype=np.int64)
-        np.add.at(counts_NE, (np.arange(trace.num_tokens)[:, None], trace.expert_ids_NLK[:, column]), 1)
-        residency = initial_residency(policy, layer_layout)
         stats = LayerCacheStats(layer=layer_layout.layer)
-        for counts_E, new_request in zip(counts_NE, new_request_N):
-            plan, residency = residency_step(policy, layer_layout, residency, counts_E, tokens=1, new_request=bool(new_request))
+        for plan in replay_layer(trace, column, layer_layout, policy):
             stats = stats.add(plan, 1)
         out.append(stats)
     return tuple(out)

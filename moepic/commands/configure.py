@@ -1,0 +1,191 @@
+"""`moepic configure`: pick every MoE layer's cache size and θ for a budget, and write a run config.
+
+    trace ─replay (policy)─▶ workload profile ─┐
+    hardware profile ─▶ model times ───────────┼─▶ latency model ─▶ configurator ─▶ cache YAML
+    --model config.json ─▶ shape, dtype ───────┘                   (+ uniform baselines)
+
+Side effects: reads the files, writes the YAML.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import attrs
+import yaml
+
+from moepic.errors import ConfigError
+
+BASELINE_THETAS = (0.0, 0.4, 1.0)
+
+
+@attrs.frozen
+class PredictorShape:
+    """What staging needs to know of a predictor (built predictors have the same two fields)."""
+
+    candidates: int
+    horizon: int
+
+
+def predictor_shape(config, top_k: int) -> PredictorShape:
+    horizon = getattr(config, "horizon", 0)
+    return PredictorShape(candidates=(getattr(config, "candidates", None) or top_k) if horizon else 0, horizon=horizon)
+
+
+def _recall(args_recall: str | None, trace, predictor_config, folder: str, dtype, moe_layers: int) -> list[float]:
+    from moepic.perfmodel.workload import check_router_inputs, first_layer_unpredicted, measured_recall
+
+    if predictor_config.name == "none":
+        return [0.0] * moe_layers
+    if args_recall is not None:
+        try:
+            values = [float(v) for v in args_recall.split(",")]
+        except ValueError:
+            raise ConfigError(f"--recall: expected a number in [0, 1] or one per MoE layer, got {args_recall!r}") from None
+        if len(values) not in (1, moe_layers) or not all(0 <= v <= 1 for v in values):
+            raise ConfigError(f"--recall: expected one value in [0, 1] or {moe_layers} (one per MoE layer), got {args_recall!r}")
+        return first_layer_unpredicted(values[0], moe_layers) if len(values) == 1 else values
+    if predictor_config.name == "oracle":
+        return first_layer_unpredicted(1.0, moe_layers)
+    from moepic.checkpoint.load import load_model
+    from moepic.predictors import PREDICTORS
+
+    check_router_inputs(trace)
+    model = load_model(folder, dtype=dtype)
+    return measured_recall(trace, PREDICTORS.build(predictor_config, model), dtype=model.dtype)
+
+
+def run_configure(args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from moepic.cache.layout import budget_bytes
+    from moepic.checkpoint.hf_config import DTYPES
+    from moepic.checkpoint.load import read_spec
+    from moepic.configurators import CONFIGURATORS, configure_cache
+    from moepic.core.footprint import footprint
+    from moepic.default_model import model_folder
+    from moepic.perfmodel.hardware import load_profile
+    from moepic.perfmodel.latency import LatencyModel, model_times
+    from moepic.perfmodel.workload import workload_from_trace
+    from moepic.policies import POLICIES
+    from moepic.predictors import PREDICTORS
+    from moepic.runtime.offload import staging_buffers
+    from moepic.tracing import load_any_trace
+
+    folder = model_folder(args.model)
+    spec, cfg = read_spec(folder)
+    if spec.moe is None:
+        raise ConfigError(f"{folder}: the model has no routed experts to configure a cache for")
+    dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    hw = load_profile(args.hardware)
+    trace = load_any_trace(args.trace)
+    _check_trace_shape(trace, spec, args.trace)
+    policy_config = POLICIES.structure_node({"name": args.policy} if args.policy else {}, "--policy")
+    predictor_config = PREDICTORS.structure_node({"name": args.predictor}, "--predictor")
+    configurator_config = CONFIGURATORS.structure_node({"name": args.configurator}, "--configurator")
+    moe = spec.moe
+    shape = predictor_shape(predictor_config, moe.top_k)
+    recall = _recall(args.recall, trace, predictor_config, folder, dtype, len(spec.moe_layers))
+
+    expert_bytes_all = footprint(spec).routed_expert_bytes(dtype_bytes)
+    budget = budget_bytes(args.budget, expert_bytes_all, "--budget")
+    t0 = time.perf_counter()
+    with tqdm(total=len(spec.moe_layers), desc="hit-rate curves", unit="layer", disable=args.json, leave=False) as bar:
+        workload = workload_from_trace(
+            trace, policy_config, recall_L=recall, candidates=shape.candidates, progress=lambda done: bar.update(1)
+        )
+    profile_s = time.perf_counter() - t0
+    times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0)
+    latency = LatencyModel(hw, times, workload)
+    staging = staging_buffers(moe.top_k, shape)
+    t0 = time.perf_counter()
+    chosen = configure_cache(CONFIGURATORS.build(configurator_config), latency, budget, staging)
+    configure_s = time.perf_counter() - t0
+    baselines = {}
+    for theta in BASELINE_THETAS:
+        uniform = CONFIGURATORS["uniform"].config(theta=theta)
+        baselines[f"uniform theta={theta:g}"] = configure_cache(CONFIGURATORS.build(uniform), latency, budget, staging).predicted_s * 1e3
+
+    breakdown = latency.breakdown(chosen.layers)
+    run_config = {
+        "cache": {
+            "budget": [f"{b}B" for b in chosen.cache_bytes()],
+            "theta": chosen.thetas(times.block),
+            "policy": policy_config.as_dict(),
+            "predictor": predictor_config.as_dict(),
+        }
+    }
+    if args.model:
+        run_config["model"] = {"path": str(Path(folder).resolve())}
+    header = (
+        f"# moepic configure: {configurator_config.name} for a budget of {budget} bytes ({args.budget}) with "
+        f"staging for {chosen.staging_experts} experts\n# hardware {hw.name} ({hw.source})\n# trace {args.trace}\n"
+        f"# predicted decode: {chosen.predicted_s * 1e3:.2f} ms/token; "
+        + ", ".join(f"{name}: {ms:.2f}" for name, ms in baselines.items()) + "\n"
+    )
+    if args.out:
+        try:
+            Path(args.out).write_text(header + yaml.safe_dump(_plain(run_config), sort_keys=False))
+        except OSError as e:
+            raise ConfigError(f"{args.out}: cannot write the config ({e.strerror or e})") from None
+    return {
+        "layers": [
+            {"layer": l.layer, "budget_bytes": b, "theta": th, "slots": c.slots, "hit_rate": part["hit_rate"],
+             "predicted_ms": 1e3 * (part["compute"] + part["assemble"] + part["exposed_prefetch"] + part["demand"])}
+            for l, b, th, c, part in zip(workload.layers, chosen.cache_bytes(), chosen.thetas(times.block), chosen.layers, breakdown)
+        ],
+        "predicted_ms_per_token": chosen.predicted_s * 1e3,
+        "baselines": baselines,
+        "budget_bytes": budget,
+        "staging_bytes": chosen.staging_experts * times.expert_bytes,
+        "total_bytes": chosen.total_bytes,
+        "configurator": configurator_config.as_dict(),
+        "hardware": hw.name,
+        "recall": recall,
+        "workload_s": profile_s,
+        "configure_s": configure_s,
+        "config": args.out,
+    }
+
+
+def _plain(node):
+    """Python floats/ints only (numpy scalars would make unsafe YAML tags)."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    if hasattr(node, "item"):
+        return node.item()
+    return node
+
+
+def _check_trace_shape(trace, spec, path) -> None:
+    moe = spec.moe
+    found = (len(trace.moe_layers), trace.num_experts, trace.top_k)
+    expected = (len(spec.moe_layers), moe.num_experts, moe.top_k)
+    if found != expected:
+        raise ConfigError(
+            f"{path}: the trace is for another model shape: {found[0]} MoE layers × {found[1]} experts, top-{found[2]}; "
+            f"the model has {expected[0]} × {expected[1]}, top-{expected[2]}"
+        )
+
+
+def configure_text(report: dict) -> str:
+    lines = [f"{'layer':>5} {'budget MiB':>10} {'theta':>6} {'slots':>5} {'hit rate':>8} {'ms':>8}"]
+    for l in report["layers"]:
+        lines.append(
+            f"{l['layer']:>5} {l['budget_bytes'] / 2**20:>10.2f} {l['theta']:>6.3f} {l['slots']:>5} "
+            f"{l['hit_rate']:>8.1%} {l['predicted_ms']:>8.3f}"
+        )
+    lines.append(
+        f"predicted {report['predicted_ms_per_token']:.2f} ms/token with {report['configurator']['name']} "
+        f"({report['total_bytes'] / 2**20:.1f} of {report['budget_bytes'] / 2**20:.1f} MiB, staging "
+        f"{report['staging_bytes'] / 2**20:.1f} MiB; configured in {report['configure_s'] * 1e3:.0f} ms)"
+    )
+    lines += [f"  vs {name}: {ms:.2f} ms/token ({ms / report['predicted_ms_per_token']:.2f}×)" for name, ms in report["baselines"].items()]
+    if report["config"]:
+        lines.append(f"wrote {report['config']}: run it with `moepic generate --config {report['config']}`")
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""The latency model: expected decode time per token of a cache configuration {C_l, θ_l}. Pure.
+
+Symbols, per MoE layer l (paper-brief §5): k routed experts per token, S bytes per expert, a split
+at θ (top θS cached, bottom (1−θ)S loaded), C cached tops, B the host link (GB/s) with τ per copy,
+a the predictor's recall, k′ the experts it prefetches per step, W the compute that hides a prefetch.
+
+    compute_l  = t_layer + k·t_expert + t_predictor                         (roofline, hardware.py)
+    W_l        = k·t_expert + t_layer        the previous layer's experts and this layer's attention:
+                                             a prediction is made as the previous layer routes
+    per routed expert:  hit → its bottom, (1−θ)S in 1 copy (θ = 1: nothing);  miss → S in 1 copy
+    prefetched = the predicted routed experts (each with probability a) + k′ − (their number) wrong
+                 guesses, each a hit with probability h_l(C)
+    exposed_l  = E[ max(0, copy(prefetched bytes) − W_l) ]      what the prefetch fails to hide
+    demand_l   = E[ copy(bytes of the unpredicted routed experts) ]   after the router: all exposed
+    assemble_l = E[partial hits] · θS / device copy rate       a cached top joins its bottom (engine)
+    T_l        = compute_l + assemble_l + exposed_l + demand_l ;  token = Σ_l T_l + t_rest
+
+The expectation runs over the measured joint distribution of hits per step (workload.py) and
+a binomial split of hits and misses into predicted and not. Taking E[max(0, X − W)] rather than
+max(0, E[X] − W) is the one place this departs from the paper's formula, and it is what makes the
+latency U-shaped in θ: a larger top shrinks every hit's bottom until it hides behind W, but caches
+fewer experts, and a miss's whole expert never hides. The rest of the model is the paper's.
+Not modelled: copies and compute of different layers running into each other (each layer starts
+with an idle link), a deeper predictor horizon (it smooths bursts; the mean link load is the same).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+from moepic.core.footprint import swiglu_params
+from moepic.core.spec import ModelSpec
+from moepic.core.weights import neuron_block
+from moepic.perfmodel.hardware import HardwareProfile
+from moepic.perfmodel.workload import LayerWorkload, WorkloadProfile
+
+
+@attrs.frozen(kw_only=True)
+class LayerChoice:
+    """One MoE layer's cache: `slots` tops of `top_neurons` neurons each."""
+
+    slots: int
+    top_neurons: int
+
+
+@attrs.frozen(kw_only=True)
+class ModelTimes:
+    """What the hardware profile says one decode step's parts of this model cost."""
+
+    expert_s: float  # one routed expert, one token
+    layer_s: float  # a MoE layer's attention (with its KV cache), norms, router and shared expert
+    predictor_s: float  # one prediction, per MoE layer (0 without a predictor)
+    rest_s: float  # dense layers, embedding and lm_head: what no cache configuration changes
+    ffn_size: int
+    block: int  # neuron granularity of θ
+    neuron_bytes: int  # one neuron's gate, up and down rows
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.ffn_size * self.neuron_bytes
+
+
+def model_times(
+    hw: HardwareProfile, spec: ModelSpec, *, dtype_bytes: int, context_tokens: int = 512, predictor: bool = False,
+    block: int | None = None,
+) -> ModelTimes:
+    """Roofline times of a decode step's parts at `context_tokens` of KV cache."""
+    moe, D = spec.moe, spec.hidden_size
+    kv = spec.num_kv_heads * spec.head_dim
+    attention_params = 2 * spec.num_heads * spec.head_dim * D + 2 * kv * D
+    attention = attention_params * dtype_bytes + 2 * kv * context_tokens * dtype_bytes  # weights + KV reads
+    shared = swiglu_params(D, moe.shared_expert_ffn) * dtype_bytes
+    router = moe.num_experts * D * dtype_bytes
+    layer_s = hw.call_s(attention + router + shared, 2 * (attention_params + moe.num_experts * D), hw.layer_overhead_us)
+    if shared:
+        layer_s += hw.call_s(0, 0, hw.expert_overhead_us)  # its own launches
+    expert_params = swiglu_params(D, moe.expert_ffn)
+    dense_layers = sum(kind == "dense" for kind in spec.layer_kinds)
+    dense_s = hw.call_s(attention + swiglu_params(D, spec.dense_ffn) * dtype_bytes, 0, hw.layer_overhead_us + hw.expert_overhead_us)
+    head = spec.vocab_size * D * dtype_bytes
+    return ModelTimes(
+        expert_s=hw.call_s(expert_params * dtype_bytes, 2 * expert_params, hw.expert_overhead_us),
+        layer_s=layer_s,
+        predictor_s=hw.call_s(router, 2 * moe.num_experts * D, hw.expert_overhead_us) if predictor else 0.0,
+        rest_s=dense_layers * dense_s + hw.call_s(head, 2 * spec.vocab_size * D, hw.expert_overhead_us),
+        ffn_size=moe.expert_ffn,
+        block=block or neuron_block(moe.expert_ffn),
+        neuron_bytes=swiglu_params(D, 1) * dtype_bytes,
+    )
+
+
+def _binomial_JP(k: int, p: float) -> np.ndarray:
+    """[j, i]: P(i of j independent events with probability p), for j = 0…k."""
+    out = np.zeros((k + 1, k + 1))
+    for j in range(k + 1):
+        for i in range(j + 1):
+            out[j, i] = math.comb(j, i) * p**i * (1 - p) ** (j - i)
+    return out
+
+
+class LatencyModel:
+    """T_l for any (C, θ) of any MoE layer, vectorised over configurations; see the module docstring."""
+
+    def __init__(self, hw: HardwareProfile, times: ModelTimes, workload: WorkloadProfile) -> None:
+        self.hw, self.times, self.workload = hw, times, workload
+        self.k, self.num_experts = workload.top_k, workload.num_experts
+        self.window_s = self.k * times.expert_s + times.layer_s
+        self._joint = [self._predicted_split(l) for l in workload.layers]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.workload.layers)
+
+    def _predicted_split(self, layer: LayerWorkload) -> np.ndarray:
+        """[C, ph, pm]: P(ph predicted hits and pm predicted misses | C cached tops)."""
+        k = self.k
+        split_JP = _binomial_JP(k, layer.recall)
+        misses_JP = split_JP[::-1]  # row j: how many of the k − j misses were predicted
+        return np.einsum("cj,jp,jm->cpm", layer.hits_CJ, split_JP, misses_JP)
+
+    def parts(self, column: int, slots_X: np.ndarray, top_X: np.ndarray) -> dict[str, np.ndarray]:
+        """Seconds per token of MoE layer `column`, per configuration X (C = slots_X, top neurons top_X)."""
+        t, hw, k = self.times, self.hw, self.k
+        layer = self.workload.layers[column]
+        slots_X = np.asarray(slots_X, dtype=np.int64)
+        top_X = np.asarray(top_X, dtype=np.int64)
+        slots_X = np.where(top_X > 0, slots_X, 0)  # θ = 0: nothing cached
+        S = float(t.expert_bytes)
+        whole = top_X == t.ffn_size
+        hit_bytes_X = np.where(whole, 0.0, (t.ffn_size - top_X) * t.neuron_bytes)
+        hit_copies_X = np.where(whole, 0.0, 1.0)
+        h_X = layer.hit_rate_C[slots_X]
+        link_Bps, tau = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
+        # A guess's expected bytes and copies (wrong guesses are cached as often as routed experts).
+        guess_bytes_X = h_X * hit_bytes_X + (1 - h_X) * S
+        guess_copies_X = h_X * hit_copies_X + (1 - h_X)
+
+        a, kp = layer.recall, layer.candidates
+        if kp > 0:
+            joint_XPM = self._joint[column][slots_X]
+            ph = np.arange(k + 1)[None, :, None]
+            pm = np.arange(k + 1)[None, None, :]
+            wrong = np.maximum(0.0, kp - ph - pm)
+            bytes_XPM = ph * hit_bytes_X[:, None, None] + pm * S + wrong * guess_bytes_X[:, None, None]
+            copies_XPM = ph * hit_copies_X[:, None, None] + pm + wrong * guess_copies_X[:, None, None]
+            copy_XPM = bytes_XPM / link_Bps + copies_XPM * tau
+            exposed_X = (joint_XPM * np.maximum(0.0, copy_XPM - self.window_s)).sum((1, 2))
+        else:
+            a, exposed_X = 0.0, np.zeros(len(slots_X))
+        unpredicted = k * (1 - a)
+        demand_X = unpredicted * (guess_bytes_X / link_Bps + guess_copies_X * tau)
+        partial_X = np.where(whole, 0.0, k * h_X)
+        assemble_X = partial_X * top_X * t.neuron_bytes / (hw.device_copy_gbps * 1e9)
+        compute = t.layer_s + k * t.expert_s + (t.predictor_s if kp > 0 else 0.0)
+        return {
+            "compute": np.full(len(slots_X), compute),
+            "assemble": assemble_X,
+            "exposed_prefetch": exposed_X,
+            "demand": demand_X,
+            "hit_rate": h_X,
+            "bytes": k * guess_bytes_X,
+        }
+
+    def layer_s(self, column: int, slots_X: np.ndarray, top_X: np.ndarray) -> np.ndarray:
+        p = self.parts(column, slots_X, top_X)
+        return p["compute"] + p["assemble"] + p["exposed_prefetch"] + p["demand"]
+
+    def token_s(self, choices: Sequence[LayerChoice]) -> float:
+        """Predicted seconds per decode token of a whole configuration."""
+        if len(choices) != self.num_layers:
+            raise ValueError(f"expected a choice per MoE layer ({self.num_layers}), got {len(choices)}")
+        return self.times.rest_s + sum(
+            float(self.layer_s(c, np.array([ch.slots]), np.array([ch.top_neurons]))[0]) for c, ch in enumerate(choices)
+        )
+
+    def breakdown(self, choices: Sequence[LayerChoice]) -> list[dict[str, float]]:
+        """Per MoE layer: each part of T_l (seconds), its hit rate and bytes loaded per token."""
+        out = []
+        for c, ch in enumerate(choices):
+            parts = self.parts(c, np.array([ch.slots]), np.array([ch.top_neurons]))
+            out.append({name: float(v[0]) for name, v in parts.items()})
+        return out

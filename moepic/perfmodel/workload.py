@@ -1,0 +1,154 @@
+"""Workload profiles: what a routing trace says about each MoE layer, for the latency model. Pure.
+
+Per MoE layer l:
+- `hits_CJ[C, j]`: the probability that j of a decode step's k routed experts find their top
+  segment cached, when the layer caches C tops (C = 0…E). It is measured by replaying the trace
+  through the real planner and policy (moepic/cache/replay.py) with C slots, so it includes the
+  policy's warm-up, admission rule and request boundaries. Its mean over j, divided by k, is the
+  hit-rate curve h_l(C) of paper-brief §5. The whole distribution is kept (not just h_l) because a
+  step's exposed copy time is a maximum, and E[max] ≠ max[E]: that is what makes latency U-shaped
+  in θ (a step with k hits hides its bottoms; a step with a miss cannot hide a whole expert).
+  For large E the curve is replayed at a grid of C and interpolated linearly in between.
+- `recall`: the share of its routed experts that the predictor named one MoE layer earlier (the
+  first MoE layer: 0, nothing runs before it); `candidates`: experts prefetched per step (k′).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import attrs
+import numpy as np
+import torch
+
+from moepic.cache.layout import LayerCacheLayout
+from moepic.cache.replay import replay_layer
+from moepic.errors import ConfigError
+from moepic.policies.base import PolicyConfig, build_policy
+from moepic.tracing import RoutingTrace
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class LayerWorkload:
+    layer: int  # model layer index
+    hits_CJ: np.ndarray  # [E+1, k+1], rows sum to 1
+    recall: float  # a_l
+    candidates: float  # k′_l: experts prefetched per step (0: no prediction)
+
+    def __attrs_post_init__(self) -> None:
+        if self.hits_CJ.ndim != 2 or not np.allclose(self.hits_CJ.sum(1), 1.0) or (self.hits_CJ < -1e-12).any():
+            raise ValueError(f"layer {self.layer}: hits_CJ must be [E+1, k+1] distributions over j")
+        if not 0.0 <= self.recall <= 1.0:
+            raise ValueError(f"layer {self.layer}: recall must be in [0, 1], got {self.recall}")
+        if self.candidates < 0:
+            raise ValueError(f"layer {self.layer}: candidates must be >= 0, got {self.candidates}")
+
+    @property
+    def hit_rate_C(self) -> np.ndarray:
+        """h_l(C) for C = 0…E."""
+        k = self.hits_CJ.shape[1] - 1
+        return self.hits_CJ @ np.arange(k + 1) / k
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class WorkloadProfile:
+    num_experts: int
+    top_k: int
+    layers: tuple[LayerWorkload, ...]
+    source: str = ""  # the trace and policy it was measured with
+
+    def __attrs_post_init__(self) -> None:
+        for l in self.layers:
+            if l.hits_CJ.shape != (self.num_experts + 1, self.top_k + 1):
+                raise ValueError(f"layer {l.layer}: hits_CJ has shape {l.hits_CJ.shape}, expected {(self.num_experts + 1, self.top_k + 1)}")
+
+
+def curve_points(num_experts: int, max_points: int = 33) -> np.ndarray:
+    """The cache sizes C at which to replay: every C for small E, else a grid dense at small C."""
+    if num_experts + 1 <= max_points:
+        return np.arange(num_experts + 1)
+    grid = np.r_[np.arange(9), np.geomspace(8, num_experts, max_points - 9)]
+    return np.unique(np.round(grid).astype(int))
+
+
+def _interpolate(points_C: np.ndarray, values_PJ: np.ndarray, num_experts: int) -> np.ndarray:
+    every_C = np.arange(num_experts + 1)
+    return np.stack([np.interp(every_C, points_C, values_PJ[:, j]) for j in range(values_PJ.shape[1])], axis=1)
+
+
+def hit_distribution(trace: RoutingTrace, column: int, policy_config: PolicyConfig, slots: int) -> np.ndarray:
+    """[k+1]: the share of decode steps of MoE layer `column` with j routed experts cached, with `slots` tops."""
+    E, k = trace.num_experts, trace.top_k
+    # θ = 1 with one-neuron experts: slot decisions depend on the slot count alone, not on θ.
+    layout = LayerCacheLayout(
+        layer=trace.moe_layers[column], num_experts=E, ffn_size=1, block=1, top_neurons=1, slots=slots, neuron_bytes=1
+    )
+    counted = decode_steps(trace)
+    hist_J = np.zeros(k + 1)
+    for plan, count in zip(replay_layer(trace, column, layout, build_policy(policy_config)), counted):
+        if count:
+            hist_J[sum(p.outcome != "miss" for p in plan.experts)] += 1
+    return hist_J / hist_J.sum()
+
+
+def workload_from_trace(
+    trace: RoutingTrace,
+    policy_config: PolicyConfig,
+    *,
+    recall_L: Sequence[float],
+    candidates: float,
+    progress: Callable[[int], None] = lambda done: None,
+) -> WorkloadProfile:
+    """Replay `trace` at every curve point of every MoE layer (`progress` is told after each layer)."""
+    E, k = trace.num_experts, trace.top_k
+    if len(recall_L) != len(trace.moe_layers):
+        raise ValueError(f"recall: expected one value per MoE layer ({len(trace.moe_layers)}), got {len(recall_L)}")
+    points_C = curve_points(E)
+    layers = []
+    for column, layer in enumerate(trace.moe_layers):
+        measured_PJ = np.stack([hit_distribution(trace, column, policy_config, int(c)) for c in points_C])
+        layers.append(LayerWorkload(
+            layer=layer, hits_CJ=_interpolate(points_C, measured_PJ, E), recall=float(recall_L[column]),
+            candidates=candidates if column else 0.0,
+        ))
+        progress(column + 1)
+    source = f"{trace.source or trace.model}: {trace.num_tokens} tokens, policy {policy_config.name}"
+    return WorkloadProfile(num_experts=E, top_k=k, layers=tuple(layers), source=source)
+
+
+def first_layer_unpredicted(recall: float, num_layers: int) -> list[float]:
+    """One recall for every MoE layer but the first, which nothing before it can predict."""
+    return [0.0] + [recall] * (num_layers - 1)
+
+
+def decode_steps(trace: RoutingTrace) -> np.ndarray:
+    """[N] the tokens whose statistics describe decoding: the decode steps, or all if there are none."""
+    return ~trace.prefill_N if (~trace.prefill_N).any() else np.ones(trace.num_tokens, dtype=bool)
+
+
+def check_router_inputs(trace: RoutingTrace) -> None:
+    if trace.hidden_NLD is None:
+        raise ConfigError(
+            f"{trace.source or 'the trace'}: it has no router inputs, so the predictor's recall cannot be measured; "
+            "record it with `moepic generate --record-trace FILE --trace-hidden`, or give --recall"
+        )
+
+
+def measured_recall(trace: RoutingTrace, predictor, dtype: torch.dtype = torch.float32) -> list[float]:
+    """Per MoE layer: the share of its routed experts that `predictor` named from the previous MoE
+    layer's router input (the trace's `hidden`), as the engine would prefetch them one layer ahead."""
+    check_router_inputs(trace)
+    if predictor.tap != "router_input" or predictor.guess(trace.moe_layers[0], torch.zeros(1, trace.hidden_NLD.shape[2], dtype=dtype)) is None:
+        raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be measured on a trace; give --recall")
+    decode = decode_steps(trace)
+    recall = [0.0]
+    for column in range(1, len(trace.moe_layers)):
+        source, target = trace.moe_layers[column - 1], trace.moe_layers[column]
+        hidden_TD = torch.as_tensor(trace.hidden_NLD[decode, column - 1]).float()
+        guess = predictor.guess(source, hidden_TD.to(dtype))
+        k = guess.shape[1] // len(predictor.targets[source])
+        at = predictor.targets[source].index(target) * k
+        named_TN = guess[:, at : at + k].numpy()
+        routed_TK = trace.expert_ids_NLK[decode, column]
+        recall.append(float((routed_TK[:, :, None] == named_TN[:, None, :]).any(-1).mean()))
+    return recall
