@@ -33,7 +33,7 @@ def predictor_shape(config, top_k: int) -> PredictorShape:
     return PredictorShape(candidates=(getattr(config, "candidates", None) or top_k) if horizon else 0, horizon=horizon)
 
 
-def _recall(args_recall: str | None, trace, predictor_config, folder: str, dtype, moe_layers: int) -> list[float]:
+def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, folder: str, dtype, moe_layers: int) -> list[float]:
     from moepic.perfmodel.workload import check_router_inputs, first_layer_unpredicted, measured_recall
 
     if predictor_config.name == "none":
@@ -51,9 +51,9 @@ def _recall(args_recall: str | None, trace, predictor_config, folder: str, dtype
     from moepic.checkpoint.load import load_model
     from moepic.predictors import PREDICTORS
 
-    check_router_inputs(trace)
+    check_router_inputs(trace, trace_path)
     model = load_model(folder, dtype=dtype)
-    return measured_recall(trace, PREDICTORS.build(predictor_config, model), dtype=model.dtype)
+    return measured_recall(trace, PREDICTORS.build(predictor_config, model), dtype=model.dtype, where=trace_path)
 
 
 def run_configure(args) -> dict:
@@ -88,7 +88,7 @@ def run_configure(args) -> dict:
     configurator_config = CONFIGURATORS.structure_node({"name": args.configurator}, "--configurator")
     moe = spec.moe
     shape = predictor_shape(predictor_config, moe.top_k)
-    recall = _recall(args.recall, trace, predictor_config, folder, dtype, len(spec.moe_layers))
+    recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
     expert_bytes_all = footprint(spec).routed_expert_bytes(dtype_bytes)
     budget = budget_bytes(args.budget, expert_bytes_all, "--budget")

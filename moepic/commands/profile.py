@@ -27,9 +27,10 @@ def run_profile(args) -> dict:
     if args.link_gbps is not None:
         if dev.type == "cuda":
             raise ConfigError("--link-gbps emulates a link for CPU runs; on CUDA the real link is measured")
-        if not args.link_gbps > 0:
-            raise ConfigError(f"--link-gbps must be > 0, got {args.link_gbps}")
-        link = Link(gbps=args.link_gbps, latency_us=args.link_latency_us)
+        try:
+            link = Link(gbps=args.link_gbps, latency_us=args.link_latency_us)
+        except ValueError as e:
+            raise ConfigError(f"--link-gbps / --link-latency-us: {e}") from None
     folder = model_folder(args.model)
     _, cfg = read_spec(folder)
     dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]

@@ -7,7 +7,10 @@ The paper's configurator (paper-brief §6), as we reconstruct it:
   g is non-decreasing (a larger θ caches fewer tops, so h(C(θ)) can only fall), so on the grid of
   neuron blocks the iteration is monotone from any start and stops within F/block + 1 steps.
   It is then refined by evaluating T_l at the cache sizes around C(θ*), each with the largest top
-  that M still holds (for a fixed C, a larger top only shrinks what is loaded), and at θ = 1.
+  that M still holds (for a fixed C, a larger top only shrinks what is loaded), at a coarse sweep
+  of C, at C = E (every expert's top cached) and at θ = 1; then around the best of those. The
+  sweep is there because a measured h(C) need not be concave: with a late jump the fixed point
+  (which sees only the hit rate where it stands) can sit far from the best cache size.
   Without a predictor nothing hides (W = 0) and the fixed point is θ = 1 / h: θ = 1 where h > 0.
 - divide: the layer range is halved recursively and the halves' best-latency-per-budget tables
   are merged with a min-plus convolution, so the budget split between layers is exact on the
@@ -44,6 +47,12 @@ def fixed_point(g: Callable[[np.ndarray], np.ndarray], start_X: np.ndarray, max_
     raise RuntimeError(f"the fixed-point iteration did not settle within {max_steps} steps (is g monotone?)")
 
 
+def _unique_pairs(pairs_X2: np.ndarray, ffn_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (slots, top) rows and each row's index among them (one integer key per pair: fast)."""
+    keys, inverse = np.unique(pairs_X2[:, 0] * (ffn_size + 1) + pairs_X2[:, 1], return_inverse=True)
+    return np.stack([keys // (ffn_size + 1), keys % (ffn_size + 1)], axis=1), inverse.ravel()
+
+
 @register_configurator("moepic", MoEpicConfig)
 class DivideAndConquer:
     def __init__(self, config: MoEpicConfig) -> None:
@@ -74,19 +83,42 @@ class DivideAndConquer:
         g = self.theta_map(model, column, budget_V)
         b_V, _ = fixed_point(g, np.zeros(U + 1, dtype=np.int64), t.ffn_size // t.block + 1)
         slots_star_V = np.where(b_V > 0, np.minimum(E, budget_V // np.maximum(b_V * t.block * t.neuron_bytes, 1)), 0)
-        # Candidates per level: C(θ*) ± window, each with the largest top the budget holds; θ = 1.
-        slots_VN = np.clip(slots_star_V[:, None] + np.arange(-R, R + 1)[None, :], 0, E)
-        whole_slots_V = np.minimum(E, budget_V // t.expert_bytes)
-        slots_VN = np.concatenate([slots_VN, whole_slots_V[:, None]], axis=1)
-        top_VN = (budget_V[:, None] // np.maximum(slots_VN * t.neuron_bytes, 1)) // t.block * t.block
-        top_VN = np.where(slots_VN > 0, np.minimum(top_VN, t.ffn_size), 0)
-        slots_VN = np.where(top_VN > 0, slots_VN, 0)
-        pairs = np.unique(np.stack([slots_VN.ravel(), top_VN.ravel()], 1), axis=0)
-        latency_X = model.layer_s(column, pairs[:, 0], pairs[:, 1])
+        window = np.arange(-R, R + 1)[None, :]
+
+        def with_tops(slots_VN: np.ndarray) -> np.ndarray:
+            """[V, N, 2] (slots, the largest top whose slots fit each level's budget)."""
+            top_VN = (budget_V[:, None] // np.maximum(slots_VN * t.neuron_bytes, 1)) // t.block * t.block
+            top_VN = np.where(slots_VN > 0, np.minimum(top_VN, t.ffn_size), 0)
+            return np.stack([np.where(top_VN > 0, slots_VN, 0), top_VN], axis=-1)
+
+        # First round: C(θ*) ± window; a coarse sweep of C, so that a curve with a late jump is not
+        # missed; every expert's top cached (the smallest θ with C = E); whole experts (θ = 1).
+        sweep = np.unique(np.linspace(0, E, min(E, 8) + 1).round().astype(np.int64))
+        first_VN = np.concatenate([
+            np.clip(slots_star_V[:, None] + window, 0, E),
+            np.broadcast_to(sweep, (U + 1, len(sweep))),
+            np.minimum(E, budget_V // t.expert_bytes)[:, None],
+        ], axis=1)
+        first = with_tops(first_VN)
+        latency = self._evaluator(model, column)
+        best_V = first[np.arange(U + 1), latency(first).argmin(1), 0]
+        # Second round: the cache sizes around each level's best so far.
+        second = with_tops(np.clip(best_V[:, None] + window, 0, E))
+        pairs = _unique_pairs(np.concatenate([first.reshape(-1, 2), second.reshape(-1, 2)]), t.ffn_size)[0]
         units_X = units_for(pairs[:, 0], pairs[:, 1], t.neuron_bytes, unit)
         # Every candidate fits its own level; best_per_budget also lets a level use a cheaper level's pick.
-        best_U, arg_U = best_per_budget(units_X, latency_X, U)
+        best_U, arg_U = best_per_budget(units_X, latency(pairs[None])[0], U)
         return best_U, pairs[arg_U, 0], pairs[arg_U, 1]
+
+    @staticmethod
+    def _evaluator(model: LatencyModel, column: int):
+        """T_l of [..., 2] (slots, top) pairs, each distinct pair evaluated once."""
+
+        def latency(pairs_VN2: np.ndarray) -> np.ndarray:
+            unique, inverse = _unique_pairs(pairs_VN2.reshape(-1, 2), model.times.ffn_size)
+            return model.layer_s(column, unique[:, 0], unique[:, 1])[inverse].reshape(pairs_VN2.shape[:-1])
+
+        return latency
 
     def configure(self, model: LatencyModel, cache_bytes: int) -> tuple[LayerChoice, ...]:
         unit = cache_bytes / self.config.budget_units

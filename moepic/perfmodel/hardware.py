@@ -23,13 +23,17 @@ from moepic.errors import ConfigError
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML `yes` is no rate
+
+
 def _positive(instance, attribute, value) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+    if value is not None and not (_number(value) and 0 < value < math.inf):
         raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
 def _non_negative(instance, attribute, value) -> None:
-    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+    if not (_number(value) and 0 <= value < math.inf):
         raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
 
 

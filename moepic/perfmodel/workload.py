@@ -126,18 +126,19 @@ def decode_steps(trace: RoutingTrace) -> np.ndarray:
     return ~trace.prefill_N if (~trace.prefill_N).any() else np.ones(trace.num_tokens, dtype=bool)
 
 
-def check_router_inputs(trace: RoutingTrace) -> None:
+def check_router_inputs(trace: RoutingTrace, where: str) -> None:
+    """`where`: the trace's file, for the message."""
     if trace.hidden_NLD is None:
         raise ConfigError(
-            f"{trace.source or 'the trace'}: it has no router inputs, so the predictor's recall cannot be measured; "
+            f"{where}: the trace has no router inputs, so the predictor's recall cannot be measured; "
             "record it with `moepic generate --record-trace FILE --trace-hidden`, or give --recall"
         )
 
 
-def measured_recall(trace: RoutingTrace, predictor, dtype: torch.dtype = torch.float32) -> list[float]:
+def measured_recall(trace: RoutingTrace, predictor, dtype: torch.dtype = torch.float32, where: str = "the trace") -> list[float]:
     """Per MoE layer: the share of its routed experts that `predictor` named from the previous MoE
     layer's router input (the trace's `hidden`), as the engine would prefetch them one layer ahead."""
-    check_router_inputs(trace)
+    check_router_inputs(trace, where)
     if predictor.tap != "router_input" or predictor.guess(trace.moe_layers[0], torch.zeros(1, trace.hidden_NLD.shape[2], dtype=dtype)) is None:
         raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be measured on a trace; give --recall")
     decode = decode_steps(trace)
