@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec
 from moepic.perfmodel.hardware import HardwareProfile
-from moepic.perfmodel.latency import LatencyModel, _binomial_JP, model_times
+from moepic.perfmodel.latency import LatencyModel, binomial_JP, model_times
 from moepic.perfmodel.workload import LayerWorkload, WorkloadProfile
 
 
@@ -22,7 +22,7 @@ def moe_spec(layers: int, experts: int, top_k: int, hidden: int, ffn: int, share
 
 def binomial_hits(hit_rate_C: np.ndarray, k: int) -> np.ndarray:
     """[C, j]: each of k routed experts cached independently with probability h(C)."""
-    return np.stack([_binomial_JP(k, float(p))[k] for p in hit_rate_C])
+    return np.stack([binomial_JP(k, float(p))[k] for p in hit_rate_C])
 
 
 def power_curve(experts: int, exponent: float) -> np.ndarray:

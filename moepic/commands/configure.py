@@ -67,7 +67,7 @@ def run_configure(args) -> dict:
     from moepic.core.footprint import footprint
     from moepic.default_model import model_folder
     from moepic.perfmodel.hardware import load_profile
-    from moepic.perfmodel.latency import LatencyModel, model_times
+    from moepic.perfmodel.latency import LatencyModel, layer_total_s, model_times
     from moepic.perfmodel.workload import workload_from_trace
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
@@ -110,10 +110,11 @@ def run_configure(args) -> dict:
         baselines[f"uniform theta={theta:g}"] = configure_cache(CONFIGURATORS.build(uniform), latency, budget, staging).predicted_s * 1e3
 
     breakdown = latency.breakdown(chosen.layers)
+    thetas = chosen.thetas(times.block)
     run_config = {
         "cache": {
             "budget": [f"{b}B" for b in chosen.cache_bytes()],
-            "theta": chosen.thetas(times.block),
+            "theta": thetas,
             "policy": policy_config.as_dict(),
             "predictor": predictor_config.as_dict(),
         }
@@ -128,14 +129,14 @@ def run_configure(args) -> dict:
     )
     if args.out:
         try:
-            Path(args.out).write_text(header + yaml.safe_dump(_plain(run_config), sort_keys=False))
+            Path(args.out).write_text(header + yaml.safe_dump(run_config, sort_keys=False))
         except OSError as e:
             raise ConfigError(f"{args.out}: cannot write the config ({e.strerror or e})") from None
     return {
         "layers": [
             {"layer": l.layer, "budget_bytes": b, "theta": th, "slots": c.slots, "hit_rate": part["hit_rate"],
-             "predicted_ms": 1e3 * (part["compute"] + part["assemble"] + part["exposed_prefetch"] + part["demand"])}
-            for l, b, th, c, part in zip(workload.layers, chosen.cache_bytes(), chosen.thetas(times.block), chosen.layers, breakdown)
+             "predicted_ms": 1e3 * float(layer_total_s(part))}
+            for l, b, th, c, part in zip(workload.layers, chosen.cache_bytes(), thetas, chosen.layers, breakdown)
         ],
         "predicted_ms_per_token": chosen.predicted_s * 1e3,
         "baselines": baselines,
@@ -150,16 +151,6 @@ def run_configure(args) -> dict:
         "config": args.out,
     }
 
-
-def _plain(node):
-    """Python floats/ints only (numpy scalars would make unsafe YAML tags)."""
-    if isinstance(node, dict):
-        return {k: _plain(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
-    if hasattr(node, "item"):
-        return node.item()
-    return node
 
 
 def _check_trace_shape(trace, spec, path) -> None:

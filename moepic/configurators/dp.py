@@ -14,15 +14,10 @@ from moepic.configurators.base import ConfiguratorConfig, best_per_budget, min_p
 from moepic.perfmodel.latency import LatencyModel, LayerChoice
 
 
-def _positive_or_zero(instance, attribute, value) -> None:
-    if value < 0:
-        raise ValueError(f"configurator.{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.frozen(kw_only=True)
 class DPConfig(ConfiguratorConfig):
     budget_units: int = attrs.field(default=500, validator=attrs.validators.ge(1))
-    theta_steps: int = attrs.field(default=0, validator=_positive_or_zero)  # 0: every neuron block
+    theta_steps: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # 0: every neuron block
 
 
 @register_configurator("dp", DPConfig)

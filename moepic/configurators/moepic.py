@@ -47,6 +47,12 @@ def fixed_point(g: Callable[[np.ndarray], np.ndarray], start_X: np.ndarray, max_
     raise RuntimeError(f"the fixed-point iteration did not settle within {max_steps} steps (is g monotone?)")
 
 
+def slots_for(model: LatencyModel, budget_X: np.ndarray, blocks_X: np.ndarray) -> np.ndarray:
+    """C(θ) = min(E, ⌊M / top bytes⌋) for tops of `blocks_X` neuron blocks (> 0)."""
+    t = model.times
+    return np.minimum(model.num_experts, budget_X // np.maximum(blocks_X * t.block * t.neuron_bytes, 1))
+
+
 def _unique_pairs(pairs_X2: np.ndarray, ffn_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The distinct (slots, top) rows and each row's index among them (one integer key per pair: fast)."""
     keys, inverse = np.unique(pairs_X2[:, 0] * (ffn_size + 1) + pairs_X2[:, 1], return_inverse=True)
@@ -68,8 +74,7 @@ class DivideAndConquer:
         h_C = np.maximum.accumulate(layer.hit_rate_C)  # measured curves may dip; g must not
 
         def g(b_X: np.ndarray) -> np.ndarray:
-            top_bytes_X = b_X * t.block * t.neuron_bytes
-            slots_X = np.where(b_X > 0, np.minimum(E, budget_X // np.maximum(top_bytes_X, 1)), E)
+            slots_X = np.where(b_X > 0, slots_for(model, budget_X, b_X), E)  # θ → 0: every top fits
             with np.errstate(divide="ignore"):
                 theta_X = np.clip(np.where(h_C[slots_X] > 0, need / h_C[slots_X], 1.0 if need > 0 else 0.0), 0.0, 1.0)
             return np.ceil(theta_X * blocks - 1e-9).astype(np.int64)
@@ -82,7 +87,7 @@ class DivideAndConquer:
         budget_V = np.floor(np.arange(U + 1) * unit).astype(np.int64)
         g = self.theta_map(model, column, budget_V)
         b_V, _ = fixed_point(g, np.zeros(U + 1, dtype=np.int64), t.ffn_size // t.block + 1)
-        slots_star_V = np.where(b_V > 0, np.minimum(E, budget_V // np.maximum(b_V * t.block * t.neuron_bytes, 1)), 0)
+        slots_star_V = np.where(b_V > 0, slots_for(model, budget_V, b_V), 0)
         window = np.arange(-R, R + 1)[None, :]
 
         def with_tops(slots_VN: np.ndarray) -> np.ndarray:

@@ -93,13 +93,18 @@ def model_times(
     )
 
 
-def _binomial_JP(k: int, p: float) -> np.ndarray:
+def binomial_JP(k: int, p: float) -> np.ndarray:
     """[j, i]: P(i of j independent events with probability p), for j = 0…k."""
     out = np.zeros((k + 1, k + 1))
     for j in range(k + 1):
         for i in range(j + 1):
             out[j, i] = math.comb(j, i) * p**i * (1 - p) ** (j - i)
     return out
+
+
+def layer_total_s(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """T_l from `LatencyModel.parts`: the times add up (hit rate and bytes are not times)."""
+    return parts["compute"] + parts["assemble"] + parts["exposed_prefetch"] + parts["demand"]
 
 
 class LatencyModel:
@@ -118,7 +123,7 @@ class LatencyModel:
     def _predicted_split(self, layer: LayerWorkload) -> np.ndarray:
         """[C, ph, pm]: P(ph predicted hits and pm predicted misses | C cached tops)."""
         k = self.k
-        split_JP = _binomial_JP(k, layer.recall)
+        split_JP = binomial_JP(k, layer.recall)
         misses_JP = split_JP[::-1]  # row j: how many of the k − j misses were predicted
         return np.einsum("cj,jp,jm->cpm", layer.hits_CJ, split_JP, misses_JP)
 
@@ -166,8 +171,7 @@ class LatencyModel:
         }
 
     def layer_s(self, column: int, slots_X: np.ndarray, top_X: np.ndarray) -> np.ndarray:
-        p = self.parts(column, slots_X, top_X)
-        return p["compute"] + p["assemble"] + p["exposed_prefetch"] + p["demand"]
+        return layer_total_s(self.parts(column, slots_X, top_X))
 
     def token_s(self, choices: Sequence[LayerChoice]) -> float:
         """Predicted seconds per decode token of a whole configuration."""

@@ -25,6 +25,7 @@ from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.replay import replay_layer
 from moepic.errors import ConfigError
 from moepic.policies.base import PolicyConfig, build_policy
+from moepic.predictors.base import ScoringPredictor
 from moepic.tracing import RoutingTrace
 
 
@@ -139,7 +140,7 @@ def measured_recall(trace: RoutingTrace, predictor, dtype: torch.dtype = torch.f
     """Per MoE layer: the share of its routed experts that `predictor` named from the previous MoE
     layer's router input (the trace's `hidden`), as the engine would prefetch them one layer ahead."""
     check_router_inputs(trace, where)
-    if predictor.tap != "router_input" or predictor.guess(trace.moe_layers[0], torch.zeros(1, trace.hidden_NLD.shape[2], dtype=dtype)) is None:
+    if predictor.tap != "router_input" or not isinstance(predictor, ScoringPredictor):
         raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be measured on a trace; give --recall")
     decode = decode_steps(trace)
     recall = [0.0]
