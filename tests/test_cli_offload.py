@@ -113,7 +113,7 @@ def test_token_log_has_one_line_per_token_with_its_copies(capsys, mixtral, tmp_p
         (["--token-log", "t.jsonl"], "generate.token_log logs what each token copies: it needs an offloaded run (--budget)"),
         (["--budget", "0.5", "--token-log", "/nowhere/t.jsonl"], "/nowhere/t.jsonl: cannot write the token log"),
         (["--budget", "0.5", "--link-gbps", "0"], "cache.link_gbps must be > 0, got 0.0"),
-        (["--budget", "0.5", "--predictor", "crystal"], "unknown predictor 'crystal'; known: gate_lookahead, mlp, none, oracle"),
+        (["--budget", "0.5", "--predictor", "crystal"], "unknown predictor 'crystal'; known: gate_lookahead, mlp, noisy_oracle, none, oracle"),
         (["--budget", "0.5", "--predictor", "oracle"], "the oracle predictor needs the future: set predictor.trace=FILE"),
         (["--budget", "0.5", "--predictor", "gate_lookahead", "--horizon", "0"], "predictor.horizon must be >= 1, got 0"),
     ],

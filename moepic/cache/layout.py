@@ -80,28 +80,24 @@ class LayerCacheLayout:
     slots: int
     neuron_bytes: int  # one neuron's gate row, up row and down row
 
-    def __attrs_post_init__(self) -> None:
-        if not 0 <= self.top_neurons <= self.ffn_size or self.top_neurons % self.block:
-            raise ValueError(f"top_neurons {self.top_neurons} must be whole blocks of {self.block} in [0, {self.ffn_size}]")
-        if not 0 <= self.slots <= self.num_experts or (self.slots and not self.top_neurons):
-            raise ValueError(f"slots {self.slots} must be in [0, {self.num_experts}], and 0 when there is no top segment")
-
     @property
     def theta(self) -> float:
         """The split ratio actually used (θ rounded down to whole neuron blocks)."""
         return self.top_neurons / self.ffn_size
 
-    @property
-    def expert_bytes(self) -> int:
-        return self.ffn_size * self.neuron_bytes
+    # Derived sizes, fixed at construction: the planner reads them on every step.
+    expert_bytes: int = attrs.field(init=False)
+    top_bytes: int = attrs.field(init=False)
+    bottom_bytes: int = attrs.field(init=False)
 
-    @property
-    def top_bytes(self) -> int:
-        return self.top_neurons * self.neuron_bytes
-
-    @property
-    def bottom_bytes(self) -> int:
-        return self.expert_bytes - self.top_bytes
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.top_neurons <= self.ffn_size or self.top_neurons % self.block:
+            raise ValueError(f"top_neurons {self.top_neurons} must be whole blocks of {self.block} in [0, {self.ffn_size}]")
+        if not 0 <= self.slots <= self.num_experts or (self.slots and not self.top_neurons):
+            raise ValueError(f"slots {self.slots} must be in [0, {self.num_experts}], and 0 when there is no top segment")
+        object.__setattr__(self, "expert_bytes", self.ffn_size * self.neuron_bytes)
+        object.__setattr__(self, "top_bytes", self.top_neurons * self.neuron_bytes)
+        object.__setattr__(self, "bottom_bytes", self.expert_bytes - self.top_bytes)
 
     @property
     def cache_bytes(self) -> int:

@@ -20,7 +20,7 @@ by the same rule: the policy decides whether it is kept or dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import attrs
 import numpy as np
@@ -32,22 +32,35 @@ Outcome = Literal["hit", "partial", "miss"]
 FREE = -1
 
 
-@attrs.frozen
 class LayerCache:
-    """Which expert's top segment each slot holds (FREE when empty)."""
+    """Which expert's top segment each slot holds (FREE when empty). An immutable value."""
 
-    slots_S: tuple[int, ...]
+    __slots__ = ("slots_S", "_slot_of")
+
+    def __init__(self, slots_S: tuple[int, ...], slot_of: dict[int, int] | None = None) -> None:
+        self.slots_S = tuple(slots_S)
+        # expert → slot, derived once per cache state (the planner asks on every step).
+        self._slot_of = slot_of if slot_of is not None else {e: s for s, e in enumerate(self.slots_S) if e != FREE}
 
     @classmethod
     def empty(cls, slots: int) -> LayerCache:
         return cls((FREE,) * slots)
 
     def slot_of(self) -> dict[int, int]:
-        return {e: s for s, e in enumerate(self.slots_S) if e != FREE}
+        """expert → slot (a shared view: do not mutate)."""
+        return self._slot_of
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerCache) and self.slots_S == other.slots_S
+
+    def __hash__(self) -> int:
+        return hash(self.slots_S)
+
+    def __repr__(self) -> str:
+        return f"LayerCache({self.slots_S})"
 
 
-@attrs.frozen(kw_only=True)
-class ExpertPlan:
+class ExpertPlan(NamedTuple):  # tuples, not attrs: the planner makes ~10⁵ a second in the simulator
     expert: int
     outcome: Outcome
     slot: int | None  # its cached top (hit, partial) or the slot it is admitted to (miss); None: not cached
@@ -59,8 +72,7 @@ class ExpertPlan:
         return self.outcome == "miss" and self.slot is not None
 
 
-@attrs.frozen(kw_only=True)
-class LayerPlan:
+class LayerPlan(NamedTuple):
     layer: int
     experts: tuple[ExpertPlan, ...]  # one per routed expert, by expert id
     evicted: tuple[tuple[int, int], ...]  # (expert, slot) whose top this step drops
@@ -90,48 +102,65 @@ def initial_residency(policy: CachePolicy, layout: LayerCacheLayout) -> LayerRes
 def plan_layer_step(
     layout: LayerCacheLayout,
     cache: LayerCache,
-    counts_E: np.ndarray,
+    used: Sequence[int],
     priority_E: np.ndarray,
     loaded: Sequence[int] = (),
 ) -> tuple[LayerPlan, LayerCache]:
-    """Plan one step of a layer: the experts with nonzero `counts_E` are used, `priority_E` ranks all;
-    `loaded` experts are on the device whole without being used (candidates for admission only)."""
-    used = [int(e) for e in np.flatnonzero(counts_E)]
-    slot_of = cache.slot_of()
-    extra = [e for e in loaded if e not in slot_of and counts_E[e] == 0]
+    """Plan one step of a layer: `used` are the experts it routes to (ascending ids), `priority_E`
+    ranks all; `loaded` experts are on the device whole without being used (admission candidates).
+
+    Written for speed (the simulator runs it ~10⁵ times a second): plain lists and dicts, and the
+    priorities are read only when something misses."""
+    slot_of = cache._slot_of
+    extra = [e for e in loaded if e not in slot_of and e not in used] if loaded else []
     misses = [e for e in used if e not in slot_of] + extra
-    # Misses in order of priority (ties: lower id first); each takes a free slot or displaces the
-    # lowest-priority cached expert this step does not use, if it is worth more.
-    slots_S = list(cache.slots_S)
-    free = [s for s, e in enumerate(slots_S) if e == FREE]
-    victims = sorted((e for e in slot_of if counts_E[e] == 0), key=lambda e: (priority_E[e], e))
     admitted: dict[int, int] = {}
     evicted: list[tuple[int, int]] = []
-    for e in sorted(misses, key=lambda e: (-priority_E[e], e)):
-        if free:
-            slot = free.pop(0)
-        elif victims and priority_E[e] > priority_E[victims[0]]:
-            victim = victims.pop(0)
-            slot = slot_of[victim]
-            evicted.append((victim, slot))
-        else:
-            break
-        slots_S[slot] = e
-        admitted[e] = slot
-    whole, bottom = layout.expert_bytes, layout.bottom_bytes
-    plans = []
-    for e in used:
-        if e in slot_of:
-            full = layout.top_neurons == layout.ffn_size
-            plans.append(ExpertPlan(
-                expert=e, outcome="hit" if full else "partial", slot=slot_of[e],
-                load="none" if full else "bottom", bytes_loaded=0 if full else bottom,
-            ))
-        else:
-            plans.append(ExpertPlan(expert=e, outcome="miss", slot=admitted.get(e), load="whole", bytes_loaded=whole))
-    kept = tuple((e, admitted[e]) for e in extra if e in admitted)
-    plan = LayerPlan(layer=layout.layer, experts=tuple(plans), evicted=tuple(evicted), kept=kept)
-    return plan, LayerCache(tuple(slots_S))
+    if misses and layout.slots:
+        # Misses in order of priority (ties: lower id first); each takes a free slot or displaces the
+        # lowest-priority cached expert this step does not use, if it is worth more.
+        worth = priority_E.tolist()
+        by_worth = worth.__getitem__
+        # Two stable sorts order by worth with ties to the lower id, with no Python-level key tuples.
+        if len(misses) > 1:
+            misses.sort()
+            misses.sort(key=by_worth, reverse=True)
+        slots_S = list(cache.slots_S)
+        free = [s for s, e in enumerate(slots_S) if e == FREE] if len(slot_of) < len(slots_S) else []
+        victims = []
+        if len(misses) > len(free):
+            victims = sorted([e for e in slot_of if e not in used])
+            victims.sort(key=by_worth)
+        v = 0
+        for e in misses:
+            if free:
+                slot = free.pop(0)
+            elif v < len(victims) and worth[e] > worth[victims[v]]:
+                slot = slot_of[victims[v]]
+                evicted.append((victims[v], slot))
+                v += 1
+            else:
+                break
+            slots_S[slot] = e
+            admitted[e] = slot
+        if admitted:
+            new_slot_of = dict(slot_of)
+            for victim, _ in evicted:
+                del new_slot_of[victim]
+            new_slot_of.update(admitted)
+            cache = LayerCache(tuple(slots_S), new_slot_of)
+    if layout.top_neurons == layout.ffn_size:
+        outcome, load, nbytes = "hit", "none", 0
+    else:
+        outcome, load, nbytes = "partial", "bottom", layout.bottom_bytes
+    whole = layout.expert_bytes
+    plans = tuple([
+        ExpertPlan(e, outcome, slot_of[e], load, nbytes) if e in slot_of
+        else ExpertPlan(e, "miss", admitted.get(e), "whole", whole)
+        for e in used
+    ])
+    kept = tuple([(e, admitted[e]) for e in extra if e in admitted]) if extra else ()
+    return LayerPlan(layout.layer, plans, tuple(evicted), kept), cache
 
 
 def residency_step(
@@ -147,5 +176,5 @@ def residency_step(
     """One layer step over `tokens` tokens: let the policy see the routing, then plan with its fresh priorities."""
     step = LayerStep(layer=layout.layer, clock=residency.clock, tokens=tokens, counts_E=counts_E, new_request=new_request)
     policy_state = policy.update(residency.policy_state, step)
-    plan, cache = plan_layer_step(layout, residency.cache, counts_E, policy.priority(policy_state), loaded)
+    plan, cache = plan_layer_step(layout, residency.cache, np.flatnonzero(counts_E).tolist(), policy.priority(policy_state), loaded)
     return plan, LayerResidency(cache, policy_state, residency.clock + tokens)

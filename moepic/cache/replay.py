@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from moepic.cache.layout import CacheLayout, LayerCacheLayout
-from moepic.cache.planner import LayerPlan, initial_residency, residency_step
+from moepic.cache.planner import LayerPlan, initial_residency, plan_layer_step
 from moepic.cache.stats import LayerCacheStats
-from moepic.policies.base import CachePolicy
+from moepic.policies.base import CachePolicy, priority_series
 from moepic.tracing import RoutingTrace
 
 
@@ -23,9 +23,12 @@ def replay_layer(trace: RoutingTrace, column: int, layout: LayerCacheLayout, pol
     counts_NE = np.zeros((trace.num_tokens, trace.num_experts), dtype=np.int64)
     np.add.at(counts_NE, (np.arange(trace.num_tokens)[:, None], trace.expert_ids_NLK[:, column]), 1)
     new_request_N = np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]]
-    residency = initial_residency(policy, layout)
-    for counts_E, new_request in zip(counts_NE, new_request_N):
-        plan, residency = residency_step(policy, layout, residency, counts_E, tokens=1, new_request=bool(new_request))
+    # The policy's priorities depend on the routing alone, so they are computed for all steps at
+    # once; the planner then steps the cache with them, as `residency_step` would.
+    priority_NE = priority_series(policy, layout.layer, trace.num_experts, counts_NE, np.ones(trace.num_tokens, np.int64), new_request_N)
+    cache = initial_residency(policy, layout).cache
+    for counts_E, priority_E in zip(counts_NE, priority_NE):
+        plan, cache = plan_layer_step(layout, cache, np.flatnonzero(counts_E).tolist(), priority_E)
         yield plan
 
 

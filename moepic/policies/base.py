@@ -57,6 +57,11 @@ class CachePolicy(Protocol[State]):
         """float64 [E]: how much each expert is worth keeping now; the lowest is evicted first."""
         ...
 
+    # Optional, for trace replays and the simulator: `priority_series(layer, num_experts, counts_SE,
+    # clock_S, new_request_S)` → [S, E], the priority after each of S steps from `init`, vectorised
+    # over steps. A policy's state depends on the routing alone, never on the cache, which is what
+    # lets a replay compute it ahead. It must equal stepping `update`/`priority` (tested per policy).
+
 
 POLICIES = Registry("policy", default="lcp")  # MoEpic's own is the default
 
@@ -97,6 +102,29 @@ def check_trace_covers(where: str, trace: RoutingTrace, layer: int, num_experts:
             f"the model's layer {layer} has {num_experts}"
         )
     return trace.moe_layers.index(layer)
+
+
+def priority_series(
+    policy: CachePolicy, layer: int, num_experts: int, counts_SE: np.ndarray, tokens_S: np.ndarray, new_request_S: np.ndarray
+) -> np.ndarray:
+    """[S, E]: what the planner ranks with at each of S consecutive steps of a layer (the priority
+    after the step's update), from the layer's initial state; step by step unless the policy has a
+    vectorised `priority_series`."""
+    clock_S = np.r_[0, np.cumsum(tokens_S)[:-1]].astype(np.int64)
+    series = getattr(policy, "priority_series", None)
+    if series is not None:
+        return series(layer, num_experts, counts_SE, clock_S, new_request_S)
+    out_SE = np.empty(counts_SE.shape, dtype=np.float64)
+    state = policy.init(layer, num_experts)
+    for s, (counts_E, clock, tokens, new) in enumerate(zip(counts_SE, clock_S, tokens_S, new_request_S)):
+        state = policy.update(state, LayerStep(layer=layer, clock=int(clock), tokens=int(tokens), counts_E=counts_E, new_request=bool(new)))
+        out_SE[s] = policy.priority(state)
+    return out_SE
+
+
+def last_used_series(counts_SE: np.ndarray, clock_S: np.ndarray) -> np.ndarray:
+    """[S, E]: `last_used_after` applied step after step (clocks only grow, so it is a running max)."""
+    return np.maximum.accumulate(np.where(counts_SE > 0, clock_S[:, None], -1), axis=0)
 
 
 def last_used_after(last_used_E: np.ndarray, step: LayerStep) -> np.ndarray:

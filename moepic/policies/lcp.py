@@ -12,7 +12,7 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, recency_E, register_policy
+from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, last_used_series, recency_E, register_policy
 
 
 def _in_unit_interval(instance, attribute, value) -> None:
@@ -54,3 +54,12 @@ class LCPPolicy:
     def priority(self, state: LCPState) -> np.ndarray:
         nu_E = recency_E(state.last_used_E, state.now)  # ∞ for never-used experts, whose μ is 0: P = 0
         return state.mu_E * self.config.rho ** (nu_E / self.config.window)
+
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+        total_SE = np.cumsum(counts_SE, axis=0, dtype=np.int64)
+        # μ restarts with each request: subtract the running total before the request's first step.
+        first_S = np.maximum.accumulate(np.where(new_request_S, np.arange(len(clock_S)), 0))
+        before_SE = np.vstack([np.zeros((1, num_experts), dtype=np.int64), total_SE[:-1]])[first_S]
+        last_SE = last_used_series(counts_SE, clock_S)
+        nu_SE = np.where(last_SE >= 0, clock_S[:, None] - last_SE, np.inf)
+        return (total_SE - before_SE) * self.config.rho ** (nu_SE / self.config.window)

@@ -7,7 +7,7 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, register_policy
+from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, last_used_series, register_policy
 
 
 @attrs.frozen
@@ -37,3 +37,7 @@ class LFUPolicy:
     def priority(self, state: LFUState) -> np.ndarray:
         # The fraction is in [0, 1), so it orders equal counts by recency and never outweighs a count.
         return state.counts_E + (state.last_used_E + 1) / (state.now + 2)
+
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+        total_SE = np.cumsum(counts_SE, axis=0, dtype=np.int64)
+        return total_SE + (last_used_series(counts_SE, clock_S) + 1) / (clock_S[:, None] + 2)

@@ -7,7 +7,7 @@ from typing import final
 import attrs
 import numpy as np
 
-from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, register_policy
+from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, last_used_series, register_policy
 
 
 @attrs.frozen
@@ -34,3 +34,6 @@ class LRUPolicy:
 
     def priority(self, state: LRUState) -> np.ndarray:
         return state.last_used_E.astype(np.float64)
+
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+        return last_used_series(counts_SE, clock_S).astype(np.float64)

@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Protocol, TypeVar
 
 import attrs
+import numpy as np
 import torch
 
+from moepic.errors import ConfigError
 from moepic.registry import Registry, StrategyConfig
 
 PREDICTORS = Registry("predictor", default="none")
@@ -57,6 +59,11 @@ class Predictor(Protocol[State]):
         `guess_rows` is `guess(...)` already on the host (computed and read here when None)."""
         ...
 
+    def trace_predictions(self, trace) -> dict[int, np.ndarray]:
+        """For the simulator: per MoE layer, [N, k′] ids that the MoE layer before it names for each
+        token of `trace` (best first, −1 pads), as `predict` would one token at a time."""
+        ...
+
 
 def layers_ahead(moe_layers: tuple[int, ...], num_layers: int, horizon: int) -> dict[int, tuple[int, ...]]:
     """For every layer l: the next `horizon` MoE layers after it (what a prediction at l targets)."""
@@ -77,13 +84,16 @@ def merge_votes(rows: list[list[int]]) -> list[int]:
 class ScoringPredictor:
     """A predictor that scores every expert of a layer ahead on the device (gate lookahead, mlp).
 
-    Subclasses set `targets` (layer → layers ahead), `candidates` (k′), `num_experts`, and write
-    `scores`; the top-k′ ids of all targets form one [T, targets·k′] tensor for the fused read.
+    Subclasses set `targets` (layer → layers ahead), `candidates` (k′), `num_experts`, `device`
+    and `dtype`, and write `scores`; the top-k′ ids of all targets form one [T, targets·k′] tensor
+    for the fused read.
     """
 
     targets: dict[int, tuple[int, ...]]
     candidates: int
     num_experts: int
+    device: torch.device  # where it scores (the model's device and dtype)
+    dtype: torch.dtype
 
     def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -105,6 +115,22 @@ class ScoringPredictor:
         rows = guess_rows if guess_rows is not None else self.guess(layer, hidden_TD).tolist()
         k = min(self.candidates, self.num_experts)
         return {t: merge_votes([row[i * k : (i + 1) * k] for row in rows]) for i, t in enumerate(targets)}, state
+
+    def trace_predictions(self, trace) -> dict[int, np.ndarray]:
+        """[N, k′] per MoE layer: what the layer before it names for each token, from the trace's
+        recorded router inputs (one batched `guess` per layer, as the engine computes it)."""
+        if trace.hidden_NLD is None:
+            raise ConfigError(
+                f"{trace.source or 'the trace'}: no router inputs to run the predictor on; record them with "
+                "`moepic generate --record-trace FILE --trace-hidden`, or simulate a noisy_oracle with the predictor's recall"
+            )
+        k = min(self.candidates, self.num_experts)
+        out = {}
+        for column, layer in enumerate(trace.moe_layers):
+            if self.targets.get(layer):
+                hidden_ND = torch.as_tensor(trace.hidden_NLD[:, column]).to(self.device, self.dtype)
+                out[self.targets[layer][0]] = self.guess(layer, hidden_ND)[:, :k].cpu().numpy()
+        return out
 
 
 @attrs.frozen(kw_only=True)
@@ -131,3 +157,6 @@ class NoPredictor:
 
     def predict(self, state, layer, hidden_TD, clock, guess_rows=None):
         return {}, state
+
+    def trace_predictions(self, trace) -> dict[int, np.ndarray]:
+        return {}

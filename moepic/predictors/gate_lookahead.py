@@ -45,6 +45,7 @@ class GateLookahead(ScoringPredictor):
         self.horizon = config.horizon
         self.candidates = config.candidates or model.spec.moe.top_k
         self.num_experts = model.spec.moe.num_experts
+        self.device, self.dtype = model.device, model.dtype
         self.tap = "layer_output" if config.tap == "layer_output" else "router_input"
         self.eps = model.spec.norm_eps
         moe_layers = model.spec.moe_layers

@@ -90,8 +90,8 @@ class MLPPredictor(ScoringPredictor):
         self.config, self.horizon = config, config.horizon
         self.candidates = config.candidates or spec.moe.top_k
         self.num_experts = spec.moe.num_experts
-        device, dtype = model.device, model.dtype
-        self.params = {pair: {n: t.to(device, dtype) for n, t in p.items()} for pair, p in params.items()}
+        self.device, self.dtype = model.device, model.dtype
+        self.params = {pair: {n: t.to(self.device, self.dtype) for n, t in p.items()} for pair, p in params.items()}
         with torch.device("meta"):  # shape only: the weights come from self.params
             self.net = ScoreMLP(meta["hidden"], meta["width"], meta["experts"])
         moe_layers = spec.moe_layers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import numpy as np
 import torch
 
 from moepic.core.model import Model
@@ -43,3 +44,10 @@ class OraclePredictor:
             ids = self.future.expert_ids_NLK[clock : clock + tokens, self.columns[target]]
             out[target] = sorted({int(e) for e in ids.ravel()})
         return out, state
+
+    def trace_predictions(self, trace: RoutingTrace) -> dict[int, np.ndarray]:
+        if trace is not self.future:
+            raise ValueError("the oracle predicts only the trace it was built with")
+        # One token's set, sorted as `predict` returns it.
+        return {targets[0]: np.sort(trace.expert_ids_NLK[:, self.columns[targets[0]]], axis=1)
+                for layer, targets in self.targets.items() if targets and layer in self.columns}

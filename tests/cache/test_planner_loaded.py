@@ -15,10 +15,9 @@ def layout(slots: int, E: int = 6) -> LayerCacheLayout:
     return LayerCacheLayout(layer=0, num_experts=E, ffn_size=4, block=1, top_neurons=4, slots=slots, neuron_bytes=3)
 
 
-def counts(used, E: int = 6) -> np.ndarray:
-    c = np.zeros(E, dtype=np.int64)
-    c[list(used)] = 1
-    return c
+def counts(used) -> list[int]:
+    """The planner takes a step's routed experts as ascending ids."""
+    return sorted(set(used))
 
 
 def test_a_loaded_unused_expert_takes_a_free_slot():

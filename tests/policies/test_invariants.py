@@ -17,6 +17,7 @@ from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.planner import FREE, initial_residency, residency_step
 from moepic.cache.stats import LayerCacheStats
 from moepic.policies import POLICIES
+from moepic.policies.base import LayerStep, priority_series
 from tests_support import policy_for
 from tests_support import traces
 
@@ -193,3 +194,38 @@ def test_the_same_routing_gives_the_same_plans(name, scenario):
     for (plans_a, end_a), (plans_b, end_b) in zip(first, again):
         assert plans_a == plans_b
         assert end_a.cache == end_b.cache and end_a.clock == end_b.clock
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@given(scenario=scenarios())
+def test_the_priority_series_equals_stepping_update_and_priority(name, scenario):
+    """What replays and the simulator rank with (vectorised over steps where the policy offers it)
+    is, bit for bit, the priority the engine computes one step at a time."""
+    trace, steps, _, seed = scenario
+    policy = policy_for(name, trace, seed=seed)
+    for column, layer in enumerate(trace.moe_layers):
+        counts_SE = np.stack([step_counts(trace, column, a, b) for a, b, _ in steps]) if steps else np.zeros((0, trace.num_experts), np.int64)
+        tokens_S = np.array([b - a for a, b, _ in steps], dtype=np.int64)
+        new_S = np.array([new for _, _, new in steps], dtype=bool)
+        series_SE = priority_series(policy, layer, trace.num_experts, counts_SE, tokens_S, new_S)
+        state, clock = policy.init(layer, trace.num_experts), 0
+        for s, (a, b, new) in enumerate(steps):
+            state = policy.update(state, LayerStep(layer=layer, clock=clock, tokens=b - a, counts_E=counts_SE[s], new_request=new))
+            clock += b - a
+            np.testing.assert_array_equal(series_SE[s], policy.priority(state), err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("name", ["lcp", "lfu", "lru"])
+@given(num_experts=st.sampled_from([8, 60, 64, 128]), seed=st.integers(0, 2**16))
+def test_the_vectorised_series_is_bit_exact_at_real_expert_counts(name, num_experts, seed):
+    """Wide rows take other SIMD paths than the engine's one-row calls; the floats must not differ."""
+    rng = np.random.default_rng(seed)
+    S = 300
+    counts_SE = (rng.random((S, num_experts)) < 4 / num_experts).astype(np.int64)
+    new_S = rng.random(S) < 0.02
+    policy = POLICIES.build(POLICIES[name].config())
+    series_SE = priority_series(policy, 0, num_experts, counts_SE, np.ones(S, np.int64), new_S)
+    state = policy.init(0, num_experts)
+    for s in range(S):
+        state = policy.update(state, LayerStep(layer=0, clock=s, tokens=1, counts_E=counts_SE[s], new_request=bool(new_S[s])))
+        np.testing.assert_array_equal(series_SE[s], policy.priority(state))

@@ -185,6 +185,6 @@ def test_mlp_predictor_trained_for_another_model_is_named(mixtral, tmp_path):
 def test_predictor_node_names_the_known_predictors():
     from moepic.config import load_config
 
-    with pytest.raises(ConfigError, match="unknown predictor 'psychic'; known: gate_lookahead, mlp, none, oracle"):
+    with pytest.raises(ConfigError, match="unknown predictor 'psychic'; known: gate_lookahead, mlp, noisy_oracle, none, oracle"):
         load_config(None, ["cache.predictor.name=psychic"])
     assert load_config(None, ["cache.predictor.name=gate_lookahead", "cache.predictor.horizon=2"]).cache.predictor == GateLookaheadConfig(horizon=2)

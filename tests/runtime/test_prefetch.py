@@ -16,6 +16,7 @@ from moepic.policies import POLICIES
 from moepic.predictors import PREDICTORS
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
 from moepic.predictors.mlp import MLPConfig
+from moepic.predictors.noisy_oracle import NoisyOracle, NoisyOracleConfig
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
 from moepic.runtime.copy_engine import Link
 from moepic.runtime.generation import generate
@@ -60,6 +61,8 @@ def mlp_dirs(models, checkpoint_dir, tmp_path_factory):
 def predictor_for(name, model_name, model, trace, draw_config, mlp_dirs):
     if name == "oracle":
         return OraclePredictor(OracleConfig(horizon=draw_config["horizon"]), model, future=trace)
+    if name == "noisy_oracle":
+        return NoisyOracle(NoisyOracleConfig(recall=0.6, candidates=draw_config["candidates"]), model, future=trace)
     if name == "gate_lookahead":
         return PREDICTORS.build(GateLookaheadConfig(**draw_config), model)
     if name == "mlp":
