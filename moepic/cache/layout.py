@@ -20,6 +20,7 @@ import numbers
 import re
 from collections.abc import Sequence
 from decimal import Decimal
+from typing import Protocol
 
 import attrs
 
@@ -133,6 +134,23 @@ class CacheLayout:
             if entry.layer == layer:
                 return entry
         raise KeyError(f"layer {layer} is not an MoE layer")
+
+
+class PrefetchShape(Protocol):
+    """What staging needs to know of a predictor (a built one has these fields)."""
+
+    candidates: int  # k′: experts prefetched per layer ahead
+    horizon: int  # MoE layers ahead (0: no prefetching)
+
+
+def prefetch_buffers(predictor: PrefetchShape) -> int:
+    """Staging buffers prefetching may hold: k′ for each layer ahead and for the layer computing."""
+    return predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0
+
+
+def staging_buffers(top_k: int, predictor: PrefetchShape) -> int:
+    """The current layer's own loads, plus what prefetching holds."""
+    return top_k + prefetch_buffers(predictor)
 
 
 def _per_moe_layer(value, count: int, what: str) -> tuple:

@@ -12,25 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import attrs
 import yaml
 
 from moepic.errors import ConfigError
 
 BASELINE_THETAS = (0.0, 0.4, 1.0)
-
-
-@attrs.frozen
-class PredictorShape:
-    """What staging needs to know of a predictor (built predictors have the same two fields)."""
-
-    candidates: int
-    horizon: int
-
-
-def predictor_shape(config, top_k: int) -> PredictorShape:
-    horizon = getattr(config, "horizon", 0)
-    return PredictorShape(candidates=(getattr(config, "candidates", None) or top_k) if horizon else 0, horizon=horizon)
 
 
 def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, folder: str, dtype, moe_layers: int) -> list[float]:
@@ -60,7 +46,7 @@ def run_configure(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from moepic.cache.layout import budget_bytes
+    from moepic.cache.layout import budget_bytes, staging_buffers
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
     from moepic.configurators import CONFIGURATORS, configure_cache
@@ -71,7 +57,6 @@ def run_configure(args) -> dict:
     from moepic.perfmodel.workload import workload_from_trace
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
-    from moepic.runtime.offload import staging_buffers
     from moepic.tracing import load_any_trace
 
     folder = model_folder(args.model)
@@ -87,7 +72,7 @@ def run_configure(args) -> dict:
     predictor_config = PREDICTORS.structure_node({"name": args.predictor}, "--predictor")
     configurator_config = CONFIGURATORS.structure_node({"name": args.configurator}, "--configurator")
     moe = spec.moe
-    shape = predictor_shape(predictor_config, moe.top_k)
+    shape = predictor_config.prefetch_shape(moe.top_k)
     recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
     expert_bytes_all = footprint(spec).routed_expert_bytes(dtype_bytes)

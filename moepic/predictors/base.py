@@ -26,10 +26,24 @@ PREDICTORS = Registry("predictor", default="none")
 State = TypeVar("State")
 
 
+@attrs.frozen
+class PrefetchShape:
+    """How much a predictor prefetches: k′ experts for each of `horizon` MoE layers ahead."""
+
+    candidates: int
+    horizon: int
+
+
 class PredictorConfig(StrategyConfig):
     """Base of every predictor's frozen config: `{name: gate_lookahead, candidates: 3}`."""
 
     registry = PREDICTORS
+
+    def prefetch_shape(self, top_k: int) -> PrefetchShape:
+        """k′ (a config's `candidates`, else the model's top-k) and the horizon (0: no prefetching).
+        Staging is sized from it before any predictor is built (configure, the simulator)."""
+        horizon = getattr(self, "horizon", 0)
+        return PrefetchShape(candidates=(getattr(self, "candidates", None) or top_k) if horizon else 0, horizon=horizon)
 
 
 def register_predictor(name: str, config: type[PredictorConfig]):

@@ -43,7 +43,7 @@ class GateLookahead(ScoringPredictor):
     def __init__(self, config: GateLookaheadConfig, model: Model) -> None:
         self.config = config
         self.horizon = config.horizon
-        self.candidates = config.candidates or model.spec.moe.top_k
+        self.candidates = config.prefetch_shape(model.spec.moe.top_k).candidates
         self.num_experts = model.spec.moe.num_experts
         self.device, self.dtype = model.device, model.dtype
         self.tap = "layer_output" if config.tap == "layer_output" else "router_input"

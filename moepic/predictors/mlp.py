@@ -88,7 +88,7 @@ class MLPPredictor(ScoringPredictor):
         if config.horizon > meta["horizon"]:
             raise ConfigError(f"{config.path}: trained for horizon {meta['horizon']}, asked for {config.horizon}")
         self.config, self.horizon = config, config.horizon
-        self.candidates = config.candidates or spec.moe.top_k
+        self.candidates = config.prefetch_shape(spec.moe.top_k).candidates
         self.num_experts = spec.moe.num_experts
         self.device, self.dtype = model.device, model.dtype
         self.params = {pair: {n: t.to(self.device, self.dtype) for n, t in p.items()} for pair, p in params.items()}

@@ -10,6 +10,8 @@ Named experts come first, then the wrong guesses (a real predictor scores its hi
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import numpy as np
 
@@ -35,6 +37,7 @@ class NoisyOracleConfig(PredictorConfig):
     candidates: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))  # k′ (default: top-k)
     seed: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     trace: str | None = None  # the run's routing trace (the future it degrades)
+    horizon: ClassVar[int] = 1  # one MoE layer ahead
 
 
 @register_predictor("noisy_oracle", NoisyOracleConfig)
@@ -54,7 +57,7 @@ class NoisyOracle:
             raise ValueError(f"predictor.recall: expected one value per MoE layer ({len(moe_layers)}), got {len(recall)}")
         self.config = config
         self.num_experts = spec.moe.num_experts
-        self.candidates = min(config.candidates or spec.moe.top_k, self.num_experts)
+        self.candidates = min(config.prefetch_shape(spec.moe.top_k).candidates, self.num_experts)
         self.targets = layers_ahead(moe_layers, spec.num_layers, 1)
         rng = np.random.default_rng(config.seed)
         self.table = {l: self._named(self.future.expert_ids_NLK[:, c], recall[i], rng) for i, (l, c) in enumerate(zip(moe_layers, columns))}

@@ -8,7 +8,7 @@ import torch
 
 from moepic.core.model import Model
 from moepic.policies.base import check_trace_covers, trace_for
-from moepic.predictors.base import PredictorConfig, layers_ahead, register_predictor
+from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, register_predictor
 from moepic.tracing import RoutingTrace
 
 
@@ -41,8 +41,8 @@ class OraclePredictor:
         tokens = hidden_TD.shape[0]
         out = {}
         for target in self.targets.get(layer, ()):
-            ids = self.future.expert_ids_NLK[clock : clock + tokens, self.columns[target]]
-            out[target] = sorted({int(e) for e in ids.ravel()})
+            ids_TK = self.future.expert_ids_NLK[clock : clock + tokens, self.columns[target]]
+            out[target] = merge_votes(np.sort(ids_TK, axis=1).tolist())  # a prompt: its most used first
         return out, state
 
     def trace_predictions(self, trace: RoutingTrace) -> dict[int, np.ndarray]:

@@ -28,7 +28,7 @@ import attrs
 import numpy as np
 import torch
 
-from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout
+from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, prefetch_buffers, staging_buffers
 from moepic.cache.planner import FREE, ExpertPlan, LayerResidency, initial_residency, residency_step
 from moepic.core.model import Model
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
@@ -303,16 +303,6 @@ class OffloadedExperts:
 
     def close(self) -> None:
         self.copies.close()
-
-
-def prefetch_buffers(predictor: Predictor) -> int:
-    """Staging buffers prefetching may hold: k′ for each layer ahead and for the layer computing."""
-    return predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0
-
-
-def staging_buffers(top_k: int, predictor: Predictor) -> int:
-    """The current layer's own loads, plus what prefetching holds."""
-    return top_k + prefetch_buffers(predictor)
 
 
 def offloaded_experts(

@@ -20,7 +20,8 @@ from moepic.predictors.noisy_oracle import NoisyOracle, NoisyOracleConfig
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
 from moepic.runtime.copy_engine import Link
 from moepic.runtime.generation import generate
-from moepic.runtime.offload import offloaded_experts, staging_buffers
+from moepic.cache.layout import staging_buffers
+from moepic.runtime.offload import offloaded_experts
 from moepic.tracing import save_trace
 from moepic.tracing.recorder import RoutingRecorder
 from tests_support import (

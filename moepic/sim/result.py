@@ -1,0 +1,122 @@
+"""What a simulation counts, and the report it makes of it. Pure (plain counters).
+
+The cache counters fold into the same `LayerCacheStats` the engine reports, split into decode
+(one-token) and prefill steps, and the byte and prediction counters mean what the engine's do
+(moepic/runtime/engine_stats.py), so a simulated run and a real one compare field by field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+from moepic.cache.layout import CacheLayout, LayerCacheLayout
+from moepic.cache.stats import LayerCacheStats, summary
+
+CACHE_FIELDS = ("steps", "tokens", "activations", "hits", "partial_hits", "misses", "admissions", "evictions", "bytes_loaded")
+
+
+class CacheCounts:
+    """Per MoE layer, the `LayerCacheStats` counters as rows of plain ints in `CACHE_FIELDS` order
+    (the simulator adds ~10⁵ plans a second, in its loop)."""
+
+    def __init__(self, layers: Sequence[LayerCacheLayout]) -> None:
+        self.layers = [l.layer for l in layers]
+        self.counts = [[0] * len(CACHE_FIELDS) for _ in layers]
+
+    def stats(self) -> tuple[LayerCacheStats, ...]:
+        return tuple(LayerCacheStats(layer=l, **dict(zip(CACHE_FIELDS, row))) for l, row in zip(self.layers, self.counts))
+
+
+class Counters:
+    def __init__(self, layers: Sequence[LayerCacheLayout]) -> None:
+        self.decode, self.prefill = CacheCounts(layers), CacheCounts(layers)
+        self.predicted = [[0, 0, 0, 0] for _ in layers]  # steps, named, routed, named and routed
+        self.demand = self.prefetch = self.wasted = self.kept_bytes = 0  # bytes, as the engine counts them
+        self.cancelled = self.kept_count = 0
+
+    def kept(self, nbytes: int) -> None:
+        self.kept_count += 1
+        self.kept_bytes += nbytes
+
+    def result(self, *, token_s, exposed_s, layer_time_L, layout: CacheLayout) -> SimResult:
+        def ratio(a, b):
+            return a / b if b else None
+
+        return SimResult(
+            layout=layout,
+            decode=self.decode.stats(),
+            prefill=self.prefill.stats(),
+            token_s=token_s,
+            exposed_s=exposed_s,
+            layer_s=layer_time_L / max(1, len(token_s)),
+            recall=tuple(ratio(r[3], r[2]) for r in self.predicted),
+            precision=tuple(ratio(r[3], r[1]) for r in self.predicted),
+            demand_bytes=self.demand,
+            prefetch_bytes=self.prefetch,
+            wasted_prefetch_bytes=self.wasted,
+            cancelled_prefetches=self.cancelled,
+            kept_prefetches=self.kept_count,
+            kept_prefetch_bytes=self.kept_bytes,
+            overall_recall=ratio(sum(r[3] for r in self.predicted), sum(r[2] for r in self.predicted)),
+            overall_precision=ratio(sum(r[3] for r in self.predicted), sum(r[1] for r in self.predicted)),
+        )
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class SimResult:
+    layout: CacheLayout
+    decode: tuple[LayerCacheStats, ...]  # per MoE layer, decode steps
+    prefill: tuple[LayerCacheStats, ...]
+    token_s: np.ndarray  # [decode tokens] simulated latency
+    exposed_s: np.ndarray  # [decode tokens] time compute waited for copies
+    layer_s: np.ndarray  # [L] mean time per decode token in each MoE layer (attention to last expert)
+    recall: tuple[float | None, ...]  # per MoE layer, decode steps (None: not predicted)
+    precision: tuple[float | None, ...]
+    overall_recall: float | None
+    overall_precision: float | None
+    demand_bytes: int  # whole run (prefill too), as the engine counts them
+    prefetch_bytes: int
+    wasted_prefetch_bytes: int
+    cancelled_prefetches: int
+    kept_prefetches: int
+    kept_prefetch_bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_s)
+
+    def summary(self) -> dict[str, object]:
+        """Decode figures per token and per MoE layer (JSON-ready)."""
+        cache = summary(self.decode, self.tokens)
+        ms = self.token_s * 1e3
+        q = (lambda p: float(np.percentile(ms, p))) if self.tokens else (lambda p: None)
+        return {
+            "tokens": self.tokens,
+            "ms_per_token": float(ms.mean()) if self.tokens else None,
+            "p50_ms": q(50),
+            "p99_ms": q(99),
+            "exposed_copy_ms_per_token": float(self.exposed_s.mean() * 1e3) if self.tokens else None,
+            "expert_hit_rate": cache["expert_hit_rate"],
+            "hits": cache["hits"],
+            "partial_hits": cache["partial_hits"],
+            "misses": cache["misses"],
+            "bytes_loaded_per_token": cache["bytes_loaded_per_token"],
+            "prediction_recall": self.overall_recall,
+            "prediction_precision": self.overall_precision,
+            "demand_bytes": self.demand_bytes,
+            "prefetch_bytes": self.prefetch_bytes,
+            "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
+            "cancelled_prefetches": self.cancelled_prefetches,
+            "kept_prefetches": self.kept_prefetches,
+            "cache_bytes": self.layout.cache_bytes,
+            "staging_bytes": self.layout.staging_bytes,
+            "layers": [
+                {"layer": l.layer, "theta": l.theta, "slots": l.slots, "hit_rate": s.hit_rate,
+                 "bytes_loaded_per_token": s.bytes_loaded / self.tokens if self.tokens else 0.0,
+                 "recall": r, "precision": p, "ms_per_token": float(t * 1e3)}
+                for l, s, r, p, t in zip(self.layout.layers, self.decode, self.recall, self.precision, self.layer_s)
+            ],
+        }

@@ -1,0 +1,71 @@
+"""Model shapes the simulator knows by name, or reads from a checkpoint's config.json. Pure.
+
+A shape is a `ModelSpec` (no weights) and the bytes per weight: all the latency model needs.
+Presets are the published configs of real MoE checkpoints (bf16), so a trace can be simulated for
+a model one does not have. DeepSeek-V2-Lite's multi-head latent attention is approximated by
+ordinary attention of the same width (16 heads of 128); only the time of attention depends on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from moepic.core.spec import ModelSpec, MoESpec, RopeSpec, RouterSpec
+from moepic.errors import ConfigError
+
+
+@attrs.frozen(kw_only=True)
+class ModelShape:
+    name: str
+    spec: ModelSpec
+    dtype_bytes: int
+
+
+def _preset(name, *, vocab, hidden, heads, kv_heads, head_dim, layers, experts, top_k, ffn, shared=0,
+            first_dense=0, dense_ffn=0, renormalize=True) -> ModelShape:
+    spec = ModelSpec(
+        model_type=name, vocab_size=vocab, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        norm_eps=1e-6, rope=RopeSpec(theta=1e6), layer_kinds=("dense",) * first_dense + ("moe",) * (layers - first_dense),
+        moe=MoESpec(num_experts=experts, top_k=top_k, expert_ffn=ffn, shared_expert_ffn=shared, shared_expert_gated=bool(shared),
+                    router=RouterSpec(renormalize=renormalize)),
+        dense_ffn=dense_ffn,
+    )
+    return ModelShape(name=name, spec=spec, dtype_bytes=2)
+
+
+PRESETS = {
+    "mixtral-8x7b": _preset("mixtral-8x7b", vocab=32000, hidden=4096, heads=32, kv_heads=8, head_dim=128, layers=32,
+                            experts=8, top_k=2, ffn=14336),
+    "qwen1.5-moe-a2.7b": _preset("qwen1.5-moe-a2.7b", vocab=151936, hidden=2048, heads=16, kv_heads=16, head_dim=128,
+                                 layers=24, experts=60, top_k=4, ffn=1408, shared=5632, renormalize=False),
+    "deepseek-v2-lite": _preset("deepseek-v2-lite", vocab=102400, hidden=2048, heads=16, kv_heads=16, head_dim=128,
+                                layers=27, experts=64, top_k=6, ffn=1408, shared=2 * 1408, first_dense=1, dense_ffn=10944,
+                                renormalize=False),
+    "olmoe-1b-7b": _preset("olmoe-1b-7b", vocab=50304, hidden=2048, heads=16, kv_heads=16, head_dim=128, layers=16,
+                           experts=64, top_k=8, ffn=1024, renormalize=False),
+    "qwen3-30b-a3b": _preset("qwen3-30b-a3b", vocab=151936, hidden=2048, heads=32, kv_heads=4, head_dim=128, layers=48,
+                             experts=128, top_k=8, ffn=768),
+}
+
+
+def known_shapes() -> str:
+    return ", ".join(sorted(PRESETS))
+
+
+def model_shape(name_or_dir: str) -> ModelShape:
+    """A preset by name (case-insensitive), or the shape of a Hugging Face folder's config.json."""
+    preset = PRESETS.get(name_or_dir.lower())
+    if preset is not None:
+        return preset
+    if not Path(name_or_dir).is_dir():
+        raise ConfigError(f"unknown model shape {name_or_dir!r}; known: {known_shapes()} (or a model folder with config.json)")
+    import torch
+
+    from moepic.checkpoint.load import read_spec
+
+    spec, cfg = read_spec(Path(name_or_dir))
+    if spec.moe is None:
+        raise ConfigError(f"{name_or_dir}: the model has no routed experts to simulate")
+    return ModelShape(name=Path(name_or_dir).name, spec=spec, dtype_bytes=torch.empty((), dtype=cfg.checkpoint_dtype()).element_size())

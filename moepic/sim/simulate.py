@@ -1,0 +1,203 @@
+"""The simulator's core: a trace stepped through the engine's planner, timed by an event model. Pure.
+
+Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's order:
+
+    compute stream  ─ attention, norms, router (+ predictor) ─▶ r ─ experts in id order, each after its copy ─▶
+    copy stream         … prefetches for this layer (issued at the previous layer's r) …
+                        at r: wrong ones not yet started are cancelled; then this layer's demand
+                        copies (urgent), its prefetches not yet started, the next layer's prefetches
+
+- Planning is the engine's: `plan_layer_step` with the policy's priorities (`priority_series`,
+  equal to the engine's step-by-step ones), and a wrong prefetch is offered for admission exactly
+  when the engine would offer it: it was copied whole and had landed by r.
+- Copies are serial on one link: `link_latency + bytes / link_gbps` each (hardware profile).
+  Compute waits for an expert's copy, then runs it (`expert_s`), after a device copy of its top
+  (a partial hit joins the cached top to its bottom; an admitted miss keeps its top in a slot).
+- Times come from `ModelTimes` (perfmodel/latency.py) of the same hardware profile, so the
+  simulator and the latency model price every part alike; the simulator adds what the model
+  averages away: which copies queue behind which, and each token's own misses.
+- Each step starts with an idle link: every copy of a token is either used by it or cancelled,
+  except a wrong prefetch of the last layer still in flight (rare, and it cannot delay compute).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moepic.cache.layout import CacheLayout, prefetch_buffers
+from moepic.cache.planner import initial_residency, plan_layer_step
+from moepic.errors import ConfigError
+from moepic.perfmodel.hardware import HardwareProfile
+from moepic.perfmodel.latency import ModelTimes
+from moepic.policies.base import CachePolicy, priority_series
+from moepic.predictors.base import NoPredictor, Predictor, merge_votes
+from moepic.sim.result import Counters, SimResult
+from moepic.sim.steps import trace_steps
+from moepic.tracing import RoutingTrace
+
+
+def step_predictions(named_NK: np.ndarray, steps, candidates: int) -> list[list[int]]:
+    """Per step: the experts named for a layer (a prompt's tokens merged by votes), at most k′."""
+    rows = [[e for e in row if e >= 0] for row in named_NK.tolist()]
+    out = []
+    for start, tokens in zip(steps.start_S.tolist(), steps.tokens_S.tolist()):
+        out.append((rows[start] if tokens == 1 else merge_votes(rows[start : start + tokens]))[:candidates])
+    return out
+
+
+def _used_lists(counts_SE: np.ndarray) -> list[list[int]]:
+    """Per step, the experts it routes to, ascending (what the planner takes)."""
+    rows, experts = np.nonzero(counts_SE)
+    return [part.tolist() for part in np.split(experts, np.cumsum(np.bincount(rows, minlength=len(counts_SE)))[:-1])]
+
+
+def simulate(
+    trace: RoutingTrace,
+    layout: CacheLayout,
+    policy: CachePolicy,
+    times: ModelTimes,
+    hw: HardwareProfile,
+    predictor: Predictor | None = None,
+) -> SimResult:
+    """Replay `trace` through the cache `layout` and `policy`, prefetching what `predictor` names
+    (its `trace_predictions`, one MoE layer ahead)."""
+    if len(trace.moe_layers) != len(layout.layers):
+        raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
+    predictor = predictor or NoPredictor()
+    if predictor.horizon > 1:
+        raise ConfigError(f"the simulator prefetches one MoE layer ahead; the predictor has horizon {predictor.horizon}")
+    predictions, candidates = predictor.trace_predictions(trace), predictor.candidates
+    steps = trace_steps(trace)
+    layers = layout.layers
+    L, E = len(layers), trace.num_experts
+    counts = [steps.counts_SE(trace, c) for c in range(L)]
+    used = [_used_lists(counts_SE) for counts_SE in counts]
+    priorities = [
+        priority_series(policy, l.layer, E, counts[c], steps.tokens_S, steps.new_request_S) for c, l in enumerate(layers)
+    ]
+    predicting = bool(predictions) and candidates > 0
+    named = [
+        step_predictions(predictions[l.layer], steps, candidates) if predicting and l.layer in predictions else None
+        for l in layers
+    ]
+    link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
+    whole_s = [latency + l.expert_bytes / link_Bps for l in layers]
+    bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
+    top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
+    layer_s = times.layer_s + (times.predictor_s if predicting else 0.0)
+    expert_s = times.expert_s
+    caches = [initial_residency(policy, l).cache for l in layers]
+    staging = layout.staging_experts
+    reserve = max(1, staging - prefetch_buffers(predictor)) if predicting else staging
+    counters = Counters(layers)
+    token_s, exposed_s = [], []
+    layer_time_L = [0.0] * L
+
+    decode_S, tokens_S = steps.decode_S.tolist(), steps.tokens_S.tolist()
+    demand = prefetch = wasted = 0  # bytes, as the engine counts them
+    for s in range(steps.num_steps):
+        decode, tokens = decode_S[s], tokens_S[s]
+        counts_L = (counters.decode if decode else counters.prefill).counts
+        t = exposed = 0.0
+        pending: dict[int, tuple[bool, float, float, int]] = {}  # expert → (whole?, start, end, bytes)
+        for c in range(L):
+            r = t + layer_s
+            loaded = [e for e, p in pending.items() if p[0] and p[2] <= r] if pending else ()
+            plan, caches[c] = plan_layer_step(layers[c], caches[c], used[c][s], priorities[c][s], loaded)
+            experts = plan.experts
+            named_c = named[c]
+            if decode and named_c is not None:
+                row = counters.predicted[c]
+                row[0] += 1
+                row[1] += len(named_c[s])
+                row[2] += len(experts)
+                row[3] += sum(p.expert in named_c[s] for p in experts)
+            # The prefetches for this layer: used, kept, wasted (under way) or cancelled (not started).
+            ready: dict[int, float] = {}
+            requeued: dict[int, float] = {}
+            link = r
+            if pending:
+                load_of = {p.expert: p.load for p in experts}
+                kept = [e for e, _ in plan.kept]
+                for e, (whole, start, end, nbytes) in pending.items():
+                    load = load_of.get(e)
+                    if load is not None and (load == "whole") == whole:
+                        if start < r:
+                            ready[e] = end
+                            link = end if end > link else link
+                        else:
+                            requeued[e] = end - start
+                    elif e in kept:
+                        counters.kept(nbytes)
+                        link = end if end > link else link
+                    elif start < r:
+                        wasted += nbytes
+                        link = end if end > link else link
+                    else:  # withdrawn before it used the link
+                        counters.cancelled += 1
+                        prefetch -= nbytes
+            matched, demanded = len(ready) + len(requeued), 0
+            for p in experts:  # demand copies, urgent: ahead of prefetches not yet started
+                if p.load != "none" and p.expert not in ready and p.expert not in requeued:
+                    link += whole_s[c] if p.load == "whole" else bottom_s[c]
+                    ready[p.expert] = link
+                    demand += p.bytes_loaded
+                    demanded += 1
+            for e, duration in requeued.items():
+                link += duration
+                ready[e] = link
+            pending = {}
+            # Staging as the engine shares it: this layer holds its matched prefetches and as many
+            # demand copies as its reserve allows; prefetching never takes the reserve.
+            room = staging - matched - min(demanded, max(0, reserve - matched)) - reserve
+            if c + 1 < L and named[c + 1] is not None and room > 0:
+                target = layers[c + 1]
+                slot_of = caches[c + 1].slot_of()
+                whole_hit = target.top_neurons == target.ffn_size
+                for e in named[c + 1][s]:
+                    if e in slot_of:
+                        if whole_hit:
+                            continue  # nothing to copy
+                        end, nbytes = link + bottom_s[c + 1], target.bottom_bytes
+                    else:
+                        end, nbytes = link + whole_s[c + 1], target.expert_bytes
+                    pending[e] = (nbytes == target.expert_bytes, link, end, nbytes)
+                    link = end
+                    prefetch += nbytes
+                    room -= 1
+                    if not room:
+                        break
+            # Compute: each expert once its copy has landed (and its top has joined it); count it.
+            row = counts_L[c]
+            clock = r
+            for p in experts:
+                if p.load == "none":
+                    row[3] += 1
+                else:
+                    row[8] += p.bytes_loaded
+                    landed = ready[p.expert]
+                    if landed > clock:
+                        exposed += landed - clock
+                        clock = landed
+                    if p.slot is not None:  # partial: top → staging; admitted miss: top → slot
+                        clock += top_device_s[c]
+                        if p.outcome == "miss":
+                            row[6] += 1
+                    row[4 if p.outcome == "partial" else 5] += 1
+                clock += expert_s
+            row[0] += 1
+            row[1] += tokens
+            row[2] += len(experts)
+            row[7] += len(plan.evicted)
+            if plan.kept:
+                clock += top_device_s[c] * len(plan.kept)
+            if decode:
+                layer_time_L[c] += clock - t
+            t = clock
+        if decode:
+            token_s.append(t + times.rest_s)
+            exposed_s.append(exposed)
+    counters.demand, counters.prefetch, counters.wasted = demand, prefetch, wasted
+    return counters.result(
+        token_s=np.array(token_s), exposed_s=np.array(exposed_s), layer_time_L=np.array(layer_time_L), layout=layout
+    )

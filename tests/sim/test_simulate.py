@@ -1,0 +1,83 @@
+"""The simulator plans what the engine plans: same trace and configuration, same counters (property).
+
+The engine runs the tiny checkpoints for real (copies, staging, prefetch); the simulator replays
+the run's routing trace. They share the planner and the policies, and the simulator's priorities
+come from `priority_series`, so every cache counter, byte count and recall must agree exactly.
+Predictors here are `none` and `oracle`: a wrong prefetch's fate depends on when its copy lands,
+which on a real machine is timing, not planning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moepic.perfmodel.hardware import load_profile
+from moepic.perfmodel.latency import model_times
+from moepic.policies import POLICIES
+from moepic.predictors.oracle import OracleConfig, OraclePredictor
+from moepic.runtime.generation import generate
+from moepic.runtime.offload import offloaded_experts
+from moepic.cache.layout import staging_buffers
+from moepic.sim.simulate import simulate
+from moepic.tracing import RoutingTrace
+from tests_support import budget_between_the_minimum_and_everything, dense_run, load_split_friendly, policy_for
+
+MODELS = ("mixtral", "qwen2_moe", "olmoe")
+PROMPTS = ([1, 17, 5, 42, 8, 33, 9, 60], [7, 3, 29, 12, 41])
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint_dir):
+    return load_split_friendly(checkpoint_dir, MODELS)
+
+
+def concatenated(traces: list[RoutingTrace]) -> RoutingTrace:
+    """Several requests' traces as one, each its own sequence."""
+    first = traces[0]
+    cat = lambda field: np.concatenate([getattr(t, field) for t in traces])  # noqa: E731
+    return RoutingTrace(
+        model=first.model, moe_layers=first.moe_layers, num_experts=first.num_experts, top_k=first.top_k,
+        expert_ids_NLK=cat("expert_ids_NLK"), weights_NLK=cat("weights_NLK"),
+        sequence_N=np.concatenate([np.full(t.num_tokens, i, np.int32) for i, t in enumerate(traces)]),
+        position_N=cat("position_N"), prefill_N=cat("prefill_N"),
+    )
+
+
+@settings(max_examples=25)
+@given(
+    name=st.sampled_from(MODELS),
+    predictor=st.sampled_from(["none", "oracle"]),
+    policy=st.sampled_from(sorted(POLICIES)),
+    share=st.floats(0.0, 1.0),
+    theta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    prompt_lens=st.lists(st.integers(1, 8), min_size=1, max_size=2),
+    new_tokens=st.integers(1, 6),
+)
+def test_the_simulator_counts_exactly_what_the_engine_counts(models, name, predictor, policy, share, theta, prompt_lens, new_tokens):
+    model = models[name]
+    prompts = [PROMPTS[i][:n] for i, n in enumerate(prompt_lens)]
+    trace = concatenated([dense_run(model, p, new_tokens)[1] for p in prompts])
+    pred = OraclePredictor(OracleConfig(), model, future=trace) if predictor == "oracle" else None
+    staging = staging_buffers(model.spec.moe.top_k, pred) if pred else None
+    budget = budget_between_the_minimum_and_everything(model, share, staging_experts=staging)
+    engine = offloaded_experts(model, budget, theta, policy=policy_for(policy, trace), predictor=pred)
+    try:
+        for p in prompts:
+            generate(model, p, max_new_tokens=new_tokens, eos_ids=(), experts=engine)
+    finally:
+        engine.close()
+    hw = load_profile("a6000")
+    times = model_times(hw, model.spec, dtype_bytes=4, predictor=pred is not None)
+    sim = simulate(trace, engine.layout, policy_for(policy, trace), times, hw, predictor=pred)
+
+    assert sim.decode == tuple(engine.decode_stats.values())
+    assert sim.prefill == tuple(engine.prefill_stats.values())
+    c = engine.counters
+    assert (sim.demand_bytes, sim.prefetch_bytes, sim.wasted_prefetch_bytes, sim.cancelled_prefetches, sim.kept_prefetches) == (
+        c.demand_bytes, c.prefetch_bytes, c.wasted_prefetch_bytes, c.cancelled_prefetches, c.kept_prefetches
+    )
+    assert list(sim.recall) == engine.report()["layer_prediction_recall"]
+    assert sim.tokens == sum(s.tokens for s in engine.decode_stats.values()) // len(engine.decode_stats)
