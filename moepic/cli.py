@@ -11,6 +11,10 @@
     moepic profile [--device DEV] [--model DIR] [--out FILE.yaml] [--quick] [--link-gbps X] [--json]
     moepic configure --budget B --hardware NAME|FILE --trace FILE [--model DIR] [--policy NAME]
                     [--predictor NAME] [--recall X] [--configurator NAME] [--out FILE.yaml] [--json]
+    moepic simulate --trace FILE --model-shape NAME|DIR --hardware NAME|FILE (--config FILE | --baseline NAME)
+                    [--budget B] [--recall X] [--model DIR] [--json]
+    moepic compare  --trace FILE --model-shape NAME|DIR --hardware NAME|FILE --budget B [--recall X]
+                    [--baselines a,b,…] [--json]
 """
 
 from __future__ import annotations
@@ -128,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--context", type=int, default=512, help="KV-cache length the decode step reads (tokens)")
     conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
     conf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    from moepic.commands import simulate
+
+    simulate.add_parsers(commands, _Parser)
     return parser
 
 
@@ -224,6 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moepic.commands.configure import run_configure
 
             report = run_configure(args)
+        elif args.command == "simulate":
+            from moepic.commands.simulate import run_simulate
+
+            report = run_simulate(args)
+        elif args.command == "compare":
+            from moepic.commands.simulate import run_compare
+
+            report = run_compare(args)
         elif args.command == "inspect":
             from moepic.commands.inspect import run_inspect
 
@@ -260,6 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from moepic.commands.configure import configure_text
 
         print(configure_text(report))
+    elif args.command == "simulate":
+        from moepic.commands.simulate import simulate_text
+
+        print(simulate_text(report))
+    elif args.command == "compare":
+        from moepic.commands.simulate import compare_text
+
+        print(compare_text(report))
     else:
         stats = report["stats"]
         cache = ""

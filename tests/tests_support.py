@@ -61,24 +61,18 @@ def traces(draw):
 
 
 def policy_for(name: str, trace: RoutingTrace, *, seed: int = 0):
-    """The registered cache policy `name` with its default config, for runs on `trace`.
-
-    A policy whose constructor takes a RoutingTrace (static's profile, belady's future) is given
-    `trace`; a config with a `seed` gets `seed`. So a newly registered policy needs no edit here.
-    """
-    import typing
-
+    """The registered cache policy `name` with its default config, for runs on `trace` (a policy
+    that reads a trace gets `trace`; a config with a `seed` gets `seed`): a newly registered policy
+    needs no edit here."""
     import attrs
 
     from moepic.policies import POLICIES
+    from moepic.policies.base import build_policy_on
 
-    entry = POLICIES[name]
-    config = entry.config()
-    if "seed" in attrs.fields_dict(entry.config):
+    config = POLICIES[name].config()
+    if "seed" in attrs.fields_dict(type(config)):
         config = attrs.evolve(config, seed=seed)
-    hints = typing.get_type_hints(entry.factory.__init__)
-    takes_trace = {key for key, hint in hints.items() if hint is RoutingTrace or RoutingTrace in typing.get_args(hint)}
-    return entry.factory(config, **{key: trace for key in takes_trace - {"config", "return"}})
+    return build_policy_on(config, trace)
 
 
 class Models(dict):

@@ -24,7 +24,7 @@ import torch
 from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.replay import replay_layer
 from moepic.errors import ConfigError
-from moepic.policies.base import PolicyConfig, build_policy
+from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors.base import ScoringPredictor
 from moepic.tracing import RoutingTrace
 
@@ -77,7 +77,7 @@ def _interpolate(points_C: np.ndarray, values_PJ: np.ndarray, num_experts: int) 
     return np.stack([np.interp(every_C, points_C, values_PJ[:, j]) for j in range(values_PJ.shape[1])], axis=1)
 
 
-def hit_distribution(trace: RoutingTrace, column: int, policy_config: PolicyConfig, slots: int) -> np.ndarray:
+def hit_distribution(trace: RoutingTrace, column: int, policy: CachePolicy, slots: int) -> np.ndarray:
     """[k+1]: the share of decode steps of MoE layer `column` with j routed experts cached, with `slots` tops."""
     E, k = trace.num_experts, trace.top_k
     # θ = 1 with one-neuron experts: slot decisions depend on the slot count alone, not on θ.
@@ -86,7 +86,7 @@ def hit_distribution(trace: RoutingTrace, column: int, policy_config: PolicyConf
     )
     counted = decode_steps(trace)
     hist_J = np.zeros(k + 1)
-    for plan, count in zip(replay_layer(trace, column, layout, build_policy(policy_config)), counted):
+    for plan, count in zip(replay_layer(trace, column, layout, policy), counted):
         if count:
             hist_J[sum(p.outcome != "miss" for p in plan.experts)] += 1
     return hist_J / hist_J.sum()
@@ -94,26 +94,29 @@ def hit_distribution(trace: RoutingTrace, column: int, policy_config: PolicyConf
 
 def workload_from_trace(
     trace: RoutingTrace,
-    policy_config: PolicyConfig,
+    policy: PolicyConfig | CachePolicy,
     *,
     recall_L: Sequence[float],
     candidates: float,
     progress: Callable[[int], None] = lambda done: None,
 ) -> WorkloadProfile:
-    """Replay `trace` at every curve point of every MoE layer (`progress` is told after each layer)."""
+    """Replay `trace` at every curve point of every MoE layer (`progress` is told after each layer).
+    `policy`: a config, or a built policy (Belady needs its future given)."""
+    if isinstance(policy, PolicyConfig):
+        policy = build_policy(policy)
     E, k = trace.num_experts, trace.top_k
     if len(recall_L) != len(trace.moe_layers):
         raise ValueError(f"recall: expected one value per MoE layer ({len(trace.moe_layers)}), got {len(recall_L)}")
     points_C = curve_points(E)
     layers = []
     for column, layer in enumerate(trace.moe_layers):
-        measured_PJ = np.stack([hit_distribution(trace, column, policy_config, int(c)) for c in points_C])
+        measured_PJ = np.stack([hit_distribution(trace, column, policy, int(c)) for c in points_C])
         layers.append(LayerWorkload(
             layer=layer, hits_CJ=_interpolate(points_C, measured_PJ, E), recall=float(recall_L[column]),
             candidates=candidates if column else 0.0,
         ))
         progress(column + 1)
-    source = f"{trace.source or trace.model}: {trace.num_tokens} tokens, policy {policy_config.name}"
+    source = f"{trace.source or trace.model}: {trace.num_tokens} tokens, policy {policy.config.name}"
     return WorkloadProfile(num_experts=E, top_k=k, layers=tuple(layers), source=source)
 
 

@@ -58,7 +58,7 @@ class CachePolicy(Protocol[State]):
         ...
 
     # Optional, for trace replays and the simulator: `priority_series(layer, num_experts, counts_SE,
-    # clock_S, new_request_S)` → [S, E], the priority after each of S steps from `init`, vectorised
+    # clock_S, tokens_S, new_request_S)` → [S, E], the priority after each of S steps from `init`, vectorised
     # over steps. A policy's state depends on the routing alone, never on the cache, which is what
     # lets a replay compute it ahead. It must equal stepping `update`/`priority` (tested per policy).
 
@@ -83,6 +83,17 @@ def known_policies() -> str:
 
 def build_policy(config: PolicyConfig) -> CachePolicy:
     return POLICIES.build(config)
+
+
+def build_policy_on(config: PolicyConfig, trace: RoutingTrace) -> CachePolicy:
+    """The policy for a replay of `trace`: one that reads a trace (static's profile, belady's future)
+    and names no file of its own reads `trace` itself."""
+    import inspect
+
+    factory = POLICIES[config.name].factory
+    takes = [name for name, p in inspect.signature(factory.__init__).parameters.items() if "RoutingTrace" in str(p.annotation)]
+    named_file = any(getattr(config, f.name) for f in attrs.fields(type(config)) if f.name in ("trace", "profile"))
+    return POLICIES.build(config, **({} if named_file else {name: trace for name in takes}))
 
 
 def trace_for(given: RoutingTrace | None, path: str | None, *, missing: str) -> tuple[RoutingTrace, str]:
@@ -110,10 +121,11 @@ def priority_series(
     """[S, E]: what the planner ranks with at each of S consecutive steps of a layer (the priority
     after the step's update), from the layer's initial state; step by step unless the policy has a
     vectorised `priority_series`."""
-    clock_S = np.r_[0, np.cumsum(tokens_S)[:-1]].astype(np.int64)
+    tokens_S = np.asarray(tokens_S, dtype=np.int64)
+    clock_S = np.cumsum(tokens_S) - tokens_S
     series = getattr(policy, "priority_series", None)
     if series is not None:
-        return series(layer, num_experts, counts_SE, clock_S, new_request_S)
+        return series(layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S)
     out_SE = np.empty(counts_SE.shape, dtype=np.float64)
     state = policy.init(layer, num_experts)
     for s, (counts_E, clock, tokens, new) in enumerate(zip(counts_SE, clock_S, tokens_S, new_request_S)):

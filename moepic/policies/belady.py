@@ -67,3 +67,28 @@ class BeladyPolicy:
         rank_E = np.empty(E)
         rank_E[order] = np.cumsum(starts_group)
         return -rank_E
+
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
+        """`priority` after every step at once: one lexicographic sort of all steps' upcoming uses."""
+        uses_E = self.init(layer, num_experts).uses_E
+        S, E = len(clock_S), num_experts
+        if not S:
+            return np.zeros((0, E))
+        next_S = clock_S + tokens_S
+        width = max((len(u) for u in uses_E), default=0) + LOOKAHEAD_USES
+        padded_EW = np.full((E, width), np.inf)
+        for e, uses in enumerate(uses_E):
+            padded_EW[e, : len(uses)] = uses
+        first_SE = np.stack([np.searchsorted(uses, next_S) for uses in uses_E], axis=1)
+        upcoming_SEU = padded_EW[np.arange(E)[None, :, None], first_SE[:, :, None] + np.arange(LOOKAHEAD_USES)]
+        keys = upcoming_SEU.reshape(S * E, LOOKAHEAD_USES)
+        step = np.repeat(np.arange(S), E)
+        order = np.lexsort((*keys.T[::-1], step))  # by step, then the soonest uses
+        in_order = keys[order]
+        new_step = np.r_[True, step[order][1:] != step[order][:-1]]
+        starts_group = new_step | np.r_[True, (in_order[1:] != in_order[:-1]).any(axis=1)]
+        rank = np.cumsum(starts_group)
+        rank -= np.maximum.accumulate(np.where(new_step, rank - 1, 0))  # ranks restart at 1 in each step
+        rank_flat = np.empty(S * E)
+        rank_flat[order] = rank
+        return -rank_flat.reshape(S, E)

@@ -55,7 +55,7 @@ class LCPPolicy:
         nu_E = recency_E(state.last_used_E, state.now)  # ∞ for never-used experts, whose μ is 0: P = 0
         return state.mu_E * self.config.rho ** (nu_E / self.config.window)
 
-    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
         total_SE = np.cumsum(counts_SE, axis=0, dtype=np.int64)
         # μ restarts with each request: subtract the running total before the request's first step.
         first_S = np.maximum.accumulate(np.where(new_request_S, np.arange(len(clock_S)), 0))

@@ -38,6 +38,6 @@ class LFUPolicy:
         # The fraction is in [0, 1), so it orders equal counts by recency and never outweighs a count.
         return state.counts_E + (state.last_used_E + 1) / (state.now + 2)
 
-    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
         total_SE = np.cumsum(counts_SE, axis=0, dtype=np.int64)
         return total_SE + (last_used_series(counts_SE, clock_S) + 1) / (clock_S[:, None] + 2)

@@ -35,5 +35,5 @@ class LRUPolicy:
     def priority(self, state: LRUState) -> np.ndarray:
         return state.last_used_E.astype(np.float64)
 
-    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
         return last_used_series(counts_SE, clock_S).astype(np.float64)

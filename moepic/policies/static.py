@@ -46,5 +46,5 @@ class StaticPolicy:
     def priority(self, state: StaticState) -> np.ndarray:
         return state.share_E
 
-    def priority_series(self, layer, num_experts, counts_SE, clock_S, new_request_S) -> np.ndarray:
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
         return np.broadcast_to(self.init(layer, num_experts).share_E, counts_SE.shape)

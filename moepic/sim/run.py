@@ -1,0 +1,150 @@
+"""One simulated run: a setup (baseline or run config) on a trace, a model shape and a hardware profile. Pure (it times itself).
+
+    setup ─▶ policy, predictor (a noisy_oracle stands in where the trace has no router inputs)
+          └▶ layout: θ and an even budget split, or the configurator's per-layer choice on the
+             latency model (workload measured on the same trace, recall measured from the predictor)
+    trace, layout, policy, predictor, times ─▶ simulate ─▶ SimResult
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+
+from moepic.cache.layout import CacheLayout, budget_bytes, plan_layout, staging_buffers
+from moepic.configurators import CONFIGURATORS, configure_cache
+from moepic.core.footprint import footprint
+from moepic.core.spec import ModelSpec
+from moepic.errors import ConfigError
+from moepic.perfmodel.hardware import HardwareProfile
+from moepic.perfmodel.latency import LatencyModel, model_times
+from moepic.perfmodel.workload import decode_steps, workload_from_trace
+from moepic.policies.base import build_policy_on
+from moepic.predictors import PREDICTORS, PredictorConfig
+from moepic.predictors.noisy_oracle import NoisyOracleConfig
+from moepic.sim.baseline import Setup
+from moepic.sim.result import SimResult
+from moepic.sim.shapes import ModelShape
+from moepic.sim.simulate import simulate
+from moepic.tracing import RoutingTrace
+
+NEEDS_ROUTER_INPUTS = ("gate_lookahead", "mlp")
+READS_THE_FUTURE = ("oracle", "noisy_oracle")
+
+
+@attrs.frozen
+class SpecOnly:
+    """A model without weights: what the oracle predictors need of one."""
+
+    spec: ModelSpec
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Setting:
+    """What every setup of a comparison shares."""
+
+    trace: RoutingTrace
+    shape: ModelShape
+    hw: HardwareProfile
+    budget: str | float | None = None  # global: caches and staging; None: the setup's own
+    recall: float | None = None  # a noisy_oracle's, standing in for a predictor that cannot run here
+    model: object | None = None  # a loaded model (weights), for gate_lookahead/mlp on recorded router inputs
+    context_tokens: int = 512
+
+
+def resolve_predictor(config: PredictorConfig, setting: Setting):
+    """The predictor to run: the setup's own, or a noisy_oracle of the given recall where it cannot run."""
+    trace = setting.trace
+    if config.name in NEEDS_ROUTER_INPUTS and (setting.model is None or trace.hidden_NLD is None):
+        if setting.recall is None:
+            missing = "the trace has no router inputs" if trace.hidden_NLD is None else "no model weights were given (--model)"
+            raise ConfigError(
+                f"the {config.name} predictor cannot run here ({missing}); give --recall R to simulate it as a "
+                "noisy_oracle of that recall"
+            )
+        config = NoisyOracleConfig(recall=setting.recall, candidates=getattr(config, "candidates", None))
+    model = setting.model if config.name in NEEDS_ROUTER_INPUTS else SpecOnly(setting.shape.spec)
+    future = {"future": trace} if config.name in READS_THE_FUTURE and getattr(config, "trace", None) is None else {}
+    return PREDICTORS.build(config, model, **future)
+
+
+def prediction_recall(trace: RoutingTrace, predictor) -> list[float]:
+    """Per MoE layer: the share of its decode-step experts the predictor named one layer earlier."""
+    named = predictor.trace_predictions(trace)
+    decode = decode_steps(trace)
+    out = []
+    for column, layer in enumerate(trace.moe_layers):
+        if layer not in named:
+            out.append(0.0)
+            continue
+        routed_NK = trace.expert_ids_NLK[decode, column]
+        named_NC = named[layer][decode, : predictor.candidates]
+        out.append(float((routed_NK[:, :, None] == named_NC[:, None, :]).any(-1).mean()) if len(routed_NK) else 0.0)
+    return out
+
+
+def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> CacheLayout:
+    spec, dtype_bytes = setting.shape.spec, setting.shape.dtype_bytes
+    staging = staging_buffers(spec.moe.top_k, predictor)
+    budget = setting.budget if setting.budget is not None else setup.budget
+    if budget is None:
+        raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
+    if setup.configurator is None or isinstance(budget, (list, tuple)):
+        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging)
+    workload = workload_from_trace(
+        setting.trace, policy, recall_L=prediction_recall(setting.trace, predictor), candidates=predictor.candidates
+    )
+    latency = LatencyModel(setting.hw, times, workload)
+    total = budget_bytes(budget, footprint(spec).routed_expert_bytes(dtype_bytes), "--budget")
+    chosen = configure_cache(CONFIGURATORS.build(setup.configurator), latency, total, staging)
+    if chosen.staging_experts == 0:  # everything fits whole
+        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging)
+    return plan_layout(
+        spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
+        staging_experts=staging,
+    )
+
+
+@attrs.frozen(eq=False)
+class SetupRun:
+    result: SimResult
+    configure_s: float  # building policy, predictor and layout (the configurator's replays included)
+    simulate_s: float  # the simulation alone
+
+    @property
+    def layer_steps_per_s(self) -> float:
+        return self.result.tokens * len(self.result.layout.layers) / max(self.simulate_s, 1e-9)
+
+
+def run_setup(setup: Setup, setting: Setting) -> SetupRun:
+    start = time.perf_counter()
+    policy = build_policy_on(setup.policy, setting.trace)
+    predictor = resolve_predictor(setup.predictor, setting)
+    times = model_times(
+        setting.hw, setting.shape.spec, dtype_bytes=setting.shape.dtype_bytes, context_tokens=setting.context_tokens,
+        predictor=predictor.horizon > 0,
+    )
+    layout = setup_layout(setup, setting, policy, predictor, times)
+    configured = time.perf_counter()
+    result = simulate(setting.trace, layout, policy, times, setting.hw, predictor)
+    return SetupRun(result, configured - start, time.perf_counter() - configured)
+
+
+def check_trace_fits(trace: RoutingTrace, shape: ModelShape, where: str) -> RoutingTrace:
+    """`trace`, with the shape's expert count, if it can be this model's routing; else a clear error."""
+    spec = shape.spec
+    moe = spec.moe
+    if len(trace.moe_layers) != len(spec.moe_layers):
+        raise ConfigError(f"{where}: the trace has {len(trace.moe_layers)} MoE layers, the model shape {shape.name} has {len(spec.moe_layers)}")
+    if trace.top_k != moe.top_k:
+        raise ConfigError(f"{where}: the trace routes top-{trace.top_k}, the model shape {shape.name} top-{moe.top_k}")
+    largest = int(trace.expert_ids_NLK.max()) if trace.num_tokens else -1
+    if largest >= moe.num_experts or trace.num_experts > moe.num_experts:
+        raise ConfigError(
+            f"{where}: the trace has expert ids up to {max(largest, trace.num_experts - 1)}, "
+            f"but the model shape {shape.name} has {moe.num_experts} experts"
+        )
+    # The shape's layer indices and expert count: a JSONL log only knows the ids it saw.
+    return attrs.evolve(trace, moe_layers=spec.moe_layers, num_experts=moe.num_experts)
+
