@@ -15,6 +15,9 @@
                     [--budget B] [--recall X] [--model DIR] [--json]
     moepic compare  --trace FILE --model-shape NAME|DIR --hardware NAME|FILE --budget B [--recall X]
                     [--baselines a,b,…] [--json]
+    moepic fit-trace --trace FILE [--out PARAMS.json] [--tokens N] [--seed S] [--cache-sizes 2,4,6] [--json]
+    moepic synth-trace (--params PARAMS.json | --like FILE) [--experts E] [--top-k K] [--layers L]
+                    --tokens N [--sequences S] [--seed S] --out FILE.npz [--json]
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     from moepic.commands import simulate
 
     simulate.add_parsers(commands, _Parser)
+    from moepic.commands import synthetic
+
+    synthetic.add_parsers(commands)
     return parser
 
 
@@ -239,6 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moepic.commands.simulate import run_compare
 
             report = run_compare(args)
+        elif args.command == "fit-trace":
+            from moepic.commands.synthetic import run_fit_trace
+
+            report = run_fit_trace(args)
+        elif args.command == "synth-trace":
+            from moepic.commands.synthetic import run_synth_trace
+
+            report = run_synth_trace(args)
         elif args.command == "inspect":
             from moepic.commands.inspect import run_inspect
 
@@ -283,6 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from moepic.commands.simulate import compare_text
 
         print(compare_text(report))
+    elif args.command == "fit-trace":
+        from moepic.commands.synthetic import fit_trace_text
+
+        print(fit_trace_text(report))
+    elif args.command == "synth-trace":
+        from moepic.commands.synthetic import synth_trace_text
+
+        print(synth_trace_text(report))
     else:
         stats = report["stats"]
         cache = ""

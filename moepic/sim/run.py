@@ -107,6 +107,16 @@ def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> Ca
 
 
 @attrs.frozen(eq=False)
+class Prepared:
+    """A setup made concrete for a setting: what the engine would be built from, and the times."""
+
+    policy: object
+    predictor: object
+    layout: CacheLayout
+    times: object
+
+
+@attrs.frozen(eq=False)
 class SetupRun:
     result: SimResult
     configure_s: float  # building policy, predictor and layout (the configurator's replays included)
@@ -117,17 +127,21 @@ class SetupRun:
         return self.result.tokens * len(self.result.layout.layers) / max(self.simulate_s, 1e-9)
 
 
-def run_setup(setup: Setup, setting: Setting) -> SetupRun:
-    start = time.perf_counter()
+def prepare(setup: Setup, setting: Setting) -> Prepared:
     policy = build_policy_on(setup.policy, setting.trace)
     predictor = resolve_predictor(setup.predictor, setting)
     times = model_times(
         setting.hw, setting.shape.spec, dtype_bytes=setting.shape.dtype_bytes, context_tokens=setting.context_tokens,
         predictor=predictor.horizon > 0,
     )
-    layout = setup_layout(setup, setting, policy, predictor, times)
+    return Prepared(policy, predictor, setup_layout(setup, setting, policy, predictor, times), times)
+
+
+def run_setup(setup: Setup, setting: Setting) -> SetupRun:
+    start = time.perf_counter()
+    ready = prepare(setup, setting)
     configured = time.perf_counter()
-    result = simulate(setting.trace, layout, policy, times, setting.hw, predictor)
+    result = simulate(setting.trace, ready.layout, ready.policy, ready.times, setting.hw, ready.predictor)
     return SetupRun(result, configured - start, time.perf_counter() - configured)
 
 
