@@ -5,7 +5,8 @@ a decode step (moepic/perfmodel/latency.py):
 - host→device copies: `link_gbps` with `link_latency_us` per copy (pinned memory);
 - device→device copies (a cached top segment into a staging buffer): `device_copy_gbps`;
 - compute: an expert or attention call costs its fixed launch overhead plus the larger of its
-  weight bytes over `memory_gbps` and its flops over `matmul_tflops` (decode is memory-bound).
+  weight bytes over `memory_gbps` and its flops over `matmul_tflops` (decode is memory-bound);
+- the engine's own host work per planned layer step and per loaded expert.
 `moepic profile` measures one on the current machine; `moepic/perfmodel/profiles/*.yaml` holds
 reference GPUs from published figures, each saying so in `source`.
 """
@@ -53,6 +54,12 @@ class HardwareProfile:
     pageable_link_gbps: float | None = attrs.field(default=None, validator=_positive)  # unpinned host memory
     # Host memory bandwidth an expert computed on the CPU reaches (a future compute-on-CPU path).
     cpu_expert_gbps: float | None = attrs.field(default=None, validator=_positive)
+    # The offloading engine's own host work, beyond copies and compute: per MoE layer step that
+    # plans a cache (planner, policy, prefetch bookkeeping) and per loaded expert (staging, submit,
+    # wait, reassembly). Fitted by `moepic profile` to engine runs of the calibration model; 0 in
+    # the reference profiles (not measured there).
+    offload_step_us: float = attrs.field(default=0.0, validator=_non_negative)
+    load_us: float = attrs.field(default=0.0, validator=_non_negative)
 
     def copy_s(self, nbytes: float, copies: float = 1.0) -> float:
         """Seconds to copy `nbytes` host→device in `copies` copies."""

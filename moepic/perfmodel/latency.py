@@ -4,7 +4,8 @@ Symbols, per MoE layer l (paper-brief §5): k routed experts per token, S bytes 
 at θ (top θS cached, bottom (1−θ)S loaded), C cached tops, B the host link (GB/s) with τ per copy,
 a the predictor's recall, k′ the experts it prefetches per step, W the compute that hides a prefetch.
 
-    compute_l  = t_layer + k·t_expert + t_predictor                         (roofline, hardware.py)
+    compute_l  = t_layer + k·t_expert + t_predictor + t_step + loads·t_load  (roofline, hardware.py;
+                                             t_step, t_load: the engine's host work, when offloading)
     W_l        = k·t_expert + t_layer        the previous layer's experts and this layer's attention:
                                              a prediction is made as the previous layer routes
     per routed expert:  hit → its bottom, (1−θ)S in 1 copy (θ = 1: nothing);  miss → S in 1 copy
@@ -161,8 +162,12 @@ class LatencyModel:
         partial_X = np.where(whole, 0.0, k * h_X)
         assemble_X = partial_X * top_X * t.neuron_bytes / (hw.device_copy_gbps * 1e9)
         compute = t.layer_s + k * t.expert_s + (t.predictor_s if kp > 0 else 0.0)
+        # The engine's host work: a planned step, and each loaded expert (a miss, or a partial hit).
+        loads_X = k * (1 - h_X) + partial_X
+        resident_X = (slots_X == self.num_experts) & whole
+        engine_X = np.where(resident_X, 0.0, hw.offload_step_us * 1e-6 + loads_X * hw.load_us * 1e-6)
         return {
-            "compute": np.full(len(slots_X), compute),
+            "compute": compute + engine_X,
             "assemble": assemble_X,
             "exposed_prefetch": exposed_X,
             "demand": demand_X,

@@ -131,4 +131,67 @@ def measure_profile(
     times = model_times(profile, spec, dtype_bytes=dtype.itemsize, context_tokens=48)
     k, moe_layers = spec.moe.top_k, len(spec.moe_layers)
     unexplained = decode_s - times.rest_s - moe_layers * (times.layer_s + k * times.expert_s)
-    return attrs.evolve(profile, layer_overhead_us=max(0.0, unexplained / max(1, spec.num_layers)) * 1e6)
+    profile = attrs.evolve(profile, layer_overhead_us=max(0.0, unexplained / max(1, spec.num_layers)) * 1e6)
+    progress("offloading engine's host work")
+    return engine_overheads(profile, model_folder, dtype, dev, link, tokens=16 if quick else 48, repeats=1 if quick else 3)
+
+
+# Engine runs to fit the engine's host work on: (budget, θ), LRU, no prediction. Whole and split
+# experts, more and fewer loads, so that per-step and per-load costs can be told apart.
+CALIBRATION_RUNS = ((0.5, 1.0), (0.25, 1.0), (0.25, 0.5), (0.5, 0.5))
+
+
+def engine_overheads(
+    profile: HardwareProfile, model_folder: str, dtype: torch.dtype, device: torch.device, link: Link | None, *,
+    tokens: int, repeats: int,
+) -> HardwareProfile:
+    """`profile` with `offload_step_us` and `load_us` fitted (least squares, ≥ 0) so that the
+    simulator reproduces the offloading engine's measured decode time on the calibration model."""
+    from moepic.checkpoint.load import load_model
+    from moepic.policies.lru import LRUConfig, LRUPolicy
+    from moepic.perfmodel.latency import model_times
+    from moepic.runtime.generation import generate
+    from moepic.runtime.offload import offloaded_experts
+    from moepic.sim.simulate import simulate
+    from moepic.tracing.recorder import RoutingRecorder
+
+    model = load_model(model_folder, dtype=dtype, device=str(device), offload_experts=True)
+    prompt = list(range(1, 33))
+    recorder = RoutingRecorder(model.spec)
+    generate(model, prompt, max_new_tokens=tokens, eos_ids=(), tap=recorder)
+    trace = recorder.trace()
+    times = model_times(profile, model.spec, dtype_bytes=dtype.itemsize, context_tokens=len(prompt) + tokens // 2)
+    rows, gaps = [], []
+    for budget, theta in CALIBRATION_RUNS:
+        runs = []
+        for repeat in range(repeats + 1):  # the first run warms up
+            engine = offloaded_experts(model, budget, theta, LRUConfig(), link=link)
+            try:
+                runs.append(generate(model, prompt, max_new_tokens=tokens, eos_ids=(), experts=engine).stats.decode_s_per_token)
+            finally:
+                engine.close()
+        sim = simulate(trace, engine.layout, LRUPolicy(), times, profile)
+        steps = sum(not l.fully_resident for l in engine.layout.layers)
+        loads = sum(s.partial_hits + s.misses for s in sim.decode) / max(1, sim.tokens)
+        rows.append((steps, loads))
+        gaps.append(statistics.median(runs[1:] if repeats else runs) - float(sim.token_s.mean()))
+    step_s, load_s = _non_negative_least_squares(rows, gaps)
+    return attrs.evolve(profile, offload_step_us=step_s * 1e6, load_us=load_s * 1e6)
+
+
+def _non_negative_least_squares(rows, targets) -> tuple[float, float]:
+    """argmin ‖A·x − b‖ over x ≥ 0 for two unknowns: the unconstrained fit, else the better one-variable fit."""
+    import numpy as np
+
+    A, b = np.asarray(rows, dtype=float), np.asarray(targets, dtype=float)
+    x = np.linalg.lstsq(A, b, rcond=None)[0]
+    if (x >= 0).all():
+        return float(x[0]), float(x[1])
+    best = (0.0, 0.0)
+    for i in range(2):
+        column = A[:, i]
+        xi = max(0.0, float(column @ b / (column @ column))) if column @ column else 0.0
+        candidate = (xi, 0.0) if i == 0 else (0.0, xi)
+        if np.linalg.norm(A @ np.array(candidate) - b) < np.linalg.norm(A @ np.array(best) - b):
+            best = candidate
+    return best

@@ -86,6 +86,9 @@ def simulate(
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
     layer_s = times.layer_s + (times.predictor_s if predicting else 0.0)
     expert_s = times.expert_s
+    # The engine's own host work (hardware.py): per planned step, and per loaded expert.
+    step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
+    load_s = hw.load_us * 1e-6
     caches = [initial_residency(policy, l).cache for l in layers]
     staging = layout.staging_experts
     reserve = max(1, staging - prefetch_buffers(predictor)) if predicting else staging
@@ -101,7 +104,7 @@ def simulate(
         t = exposed = 0.0
         pending: dict[int, tuple[bool, float, float, int]] = {}  # expert → (whole?, start, end, bytes)
         for c in range(L):
-            r = t + layer_s
+            r = t + layer_s + step_s[c]
             loaded = [e for e, p in pending.items() if p[0] and p[2] <= r] if pending else ()
             plan, caches[c] = plan_layer_step(layers[c], caches[c], used[c][s], priorities[c][s], loaded)
             experts = plan.experts
@@ -179,6 +182,7 @@ def simulate(
                     if landed > clock:
                         exposed += landed - clock
                         clock = landed
+                    clock += load_s
                     if p.slot is not None:  # partial: top → staging; admitted miss: top → slot
                         clock += top_device_s[c]
                         if p.outcome == "miss":
