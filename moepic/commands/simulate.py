@@ -66,19 +66,26 @@ def run_simulate(args) -> dict:
 
 
 def run_compare(args) -> dict:
-    from tqdm import tqdm
-
     from moepic.errors import ConfigError
     from moepic.sim.baseline import ORDER, known_baselines, load_baseline
-    from moepic.sim.run import run_setup
 
     names = ORDER if not args.baselines else tuple(n.strip() for n in args.baselines.split(","))
     setups = [load_baseline(n) for n in names]
     if args.budget is None:
         raise ConfigError(f"moepic compare: --budget is required (all baselines run at the same budget: {known_baselines()})")
     setting = _setting(args)
+    return compare_setups(setups, setting, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": args.recall}
+
+
+def compare_setups(setups, setting, *, progress: bool = False) -> dict:
+    """Every setup on one setting: rows with latency, ratios to moepic and to the oracle bound, and
+    moepic's reduction against the systems the paper compares with."""
+    from tqdm import tqdm
+
+    from moepic.sim.run import run_setup
+
     rows = []
-    for setup in tqdm(setups, desc="baselines", unit="run", disable=args.json, leave=False):
+    for setup in tqdm(setups, desc="baselines", unit="run", disable=not progress, leave=False):
         rows.append(_row(setup.name, setup.approximates, run_setup(setup, setting)))
     by_name = {r["name"]: r["ms_per_token"] for r in rows}
     for r in rows:
@@ -89,8 +96,7 @@ def run_compare(args) -> dict:
     }
     return {
         "rows": rows, "moepic_reduction_percent": reductions, "paper_reduction_percent": PAPER_REDUCTION,
-        "hardware": setting.hw.name, "model_shape": setting.shape.name, "trace": args.trace, "budget": args.budget,
-        "recall": args.recall, "tokens": rows[0]["tokens"] if rows else 0,
+        "hardware": setting.hw.name, "model_shape": setting.shape.name, "tokens": rows[0]["tokens"] if rows else 0,
     }
 
 

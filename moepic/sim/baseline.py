@@ -20,7 +20,9 @@ from moepic.predictors import PREDICTORS, PredictorConfig
 
 BASELINES_DIR = Path(__file__).parent / "baselines"
 # The comparison's row order: published systems, ablations, ours, the bound.
-ORDER = ("on-demand-lru", "lru-prefetch", "pre-gated", "adapmoe", "moe-infinity", "prefetch-only", "cache-only", "moepic", "oracle")
+ORDER = (
+    "on-demand-lru", "lru-prefetch", "pre-gated", "adapmoe", "moe-infinity", "prefetch-only", "cache-only", "moepic-lcp", "moepic", "oracle",
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -33,6 +35,9 @@ class Setup:
     policy: PolicyConfig
     predictor: PredictorConfig
     configurator: ConfiguratorConfig | None = None
+    # With a configurator: candidate policies; the one whose configuration the latency model
+    # predicts fastest on the profiling trace is used (`policy` is then the first).
+    policy_choices: tuple[PolicyConfig, ...] = ()
     budget: str | float | tuple[str | float, ...] | None = None  # a run config's own; --budget replaces it
 
 
@@ -50,11 +55,16 @@ def load_baseline(name: str) -> Setup:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; known: approximates, cache, configurator")
     cache = data["cache"]
     configurator = data.get("configurator")
+    policies = cache["policy"] if isinstance(cache["policy"], list) else [cache["policy"]]
+    choices = tuple(POLICIES.structure_node(p, f"{path}: cache.policy") for p in policies)
+    if len(choices) > 1 and not configurator:
+        raise ConfigError(f"{path}: a list of policies needs a configurator to choose among them")
     return Setup(
         name=name,
         approximates=str(data.get("approximates", "")),
         theta=float(cache["theta"]),
-        policy=POLICIES.structure_node(cache["policy"], f"{path}: cache.policy"),
+        policy=choices[0],
+        policy_choices=choices if len(choices) > 1 else (),
         predictor=PREDICTORS.structure_node(cache["predictor"], f"{path}: cache.predictor"),
         configurator=CONFIGURATORS.structure_node(configurator, f"{path}: configurator") if configurator else None,
     )

@@ -84,14 +84,15 @@ def prediction_recall(trace: RoutingTrace, predictor) -> list[float]:
     return out
 
 
-def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> CacheLayout:
+def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> tuple[CacheLayout, float | None]:
+    """The layout, and the latency model's prediction of it (seconds per token) when a configurator chose it."""
     spec, dtype_bytes = setting.shape.spec, setting.shape.dtype_bytes
     staging = staging_buffers(spec.moe.top_k, predictor)
     budget = setting.budget if setting.budget is not None else setup.budget
     if budget is None:
         raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
     if setup.configurator is None or isinstance(budget, (list, tuple)):
-        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging)
+        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging), None
     workload = workload_from_trace(
         setting.trace, policy, recall_L=prediction_recall(setting.trace, predictor), candidates=predictor.candidates
     )
@@ -99,11 +100,11 @@ def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> Ca
     total = budget_bytes(budget, footprint(spec).routed_expert_bytes(dtype_bytes), "--budget")
     chosen = configure_cache(CONFIGURATORS.build(setup.configurator), latency, total, staging)
     if chosen.staging_experts == 0:  # everything fits whole
-        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging)
+        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging), chosen.predicted_s
     return plan_layout(
         spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
         staging_experts=staging,
-    )
+    ), chosen.predicted_s
 
 
 @attrs.frozen(eq=False)
@@ -128,13 +129,20 @@ class SetupRun:
 
 
 def prepare(setup: Setup, setting: Setting) -> Prepared:
-    policy = build_policy_on(setup.policy, setting.trace)
+    """Policy, predictor and layout. A setup with `policy_choices` and a configurator configures
+    each candidate policy and keeps the one the latency model predicts fastest on the trace."""
     predictor = resolve_predictor(setup.predictor, setting)
     times = model_times(
         setting.hw, setting.shape.spec, dtype_bytes=setting.shape.dtype_bytes, context_tokens=setting.context_tokens,
         predictor=predictor.horizon > 0,
     )
-    return Prepared(policy, predictor, setup_layout(setup, setting, policy, predictor, times), times)
+    best = None
+    for config in setup.policy_choices or (setup.policy,):
+        policy = build_policy_on(config, setting.trace)
+        layout, predicted_s = setup_layout(setup, setting, policy, predictor, times)
+        if best is None or (predicted_s is not None and predicted_s < best[2]):
+            best = (policy, layout, predicted_s if predicted_s is not None else float("inf"))
+    return Prepared(best[0], predictor, best[1], times)
 
 
 def run_setup(setup: Setup, setting: Setting) -> SetupRun:
