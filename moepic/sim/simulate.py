@@ -51,6 +51,14 @@ def _used_lists(counts_SE: np.ndarray) -> list[list[int]]:
     return [part.tolist() for part in np.split(experts, np.cumsum(np.bincount(rows, minlength=len(counts_SE)))[:-1])]
 
 
+def _used_per_step(trace: RoutingTrace, steps, column: int, counts_SE: np.ndarray) -> list[list[int]]:
+    if (steps.tokens_S == 1).all():  # decode only: each token's ids, sorted (distinct, as routers pick them)
+        ids_NK = np.sort(trace.expert_ids_NLK[:, column], axis=1)
+        if (np.diff(ids_NK, axis=1) > 0).all():
+            return ids_NK.tolist()
+    return _used_lists(counts_SE)
+
+
 def simulate(
     trace: RoutingTrace,
     layout: CacheLayout,
@@ -71,7 +79,7 @@ def simulate(
     layers = layout.layers
     L, E = len(layers), trace.num_experts
     counts = [steps.counts_SE(trace, c) for c in range(L)]
-    used = [_used_lists(counts_SE) for counts_SE in counts]
+    used = [_used_per_step(trace, steps, c, counts_SE) for c, counts_SE in enumerate(counts)]
     priorities = [
         priority_series(policy, l.layer, E, counts[c], steps.tokens_S, steps.new_request_S) for c, l in enumerate(layers)
     ]
@@ -114,13 +122,16 @@ def simulate(
                 row[0] += 1
                 row[1] += len(named_c[s])
                 row[2] += len(experts)
-                row[3] += sum(p.expert in named_c[s] for p in experts)
+                named_s = named_c[s]
+                for e in used[c][s]:
+                    if e in named_s:
+                        row[3] += 1
             # The prefetches for this layer: used, kept, wasted (under way) or cancelled (not started).
             ready: dict[int, float] = {}
             requeued: dict[int, float] = {}
             link = r
             if pending:
-                load_of = {p.expert: p.load for p in experts}
+                load_of = {e: load for e, _, _, load, _ in experts}
                 kept = [e for e, _ in plan.kept]
                 for e, (whole, start, end, nbytes) in pending.items():
                     load = load_of.get(e)
@@ -140,11 +151,11 @@ def simulate(
                         counters.cancelled += 1
                         prefetch -= nbytes
             matched, demanded = len(ready) + len(requeued), 0
-            for p in experts:  # demand copies, urgent: ahead of prefetches not yet started
-                if p.load != "none" and p.expert not in ready and p.expert not in requeued:
-                    link += whole_s[c] if p.load == "whole" else bottom_s[c]
-                    ready[p.expert] = link
-                    demand += p.bytes_loaded
+            for e, _, _, load, nbytes in experts:  # demand copies, urgent: ahead of prefetches not yet started
+                if load != "none" and e not in ready and e not in requeued:
+                    link += whole_s[c] if load == "whole" else bottom_s[c]
+                    ready[e] = link
+                    demand += nbytes
                     demanded += 1
             for e, duration in requeued.items():
                 link += duration
@@ -173,21 +184,21 @@ def simulate(
             # Compute: each expert once its copy has landed (and its top has joined it); count it.
             row = counts_L[c]
             clock = r
-            for p in experts:
-                if p.load == "none":
+            for e, outcome, slot, load, nbytes in experts:
+                if load == "none":
                     row[3] += 1
                 else:
-                    row[8] += p.bytes_loaded
-                    landed = ready[p.expert]
+                    row[8] += nbytes
+                    landed = ready[e]
                     if landed > clock:
                         exposed += landed - clock
                         clock = landed
                     clock += load_s
-                    if p.slot is not None:  # partial: top → staging; admitted miss: top → slot
+                    if slot is not None:  # partial: top → staging; admitted miss: top → slot
                         clock += top_device_s[c]
-                        if p.outcome == "miss":
+                        if outcome == "miss":
                             row[6] += 1
-                    row[4 if p.outcome == "partial" else 5] += 1
+                    row[4 if outcome == "partial" else 5] += 1
                 clock += expert_s
             row[0] += 1
             row[1] += tokens
