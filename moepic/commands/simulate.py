@@ -107,11 +107,11 @@ def _mib(nbytes: float) -> str:
 def simulate_text(report: dict) -> str:
     lines = [f"{report['name']} ({report['approximates'] or 'run config'}) on {report['model_shape']}, {report['hardware']}, "
              f"{report['tokens']} decode tokens"]
-    lines.append(f"{'layer':>5} {'theta':>6} {'slots':>5} {'hit rate':>8} {'recall':>7} {'MiB/token':>10} {'ms':>8}")
+    lines.append(f"{'layer':>5} {'theta':>6} {'slots':>5} {'hit rate':>8} {'recall':>7} {'MiB/token':>10} {'ms':>8} {'exposed':>8}")
     for l in report["layers"]:
         recall = f"{l['recall']:.1%}" if l["recall"] is not None else "–"
         lines.append(f"{l['layer']:>5} {l['theta']:>6.3f} {l['slots']:>5} {l['hit_rate']:>8.1%} {recall:>7} "
-                     f"{_mib(l['bytes_loaded_per_token']):>10} {l['ms_per_token']:>8.3f}")
+                     f"{_mib(l['bytes_loaded_per_token']):>10} {l['ms_per_token']:>8.3f} {l['exposed_copy_ms_per_token']:>8.3f}")
     lines.append(
         f"{report['ms_per_token']:.2f} ms/token (p50 {report['p50_ms']:.2f}, p99 {report['p99_ms']:.2f}); exposed copies "
         f"{report['exposed_copy_ms_per_token']:.2f} ms/token; hit rate {report['expert_hit_rate']:.1%}; "

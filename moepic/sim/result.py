@@ -41,7 +41,7 @@ class Counters:
         self.kept_count += 1
         self.kept_bytes += nbytes
 
-    def result(self, *, token_s, exposed_s, layer_time_L, layout: CacheLayout) -> SimResult:
+    def result(self, *, token_s, exposed_s, layer_time_L, exposed_L, layout: CacheLayout) -> SimResult:
         def ratio(a, b):
             return a / b if b else None
 
@@ -52,6 +52,7 @@ class Counters:
             token_s=token_s,
             exposed_s=exposed_s,
             layer_s=layer_time_L / max(1, len(token_s)),
+            layer_exposed_s=exposed_L / max(1, len(token_s)),
             recall=tuple(ratio(r[3], r[2]) for r in self.predicted),
             precision=tuple(ratio(r[3], r[1]) for r in self.predicted),
             demand_bytes=self.demand,
@@ -73,6 +74,7 @@ class SimResult:
     token_s: np.ndarray  # [decode tokens] simulated latency
     exposed_s: np.ndarray  # [decode tokens] time compute waited for copies
     layer_s: np.ndarray  # [L] mean time per decode token in each MoE layer (attention to last expert)
+    layer_exposed_s: np.ndarray  # [L] of which compute waited for copies
     recall: tuple[float | None, ...]  # per MoE layer, decode steps (None: not predicted)
     precision: tuple[float | None, ...]
     overall_recall: float | None
@@ -116,7 +118,9 @@ class SimResult:
             "layers": [
                 {"layer": l.layer, "theta": l.theta, "slots": l.slots, "hit_rate": s.hit_rate,
                  "bytes_loaded_per_token": s.bytes_loaded / self.tokens if self.tokens else 0.0,
-                 "recall": r, "precision": p, "ms_per_token": float(t * 1e3)}
-                for l, s, r, p, t in zip(self.layout.layers, self.decode, self.recall, self.precision, self.layer_s)
+                 "recall": r, "precision": p, "ms_per_token": float(t * 1e3), "exposed_copy_ms_per_token": float(x * 1e3)}
+                for l, s, r, p, t, x in zip(
+                    self.layout.layers, self.decode, self.recall, self.precision, self.layer_s, self.layer_exposed_s
+                )
             ],
         }

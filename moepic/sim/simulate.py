@@ -103,6 +103,7 @@ def simulate(
     counters = Counters(layers)
     token_s, exposed_s = [], []
     layer_time_L = [0.0] * L
+    exposed_L = [0.0] * L
 
     decode_S, tokens_S = steps.decode_S.tolist(), steps.tokens_S.tolist()
     demand = prefetch = wasted = 0  # bytes, as the engine counts them
@@ -183,7 +184,7 @@ def simulate(
                         break
             # Compute: each expert once its copy has landed (and its top has joined it); count it.
             row = counts_L[c]
-            clock = r
+            clock, exposed_before = r, exposed
             for e, outcome, slot, load, nbytes in experts:
                 if load == "none":
                     row[3] += 1
@@ -208,11 +209,13 @@ def simulate(
                 clock += top_device_s[c] * len(plan.kept)
             if decode:
                 layer_time_L[c] += clock - t
+                exposed_L[c] += exposed - exposed_before
             t = clock
         if decode:
             token_s.append(t + times.rest_s)
             exposed_s.append(exposed)
     counters.demand, counters.prefetch, counters.wasted = demand, prefetch, wasted
     return counters.result(
-        token_s=np.array(token_s), exposed_s=np.array(exposed_s), layer_time_L=np.array(layer_time_L), layout=layout
+        token_s=np.array(token_s), exposed_s=np.array(exposed_s), layer_time_L=np.array(layer_time_L),
+        exposed_L=np.array(exposed_L), layout=layout
     )
