@@ -54,6 +54,17 @@ def _floats(text: str) -> str:
     return str(values[0]) if len(values) == 1 else "[" + ",".join(map(str, values)) + "]"
 
 
+def tokens_argument(text: str) -> int:
+    """A token count: a whole number ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens >= 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moepic", description="Exact MoE inference with experts offloaded to host memory.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -132,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--recall", help="predictor recall, one value or one per MoE layer (default: measured on the "
                       "trace's router inputs)")
     conf.add_argument("--configurator", default="moepic", help="moepic (default), dp or uniform")
-    conf.add_argument("--context", type=int, default=512, help="KV-cache length the decode step reads (tokens)")
+    conf.add_argument("--context", type=tokens_argument, default=512, help="KV-cache length the decode step reads (tokens)")
     conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
     conf.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     from moepic.commands import simulate

@@ -14,6 +14,8 @@ PAPER_SYSTEMS = ("pre-gated", "adapmoe", "moe-infinity")
 
 
 def add_parsers(commands, parser_class) -> None:
+    from moepic.cli import tokens_argument
+
     common = parser_class(add_help=False)
     common.add_argument("--trace", required=True, help="routing trace: .npz (moepic generate --record-trace) or .jsonl")
     common.add_argument("--model-shape", required=True, help="a preset (mixtral-8x7b, qwen1.5-moe-a2.7b, …) or a model folder")
@@ -21,7 +23,7 @@ def add_parsers(commands, parser_class) -> None:
     common.add_argument("--budget", help="device memory for experts (cache and staging): 24GiB, or a share of all expert bytes: 0.25")
     common.add_argument("--recall", type=float, help="recall of the gate-lookahead stand-in (a noisy_oracle) where the trace has no router inputs")
     common.add_argument("--model", help="model folder with weights: gate_lookahead/mlp then run on the trace's recorded router inputs")
-    common.add_argument("--context", type=int, default=512, help="KV-cache tokens the attention time assumes (default 512)")
+    common.add_argument("--context", type=tokens_argument, default=512, help="KV-cache tokens the attention time assumes (default 512)")
     common.add_argument("--json", action="store_true", help="print one JSON object")
     sim = commands.add_parser("simulate", parents=[common], help="simulate one configuration on a routing trace")
     which = sim.add_mutually_exclusive_group(required=True)

@@ -87,4 +87,5 @@ class NoisyOracle:
         """[N, k′] per target MoE layer: what `predict` names for each token of `trace` (its future)."""
         if trace is not self.future:
             raise ValueError("noisy_oracle predicts only the trace it was built with")
-        return {t: self.table[t] for targets in self.targets.values() for t in targets}  # never the first MoE layer
+        # What the MoE layers name for the next one: never the first MoE layer (nothing routes before it).
+        return {t: self.table[t] for layer in self.table for t in self.targets[layer]}

@@ -27,6 +27,7 @@ from moepic.sim.baseline import Setup
 from moepic.sim.result import SimResult
 from moepic.sim.shapes import ModelShape
 from moepic.sim.simulate import simulate
+from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
 
 NEEDS_ROUTER_INPUTS = ("gate_lookahead", "mlp")
@@ -65,7 +66,8 @@ def resolve_predictor(config: PredictorConfig, setting: Setting):
             )
         config = NoisyOracleConfig(recall=setting.recall, candidates=getattr(config, "candidates", None))
     model = setting.model if config.name in NEEDS_ROUTER_INPUTS else SpecOnly(setting.shape.spec)
-    future = {"future": trace} if config.name in READS_THE_FUTURE and getattr(config, "trace", None) is None else {}
+    # An oracle reads the future of the run it predicts: the simulated trace, whatever file it names.
+    future = {"future": trace} if config.name in READS_THE_FUTURE else {}
     return PREDICTORS.build(config, model, **future)
 
 
@@ -162,11 +164,12 @@ def check_trace_fits(trace: RoutingTrace, shape: ModelShape, where: str) -> Rout
     if trace.top_k != moe.top_k:
         raise ConfigError(f"{where}: the trace routes top-{trace.top_k}, the model shape {shape.name} top-{moe.top_k}")
     largest = int(trace.expert_ids_NLK.max()) if trace.num_tokens else -1
-    if largest >= moe.num_experts or trace.num_experts > moe.num_experts:
-        raise ConfigError(
-            f"{where}: the trace has expert ids up to {max(largest, trace.num_experts - 1)}, "
-            f"but the model shape {shape.name} has {moe.num_experts} experts"
-        )
+    if largest >= moe.num_experts:
+        raise ConfigError(f"{where}: the trace has expert ids up to {largest}, but the model shape {shape.name} has {moe.num_experts} experts")
+    if trace.num_experts > moe.num_experts:
+        raise ConfigError(f"{where}: the trace declares {trace.num_experts} experts, the model shape {shape.name} has {moe.num_experts}")
+    if not trace_steps(trace).decode_S.any():
+        raise ConfigError(f"{where}: the trace has no decode tokens to time (only prompt steps)")
     # The shape's layer indices and expert count: a JSONL log only knows the ids it saw.
     return attrs.evolve(trace, moe_layers=spec.moe_layers, num_experts=moe.num_experts)
 

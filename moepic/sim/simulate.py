@@ -92,7 +92,8 @@ def simulate(
     whole_s = [latency + l.expert_bytes / link_Bps for l in layers]
     bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
-    layer_s = times.layer_s + (times.predictor_s if predicting else 0.0)
+    # A layer runs the predictor when it names the next MoE layer's experts.
+    layer_s = [times.layer_s + (times.predictor_s if c + 1 < L and named[c + 1] is not None else 0.0) for c in range(L)]
     expert_s = times.expert_s
     # The engine's own host work (hardware.py): per planned step, and per loaded expert.
     step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
@@ -113,7 +114,7 @@ def simulate(
         t = exposed = 0.0
         pending: dict[int, tuple[bool, float, float, int]] = {}  # expert → (whole?, start, end, bytes)
         for c in range(L):
-            r = t + layer_s + step_s[c]
+            r = t + layer_s[c] + step_s[c]
             loaded = [e for e, p in pending.items() if p[0] and p[2] <= r] if pending else ()
             plan, caches[c] = plan_layer_step(layers[c], caches[c], used[c][s], priorities[c][s], loaded)
             experts = plan.experts
