@@ -171,15 +171,19 @@ def plot(results: list[tuple[str, dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 4), sharey=True)
-    for ax, (label, report) in zip(axes if len(results) > 1 else [axes], results):
+    columns = (len(results) + 1) // 2
+    fig, axes = plt.subplots(2, columns, figsize=(3.4 * columns, 7), sharey=True, squeeze=False)
+    for ax, (label, report) in zip(axes.flat, results):
         names = [r["name"] for r in report["rows"]]
         ax.barh(names, [r["vs_moepic"] for r in report["rows"]],
                 color=["tab:red" if n == "moepic" else "tab:gray" if n == "oracle" else "tab:blue" for n in names])
         ax.axvline(1.0, color="black", lw=0.8)
-        ax.set_title(label.replace(", budget", "\nbudget"), fontsize=8)
-        ax.set_xlabel("latency / moepic")
-    axes[0].invert_yaxis() if len(results) > 1 else axes.invert_yaxis()
+        ax.set_title(label.replace(" (fitted", "\n(fitted").replace(", budget", "\nbudget"), fontsize=8)
+        ax.set_xlabel("decode latency / moepic's", fontsize=8)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle("Simulated decode latency relative to moepic (A6000 profile; < 1 is faster)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"\nwrote {out}")
