@@ -110,8 +110,10 @@ def dense_decode_s(model_folder: str, dtype: torch.dtype, device: torch.device, 
 
 def measure_profile(
     *, device: str, model_folder: str, dtype: torch.dtype, quick: bool = False, link: Link | None = None,
-    name: str | None = None, progress: Callable[[str], None] = lambda step: None,
+    name: str | None = None, progress: Callable[[str], None] = lambda step: None, engine: bool = True,
 ) -> HardwareProfile:
+    """Every rate of a profile; with `engine`, also the offloading engine's host work (engine runs
+    of the calibration model, ~30 s)."""
     from moepic.perfmodel.latency import model_times
 
     dev = torch.device(device)
@@ -132,8 +134,10 @@ def measure_profile(
     k, moe_layers = spec.moe.top_k, len(spec.moe_layers)
     unexplained = decode_s - times.rest_s - moe_layers * (times.layer_s + k * times.expert_s)
     profile = attrs.evolve(profile, layer_overhead_us=max(0.0, unexplained / max(1, spec.num_layers)) * 1e6)
+    if not engine:
+        return profile
     progress("offloading engine's host work")
-    return engine_overheads(profile, model_folder, dtype, dev, link, tokens=16 if quick else 48, repeats=1 if quick else 3)
+    return engine_overheads(profile, model_folder, dtype, dev, link, tokens=16 if quick else 48, repeats=1 if quick else 5)
 
 
 # Engine runs to fit the engine's host work on: (budget, θ), LRU, no prediction. Whole and split
@@ -152,7 +156,7 @@ def engine_overheads(
     from moepic.perfmodel.latency import model_times
     from moepic.runtime.generation import generate
     from moepic.runtime.offload import offloaded_experts
-    from moepic.sim.simulate import simulate
+    from moepic.sim.calibrate import MeasuredRun, fit_engine_overheads
     from moepic.tracing.recorder import RoutingRecorder
 
     model = load_model(model_folder, dtype=dtype, device=str(device), offload_experts=True)
@@ -161,37 +165,18 @@ def engine_overheads(
     generate(model, prompt, max_new_tokens=tokens, eos_ids=(), tap=recorder)
     trace = recorder.trace()
     times = model_times(profile, model.spec, dtype_bytes=dtype.itemsize, context_tokens=len(prompt) + tokens // 2)
-    rows, gaps = [], []
-    for budget, theta in CALIBRATION_RUNS:
-        runs = []
-        for repeat in range(repeats + 1):  # the first run warms up
+    # Rounds over all runs, alternating their order, so that drift lands on every run alike.
+    measured = {run: [] for run in CALIBRATION_RUNS}
+    layouts = {}
+    for round_ in range(repeats + 1):  # the first round warms up
+        for budget, theta in CALIBRATION_RUNS if round_ % 2 == 0 else CALIBRATION_RUNS[::-1]:
             engine = offloaded_experts(model, budget, theta, LRUConfig(), link=link)
             try:
-                runs.append(generate(model, prompt, max_new_tokens=tokens, eos_ids=(), experts=engine).stats.decode_s_per_token)
+                seconds = generate(model, prompt, max_new_tokens=tokens, eos_ids=(), experts=engine).stats.decode_s_per_token
             finally:
                 engine.close()
-        sim = simulate(trace, engine.layout, LRUPolicy(), times, profile)
-        steps = sum(not l.fully_resident for l in engine.layout.layers)
-        loads = sum(s.partial_hits + s.misses for s in sim.decode) / max(1, sim.tokens)
-        rows.append((steps, loads))
-        gaps.append(statistics.median(runs[1:] if repeats else runs) - float(sim.token_s.mean()))
-    step_s, load_s = _non_negative_least_squares(rows, gaps)
-    return attrs.evolve(profile, offload_step_us=step_s * 1e6, load_us=load_s * 1e6)
-
-
-def _non_negative_least_squares(rows, targets) -> tuple[float, float]:
-    """argmin ‖A·x − b‖ over x ≥ 0 for two unknowns: the unconstrained fit, else the better one-variable fit."""
-    import numpy as np
-
-    A, b = np.asarray(rows, dtype=float), np.asarray(targets, dtype=float)
-    x = np.linalg.lstsq(A, b, rcond=None)[0]
-    if (x >= 0).all():
-        return float(x[0]), float(x[1])
-    best = (0.0, 0.0)
-    for i in range(2):
-        column = A[:, i]
-        xi = max(0.0, float(column @ b / (column @ column))) if column @ column else 0.0
-        candidate = (xi, 0.0) if i == 0 else (0.0, xi)
-        if np.linalg.norm(A @ np.array(candidate) - b) < np.linalg.norm(A @ np.array(best) - b):
-            best = candidate
-    return best
+            layouts[budget, theta] = engine.layout
+            if round_ or not repeats:
+                measured[budget, theta].append(seconds)
+    runs = [MeasuredRun(layouts[run], LRUPolicy(), None, statistics.median(measured[run])) for run in CALIBRATION_RUNS]
+    return fit_engine_overheads(profile, times, trace, runs)
