@@ -21,7 +21,8 @@ def add_parsers(commands, parser_class) -> None:
     common.add_argument("--model-shape", required=True, help="a preset (mixtral-8x7b, qwen1.5-moe-a2.7b, …) or a model folder")
     common.add_argument("--hardware", required=True, help="hardware profile: a bundled name (a6000, …) or a YAML file")
     common.add_argument("--budget", help="device memory for experts (cache and staging): 24GiB, or a share of all expert bytes: 0.25")
-    common.add_argument("--recall", type=float, help="recall of the gate-lookahead stand-in (a noisy_oracle) where the trace has no router inputs")
+    common.add_argument("--recall", help="recall of the gate-lookahead stand-in (a noisy_oracle) where the trace has no router "
+                        "inputs: one value, or one per MoE layer (0.8 or 0,0.7,0.9,…)")
     common.add_argument("--model", help="model folder with weights: gate_lookahead/mlp then run on the trace's recorded router inputs")
     common.add_argument("--context", type=tokens_argument, default=512, help="KV-cache tokens the attention time assumes (default 512)")
     common.add_argument("--json", action="store_true", help="print one JSON object")
@@ -43,14 +44,27 @@ def _setting(args):
     shape = model_shape(args.model_shape)
     hw = load_profile(args.hardware)
     trace = check_trace_fits(load_any_trace(args.trace), shape, args.trace)
-    if args.recall is not None and not 0 <= args.recall <= 1:
-        raise ConfigError(f"--recall must be in [0, 1], got {args.recall}")
+    recall = _recall(args.recall, len(shape.spec.moe_layers))
     model = None
     if args.model:
         from moepic.checkpoint.load import load_model
 
         model = load_model(args.model)
-    return Setting(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=args.recall, model=model, context_tokens=args.context)
+    return Setting(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context)
+
+
+def _recall(text: str | None, moe_layers: int) -> float | tuple[float, ...] | None:
+    from moepic.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, moe_layers) or not all(0 <= v <= 1 for v in values):  # nan fails too
+        raise ConfigError(f"--recall must be one value in [0, 1] or {moe_layers} (one per MoE layer), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _row(name: str, approximates: str, run) -> dict:
@@ -76,7 +90,7 @@ def run_compare(args) -> dict:
     if args.budget is None:
         raise ConfigError(f"moepic compare: --budget is required (all baselines run at the same budget: {known_baselines()})")
     setting = _setting(args)
-    return compare_setups(setups, setting, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": args.recall}
+    return compare_setups(setups, setting, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": setting.recall}
 
 
 def compare_setups(setups, setting, *, progress: bool = False) -> dict:

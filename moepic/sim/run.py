@@ -49,7 +49,7 @@ class Setting:
     shape: ModelShape
     hw: HardwareProfile
     budget: str | float | None = None  # global: caches and staging; None: the setup's own
-    recall: float | None = None  # a noisy_oracle's, standing in for a predictor that cannot run here
+    recall: float | tuple[float, ...] | None = None  # a noisy_oracle's (per MoE layer), standing in for a predictor that cannot run here
     model: object | None = None  # a loaded model (weights), for gate_lookahead/mlp on recorded router inputs
     context_tokens: int = 512
 

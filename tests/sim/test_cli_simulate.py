@@ -263,10 +263,18 @@ def test_gate_lookahead_on_a_trace_without_router_inputs_asks_for_a_recall(capsy
                        "simulate it as a noisy_oracle of that recall")
 
 
-@pytest.mark.parametrize("recall", ["1.5", "-0.1", "nan"])
-def test_a_recall_outside_zero_to_one_is_one_line(capsys, traces, recall):
+@pytest.mark.parametrize("recall", ["1.5", "-0.1", "nan", "0.5,0.6", "high"])
+def test_a_recall_outside_zero_to_one_or_of_another_length_is_one_line(capsys, traces, recall):
     message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--baseline", "moepic", "--budget", "0.5", "--recall", recall)])
-    assert message == f"--recall must be in [0, 1], got {float(recall)}"
+    assert message == f"--recall must be one value in [0, 1] or 32 (one per MoE layer), got {recall!r}"
+
+
+def test_a_recall_per_layer_sets_each_layers_stand_in(capsys, traces):
+    recall = ["0"] * 16 + ["1"] * 16
+    report = _run(capsys, ["simulate", *_common(traces["mixtral"], "--baseline", "lru-prefetch", "--budget", "0.5",
+                                                "--recall", ",".join(recall), "--json")])
+    layer_recall = [l["recall"] for l in report["layers"]]
+    assert layer_recall[0] is None and set(layer_recall[1:16]) == {0.0} and set(layer_recall[16:]) == {1.0}
 
 
 @pytest.mark.parametrize("name", ["absent.npz", "absent.jsonl"])
