@@ -57,6 +57,8 @@ class Setting:
 def resolve_predictor(config: PredictorConfig, setting: Setting):
     """The predictor to run: the setup's own, or a noisy_oracle of the given recall where it cannot run."""
     trace = setting.trace
+    if getattr(config, "horizon", 1) > 1:
+        raise ConfigError(f"the simulator prefetches one MoE layer ahead; the {config.name} predictor has horizon {config.horizon}")
     if config.name in NEEDS_ROUTER_INPUTS and (setting.model is None or trace.hidden_NLD is None):
         if setting.recall is None:
             missing = "the trace has no router inputs" if trace.hidden_NLD is None else "no model weights were given (--model)"

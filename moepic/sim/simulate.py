@@ -171,13 +171,12 @@ def simulate(
                 slot_of = caches[c + 1].slot_of()
                 whole_hit = target.top_neurons == target.ffn_size
                 for e in named[c + 1][s]:
-                    if e in slot_of:
-                        if whole_hit:
-                            continue  # nothing to copy
-                        end, nbytes = link + bottom_s[c + 1], target.bottom_bytes
-                    else:
-                        end, nbytes = link + whole_s[c + 1], target.expert_bytes
-                    pending[e] = (nbytes == target.expert_bytes, link, end, nbytes)
+                    whole = e not in slot_of  # its top is cached: only the bottom is copied
+                    if not whole and whole_hit:
+                        continue  # a whole-expert hit: nothing to copy
+                    end = link + (whole_s if whole else bottom_s)[c + 1]
+                    nbytes = target.expert_bytes if whole else target.bottom_bytes
+                    pending[e] = (whole, link, end, nbytes)
                     link = end
                     prefetch += nbytes
                     room -= 1

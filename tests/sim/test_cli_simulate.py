@@ -328,3 +328,11 @@ def test_a_trace_without_decode_tokens_gives_a_report_or_one_line(capsys, prompt
 def test_a_negative_context_is_one_line(capsys, traces):
     message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--baseline", "cache-only", "--budget", "0.5", "--context", "-1")])
     assert "--context" in message
+
+
+def test_a_run_config_predicting_two_layers_ahead_is_one_line(capsys, traces, tmp_path):
+    config = tmp_path / "h2.yaml"
+    config.write_text(yaml.safe_dump({"cache": {"budget": 0.5, "theta": 0.5, "policy": {"name": "lru"},
+                                                "predictor": {"name": "gate_lookahead", "horizon": 2}}}))
+    message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--config", str(config), "--recall", "0.8")])
+    assert message == "the simulator prefetches one MoE layer ahead; the gate_lookahead predictor has horizon 2"
