@@ -15,7 +15,7 @@ A script, not a test. Three parts (`--part`, default all):
 - speed: simulated layer-steps per second for each baseline (median of 5).
 Writes experiments/simulator_compare.png.
 
-Run:  python experiments/bench_simulator.py             (~6 min on an idle 2-core machine)
+Run:  python experiments/bench_simulator.py             (~8 min on an idle 2-core machine)
       python experiments/bench_simulator.py --part compare
 """
 
