@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--hardware", required=True, help="a bundled profile (a6000, a100-pcie, rtx4090, h100-pcie, h200) "
                       "or a YAML file from `moepic profile`")
     conf.add_argument("--trace", required=True, help="routing trace (.npz or JSONL) whose hit-rate curves to use")
-    conf.add_argument("--policy", help="cache policy whose hit rates to measure (default: lcp)")
+    conf.add_argument("--policy", help="cache policy whose hit rates to measure (default: lcp); auto: the fastest "
+                      "predicted of lcp, lru and lfu")
     conf.add_argument("--predictor", default="gate_lookahead", help="prefetching predictor (default: gate_lookahead; none: load on demand)")
     conf.add_argument("--recall", help="predictor recall, one value or one per MoE layer (default: measured on the "
                       "trace's router inputs)")

@@ -22,6 +22,7 @@ from moepic.default_model import model_folder
 from moepic.perfmodel.hardware import PROFILES_DIR, known_profiles, load_profile
 from moepic.policies import POLICIES
 from moepic.predictors import PREDICTORS
+from moepic.configurators.base import AUTO_POLICIES
 from moepic.tracing import load_trace, save_trace
 from tests_support import cli_error
 
@@ -195,6 +196,16 @@ def test_dp_is_at_least_as_good_as_moepic_and_uniform_splits_evenly(capsys, trac
         assert dp["predicted_ms_per_token"] <= ms * (1 + 1e-9), name
     assert dp["baselines"] == moepic["baselines"] == uniform["baselines"]
     assert len({(l["budget_bytes"], l["theta"], l["slots"]) for l in uniform["layers"]}) == 1
+
+
+def test_policy_auto_keeps_the_fastest_predicted_of_its_candidates(capsys, tmp_path, trace_files):
+    single = {name: _configure(capsys, trace_files, "--policy", name) for name in AUTO_POLICIES}
+    auto = _configure(capsys, trace_files, "--policy", "auto", "--out", str(tmp_path / "auto.yaml"))
+    _assert_consistent(auto)
+    fastest = min(single, key=lambda name: single[name]["predicted_ms_per_token"])
+    assert auto["policy"]["name"] == fastest
+    assert auto["predicted_ms_per_token"] == single[fastest]["predicted_ms_per_token"]
+    assert yaml.safe_load((tmp_path / "auto.yaml").read_text())["cache"]["policy"] == auto["policy"]
 
 
 def test_predictor_none_and_oracle_set_the_recall(capsys, trace_files):

@@ -24,6 +24,9 @@ from moepic.perfmodel.latency import LatencyModel, LayerChoice
 from moepic.registry import Registry, StrategyConfig
 
 CONFIGURATORS = Registry("configurator", default="moepic")
+# `--policy auto`: the replacement policies a configuration may choose among, by predicted latency
+# on the profiling trace (LRU wins where recency matters more than popularity, e.g. code).
+AUTO_POLICIES = ("lcp", "lru", "lfu")
 
 
 class ConfiguratorConfig(StrategyConfig):

@@ -14,6 +14,7 @@ import attrs
 import yaml
 
 from moepic.configurators import CONFIGURATORS, ConfiguratorConfig
+from moepic.configurators.base import AUTO_POLICIES
 from moepic.errors import ConfigError
 from moepic.policies.base import POLICIES, PolicyConfig
 from moepic.predictors import PREDICTORS, PredictorConfig
@@ -55,7 +56,7 @@ def load_baseline(name: str) -> Setup:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; known: approximates, cache, configurator")
     cache = data["cache"]
     configurator = data.get("configurator")
-    policies = cache["policy"] if isinstance(cache["policy"], list) else [cache["policy"]]
+    policies = AUTO_POLICIES if cache["policy"] == "auto" else cache["policy"] if isinstance(cache["policy"], list) else [cache["policy"]]
     choices = tuple(POLICIES.structure_node(p, f"{path}: cache.policy") for p in policies)
     if len(choices) > 1 and not configurator:
         raise ConfigError(f"{path}: a list of policies needs a configurator to choose among them")
