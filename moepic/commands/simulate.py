@@ -35,7 +35,6 @@ def add_parsers(commands, parser_class) -> None:
 
 
 def _setting(args):
-    from moepic.errors import ConfigError
     from moepic.perfmodel.hardware import load_profile
     from moepic.sim.run import Setting, check_trace_fits
     from moepic.sim.shapes import model_shape
