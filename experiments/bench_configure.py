@@ -97,7 +97,7 @@ def bundled_table(hardware: str | None, quick: bool) -> str:
             cli(["generate", "--prompt", "And God said", "--greedy", "--max-new-tokens", "100" if quick else "400",
                  "--record-trace", path, "--trace-hidden"])
         trace = load_trace(path)
-    recall = measured_recall(trace, PREDICTORS.build(GateLookaheadConfig(), model), dtype=model.dtype)
+    recall = measured_recall(trace, PREDICTORS.build(GateLookaheadConfig(), model))
     workload = workload_from_trace(trace, LCPConfig(), recall_L=recall, candidates=model.spec.moe.top_k)
     latency = LatencyModel(hw, model_times(hw, model.spec, dtype_bytes=2, predictor=True, context_tokens=256), workload)
     title = (f"(b) bundled kjv-moe-tiny, its own {trace.num_tokens}-token trace, profile {hw.name} ({hw.source}), LCP, "

@@ -39,7 +39,7 @@ def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, f
 
     check_router_inputs(trace, trace_path)
     model = load_model(folder, dtype=dtype)
-    return measured_recall(trace, PREDICTORS.build(predictor_config, model), dtype=model.dtype, where=trace_path)
+    return measured_recall(trace, PREDICTORS.build(predictor_config, model))
 
 
 def run_configure(args) -> dict:

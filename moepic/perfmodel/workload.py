@@ -19,13 +19,11 @@ from collections.abc import Callable, Sequence
 
 import attrs
 import numpy as np
-import torch
 
 from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.replay import replay_layer
 from moepic.errors import ConfigError
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
-from moepic.predictors.base import ScoringPredictor
 from moepic.tracing import RoutingTrace
 
 
@@ -139,21 +137,17 @@ def check_router_inputs(trace: RoutingTrace, where: str) -> None:
         )
 
 
-def measured_recall(trace: RoutingTrace, predictor, dtype: torch.dtype = torch.float32, where: str = "the trace") -> list[float]:
-    """Per MoE layer: the share of its routed experts that `predictor` named from the previous MoE
-    layer's router input (the trace's `hidden`), as the engine would prefetch them one layer ahead."""
-    check_router_inputs(trace, where)
-    if predictor.tap != "router_input" or not isinstance(predictor, ScoringPredictor):
-        raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be measured on a trace; give --recall")
+def measured_recall(trace: RoutingTrace, predictor) -> list[float]:
+    """Per MoE layer: the share of its routed experts (decode steps) that `predictor` named one MoE
+    layer earlier, from its `trace_predictions` (0 for the first MoE layer: nothing runs before it)."""
+    named = predictor.trace_predictions(trace)
     decode = decode_steps(trace)
-    recall = [0.0]
-    for column in range(1, len(trace.moe_layers)):
-        source, target = trace.moe_layers[column - 1], trace.moe_layers[column]
-        hidden_TD = torch.as_tensor(trace.hidden_NLD[decode, column - 1]).float()
-        guess = predictor.guess(source, hidden_TD.to(dtype))
-        k = guess.shape[1] // len(predictor.targets[source])
-        at = predictor.targets[source].index(target) * k
-        named_TN = guess[:, at : at + k].numpy()
-        routed_TK = trace.expert_ids_NLK[decode, column]
-        recall.append(float((routed_TK[:, :, None] == named_TN[:, None, :]).any(-1).mean()))
+    recall = []
+    for column, layer in enumerate(trace.moe_layers):
+        routed_NK = trace.expert_ids_NLK[decode, column]
+        if layer not in named or not len(routed_NK):
+            recall.append(0.0)
+            continue
+        named_NC = named[layer][decode, : predictor.candidates]
+        recall.append(float((routed_NK[:, :, None] == named_NC[:, None, :]).any(-1).mean()))
     return recall

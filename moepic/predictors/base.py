@@ -133,6 +133,8 @@ class ScoringPredictor:
     def trace_predictions(self, trace) -> dict[int, np.ndarray]:
         """[N, k′] per MoE layer: what the layer before it names for each token, from the trace's
         recorded router inputs (one batched `guess` per layer, as the engine computes it)."""
+        if self.tap != "router_input":  # the trace records router inputs, not layer outputs
+            raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be run on a trace; give --recall")
         if trace.hidden_NLD is None:
             raise ConfigError(
                 f"{trace.source or 'the trace'}: no router inputs to run the predictor on; record them with "

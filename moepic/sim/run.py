@@ -19,7 +19,7 @@ from moepic.core.spec import ModelSpec
 from moepic.errors import ConfigError
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.latency import LatencyModel, model_times
-from moepic.perfmodel.workload import decode_steps, workload_from_trace
+from moepic.perfmodel.workload import measured_recall, workload_from_trace
 from moepic.policies.base import build_policy_on
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.noisy_oracle import NoisyOracleConfig
@@ -73,21 +73,6 @@ def resolve_predictor(config: PredictorConfig, setting: Setting):
     return PREDICTORS.build(config, model, **future)
 
 
-def prediction_recall(trace: RoutingTrace, predictor) -> list[float]:
-    """Per MoE layer: the share of its decode-step experts the predictor named one layer earlier."""
-    named = predictor.trace_predictions(trace)
-    decode = decode_steps(trace)
-    out = []
-    for column, layer in enumerate(trace.moe_layers):
-        if layer not in named:
-            out.append(0.0)
-            continue
-        routed_NK = trace.expert_ids_NLK[decode, column]
-        named_NC = named[layer][decode, : predictor.candidates]
-        out.append(float((routed_NK[:, :, None] == named_NC[:, None, :]).any(-1).mean()) if len(routed_NK) else 0.0)
-    return out
-
-
 def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> tuple[CacheLayout, float | None]:
     """The layout, and the latency model's prediction of it (seconds per token) when a configurator chose it."""
     spec, dtype_bytes = setting.shape.spec, setting.shape.dtype_bytes
@@ -98,7 +83,7 @@ def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> tu
     if setup.configurator is None or isinstance(budget, (list, tuple)):
         return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging), None
     workload = workload_from_trace(
-        setting.trace, policy, recall_L=prediction_recall(setting.trace, predictor), candidates=predictor.candidates
+        setting.trace, policy, recall_L=measured_recall(setting.trace, predictor), candidates=predictor.candidates
     )
     latency = LatencyModel(setting.hw, times, workload)
     total = budget_bytes(budget, footprint(spec).routed_expert_bytes(dtype_bytes), "--budget")

@@ -17,7 +17,8 @@ from moepic.errors import ConfigError
 from moepic.predictors import PREDICTORS
 from moepic.predictors.base import merge_votes
 from moepic.predictors.noisy_oracle import NoisyOracle, NoisyOracleConfig
-from moepic.sim.run import SpecOnly, prediction_recall
+from moepic.perfmodel.workload import measured_recall
+from moepic.sim.run import SpecOnly
 from moepic.tracing import RoutingTrace, save_trace
 
 # A dense first layer, then three MoE layers (model layers 1, 2, 3): the first MoE layer is not layer 0.
@@ -191,7 +192,7 @@ def test_the_first_moe_layer_is_never_named_nor_counted_as_predicted(layer_kinds
     predictor = oracle(spec, trace, recall=0.9, seed=0)
     perfect = OraclePredictor(OracleConfig(), SpecOnly(spec), future=trace)
     assert set(predictor.trace_predictions(trace)) == set(perfect.trace_predictions(trace)) == set(spec.moe_layers[1:])
-    recall_L = prediction_recall(trace, predictor)
+    recall_L = measured_recall(trace, predictor)
     assert recall_L[0] == 0.0 and all(r == pytest.approx(0.9, abs=0.07) for r in recall_L[1:])
     hw = load_profile("a6000")
     layout = plan_layout(spec, dtype_bytes=2, budget=0.6, theta=0.5, staging_experts=staging_buffers(2, predictor))

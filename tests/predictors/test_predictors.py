@@ -188,3 +188,13 @@ def test_predictor_node_names_the_known_predictors():
     with pytest.raises(ConfigError, match="unknown predictor 'psychic'; known: gate_lookahead, mlp, noisy_oracle, none, oracle"):
         load_config(None, ["cache.predictor.name=psychic"])
     assert load_config(None, ["cache.predictor.name=gate_lookahead", "cache.predictor.horizon=2"]).cache.predictor == GateLookaheadConfig(horizon=2)
+
+
+def test_a_layer_output_predictor_refuses_a_trace_of_router_inputs(mixtral):
+    """A trace records router inputs; scoring them as layer outputs would give a silently wrong recall."""
+    recorder = RoutingRecorder(mixtral.spec, record_hidden=True)
+    generate(mixtral, PROMPT, max_new_tokens=2, eos_ids=(), tap=recorder)
+    trace = recorder.trace()
+    assert set(PREDICTORS.build(GateLookaheadConfig(), mixtral).trace_predictions(trace)) == set(mixtral.spec.moe_layers[1:])
+    with pytest.raises(ConfigError, match="only a predictor that reads the router input"):
+        PREDICTORS.build(GateLookaheadConfig(tap="layer_output"), mixtral).trace_predictions(trace)
