@@ -9,7 +9,6 @@ Side effects: reads the files, writes the YAML.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import yaml
@@ -50,12 +49,11 @@ def run_configure(args) -> dict:
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
     from moepic.configurators import CONFIGURATORS, configure_cache
-    from moepic.configurators.base import AUTO_POLICIES
+    from moepic.configurators.base import AUTO_POLICIES, configure_on_trace
     from moepic.core.footprint import footprint
     from moepic.default_model import model_folder
     from moepic.perfmodel.hardware import load_profile
-    from moepic.perfmodel.latency import LatencyModel, layer_total_s, model_times
-    from moepic.perfmodel.workload import workload_from_trace
+    from moepic.perfmodel.latency import layer_total_s, model_times
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
     from moepic.tracing import load_any_trace
@@ -81,23 +79,13 @@ def run_configure(args) -> dict:
     budget = budget_bytes(args.budget, expert_bytes_all, "--budget")
     times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0)
     staging = staging_buffers(moe.top_k, shape)
-    profile_s = configure_s = 0.0
-    best = None
-    for policy_config in policy_configs:  # one, or `auto`'s candidates: the fastest predicted is kept
-        t0 = time.perf_counter()
-        with tqdm(total=len(spec.moe_layers), desc=f"hit-rate curves ({policy_config.name})", unit="layer",
-                  disable=args.json, leave=False) as bar:
-            workload = workload_from_trace(
-                trace, policy_config, recall_L=recall, candidates=shape.candidates, progress=lambda done: bar.update(1)
-            )
-        profile_s += time.perf_counter() - t0
-        latency = LatencyModel(hw, times, workload)
-        t0 = time.perf_counter()
-        chosen = configure_cache(CONFIGURATORS.build(configurator_config), latency, budget, staging)
-        configure_s += time.perf_counter() - t0
-        if best is None or chosen.predicted_s < best[2].predicted_s:
-            best = (policy_config, latency, chosen, workload)
-    policy_config, latency, chosen, workload = best
+    with tqdm(total=len(spec.moe_layers) * len(policy_configs), desc="hit-rate curves", unit="layer", disable=args.json,
+              leave=False) as bar:
+        configured = configure_on_trace(
+            CONFIGURATORS.build(configurator_config), trace, policy_configs, hw=hw, times=times, recall_L=recall,
+            candidates=shape.candidates, budget_bytes=budget, staging_experts=staging, progress=bar.update,
+        )
+    policy_config, latency, chosen = configured.policy, configured.latency, configured.chosen
     baselines = {}
     for theta in BASELINE_THETAS:
         uniform = CONFIGURATORS["uniform"].config(theta=theta)
@@ -130,7 +118,7 @@ def run_configure(args) -> dict:
         "layers": [
             {"layer": l.layer, "budget_bytes": b, "theta": th, "slots": c.slots, "hit_rate": part["hit_rate"],
              "predicted_ms": 1e3 * float(layer_total_s(part))}
-            for l, b, th, c, part in zip(workload.layers, chosen.cache_bytes(), thetas, chosen.layers, breakdown)
+            for l, b, th, c, part in zip(latency.workload.layers, chosen.cache_bytes(), thetas, chosen.layers, breakdown)
         ],
         "predicted_ms_per_token": chosen.predicted_s * 1e3,
         "baselines": baselines,
@@ -141,8 +129,8 @@ def run_configure(args) -> dict:
         "policy": policy_config.as_dict(),
         "hardware": hw.name,
         "recall": recall,
-        "workload_s": profile_s,
-        "configure_s": configure_s,
+        "workload_s": configured.workload_s,
+        "configure_s": configured.configure_s,
         "config": args.out,
     }
 

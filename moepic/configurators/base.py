@@ -13,6 +13,8 @@ costs ⌈bytes / unit⌉ units, so whole units never add up to more than the bud
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -21,6 +23,7 @@ import numpy as np
 from moepic.cache.layout import BudgetError
 from moepic.core.ffn import top_neurons_for
 from moepic.perfmodel.latency import LatencyModel, LayerChoice
+from moepic.perfmodel.workload import workload_from_trace
 from moepic.registry import Registry, StrategyConfig
 
 CONFIGURATORS = Registry("configurator", default="moepic")
@@ -91,6 +94,37 @@ def configure_cache(configurator: Configurator, model: LatencyModel, budget_byte
         layers=layers, staging_experts=staging_experts, neuron_bytes=t.neuron_bytes, ffn_size=t.ffn_size,
         predicted_s=model.token_s(layers),
     )
+
+
+@attrs.frozen(eq=False)
+class TraceConfiguration:
+    """The configuration chosen on a profiling trace, and what it was chosen with."""
+
+    policy: object  # the winning candidate, as given (a config or a built policy)
+    latency: LatencyModel
+    chosen: CacheConfiguration
+    workload_s: float  # replaying the trace for the workload profiles
+    configure_s: float  # the configurator itself
+
+
+def configure_on_trace(
+    configurator: Configurator, trace, policies, *, hw, times, recall_L, candidates: float, budget_bytes: int,
+    staging_experts: int, progress: Callable[[int], None] = lambda layers: None,
+) -> TraceConfiguration:
+    """For each candidate policy (one, or `--policy auto`'s): its workload on `trace`, the latency
+    model and the configurator's choice; the fastest predicted wins (`progress`: after each layer)."""
+    best, workload_s, configure_s = None, 0.0, 0.0
+    for policy in policies:
+        start = time.perf_counter()
+        workload = workload_from_trace(trace, policy, recall_L=recall_L, candidates=candidates, progress=lambda done: progress(1))
+        workload_s += time.perf_counter() - start
+        latency = LatencyModel(hw, times, workload)
+        start = time.perf_counter()
+        chosen = configure_cache(configurator, latency, budget_bytes, staging_experts)
+        configure_s += time.perf_counter() - start
+        if best is None or chosen.predicted_s < best[2].predicted_s:
+            best = (policy, latency, chosen)
+    return TraceConfiguration(*best, workload_s=workload_s, configure_s=configure_s)
 
 
 def top_grid(model: LatencyModel, steps: int = 0) -> np.ndarray:

@@ -13,13 +13,14 @@ import time
 import attrs
 
 from moepic.cache.layout import CacheLayout, budget_bytes, plan_layout, staging_buffers
-from moepic.configurators import CONFIGURATORS, configure_cache
+from moepic.configurators import CONFIGURATORS
+from moepic.configurators.base import configure_on_trace
 from moepic.core.footprint import footprint
 from moepic.core.spec import ModelSpec
 from moepic.errors import ConfigError
 from moepic.perfmodel.hardware import HardwareProfile
-from moepic.perfmodel.latency import LatencyModel, model_times
-from moepic.perfmodel.workload import measured_recall, workload_from_trace
+from moepic.perfmodel.latency import model_times
+from moepic.perfmodel.workload import measured_recall
 from moepic.policies.base import build_policy_on
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.noisy_oracle import NoisyOracleConfig
@@ -73,27 +74,31 @@ def resolve_predictor(config: PredictorConfig, setting: Setting):
     return PREDICTORS.build(config, model, **future)
 
 
-def setup_layout(setup: Setup, setting: Setting, policy, predictor, times) -> tuple[CacheLayout, float | None]:
-    """The layout, and the latency model's prediction of it (seconds per token) when a configurator chose it."""
+def setup_layout(setup: Setup, setting: Setting, policies, predictor, times) -> tuple[CacheLayout, object]:
+    """The layout and the policy to run it with: θ and an even split with the first policy, or the
+    configurator's choice on the trace among `policies` (the fastest predicted)."""
     spec, dtype_bytes = setting.shape.spec, setting.shape.dtype_bytes
     staging = staging_buffers(spec.moe.top_k, predictor)
     budget = setting.budget if setting.budget is not None else setup.budget
     if budget is None:
         raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
     if setup.configurator is None or isinstance(budget, (list, tuple)):
-        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging), None
-    workload = workload_from_trace(
-        setting.trace, policy, recall_L=measured_recall(setting.trace, predictor), candidates=predictor.candidates
-    )
-    latency = LatencyModel(setting.hw, times, workload)
+        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging), policies[0]
     total = budget_bytes(budget, footprint(spec).routed_expert_bytes(dtype_bytes), "--budget")
-    chosen = configure_cache(CONFIGURATORS.build(setup.configurator), latency, total, staging)
-    if chosen.staging_experts == 0:  # everything fits whole
-        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging), chosen.predicted_s
-    return plan_layout(
-        spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
+    configured = configure_on_trace(
+        CONFIGURATORS.build(setup.configurator), setting.trace, policies, hw=setting.hw, times=times,
+        recall_L=measured_recall(setting.trace, predictor), candidates=predictor.candidates, budget_bytes=total,
         staging_experts=staging,
-    ), chosen.predicted_s
+    )
+    chosen = configured.chosen
+    if chosen.staging_experts == 0:  # everything fits whole
+        layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging)
+    else:
+        layout = plan_layout(
+            spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
+            staging_experts=staging,
+        )
+    return layout, configured.policy
 
 
 @attrs.frozen(eq=False)
@@ -125,13 +130,9 @@ def prepare(setup: Setup, setting: Setting) -> Prepared:
         setting.hw, setting.shape.spec, dtype_bytes=setting.shape.dtype_bytes, context_tokens=setting.context_tokens,
         predictor=predictor.horizon > 0,
     )
-    best = None
-    for config in setup.policy_choices or (setup.policy,):
-        policy = build_policy_on(config, setting.trace)
-        layout, predicted_s = setup_layout(setup, setting, policy, predictor, times)
-        if best is None or (predicted_s is not None and predicted_s < best[2]):
-            best = (policy, layout, predicted_s if predicted_s is not None else float("inf"))
-    return Prepared(best[0], predictor, best[1], times)
+    policies = [build_policy_on(config, setting.trace) for config in setup.policy_choices or (setup.policy,)]
+    layout, policy = setup_layout(setup, setting, policies, predictor, times)
+    return Prepared(policy, predictor, layout, times)
 
 
 def run_setup(setup: Setup, setting: Setting) -> SetupRun:
