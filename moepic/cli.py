@@ -221,6 +221,29 @@ def generate_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, [*_flag_overrides(args), *args.overrides], replace=replace)
 
 
+# command → (its module in moepic/commands, the module's run(args) → report, or None where main
+# passes the arguments itself, and its text(report) → str). generate prints as it goes.
+_COMMANDS = {
+    "inspect": ("inspect", None, "inspect_text"),
+    "routing-report": ("routing_report", None, "routing_report_text"),
+    "train-predictor": ("train_predictor", None, "train_predictor_text"),
+    "profile": ("profile", "run_profile", "profile_text"),
+    "configure": ("configure", "run_configure", "configure_text"),
+    "simulate": ("simulate", "run_simulate", "simulate_text"),
+    "compare": ("simulate", "run_compare", "compare_text"),
+    "fit-trace": ("synthetic", "run_fit_trace", "fit_trace_text"),
+    "synth-trace": ("synthetic", "run_synth_trace", "synth_trace_text"),
+}
+
+
+def _command_function(command: str, which: int):
+    """Imported on use, so that one command does not import the others' dependencies."""
+    import importlib
+
+    module, *names = _COMMANDS[command]
+    return getattr(importlib.import_module(f"moepic.commands.{module}"), names[which])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -241,30 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out=args.out, width=args.width, horizon=args.horizon, epochs=args.epochs, valid=args.valid,
                 max_tokens=args.max_tokens, seed=args.seed, progress=not args.json,
             )
-        elif args.command == "profile":
-            from moepic.commands.profile import run_profile
-
-            report = run_profile(args)
-        elif args.command == "configure":
-            from moepic.commands.configure import run_configure
-
-            report = run_configure(args)
-        elif args.command == "simulate":
-            from moepic.commands.simulate import run_simulate
-
-            report = run_simulate(args)
-        elif args.command == "compare":
-            from moepic.commands.simulate import run_compare
-
-            report = run_compare(args)
-        elif args.command == "fit-trace":
-            from moepic.commands.synthetic import run_fit_trace
-
-            report = run_fit_trace(args)
-        elif args.command == "synth-trace":
-            from moepic.commands.synthetic import run_synth_trace
-
-            report = run_synth_trace(args)
+        elif _COMMANDS.get(args.command, (None, None))[1]:
+            report = _command_function(args.command, 0)(args)
         elif args.command == "inspect":
             from moepic.commands.inspect import run_inspect
 
@@ -281,42 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(report))
-    elif args.command == "inspect":
-        from moepic.commands.inspect import inspect_text
-
-        print(inspect_text(report))
-    elif args.command == "routing-report":
-        from moepic.commands.routing_report import routing_report_text
-
-        print(routing_report_text(report))
-    elif args.command == "train-predictor":
-        from moepic.commands.train_predictor import train_predictor_text
-
-        print(train_predictor_text(report))
-    elif args.command == "profile":
-        from moepic.commands.profile import profile_text
-
-        print(profile_text(report))
-    elif args.command == "configure":
-        from moepic.commands.configure import configure_text
-
-        print(configure_text(report))
-    elif args.command == "simulate":
-        from moepic.commands.simulate import simulate_text
-
-        print(simulate_text(report))
-    elif args.command == "compare":
-        from moepic.commands.simulate import compare_text
-
-        print(compare_text(report))
-    elif args.command == "fit-trace":
-        from moepic.commands.synthetic import fit_trace_text
-
-        print(fit_trace_text(report))
-    elif args.command == "synth-trace":
-        from moepic.commands.synthetic import synth_trace_text
-
-        print(synth_trace_text(report))
+    elif args.command in _COMMANDS:
+        print(_command_function(args.command, 1)(report))
     else:
         stats = report["stats"]
         cache = ""
