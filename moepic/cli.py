@@ -171,6 +171,9 @@ _FLAG_KEYS = {
     "trace_hidden": "generate.trace_hidden",
     "budget": "cache.budget",
     "theta": "cache.theta",
+    # A strategy's name before its knobs: a new name replaces the node (merge_layers).
+    "policy": "cache.policy.name",
+    "predictor": "cache.predictor.name",
     "horizon": "cache.predictor.horizon",
     "link_gbps": "cache.link_gbps",
     "link_latency_us": "cache.link_latency_us",
@@ -211,14 +214,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def generate_config(args: argparse.Namespace) -> RunConfig:
-    """defaults ← --config YAML ← flags ← key=value overrides."""
-    # --policy replaces the whole node, so a YAML policy's other keys do not follow it to the new one.
-    replace = {}
-    if args.policy:
-        replace["cache.policy"] = {"name": args.policy}
-    if args.predictor:
-        replace["cache.predictor"] = {"name": args.predictor}
-    return load_config(args.config, [*_flag_overrides(args), *args.overrides], replace=replace)
+    """defaults ← --config YAML ← flags ← key=value overrides. `--policy NAME` is the override
+    `cache.policy.name=NAME`: a YAML policy of another name is replaced whole, knobs and all."""
+    return load_config(args.config, [*_flag_overrides(args), *args.overrides])
 
 
 # command → (its module in moepic/commands, the module's run(args) → report, or None where main

@@ -115,7 +115,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message (a strategy's known names, say)
+            return _coerce(value, options[0], key)
+        for option in options:
             try:
                 return _coerce(value, option, key)
             except ConfigError:
@@ -158,39 +161,89 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(str(e)) from None
 
 
-def load_config(
-    yaml_path: str | Path | None = None,
-    overrides: typing.Sequence[str] = (),
-    replace: typing.Mapping[str, Any] | None = None,
-) -> RunConfig:
-    """defaults ← YAML file ← `replace` ← `key=value` overrides, validated into a frozen RunConfig.
+def merge_layers(base: dict, over: dict, *, _depth: int = 0) -> dict:
+    """`over` on top of `base`, mappings merged key by key, except a strategy node whose name
+    changes: it is replaced whole, so `cache.policy.name=lfu` (or `cache.policy: {name: lfu}` in a
+    later file) drops the old policy's knobs instead of failing on them. `policy: lru` is shorthand
+    for `{name: lru}`."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        if _depth and isinstance(old, str) and isinstance(value, dict):
+            old = {"name": old}
+        switches = isinstance(value, dict) and "name" in value and isinstance(old, dict) and old.get("name") != value["name"]
+        if isinstance(old, dict) and isinstance(value, dict) and not (_depth and switches):
+            out[key] = merge_layers(old, value, _depth=_depth + 1)
+        else:
+            out[key] = value
+    return out
 
-    `replace` sets whole nodes instead of merging into them: switching a strategy
-    (`{"cache.policy": {"name": "lru"}}`) must not keep the old strategy's keys.
-    """
-    merged = OmegaConf.create({})
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            merged = OmegaConf.load(path)
-        except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not OmegaConf.is_dict(merged):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    for key, node in (replace or {}).items():
-        OmegaConf.update(merged, key, node, merge=False, force_add=True)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. sampling.seed=3)")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except (OmegaConfBaseException, yaml.YAMLError) as e:
-            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
     try:
-        data = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def _override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. sampling.seed=3)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overrides: typing.Sequence[str] = ()) -> Any:
+    """defaults ← each YAML file in turn ← `key=value` overrides, validated into the frozen `cls`.
+
+    Each file is first validated on its own, so a misspelled key or strategy name is reported with
+    the file it is in; then the layers are merged (`merge_layers`) and validated together.
+    """
+    merged: dict = {}
+    for file in files:
+        if file is None:
+            continue
+        path = Path(file)
+        data = _read_yaml(path)
+        try:
+            structure(cls, _resolved(data))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        merged = merge_layers(merged, data)
+    for item in overrides:  # the key is in the message, and the user just typed it
+        merged = merge_layers(merged, _override(item))
     # Keys left out keep their attrs defaults, so a YAML may set a single key of a section.
-    return structure(RunConfig, data)
+    return structure(cls, _resolved(merged))
+
+
+def _resolved(data: dict) -> dict:
+    """Interpolations (`${model.device}`) resolved, as plain containers."""
+    try:
+        return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    except OmegaConfBaseException as e:
+        if "Interpolation" in type(e).__name__ or "interpolation" in str(e).lower():
+            return data  # refers to a key of another layer: resolved once they are merged
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """defaults ← YAML file ← `key=value` overrides, validated into a frozen RunConfig."""
+    return load_layers(RunConfig, [yaml_path], overrides)
+
+
+def unstructure(value: Any) -> Any:
+    """The inverse of `structure`: plain dicts, lists and scalars (strategies with their `name`)."""
+    if isinstance(value, StrategyConfig):
+        return {"name": value.name} | {k: unstructure(v) for k, v in attrs.asdict(value, recurse=False).items()}
+    if attrs.has(type(value)):
+        return {f.name: unstructure(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, (list, tuple)):
+        return [unstructure(v) for v in value]
+    return value

@@ -203,11 +203,11 @@ def test_bad_yaml_syntax_names_the_file(capsys, mixtral, tmp_path):
     assert _error(capsys, [*GREEDY, "--model", mixtral, "--config", str(path)]).startswith(f"{path}: not valid YAML (")
 
 
-def test_unknown_yaml_key_is_named_with_the_known_keys(capsys, mixtral, tmp_path):
+def test_unknown_yaml_key_is_named_with_the_file_and_the_known_keys(capsys, mixtral, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("generate: {max_tokens: 3}\n")
     assert _error(capsys, [*GREEDY, "--model", mixtral, "--config", str(path)]) == (
-        "unknown config key generate.max_tokens; known keys here: "
+        f"{path}: unknown config key generate.max_tokens; known keys here: "
         "max_new_tokens, prompt, prompt_ids, record_trace, token_log, trace_hidden"
     )
 

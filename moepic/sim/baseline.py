@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import yaml
 
-from moepic.configurators import CONFIGURATORS, ConfiguratorConfig
-from moepic.configurators.base import AUTO_POLICIES
+from moepic.config import CacheConfig, load_config, load_layers
+from moepic.configurators import ConfiguratorConfig
 from moepic.errors import ConfigError
-from moepic.policies.base import POLICIES, PolicyConfig
-from moepic.predictors import PREDICTORS, PredictorConfig
+from moepic.policies.base import PolicyConfig
+from moepic.predictors import PredictorConfig
 
 BASELINES_DIR = Path(__file__).parent / "baselines"
 # The comparison's row order: published systems, ablations, ours, the bound.
@@ -42,38 +41,47 @@ class Setup:
     budget: str | float | tuple[str | float, ...] | None = None  # a run config's own; --budget replaces it
 
 
+@attrs.frozen(kw_only=True)
+class SystemConfig:
+    """A named system: what a baseline file holds (and the system part of an experiment config)."""
+
+    approximates: str = ""
+    # As `moepic generate` reads it: θ, policy, predictor (and a budget, which --budget replaces).
+    cache: CacheConfig = CacheConfig()
+    # Picks per-layer budgets and θ on the latency model; None: θ and an even split.
+    configurator: ConfiguratorConfig | None = None
+    # With a configurator: candidate policies, the fastest predicted on the profiling trace is
+    # used (as `moepic configure --policy auto`); empty: `cache.policy`.
+    policy_choices: tuple[PolicyConfig, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if self.policy_choices and self.configurator is None:
+            raise ValueError("policy_choices needs a configurator to choose among them")
+
+    def setup(self, name: str) -> Setup:
+        choices = self.policy_choices
+        return Setup(
+            name=name, approximates=self.approximates, theta=self.cache.theta, policy=choices[0] if choices else self.cache.policy,
+            policy_choices=choices if len(choices) > 1 else (), predictor=self.cache.predictor,
+            configurator=self.configurator, budget=self.cache.budget,
+        )
+
+
 def known_baselines() -> str:
     return ", ".join(ORDER)
 
 
-def load_baseline(name: str) -> Setup:
+def baseline_path(name: str) -> Path:
     path = BASELINES_DIR / f"{name}.yaml"
     if name not in ORDER or not path.is_file():
         raise ConfigError(f"unknown baseline {name!r}; known: {known_baselines()}")
-    data = yaml.safe_load(path.read_text())
-    unknown = set(data) - {"approximates", "cache", "configurator"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; known: approximates, cache, configurator")
-    cache = data["cache"]
-    configurator = data.get("configurator")
-    policies = AUTO_POLICIES if cache["policy"] == "auto" else cache["policy"] if isinstance(cache["policy"], list) else [cache["policy"]]
-    choices = tuple(POLICIES.structure_node(p, f"{path}: cache.policy") for p in policies)
-    if len(choices) > 1 and not configurator:
-        raise ConfigError(f"{path}: a list of policies needs a configurator to choose among them")
-    return Setup(
-        name=name,
-        approximates=str(data.get("approximates", "")),
-        theta=float(cache["theta"]),
-        policy=choices[0],
-        policy_choices=choices if len(choices) > 1 else (),
-        predictor=PREDICTORS.structure_node(cache["predictor"], f"{path}: cache.predictor"),
-        configurator=CONFIGURATORS.structure_node(configurator, f"{path}: configurator") if configurator else None,
-    )
+    return path
+
+
+def load_baseline(name: str) -> Setup:
+    return load_layers(SystemConfig, [baseline_path(name)]).setup(name)
 
 
 def setup_from_run_config(path: str) -> Setup:
     """The `cache:` section of a run config (`moepic generate --config` YAML)."""
-    from moepic.config import load_config
-
-    cache = load_config(path).cache
-    return Setup(name=Path(path).stem, theta=cache.theta, policy=cache.policy, predictor=cache.predictor, budget=cache.budget)
+    return SystemConfig(cache=load_config(path).cache).setup(Path(path).stem)
