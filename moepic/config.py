@@ -179,7 +179,7 @@ def merge_layers(base: dict, over: dict, *, _depth: int = 0) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -211,7 +211,7 @@ def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overr
         if file is None:
             continue
         path = Path(file)
-        data = _read_yaml(path)
+        data = read_yaml(path)
         try:
             structure(cls, _resolved(data))
         except ConfigError as e:

@@ -171,11 +171,11 @@ _FIT_STEP = np.array([0.5, 0.5, 0.15, 0.5])  # finite-difference steps; an itera
 
 
 def select_tokens(trace: RoutingTrace, keep) -> RoutingTrace:
-    """The trace's tokens that `keep` (a mask or slice) selects, without router inputs."""
+    """The trace's tokens that `keep` (a mask or slice) selects (router inputs too, where recorded)."""
     return attrs.evolve(
         trace, expert_ids_NLK=trace.expert_ids_NLK[keep], weights_NLK=trace.weights_NLK[keep],
         sequence_N=trace.sequence_N[keep], position_N=trace.position_N[keep], prefill_N=trace.prefill_N[keep],
-        hidden_NLD=None,
+        hidden_NLD=None if trace.hidden_NLD is None else trace.hidden_NLD[keep],
     )
 
 

@@ -1,0 +1,168 @@
+"""An ablation script's machinery: its grid, run where asked, written to every sink, tabled and plotted.
+
+A script under `experiments/` declares an `Ablation` (axes, table columns, plots, and the overrides
+for its default and toy sizes) and calls `main`. The command line is the same for all of them:
+
+    python experiments/ablate_X.py [--system NAME] [--backend sim|engine] [--executor local|ray]
+        [--workers N] [--ray-address ADDR] [--wandb] [--toy] [--out DIR] [key=value ...]
+
+`key=value` overrides apply to every cell (before the axes' own). The output folder gets
+results.jsonl (every record whole), results.csv (one row per cell), table.md and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from moepic.config import unstructure
+from moepic.errors import MoepicError
+from moepic.experiments.executors import run_cells
+from moepic.experiments.grid import Axis, expand
+from moepic.experiments.sinks import CsvSink, JsonlSink, MetricSink, WandbSink, git_sha
+
+
+@attrs.frozen
+class Column:
+    metric: str
+    header: str
+    format: str = ".2f"
+
+
+@attrs.frozen(kw_only=True)
+class Ablation:
+    name: str  # the W&B group, and the default output folder's name
+    title: str
+    axes: tuple[Axis, ...]
+    columns: tuple[Column, ...]
+    overrides: tuple[str, ...] = ()  # the script's own defaults, on top of the base config
+    toy: tuple[str, ...] = ()  # --toy: a tiny workload, for the tests
+    toy_axes: tuple[Axis, ...] | None = None  # --toy: fewer levels
+    engine: tuple[str, ...] = ()  # --backend engine: what the engine runs on (the bundled model, say)
+    ratio: tuple[str, Any] | None = None  # ms/token relative to this (axis, level), same other levels
+    plots: Callable[[list[dict], Path], list[Path]] = lambda records, out: []
+    summary: Callable[[list[dict]], str] | None = None  # text under the table (a derived result)
+
+
+@attrs.frozen
+class Report:
+    out: Path
+    records: list[dict]
+    table: str
+    figures: list[Path]
+
+
+def parser(ablation: Ablation, default_out: Path) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=ablation.title)
+    p.add_argument("overrides", nargs="*", help="key=value for every cell, e.g. workload.hardware=h100-pcie")
+    p.add_argument("--base", help="base experiment config (default: experiments/configs/base.yaml)")
+    p.add_argument("--system", help="a named system (moepic compare's baselines) or a system YAML overlaid on the base")
+    p.add_argument("--backend", choices=("sim", "engine"), help="simulate (default) or run the real engine")
+    p.add_argument("--executor", choices=("local", "ray"), help="local worker processes (default) or a Ray cluster")
+    p.add_argument("--workers", type=int, help="local worker processes (default: the CPU count)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--wandb", action="store_true", help="also log one W&B run per cell (offline unless wandb.mode=online)")
+    p.add_argument("--toy", action="store_true", help="a tiny workload and grid (seconds; what the tests run)")
+    p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"backend": "backend", "executor": "executor.kind", "workers": "executor.workers", "ray_address": "executor.address"}
+    out = [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    return out + (["wandb.enabled=true"] if args.wandb else [])
+
+
+def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, default_out: Path) -> Report:
+    args = parser(ablation, default_out).parse_args(argv)
+    engine = args.backend == "engine" or any(o.replace(" ", "") == "backend=engine" for o in args.overrides)
+    overrides = [
+        *ablation.overrides, *(ablation.toy if args.toy else ()), *(ablation.engine if engine else ()),
+        *_flag_overrides(args), *args.overrides,
+    ]
+    axes = ablation.toy_axes if args.toy and ablation.toy_axes is not None else ablation.axes
+    cells = expand(args.base or base, axes, overrides, args.system)
+    first = cells[0].config
+    executor = first.executor
+    if first.backend == "engine" and executor.kind == "local" and executor.workers != 1:
+        executor = attrs.evolve(executor, workers=1)  # cells timed side by side would share the cores
+    results = run_cells(cells, executor, desc=ablation.name, progress=not args.no_progress)
+    sha = git_sha()
+    records = [
+        {"script": ablation.name, "cell": cell.index, "key": cell.key, "system": cell.config.system, "backend": cell.config.backend,
+         "git_sha": sha, **result, "config": unstructure(cell.config)}
+        for cell, result in zip(cells, results)
+    ]
+    out = args.out
+    sinks: list[MetricSink] = [JsonlSink(out / "results.jsonl"), CsvSink(out / "results.csv")]
+    if first.wandb.enabled:
+        sinks.append(WandbSink(first.wandb, group=ablation.name, directory=out / "wandb"))
+    for sink in sinks:
+        for record in records:
+            sink.write(record)
+        sink.close()
+    table = markdown_table(ablation, records)
+    if ablation.summary is not None:
+        table += "\n\n" + ablation.summary(records)
+    header = (f"{ablation.title}\n\n{len(records)} cells, backend {first.backend}, git {sha}, "
+              f"{platform.machine()} {platform.processor() or ''} ({platform.node()})\n\n")
+    (out / "table.md").write_text(header + table + "\n")
+    figures = ablation.plots(records, out)
+    (out / "figures.json").write_text(json.dumps([str(f.relative_to(out)) for f in figures]) + "\n")
+    return Report(out, records, table, figures)
+
+
+def main(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, default_out: Path) -> Report:
+    """`run`, with the table printed and a user's mistake as one line on stderr (no traceback)."""
+    try:
+        report = run(ablation, base, argv, default_out=default_out)
+    except MoepicError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(report.table)
+    print(f"\nwrote {report.out}/: results.jsonl, results.csv, table.md, " + ", ".join(f.name for f in report.figures))
+    return report
+
+
+def markdown_table(ablation: Ablation, records: Sequence[dict]) -> str:
+    axes = list(records[0]["key"]) if records else []
+    headers = [*axes, *(c.header for c in ablation.columns)]
+    if ablation.ratio:
+        headers.append(f"× {ablation.ratio[0]} {ablation.ratio[1]}")
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for record in records:
+        cells = [_label(record["key"][a]) for a in axes]
+        cells += [_number(record["metrics"].get(c.metric), c.format) for c in ablation.columns]
+        if ablation.ratio:
+            cells.append(_number(ratio_to(record, records, *ablation.ratio), ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_to(record: dict, records: Sequence[dict], axis: str, level: Any, metric: str = "ms_per_token") -> float | None:
+    """`record`'s metric over that of the record with `axis` at `level` and every other axis alike."""
+    want = {**record["key"], axis: level}
+    reference = next((r for r in records if r["key"] == want), None)
+    if reference is None or not reference["metrics"].get(metric):
+        return None
+    return record["metrics"][metric] / reference["metrics"][metric]
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _number(value: Any, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    return format(value, fmt)

@@ -1,0 +1,128 @@
+"""An experiment cell's config: a system (baseline file) on a workload, run by a backend. Pure + file reading.
+
+    experiments/configs/base.yaml ← a system file (moepic/sim/baselines/NAME.yaml) ← key=value overrides
+        ─▶ ExperimentConfig (frozen; validated: unknown keys and strategy names fail with the file,
+           the key and the known choices)
+
+A system file is an experiment config that sets only the system's keys (`approximates`, `cache`,
+`configurator`, `policy_choices`), so the same YAML drives `moepic compare --baseline NAME` and an
+ablation cell. Swapping a strategy is replacing one node (`cache.policy: {name: lfu}`, or the
+override `cache.policy.name=lfu`, which drops the old policy's knobs: `config.merge_layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from moepic.config import read_yaml, load_layers
+from moepic.sim.baseline import ORDER, SystemConfig, baseline_path
+
+Recall = float | tuple[float, ...]
+
+
+def _positive(instance, attribute, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class SyntheticConfig:
+    """A seeded synthetic trace of the model shape (`moepic/tracing/synthetic.py`), used when
+    `workload.trace` is null. The laws are one value for every layer, or a `moepic fit-trace` file."""
+
+    params: str | None = None  # a `moepic fit-trace` JSON; null: the laws below
+    tokens: int = attrs.field(default=1000, validator=_positive)
+    sequences: int = attrs.field(default=4, validator=_positive)
+    seed: int = 0
+    # Defaults: the medians over layers of `fit_synthetic` on the shared Mixtral gsm8k trace.
+    skew: float = 0.5
+    reuse: float = 0.9
+    decay: float = 0.6
+    correlation: float = 1.0
+
+
+@attrs.frozen(kw_only=True)
+class WorkloadConfig:
+    """What is simulated: a routing trace on a model shape and a hardware profile."""
+
+    # A .npz trace or a JSONL routing log; relative paths are read from the working directory.
+    # null: a synthetic trace (`synthetic`).
+    trace: str | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+    max_tokens: int | None = attrs.field(default=None, validator=_positive)  # keep the trace's first N tokens
+    model_shape: str = "mixtral-8x7b"  # a preset (moepic/sim/shapes.py) or a model folder
+    hardware: str = "a6000"  # a bundled profile or a `moepic profile` YAML
+    link_gbps: float | None = attrs.field(default=None, validator=_positive)  # replaces the profile's host link (PCIe 3/4/5)
+    # A noisy oracle of this recall stands in for gate_lookahead/mlp where they cannot run (no
+    # router inputs in the trace); one value, or one per MoE layer.
+    recall: Recall | None = 0.85
+    context_tokens: int = 512  # attention context of a decode step
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    """`backend: engine`: the real offloading engine on a model (CPU: over the emulated `cache.link_gbps`)."""
+
+    model: str | None = None  # a Hugging Face folder; null: the bundled model
+    dataset: str = "kjv-heldout"  # where prompts come from (moepic routing-report's datasets)
+    prompt_tokens: int = attrs.field(default=64, validator=_positive)
+    new_tokens: int = attrs.field(default=32, validator=_positive)
+    repeats: int = attrs.field(default=3, validator=_positive)  # timed runs (median), after one warm-up
+
+
+@attrs.frozen(kw_only=True)
+class WandbConfig:
+    enabled: bool = False
+    # offline writes run folders to sync later (`wandb sync`); online needs `wandb login`.
+    # WANDB_MODE in the environment wins over this.
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "moepic-ablations"
+    entity: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ExecutorConfig:
+    kind: Literal["local", "ray"] = "local"
+    workers: int | None = attrs.field(default=None, validator=_positive)  # local processes; null: the CPU count
+    address: str | None = None  # ray: a cluster address; null: RAY_ADDRESS, else a local instance
+
+
+@attrs.frozen(kw_only=True)
+class ExperimentConfig(SystemConfig):
+    system: str = "custom"  # the system file it came from (a label in tables and dashboards)
+    workload: WorkloadConfig = WorkloadConfig()
+    backend: Literal["sim", "engine"] = "sim"
+    engine: EngineConfig = EngineConfig()
+    wandb: WandbConfig = WandbConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+    def setup(self, name: str | None = None):
+        return super().setup(name or self.system)
+
+
+def system_file(name_or_path: str) -> Path:
+    """A named system (the baselines of `moepic compare`) or a YAML file of one."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return baseline_path(name_or_path)
+
+
+def load_experiment(base: str | Path | None, system: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """defaults ← `base` YAML ← the system's file ← `key=value` overrides. The system is `system`,
+    else the one the base names (`system: moepic-lcp`)."""
+    files = [base]
+    if system is None and base is not None:
+        named = read_yaml(Path(base)).get("system")
+        system = named if isinstance(named, str) and named in ORDER else None
+    if system is not None:
+        files.append(system_file(system))
+        overrides = [f"system={Path(system).stem}", *overrides]
+    return load_layers(ExperimentConfig, files, overrides)
+
+
+__all__ = ["ORDER", "ExperimentConfig", "load_experiment", "system_file"]

@@ -1,0 +1,78 @@
+"""A grid of experiment cells, declared in Python and derived from one base config. Pure + file reading.
+
+    axes: policy × budget × …  (each level: a label, overrides, optionally a system file)
+    for each combination: load_experiment(base, system, script defaults ← user overrides ← levels)
+
+Every cell's config is resolved (and validated) here, before anything runs, so a misspelled key
+fails at once and with its file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from moepic.errors import ConfigError
+from moepic.experiments.config import ExperimentConfig, load_experiment
+
+
+@attrs.frozen
+class Level:
+    label: Any  # what tables and plots show
+    overrides: tuple[str, ...] = ()
+    system: str | None = None  # a system file overlaid on the base
+
+
+@attrs.frozen
+class Axis:
+    name: str
+    levels: tuple[Level, ...]
+
+
+def sweep(name: str, key: str, values: Iterable[Any]) -> Axis:
+    """One config key through values: `sweep("budget", "cache.budget", [0.25, 0.5])`."""
+    return Axis(name, tuple(Level(v, (f"{key}={_literal(v)}",)) for v in values))
+
+
+def choices(name: str, levels: dict[Any, Sequence[str]]) -> Axis:
+    """Named levels, each a list of overrides: `choices("policy", {"lru": ["cache.policy.name=lru"]})`."""
+    return Axis(name, tuple(Level(label, tuple(overrides)) for label, overrides in levels.items()))
+
+
+def systems(names: Iterable[str]) -> Axis:
+    """Named systems (baseline files) as the levels of an axis."""
+    return Axis("system", tuple(Level(n, system=n) for n in names))
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_literal, value)) + "]"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+@attrs.frozen(eq=False)
+class Cell:
+    index: int
+    key: dict[str, Any]  # axis name → level label
+    config: ExperimentConfig
+
+
+def expand(
+    base: str | Path | None, axes: Sequence[Axis], overrides: Sequence[str] = (), system: str | None = None,
+) -> list[Cell]:
+    """One cell per combination of the axes' levels, in order (the last axis varies fastest)."""
+    cells = []
+    for index, combo in enumerate(itertools.product(*(axis.levels for axis in axes))):
+        named = [level.system for level in combo if level.system is not None]
+        if len(named) > 1:
+            raise ConfigError(f"a cell names two systems: {', '.join(named)}")
+        cell_overrides = [*overrides, *(o for level in combo for o in level.overrides)]
+        config = load_experiment(base, named[0] if named else system, cell_overrides)
+        cells.append(Cell(index, {axis.name: level.label for axis, level in zip(axes, combo)}, config))
+    return cells
