@@ -35,6 +35,10 @@ def _common(**overrides):
 # name → (config class name, model class name, config kwargs, save kwargs)
 CHECKPOINTS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", _common(num_local_experts=4, num_experts_per_tok=2), {}),
+    # Deeper and wider: a predictor several layers ahead names enough different experts to fill staging.
+    "mixtral_deep": (
+        "MixtralConfig", "MixtralForCausalLM", _common(num_local_experts=16, num_experts_per_tok=2, num_hidden_layers=6), {},
+    ),
     "mixtral_sharded": (
         "MixtralConfig",
         "MixtralForCausalLM",

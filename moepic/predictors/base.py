@@ -74,14 +74,28 @@ class Predictor(Protocol[State]):
         ...
 
     def trace_predictions(self, trace) -> dict[int, np.ndarray]:
-        """For the simulator: per MoE layer, [N, k′] ids that the MoE layer before it names for each
-        token of `trace` (best first, −1 pads), as `predict` would one token at a time."""
+        """Per MoE layer, [N, k′] ids that the MoE layer before it names for each token of `trace`
+        (best first, −1 pads), as `predict` would one token at a time (`nearest(trace_predictions_ahead)`)."""
+        ...
+
+    def trace_predictions_ahead(self, trace) -> dict[tuple[int, int], np.ndarray]:
+        """For the simulator: per (source MoE layer, target MoE layer within the horizon), [N, k′]
+        ids the source names for the target for each token of `trace`."""
         ...
 
 
 def layers_ahead(moe_layers: tuple[int, ...], num_layers: int, horizon: int) -> dict[int, tuple[int, ...]]:
     """For every layer l: the next `horizon` MoE layers after it (what a prediction at l targets)."""
     return {l: tuple(m for m in moe_layers if m > l)[:horizon] for l in range(num_layers)}
+
+
+def nearest(ahead: dict[tuple[int, int], np.ndarray]) -> dict[int, np.ndarray]:
+    """Per target layer, what the closest source names (the MoE layer right before it)."""
+    out, source_of = {}, {}
+    for (source, target), named in sorted(ahead.items()):
+        if source >= source_of.get(target, -1):
+            source_of[target], out[target] = source, named
+    return out
 
 
 def merge_votes(rows: list[list[int]]) -> list[int]:
@@ -131,8 +145,12 @@ class ScoringPredictor:
         return {t: merge_votes([row[i * k : (i + 1) * k] for row in rows]) for i, t in enumerate(targets)}, state
 
     def trace_predictions(self, trace) -> dict[int, np.ndarray]:
-        """[N, k′] per MoE layer: what the layer before it names for each token, from the trace's
-        recorded router inputs (one batched `guess` per layer, as the engine computes it)."""
+        return nearest(self.trace_predictions_ahead(trace))
+
+    def trace_predictions_ahead(self, trace) -> dict[tuple[int, int], np.ndarray]:
+        """[N, k′] per (source, target): what each MoE layer names for each later one within the
+        horizon, from the trace's recorded router inputs (one batched `guess` per layer, as the
+        engine computes it)."""
         if self.tap != "router_input":  # the trace records router inputs, not layer outputs
             raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be run on a trace; give --recall")
         if trace.hidden_NLD is None:
@@ -143,9 +161,11 @@ class ScoringPredictor:
         k = min(self.candidates, self.num_experts)
         out = {}
         for column, layer in enumerate(trace.moe_layers):
-            if self.targets.get(layer):
+            targets = self.targets.get(layer, ())
+            if targets:
                 hidden_ND = torch.as_tensor(trace.hidden_NLD[:, column]).to(self.device, self.dtype)
-                out[self.targets[layer][0]] = self.guess(layer, hidden_ND)[:, :k].cpu().numpy()
+                guess_NX = self.guess(layer, hidden_ND).cpu().numpy()  # targets' top-k′ side by side
+                out.update({(layer, t): guess_NX[:, i * k : (i + 1) * k] for i, t in enumerate(targets)})
         return out
 
 
@@ -175,4 +195,7 @@ class NoPredictor:
         return {}, state
 
     def trace_predictions(self, trace) -> dict[int, np.ndarray]:
+        return {}
+
+    def trace_predictions_ahead(self, trace) -> dict[tuple[int, int], np.ndarray]:
         return {}

@@ -17,7 +17,7 @@ import numpy as np
 
 from moepic.core.model import Model
 from moepic.policies.base import check_trace_covers, trace_for
-from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, register_predictor
+from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, nearest, register_predictor
 from moepic.tracing import RoutingTrace
 
 
@@ -85,7 +85,10 @@ class NoisyOracle:
 
     def trace_predictions(self, trace: RoutingTrace) -> dict[int, np.ndarray]:
         """[N, k′] per target MoE layer: what `predict` names for each token of `trace` (its future)."""
+        return nearest(self.trace_predictions_ahead(trace))
+
+    def trace_predictions_ahead(self, trace: RoutingTrace) -> dict[tuple[int, int], np.ndarray]:
         if trace is not self.future:
             raise ValueError("noisy_oracle predicts only the trace it was built with")
         # What the MoE layers name for the next one: never the first MoE layer (nothing routes before it).
-        return {t: self.table[t] for layer in self.table for t in self.targets[layer]}
+        return {(layer, t): self.table[t] for layer in self.table for t in self.targets[layer]}

@@ -8,7 +8,7 @@ import torch
 
 from moepic.core.model import Model
 from moepic.policies.base import check_trace_covers, trace_for
-from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, register_predictor
+from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, nearest, register_predictor
 from moepic.tracing import RoutingTrace
 
 
@@ -46,8 +46,11 @@ class OraclePredictor:
         return out, state
 
     def trace_predictions(self, trace: RoutingTrace) -> dict[int, np.ndarray]:
+        return nearest(self.trace_predictions_ahead(trace))
+
+    def trace_predictions_ahead(self, trace: RoutingTrace) -> dict[tuple[int, int], np.ndarray]:
         if trace is not self.future:
             raise ValueError("the oracle predicts only the trace it was built with")
-        # One token's set, sorted as `predict` returns it.
-        return {targets[0]: np.sort(trace.expert_ids_NLK[:, self.columns[targets[0]]], axis=1)
-                for layer, targets in self.targets.items() if targets and layer in self.columns}
+        # One token's set, sorted as `predict` returns it; the same from every source.
+        named = {t: np.sort(trace.expert_ids_NLK[:, c], axis=1) for t, c in self.columns.items()}
+        return {(layer, t): named[t] for layer, targets in self.targets.items() if layer in self.columns for t in targets}

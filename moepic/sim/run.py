@@ -58,14 +58,17 @@ class Setting:
 def resolve_predictor(config: PredictorConfig, setting: Setting):
     """The predictor to run: the setup's own, or a noisy_oracle of the given recall where it cannot run."""
     trace = setting.trace
-    if getattr(config, "horizon", 1) > 1:
-        raise ConfigError(f"the simulator prefetches one MoE layer ahead; the {config.name} predictor has horizon {config.horizon}")
     if config.name in NEEDS_ROUTER_INPUTS and (setting.model is None or trace.hidden_NLD is None):
         if setting.recall is None:
             missing = "the trace has no router inputs" if trace.hidden_NLD is None else "no model weights were given (--model)"
             raise ConfigError(
                 f"the {config.name} predictor cannot run here ({missing}); give --recall R to simulate it as a "
                 "noisy_oracle of that recall"
+            )
+        if getattr(config, "horizon", 1) > 1:
+            raise ConfigError(
+                f"the noisy_oracle standing in for the {config.name} predictor names one MoE layer ahead, not "
+                f"{config.horizon}; run the predictor itself on a trace recorded with --trace-hidden (and --model)"
             )
         config = NoisyOracleConfig(recall=setting.recall, candidates=getattr(config, "candidates", None))
     model = setting.model if config.name in NEEDS_ROUTER_INPUTS else SpecOnly(setting.shape.spec)

@@ -3,13 +3,17 @@
 Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's order:
 
     compute stream  ─ attention, norms, router (+ predictor) ─▶ r ─ experts in id order, each after its copy ─▶
-    copy stream         … prefetches for this layer (issued at the previous layer's r) …
-                        at r: wrong ones not yet started are cancelled; then this layer's demand
-                        copies (urgent), its prefetches not yet started, the next layer's prefetches
+    copy stream         … prefetches for this layer and later ones (issued at earlier layers' r) …
+                        at r: this layer's wrong ones not yet started are cancelled; then its demand
+                        copies (urgent), the prefetches not yet started (in issue order), and
+                        this layer's own prefetches for the next `horizon` layers
 
 - Planning is the engine's: `plan_layer_step` with the policy's priorities (`priority_series`,
   equal to the engine's step-by-step ones), and a wrong prefetch is offered for admission exactly
   when the engine would offer it: it was copied whole and had landed by r.
+- Staging is shared as the engine shares it: prefetches for later layers hold their buffers until
+  those layers route, a layer's prefetching stops where it would take the demand reserve, and an
+  expert already on its way for a layer (named by an earlier one) is not copied twice.
 - Copies are serial on one link: `link_latency + bytes / link_gbps` each (hardware profile).
   Compute waits for an expert's copy, then runs it (`expert_s`), after a device copy of its top
   (a partial hit joins the cached top to its bottom; an admitted miss keeps its top in a slot).
@@ -26,7 +30,6 @@ import numpy as np
 
 from moepic.cache.layout import CacheLayout, prefetch_buffers
 from moepic.cache.planner import initial_residency, plan_layer_step
-from moepic.errors import ConfigError
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.latency import ModelTimes
 from moepic.policies.base import CachePolicy, priority_series
@@ -68,13 +71,11 @@ def simulate(
     predictor: Predictor | None = None,
 ) -> SimResult:
     """Replay `trace` through the cache `layout` and `policy`, prefetching what `predictor` names
-    (its `trace_predictions`, one MoE layer ahead)."""
+    (its `trace_predictions_ahead`: each MoE layer for the next `horizon` ones)."""
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
-    if predictor.horizon > 1:
-        raise ConfigError(f"the simulator prefetches one MoE layer ahead; the predictor has horizon {predictor.horizon}")
-    predictions, candidates = predictor.trace_predictions(trace), predictor.candidates
+    candidates = predictor.candidates
     steps = trace_steps(trace)
     layers = layout.layers
     L, E = len(layers), trace.num_experts
@@ -83,17 +84,29 @@ def simulate(
     priorities = [
         priority_series(policy, l.layer, E, counts[c], steps.tokens_S, steps.new_request_S) for c, l in enumerate(layers)
     ]
-    predicting = bool(predictions) and candidates > 0
-    named = [
-        step_predictions(predictions[l.layer], steps, candidates) if predicting and l.layer in predictions else None
-        for l in layers
-    ]
+    # issues[c]: per step, (target column, experts named for it) in the order layer c prefetches them.
+    column_of = {l.layer: c for c, l in enumerate(layers)}
+    issues: list[list[tuple[int, list[list[int]]]]] = [[] for _ in range(L)]
+    if candidates > 0:
+        for (source, target), named_NK in sorted(predictor.trace_predictions_ahead(trace).items()):
+            if source in column_of and target in column_of:
+                issues[column_of[source]].append((column_of[target], step_predictions(named_NK, steps, candidates)))
+    # named[c]: per step, every expert some earlier layer named for layer c (the engine's recall counts their union).
+    named: list[list[set[int]] | None] = [None] * L
+    for source_issues in issues:
+        for target, per_step in source_issues:
+            if named[target] is None:
+                named[target] = [set() for _ in range(steps.num_steps)]
+            for union, experts in zip(named[target], per_step):
+                union.update(experts)
+    predicting = any(issues)
+    reach = max((target - c for c, source_issues in enumerate(issues) for target, _ in source_issues), default=0)
     link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
     whole_s = [latency + l.expert_bytes / link_Bps for l in layers]
     bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
-    # A layer runs the predictor when it names the next MoE layer's experts.
-    layer_s = [times.layer_s + (times.predictor_s if c + 1 < L and named[c + 1] is not None else 0.0) for c in range(L)]
+    # A layer runs the predictor once per layer ahead it names experts for.
+    layer_s = [times.layer_s + times.predictor_s * len(issues[c]) for c in range(L)]
     expert_s = times.expert_s
     # The engine's own host work (hardware.py): per planned step, and per loaded expert.
     step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
@@ -112,37 +125,38 @@ def simulate(
         decode, tokens = decode_S[s], tokens_S[s]
         counts_L = (counters.decode if decode else counters.prefill).counts
         t = exposed = 0.0
-        pending: dict[int, tuple[bool, float, float, int]] = {}  # expert → (whole?, start, end, bytes)
+        # Per target column: expert → [whole?, start, end, bytes, issue order]; copies run in issue
+        # order on one link, each scheduled when issued and moved back when a demand copy goes first.
+        pending: list[dict[int, list]] = [{} for _ in range(L)]
+        order = 0
         for c in range(L):
             r = t + layer_s[c] + step_s[c]
-            loaded = [e for e, p in pending.items() if p[0] and p[2] <= r] if pending else ()
+            here = pending[c]
+            loaded = [e for e, p in here.items() if p[0] and p[2] <= r] if here else ()
             plan, caches[c] = plan_layer_step(layers[c], caches[c], used[c][s], priorities[c][s], loaded)
             experts = plan.experts
-            named_c = named[c]
-            if decode and named_c is not None:
+            if decode and named[c] is not None:
                 row = counters.predicted[c]
+                named_s = named[c][s]
                 row[0] += 1
-                row[1] += len(named_c[s])
+                row[1] += len(named_s)
                 row[2] += len(experts)
-                named_s = named_c[s]
-                for e in used[c][s]:
-                    if e in named_s:
-                        row[3] += 1
-            # The prefetches for this layer: used, kept, wasted (under way) or cancelled (not started).
+                row[3] += sum(1 for e in used[c][s] if e in named_s)
+            # This layer's prefetches: used, kept, wasted (under way) or cancelled (not started).
             ready: dict[int, float] = {}
-            requeued: dict[int, float] = {}
+            waiting: list[tuple[int, int, int]] = []  # (issue order, target, expert): not started, to move back
             link = r
-            if pending:
+            if here:
                 load_of = {e: load for e, _, _, load, _ in experts}
                 kept = [e for e, _ in plan.kept]
-                for e, (whole, start, end, nbytes) in pending.items():
+                for e, (whole, start, end, nbytes, issued) in here.items():
                     load = load_of.get(e)
                     if load is not None and (load == "whole") == whole:
                         if start < r:
                             ready[e] = end
                             link = end if end > link else link
                         else:
-                            requeued[e] = end - start
+                            waiting.append((issued, c, e))
                     elif e in kept:
                         counters.kept(nbytes)
                         link = end if end > link else link
@@ -152,36 +166,52 @@ def simulate(
                     else:  # withdrawn before it used the link
                         counters.cancelled += 1
                         prefetch -= nbytes
-            matched, demanded = len(ready) + len(requeued), 0
+                pending[c] = {e: here[e] for e in (*ready, *(w[2] for w in waiting))}  # the matched ones
+            held_later = 0  # staging buffers later layers' prefetches hold
+            for later in range(c + 1, min(L, c + reach)):  # what earlier layers issued for after this one
+                for e, p in pending[later].items():
+                    held_later += 1
+                    if p[1] < r:
+                        link = p[2] if p[2] > link else link
+                    else:
+                        waiting.append((p[4], later, e))
+            matched, demanded = len(pending[c]), 0
             for e, _, _, load, nbytes in experts:  # demand copies, urgent: ahead of prefetches not yet started
-                if load != "none" and e not in ready and e not in requeued:
+                if load != "none" and e not in pending[c]:
                     link += whole_s[c] if load == "whole" else bottom_s[c]
                     ready[e] = link
                     demand += nbytes
                     demanded += 1
-            for e, duration in requeued.items():
-                link += duration
-                ready[e] = link
-            pending = {}
+            for _, target, e in sorted(waiting):  # then the prefetches not yet started, in issue order
+                p = pending[target][e]
+                p[1], p[2] = link, link + (p[2] - p[1])
+                link = p[2]
+                if target == c:
+                    ready[e] = link
             # Staging as the engine shares it: this layer holds its matched prefetches and as many
-            # demand copies as its reserve allows; prefetching never takes the reserve.
-            room = staging - matched - min(demanded, max(0, reserve - matched)) - reserve
-            if c + 1 < L and named[c + 1] is not None and room > 0:
-                target = layers[c + 1]
-                slot_of = caches[c + 1].slot_of()
-                whole_hit = target.top_neurons == target.ffn_size
-                for e in named[c + 1][s]:
+            # demand copies as its reserve allows, later layers their prefetches; prefetching never
+            # takes the reserve.
+            room = staging - matched - min(demanded, max(0, reserve - matched)) - reserve - held_later
+            for target, per_step in issues[c]:
+                if room <= 0:
+                    break
+                layout_t, queued = layers[target], pending[target]
+                slot_of = caches[target].slot_of()
+                whole_hit = layout_t.top_neurons == layout_t.ffn_size
+                for e in per_step[s]:
                     whole = e not in slot_of  # its top is cached: only the bottom is copied
-                    if not whole and whole_hit:
-                        continue  # a whole-expert hit: nothing to copy
-                    end = link + (whole_s if whole else bottom_s)[c + 1]
-                    nbytes = target.expert_bytes if whole else target.bottom_bytes
-                    pending[e] = (whole, link, end, nbytes)
+                    if e in queued or (not whole and whole_hit):
+                        continue  # already on its way, or a whole-expert hit: nothing to copy
+                    end = link + (whole_s if whole else bottom_s)[target]
+                    nbytes = layout_t.expert_bytes if whole else layout_t.bottom_bytes
+                    queued[e] = [whole, link, end, nbytes, order]
+                    order += 1
                     link = end
                     prefetch += nbytes
                     room -= 1
                     if not room:
                         break
+            pending[c] = {}
             # Compute: each expert once its copy has landed (and its top has joined it); count it.
             row = counts_L[c]
             clock, exposed_before = r, exposed

@@ -330,9 +330,12 @@ def test_a_negative_context_is_one_line(capsys, traces):
     assert "--context" in message
 
 
-def test_a_run_config_predicting_two_layers_ahead_is_one_line(capsys, traces, tmp_path):
+def test_a_stand_in_for_a_predictor_two_layers_ahead_is_one_line(capsys, traces, tmp_path):
     config = tmp_path / "h2.yaml"
     config.write_text(yaml.safe_dump({"cache": {"budget": 0.5, "theta": 0.5, "policy": {"name": "lru"},
                                                 "predictor": {"name": "gate_lookahead", "horizon": 2}}}))
     message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--config", str(config), "--recall", "0.8")])
-    assert message == "the simulator prefetches one MoE layer ahead; the gate_lookahead predictor has horizon 2"
+    assert message == (
+        "the noisy_oracle standing in for the gate_lookahead predictor names one MoE layer ahead, not 2; run the "
+        "predictor itself on a trace recorded with --trace-hidden (and --model)"
+    )

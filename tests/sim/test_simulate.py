@@ -31,7 +31,7 @@ PROMPTS = ([1, 17, 5, 42, 8, 33, 9, 60], [7, 3, 29, 12, 41])
 
 @pytest.fixture(scope="module")
 def models(checkpoint_dir):
-    return load_split_friendly(checkpoint_dir, MODELS)
+    return load_split_friendly(checkpoint_dir, (*MODELS, "mixtral_deep"))
 
 
 def concatenated(traces: list[RoutingTrace]) -> RoutingTrace:
@@ -50,17 +50,20 @@ def concatenated(traces: list[RoutingTrace]) -> RoutingTrace:
 @given(
     name=st.sampled_from(MODELS),
     predictor=st.sampled_from(["none", "oracle"]),
+    horizon=st.integers(1, 3),
     policy=st.sampled_from(sorted(POLICIES)),
     share=st.floats(0.0, 1.0),
     theta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
     prompt_lens=st.lists(st.integers(1, 8), min_size=1, max_size=2),
     new_tokens=st.integers(1, 6),
 )
-def test_the_simulator_counts_exactly_what_the_engine_counts(models, name, predictor, policy, share, theta, prompt_lens, new_tokens):
+def test_the_simulator_counts_exactly_what_the_engine_counts(
+    models, name, predictor, horizon, policy, share, theta, prompt_lens, new_tokens
+):
     model = models[name]
     prompts = [PROMPTS[i][:n] for i, n in enumerate(prompt_lens)]
     trace = concatenated([dense_run(model, p, new_tokens)[1] for p in prompts])
-    pred = OraclePredictor(OracleConfig(), model, future=trace) if predictor == "oracle" else None
+    pred = OraclePredictor(OracleConfig(horizon=horizon), model, future=trace) if predictor == "oracle" else None
     staging = staging_buffers(model.spec.moe.top_k, pred) if pred else None
     budget = budget_between_the_minimum_and_everything(model, share, staging_experts=staging)
     engine = offloaded_experts(model, budget, theta, policy=policy_for(policy, trace), predictor=pred)
@@ -81,3 +84,48 @@ def test_the_simulator_counts_exactly_what_the_engine_counts(models, name, predi
     )
     assert list(sim.recall) == engine.report()["layer_prediction_recall"]
     assert sim.tokens == sum(s.tokens for s in engine.decode_stats.values()) // len(engine.decode_stats)
+
+
+@settings(max_examples=20)
+@given(
+    name=st.sampled_from([*MODELS, "mixtral_deep", "mixtral_deep"]),
+    horizon=st.integers(2, 3),
+    candidates=st.integers(1, 8),
+    prompt_len=st.integers(1, 8),
+    new_tokens=st.integers(1, 6),
+)
+def test_with_a_real_predictor_ahead_the_simulator_issues_the_engine_s_prefetches(models, name, horizon, candidates, prompt_len, new_tokens):
+    """A gate lookahead several layers ahead names different experts from each source, so its
+    prefetches compete for staging (later layers' prefetches hold buffers). Without a cache
+    nothing depends on timing but a wrong prefetch's fate (wasted or cancelled), so the copies
+    issued, the demand bytes and the recall must agree exactly."""
+    from moepic.predictors.gate_lookahead import GateLookahead, GateLookaheadConfig
+    from moepic.tracing.recorder import RoutingRecorder
+
+    model = models[name]
+    prompt = PROMPTS[0][:prompt_len]
+    recorder = RoutingRecorder(model.spec, model_name="test", record_hidden=True)
+    generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), tap=recorder)
+    trace = recorder.trace()
+    pred = GateLookahead(GateLookaheadConfig(candidates=candidates, horizon=horizon), model)
+    staging = staging_buffers(model.spec.moe.top_k, pred)
+    from moepic.cache.layout import plan_layout
+
+    big = plan_layout(model.spec, dtype_bytes=model.dtype.itemsize, budget=10**12, theta=0.5, staging_experts=staging)
+    budget = staging * big.layers[0].expert_bytes  # staging only: no cache
+    engine = offloaded_experts(model, budget, 0.5, policy=policy_for("lru", trace), predictor=pred)
+    try:
+        generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), experts=engine)
+    finally:
+        engine.close()
+    assert all(l.slots == 0 for l in engine.layout.layers)
+    hw = load_profile("a6000")
+    sim = simulate(trace, engine.layout, policy_for("lru", trace), model_times(hw, model.spec, dtype_bytes=4, predictor=True), hw, pred)
+
+    expert_bytes = engine.layout.layers[0].expert_bytes
+    assert {l.expert_bytes for l in engine.layout.layers} == {expert_bytes}
+    c = engine.counters
+    assert sim.prefetch_bytes // expert_bytes + sim.cancelled_prefetches == c.prefetch_bytes // expert_bytes + c.cancelled_prefetches
+    assert sim.demand_bytes == c.demand_bytes
+    assert sim.decode == tuple(engine.decode_stats.values())
+    assert list(sim.recall) == engine.report()["layer_prediction_recall"]
