@@ -70,8 +70,6 @@ ABLATION = Ablation(
         Column("mib_loaded_per_token", "MiB/token", ".1f"), Column("cache_gib", "cache GiB", ".2f"),
         Column("configure_s", "configure s", ".2f"),
     ),
-    toy=("workload.trace=null", "workload.synthetic.tokens=48", "workload.synthetic.sequences=2"),
-    engine=(),
     ratio=("configurator", "uniform"),
     plots=plots,
     summary=summary,

@@ -43,7 +43,6 @@ ABLATION = Ablation(
         Column("ms_per_token", "ms/token", ".1f"), Column("exposed_copy_ms_per_token", "exposed ms", ".1f"),
         Column("expert_hit_rate", "hit rate", ".3f"), Column("policy", "policy", "s"),
     ),
-    toy=("workload.trace=null", "workload.synthetic.tokens=48", "workload.synthetic.sequences=2"),
     ratio=("link", "pcie4"),
     plots=plots,
 )

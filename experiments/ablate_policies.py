@@ -22,7 +22,6 @@ POLICIES = ("lru", "lfu", "lcp", "belady")
 BUDGETS = (0.125, 0.25, 0.5)
 SHARED = "../shared/traces/mixtral-8x7b-instruct-fp8"
 TRACES = choices("trace", {name: [f"workload.trace={SHARED}/{name}_2_routing.jsonl"] for name in ("gsm8k", "humaneval")})
-TOY = ("workload.trace=null", "workload.synthetic.tokens=48", "workload.synthetic.sequences=2")
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
@@ -49,8 +48,6 @@ ABLATION = Ablation(
         Column("mib_loaded_per_token", "MiB/token", ".1f"), Column("exposed_copy_ms_per_token", "exposed ms", ".1f"),
     ),
     overrides=("configurator=null", "cache.theta=0.5"),
-    toy=TOY,
-    engine=("cache.budget=0.25",),
     ratio=("policy", "lcp"),
     plots=plots,
 )

@@ -23,7 +23,7 @@ THETAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 BUDGETS = (0.125, 0.25, 0.5)
 MODELS = choices("model", {
     "mixtral-8x7b": [],
-    "qwen1.5-moe-a2.7b": ["workload.model_shape=qwen1.5-moe-a2.7b", "workload.trace=null", "workload.synthetic.tokens=600"],
+    "qwen1.5-moe-a2.7b": ["workload.model_shape=qwen1.5-moe-a2.7b", "workload.source=synthetic", "workload.synthetic.tokens=600"],
 })
 
 
@@ -48,8 +48,6 @@ ABLATION = Ablation(
         Column("mib_loaded_per_token", "MiB/token", ".1f"), Column("exposed_copy_ms_per_token", "exposed ms", ".2f"),
     ),
     overrides=("configurator=null",),
-    toy=("workload.trace=null", "workload.synthetic.tokens=48", "workload.synthetic.sequences=2"),
-    engine=("cache.budget=0.25",),
     ratio=("theta", 0.5),
     plots=plots,
 )

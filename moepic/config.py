@@ -158,22 +158,25 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
     try:
         return cls(**values)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        message = str(e)
+        if prefix and f"{prefix}." not in message:  # a validator that knows only its field's name
+            message = f"config key {prefix}: {message}"
+        raise ConfigError(message) from None
 
 
-def merge_layers(base: dict, over: dict, *, _depth: int = 0) -> dict:
+def merge_layers(base: dict, over: dict) -> dict:
     """`over` on top of `base`, mappings merged key by key, except a strategy node whose name
     changes: it is replaced whole, so `cache.policy.name=lfu` (or `cache.policy: {name: lfu}` in a
     later file) drops the old policy's knobs instead of failing on them. `policy: lru` is shorthand
-    for `{name: lru}`."""
+    for `{name: lru}`. (Only strategy nodes have a `name` key.)"""
     out = dict(base)
     for key, value in over.items():
         old = out.get(key)
-        if _depth and isinstance(old, str) and isinstance(value, dict):
+        if isinstance(old, str) and isinstance(value, dict):
             old = {"name": old}
         switches = isinstance(value, dict) and "name" in value and isinstance(old, dict) and old.get("name") != value["name"]
-        if isinstance(old, dict) and isinstance(value, dict) and not (_depth and switches):
-            out[key] = merge_layers(old, value, _depth=_depth + 1)
+        if isinstance(old, dict) and isinstance(value, dict) and not switches:
+            out[key] = merge_layers(old, value)
         else:
             out[key] = value
     return out

@@ -29,6 +29,12 @@ from moepic.experiments.grid import Axis, expand
 from moepic.experiments.sinks import CsvSink, JsonlSink, MetricSink, WandbSink, git_sha
 
 
+# --toy: a small synthetic trace of the base's model shape (seconds per grid; what the tests run).
+TOY_WORKLOAD = ("workload.source=synthetic", "workload.synthetic.tokens=48", "workload.synthetic.sequences=2")
+# --backend engine: the bundled model generates the recorded workload (workload.recorded).
+ENGINE_WORKLOAD = ("workload.source=recorded", "workload.model_shape=bundled")
+
+
 @attrs.frozen
 class Column:
     metric: str
@@ -43,9 +49,9 @@ class Ablation:
     axes: tuple[Axis, ...]
     columns: tuple[Column, ...]
     overrides: tuple[str, ...] = ()  # the script's own defaults, on top of the base config
-    toy: tuple[str, ...] = ()  # --toy: a tiny workload, for the tests
+    toy: tuple[str, ...] = TOY_WORKLOAD  # --toy: a tiny workload, for the tests
     toy_axes: tuple[Axis, ...] | None = None  # --toy: fewer levels
-    engine: tuple[str, ...] = ()  # --backend engine: what the engine runs on (the bundled model, say)
+    engine: tuple[str, ...] = ENGINE_WORKLOAD  # --backend engine: what the engine runs
     ratio: tuple[str, Any] | None = None  # ms/token relative to this (axis, level), same other levels
     plots: Callable[[list[dict], Path], list[Path]] = lambda records, out: []
     summary: Callable[[list[dict]], str] | None = None  # text under the table (a derived result)

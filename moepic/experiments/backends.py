@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import attrs
 import numpy as np
 
 from moepic.errors import ConfigError
-from moepic.experiments.config import ExperimentConfig, WorkloadConfig
+from moepic.experiments.config import ExperimentConfig, RecordedConfig, WorkloadConfig
 from moepic.perfmodel.hardware import HardwareProfile, load_profile
 from moepic.sim.run import Setting, check_trace_fits, prepare
 from moepic.sim.shapes import ModelShape, model_shape
@@ -46,27 +47,73 @@ def hardware(workload: WorkloadConfig) -> HardwareProfile:
     return attrs.evolve(hw, link_gbps=workload.link_gbps) if workload.link_gbps else hw
 
 
+def shape_of(workload: WorkloadConfig) -> ModelShape:
+    return model_shape(_model_folder(None) if workload.model_shape == "bundled" else workload.model_shape)
+
+
 @functools.lru_cache(maxsize=4)
-def workload_trace(workload: WorkloadConfig, shape: ModelShape) -> RoutingTrace:
-    """The workload's trace, fitted to the shape (checked), cut to `max_tokens`."""
-    if workload.trace is None:
-        synthetic = workload.synthetic
-        spec = shape.spec
-        L, E, k = len(spec.moe_layers), spec.moe.num_experts, spec.moe.top_k
-        if synthetic.params is not None:
-            laws = load_synthetic(synthetic.params).for_shape(E, k, L)
-        else:
-            laws = SyntheticRouting(
-                num_experts=E, top_k=k, skew=[synthetic.skew] * L, reuse=[synthetic.reuse] * L,
-                decay=[synthetic.decay] * L, correlation=[0.0] + [synthetic.correlation] * (L - 1),
-            )
-        trace = generate_trace(laws, synthetic.tokens, synthetic.seed, min(synthetic.sequences, synthetic.tokens))
-        where = "workload.synthetic"
+def workload_trace(workload: WorkloadConfig) -> RoutingTrace:
+    """The workload's routing, checked against its shape and cut to `max_tokens`."""
+    shape = shape_of(workload)
+    if workload.source == "synthetic":
+        trace, where = synthetic_trace(workload, shape), "workload.synthetic"
+    elif workload.source == "recorded":
+        trace, where = recorded_run(_shape_folder(workload), workload.recorded).trace, "workload.recorded"
+    elif workload.trace is None:
+        raise ConfigError("config key workload.trace: not set, and workload.source is trace (give a .npz or .jsonl file)")
     else:
         trace, where = load_any_trace(workload.trace), workload.trace
     if workload.max_tokens is not None:
         trace = select_tokens(trace, slice(0, workload.max_tokens))
     return check_trace_fits(trace, shape, where)
+
+
+def synthetic_trace(workload: WorkloadConfig, shape: ModelShape) -> RoutingTrace:
+    synthetic, spec = workload.synthetic, shape.spec
+    L, E, k = len(spec.moe_layers), spec.moe.num_experts, spec.moe.top_k
+    if synthetic.params is not None:
+        laws = load_synthetic(synthetic.params).for_shape(E, k, L)
+    else:
+        laws = SyntheticRouting(
+            num_experts=E, top_k=k, skew=[synthetic.skew] * L, reuse=[synthetic.reuse] * L,
+            decay=[synthetic.decay] * L, correlation=[0.0] + [synthetic.correlation] * (L - 1),
+        )
+    return generate_trace(laws, synthetic.tokens, synthetic.seed, min(synthetic.sequences, synthetic.tokens))
+
+
+@attrs.frozen(eq=False)
+class RecordedRun:
+    prompts: list[list[int]]
+    token_ids: list[list[int]]  # the dense model's greedy tokens, per request
+    trace: RoutingTrace  # every request's routing (prompt and decode), with router inputs
+
+
+@functools.lru_cache(maxsize=2)
+def recorded_run(folder: str, recorded: RecordedConfig) -> RecordedRun:
+    """The dense model's greedy runs of `recorded.requests` prompts, cut one after another from the
+    middle of the dataset's text (its second half: the mlp predictor trains on the first)."""
+    from moepic.commands.routing_report import DATASETS
+    from moepic.runtime.generation import generate
+    from moepic.tokenizer import TextCodec
+    from moepic.tracing.recorder import RoutingRecorder
+
+    if recorded.dataset not in DATASETS:
+        raise ConfigError(f"config key workload.recorded.dataset: unknown dataset {recorded.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    model = _model(folder)
+    text = DATASETS[recorded.dataset].read_text()
+    ids = TextCodec.from_folder(folder).encode(text[len(text) // 2 :])
+    n = recorded.prompt_tokens
+    if len(ids) < recorded.requests * n:
+        raise ConfigError(f"workload.recorded: {recorded.dataset}'s second half has {len(ids)} tokens, fewer than "
+                          f"{recorded.requests} prompts of {n}")
+    prompts = [ids[i * n : (i + 1) * n] for i in range(recorded.requests)]
+    recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=True)
+    token_ids = []
+    for i, prompt in enumerate(prompts):
+        if i:
+            recorder.begin_sequence()
+        token_ids.append(generate(model, prompt, max_new_tokens=recorded.new_tokens, eos_ids=(), tap=recorder).token_ids)
+    return RecordedRun(prompts, token_ids, recorder.trace(source=f"{folder} on {recorded.dataset}"))
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,26 +129,38 @@ def _model_folder(name: str | None) -> str:
     return model_folder(name)
 
 
+def _shape_folder(workload: WorkloadConfig) -> str:
+    """The model folder a recorded workload (and the engine) runs."""
+    name = workload.model_shape
+    if name == "bundled":
+        return _model_folder(None)
+    if not Path(name).is_dir():
+        raise ConfigError(f"config key workload.model_shape: a recorded workload runs a model; {name!r} is not a model folder (or bundled)")
+    return name
+
+
 # -- simulator -----------------------------------------------------------------------------------
 
 
 def run_sim(config: ExperimentConfig) -> dict:
     workload = config.workload
-    shape = model_shape(workload.model_shape)
-    trace = workload_trace(workload, shape)
-    # Predictors that read router inputs run for real when the trace has them and the shape is a
-    # model folder (its weights); otherwise the noisy oracle of `workload.recall` stands in.
-    model = _model(workload.model_shape) if trace.hidden_NLD is not None and shape.name == workload.model_shape else None
+    shape = shape_of(workload)
+    trace = workload_trace(workload)
+    # Predictors that read router inputs run for real on a recorded workload (the trace has them,
+    # and the model's weights are at hand); otherwise the noisy oracle of `workload.recall` stands in.
+    model = _model(_shape_folder(workload)) if workload.source == "recorded" else None
+    context = _recorded_context(workload.recorded) if workload.source == "recorded" else workload.context_tokens
     setting = Setting(
         trace=trace, shape=shape, hw=hardware(workload), budget=config.cache.budget, recall=workload.recall, model=model,
-        context_tokens=workload.context_tokens,
+        context_tokens=context,
     )
     start = time.perf_counter()
     ready = prepare(config.setup(), setting)
     configured = time.perf_counter()
     result = simulate(trace, ready.layout, ready.policy, ready.times, setting.hw, ready.predictor)
     summary = result.summary()
-    predicted_layers = sum(r is not None for r in result.recall)
+    # The simulator charges one prediction per MoE layer ahead that a layer names experts for.
+    predictions = sum(len(t) for l, t in getattr(ready.predictor, "targets", {}).items() if l in trace.moe_layers)
     metrics = {
         "ms_per_token": summary["ms_per_token"],
         "p99_ms": summary["p99_ms"],
@@ -110,7 +169,7 @@ def run_sim(config: ExperimentConfig) -> dict:
         "mib_loaded_per_token": summary["bytes_loaded_per_token"] / MIB,
         "prediction_recall": summary["prediction_recall"],
         "prediction_precision": summary["prediction_precision"],
-        "predictor_ms_per_token": ready.times.predictor_s * predicted_layers * 1e3,
+        "predictor_ms_per_token": ready.times.predictor_s * predictions * 1e3 if ready.predictor.horizon else 0.0,
         "cache_gib": summary["cache_bytes"] / 2**30,
         "staging_gib": summary["staging_bytes"] / 2**30,
         "policy": ready.policy.config.name,
@@ -119,6 +178,10 @@ def run_sim(config: ExperimentConfig) -> dict:
         "simulate_s": time.perf_counter() - configured,
     }
     return {"metrics": metrics, "layers": [_layer_row(row, layout) for row, layout in zip(summary["layers"], result.layout.layers)]}
+
+
+def _recorded_context(recorded: RecordedConfig) -> int:
+    return recorded.prompt_tokens + recorded.new_tokens // 2  # a decode step's mean context
 
 
 def _layer_row(row: dict, layout) -> dict:
@@ -132,76 +195,62 @@ def _layer_row(row: dict, layout) -> dict:
 # -- engine --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def _dense_run(folder: str, dataset: str, prompt_tokens: int, new_tokens: int):
-    """The prompt (from the middle of the dataset's text), the dense model's greedy tokens and their trace."""
-    from moepic.commands.routing_report import DATASETS
-    from moepic.runtime.generation import generate
-    from moepic.tokenizer import TextCodec
-    from moepic.tracing.recorder import RoutingRecorder
-
-    if dataset not in DATASETS:
-        raise ConfigError(f"config key engine.dataset: unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
-    model = _model(folder)
-    text = DATASETS[dataset].read_text()
-    middle = len(text) // 2
-    prompt = TextCodec.from_folder(folder).encode(text[middle : middle + 40 * prompt_tokens])[:prompt_tokens]
-    recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=True)
-    dense = generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), tap=recorder)
-    return prompt, dense.token_ids, recorder.trace()
-
-
 def run_engine(config: ExperimentConfig) -> dict:
     from moepic.runtime.copy_engine import Link
     from moepic.runtime.generation import generate
     from moepic.runtime.offload import OffloadedExperts
 
-    engine_config, cache = config.engine, config.cache
+    workload, cache = config.workload, config.cache
+    if workload.source != "recorded":
+        raise ConfigError("backend engine runs workload.recorded on its model: set workload.source=recorded "
+                          "(and workload.model_shape=bundled or a model folder)")
     if cache.budget is None:
         raise ConfigError("backend engine: config key cache.budget is not set (bytes like 64MiB, or a share like 0.25)")
-    folder = _model_folder(engine_config.model)
+    folder = _shape_folder(workload)
     model = _model(folder)
-    prompt, dense_ids, trace = _dense_run(folder, engine_config.dataset, engine_config.prompt_tokens, engine_config.new_tokens)
+    run = recorded_run(folder, workload.recorded)
     shape = ModelShape(name=folder, spec=model.spec, dtype_bytes=model.dtype.itemsize)
     setting = Setting(
-        trace=trace, shape=shape, hw=hardware(config.workload), budget=cache.budget, model=model,
-        context_tokens=len(prompt) + engine_config.new_tokens // 2,
+        trace=run.trace, shape=shape, hw=hardware(workload), budget=cache.budget, model=model,
+        context_tokens=_recorded_context(workload.recorded),
     )
     ready = prepare(config.setup(), setting)
     link = Link(gbps=cache.link_gbps, latency_us=cache.link_latency_us) if cache.link_gbps else None
-    decode_s, report, decode_stats = [], {}, {}
-    for repeat in range(engine_config.repeats + 1):  # the first warms up
+    ms_per_token, report, decode_stats = [], {}, {}
+    for repeat in range(config.engine.repeats + 1):  # the first warms up
         engine = OffloadedExperts(model.weights, ready.layout, ready.policy, device=model.device, predictor=ready.predictor, link=link)
+        decode_s = steps = 0
         try:
-            run = generate(model, prompt, max_new_tokens=engine_config.new_tokens, eos_ids=(), experts=engine)
+            for prompt, expected in zip(run.prompts, run.token_ids):
+                out = generate(model, prompt, max_new_tokens=workload.recorded.new_tokens, eos_ids=(), experts=engine)
+                if out.token_ids != expected:
+                    raise AssertionError(f"{config.system}: the offloaded tokens differ from the dense model's")
+                decode_s, steps = decode_s + out.stats.decode_s, steps + out.stats.tokens - 1
             report, decode_stats = engine.report(), engine.decode_stats
         finally:
             engine.close()
-        if run.token_ids != dense_ids:
-            raise AssertionError(f"{config.system}: the offloaded tokens differ from the dense model's")
         if repeat:
-            decode_s.append(run.stats.decode_s_per_token)
-    tokens = engine_config.new_tokens
-    layers = ready.layout.layers
+            ms_per_token.append(decode_s / max(steps, 1) * 1e3)
+    tokens = next(iter(decode_stats.values())).tokens
     metrics = {
-        "ms_per_token": statistics.median(decode_s) * 1e3,
-        "p99_ms": float(np.percentile(np.array(decode_s) * 1e3, 99)),  # over repeats: run-to-run spread
+        "ms_per_token": statistics.median(ms_per_token),
+        "p99_ms": float(np.percentile(ms_per_token, 99)),  # over repeats: the run-to-run spread
         "exposed_copy_ms_per_token": report["decode_exposed_copy_s_per_token"] * 1e3,
         "expert_hit_rate": report["decode_expert_hit_rate"],
         "mib_loaded_per_token": report["decode_bytes_loaded_per_token"] / MIB,
         "prediction_recall": report["prediction_recall"],
         "prediction_precision": report["prediction_precision"],
-        "predictor_ms_per_token": report["predictor_s"] / tokens * 1e3,
+        "predictor_ms_per_token": report["predictor_s"] / max(tokens, 1) * 1e3,  # measured: every step's predictions
         "cache_gib": report["cache_bytes"] / 2**30,
         "staging_gib": report["staging_bytes"] / 2**30,
         "policy": ready.policy.config.name,
         "tokens": tokens,
-        "exact": True,
+        "exact": True,  # every run's tokens equal the dense model's (checked above)
     }
     rows = [
         {"layer": l.layer, "theta": l.theta, "slots": l.slots, "cache_mib": l.cache_bytes / MIB,
-         "hit_rate": decode_stats[l.layer].hit_rate, "mib_loaded_per_token": decode_stats[l.layer].bytes_loaded / tokens / MIB,
+         "hit_rate": decode_stats[l.layer].hit_rate, "mib_loaded_per_token": decode_stats[l.layer].bytes_loaded / max(tokens, 1) / MIB,
          "recall": recall, "ms_per_token": None, "exposed_copy_ms_per_token": None}  # the engine does not time layers
-        for l, recall in zip(layers, report["layer_prediction_recall"])
+        for l, recall in zip(ready.layout.layers, report["layer_prediction_recall"])
     ]
     return {"metrics": metrics, "layers": rows}

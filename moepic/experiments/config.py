@@ -46,31 +46,42 @@ class SyntheticConfig:
 
 
 @attrs.frozen(kw_only=True)
-class WorkloadConfig:
-    """What is simulated: a routing trace on a model shape and a hardware profile."""
+class RecordedConfig:
+    """Routing recorded here: the model (`workload.model_shape`, a folder or `bundled`) generates
+    greedily from prompts cut from a dataset's second half, with router inputs, so gate lookahead
+    and mlp run for real. The engine backend runs exactly these requests."""
 
-    # A .npz trace or a JSONL routing log; relative paths are read from the working directory.
-    # null: a synthetic trace (`synthetic`).
-    trace: str | None = None
+    dataset: str = "kjv-heldout"  # moepic routing-report's datasets
+    requests: int = attrs.field(default=4, validator=_positive)
+    prompt_tokens: int = attrs.field(default=64, validator=_positive)
+    new_tokens: int = attrs.field(default=32, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class WorkloadConfig:
+    """What runs: routing (a trace file, a synthetic trace, or recorded here) on a model shape and a
+    hardware profile."""
+
+    source: Literal["trace", "synthetic", "recorded"] = "trace"
+    trace: str | None = None  # source trace: a .npz trace or a JSONL routing log (relative: to the working directory)
     synthetic: SyntheticConfig = SyntheticConfig()
+    recorded: RecordedConfig = RecordedConfig()
     max_tokens: int | None = attrs.field(default=None, validator=_positive)  # keep the trace's first N tokens
-    model_shape: str = "mixtral-8x7b"  # a preset (moepic/sim/shapes.py) or a model folder
+    # A preset (moepic/sim/shapes.py), a model folder, or `bundled` (the model that ships with moepic).
+    model_shape: str = "mixtral-8x7b"
     hardware: str = "a6000"  # a bundled profile or a `moepic profile` YAML
     link_gbps: float | None = attrs.field(default=None, validator=_positive)  # replaces the profile's host link (PCIe 3/4/5)
     # A noisy oracle of this recall stands in for gate_lookahead/mlp where they cannot run (no
     # router inputs in the trace); one value, or one per MoE layer.
     recall: Recall | None = 0.85
-    context_tokens: int = 512  # attention context of a decode step
+    context_tokens: int = 512  # attention context of a decode step (a recorded workload: its own)
 
 
 @attrs.frozen(kw_only=True)
 class EngineConfig:
-    """`backend: engine`: the real offloading engine on a model (CPU: over the emulated `cache.link_gbps`)."""
+    """`backend: engine`: the real offloading engine runs `workload.recorded` on its model (CPU:
+    over the emulated `cache.link_gbps`), every run's tokens checked against the dense model's."""
 
-    model: str | None = None  # a Hugging Face folder; null: the bundled model
-    dataset: str = "kjv-heldout"  # where prompts come from (moepic routing-report's datasets)
-    prompt_tokens: int = attrs.field(default=64, validator=_positive)
-    new_tokens: int = attrs.field(default=32, validator=_positive)
     repeats: int = attrs.field(default=3, validator=_positive)  # timed runs (median), after one warm-up
 
 
@@ -93,7 +104,7 @@ class ExecutorConfig:
 
 @attrs.frozen(kw_only=True)
 class ExperimentConfig(SystemConfig):
-    system: str = "custom"  # the system file it came from (a label in tables and dashboards)
+    system: str = "custom"  # the system file it came from (a label in tables and dashboards); custom: none
     workload: WorkloadConfig = WorkloadConfig()
     backend: Literal["sim", "engine"] = "sim"
     engine: EngineConfig = EngineConfig()
@@ -114,11 +125,11 @@ def system_file(name_or_path: str) -> Path:
 
 def load_experiment(base: str | Path | None, system: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """defaults ← `base` YAML ← the system's file ← `key=value` overrides. The system is `system`,
-    else the one the base names (`system: moepic-lcp`)."""
+    else the one the base names (`system: moepic-lcp`; `custom`, the default, names none)."""
     files = [base]
     if system is None and base is not None:
-        named = read_yaml(Path(base)).get("system")
-        system = named if isinstance(named, str) and named in ORDER else None
+        named = read_yaml(Path(base)).get("system", "custom")
+        system = None if named == "custom" else str(named)
     if system is not None:
         files.append(system_file(system))
         overrides = [f"system={Path(system).stem}", *overrides]

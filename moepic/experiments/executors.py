@@ -64,7 +64,8 @@ def _run_ray(cells: Sequence[Cell], address: str | None, bar) -> list[dict]:
         done, waiting = ray.wait(waiting, num_returns=1)
         try:
             records[index[done[0]]] = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:  # a cell's own error (a ConfigError, say), unwrapped
-            raise e.as_instanceof_cause() from None
+        except ray.exceptions.RayTaskError as e:  # a cell's own error (a ConfigError, say), as raised there
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e.as_instanceof_cause()) from None
         bar.update(1)
     return [records[i] for i in range(len(cells))]

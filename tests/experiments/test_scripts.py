@@ -1,0 +1,214 @@
+"""The four ablation scripts (experiments/ablate_*.py) end to end on their toy grid: records, table,
+figures; and a mistake on their command line as one `error:` line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from math import prod
+
+import pytest
+
+from moepic.config import structure
+from moepic.errors import ConfigError
+from moepic.experiments.ablation import main, run
+from moepic.experiments.config import ExperimentConfig
+from moepic.sim.shapes import model_shape
+
+from experiments_support import BASE, SCRIPTS, load_script
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ONLINE = ("lru", "lfu", "lcp")
+
+
+def _argv(out, *more: str) -> list[str]:
+    return ["--toy", "--workers", "1", "--no-progress", "--out", str(out), *more]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """name → (the script's module, its Report, its output folder), each run once on its toy grid."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            script = load_script(name)
+            out = tmp_path_factory.mktemp(f"ablate_{name}")
+            done[name] = script, run(script.ABLATION, BASE, _argv(out), default_out=out), out
+        return done[name]
+
+    return get
+
+
+def _toy_keys(ablation) -> list[dict]:
+    axes = ablation.toy_axes
+    keys = [{}]
+    for axis in axes:
+        keys = [{**key, axis.name: level.label} for key in keys for level in axis.levels]
+    return keys
+
+
+def _results(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _table_rows(table: str, axes: list[str]) -> list[list[str]]:
+    """The body rows of the markdown table whose header starts with the axes."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| " + " | ".join(axes) + " |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _same_label(text: str, label) -> bool:
+    return float(text) == label if isinstance(label, (int, float)) else text == str(label)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_one_record_per_cell_of_the_toy_grid(toy, name):
+    script, report, out = toy(name)
+    records = _results(out)
+    keys = _toy_keys(script.ABLATION)
+    assert len(records) == prod(len(axis.levels) for axis in script.ABLATION.toy_axes) == len(keys)
+    assert [r["key"] for r in records] == keys
+    assert [r["cell"] for r in records] == list(range(len(keys)))
+    assert all(r["script"] == script.ABLATION.name and r["backend"] == "sim" for r in records)
+    assert records == json.loads(json.dumps(report.records))  # the file holds what run returned
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_record_has_a_finite_positive_latency_and_one_row_per_moe_layer(toy, name):
+    _, _, out = toy(name)
+    for record in _results(out):
+        config = structure(ExperimentConfig, record["config"])
+        ms = record["metrics"]["ms_per_token"]
+        assert isinstance(ms, float) and math.isfinite(ms) and ms > 0
+        moe_layers = model_shape(config.workload.model_shape).spec.moe_layers
+        assert len(moe_layers) == 32  # mixtral-8x7b
+        assert [row["layer"] for row in record["layers"]] == list(moe_layers)
+        assert 0 < record["metrics"]["tokens"] <= config.workload.synthetic.tokens  # the toy trace was simulated
+        assert record["system"] == config.system
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_recorded_config_is_the_cells_config(toy, name):
+    script, _, out = toy(name)
+    for record in _results(out):
+        config = structure(ExperimentConfig, record["config"])
+        for axis in script.ABLATION.toy_axes:
+            if axis.name == "system":
+                assert config.system == record["key"]["system"]
+            elif axis.name == "budget":
+                assert config.cache.budget == record["key"]["budget"]
+            elif axis.name == "theta":
+                assert config.cache.theta == record["key"]["theta"]
+            elif axis.name == "policy":
+                assert config.cache.policy.name == record["key"]["policy"] == record["metrics"]["policy"]
+            elif axis.name == "configurator":
+                assert config.configurator.name == record["key"]["configurator"]
+            elif axis.name == "link":
+                assert config.workload.link_gbps == script.LINKS[record["key"]["link"]]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_listed_figures_exist_and_are_pngs(toy, name):
+    _, report, out = toy(name)
+    listed = json.loads((out / "figures.json").read_text())
+    assert listed and listed == [str(f.relative_to(out)) for f in report.figures]
+    for figure in listed:
+        data = (out / figure).read_bytes()
+        assert data.startswith(PNG) and len(data) > len(PNG)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_table_has_a_row_per_cell_and_the_csv_a_line_per_cell(toy, name):
+    script, report, out = toy(name)
+    records = _results(out)
+    text = (out / "table.md").read_text()
+    assert text.startswith(script.ABLATION.title + "\n") and report.table in text
+    axes = [axis.name for axis in script.ABLATION.toy_axes]  # results.jsonl sorts each key's axes
+    rows = _table_rows(text, axes)
+    assert len(rows) == len(records)
+    for row, record in zip(rows, records):
+        assert all(_same_label(cell, record["key"][axis]) for cell, axis in zip(row, axes)), row
+    with (out / "results.csv").open(newline="") as f:
+        assert [int(r["cell"]) for r in csv.DictReader(f)] == [r["cell"] for r in records]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_ratio_columns_reference_cells_read_exactly_one(toy, name):
+    script, _, out = toy(name)
+    axis, level = script.ABLATION.ratio
+    records = _results(out)
+    axes = [a.name for a in script.ABLATION.toy_axes]
+    rows = _table_rows((out / "table.md").read_text(), axes)
+    references = [row for row, record in zip(rows, records) if record["key"][axis] == level]
+    assert references and len(references) == len(records) // len(next(a for a in script.ABLATION.toy_axes if a.name == axis).levels)
+    assert all(row[-1] == "1.00" for row in references)
+
+
+def test_belady_hits_at_least_as_often_as_every_online_policy_at_each_budget(toy):
+    _, _, out = toy("policies")
+    records = {(r["key"]["policy"], r["key"]["budget"]): r for r in _results(out)}
+    budgets = {budget for _, budget in records}
+    for budget in budgets:
+        belady = records["belady", budget]["metrics"]["expert_hit_rate"]
+        for policy in ONLINE:
+            assert belady >= records[policy, budget]["metrics"]["expert_hit_rate"], (policy, budget)
+
+
+def test_the_theta_ends_of_the_sweep(toy):
+    _, _, out = toy("theta")
+    by_theta = {r["key"]["theta"]: r for r in _results(out)}
+    # θ = 0 caches nothing: no hits, no cache bytes.
+    assert by_theta[0.0]["metrics"]["expert_hit_rate"] == 0
+    assert all(row["cache_mib"] == 0 and row["hit_rate"] == 0 for row in by_theta[0.0]["layers"])
+    assert all(row["theta"] == 1.0 for row in by_theta[1.0]["layers"])
+
+
+def test_main_prints_the_table_and_where_it_wrote(tmp_path, capsys):
+    script = load_script("theta")
+    report = main(script.ABLATION, BASE, _argv(tmp_path), default_out=tmp_path)
+    out = capsys.readouterr().out
+    assert out.startswith(report.table + "\n")
+    assert f"wrote {tmp_path}/: results.jsonl, results.csv, table.md, " in out
+    assert all(f.name in out for f in report.figures)
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("cache.policy.name=lfuu", ["cache.policy.name", "'lfuu'", "known: ", "lcp", "lfu", "lru"]),
+    ("cache.policy.rhoo=0.5", ["cache.policy.rhoo", "known keys here: rho, window"]),
+    ("workload.hardwaree=a6000", ["workload.hardwaree", "known keys here: ", "model_shape"]),
+])
+def test_main_reports_a_bad_override_as_one_error_line(tmp_path, capsys, override, named):
+    script = load_script("theta")  # no policy axis: a cell's own level would replace the policy override
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(script.ABLATION, BASE, _argv(tmp_path / "out", override), default_out=tmp_path)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert all(text in err for text in named), err
+    assert not (tmp_path / "out").exists()  # failed before anything ran
+
+
+def test_main_reports_an_unknown_system_as_one_error_line(tmp_path, capsys):
+    script = load_script("policies")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(script.ABLATION, BASE, _argv(tmp_path, "--system", "adapmo"), default_out=tmp_path)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown baseline 'adapmo'; known: ") and err.count("\n") == 1
+
+
+def test_the_configurator_ablation_runs_on_a_system_with_configurator_knobs(tmp_path):
+    script = load_script("configurator")
+    report = run(script.ABLATION, BASE, _argv(tmp_path, "--system", "adapmoe"), default_out=tmp_path)
+    assert [r["metrics"]["ms_per_token"] > 0 for r in report.records]
