@@ -67,7 +67,7 @@ ABLATION = Ablation(
     toy_axes=(CONFIGURATORS, sweep("budget", "cache.budget", (0.125, 0.25, 0.5))),
     columns=(
         Column("ms_per_token", "ms/token", ".1f"), Column("expert_hit_rate", "hit rate", ".3f"),
-        Column("mib_loaded_per_token", "MiB/token", ".1f"), Column("cache_gib", "cache GiB", ".2f"),
+        Column("mib_loaded_per_token", "MiB/token", ".1f"), Column("cache_mib", "cache MiB", ".0f"),
         Column("configure_s", "configure s", ".2f"),
     ),
     ratio=("configurator", "uniform"),

@@ -55,6 +55,9 @@ class Ablation:
     ratio: tuple[str, Any] | None = None  # ms/token relative to this (axis, level), same other levels
     plots: Callable[[list[dict], Path], list[Path]] = lambda records, out: []
     summary: Callable[[list[dict]], str] | None = None  # text under the table (a derived result)
+    keep: Callable[[dict], bool] | None = None  # which combinations of the axes' levels to run (default: all)
+    derive: Callable[[dict], Sequence[str]] | None = None  # overrides that depend on several levels
+    prepare: Callable[[bool], None] | None = None  # before the cells run (given --toy): e.g. train a predictor they load
 
 
 @attrs.frozen
@@ -95,7 +98,9 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
         *_flag_overrides(args), *args.overrides,
     ]
     axes = ablation.toy_axes if args.toy and ablation.toy_axes is not None else ablation.axes
-    cells = expand(args.base or base, axes, overrides, args.system)
+    cells = expand(args.base or base, axes, overrides, args.system, keep=ablation.keep, derive=ablation.derive)
+    if ablation.prepare is not None:
+        ablation.prepare(args.toy)
     first = cells[0].config
     executor = first.executor
     if first.backend == "engine" and executor.kind == "local" and executor.workers != 1:

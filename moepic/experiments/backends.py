@@ -170,8 +170,8 @@ def run_sim(config: ExperimentConfig) -> dict:
         "prediction_recall": summary["prediction_recall"],
         "prediction_precision": summary["prediction_precision"],
         "predictor_ms_per_token": ready.times.predictor_s * predictions * 1e3 if ready.predictor.horizon else 0.0,
-        "cache_gib": summary["cache_bytes"] / 2**30,
-        "staging_gib": summary["staging_bytes"] / 2**30,
+        "cache_mib": summary["cache_bytes"] / MIB,
+        "staging_mib": summary["staging_bytes"] / MIB,
         "policy": ready.policy.config.name,
         "tokens": summary["tokens"],
         "configure_s": configured - start,
@@ -241,8 +241,8 @@ def run_engine(config: ExperimentConfig) -> dict:
         "prediction_recall": report["prediction_recall"],
         "prediction_precision": report["prediction_precision"],
         "predictor_ms_per_token": report["predictor_s"] / max(tokens, 1) * 1e3,  # measured: every step's predictions
-        "cache_gib": report["cache_bytes"] / 2**30,
-        "staging_gib": report["staging_bytes"] / 2**30,
+        "cache_mib": report["cache_bytes"] / MIB,
+        "staging_mib": report["staging_bytes"] / MIB,
         "policy": ready.policy.config.name,
         "tokens": tokens,
         "exact": True,  # every run's tokens equal the dense model's (checked above)

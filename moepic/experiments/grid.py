@@ -10,7 +10,7 @@ fails at once and with its file.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +65,21 @@ class Cell:
 
 def expand(
     base: str | Path | None, axes: Sequence[Axis], overrides: Sequence[str] = (), system: str | None = None,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+    derive: Callable[[dict[str, Any]], Sequence[str]] | None = None,
 ) -> list[Cell]:
-    """One cell per combination of the axes' levels, in order (the last axis varies fastest)."""
+    """One cell per combination of the axes' levels, in order (the last axis varies fastest), less
+    the combinations `keep` rejects (given the cell's key: axis name → label). `derive` adds
+    overrides that depend on several levels at once (after the levels' own)."""
     cells = []
-    for index, combo in enumerate(itertools.product(*(axis.levels for axis in axes))):
+    for combo in itertools.product(*(axis.levels for axis in axes)):
+        key = {axis.name: level.label for axis, level in zip(axes, combo)}
+        if keep is not None and not keep(key):
+            continue
         named = [level.system for level in combo if level.system is not None]
         if len(named) > 1:
             raise ConfigError(f"a cell names two systems: {', '.join(named)}")
-        cell_overrides = [*overrides, *(o for level in combo for o in level.overrides)]
+        cell_overrides = [*overrides, *(o for level in combo for o in level.overrides), *(derive(key) if derive else ())]
         config = load_experiment(base, named[0] if named else system, cell_overrides)
-        cells.append(Cell(index, {axis.name: level.label for axis, level in zip(axes, combo)}, config))
+        cells.append(Cell(len(cells), key, config))
     return cells

@@ -11,10 +11,9 @@ from math import prod
 import pytest
 
 from moepic.config import structure
-from moepic.errors import ConfigError
 from moepic.experiments.ablation import main, run
 from moepic.experiments.config import ExperimentConfig
-from moepic.sim.shapes import model_shape
+from moepic.experiments.backends import shape_of
 
 from experiments_support import BASE, SCRIPTS, load_script
 
@@ -35,7 +34,9 @@ def toy(tmp_path_factory):
         if name not in done:
             script = load_script(name)
             out = tmp_path_factory.mktemp(f"ablate_{name}")
-            done[name] = script, run(script.ABLATION, BASE, _argv(out), default_out=out), out
+            with pytest.MonkeyPatch.context() as mp:  # where the predictors script trains its mlp
+                mp.setenv("MOEPIC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+                done[name] = script, run(script.ABLATION, BASE, _argv(out), default_out=out), out
         return done[name]
 
     return get
@@ -46,7 +47,7 @@ def _toy_keys(ablation) -> list[dict]:
     keys = [{}]
     for axis in axes:
         keys = [{**key, axis.name: level.label} for key in keys for level in axis.levels]
-    return keys
+    return [key for key in keys if ablation.keep is None or ablation.keep(key)]
 
 
 def _results(out) -> list[dict]:
@@ -74,7 +75,7 @@ def test_one_record_per_cell_of_the_toy_grid(toy, name):
     script, report, out = toy(name)
     records = _results(out)
     keys = _toy_keys(script.ABLATION)
-    assert len(records) == prod(len(axis.levels) for axis in script.ABLATION.toy_axes) == len(keys)
+    assert len(records) == len(keys) <= prod(len(axis.levels) for axis in script.ABLATION.toy_axes)
     assert [r["key"] for r in records] == keys
     assert [r["cell"] for r in records] == list(range(len(keys)))
     assert all(r["script"] == script.ABLATION.name and r["backend"] == "sim" for r in records)
@@ -88,10 +89,15 @@ def test_every_record_has_a_finite_positive_latency_and_one_row_per_moe_layer(to
         config = structure(ExperimentConfig, record["config"])
         ms = record["metrics"]["ms_per_token"]
         assert isinstance(ms, float) and math.isfinite(ms) and ms > 0
-        moe_layers = model_shape(config.workload.model_shape).spec.moe_layers
-        assert len(moe_layers) == 32  # mixtral-8x7b
+        moe_layers = shape_of(config.workload).spec.moe_layers
         assert [row["layer"] for row in record["layers"]] == list(moe_layers)
-        assert 0 < record["metrics"]["tokens"] <= config.workload.synthetic.tokens  # the toy trace was simulated
+        workload = config.workload
+        if workload.source == "synthetic":  # the toy trace was simulated
+            assert len(moe_layers) == 32  # the base's mixtral-8x7b
+            assert 0 < record["metrics"]["tokens"] <= workload.synthetic.tokens
+        else:  # recorded: the decode tokens of the toy requests
+            assert workload.source == "recorded"
+            assert record["metrics"]["tokens"] == workload.recorded.requests * (workload.recorded.new_tokens - 1)
         assert record["system"] == config.system
 
 
@@ -113,6 +119,10 @@ def test_the_recorded_config_is_the_cells_config(toy, name):
                 assert config.configurator.name == record["key"]["configurator"]
             elif axis.name == "link":
                 assert config.workload.link_gbps == script.LINKS[record["key"]["link"]]
+            elif axis.name == "predictor":
+                assert config.cache.predictor.name == record["key"]["predictor"]
+            elif axis.name == "horizon":
+                assert getattr(config.cache.predictor, "horizon", 1) == record["key"]["horizon"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -148,7 +158,9 @@ def test_the_ratio_columns_reference_cells_read_exactly_one(toy, name):
     axes = [a.name for a in script.ABLATION.toy_axes]
     rows = _table_rows((out / "table.md").read_text(), axes)
     references = [row for row, record in zip(rows, records) if record["key"][axis] == level]
-    assert references and len(references) == len(records) // len(next(a for a in script.ABLATION.toy_axes if a.name == axis).levels)
+    assert references
+    if script.ABLATION.keep is None:  # a full grid: one reference per combination of the other axes
+        assert len(references) == len(records) // len(next(a for a in script.ABLATION.toy_axes if a.name == axis).levels)
     assert all(row[-1] == "1.00" for row in references)
 
 
@@ -211,4 +223,18 @@ def test_main_reports_an_unknown_system_as_one_error_line(tmp_path, capsys):
 def test_the_configurator_ablation_runs_on_a_system_with_configurator_knobs(tmp_path):
     script = load_script("configurator")
     report = run(script.ABLATION, BASE, _argv(tmp_path, "--system", "adapmoe"), default_out=tmp_path)
-    assert [r["metrics"]["ms_per_token"] > 0 for r in report.records]
+    assert report.records and all(r["metrics"]["ms_per_token"] > 0 for r in report.records)
+    assert {r["config"]["configurator"]["name"] for r in report.records} == {"uniform", "moepic", "dp"}
+
+
+def test_predictors_ahead_name_at_least_what_one_layer_ahead_names(toy):
+    """Recall counts the union of what every earlier layer named, so a deeper horizon never lowers
+    it; the oracle is always right; a predictor costs time per layer ahead."""
+    _, _, out = toy("predictors")
+    records = {(r["key"]["predictor"], r["key"]["horizon"]): r["metrics"] for r in _results(out)}
+    assert records["none", 1]["prediction_recall"] is None and records["none", 1]["predictor_ms_per_token"] == 0
+    for name in ("gate_lookahead", "mlp", "oracle"):
+        one, two = records[name, 1], records[name, 2]
+        assert two["prediction_recall"] >= one["prediction_recall"]
+        assert two["predictor_ms_per_token"] > one["predictor_ms_per_token"] > 0
+    assert records["oracle", 1]["prediction_recall"] == records["oracle", 2]["prediction_recall"] == 1.0
