@@ -7,6 +7,8 @@ says how much of its latency is copying.
 
     python experiments/ablate_hardware.py           # default size (~1 min)
     python experiments/ablate_hardware.py --toy
+
+Simulator only: the engine copies over this machine's own link (emulated at cache.link_gbps).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from moepic.experiments.plots import metric_plot
 HERE = Path(__file__).resolve().parent
 LINKS = {"pcie3": 12.0, "pcie4": 25.0, "pcie5": 50.0}
 SYSTEMS = ("on-demand-lru", "pre-gated", "adapmoe", "moe-infinity", "moepic", "oracle")
-BUDGETS = (0.25, 0.5)
+BUDGETS = (0.125, 0.25, 0.5)
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
     return [
         metric_plot(records, out / "latency_vs_link.png", x="link", y="ms_per_token", series="system", panel="budget",
                     title="decode latency against the host link", xlabel="host link", ylabel="ms / token"),
+        metric_plot(records, out / "latency_vs_budget.png", x="budget", y="ms_per_token", series="system", panel="link",
+                    title="decode latency against the budget, per system", xlabel="expert budget (share of all expert bytes)",
+                    ylabel="ms / token", x_format=lambda b: f"{b:.1%}"),
     ]
 
 

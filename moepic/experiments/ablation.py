@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -123,8 +124,8 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
     table = markdown_table(ablation, records)
     if ablation.summary is not None:
         table += "\n\n" + ablation.summary(records)
-    header = (f"{ablation.title}\n\n{len(records)} cells, backend {first.backend}, git {sha}, "
-              f"{platform.machine()} {platform.processor() or ''} ({platform.node()})\n\n")
+    header = (f"{ablation.title}\n\n{len(records)} cells, backend {first.backend}, git {sha[:12]}, "
+              f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n\n")
     (out / "table.md").write_text(header + table + "\n")
     figures = ablation.plots(records, out)
     (out / "figures.json").write_text(json.dumps([str(f.relative_to(out)) for f in figures]) + "\n")

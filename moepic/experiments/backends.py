@@ -206,6 +206,9 @@ def run_engine(config: ExperimentConfig) -> dict:
                           "(and workload.model_shape=bundled or a model folder)")
     if cache.budget is None:
         raise ConfigError("backend engine: config key cache.budget is not set (bytes like 64MiB, or a share like 0.25)")
+    if workload.link_gbps is not None:
+        raise ConfigError("backend engine: workload.link_gbps rescales a simulated GPU's link; the engine copies over "
+                          "this machine's link, emulated at cache.link_gbps on a CPU")
     folder = _shape_folder(workload)
     model = _model(folder)
     run = recorded_run(folder, workload.recorded)

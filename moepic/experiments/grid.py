@@ -76,10 +76,10 @@ def expand(
         key = {axis.name: level.label for axis, level in zip(axes, combo)}
         if keep is not None and not keep(key):
             continue
-        named = [level.system for level in combo if level.system is not None]
-        if len(named) > 1:
+        named = [*([system] if system is not None else []), *(level.system for level in combo if level.system is not None)]
+        if len(named) > 1:  # --system on a grid that has a systems axis, say
             raise ConfigError(f"a cell names two systems: {', '.join(named)}")
         cell_overrides = [*overrides, *(o for level in combo for o in level.overrides), *(derive(key) if derive else ())]
-        config = load_experiment(base, named[0] if named else system, cell_overrides)
+        config = load_experiment(base, named[0] if named else None, cell_overrides)
         cells.append(Cell(len(cells), key, config))
     return cells

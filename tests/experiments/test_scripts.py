@@ -11,7 +11,7 @@ from math import prod
 import pytest
 
 from moepic.config import structure
-from moepic.experiments.ablation import main, run
+from moepic.experiments.ablation import ENGINE_WORKLOAD, main, run
 from moepic.experiments.config import ExperimentConfig
 from moepic.experiments.backends import shape_of
 
@@ -238,3 +238,28 @@ def test_predictors_ahead_name_at_least_what_one_layer_ahead_names(toy):
         assert two["prediction_recall"] >= one["prediction_recall"]
         assert two["predictor_ms_per_token"] > one["predictor_ms_per_token"] > 0
     assert records["oracle", 1]["prediction_recall"] == records["oracle", 2]["prediction_recall"] == 1.0
+
+
+def test_the_engine_backend_counts_what_the_simulator_counts_on_the_same_requests(tmp_path):
+    """`--backend engine` runs the recorded requests through the real engine (tokens checked against
+    the dense model's); without prediction nothing depends on timing, so its hit rates and bytes
+    equal the simulator's on the same recorded routing, cell by cell."""
+    script = load_script("policies")
+    small = ["workload.recorded.requests=2", "workload.recorded.prompt_tokens=8", "workload.recorded.new_tokens=5",
+             "engine.repeats=1", "cache.predictor.name=none"]
+    engine = run(script.ABLATION, BASE, _argv(tmp_path / "engine", "--backend", "engine", *small), default_out=tmp_path)
+    sim = run(script.ABLATION, BASE, _argv(tmp_path / "sim", *ENGINE_WORKLOAD, *small), default_out=tmp_path)
+    assert len(engine.records) == len(sim.records) == len(_toy_keys(script.ABLATION))
+    for e, s in zip(engine.records, sim.records):
+        assert e["backend"] == "engine" and s["backend"] == "sim" and e["key"] == s["key"]
+        assert e["metrics"]["exact"] is True and e["metrics"]["ms_per_token"] > 0
+        for metric in ("expert_hit_rate", "mib_loaded_per_token", "tokens", "cache_mib"):
+            assert e["metrics"][metric] == pytest.approx(s["metrics"][metric], rel=1e-12), (e["key"], metric)
+        assert [r["hit_rate"] for r in e["layers"]] == [r["hit_rate"] for r in s["layers"]]
+
+
+def test_the_engine_backend_refuses_a_simulated_link(tmp_path, capsys):
+    script = load_script("hardware")
+    with pytest.raises(SystemExit):
+        main(script.ABLATION, BASE, _argv(tmp_path, "--backend", "engine", "engine.repeats=1"), default_out=tmp_path)
+    assert "workload.link_gbps rescales a simulated GPU's link" in capsys.readouterr().err
