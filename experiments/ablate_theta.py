@@ -29,7 +29,7 @@ MODELS = choices("model", {
 
 def plots(records: list[dict], out: Path) -> list[Path]:
     panel = "model" if "model" in records[0]["key"] else None
-    common = dict(x="theta", series="budget", panel=panel, xlabel="θ (share of each expert cached)")
+    common = dict(x="theta", series="budget", panel=panel, xlabel="θ (share of each expert cached)", share_y=False)
     return [
         metric_plot(records, out / "theta_u_curve.png", y="ms_per_token", title="decode latency against θ, per budget",
                     ylabel="ms / token", **common),

@@ -24,32 +24,42 @@ def _pyplot():
     return plt
 
 
+# Lines that coincide (two configurators choosing alike) stay visible: each series its own dash and marker.
+STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P"), ((0, (3, 1, 1, 1)), "X"))
+
+
+def _style(i: int) -> dict:
+    line, marker = STYLES[i % len(STYLES)]
+    return {"linestyle": line, "marker": marker, "markersize": 4}
+
+
 def _levels(records: Sequence[dict], axis: str | None) -> list[Any]:
     return list(dict.fromkeys(r["key"][axis] for r in records)) if axis else [None]
 
 
 def metric_plot(
     records: Sequence[dict], path: Path, *, x: str, y: str, series: str | None = None, panel: str | None = None,
-    title: str, xlabel: str, ylabel: str, x_format: Callable[[Any], str] = str, y_scale: float = 1.0,
+    title: str, xlabel: str, ylabel: str, x_format: Callable[[Any], str] = str, share_y: bool = True,
 ) -> Path:
     """`metrics[y]` against the axis `x`; a line per level of `series`, a panel per level of `panel`."""
     plt = _pyplot()
     panels = _levels(records, panel)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=share_y)
     xs = _levels(records, x)
     for ax, panel_level in zip(axes[0], panels):
-        for line in _levels(records, series):
+        for i, line in enumerate(_levels(records, series)):
             points = {
                 r["key"][x]: r["metrics"][y] for r in records
                 if (panel is None or r["key"][panel] == panel_level) and (series is None or r["key"][series] == line)
             }
             at = [i for i, level in enumerate(xs) if points.get(level) is not None]
-            ax.plot(at, [points[xs[i]] * y_scale for i in at], marker="o", label=str(line) if series else None)
+            ax.plot(at, [points[xs[j]] for j in at], label=str(line) if series else None, **_style(i))
         ax.set_xticks(range(len(xs)), [x_format(v) for v in xs])
         ax.set_xlabel(xlabel)
         ax.set_title(f"{panel} {panel_level}" if panel else title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
+    for ax in axes[0] if not share_y else axes[0][:1]:
+        ax.set_ylabel(ylabel)
     if series:
         axes[0][-1].legend(fontsize=8, title=series)
     if panel:
@@ -65,11 +75,10 @@ def layer_plot(
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields), 3.6), squeeze=False)
     for ax, (field, ylabel) in zip(axes[0], fields):
-        for record in records:
-            rows = [row for row in record["layers"] if row.get(field) is not None]
+        for i, record in enumerate(records):
+            rows = [(c, row[field]) for c, row in enumerate(record["layers"]) if row.get(field) is not None]
             if rows:
-                ax.plot([i for i, row in enumerate(record["layers"]) if row.get(field) is not None],
-                        [row[field] for row in rows], marker=".", label=label(record))
+                ax.plot([c for c, _ in rows], [v for _, v in rows], label=label(record), **_style(i))
         ax.set_xlabel("MoE layer")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -92,7 +92,12 @@ def test_a_systems_axis_sets_the_system_and_its_strategies():
 
 def test_the_system_argument_applies_where_no_level_names_one():
     assert {c.config.system for c in expand(BASE, [BUDGET], TOY, system="adapmoe")} == {"adapmoe"}
-    assert [c.config.system for c in expand(BASE, [systems(["oracle"])], TOY, system="adapmoe")] == ["oracle"]
+
+
+def test_the_system_argument_on_a_grid_of_systems_is_an_error_not_ignored():
+    with pytest.raises(ConfigError) as e:
+        expand(BASE, [systems(["oracle"])], TOY, system="adapmoe")
+    assert str(e.value) == "a cell names two systems: adapmoe, oracle"
 
 
 def test_a_cell_naming_two_systems_is_an_error():
