@@ -25,6 +25,7 @@ import attrs
 
 from moepic.config import unstructure
 from moepic.errors import MoepicError
+from moepic.experiments.config import load_experiment
 from moepic.experiments.executors import run_cells
 from moepic.experiments.grid import Axis, expand
 from moepic.experiments.sinks import CsvSink, JsonlSink, MetricSink, WandbSink, git_sha
@@ -77,7 +78,7 @@ def parser(ablation: Ablation, default_out: Path) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("sim", "engine"), help="simulate (default) or run the real engine")
     p.add_argument("--executor", choices=("local", "ray"), help="local worker processes (default) or a Ray cluster")
     p.add_argument("--workers", type=int, help="local worker processes (default: the CPU count)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--ray-address", help="Ray cluster address (RAY_ADDRESS wins; default: the latest `ray start` here, else a new local instance)")
     p.add_argument("--wandb", action="store_true", help="also log one W&B run per cell (offline unless wandb.mode=online)")
     p.add_argument("--toy", action="store_true", help="a tiny workload and grid (seconds; what the tests run)")
     p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default: {default_out})")
@@ -93,13 +94,14 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, default_out: Path) -> Report:
     args = parser(ablation, default_out).parse_args(argv)
-    engine = args.backend == "engine" or any(o.replace(" ", "") == "backend=engine" for o in args.overrides)
-    overrides = [
-        *ablation.overrides, *(ablation.toy if args.toy else ()), *(ablation.engine if engine else ()),
-        *_flag_overrides(args), *args.overrides,
-    ]
+    base = args.base or base
+    user = [*_flag_overrides(args), *args.overrides]
+    overrides = [*ablation.overrides, *(ablation.toy if args.toy else ()), *user]
+    # The engine runs its own workload: its overrides go under the user's (who may tune them).
+    if load_experiment(base, args.system, overrides).backend == "engine":
+        overrides = [*ablation.overrides, *(ablation.toy if args.toy else ()), *ablation.engine, *user]
     axes = ablation.toy_axes if args.toy and ablation.toy_axes is not None else ablation.axes
-    cells = expand(args.base or base, axes, overrides, args.system, keep=ablation.keep, derive=ablation.derive)
+    cells = expand(base, axes, overrides, args.system, keep=ablation.keep, derive=ablation.derive)
     if ablation.prepare is not None:
         ablation.prepare(args.toy)
     first = cells[0].config

@@ -99,7 +99,7 @@ class WandbConfig:
 class ExecutorConfig:
     kind: Literal["local", "ray"] = "local"
     workers: int | None = attrs.field(default=None, validator=_positive)  # local processes; null: the CPU count
-    address: str | None = None  # ray: a cluster address; null: RAY_ADDRESS, else a local instance
+    address: str | None = None  # ray: a cluster address (RAY_ADDRESS wins, as in ray.init); null: a local instance
 
 
 @attrs.frozen(kw_only=True)

@@ -53,7 +53,8 @@ def _run_ray(cells: Sequence[Cell], address: str | None, bar) -> list[dict]:
     except ImportError:
         raise ConfigError('executor.kind ray needs the ray extra: pip install -e ".[ray]"') from None
     if not ray.is_initialized():
-        # An address from the config, else RAY_ADDRESS (ray reads it), else a local instance.
+        # Ray's own order: RAY_ADDRESS, else `address`, else the latest `ray start` on this machine,
+        # else a new local instance.
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(run_cell)
     refs = [remote.remote(cell.config) for cell in cells]
