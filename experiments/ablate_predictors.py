@@ -105,7 +105,9 @@ ABLATION = Ablation(
         "configurator=null", "cache.theta=0.5",
     ),
     toy=("workload.recorded.requests=2", "workload.recorded.new_tokens=8", "workload.recorded.prompt_tokens=16"),
-    engine=(),  # the workload is already what the engine runs
+    # The workload is already what the engine runs; its link is this CPU's, emulated at the base's
+    # cache.link_gbps (0.15 GB/s: a whole expert ≈ 3× a layer's compute here).
+    engine=("workload.link_gbps=null",),
     prepare=train_mlp,
     ratio=("predictor", "oracle"),
     plots=plots,

@@ -242,11 +242,12 @@ class OffloadedExperts:
             self._predictor_state, layer, hidden_TD, clock, guess_rows
         )
         self.counters.predictor_s += time.perf_counter() - start
+        predictions = {target: experts[: self.predictor.candidates] for target, experts in predictions.items()}
+        for target, experts in predictions.items():  # recall counts what was named, copied or not
+            self._predicted.setdefault(target, set()).update(experts)
         for target, experts in predictions.items():
             target_layout, pending = self._layouts[target], self._prefetched[target]
             slot_of = self.residency[target].cache.slot_of()
-            experts = experts[: self.predictor.candidates]
-            self._predicted.setdefault(target, set()).update(experts)
             for e in experts:
                 part = "bottom" if e in slot_of else "whole"
                 if e in pending or (part == "bottom" and target_layout.top_neurons == target_layout.ffn_size):

@@ -129,3 +129,19 @@ def test_with_a_real_predictor_ahead_the_simulator_issues_the_engine_s_prefetche
     assert sim.demand_bytes == c.demand_bytes
     assert sim.decode == tuple(engine.decode_stats.values())
     assert list(sim.recall) == engine.report()["layer_prediction_recall"]
+
+
+def test_recall_counts_what_every_layer_named_even_where_staging_ran_out():
+    """Three layers ahead on the bundled model (16 experts), prefetching runs out of staging before
+    the last targets; the engine's recall still counts every named expert, as the simulator does."""
+    from moepic.experiments.backends import run_cell
+    from moepic.experiments.config import load_experiment
+
+    common = ["workload.source=recorded", "workload.model_shape=bundled", "workload.recorded.requests=2",
+              "workload.recorded.prompt_tokens=16", "workload.recorded.new_tokens=12", "configurator=null",
+              "cache.theta=0.5", "cache.budget=0.25", "cache.predictor.name=gate_lookahead", "cache.predictor.horizon=3",
+              "engine.repeats=1"]
+    sim = run_cell(load_experiment(None, "moepic-lcp", common))
+    engine = run_cell(load_experiment(None, "moepic-lcp", [*common, "backend=engine"]))
+    assert [r["recall"] for r in engine["layers"]] == [r["recall"] for r in sim["layers"]]
+    assert engine["metrics"]["prediction_recall"] == sim["metrics"]["prediction_recall"]
