@@ -109,13 +109,13 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
     if first.backend == "engine" and executor.kind == "local" and executor.workers != 1:
         executor = attrs.evolve(executor, workers=1)  # cells timed side by side would share the cores
     results = run_cells(cells, executor, desc=ablation.name, progress=not args.no_progress)
-    sha = git_sha()
+    out = args.out
+    sha = git_sha(results=out.parent)  # experiments/results/NAME: any ablation's committed results
     records = [
         {"script": ablation.name, "cell": cell.index, "key": cell.key, "system": cell.config.system, "backend": cell.config.backend,
          "git_sha": sha, **result, "config": unstructure(cell.config)}
         for cell, result in zip(cells, results)
     ]
-    out = args.out
     sinks: list[MetricSink] = [JsonlSink(out / "results.jsonl"), CsvSink(out / "results.csv")]
     if first.wandb.enabled:
         sinks.append(WandbSink(first.wandb, group=ablation.name, directory=out / "wandb"))
@@ -126,7 +126,7 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
     table = markdown_table(ablation, records)
     if ablation.summary is not None:
         table += "\n\n" + ablation.summary(records)
-    header = (f"{ablation.title}\n\n{len(records)} cells, backend {first.backend}, git {sha[:12]}, "
+    header = (f"{ablation.title}\n\n{len(records)} cells, backend {first.backend}, git {sha[:12]}{sha[40:]}, "
               f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n\n")
     (out / "table.md").write_text(header + table + "\n")
     figures = ablation.plots(records, out)

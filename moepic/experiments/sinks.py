@@ -25,15 +25,24 @@ class MetricSink(Protocol):
         ...
 
 
-def git_sha(where: Path | None = None) -> str:
-    """The commit the code ran at (`-dirty` with uncommitted changes); "unknown" outside git."""
+def git_sha(where: Path | None = None, *, results: Path | None = None) -> str:
+    """The commit the code ran at (`-dirty` with uncommitted changes outside `results`, the folder
+    results are written to: regenerating committed results is not a change to the code); "unknown"
+    outside git."""
     cwd = str(where or Path(__file__).parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout
+        sha, top = git("rev-parse", "HEAD"), Path(git("rev-parse", "--show-toplevel"))
+        exclude = []
+        if results is not None and results.resolve().is_relative_to(top.resolve()):
+            exclude = [f":(exclude){results.resolve().relative_to(top.resolve())}"]
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(top), *exclude)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return sha + ("-dirty" if dirty.strip() else "")
+    return sha + ("-dirty" if dirty else "")
 
 
 class JsonlSink:

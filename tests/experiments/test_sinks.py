@@ -108,3 +108,21 @@ def test_wandb_sink_offline_writes_one_run_per_record(tmp_path, monkeypatch):
         data = files[0].read_bytes()
         assert group.encode() in data
         assert SHA.encode() in data
+
+
+def test_git_sha_is_dirty_for_changed_code_but_not_for_regenerated_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results" / "table.md").write_text("new\n")
+    assert git_sha(tmp_path, results=tmp_path / "results") == sha
+    assert git_sha(tmp_path) == sha + "-dirty"
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_sha(tmp_path, results=tmp_path / "results") == sha + "-dirty"
