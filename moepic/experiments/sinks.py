@@ -38,7 +38,7 @@ def git_sha(where: Path | None = None, *, results: Path | None = None) -> str:
         sha, top = git("rev-parse", "HEAD"), Path(git("rev-parse", "--show-toplevel"))
         exclude = []
         if results is not None and results.resolve().is_relative_to(top.resolve()):
-            exclude = [f":(exclude){results.resolve().relative_to(top.resolve())}"]
+            exclude = [f":(top,exclude){results.resolve().relative_to(top.resolve())}"]
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(top), *exclude)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

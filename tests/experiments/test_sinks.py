@@ -115,14 +115,17 @@ def test_git_sha_is_dirty_for_changed_code_but_not_for_regenerated_results(tmp_p
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True)
 
     (tmp_path / "results").mkdir()
+    (tmp_path / "pkg").mkdir()  # git runs where the code is, below the top: pathspecs must not be relative to it
     (tmp_path / "code.py").write_text("a = 1\n")
     (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "pkg" / "mod.py").write_text("b = 1\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "one")
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     (tmp_path / "results" / "table.md").write_text("new\n")
-    assert git_sha(tmp_path, results=tmp_path / "results") == sha
-    assert git_sha(tmp_path) == sha + "-dirty"
+    pkg = tmp_path / "pkg"
+    assert git_sha(pkg, results=tmp_path / "results") == sha
+    assert git_sha(pkg) == sha + "-dirty"
     (tmp_path / "code.py").write_text("a = 2\n")
-    assert git_sha(tmp_path, results=tmp_path / "results") == sha + "-dirty"
+    assert git_sha(pkg, results=tmp_path / "results") == sha + "-dirty"
