@@ -19,7 +19,7 @@ from typing import Literal
 import attrs
 
 from moepic.config import read_yaml, load_layers
-from moepic.sim.baseline import ORDER, SystemConfig, baseline_path
+from moepic.sim.baseline import SystemConfig, baseline_path
 
 Recall = float | tuple[float, ...]
 
@@ -136,4 +136,4 @@ def load_experiment(base: str | Path | None, system: str | None = None, override
     return load_layers(ExperimentConfig, files, overrides)
 
 
-__all__ = ["ORDER", "ExperimentConfig", "load_experiment", "system_file"]
+__all__ = ["ExperimentConfig", "load_experiment", "system_file"]
