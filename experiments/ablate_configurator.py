@@ -1,9 +1,10 @@
 """Ablation (d): the configurator against a uniform split, across budgets ("same latency at half the VRAM").
 
 Per budget, each configurator chooses per-layer cache sizes and θ on the latency model for the
-trace: `uniform` gives every layer the same bytes at θ 0.5 (the baseline to beat), `moepic` is the
-paper's divide and conquer with a fixed point on θ, `dp` the exact dynamic program. The summary
-line reads the VRAM uniform needs to match moepic's latency off the uniform curve.
+trace: `uniform` gives every layer the same bytes at θ 0.5 (the baseline to beat; `uniform-whole`
+the same at θ 1, whole experts, a harder one at large budgets), `moepic` is the paper's divide and
+conquer with a fixed point on θ, `dp` the exact dynamic program. The summary reads the VRAM a
+uniform split needs to match moepic's latency off the uniform curves.
 
     python experiments/ablate_configurator.py       # default size (~1 min)
     python experiments/ablate_configurator.py --toy
@@ -23,35 +24,41 @@ HERE = Path(__file__).resolve().parent
 BUDGETS = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75)
 CONFIGURATORS = choices("configurator", {
     "uniform": ["configurator.name=uniform", "configurator.theta=0.5"],
+    "uniform-whole": ["configurator.name=uniform", "configurator.theta=1.0"],  # whole experts, even split
     "moepic": ["configurator.name=moepic"],
     "dp": ["configurator.name=dp"],
 })
+UNIFORM = ("uniform", "uniform-whole")
 
 
-def matching_budget(records: list[dict], budget: float, ms: float, configurator: str = "uniform") -> float | None:
-    """The budget at which `configurator`'s latency (linear between measured budgets) falls to `ms`."""
-    curve = sorted((r["key"]["budget"], r["metrics"]["ms_per_token"]) for r in records if r["key"]["configurator"] == configurator)
-    budgets, latency = np.array([b for b, _ in curve]), np.array([m for _, m in curve])
-    if len(curve) < 2 or not latency.min() <= ms <= latency.max():
-        return None
-    return float(np.interp(ms, latency[::-1], budgets[::-1]))  # latency falls as the budget grows
+def curve(records: list[dict], configurators: tuple[str, ...]) -> list[tuple[float, float]]:
+    """(budget, ms/token) of the fastest of `configurators` at each budget."""
+    best: dict[float, float] = {}
+    for r in records:
+        if r["key"]["configurator"] in configurators:
+            budget, ms = r["key"]["budget"], r["metrics"]["ms_per_token"]
+            best[budget] = min(ms, best.get(budget, ms))
+    return sorted(best.items())
+
+
+def matching_budget(points: list[tuple[float, float]], ms: float, budget: float) -> str:
+    """The budget at which the curve (linear between measured budgets) falls to `ms`, and its ratio to `budget`."""
+    budgets, latency = np.array([b for b, _ in points]), np.array([m for _, m in points])
+    if ms < latency.min():
+        return f"never (its best: {latency.min():.1f} ms)"
+    if len(points) < 2 or ms > latency.max():
+        return "below the sweep"
+    needed = float(np.interp(ms, latency[::-1], budgets[::-1]))  # latency falls as the budget grows
+    return f"{needed:.2%} ({needed / budget:.2f}×)"
 
 
 def summary(records: list[dict]) -> str:
-    lines = ["| budget | moepic ms/token | uniform needs | VRAM ratio |", "| --- | --- | --- | --- |"]
-    for r in records:
-        if r["key"]["configurator"] != "moepic":
-            continue
-        budget, ms = r["key"]["budget"], r["metrics"]["ms_per_token"]
-        needed = matching_budget(records, budget, ms)
-        best = min(r["metrics"]["ms_per_token"] for r in records if r["key"]["configurator"] == "uniform")
-        if needed is not None:
-            lines.append(f"| {budget:.2%} | {ms:.1f} | {needed:.2%} | {needed / budget:.2f}× |")
-        elif ms < best:
-            lines.append(f"| {budget:.2%} | {ms:.1f} | never: uniform's best is {best:.1f} ms | – |")
-        else:
-            lines.append(f"| {budget:.2%} | {ms:.1f} | less than the sweep's least | – |")
-    return "VRAM a uniform split needs to match moepic's latency:\n\n" + "\n".join(lines)
+    """The VRAM a uniform split needs for moepic's latency: at θ 0.5, and at its better θ (0.5 or 1) per budget."""
+    half, either = curve(records, ("uniform",)), curve(records, UNIFORM)
+    lines = ["| budget | moepic ms/token | uniform θ 0.5 needs | best uniform (θ 0.5 or 1) needs |", "| --- | --- | --- | --- |"]
+    for budget, ms in curve(records, ("moepic",)):
+        lines.append(f"| {budget:.2%} | {ms:.1f} | {matching_budget(half, ms, budget)} | {matching_budget(either, ms, budget)} |")
+    return "VRAM a uniform split needs to match moepic's latency (read off its curve):\n\n" + "\n".join(lines)
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:

@@ -115,8 +115,10 @@ def test_the_recorded_config_is_the_cells_config(toy, name):
                 assert config.cache.theta == record["key"]["theta"]
             elif axis.name == "policy":
                 assert config.cache.policy.name == record["key"]["policy"] == record["metrics"]["policy"]
-            elif axis.name == "configurator":
-                assert config.configurator.name == record["key"]["configurator"]
+            elif axis.name == "configurator":  # "uniform-whole" is uniform at θ 1
+                assert record["key"]["configurator"].split("-")[0] == config.configurator.name
+                if record["key"]["configurator"] == "uniform-whole":
+                    assert config.configurator.theta == 1.0
             elif axis.name == "link":
                 assert config.workload.link_gbps == script.LINKS[record["key"]["link"]]
             elif axis.name == "predictor":
