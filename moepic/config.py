@@ -14,7 +14,7 @@ from typing import Any, Literal
 import attrs
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from moepic.errors import ConfigError
 from moepic.policies import PolicyConfig
@@ -215,8 +215,10 @@ def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overr
             continue
         path = Path(file)
         data = read_yaml(path)
+        alone = _resolved(data, alone=True)
         try:
-            structure(cls, _resolved(data))
+            if alone is not None:  # None: it refers to another layer's keys; checked once merged
+                structure(cls, alone)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         merged = merge_layers(merged, data)
@@ -226,13 +228,14 @@ def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overr
     return structure(cls, _resolved(merged))
 
 
-def _resolved(data: dict) -> dict:
-    """Interpolations (`${model.device}`) resolved, as plain containers."""
+def _resolved(data: dict, *, alone: bool = False) -> dict | None:
+    """Interpolations (`${model.device}`) resolved, as plain containers. A layer checked `alone`
+    may refer to keys another layer sets: then None."""
     try:
         return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     except OmegaConfBaseException as e:
-        if "Interpolation" in type(e).__name__ or "interpolation" in str(e).lower():
-            return data  # refers to a key of another layer: resolved once they are merged
+        if alone and isinstance(e, InterpolationResolutionError):
+            return None
         raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
 
 

@@ -268,3 +268,14 @@ def test_the_moepic_baseline_chooses_among_the_auto_policies():
     assert tuple(p.name for p in setup.policy_choices) == AUTO_POLICIES
     assert setup.policy == setup.policy_choices[0]
     assert attrs.asdict(setup.policy_choices[0]) == attrs.asdict(LCPConfig())
+
+
+def test_a_file_may_interpolate_a_key_an_earlier_file_sets_and_a_missing_key_is_named(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("model: {device: cpu}\n")
+    second.write_text("generate: {prompt: '${model.device}'}\n")
+    assert load_layers(RunConfig, [first, second]).generate.prompt == "cpu"
+    second.write_text("generate: {prompt: '${model.nope}'}\n")
+    with pytest.raises(ConfigError) as e:
+        load_layers(RunConfig, [first, second])
+    assert "model.nope" in str(e.value) and str(e.value).startswith("config: ")
