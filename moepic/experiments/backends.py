@@ -159,8 +159,6 @@ def run_sim(config: ExperimentConfig) -> dict:
     configured = time.perf_counter()
     result = simulate(trace, ready.layout, ready.policy, ready.times, setting.hw, ready.predictor)
     summary = result.summary()
-    # The simulator charges one prediction per MoE layer ahead that a layer names experts for.
-    predictions = sum(len(t) for l, t in getattr(ready.predictor, "targets", {}).items() if l in trace.moe_layers)
     metrics = {
         "ms_per_token": summary["ms_per_token"],
         "p99_ms": summary["p99_ms"],
@@ -169,7 +167,7 @@ def run_sim(config: ExperimentConfig) -> dict:
         "mib_loaded_per_token": summary["bytes_loaded_per_token"] / MIB,
         "prediction_recall": summary["prediction_recall"],
         "prediction_precision": summary["prediction_precision"],
-        "predictor_ms_per_token": ready.times.predictor_s * predictions * 1e3 if ready.predictor.horizon else 0.0,
+        "predictor_ms_per_token": result.predictor_s * 1e3,
         "cache_mib": summary["cache_bytes"] / MIB,
         "staging_mib": summary["staging_bytes"] / MIB,
         "policy": ready.policy.config.name,

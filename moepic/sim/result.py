@@ -41,7 +41,7 @@ class Counters:
         self.kept_count += 1
         self.kept_bytes += nbytes
 
-    def result(self, *, token_s, exposed_s, layer_time_L, exposed_L, layout: CacheLayout) -> SimResult:
+    def result(self, *, token_s, exposed_s, layer_time_L, exposed_L, predictor_s: float, layout: CacheLayout) -> SimResult:
         def ratio(a, b):
             return a / b if b else None
 
@@ -53,6 +53,7 @@ class Counters:
             exposed_s=exposed_s,
             layer_s=layer_time_L / max(1, len(token_s)),
             layer_exposed_s=exposed_L / max(1, len(token_s)),
+            predictor_s=predictor_s,
             recall=tuple(ratio(r[3], r[2]) for r in self.predicted),
             precision=tuple(ratio(r[3], r[1]) for r in self.predicted),
             demand_bytes=self.demand,
@@ -75,6 +76,7 @@ class SimResult:
     exposed_s: np.ndarray  # [decode tokens] time compute waited for copies
     layer_s: np.ndarray  # [L] mean time per decode token in each MoE layer (attention to last expert)
     layer_exposed_s: np.ndarray  # [L] of which compute waited for copies
+    predictor_s: float  # per decode token: the predictions every layer ran (inside token_s)
     recall: tuple[float | None, ...]  # per MoE layer, decode steps (None: not predicted)
     precision: tuple[float | None, ...]
     overall_recall: float | None

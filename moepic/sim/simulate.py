@@ -106,7 +106,8 @@ def simulate(
     bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
     # A layer runs the predictor once per layer ahead it names experts for.
-    layer_s = [times.layer_s + times.predictor_s * len(issues[c]) for c in range(L)]
+    predictor_L = [times.predictor_s * len(issues[c]) for c in range(L)]
+    layer_s = [times.layer_s + predictor_L[c] for c in range(L)]
     expert_s = times.expert_s
     # The engine's own host work (hardware.py): per planned step, and per loaded expert.
     step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
@@ -247,5 +248,5 @@ def simulate(
     counters.demand, counters.prefetch, counters.wasted = demand, prefetch, wasted
     return counters.result(
         token_s=np.array(token_s), exposed_s=np.array(exposed_s), layer_time_L=np.array(layer_time_L),
-        exposed_L=np.array(exposed_L), layout=layout
+        exposed_L=np.array(exposed_L), predictor_s=sum(predictor_L), layout=layout
     )
