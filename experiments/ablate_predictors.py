@@ -89,8 +89,10 @@ def _horizon(key: dict) -> list[str]:
 ABLATION = Ablation(
     name="predictors",
     title="Predictors × horizon per budget (bundled model, recorded KJV routing, 0.5 GB/s link, θ 0.5, LCP)",
-    axes=(sweep("budget", "cache.budget", BUDGETS), predictors(False), choices("horizon", {h: [] for h in HORIZONS})),
-    toy_axes=(sweep("budget", "cache.budget", (0.25,)), predictors(True), choices("horizon", {h: [] for h in (1, 2)})),
+    # Built when the script runs: the mlp's folder is under the cache folder of that moment
+    # (MOEPIC_CACHE_DIR), which a test or a user may set after importing this script.
+    axes=lambda: (sweep("budget", "cache.budget", BUDGETS), predictors(False), choices("horizon", {h: [] for h in HORIZONS})),
+    toy_axes=lambda: (sweep("budget", "cache.budget", (0.25,)), predictors(True), choices("horizon", {h: [] for h in (1, 2)})),
     keep=_keep,
     derive=_horizon,
     columns=(

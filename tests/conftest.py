@@ -1,15 +1,45 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints saved with `save_pretrained`, and the hypothesis profile."""
+"""Shared fixtures: tiny random Hugging Face checkpoints saved with `save_pretrained`, and the hypothesis profile.
+
+Before anything else is imported, every folder a library or moepic might read or write outside the
+tests' own temporary folders (home, caches, config dirs) is pointed into one session folder, so a
+leftover from an earlier run on this machine can never make a test pass that fails on a fresh one.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
-from hypothesis import settings
+_SESSION_HOME = tempfile.mkdtemp(prefix="moepic-tests-home-")
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
+os.environ["HOME"] = _SESSION_HOME
+for _variable, _folder in {
+    "MOEPIC_CACHE_DIR": "moepic-cache",
+    "XDG_CACHE_HOME": ".cache",
+    "XDG_CONFIG_HOME": ".config",
+    "XDG_DATA_HOME": ".local/share",
+    "HF_HOME": "huggingface",
+    "MPLCONFIGDIR": "matplotlib",
+    "WANDB_DIR": "wandb",
+    "WANDB_CACHE_DIR": "wandb-cache",
+    "WANDB_CONFIG_DIR": "wandb-config",
+    "WANDB_DATA_DIR": "wandb-data",
+    "RAY_TMPDIR": "ray",  # short enough for Ray's socket paths (< 108 bytes)
+}.items():
+    os.environ[_variable] = os.path.join(_SESSION_HOME, _folder)
+    os.makedirs(os.environ[_variable], exist_ok=True)
 
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=30, print_blob=True)
-settings.register_profile("dev", deadline=None, max_examples=60)
+import pytest  # noqa: E402 (after the environment above, on purpose)
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+
+# The example database lives in the session folder too, not in the checkout's .hypothesis/.
+_examples = DirectoryBasedExampleDatabase(os.path.join(_SESSION_HOME, "hypothesis"))
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=30, print_blob=True, database=None)
+settings.register_profile("dev", deadline=None, max_examples=60, database=_examples)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

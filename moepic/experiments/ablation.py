@@ -48,11 +48,13 @@ class Column:
 class Ablation:
     name: str  # the W&B group, and the default output folder's name
     title: str
-    axes: tuple[Axis, ...]
+    # The grid's axes, or a function that builds them when the script runs (not at import), for
+    # levels that depend on the environment, such as a path under the cache folder.
+    axes: tuple[Axis, ...] | Callable[[], tuple[Axis, ...]]
     columns: tuple[Column, ...]
     overrides: tuple[str, ...] = ()  # the script's own defaults, on top of the base config
     toy: tuple[str, ...] = TOY_WORKLOAD  # --toy: a tiny workload, for the tests
-    toy_axes: tuple[Axis, ...] | None = None  # --toy: fewer levels
+    toy_axes: tuple[Axis, ...] | Callable[[], tuple[Axis, ...]] | None = None  # --toy: fewer levels
     engine: tuple[str, ...] = ENGINE_WORKLOAD  # --backend engine: what the engine runs
     ratio: tuple[str, Any] | None = None  # ms/token relative to this (axis, level), same other levels
     plots: Callable[[list[dict], Path], list[Path]] = lambda records, out: []
@@ -60,6 +62,11 @@ class Ablation:
     keep: Callable[[dict], bool] | None = None  # which combinations of the axes' levels to run (default: all)
     derive: Callable[[dict], Sequence[str]] | None = None  # overrides that depend on several levels
     prepare: Callable[[bool], None] | None = None  # before the cells run (given --toy): e.g. train a predictor they load
+
+    def grid(self, toy: bool) -> tuple[Axis, ...]:
+        """The axes a run uses: the toy ones with --toy (where the script has them), built now."""
+        axes = self.toy_axes if toy and self.toy_axes is not None else self.axes
+        return axes() if callable(axes) else axes
 
 
 @attrs.frozen
@@ -100,8 +107,7 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
     # The engine runs its own workload: its overrides go under the user's (who may tune them).
     if load_experiment(base, args.system, overrides).backend == "engine":
         overrides = [*ablation.overrides, *(ablation.toy if args.toy else ()), *ablation.engine, *user]
-    axes = ablation.toy_axes if args.toy and ablation.toy_axes is not None else ablation.axes
-    cells = expand(base, axes, overrides, args.system, keep=ablation.keep, derive=ablation.derive)
+    cells = expand(base, ablation.grid(args.toy), overrides, args.system, keep=ablation.keep, derive=ablation.derive)
     if ablation.prepare is not None:
         ablation.prepare(args.toy)
     first = cells[0].config

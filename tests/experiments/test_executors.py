@@ -19,8 +19,8 @@ POLICIES = load_script("policies").ABLATION
 @pytest.fixture(scope="module")
 def cells():
     """One cell per policy of the policies script's toy grid (4 cells)."""
-    every = expand(BASE, POLICIES.toy_axes, [*POLICIES.overrides, *POLICIES.toy])
-    per_budget = len(POLICIES.toy_axes[-1].levels)
+    every = expand(BASE, POLICIES.grid(toy=True), [*POLICIES.overrides, *POLICIES.toy])
+    per_budget = len(POLICIES.grid(toy=True)[-1].levels)
     return every[::per_budget]
 
 
@@ -31,7 +31,7 @@ def serial(cells):
 
 def _missing_trace_cells(tmp_path):
     missing = tmp_path / "no-such-trace.npz"
-    return expand(BASE, POLICIES.toy_axes[:1], [*POLICIES.overrides, f"workload.trace={missing}"])[:2]
+    return expand(BASE, POLICIES.grid(toy=True)[:1], [*POLICIES.overrides, f"workload.trace={missing}"])[:2]
 
 
 def _table(cells, records) -> str:
@@ -39,7 +39,7 @@ def _table(cells, records) -> str:
 
 
 def test_cells_run_in_one_process_in_order(cells, serial):
-    assert len(cells) == len(POLICIES.toy_axes[0].levels)
+    assert len(cells) == len(POLICIES.grid(toy=True)[0].levels)
     assert [r["metrics"]["policy"] for r in serial] == [c.key["policy"] for c in cells]
 
 

@@ -43,7 +43,7 @@ def toy(tmp_path_factory):
 
 
 def _toy_keys(ablation) -> list[dict]:
-    axes = ablation.toy_axes
+    axes = ablation.grid(toy=True)
     keys = [{}]
     for axis in axes:
         keys = [{**key, axis.name: level.label} for key in keys for level in axis.levels]
@@ -75,7 +75,7 @@ def test_one_record_per_cell_of_the_toy_grid(toy, name):
     script, report, out = toy(name)
     records = _results(out)
     keys = _toy_keys(script.ABLATION)
-    assert len(records) == len(keys) <= prod(len(axis.levels) for axis in script.ABLATION.toy_axes)
+    assert len(records) == len(keys) <= prod(len(axis.levels) for axis in script.ABLATION.grid(toy=True))
     assert [r["key"] for r in records] == keys
     assert [r["cell"] for r in records] == list(range(len(keys)))
     assert all(r["script"] == script.ABLATION.name and r["backend"] == "sim" for r in records)
@@ -106,7 +106,7 @@ def test_the_recorded_config_is_the_cells_config(toy, name):
     script, _, out = toy(name)
     for record in _results(out):
         config = structure(ExperimentConfig, record["config"])
-        for axis in script.ABLATION.toy_axes:
+        for axis in script.ABLATION.grid(toy=True):
             if axis.name == "system":
                 assert config.system == record["key"]["system"]
             elif axis.name == "budget":
@@ -143,7 +143,7 @@ def test_the_table_has_a_row_per_cell_and_the_csv_a_line_per_cell(toy, name):
     records = _results(out)
     text = (out / "table.md").read_text()
     assert text.startswith(script.ABLATION.title + "\n") and report.table in text
-    axes = [axis.name for axis in script.ABLATION.toy_axes]  # results.jsonl sorts each key's axes
+    axes = [axis.name for axis in script.ABLATION.grid(toy=True)]  # results.jsonl sorts each key's axes
     rows = _table_rows(text, axes)
     assert len(rows) == len(records)
     for row, record in zip(rows, records):
@@ -157,12 +157,12 @@ def test_the_ratio_columns_reference_cells_read_exactly_one(toy, name):
     script, _, out = toy(name)
     axis, level = script.ABLATION.ratio
     records = _results(out)
-    axes = [a.name for a in script.ABLATION.toy_axes]
+    axes = [a.name for a in script.ABLATION.grid(toy=True)]
     rows = _table_rows((out / "table.md").read_text(), axes)
     references = [row for row, record in zip(rows, records) if record["key"][axis] == level]
     assert references
     if script.ABLATION.keep is None:  # a full grid: one reference per combination of the other axes
-        assert len(references) == len(records) // len(next(a for a in script.ABLATION.toy_axes if a.name == axis).levels)
+        assert len(references) == len(records) // len(next(a for a in script.ABLATION.grid(toy=True) if a.name == axis).levels)
     assert all(row[-1] == "1.00" for row in references)
 
 
