@@ -1,7 +1,10 @@
 """Run configuration: frozen attrs classes, and the one function where YAML + overrides become them.
 
-OmegaConf is used only inside `load_config`; everything after it is typed Python. Unknown keys and
-ill-typed values fail here, with the dotted key, the expected type and the value found.
+OmegaConf is used only inside `load_config`; everything after it is typed Python. Unknown keys,
+ill-typed values and values outside their stated range (moepic/ranges.py) fail here, with the
+dotted key, what was expected and the value found. Keys may interpolate other keys (`${a.b}`), but
+no OmegaConf resolver runs (`check_resolvers`: a shared file must not read the environment).
+Pure, apart from reading the YAML files.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from moepic.cache.layout import budget_bytes
 from moepic.errors import ConfigError
+from moepic.interpolation import check_resolvers
 from moepic.policies import PolicyConfig
 from moepic.registry import StrategyConfig
 from moepic.policies.lcp import LCPConfig
 from moepic.predictors import PredictorConfig
 from moepic.predictors.base import NoneConfig
+from moepic.ranges import LINK_GBPS, LINK_LATENCY_US, SEED, THETA, OutOfRange, Range
 
 
 @attrs.frozen(kw_only=True)
@@ -31,29 +37,25 @@ class ModelConfig:
     # "auto" keeps the checkpoint's dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"
+    # Refuse a weight with NaN/Inf as it loads (one sum per tensor, ~0.1-0.3 s per GB on one CPU thread).
+    check_weights: bool = True
 
 
 @attrs.frozen(kw_only=True)
 class SamplingConfig:
     greedy: bool = False
-    temperature: float = 0.8
-    top_p: float = 0.95
-    seed: int = 0
-
-    def __attrs_post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.seed < 2**64:  # the range torch.Generator.manual_seed accepts
-            raise ValueError(f"sampling.seed must be in [0, 2**64), got {self.seed}")
+    # Above 100 the distribution is uniform to within float rounding: a larger value is a typo.
+    temperature: float = attrs.field(default=0.8, validator=Range(0, 100, low_open=True))
+    top_p: float = attrs.field(default=0.95, validator=Range(0, 1, low_open=True))
+    seed: int = attrs.field(default=0, validator=SEED)
 
 
 @attrs.frozen(kw_only=True)
 class GenerateConfig:
     prompt: str | None = None
-    prompt_ids: tuple[int, ...] | None = None
-    max_new_tokens: int = 32
+    prompt_ids: tuple[int, ...] | None = attrs.field(default=None, validator=Range(0, 2**31 - 1, whole=True))
+    # 2**20: beyond every model's context (the model's own limit is checked once its config is read).
+    max_new_tokens: int = attrs.field(default=32, validator=Range(1, 2**20, whole=True))
     # Write the routing of every token (prompt and generated) to this .npz file (moepic/tracing).
     record_trace: str | None = None
     # Also store each MoE layer's router input in the trace (for training predictors).
@@ -62,10 +64,15 @@ class GenerateConfig:
     token_log: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.prompt is not None and self.prompt_ids is not None:
             raise ValueError("give generate.prompt or generate.prompt_ids, not both")
+
+
+def _budget_value(instance, attribute, value) -> None:
+    """A budget's form (unit, sign, size) is checked on load, before any work; its bytes need the model."""
+    values = value if isinstance(value, tuple) else () if value is None else (value,)
+    for i, item in enumerate(values):
+        budget_bytes(item, 1, f"cache.budget[{i}]" if isinstance(value, tuple) else "cache.budget")
 
 
 @attrs.frozen(kw_only=True)
@@ -74,27 +81,22 @@ class CacheConfig:
 
     # Device memory for routed experts: bytes ("512MiB") or a fraction of all expert bytes (0.25),
     # cache and staging together; or a list with one cache size per MoE layer.
-    budget: str | float | tuple[str | float, ...] | None = None
+    budget: str | float | tuple[str | float, ...] | None = attrs.field(default=None, validator=_budget_value)
     # Split ratio θ: the share of each expert's neurons (its top segment) that the cache keeps.
-    # One value, or one per MoE layer; rounded down to whole neuron blocks.
-    theta: float | tuple[float, ...] = 0.5
+    # One value, or one per MoE layer; rounded down to whole neuron blocks. None: automatic
+    # (moepic.cache.layout.plan_layout: whole experts when the budget holds them all, else 0.5).
+    theta: float | tuple[float, ...] | None = attrs.field(default=None, validator=THETA)
     # Replacement policy, by name: {name: lcp, rho: 0.25, window: 128}; see moepic/policies.
     policy: PolicyConfig = LCPConfig()  # POLICIES.default
     # Expert predictor for prefetching: {name: gate_lookahead, candidates: 2, horizon: 1}; see moepic/predictors.
     predictor: PredictorConfig = NoneConfig()  # PREDICTORS.default: load on demand
     # CPU runs only: emulate a host→device link of this bandwidth (GB/s) and per-copy latency (µs).
-    link_gbps: float | None = None
-    link_latency_us: float = 0.0
+    link_gbps: float | None = attrs.field(default=None, validator=LINK_GBPS)
+    link_latency_us: float = attrs.field(default=0.0, validator=LINK_LATENCY_US)
     # Compute a partial hit's cached top while its bottom is still being copied. Faster where copies
     # are exposed, but the split sum rounds differently: results equal the dense model's only up to
     # floating-point rounding (off: bit for bit).
     overlap_top: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        if self.link_gbps is not None and not 0 < self.link_gbps < float("inf"):
-            raise ValueError(f"cache.link_gbps must be > 0, got {self.link_gbps}")
-        if not 0 <= self.link_latency_us < float("inf"):
-            raise ValueError(f"cache.link_latency_us must be >= 0, got {self.link_latency_us}")
 
 
 @attrs.frozen(kw_only=True)
@@ -157,6 +159,8 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
     values = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
     try:
         return cls(**values)
+    except OutOfRange as e:
+        raise ConfigError(f"config key {prefix + '.' if prefix else ''}{e.name}: expected {e.expected}, got {e.value!r}") from None
     except ValueError as e:
         message = str(e)
         if prefix and f"{prefix}." not in message:  # a validator that knows only its field's name
@@ -203,11 +207,14 @@ def _override(item: str) -> dict:
         raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overrides: typing.Sequence[str] = ()) -> Any:
+def load_layers(
+    cls: type, files: typing.Sequence[str | Path | None] = (), overrides: typing.Sequence[str] = (), *, allow_env: bool = False
+) -> Any:
     """defaults ← each YAML file in turn ← `key=value` overrides, validated into the frozen `cls`.
 
     Each file is first validated on its own, so a misspelled key or strategy name is reported with
     the file it is in; then the layers are merged (`merge_layers`) and validated together.
+    No layer may call an OmegaConf resolver (`check_resolvers`; `allow_env`: except oc.env).
     """
     merged: dict = {}
     for file in files:
@@ -215,6 +222,7 @@ def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overr
             continue
         path = Path(file)
         data = read_yaml(path)
+        check_resolvers(data, str(path), allow_env=allow_env)
         alone = _resolved(data, alone=True)
         try:
             if alone is not None:  # None: it refers to another layer's keys; checked once merged
@@ -223,7 +231,9 @@ def load_layers(cls: type, files: typing.Sequence[str | Path | None] = (), overr
             raise ConfigError(f"{path}: {e}") from None
         merged = merge_layers(merged, data)
     for item in overrides:  # the key is in the message, and the user just typed it
-        merged = merge_layers(merged, _override(item))
+        layer = _override(item)
+        check_resolvers(layer, f"override {item!r}", allow_env=allow_env)
+        merged = merge_layers(merged, layer)
     # Keys left out keep their attrs defaults, so a YAML may set a single key of a section.
     return structure(cls, _resolved(merged))
 
@@ -239,9 +249,11 @@ def _resolved(data: dict, *, alone: bool = False) -> dict | None:
         raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+def load_config(
+    yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = (), *, allow_env: bool = False
+) -> RunConfig:
     """defaults ← YAML file ← `key=value` overrides, validated into a frozen RunConfig."""
-    return load_layers(RunConfig, [yaml_path], overrides)
+    return load_layers(RunConfig, [yaml_path], overrides, allow_env=allow_env)
 
 
 def unstructure(value: Any) -> Any:

@@ -107,9 +107,9 @@ def test_valid_values_written_as_overrides_come_back_exactly(max_new_tokens, tem
     ("overrides", "named"),
     [
         (["generate.max_new_tokens=abc"], ["generate.max_new_tokens", "int", "'abc'"]),
-        (["generate.max_new_tokens=0"], ["generate.max_new_tokens", ">= 1", "0"]),
+        (["generate.max_new_tokens=0"], ["generate.max_new_tokens", "an integer in [1, 1048576]", "0"]),
         (["sampling.top_p=2"], ["sampling.top_p", "(0, 1]", "2"]),
-        (["sampling.temperature=0"], ["sampling.temperature", "> 0"]),
+        (["sampling.temperature=0"], ["sampling.temperature", "(0, 100]"]),
         (["sampling.seed=-1"], ["sampling.seed", "-1"]),
         ([f"sampling.seed={2**64}"], ["sampling.seed", str(2**64)]),
         (["sampling.greedy=3"], ["sampling.greedy", "bool", "3"]),
@@ -183,3 +183,52 @@ def test_every_example_config_loads(tmp_path):
     for path in (f for f in files if f.name != "base.yaml"):
         cfg = load_config(path)
         assert cfg.model.path is None  # examples run on the bundled default model
+
+
+# --- ranges: every numeric key states its range, and NaN, inf, zero, negatives and absurd sizes fail ---
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sampling.temperature=.nan", "config key sampling.temperature: expected a number in (0, 100], got nan"),
+        ("sampling.temperature=.inf", "config key sampling.temperature: expected a number in (0, 100], got inf"),
+        ("sampling.temperature=-1", "config key sampling.temperature: expected a number in (0, 100], got -1.0"),
+        ("sampling.temperature=1e5", "config key sampling.temperature: expected a number in (0, 100], got 100000.0"),
+        ("sampling.top_p=.nan", "config key sampling.top_p: expected a number in (0, 1], got nan"),
+        ("sampling.top_p=0", "config key sampling.top_p: expected a number in (0, 1], got 0.0"),
+        ("sampling.seed=-1", "config key sampling.seed: expected an integer in [0, 18446744073709551615], got -1"),
+        ("generate.max_new_tokens=10000000000", "config key generate.max_new_tokens: expected an integer in [1, 1048576], got 10000000000"),
+        ("generate.max_new_tokens=-3", "config key generate.max_new_tokens: expected an integer in [1, 1048576], got -3"),
+        ("generate.prompt_ids=[1,-2]", "config key generate.prompt_ids[1]: expected an integer in [0, 2147483647], got -2"),
+        ("cache.theta=1.5", "config key cache.theta: expected a number in [0, 1], got 1.5"),
+        ("cache.theta=.nan", "config key cache.theta: expected a number in [0, 1], got nan"),
+        ("cache.theta=[0.5,-1]", "config key cache.theta[1]: expected a number in [0, 1], got -1.0"),
+        ("cache.link_gbps=0", "config key cache.link_gbps: expected a number in (0, 10000], got 0.0"),
+        ("cache.link_gbps=.nan", "config key cache.link_gbps: expected a number in (0, 10000], got nan"),
+        ("cache.link_gbps=1e9", "config key cache.link_gbps: expected a number in (0, 10000], got 1000000000.0"),
+        ("cache.link_latency_us=-1", "config key cache.link_latency_us: expected a number in [0, 1000000], got -1.0"),
+        ("cache.link_latency_us=.inf", "config key cache.link_latency_us: expected a number in [0, 1000000], got inf"),
+        ("cache.budget=-1", "cache.budget: expected a size ≥ 0, got -1.0"),
+        ("cache.budget=.nan", "cache.budget: expected a size ≥ 0, got nan"),
+        ('cache.budget="1e400"', "cache.budget: expected a size of at most 1 PiB (1125899906842624 bytes), got '1e400'"),
+        ("cache.budget=1e400", "cache.budget: expected a size ≥ 0, got inf"),
+        ("cache.budget=lots", "cache.budget: expected bytes (512MiB, 2GB) or a fraction (0.25, 25%), got 'lots'"),
+        ("cache.budget=[0.5,-1]", "cache.budget[1]: expected a size ≥ 0, got -1.0"),
+    ],
+)
+def test_a_value_outside_its_keys_range_is_one_line_naming_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_a_budget_is_checked_on_load_before_the_model_is_read():
+    # Its form needs no model; the bytes it stands for do (plan_layout), so "0.5" or "24GiB" pass here.
+    assert load_config(None, ["cache.budget=24GiB", "cache.theta=0.5"]).cache.budget == "24GiB"
+    assert load_config(None, ["cache.budget=[0.5,1GiB]"]).cache.budget == (0.5, "1GiB")
+
+
+def test_theta_not_given_is_none_so_the_layout_decides():
+    assert load_config(None, ["cache.budget=0.5"]).cache.theta is None
+    assert load_config(None, ["cache.budget=0.5", "cache.theta=0.5"]).cache.theta == 0.5

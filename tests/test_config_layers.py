@@ -279,3 +279,66 @@ def test_a_file_may_interpolate_a_key_an_earlier_file_sets_and_a_missing_key_is_
     with pytest.raises(ConfigError) as e:
         load_layers(RunConfig, [first, second])
     assert "model.nope" in str(e.value) and str(e.value).startswith("config: ")
+
+
+# --- trust: configs interpolate keys but call no OmegaConf resolver (no environment without --allow-env) ---
+
+
+def test_oc_env_in_a_yaml_file_is_an_error_naming_the_file_and_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPIC_TEST_SECRET", "s3cret")
+    path = _yaml(tmp_path, "generate:\n  prompt: ${oc.env:MOEPIC_TEST_SECRET}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: config key generate.prompt: '${{oc.env:MOEPIC_TEST_SECRET}}' calls the resolver oc.env;")
+    assert "--allow-env" in message and "s3cret" not in message and "\n" not in message
+
+
+def test_oc_env_in_an_override_is_an_error_naming_the_override():
+    with pytest.raises(ConfigError, match=r"^override 'model.path=\$\{oc.env:HOME\}': config key model.path: "):
+        load_config(None, ["model.path=${oc.env:HOME}"])
+    with pytest.raises(ConfigError, match="calls the resolver oc.env"):  # nested in an interpolation, too
+        load_config(None, ["model.path=x${model.${oc.env:HOME}}"])
+
+
+def test_allow_env_lets_oc_env_read_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPIC_TEST_PROMPT", "hello")
+    path = _yaml(tmp_path, "generate:\n  prompt: ${oc.env:MOEPIC_TEST_PROMPT}\n")
+    assert load_config(path, allow_env=True).generate.prompt == "hello"
+
+
+@pytest.mark.parametrize("value", ["${oc.decode:'3'}", "${oc.create:{a: 1}}", "x ${model.${oc.decode:'1'}}", "${custom:1}"])
+def test_every_other_resolver_is_refused_even_with_allow_env(value):
+    with pytest.raises(ConfigError, match="calls the resolver"):
+        load_config(None, [f'generate.prompt="{value}"'], allow_env=True)
+
+
+def test_a_resolver_inside_a_list_is_named_by_its_index(tmp_path):
+    path = _yaml(tmp_path, "cache:\n  budget: [0.5, '${oc.env:HOME}']\n")
+    with pytest.raises(ConfigError, match=r"config key cache\.budget\[1\]: "):
+        load_config(path)
+
+
+def test_plain_interpolation_and_escaped_text_still_work(tmp_path):
+    path = _yaml(tmp_path, "model:\n  device: cpu\ngenerate:\n  prompt: 'on ${model.device}, \\${oc.env:HOME}'\n")
+    assert load_config(path).generate.prompt == "on cpu, ${oc.env:HOME}"
+
+
+def test_an_experiment_config_refuses_oc_env_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPIC_TEST_HW", "h100-pcie")
+    with pytest.raises(ConfigError, match="oc.env"):
+        load_experiment(BASE, overrides=["workload.hardware=${oc.env:MOEPIC_TEST_HW}"])
+    assert load_experiment(BASE, overrides=["workload.hardware=${oc.env:MOEPIC_TEST_HW}"], allow_env=True).workload.hardware == "h100-pcie"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("workload.link_gbps=.nan", "workload.link_gbps"), ("workload.recall=1.5", "workload.recall"),
+        ("workload.context_tokens=-1", "workload.context_tokens"), ("workload.synthetic.tokens=1000000000", "workload.synthetic.tokens"),
+        ("workload.max_tokens=0", "workload.max_tokens"), ("executor.workers=0", "executor.workers"),
+    ],
+)
+def test_an_experiment_key_outside_its_range_is_named_with_the_range(override, key):
+    with pytest.raises(ConfigError, match=rf"^config key {key}: expected an? (number|integer) in "):
+        load_experiment(BASE, overrides=[override])

@@ -10,7 +10,12 @@ Two forms of budget (see README, "Offloading"):
 A value is bytes (`512MiB`, `2GB`, `1048576`) or a fraction of the experts it covers (`0.25`, `25%`).
 
 Per layer, θ becomes a whole number of neuron blocks (`top_neurons`), and the cache holds
-`slots = min(E, ⌊cache bytes / top bytes⌋)` top segments.
+`slots = min(E, ⌊cache bytes / top bytes⌋)` top segments. θ not given (None) is decided here, once
+for the engine, the simulator and the configurator: whole experts (θ 1, the dense layout) where the
+budget holds every expert whole, else `AUTO_THETA`. A given θ that rounds to another value is
+reported in `CacheLayout.notes` (`ThetaRounding`; the command shows them, and refuses a θ > 0 that
+rounds to no block at all: it would silently cache nothing). Here that is a note, not an error: the
+simulator and the ablations sweep one θ grid over model shapes of any expert width.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*|%)\s*$")
 
 BudgetValue = str | float | int
+AUTO_THETA = 0.5  # θ when none is given and the budget cannot hold every expert whole
+# No device has a petabyte of memory: a larger budget is a typo (or "1e400"), not a size.
+MAX_BUDGET_BYTES = 2**50
 
 
 class BudgetError(ConfigError):
@@ -68,6 +76,8 @@ def budget_bytes(value: BudgetValue, whole_bytes: int, what: str) -> int:
         raise BudgetError(f"{what}: unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, KiB, MiB, GiB or %")
     if number != int(number) and unit in ("", "b"):
         raise BudgetError(f"{what}: a byte count must be a whole number (or a fraction ≤ 1), got {value!r}")
+    if number * _UNITS[unit] > MAX_BUDGET_BYTES:
+        raise BudgetError(f"{what}: expected a size of at most 1 PiB ({MAX_BUDGET_BYTES} bytes), got {value!r}")
     return int(number * _UNITS[unit])
 
 
@@ -110,11 +120,40 @@ class LayerCacheLayout:
         return self.slots == self.num_experts and self.top_neurons == self.ffn_size
 
 
+@attrs.frozen
+class ThetaRounding:
+    """A given θ that whole neuron blocks turned into `used`."""
+
+    theta: float
+    used: float
+    block: int
+    ffn_size: int
+
+    @property
+    def caches_nothing(self) -> bool:
+        return self.theta > 0 and self.used == 0
+
+    def __str__(self) -> str:
+        steps = self.ffn_size // self.block
+        shown = range(steps + 1) if steps <= 4 else range(3)
+        grid = ", ".join(f"{k * self.block / self.ffn_size:.3g}" for k in shown) + (", ..." if steps > 4 else "")
+        return (f"cache.theta {self.theta:g} rounds down to {self.used:.3g} "
+                f"(whole {self.block}-neuron blocks of {self.ffn_size} neurons: {grid})")
+
+    def problem(self) -> str | None:
+        """Why a run must not go ahead with this θ: it asked for a cache and would get none."""
+        if not self.caches_nothing:
+            return None
+        return f"{self}, which caches nothing: give 0 for no cache or at least {self.block / self.ffn_size:.3g}"
+
+
 @attrs.frozen(kw_only=True)
 class CacheLayout:
     layers: tuple[LayerCacheLayout, ...]  # MoE layers, in model order
     staging_experts: int  # whole-expert staging buffers (0 when every layer is fully resident)
     dtype_bytes: int
+    # Each given θ that whole neuron blocks turned into another value: the caller shows them.
+    notes: tuple[ThetaRounding, ...] = ()
 
     @property
     def staging_bytes(self) -> int:
@@ -166,27 +205,39 @@ def plan_layout(
     *,
     dtype_bytes: int,
     budget: BudgetValue | Sequence[BudgetValue],
-    theta: float | Sequence[float],
+    theta: float | Sequence[float] | None,
     widest_neuron_block: int | None = None,
     staging_experts: int | None = None,
 ) -> CacheLayout:
-    """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ.
+    """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ
+    (None: automatic, see the module docstring).
 
     `staging_experts` whole-expert buffers are staged (default: top_k; prefetching needs more)."""
     moe = spec.moe
     if moe is None or not spec.moe_layers:
         raise BudgetError(f"{spec.model_type}: the model has no routed experts to offload")
     layers_n = len(spec.moe_layers)
-    thetas = _per_moe_layer(theta, layers_n, "cache.theta")
-    for t in thetas:
-        if not 0 <= t <= 1:
-            raise BudgetError(f"cache.theta: each value must be in [0, 1], got {t}")
     F, E = moe.expert_ffn, moe.num_experts
     staging_n = moe.top_k if staging_experts is None else staging_experts
     block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
     neuron_bytes = swiglu_params(spec.hidden_size, 1) * dtype_bytes
     expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
+    per_layer_budget = isinstance(budget, (list, tuple))
+    if per_layer_budget:
+        per_layer = _per_moe_layer(budget, layers_n, "cache.budget")
+        caches = [budget_bytes(v, layer_bytes, f"cache.budget[{i}]") for i, v in enumerate(per_layer)]
+    else:
+        total = budget_bytes(budget, layers_n * layer_bytes, "cache.budget")
+    if theta is None:  # whole experts where the budget holds them all: the dense layout, nothing loaded
+        fits = [c >= layer_bytes for c in caches] if per_layer_budget else [total >= layers_n * layer_bytes] * layers_n
+        thetas = tuple(1.0 if whole else AUTO_THETA for whole in fits)
+    else:
+        thetas = _per_moe_layer(theta, layers_n, "cache.theta")
+        for t in thetas:
+            if not 0 <= t <= 1:
+                raise BudgetError(f"cache.theta: each value must be in [0, 1], got {t}")
     tops = [top_neurons_for(t, F, block) for t in thetas]
+    notes = () if theta is None else _rounding_notes(thetas, tops, F, block)
 
     def layout(cache_bytes_per_layer: Sequence[int], staging_experts: int) -> CacheLayout:
         entries = tuple(
@@ -196,14 +247,11 @@ def plan_layout(
             )
             for l, top, cache in zip(spec.moe_layers, tops, cache_bytes_per_layer)
         )
-        return CacheLayout(layers=entries, staging_experts=staging_experts, dtype_bytes=dtype_bytes)
+        return CacheLayout(layers=entries, staging_experts=staging_experts, dtype_bytes=dtype_bytes, notes=notes)
 
-    if isinstance(budget, (list, tuple)):
-        per_layer = _per_moe_layer(budget, layers_n, "cache.budget")
-        caches = [budget_bytes(v, layer_bytes, f"cache.budget[{i}]") for i, v in enumerate(per_layer)]
+    if per_layer_budget:
         result = layout(caches, staging_n)
     else:
-        total = budget_bytes(budget, layers_n * layer_bytes, "cache.budget")
         if all(top == F for top in tops) and total >= layers_n * layer_bytes:
             return layout([layer_bytes] * layers_n, 0)
         staging = staging_n * expert_bytes
@@ -216,6 +264,15 @@ def plan_layout(
     if all(l.fully_resident for l in result.layers):
         result = attrs.evolve(result, staging_experts=0)
     return result
+
+
+def _rounding_notes(thetas: Sequence[float], tops: Sequence[int], ffn_size: int, block: int) -> tuple[ThetaRounding, ...]:
+    """One record per distinct θ that whole neuron blocks turn into another value."""
+    notes: dict[float, ThetaRounding] = {}
+    for theta, top in zip(thetas, tops):
+        if top / ffn_size != theta:
+            notes.setdefault(theta, ThetaRounding(theta, top / ffn_size, block, ffn_size))
+    return tuple(notes.values())
 
 
 def _mib(n: int) -> str:

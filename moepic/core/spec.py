@@ -16,7 +16,7 @@ QKNorm = Literal["none", "per_head", "full"]
 
 
 def _positive(instance, attribute, value) -> None:
-    if value <= 0:
+    if not value > 0:  # also false for NaN
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 

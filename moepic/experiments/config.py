@@ -19,14 +19,15 @@ from typing import Literal
 import attrs
 
 from moepic.config import read_yaml, load_layers
+from moepic.ranges import CONTEXT_TOKENS, LINK_GBPS, RECALL, SEED, Range
 from moepic.sim.baseline import SystemConfig, baseline_path
 
 Recall = float | tuple[float, ...]
 
-
-def _positive(instance, attribute, value) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+# Counts of a cell's work: at least one, and bounded, so a typo (1e9 tokens) fails on load, not after
+# minutes of allocation.
+TOKENS = Range(1, 10**7, whole=True)
+REQUESTS = Range(1, 10**4, whole=True)
 
 
 @attrs.frozen(kw_only=True)
@@ -35,9 +36,9 @@ class SyntheticConfig:
     `workload.trace` is null. The laws are one value for every layer, or a `moepic fit-trace` file."""
 
     params: str | None = None  # a `moepic fit-trace` JSON; null: the laws below
-    tokens: int = attrs.field(default=1000, validator=_positive)
-    sequences: int = attrs.field(default=4, validator=_positive)
-    seed: int = 0
+    tokens: int = attrs.field(default=1000, validator=TOKENS)
+    sequences: int = attrs.field(default=4, validator=REQUESTS)
+    seed: int = attrs.field(default=0, validator=SEED)
     # Defaults: the medians over layers of `fit_synthetic` on the shared Mixtral gsm8k trace.
     skew: float = 0.5
     reuse: float = 0.9
@@ -52,9 +53,9 @@ class RecordedConfig:
     and mlp run for real. The engine backend runs exactly these requests."""
 
     dataset: str = "kjv-heldout"  # moepic routing-report's datasets
-    requests: int = attrs.field(default=4, validator=_positive)
-    prompt_tokens: int = attrs.field(default=64, validator=_positive)
-    new_tokens: int = attrs.field(default=32, validator=_positive)
+    requests: int = attrs.field(default=4, validator=REQUESTS)
+    prompt_tokens: int = attrs.field(default=64, validator=CONTEXT_TOKENS)
+    new_tokens: int = attrs.field(default=32, validator=TOKENS)
 
 
 @attrs.frozen(kw_only=True)
@@ -66,15 +67,15 @@ class WorkloadConfig:
     trace: str | None = None  # source trace: a .npz trace or a JSONL routing log (relative: to the working directory)
     synthetic: SyntheticConfig = SyntheticConfig()
     recorded: RecordedConfig = RecordedConfig()
-    max_tokens: int | None = attrs.field(default=None, validator=_positive)  # keep the trace's first N tokens
+    max_tokens: int | None = attrs.field(default=None, validator=TOKENS)  # keep the trace's first N tokens
     # A preset (moepic/sim/shapes.py), a model folder, or `bundled` (the model that ships with moepic).
     model_shape: str = "mixtral-8x7b"
     hardware: str = "a6000"  # a bundled profile or a `moepic profile` YAML
-    link_gbps: float | None = attrs.field(default=None, validator=_positive)  # replaces the profile's host link (PCIe 3/4/5)
+    link_gbps: float | None = attrs.field(default=None, validator=LINK_GBPS)  # replaces the profile's host link (PCIe 3/4/5)
     # A noisy oracle of this recall stands in for gate_lookahead/mlp where they cannot run (no
     # router inputs in the trace); one value, or one per MoE layer.
-    recall: Recall | None = 0.85
-    context_tokens: int = 512  # attention context of a decode step (a recorded workload: its own)
+    recall: Recall | None = attrs.field(default=0.85, validator=RECALL)
+    context_tokens: int = attrs.field(default=512, validator=CONTEXT_TOKENS)  # attention context of a decode step (a recorded workload: its own)
 
 
 @attrs.frozen(kw_only=True)
@@ -82,7 +83,7 @@ class EngineConfig:
     """`backend: engine`: the real offloading engine runs `workload.recorded` on its model (CPU:
     over the emulated `cache.link_gbps`), every run's tokens checked against the dense model's."""
 
-    repeats: int = attrs.field(default=3, validator=_positive)  # timed runs (median), after one warm-up
+    repeats: int = attrs.field(default=3, validator=REQUESTS)  # timed runs (median), after one warm-up
 
 
 @attrs.frozen(kw_only=True)
@@ -98,7 +99,7 @@ class WandbConfig:
 @attrs.frozen(kw_only=True)
 class ExecutorConfig:
     kind: Literal["local", "ray"] = "local"
-    workers: int | None = attrs.field(default=None, validator=_positive)  # local processes; null: the CPU count
+    workers: int | None = attrs.field(default=None, validator=Range(1, 4096, whole=True))  # local processes; null: the CPU count
     address: str | None = None  # ray: a cluster address (RAY_ADDRESS wins, as in ray.init); null: a local instance
 
 
@@ -123,9 +124,12 @@ def system_file(name_or_path: str) -> Path:
     return baseline_path(name_or_path)
 
 
-def load_experiment(base: str | Path | None, system: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_experiment(
+    base: str | Path | None, system: str | None = None, overrides: Sequence[str] = (), *, allow_env: bool = False
+) -> ExperimentConfig:
     """defaults ← `base` YAML ← the system's file ← `key=value` overrides. The system is `system`,
-    else the one the base names (`system: moepic-lcp`; `custom`, the default, names none)."""
+    else the one the base names (`system: moepic-lcp`; `custom`, the default, names none).
+    No layer may call an OmegaConf resolver; `allow_env` (`--allow-env`) lets `${oc.env:NAME}` through."""
     files = [base]
     if system is None and base is not None:
         named = read_yaml(Path(base)).get("system", "custom")
@@ -133,7 +137,7 @@ def load_experiment(base: str | Path | None, system: str | None = None, override
     if system is not None:
         files.append(system_file(system))
         overrides = [f"system={Path(system).stem}", *overrides]
-    return load_layers(ExperimentConfig, files, overrides)
+    return load_layers(ExperimentConfig, files, overrides, allow_env=allow_env)
 
 
 __all__ = ["ExperimentConfig", "load_experiment", "system_file"]

@@ -67,6 +67,7 @@ def expand(
     base: str | Path | None, axes: Sequence[Axis], overrides: Sequence[str] = (), system: str | None = None,
     keep: Callable[[dict[str, Any]], bool] | None = None,
     derive: Callable[[dict[str, Any]], Sequence[str]] | None = None,
+    allow_env: bool = False,
 ) -> list[Cell]:
     """One cell per combination of the axes' levels, in order (the last axis varies fastest), less
     the combinations `keep` rejects (given the cell's key: axis name → label). `derive` adds
@@ -80,6 +81,6 @@ def expand(
         if len(named) > 1:  # --system on a grid that has a systems axis, say
             raise ConfigError(f"a cell names two systems: {', '.join(named)}")
         cell_overrides = [*overrides, *(o for level in combo for o in level.overrides), *(derive(key) if derive else ())]
-        config = load_experiment(base, named[0] if named else None, cell_overrides)
+        config = load_experiment(base, named[0] if named else None, cell_overrides, allow_env=allow_env)
         cells.append(Cell(len(cells), key, config))
     return cells

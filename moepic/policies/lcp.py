@@ -13,22 +13,14 @@ import attrs
 import numpy as np
 
 from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, last_used_series, recency_E, register_policy
-
-
-def _in_unit_interval(instance, attribute, value) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"cache.policy.{attribute.name} must be in (0, 1], got {value}")
-
-
-def _positive(instance, attribute, value) -> None:
-    if value <= 0:
-        raise ValueError(f"cache.policy.{attribute.name} must be > 0, got {value}")
+from moepic.ranges import Range
 
 
 @attrs.frozen(kw_only=True)
 class LCPConfig(PolicyConfig):
-    rho: float = attrs.field(default=0.25, validator=_in_unit_interval)
-    window: float = attrs.field(default=128.0, validator=_positive)  # ω, in tokens
+    rho: float = attrs.field(default=0.25, validator=Range(0, 1, low_open=True))
+    # ω, in tokens; 2**24 is beyond any model's context.
+    window: float = attrs.field(default=128.0, validator=Range(0, 2**24, low_open=True))
 
 
 @attrs.frozen(eq=False)

@@ -31,7 +31,7 @@ class Setup:
 
     name: str
     approximates: str = ""
-    theta: float | tuple[float, ...] = 0.5
+    theta: float | tuple[float, ...] | None = None  # None: automatic (moepic.cache.layout.plan_layout)
     policy: PolicyConfig
     predictor: PredictorConfig
     configurator: ConfiguratorConfig | None = None

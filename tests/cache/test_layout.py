@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.cache.layout import BudgetError, budget_bytes, plan_layout
+import attrs
+
+from moepic.cache.layout import AUTO_THETA, MAX_BUDGET_BYTES, BudgetError, budget_bytes, plan_layout
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec
 from moepic.errors import ConfigError
 
@@ -240,10 +242,15 @@ def test_theta_rounds_down_to_whole_neuron_blocks():
     assert layout.layers[0].theta < 0.3
 
 
-def test_theta_below_one_block_keeps_no_top_and_so_no_slots():
-    # 0.2 · 256 = 51.2 neurons: less than one block of 64.
+def test_theta_below_one_block_keeps_no_top_and_so_no_slots_and_the_note_names_the_smallest_theta_that_caches():
+    # 0.2 · 256 = 51.2 neurons: less than one block of 64, so it caches nothing at all.
     layout = plan_layout(tiny_spec(), dtype_bytes=2, budget="100%", theta=0.2)
     assert all(l.top_neurons == 0 and l.slots == 0 for l in layout.layers)
+    (note,) = layout.notes
+    assert note.caches_nothing and note.problem() == (
+        "cache.theta 0.2 rounds down to 0 (whole 64-neuron blocks of 256 neurons: 0, 0.25, 0.5, 0.75, 1), "
+        "which caches nothing: give 0 for no cache or at least 0.25"
+    )
 
 
 def test_a_narrower_widest_block_rounds_theta_in_smaller_steps():
@@ -313,3 +320,85 @@ def test_per_layer_budgets_are_never_exceeded_by_their_layers_cache(case):
     for l, b in zip(layout.layers, per_layer):
         assert l.cache_bytes <= b
         assert l.slots == l.num_experts or l.top_neurons == 0 or (l.slots + 1) * l.top_bytes > b
+
+
+# --- θ not given: decided here, once for the engine, the simulator and the configurator -------------
+
+
+def _without_notes(layout):
+    return attrs.evolve(layout, notes=())
+
+
+@pytest.mark.parametrize("budget", ["100%", 1.0, ALL, ALL + 1])
+def test_a_budget_that_holds_every_expert_whole_gives_the_dense_layout_when_theta_is_not_given(budget):
+    layout = plan_layout(tiny_spec(), dtype_bytes=2, budget=budget, theta=None)
+    assert layout.staging_experts == 0 and all(l.fully_resident for l in layout.layers)
+    assert layout == plan_layout(tiny_spec(), dtype_bytes=2, budget=budget, theta=1.0)
+
+
+def test_a_budget_short_of_every_expert_splits_at_the_automatic_theta():
+    layout = plan_layout(tiny_spec(), dtype_bytes=2, budget=ALL - 1, theta=None)
+    assert [l.theta for l in layout.layers] == [AUTO_THETA] * 3 and layout.staging_experts == 2
+    assert layout == _without_notes(plan_layout(tiny_spec(), dtype_bytes=2, budget=ALL - 1, theta=AUTO_THETA))
+
+
+def test_a_given_theta_is_kept_even_when_the_budget_holds_every_expert():
+    layout = plan_layout(tiny_spec(), dtype_bytes=2, budget="100%", theta=0.5)
+    assert all(l.theta == 0.5 and not l.fully_resident for l in layout.layers) and layout.staging_experts == 2
+
+
+def test_per_layer_budgets_without_theta_cache_whole_experts_only_in_the_layers_that_hold_them_all():
+    layout = plan_layout(tiny_spec(), dtype_bytes=2, budget=[LAYER, LAYER - 1, "100%"], theta=None)
+    assert [l.theta for l in layout.layers] == [1.0, AUTO_THETA, 1.0]
+    assert layout.staging_experts == 2  # the middle layer still loads
+
+
+@given(case=models_and_budgets())
+def test_theta_not_given_is_whole_experts_exactly_when_the_budget_holds_them_all(case):
+    spec, dtype_bytes, budget, _ = case
+    L, E, F = len(spec.moe_layers), spec.moe.num_experts, spec.moe.expert_ffn
+    fits = budget >= L * E * expert_bytes(F, spec.hidden_size, dtype_bytes)
+    expected_theta = 1.0 if fits else AUTO_THETA
+    try:
+        expected = _without_notes(plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=expected_theta))
+    except BudgetError as e:
+        with pytest.raises(BudgetError, match=str(e).split(" is ")[0]):
+            plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=None)
+        return
+    auto = plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=None)
+    assert auto == expected and auto.notes == ()
+
+
+# --- θ rounded to whole neuron blocks: said once, or an error where it would cache nothing ------------
+
+
+def test_a_theta_that_rounds_to_another_block_says_so_once_naming_the_blocks():
+    layout = plan_layout(tiny_spec(), dtype_bytes=2, budget="50%", theta=[0.3, 0.3, 0.5])
+    assert [str(n) for n in layout.notes] == ["cache.theta 0.3 rounds down to 0.25 (whole 64-neuron blocks of 256 neurons: 0, 0.25, 0.5, 0.75, 1)"]
+    assert layout.notes[0].problem() is None  # it still caches: a note, not a refusal
+
+
+def test_a_wide_expert_lists_only_the_first_blocks():
+    layout = plan_layout(tiny_spec(F=320), dtype_bytes=2, budget="50%", theta=0.5)
+    assert [str(n) for n in layout.notes] == ["cache.theta 0.5 rounds down to 0.4 (whole 64-neuron blocks of 320 neurons: 0, 0.2, 0.4, ...)"]
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.25, 0.5, 1.0, None, [0.0, 0.75, 1.0]])
+def test_a_theta_on_whole_blocks_or_not_given_has_no_note(theta):
+    assert plan_layout(tiny_spec(), dtype_bytes=2, budget="50%", theta=theta).notes == ()
+
+
+@given(F_blocks=st.integers(1, 12), theta=st.floats(0, 1, allow_nan=False))
+def test_a_note_is_given_exactly_when_theta_is_not_whole_blocks_and_a_problem_only_when_it_caches_nothing(F_blocks, theta):
+    F = 64 * F_blocks
+    layout = plan_layout(tiny_spec(F=F), dtype_bytes=1, budget="100%", theta=theta)
+    used = layout.layers[0].theta
+    assert used <= theta and (len(layout.notes) == 1) == (used != theta)
+    assert [n.problem() is not None for n in layout.notes] == [0 < theta * F < 64] * len(layout.notes)
+
+
+def test_a_budget_above_a_petabyte_is_an_error_naming_the_limit():
+    assert budget_bytes(f"{MAX_BUDGET_BYTES}", 1, "cache.budget") == MAX_BUDGET_BYTES
+    for value in ("1e400", f"{MAX_BUDGET_BYTES + 1}", "2048TiB", 10**30):
+        with pytest.raises(BudgetError, match=r"^cache\.budget: expected a size of at most 1 PiB"):
+            budget_bytes(value, 1, "cache.budget")

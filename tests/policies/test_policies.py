@@ -202,7 +202,7 @@ def test_belady_ranks_experts_by_their_next_use_and_never_used_ones_last():
     state = policy.update(state, step(0, [1, 1, 0, 0, 0]))
     # Upcoming uses: 0 → (2), 1 → (1, 3), 2 → (1, 3), 3 → (2), 4 → none.
     assert list(policy.priority(state)) == [-2, -1, -1, -2, -3]
-    state = policy.update(state, step(1, [0, 1, 1, 0, 0], tokens=2))  # clocks 1 and 2 in one step
+    state = policy.update(state, step(1, [1, 1, 1, 1, 0], tokens=2))  # clocks 1 and 2 in one step
     assert list(policy.priority(state)) == [-2, -1, -1, -2, -2]
     state = policy.update(state, step(3, [0, 1, 1, 0, 0]))
     assert len(set(policy.priority(state))) == 1  # no future: all alike
@@ -251,16 +251,17 @@ def test_an_unknown_policy_key_is_an_error_naming_it_and_the_known_keys():
         PolicyConfig.structure_node({"name": "lcp", "alpha": 1.0}, "cache.policy")
 
 
-@pytest.mark.parametrize("rho", [0, 0.0, -0.25, 1.5])
+@pytest.mark.parametrize("rho", [0, 0.0, -0.25, 1.5, float("nan")])
 def test_lcp_rho_outside_zero_to_one_is_an_error(rho):
-    with pytest.raises(ConfigError, match=r"cache\.policy\.rho must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"config key cache\.policy\.rho: expected a number in \(0, 1\]"):
         PolicyConfig.structure_node({"name": "lcp", "rho": rho}, "cache.policy")
 
 
-def test_lcp_rho_of_one_is_allowed_and_a_non_positive_window_is_not():
+@pytest.mark.parametrize("window", [0, -1.0, float("nan"), float("inf")])
+def test_lcp_rho_of_one_is_allowed_and_a_window_outside_its_range_is_not(window):
     assert PolicyConfig.structure_node({"name": "lcp", "rho": 1}, "cache.policy").rho == 1.0
-    with pytest.raises(ConfigError, match=r"cache\.policy\.window must be > 0"):
-        PolicyConfig.structure_node({"name": "lcp", "window": 0}, "cache.policy")
+    with pytest.raises(ConfigError, match=r"config key cache\.policy\.window: expected a number in \(0, 16777216\]"):
+        PolicyConfig.structure_node({"name": "lcp", "window": window}, "cache.policy")
 
 
 def test_a_policy_value_of_the_wrong_type_is_an_error_naming_the_key():
@@ -284,4 +285,4 @@ def test_a_trace_policy_reads_its_file(tmp_path):
     static = build_policy(PolicyConfig.structure_node({"name": "static", "profile": str(tmp_path / "p.npz")}, "cache.policy"))
     np.testing.assert_allclose(static.priority(static.init(1, 4)), [3 / 6, 2 / 6, 1 / 6, 0])
     belady = build_policy(PolicyConfig.structure_node({"name": "belady", "trace": str(tmp_path / "p.npz")}, "cache.policy"))
-    assert list(belady.priority(belady.update(belady.init(3, 4), step(0, [0, 0, 0, 1], layer=3)))) == [-4, -2, -3, -1]
+    assert list(belady.priority(belady.update(belady.init(3, 4), step(0, [0, 0, 1, 1], layer=3)))) == [-4, -2, -3, -1]
