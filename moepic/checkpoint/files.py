@@ -6,45 +6,79 @@ holds a second full copy of the model. Every failure names the file and the tens
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from moepic.checkpoint.hf_config import read_json_object
 from moepic.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def _shard_path(folder: Path, shard: str, index_path: Path) -> Path:
+    """`shard` as named in the index, as a path inside `folder`; a name that leaves it is refused.
+
+    Only the *name* is checked, not where a symlink points: Hugging Face's cache stores every shard
+    as a link from snapshots/REV/ into ../../blobs/, so following links would refuse real downloads.
+    A link is put there by whoever wrote the folder, who could as well have put the bytes there;
+    the index is the text that can be shared and edited alone, so it is what must not point away.
+    """
+    name = Path(shard)
+    if name.is_absolute() or ".." in name.parts:
+        raise CheckpointError(
+            f"{index_path}: shard {shard!r} is outside the model folder (shard names must be relative, without '..')"
+        )
+    return folder / name
+
+
 def _index_shards(folder: Path) -> dict[str, Path]:
     """tensor name → shard path, from model.safetensors.index.json."""
     index_path = folder / INDEX_FILE
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{index_path}: no 'weight_map' object") from None
+    weight_map = read_json_object(index_path).get("weight_map")
+    if weight_map is None:
+        raise CheckpointError(f"{index_path}: no 'weight_map' object")
     if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
         raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard files")
-    for shard in set(weight_map.values()):
-        if not (folder / shard).is_file():
+    paths = {shard: _shard_path(folder, shard, index_path) for shard in sorted(set(weight_map.values()))}
+    for shard, path in paths.items():
+        if not path.is_file():
             raise CheckpointError(f"{index_path}: lists shard {shard!r}, which is missing from {folder}")
-    return {name: folder / shard for name, shard in weight_map.items()}
+    return {name: paths[shard] for name, shard in weight_map.items()}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or Inf. Host sync (a bool).
+
+    One sum first: a NaN or Inf anywhere makes it NaN or Inf, so a finite sum settles it in one
+    cheap reduction (on CPU 10-60x faster than `isfinite(t).all()` for bf16). Only a non-finite sum,
+    a bad value or an overflow of the sum itself, is checked element by element.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _non_finite_reason(tensor: torch.Tensor, converted: torch.Tensor) -> str:
+    """Why `converted` (`tensor` in the load dtype) holds NaN/Inf: stored so, or overflowed by the cast."""
+    bad = int((~torch.isfinite(converted)).sum())
+    if all_finite(tensor):
+        return f"has {bad} value(s) too large for {str(converted.dtype).removeprefix('torch.')} (load it in a wider dtype)"
+    return f"has {bad} NaN or Inf value(s)"
 
 
 class SafetensorsCheckpoint:
     """Open handles on every shard; `read` takes one tensor, checks its shape, converts it.
 
     Use as a context manager so the handles close. `unread()` lists tensors nobody asked for,
-    which the loader reports as unexpected.
+    which the loader reports as unexpected. With `check_finite` (the default), a tensor holding
+    NaN or Inf once converted is refused by name: such weights load fine and then sample garbage.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, check_finite: bool = True):
         self.folder = folder
+        self.check_finite = check_finite
         if (folder / INDEX_FILE).is_file():
             declared = _index_shards(folder)
             files = sorted(set(declared.values()))
@@ -97,8 +131,12 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
         if not (tensor.is_floating_point() or tensor.numel() == 0):
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
+        converted = tensor.to(device=device, dtype=dtype)
+        # Checked after the cast, on the target device: what the model will compute with, where it is fastest.
+        if self.check_finite and not all_finite(converted):
+            raise CheckpointError(f"{path}: tensor {name!r} {_non_finite_reason(tensor, converted)}")
         self._read.add(name)
-        return tensor.to(device=device, dtype=dtype)
+        return converted
 
     def unread(self) -> list[str]:
         return sorted(set(self._file_of) - self._read)

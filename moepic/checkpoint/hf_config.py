@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moepic.checkpoint.hf_rope import rope_spec_from_hf_config
+from moepic.checkpoint.limits import MAX_SIZE, as_float
 from moepic.errors import CheckpointError
 
 _MISSING = object()
@@ -16,11 +18,16 @@ _MISSING = object()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object; anything else is one CheckpointError naming the file."""
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    # ValueError covers bad syntax, bad UTF-8 and integers longer than Python's digit limit.
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CheckpointError(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object at the top level")
     return data
@@ -43,24 +50,44 @@ class HFConfig:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (a Hugging Face model folder needs config.json)")
         generation_path = folder / "generation_config.json"
-        generation = cls(_read_json_object(generation_path), str(generation_path)) if generation_path.is_file() else None
-        return cls(_read_json_object(path), str(path), generation)
+        generation = cls(read_json_object(generation_path), str(generation_path)) if generation_path.is_file() else None
+        return cls(read_json_object(path), str(path), generation)
 
-    def get(self, *keys: str, kind: type = int, default: Any = _MISSING) -> Any:
+    def get(
+        self,
+        *keys: str,
+        kind: type = int,
+        default: Any = _MISSING,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        positive: bool = False,
+    ) -> Any:
+        """The first of `keys` that is set, checked: of type `kind`; a float finite; within
+        [minimum, maximum] and > 0 if `positive`, when asked. `default` (unchecked) when none is set."""
         for key in keys:
-            value = self.data.get(key)
+            raw = value = self.data.get(key)
             if value is None:
                 continue
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                value = as_float(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise CheckpointError(
-                    f"{self.source}: key {key!r} should be {kind.__name__}, got {value!r}"
-                )
+                raise CheckpointError(f"{self.source}: key {key!r} should be {kind.__name__}, got {raw!r}")
+            # Python's json reads NaN and Infinity; no config value means either.
+            if kind is float and not math.isfinite(value):
+                raise CheckpointError(f"{self.source}: key {key!r} must be a finite number, got {raw!r}")
+            if positive and not value > 0:
+                raise CheckpointError(f"{self.source}: key {key!r} must be > 0, got {raw!r}")
+            if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+                bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+                raise CheckpointError(f"{self.source}: key {key!r} must be {bounds}, got {raw!r}")
             return value
         if default is _MISSING:
             raise CheckpointError(f"{self.source}: missing key {' | '.join(repr(k) for k in keys)}")
         return default
+
+    def size(self, *keys: str, default: Any = _MISSING, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+        """A width or count: an integer in [minimum, maximum] (by default 1 to 2**31 - 1)."""
+        return self.get(*keys, kind=int, default=default, minimum=minimum, maximum=maximum)
 
     @property
     def model_type(self) -> str:

@@ -7,6 +7,7 @@ precedence so the frequencies match what `transformers` would compute for the sa
   * plain:           top-level "rope_theta" (or nothing: `default_theta`)
 A truthy `rope_scaling` wins over `rope_parameters`; keys inside the dict win over top-level ones,
 except a top-level `original_max_position_embeddings`, which HF lets override the dict's (Phi-3).
+Each key is range-checked as it is read; `check_rope_angles` then checks the whole, as computed.
 """
 
 from __future__ import annotations
@@ -14,22 +15,33 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moepic.core.rope import ROPE_KINDS
+import torch
+
+from moepic.checkpoint.limits import MAX_SIZE, as_float
+from moepic.core.rope import ROPE_KINDS, rope_inv_freq
 from moepic.core.spec import RopeSpec
 from moepic.errors import CheckpointError
 
 
-def _number(value: Any, key: str, source: str) -> float:
+def _number(value: Any, key: str, source: str, *, above: float | None = None, minimum: float | None = None) -> float:
+    """`value` as a finite float, > `above` and >= `minimum` when given; else one error naming `key`."""
     # bool is an int subclass; `true` as a factor is a broken file, not 1.0.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CheckpointError(f"{source}: {key} must be a number, got {value!r}")
-    return float(value)
+    number = as_float(value)
+    if not math.isfinite(number):
+        raise CheckpointError(f"{source}: {key} must be a finite number, got {value!r}")
+    if above is not None and not number > above:
+        raise CheckpointError(f"{source}: {key} must be > {above:g}, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise CheckpointError(f"{source}: {key} must be >= {minimum:g}, got {value!r}")
+    return number
 
 
 def _integer(value: Any, key: str, source: str) -> int:
     number = _number(value, key, source)
-    if number != int(number) or number <= 0:
-        raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if number != int(number) or not 0 < number <= MAX_SIZE:
+        raise CheckpointError(f"{source}: {key} must be an integer in [1, {MAX_SIZE}], got {value!r}")
     return int(number)
 
 
@@ -66,16 +78,17 @@ def rope_spec_from_hf_config(config: dict, *, source: str, default_theta: float 
         return name, default
 
     kind_key = "rope_type" if rope.get("rope_type") is not None else "type"
-    kind = rope.get(kind_key) or "default"
-    if kind not in ROPE_KINDS:
+    kind = rope.get(kind_key)
+    if kind in (None, ""):  # as transformers reads it; any other non-string is a broken file, not "default"
+        kind = "default"
+    if not isinstance(kind, str) or kind not in ROPE_KINDS:
         raise CheckpointError(
             f"{source}: unsupported RoPE type {where}.{kind_key}={kind!r}; moepic supports {', '.join(ROPE_KINDS)}"
         )
 
+    # Wavelengths are theta ** (2i / r): at 1 or below they do not grow with i (and YaRN divides by log theta).
     key, value = get("rope_theta", default_theta)
-    theta = _number(value, key, source)
-    if theta <= 0:
-        raise CheckpointError(f"{source}: {key} must be > 0, got {value!r}")
+    theta = _number(value, key, source, above=1)
     key, value = get("partial_rotary_factor", 1.0)
     partial = _number(value, key, source)
     if not 0 < partial <= 1:
@@ -83,14 +96,14 @@ def rope_spec_from_hf_config(config: dict, *, source: str, default_theta: float 
     if kind == "default":
         return RopeSpec(theta=theta, partial_rotary_factor=partial)
 
-    def scaling(name: str, default: float | None = None, *, required: bool = False) -> float | None:
-        """A number from the RoPE dict only: scaling knobs never live at the top level."""
+    def scaling(name: str, default: float | None = None, *, required: bool = False, **bounds) -> float | None:
+        """A number from the RoPE dict only (scaling knobs never live at the top level), within `bounds`."""
         value = rope.get(name)
         if value is None:
             if required:
                 raise CheckpointError(f"{source}: {where}.{name} is required for RoPE type {kind!r}")
             return default
-        return _number(value, f"{where}.{name}", source)
+        return _number(value, f"{where}.{name}", source, **bounds)
 
     # Only llama3 and yarn read the pretraining length; HF falls back to max_position_embeddings.
     original = None
@@ -105,7 +118,8 @@ def rope_spec_from_hf_config(config: dict, *, source: str, default_theta: float 
                 raise CheckpointError(f"{source}: RoPE type {kind!r} needs original_max_position_embeddings")
         original = _integer(value, key, source)
 
-    factor = scaling("factor", required=kind != "yarn")
+    # Every kind divides frequencies by the factor; YaRN also takes its log.
+    factor = scaling("factor", required=kind != "yarn", above=0)
     if factor is None:
         # YaRN with "factor": null: HF takes the context extension ratio (DeepSeek-V3 style).
         factor = _integer(config.get("max_position_embeddings"), "max_position_embeddings", source) / original
@@ -113,19 +127,45 @@ def rope_spec_from_hf_config(config: dict, *, source: str, default_theta: float 
     truncate = rope.get("truncate", True)
     if truncate is not None and not isinstance(truncate, bool):
         raise CheckpointError(f"{source}: {where}.truncate must be true or false, got {truncate!r}")
+    # llama3 divides the original length by both factors and its blend by their difference.
+    low_freq = scaling("low_freq_factor", 1.0, required=kind == "llama3", above=0)
+    high_freq = scaling("high_freq_factor", 4.0, required=kind == "llama3", above=0)
+    if kind == "llama3" and not high_freq > low_freq:
+        raise CheckpointError(
+            f"{source}: {where}.high_freq_factor ({high_freq:g}) must be > {where}.low_freq_factor ({low_freq:g})"
+        )
     return RopeSpec(
         theta=theta,
         kind=kind,
         factor=factor,
         original_max_position=original,
-        low_freq_factor=scaling("low_freq_factor", 1.0, required=kind == "llama3"),
-        high_freq_factor=scaling("high_freq_factor", 4.0, required=kind == "llama3"),
-        beta_fast=scaling("beta_fast", 32.0),
-        beta_slow=scaling("beta_slow", 1.0),
-        mscale=scaling("mscale"),
-        mscale_all_dim=scaling("mscale_all_dim"),
-        attention_factor=scaling("attention_factor"),
+        low_freq_factor=low_freq,
+        high_freq_factor=high_freq,
+        # YaRN takes logs of both betas (0 means the default, as in transformers) and divides by
+        # 0.1 * mscale_all_dim * ln(factor) + 1, which a negative mscale could make zero.
+        beta_fast=scaling("beta_fast", 32.0, minimum=0),
+        beta_slow=scaling("beta_slow", 1.0, minimum=0),
+        mscale=scaling("mscale", minimum=0),
+        mscale_all_dim=scaling("mscale_all_dim", minimum=0),
+        attention_factor=scaling("attention_factor", above=0),
         # HF reads `.get("truncate", True)` and tests truthiness, so an explicit null disables it.
         truncate=bool(truncate),
         partial_rotary_factor=partial,
     )
+
+
+def check_rope_angles(rope: RopeSpec, head_dim: int, max_positions: int, *, source: str) -> None:
+    """Refuse RoPE settings that pass every per-key check yet give NaN/Inf angles (a factor of 1e-40).
+
+    The frequencies are computed as the model will compute them, and the largest angle (the last
+    position times each frequency) must be finite, as must the attention scaling.
+    """
+    try:
+        inv_freq, scaling = rope_inv_freq(rope, head_dim, max_position_embeddings=max_positions)
+    except (ArithmeticError, ValueError) as e:
+        raise CheckpointError(f"{source}: unusable RoPE settings ({e})") from None
+    if not (bool(torch.isfinite(inv_freq * float(max_positions)).all()) and math.isfinite(scaling) and scaling > 0):
+        raise CheckpointError(
+            f"{source}: RoPE settings (theta {rope.theta:g}, {rope.kind}, factor {rope.factor:g}) "
+            f"give non-finite rotation angles within max_position_embeddings {max_positions}"
+        )

@@ -11,6 +11,7 @@ from moepic.checkpoint.adapters import adapter_for
 from moepic.checkpoint.adapters.llama_like import TensorReader
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
+from moepic.checkpoint.hf_rope import check_rope_angles
 from moepic.core.model import Model
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK
@@ -30,9 +31,11 @@ def _read_spec_and_adapter(folder: str | Path):
     cfg = HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
     try:
-        return adapter.spec(cfg), cfg, adapter
+        spec = adapter.spec(cfg)
     except (ValueError, TypeError) as e:  # MoESpec/RouterSpec validation inside an adapter
         raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
+    check_rope_angles(spec.rope, spec.head_dim, spec.max_position_embeddings, source=cfg.source)
+    return spec, cfg, adapter
 
 
 def load_model(
@@ -43,18 +46,21 @@ def load_model(
     progress: bool = False,
     widest_neuron_block: int = WIDEST_NEURON_BLOCK,
     offload_experts: bool = False,
+    check_weights: bool = True,
 ) -> Model:
     """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype.
 
     Experts are laid out in neuron blocks of up to `widest_neuron_block` neurons: the granularity
     at which they can be split (core/weights.py). With `offload_experts`, routed experts stay in
     host memory, each packed in one flat buffer (pinned when `device` is CUDA) as it is read:
-    what the offloading engine (moepic/runtime/offload.py) copies from.
+    what the offloading engine (moepic/runtime/offload.py) copies from. `check_weights` refuses a
+    tensor with NaN or Inf values (in the target dtype), naming it; turning it off saves one pass
+    over the weights (see files.py).
     """
     folder = Path(folder)
     spec, cfg, adapter = _read_spec_and_adapter(folder)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
-    with SafetensorsCheckpoint(folder) as ckpt:
+    with SafetensorsCheckpoint(folder, check_finite=check_weights) as ckpt:
         place = None
         if offload_experts:
             pin = torch.device(device).type == "cuda"

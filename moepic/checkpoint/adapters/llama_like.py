@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 import torch
-from tqdm.auto import tqdm
+from moepic.progress import bar as progress_bar
 
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
@@ -38,23 +38,22 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
     act = cfg.get("hidden_act", kind=str, default="silu")
     if act != "silu":
         raise CheckpointError(f"{cfg.source}: hidden_act {act!r} is not supported (moepic runs SwiGLU/silu experts)")
-    hidden = cfg.get("hidden_size")
-    heads = cfg.get("num_attention_heads")
-    if heads <= 0:
-        raise CheckpointError(f"{cfg.source}: num_attention_heads must be > 0, got {heads}")
-    if hidden % heads and cfg.get("head_dim", default=None) is None:
+    hidden = cfg.size("hidden_size")
+    heads = cfg.size("num_attention_heads")
+    head_dim = cfg.size("head_dim", default=None)
+    if hidden % heads and head_dim is None:
         raise CheckpointError(f"{cfg.source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     return dict(
         model_type=cfg.model_type,
-        vocab_size=cfg.get("vocab_size"),
+        vocab_size=cfg.size("vocab_size"),
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads", default=heads),
-        head_dim=cfg.get("head_dim", default=hidden // heads),
-        norm_eps=cfg.get("rms_norm_eps", kind=float),
+        num_kv_heads=cfg.size("num_key_value_heads", default=heads),
+        head_dim=hidden // heads if head_dim is None else head_dim,
+        norm_eps=cfg.get("rms_norm_eps", kind=float, positive=True),
         rope=cfg.rope(default_rope_theta),
         tie_word_embeddings=cfg.get("tie_word_embeddings", kind=bool, default=False),
-        max_position_embeddings=cfg.get("max_position_embeddings", default=4096),
+        max_position_embeddings=cfg.size("max_position_embeddings", default=4096),
         eos_token_ids=cfg.eos_token_ids(),
         bos_token_id=(cfg.token_ids("bos_token_id") or (None,))[0],
     )
@@ -119,7 +118,7 @@ class LlamaLikeAdapter:
         D, V = spec.hidden_size, spec.vocab_size
         embed = read("model.embed_tokens.weight", V, D)
         # `with` clears the bar when a read fails, so the error line is not printed after it.
-        with tqdm(range(spec.num_layers), desc="loading layers", disable=not progress, leave=False) as bar:
+        with progress_bar(range(spec.num_layers), desc="loading layers", wanted=progress, leave=False) as bar:
             layers = tuple(self._layer(read, spec, l) for l in bar)
         final_norm = read("model.norm.weight", D)
         if spec.tie_word_embeddings and not read.ckpt.has("lm_head.weight"):

@@ -2,8 +2,8 @@
 
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
 from moepic.checkpoint.hf_config import HFConfig
+from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
-from moepic.errors import CheckpointError
 
 
 class MixtralAdapter(LlamaLikeAdapter):
@@ -12,18 +12,15 @@ class MixtralAdapter(LlamaLikeAdapter):
 
     def spec(self, cfg: HFConfig) -> ModelSpec:
         moe = MoESpec(
-            num_experts=cfg.get("num_local_experts", "num_experts", "n_routed_experts"),
-            top_k=cfg.get("num_experts_per_tok"),
-            expert_ffn=cfg.get("intermediate_size"),
+            num_experts=cfg.size("num_local_experts", "num_experts", "n_routed_experts"),
+            top_k=cfg.size("num_experts_per_tok"),
+            expert_ffn=cfg.size("intermediate_size"),
             router=RouterSpec(kind="softmax_topk", renormalize=True),
         )
-        window = cfg.get("sliding_window", default=None)
-        if window is not None and window < 1:
-            raise CheckpointError(f"{cfg.source}: sliding_window must be >= 1 or null, got {window}")
         return build_spec(
             cfg,
-            layer_kinds=("moe",) * cfg.get("num_hidden_layers"),
+            layer_kinds=("moe",) * cfg.size("num_hidden_layers", maximum=MAX_LAYERS),
             moe=moe,
             default_rope_theta=1e6,
-            sliding_window=window,
+            sliding_window=cfg.size("sliding_window", default=None),
         )

@@ -7,30 +7,36 @@ Both: softmax → top-k, renormalised only when `norm_topk_prob` is true.
 
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, build_spec
 from moepic.checkpoint.hf_config import HFConfig
+from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
 from moepic.errors import CheckpointError
 
 
 def qwen_layer_kinds(cfg: HFConfig, num_experts: int) -> tuple[str, ...]:
     """Layer l is MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid (HF's rule)."""
-    step = cfg.get("decoder_sparse_step", default=1)
+    step = cfg.size("decoder_sparse_step", default=1)
+    num_layers = cfg.size("num_hidden_layers", maximum=MAX_LAYERS)
     dense_only = cfg.data.get("mlp_only_layers") or []
     if not isinstance(dense_only, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in dense_only):
         raise CheckpointError(f"{cfg.source}: mlp_only_layers should be a list of layer indices, got {dense_only!r}")
-    if step < 1:
-        raise CheckpointError(f"{cfg.source}: decoder_sparse_step must be >= 1, got {step}")
+    # HF skips an index that names no layer; here it is a typo in the file, so say so.
+    stray = [l for l in dense_only if not 0 <= l < num_layers]
+    if stray:
+        raise CheckpointError(
+            f"{cfg.source}: mlp_only_layers names layer {stray[0]}, outside [0, {num_layers}) (num_hidden_layers)"
+        )
     return tuple(
         "moe" if (l not in dense_only and num_experts > 0 and (l + 1) % step == 0) else "dense"
-        for l in range(cfg.get("num_hidden_layers"))
+        for l in range(num_layers)
     )
 
 
 def qwen_moe_spec(cfg: HFConfig, *, shared_expert: bool, **fields) -> MoESpec:
-    shared_ffn = cfg.get("shared_expert_intermediate_size", default=0) if shared_expert else 0
+    shared_ffn = cfg.size("shared_expert_intermediate_size", default=0, minimum=0) if shared_expert else 0
     return MoESpec(
-        num_experts=cfg.get("num_experts", "num_local_experts", "n_routed_experts"),
-        top_k=cfg.get("num_experts_per_tok"),
-        expert_ffn=cfg.get("moe_intermediate_size"),
+        num_experts=cfg.size("num_experts", "num_local_experts", "n_routed_experts"),
+        top_k=cfg.size("num_experts_per_tok"),
+        expert_ffn=cfg.size("moe_intermediate_size"),
         router=RouterSpec(kind="softmax_topk", renormalize=cfg.get("norm_topk_prob", kind=bool, default=False)),
         shared_expert_ffn=shared_ffn,
         shared_expert_gated=shared_ffn > 0,
@@ -52,7 +58,7 @@ class Qwen2MoeAdapter(LlamaLikeAdapter):
             cfg,
             layer_kinds=qwen_layer_kinds(cfg, moe.num_experts),
             moe=moe,
-            dense_ffn=cfg.get("intermediate_size"),
+            dense_ffn=cfg.size("intermediate_size"),
             attention_bias=cfg.get("qkv_bias", kind=bool, default=True),
         )
 
@@ -67,7 +73,7 @@ class Qwen3MoeAdapter(LlamaLikeAdapter):
             cfg,
             layer_kinds=qwen_layer_kinds(cfg, moe.num_experts),
             moe=moe,
-            dense_ffn=cfg.get("intermediate_size", default=0),
+            dense_ffn=cfg.size("intermediate_size", default=0, minimum=0),
             attention_bias=cfg.get("attention_bias", kind=bool, default=False),
             qk_norm="per_head",
         )
