@@ -37,6 +37,16 @@ def random_expert_set(E: int, D: int, F: int, seed: int) -> list[SwiGLUWeights]:
     return [random_expert(D, F, seed * 1000 + e) for e in range(E)]
 
 
+def _positions(rng: np.random.Generator, sequence_N: np.ndarray) -> np.ndarray:
+    """Increasing positions within each sequence, mostly consecutive, from a random start (as a trace
+    cut from a longer run, or a JSONL log that lost some tokens, has them)."""
+    steps_N = rng.choice([1, 1, 1, 2], len(sequence_N))
+    starts_N = np.r_[True, sequence_N[1:] != sequence_N[:-1]] if len(sequence_N) else np.zeros(0, bool)
+    steps_N[starts_N] = rng.integers(0, 3, starts_N.sum())
+    cumulative_N = np.cumsum(steps_N)
+    return (cumulative_N - np.maximum.accumulate(np.where(starts_N, cumulative_N - steps_N, 0))).astype(np.int32)
+
+
 @st.composite
 def traces(draw):
     N, L, K = draw(st.integers(0, 12)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
@@ -44,6 +54,7 @@ def traces(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     ids = np.stack([rng.permutation(E)[:K] for _ in range(N * L)]).reshape(N, L, K) if N else np.zeros((0, L, K), int)
     hidden = rng.standard_normal((N, L, 3)).astype(np.float32) if draw(st.booleans()) else None
+    sequence_N = np.sort(rng.integers(0, 3, N)).astype(np.int32)
     return RoutingTrace(
         model=draw(st.text(max_size=10)),
         moe_layers=tuple(sorted(rng.choice(40, L, replace=False).tolist())),
@@ -51,8 +62,8 @@ def traces(draw):
         top_k=K,
         expert_ids_NLK=ids.astype(np.int64),
         weights_NLK=rng.random((N, L, K)).astype(np.float32),
-        sequence_N=np.sort(rng.integers(0, 3, N)).astype(np.int32),
-        position_N=rng.integers(0, 100, N).astype(np.int32),
+        sequence_N=sequence_N,
+        position_N=_positions(rng, sequence_N),
         prefill_N=rng.random(N) < 0.5,
         hidden_NLD=hidden,
         source="test",

@@ -30,6 +30,8 @@ def trace_text(
     ids = codec.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
+    # A caller's fixed chunk (train-predictor's 256) may exceed a small model's positions; a user's
+    # --chunk never gets here unchecked (run_routing_report refuses it).
     chunk = min(chunk, model.spec.max_position_embeddings)
     recorder, lookahead = RoutingRecorder(model.spec, record_hidden=record_hidden), GateLookaheadTap(model)
     with torch.inference_mode():
@@ -54,6 +56,7 @@ def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | Non
         "model": trace.model,
         "source": trace.source,
         "tokens": trace.num_tokens,
+        "dropped_tokens": trace.dropped_tokens,
         "num_experts": trace.num_experts,
         "top_k": trace.top_k,
         "layers": layers,
@@ -65,31 +68,55 @@ def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | Non
 DATASETS = {"kjv-heldout": Path(__file__).resolve().parents[1] / "data" / "kjv-heldout.txt"}
 
 
+MAX_TOKENS = 2**24  # --max-tokens: 16 Mi tokens, far beyond any text worth one report
+DEFAULT_CHUNK, DEFAULT_MAX_TOKENS = 256, 8192
+
+
 def run_routing_report(
     model_dir: str | None,
     text_file: str | None,
     trace_file: str | None,
     *,
     dataset: str | None = None,
-    chunk: int,
-    max_tokens: int,
+    chunk: int | None = None,
+    max_tokens: int | None = None,
 ) -> dict:
+    """With `trace_file`, `model_dir` (if given) supplies the expert count a JSONL log cannot state.
+    `chunk` and `max_tokens` (None: 256 and 8192) shape a model run, so a trace refuses them."""
+    if trace_file is not None:
+        given = [flag for flag, value in (("--chunk", chunk), ("--max-tokens", max_tokens)) if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} has no effect with --trace: a recorded trace is reported as it is, not routed again")
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if not 1 <= chunk <= MAX_TOKENS:
+        raise ConfigError(f"--chunk: expected tokens per prefill chunk in [1, {MAX_TOKENS}], got {chunk}")
+    if not 2 <= max_tokens <= MAX_TOKENS:
+        raise ConfigError(f"--max-tokens: expected an integer in [2, {MAX_TOKENS}] (a report needs 2 tokens), got {max_tokens}")
     if dataset is not None:
         if dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
         text_file = str(DATASETS[dataset])
     if (text_file is None) == (trace_file is None):
         raise ConfigError("routing-report needs exactly one of --text FILE, --dataset NAME or --trace FILE")
-    if trace_file is not None:
-        return routing_report(load_any_trace(trace_file), None)
-    from moepic.checkpoint.load import load_model
+    from moepic.checkpoint.load import load_model, read_spec
     from moepic.default_model import model_folder
+
+    if trace_file is not None:
+        num_experts = None
+        if model_dir is not None:
+            spec, _ = read_spec(model_folder(model_dir))
+            num_experts = spec.moe.num_experts if spec.moe is not None else None
+        return routing_report(load_any_trace(trace_file, num_experts=num_experts), None)
     from moepic.tokenizer import TextCodec
 
     folder = model_folder(model_dir)
     path = Path(text_file)
     if not path.is_file():
         raise ConfigError(f"{path}: text file not found")
+    spec, _ = read_spec(folder)
+    if chunk > spec.max_position_embeddings:
+        raise ConfigError(f"--chunk: at most the model's max_position_embeddings ({spec.max_position_embeddings}), got {chunk}")
     try:
         text = path.read_text()
     except UnicodeDecodeError:
@@ -106,9 +133,11 @@ def routing_report_text(report: dict) -> str:
     def pct(x):
         return "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:5.1f}%"
 
+    dropped = report.get("dropped_tokens", 0)
     lines = [
         f"{report['model'] or report['source']}: {report['tokens']} tokens, "
-        f"{report['num_experts']} experts, top-{report['top_k']}",
+        f"{report['num_experts']} experts, top-{report['top_k']}"
+        + (f" ({dropped} more left out: they miss some layer's record)" if dropped else ""),
         "layer | busiest | top 25% | least used | reuse (random) | next-layer recall | random | most-popular",
     ]
     for row in report["layers"]:

@@ -15,8 +15,15 @@ import time
 import numpy as np
 
 from moepic.errors import ConfigError
+from moepic.outputs import check_writable
+from moepic.ranges import SEED, Range
+from moepic.tracing.checks import MAX_EXPERTS, MAX_LAYER, MAX_POSITION
 
 POLICIES = ("lru", "lfu")  # the fit-quality check's policies
+EXPERTS = Range(1, MAX_EXPERTS, whole=True)  # experts per layer, and top-k
+LAYERS = Range(1, MAX_LAYER, whole=True)
+TOKENS = Range(1, MAX_POSITION, whole=True)  # what a trace stores; memory bounds it further (below)
+MAX_GENERATION_BYTES = 4 * 2**30  # a synthetic trace larger than this is a typo, not a workload
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -30,25 +37,27 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def add_parsers(commands) -> None:
-    """Add both subcommands to the `moepic` subparsers object."""
+    """Add both subcommands to the `moepic` subparsers object. Every number has its range checked as
+    it is parsed (moepic.ranges); combinations (top-k ≤ experts, memory) first thing in `run_…`."""
     fit = commands.add_parser("fit-trace", help="fit synthetic-routing parameters to a routing trace, per MoE layer")
     fit.add_argument("--trace", required=True, help="routing trace (.npz or JSONL); only decode steps are used")
     fit.add_argument("--out", metavar="PARAMS.json", help="write the fitted parameters here")
-    fit.add_argument("--tokens", type=int, default=2000, help="length of the synthetic trace the fit is checked on")
-    fit.add_argument("--seed", type=int, default=0, help="seed of that synthetic trace")
+    fit.add_argument("--tokens", type=TOKENS.parse, default=2000,
+                     help=f"length of the synthetic trace the fit is checked on ({TOKENS.describe()})")
+    fit.add_argument("--seed", type=SEED.parse, default=0, help="seed of that synthetic trace")
     fit.add_argument("--cache-sizes", type=_sizes, help="whole-expert cache sizes of the check (default: E/4, E/2, 3E/4)")
     fit.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     synth = commands.add_parser("synth-trace", help="write a synthetic routing trace (.npz)")
     source = synth.add_mutually_exclusive_group(required=True)
     source.add_argument("--params", metavar="PARAMS.json", help="parameters from `moepic fit-trace --out`")
     source.add_argument("--like", metavar="FILE", help="fit the parameters to this routing trace first")
-    synth.add_argument("--experts", type=int, help="carry the parameters to this many experts per layer")
-    synth.add_argument("--top-k", type=int, help="… and this top-k")
-    synth.add_argument("--layers", type=int, help="… and this many MoE layers (interpolated over depth)")
-    synth.add_argument("--tokens", type=int, required=True, help="decode steps to generate")
-    synth.add_argument("--sequences", type=int, help="requests they are split into (default: tokens / the "
-                       "parameters' tokens_per_sequence)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--experts", type=EXPERTS.parse, help=f"carry the parameters to this many experts per layer ({EXPERTS.describe()})")
+    synth.add_argument("--top-k", type=EXPERTS.parse, help="… and this top-k (at most the experts)")
+    synth.add_argument("--layers", type=LAYERS.parse, help=f"… and this many MoE layers, interpolated over depth ({LAYERS.describe()})")
+    synth.add_argument("--tokens", type=TOKENS.parse, required=True, help=f"decode steps to generate ({TOKENS.describe()})")
+    synth.add_argument("--sequences", type=TOKENS.parse, help="requests they are split into, at most the tokens "
+                       "(default: tokens / the parameters' tokens_per_sequence)")
+    synth.add_argument("--seed", type=SEED.parse, default=0)
     synth.add_argument("--out", metavar="FILE.npz", required=True, help="write the trace here")
     synth.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -71,6 +80,19 @@ def _fit(trace, path: str):
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _check_memory(tokens: int, sequences: int, *, layers: int, top_k: int, experts: int) -> None:
+    """Refuse, before any work, a synthetic trace too large to generate in memory (naming the shape)."""
+    from moepic.tracing.synthetic import generation_bytes
+
+    need = generation_bytes(tokens, sequences, layers=layers, top_k=top_k, experts=experts)
+    if need > MAX_GENERATION_BYTES:
+        raise ConfigError(
+            f"--tokens: {tokens} tokens of {layers} MoE layers x {experts} experts, top-{top_k} would need about "
+            f"{need / 2**30:.1f} GiB to generate; the limit is {MAX_GENERATION_BYTES / 2**30:.0f} GiB "
+            f"(about {tokens * MAX_GENERATION_BYTES // need} tokens at this shape)"
+        )
+
+
 def hit_rates(trace, policy: str, sizes) -> np.ndarray:
     """[L, sizes]: the planner's hit rate of `policy` with caches of whole experts (one-neuron experts, θ = 1)."""
     from moepic.cache.layout import CacheLayout, LayerCacheLayout
@@ -91,25 +113,25 @@ def hit_rates(trace, policy: str, sizes) -> np.ndarray:
 
 
 def run_fit_trace(args) -> dict:
-    from moepic.tracing.synthetic import LAWS, generate_trace, select_tokens, save_synthetic
+    from moepic.tracing.synthetic import LAWS, generate_trace, save_synthetic, select_tokens
 
+    if args.out:
+        check_writable(args.out, "synthetic routing parameters")  # before the fit, not after it
     trace = _load_trace(args.trace)
     E = trace.num_experts
     sizes = args.cache_sizes or tuple(sorted({max(1, E * q // 4) for q in (1, 2, 3)}))
     if max(sizes) > E:
         raise ConfigError(f"--cache-sizes: at most {E} (the trace's experts per layer), got {max(sizes)}")
-    if args.tokens < 1:
-        raise ConfigError(f"--tokens: expected at least 1, got {args.tokens}")
+    shape = {"layers": len(trace.moe_layers), "top_k": trace.top_k, "experts": E}
+    _check_memory(args.tokens, 1, **shape)  # before the fit; its sequences are known after it
     t0 = time.perf_counter()
     config = _fit(trace, args.trace)
     fit_s = time.perf_counter() - t0
-    if args.out:
-        try:
-            save_synthetic(config, args.out)
-        except OSError as e:
-            raise ConfigError(f"{args.out}: cannot write the parameters ({e.strerror or e})") from None
-    t0 = time.perf_counter()
     sequences = min(args.tokens, max(1, round(args.tokens / config.tokens_per_sequence)))
+    _check_memory(args.tokens, sequences, **shape)
+    if args.out:
+        save_synthetic(config, args.out)
+    t0 = time.perf_counter()
     synthetic = generate_trace(config, args.tokens, args.seed, sequences)
     real = select_tokens(trace, ~trace.prefill_N)
     curves = {p: (hit_rates(real, p, sizes), hit_rates(synthetic, p, sizes)) for p in POLICIES}
@@ -160,29 +182,33 @@ def run_synth_trace(args) -> dict:
     from moepic.tracing import TraceError, save_trace
     from moepic.tracing.synthetic import generate_trace, load_synthetic
 
-    if args.tokens < 1:
-        raise ConfigError(f"--tokens: expected at least 1, got {args.tokens}")
+    check_writable(args.out, "trace")  # before fitting and generating, not after
+    if args.sequences is not None and args.sequences > args.tokens:
+        raise ConfigError(f"--sequences: expected 1 to --tokens ({args.tokens}), got {args.sequences}")
     if args.params:
         try:
             config = load_synthetic(args.params)
         except TraceError as e:
             raise ConfigError(str(e)) from None
+        E, K, L = config.num_experts, config.top_k, config.num_layers
     else:
-        config = _fit(_load_trace(args.like), args.like)
-    if (args.experts, args.top_k, args.layers) != (None, None, None):
-        E, K, L = args.experts or config.num_experts, args.top_k or config.top_k, args.layers or config.num_layers
-        if L < 1 or not 1 <= K <= E:
-            raise ConfigError(f"--experts/--top-k/--layers: need layers >= 1 and 1 <= top-k <= experts, "
-                              f"got layers {L}, top-k {K}, experts {E}")
+        like = _load_trace(args.like)
+        E, K, L = like.num_experts, like.top_k, len(like.moe_layers)
+    flags = (args.experts, args.top_k, args.layers)
+    E, K, L = (given if given is not None else default for given, default in zip(flags, (E, K, L)))
+    if K > E:
+        raise ConfigError(f"--top-k: expected at most the experts per layer ({E}), got {K}")
+    _check_memory(args.tokens, args.sequences or 1, layers=L, top_k=K, experts=E)  # before a fit
+    if not args.params:
+        config = _fit(like, args.like)
+    if (E, K, L) != (config.num_experts, config.top_k, config.num_layers):
         config = config.for_shape(E, K, L)
-    sequences = args.sequences or min(args.tokens, max(1, round(args.tokens / config.tokens_per_sequence)))
-    if not 1 <= sequences <= args.tokens:
-        raise ConfigError(f"--sequences: expected 1 to --tokens ({args.tokens}), got {sequences}")
+    sequences = args.sequences
+    if sequences is None:
+        sequences = min(args.tokens, max(1, round(args.tokens / config.tokens_per_sequence)))
+    _check_memory(args.tokens, sequences, layers=L, top_k=K, experts=E)
     trace = generate_trace(config, args.tokens, args.seed, sequences)
-    try:
-        save_trace(trace, args.out)
-    except OSError as e:
-        raise ConfigError(f"{args.out}: cannot write the trace ({e.strerror or e})") from None
+    save_trace(trace, args.out)
     return {
         "out": args.out,
         "tokens": args.tokens,

@@ -62,7 +62,7 @@ def workload_trace(workload: WorkloadConfig) -> RoutingTrace:
     elif workload.trace is None:
         raise ConfigError("config key workload.trace: not set, and workload.source is trace (give a .npz or .jsonl file)")
     else:
-        trace, where = load_any_trace(workload.trace), workload.trace
+        trace, where = load_any_trace(workload.trace, num_experts=shape.spec.moe.num_experts), workload.trace
     if workload.max_tokens is not None:
         trace = select_tokens(trace, slice(0, workload.max_tokens))
     return check_trace_fits(trace, shape, where)

@@ -28,6 +28,7 @@ import attrs
 import numpy as np
 
 from moepic.analysis.routing_stats import frequency_hit_curve, next_layer_predictability, recency_hit_curve
+from moepic.outputs import write_text_atomic
 from moepic.tracing.trace import RoutingTrace, TraceError
 
 FORMAT, VERSION = "moepic-synthetic-routing", 1
@@ -103,6 +104,13 @@ class SyntheticRouting:
 def popularity_logits(skew: float, num_experts: int) -> np.ndarray:
     """[E] by rank (most popular first): the popularity law's logits."""
     return -skew * ((np.arange(num_experts) + 0.5) / num_experts) ** _SHAPE
+
+
+def generation_bytes(tokens: int, sequences: int, *, layers: int, top_k: int, experts: int) -> int:
+    """About the peak memory `generate_trace` needs: per token and layer its top-k ids (int64, then
+    masked into the trace) and weights (float64 Dirichlet draws, their sort, float32), and per
+    sequence, layer and expert the few float64 arrays of one anti-diagonal's logits."""
+    return 44 * tokens * layers * top_k + 64 * sequences * layers * experts
 
 
 def generate_trace(config: SyntheticRouting, tokens: int, seed: int, sequences: int = 1) -> RoutingTrace:
@@ -248,9 +256,10 @@ def fit_synthetic(trace: RoutingTrace, *, tokens: int = 3000, iterations: int = 
 
 
 def save_synthetic(config: SyntheticRouting, path: str | Path) -> None:
+    """All or nothing (moepic.outputs): a failure leaves an older file at `path` as it was."""
     # One key a line, each law's per-layer values on one line: readable and diffable.
     lines = (f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in config.as_dict().items())
-    Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    write_text_atomic(path, "synthetic routing parameters", "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 _KINDS = {"num_experts": int, "top_k": int, "weight_alpha": float, "tokens_per_sequence": int, "source": str}

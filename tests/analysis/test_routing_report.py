@@ -121,3 +121,45 @@ def test_bundled_model_routes_held_out_text_like_a_real_moe(capsys):
         assert row["top_quarter_share"] > 0.25 + 0.03
     for row in layers[1:]:
         assert row["next_layer_recall"] > row["most_popular_recall"] + 0.2
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--chunk", "0"], "--chunk: expected tokens per prefill chunk in [1, 16777216], got 0"),
+        (["--chunk", "-5"], "--chunk: expected tokens per prefill chunk in [1, 16777216], got -5"),  # once an all-zero table
+        (["--max-tokens", "-1"], "--max-tokens: expected an integer in [2, 16777216] (a report needs 2 tokens), got -1"),
+        (["--max-tokens", "0"], "--max-tokens: expected an integer in [2, 16777216] (a report needs 2 tokens), got 0"),
+        (["--chunk", "5000"], "--chunk: at most the model's max_position_embeddings (1024), got 5000"),
+    ],
+)
+def test_routing_report_numbers_out_of_range_are_one_line(capsys, flags, message):
+    assert cli_error(capsys, ["routing-report", "--dataset", "kjv-heldout", *flags]) == message
+
+
+@pytest.mark.parametrize("flag", ["--chunk", "--max-tokens"])
+def test_a_model_run_flag_with_a_trace_is_refused_not_ignored(tmp_path, capsys, flag):
+    trace = tmp_path / "log.jsonl"
+    trace.write_text("".join(json.dumps({"problem_id": 0, "token_idx": t, "layer": 0, "experts": [t % 4, (t + 1) % 4],
+                                         "gating_probs": [0.5, 0.5]}) + "\n" for t in range(4)))
+    assert cli_error(capsys, ["routing-report", "--trace", str(trace), flag, "64"]) == (
+        f"{flag} has no effect with --trace: a recorded trace is reported as it is, not routed again"
+    )
+
+
+def test_report_on_a_jsonl_log_says_what_it_left_out_and_takes_the_models_expert_count(tmp_path, capsys):
+    from moepic.default_model import default_model_dir
+
+    records = [{"problem_id": 0, "token_idx": t, "layer": l, "experts": [(t + l) % 4, (t + l + 1) % 4],
+                "gating_probs": [0.5, 0.5]} for t in range(4) for l in range(2)]
+    records.append(records[0] | {"token_idx": 4})  # token 4 misses layer 1
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    capsys.readouterr()
+    assert main(["routing-report", "--trace", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{path}: 4 tokens, 4 experts, top-2 (1 more left out: they miss some layer's record)"
+    )
+    assert main(["routing-report", "--trace", str(path), "--model", str(default_model_dir()), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_experts"] == 16 and report["dropped_tokens"] == 1

@@ -4,9 +4,12 @@ the real per-layer LRU and LFU hit-rate curves (the project's own planner) withi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import attrs
@@ -22,9 +25,10 @@ from moepic.cache.layout import CacheLayout, LayerCacheLayout
 from moepic.cache.replay import replay_trace
 from moepic.cli import _Parser
 from moepic.commands import synthetic as commands
-from moepic.errors import ConfigError
+from moepic.errors import MoepicError
 from moepic.policies import POLICIES
 from moepic.policies.base import build_policy
+from moepic.ranges import SEED
 from moepic.tracing import TraceError, load_any_trace, load_trace, save_trace
 from moepic.tracing.synthetic import (
     LAWS, SyntheticRouting, fit_synthetic, generate_trace, load_synthetic, save_synthetic, select_tokens,
@@ -235,9 +239,10 @@ def test_fitting_ignores_prefill_steps():
 
 
 def concatenate(a, b):
-    """`a`'s tokens, then `b`'s."""
-    fields = ("expert_ids_NLK", "weights_NLK", "sequence_N", "position_N", "prefill_N")
-    return attrs.evolve(a, **{f: np.concatenate([getattr(a, f), getattr(b, f)]) for f in fields})
+    """`a`'s tokens, then `b`'s (its sequences numbered after `a`'s: a trace's sequences never interleave)."""
+    fields = ("expert_ids_NLK", "weights_NLK", "position_N", "prefill_N")
+    return attrs.evolve(a, **{f: np.concatenate([getattr(a, f), getattr(b, f)]) for f in fields},
+                        sequence_N=np.concatenate([a.sequence_N, b.sequence_N + a.sequence_N.max() + 1]))
 
 
 # The commands, through a parser wired the way cli.py wires them.
@@ -287,24 +292,46 @@ def test_synth_trace_like_a_trace_in_another_shape(small_trace, tmp_path):
         (["synth-trace", "--params", "{dir}/absent.json", "--tokens", "5", "--out", "{dir}/s.npz"],
          "absent.json: synthetic routing parameters not found"),
         (["synth-trace", "--params", "{dir}/bad.json", "--tokens", "5", "--out", "{dir}/s.npz"], "bad.json: missing key 'skew'"),
-        (["synth-trace", "--like", "{trace}", "--tokens", "0", "--out", "{dir}/s.npz"], "--tokens: expected at least 1, got 0"),
+        (["synth-trace", "--like", "{trace}", "--tokens", "0", "--out", "{dir}/s.npz"],
+         f"argument --tokens: expected {commands.TOKENS.describe()}, got '0'"),
         (["synth-trace", "--like", "{trace}", "--params", "x", "--tokens", "5", "--out", "s.npz"], "not allowed with argument"),
         (["synth-trace", "--params", "{dir}/good.json", "--top-k", "9", "--tokens", "5", "--out", "{dir}/s.npz"],
-         "--experts/--top-k/--layers: need layers >= 1 and 1 <= top-k <= experts, got layers 2, top-k 9, experts 8"),
+         "--top-k: expected at most the experts per layer (8), got 9"),
         (["synth-trace", "--params", "{dir}/good.json", "--tokens", "5", "--sequences", "6", "--out", "{dir}/s.npz"],
          "--sequences: expected 1 to --tokens (5), got 6"),
-        (["synth-trace", "--params", "{dir}/good.json", "--tokens", "5", "--out", "{dir}/no/s.npz"], "cannot write the trace"),
+        (["synth-trace", "--params", "{dir}/good.json", "--tokens", "5", "--out", "{dir}/no/s.npz"],
+         "no/s.npz: cannot write the trace (folder {dir}/no does not exist)"),
+        # Zero or negative sizes were once replaced by the parameters' own (`args.x or default`).
+        (["synth-trace", "--params", "{dir}/good.json", "--experts", "0", "--tokens", "5", "--out", "{dir}/s.npz"],
+         f"argument --experts: expected {commands.EXPERTS.describe()}, got '0'"),
+        (["synth-trace", "--params", "{dir}/good.json", "--layers", "0", "--tokens", "5", "--out", "{dir}/s.npz"],
+         f"argument --layers: expected {commands.LAYERS.describe()}, got '0'"),
+        (["synth-trace", "--params", "{dir}/good.json", "--sequences", "0", "--tokens", "5", "--out", "{dir}/s.npz"],
+         f"argument --sequences: expected {commands.TOKENS.describe()}, got '0'"),
+        (["synth-trace", "--params", "{dir}/good.json", "--top-k", "-2", "--tokens", "5", "--out", "{dir}/s.npz"],
+         f"argument --top-k: expected {commands.EXPERTS.describe()}, got '-2'"),
+        (["synth-trace", "--params", "{dir}/good.json", "--seed", "-1", "--tokens", "5", "--out", "{dir}/s.npz"],
+         f"argument --seed: expected {SEED.describe()}, got '-1'"),
+        (["synth-trace", "--params", "{dir}/good.json", "--tokens", "1000000000", "--out", "{dir}/s.npz"],
+         "--tokens: 1000000000 tokens of 2 MoE layers x 8 experts, top-2 would need about 163.9 GiB to generate; "
+         "the limit is 4 GiB (about 24403223 tokens at this shape)"),
         (["fit-trace", "--trace", "{dir}/absent.npz"], "absent.npz: trace file not found"),
         (["fit-trace", "--trace", "{trace}", "--cache-sizes", "2,7"], "--cache-sizes: at most 6"),
         (["fit-trace", "--trace", "{trace}", "--cache-sizes", "2,x"], "expected comma-separated cache sizes"),
+        (["fit-trace", "--trace", "{trace}", "--tokens", "0"], f"argument --tokens: expected {commands.TOKENS.describe()}, got '0'"),
+        (["fit-trace", "--trace", "{trace}", "--tokens", "100000000"],
+         "--tokens: 100000000 tokens of 3 MoE layers x 6 experts, top-2 would need about 24.6 GiB to generate; "
+         "the limit is 4 GiB (about 16268814 tokens at this shape)"),
+        (["fit-trace", "--trace", "{trace}", "--out", "{dir}/no/p.json"],
+         "no/p.json: cannot write the synthetic routing parameters (folder {dir}/no does not exist)"),
     ],
 )
 def test_command_mistakes_are_one_line_config_errors(small_trace, tmp_path, argv, message):
     (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in GOOD.items() if k != "skew"}))
     save_synthetic(routing(L=2), tmp_path / "good.json")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(MoepicError) as err:
         cli(*(a.format(dir=tmp_path, trace=small_trace) for a in argv))
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert message.format(dir=tmp_path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_the_fitted_rank_curves_are_the_planners_lru_and_lfu_hit_rates(small_trace):
@@ -358,3 +385,53 @@ def test_fitted_synthetic_traces_give_the_real_lru_and_lfu_curves(name):
         error_L = np.abs(hit_curves(real, policy) - hit_curves(synthetic, policy)).mean(1)
         assert error_L.max() <= MAX_LAYER_ERROR, (policy, error_L.argmax(), error_L.max())
         assert error_L.mean() <= MAX_MEAN_ERROR, (policy, error_L.mean())
+
+
+def test_synth_trace_finds_an_unwritable_out_before_any_work(tmp_path, monkeypatch):
+    save_synthetic(routing(L=2), tmp_path / "good.json")
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path / "ro":
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("moepic.tracing.synthetic.generate_trace", lambda *a, **k: pytest.fail("generated before the check"))
+    with pytest.raises(MoepicError, match=r"ro/s.npz: cannot write the trace \(Permission denied\)$"):
+        cli("synth-trace", "--params", tmp_path / "good.json", "--tokens", 5, "--out", tmp_path / "ro" / "s.npz")
+
+
+def test_synth_trace_on_a_full_disk_leaves_no_file_and_an_older_one_intact(tmp_path, monkeypatch):
+    save_synthetic(routing(L=2), tmp_path / "good.json")
+    out = tmp_path / "s.npz"
+    argv = ("synth-trace", "--params", tmp_path / "good.json", "--out", out)
+
+    def full(f, **arrays):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cli(*argv, "--tokens", 7)
+    before = out.read_bytes()
+    monkeypatch.setattr(np, "savez_compressed", full)
+    with pytest.raises(MoepicError, match=r"s.npz: cannot write the trace \(No space left on device\)$"):
+        cli(*argv, "--tokens", 9)
+    assert out.read_bytes() == before and load_trace(out).num_tokens == 7
+    out.unlink()
+    with pytest.raises(MoepicError):
+        cli(*argv, "--tokens", 9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.json"]  # no 0-byte or partial .npz
+
+
+def test_fit_trace_out_on_a_full_disk_keeps_the_older_parameters(small_trace, tmp_path, monkeypatch):
+    out = tmp_path / "p.json"
+    out.write_text("older parameters")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(MoepicError, match=r"p.json: cannot write the synthetic routing parameters \(No space left on device\)$"):
+        cli("fit-trace", "--trace", small_trace, "--out", out, "--tokens", 50)
+    assert out.read_text() == "older parameters" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
