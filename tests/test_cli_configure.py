@@ -82,9 +82,10 @@ def test_profile_on_cuda_without_cuda_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--device", "cpu", "--link-gbps", "0"], "bandwidth must be > 0 GB/s"),
-    (["--device", "cpu", "--link-gbps", "-1"], "got -1.0, 0.0"),
-    (["--device", "cpu", "--link-gbps", "nan"], "got nan, 0.0"),
+    (["--device", "cpu", "--link-gbps", "0"], "argument --link-gbps: expected a number in (0, 10000], got '0'"),
+    (["--device", "cpu", "--link-gbps", "-1"], "argument --link-gbps: expected a number in (0, 10000], got '-1'"),
+    (["--device", "cpu", "--link-gbps", "nan"], "argument --link-gbps: expected a number in (0, 10000], got 'nan'"),
+    (["--device", "cpu", "--link-gbps", "5", "--link-latency-us", "inf"], "argument --link-latency-us: expected a number in [0, 1000000], got 'inf'"),
     (["--device", "gpu"], "--device: not a device: 'gpu'"),
     (["--device", "cpu", "--dtype", "int4"], "argument --dtype: invalid choice"),
 ])

@@ -4,7 +4,7 @@
     hardware profile ─▶ model times ───────────┼─▶ latency model ─▶ configurator ─▶ cache YAML
     --model config.json ─▶ shape, dtype ───────┘                   (+ uniform baselines)
 
-Side effects: reads the files, writes the YAML.
+Side effects: reads the files, writes the YAML (checked writable first, written whole or not at all).
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, f
     from moepic.checkpoint.load import load_model
     from moepic.predictors import PREDICTORS
 
+    from moepic.predictors.base import router_inputs
+
     check_router_inputs(trace, trace_path)
     model = load_model(folder, dtype=dtype)
+    router_inputs(trace, model.spec.hidden_size, trace_path)  # the model's width, or one line naming the trace
     return measured_recall(trace, PREDICTORS.build(predictor_config, model))
 
 
 def run_configure(args) -> dict:
     import torch
-    from tqdm import tqdm
+    from moepic.progress import bar as progress_bar
 
     from moepic.cache.layout import budget_bytes, staging_buffers
     from moepic.checkpoint.hf_config import DTYPES
@@ -53,11 +56,13 @@ def run_configure(args) -> dict:
     from moepic.core.footprint import footprint
     from moepic.default_model import model_folder
     from moepic.perfmodel.hardware import load_profile
+    from moepic.outputs import check_writable, write_text_atomic
     from moepic.perfmodel.latency import layer_total_s, model_times
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
     from moepic.tracing import load_any_trace
 
+    budget_bytes(args.budget, 1, "--budget")  # its form (unit, sign, size) before any file is read
     folder = model_folder(args.model)
     spec, cfg = read_spec(folder)
     if spec.moe is None:
@@ -65,7 +70,9 @@ def run_configure(args) -> dict:
     dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     hw = load_profile(args.hardware)
-    trace = load_any_trace(args.trace)
+    if args.out:
+        check_writable(args.out, "config")  # before the hit-rate curves, not after
+    trace = load_any_trace(args.trace, num_experts=spec.moe.num_experts)
     _check_trace_shape(trace, spec, args.trace)
     candidates = AUTO_POLICIES if args.policy == "auto" else (args.policy,) if args.policy else (POLICIES.default,)
     policy_configs = [POLICIES.structure_node({"name": name}, "--policy") for name in candidates]
@@ -79,8 +86,8 @@ def run_configure(args) -> dict:
     budget = budget_bytes(args.budget, expert_bytes_all, "--budget")
     times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0)
     staging = staging_buffers(moe.top_k, shape)
-    with tqdm(total=len(spec.moe_layers) * len(policy_configs), desc="hit-rate curves", unit="layer", disable=args.json,
-              leave=False) as bar:
+    with progress_bar(total=len(spec.moe_layers) * len(policy_configs), desc="hit-rate curves", unit="layer",
+                      wanted=not args.json, leave=False) as bar:
         configured = configure_on_trace(
             CONFIGURATORS.build(configurator_config), trace, policy_configs, hw=hw, times=times, recall_L=recall,
             candidates=shape.candidates, budget_bytes=budget, staging_experts=staging, progress=bar.update,
@@ -110,10 +117,7 @@ def run_configure(args) -> dict:
         + ", ".join(f"{name}: {ms:.2f}" for name, ms in baselines.items()) + "\n"
     )
     if args.out:
-        try:
-            Path(args.out).write_text(header + yaml.safe_dump(run_config, sort_keys=False))
-        except OSError as e:
-            raise ConfigError(f"{args.out}: cannot write the config ({e.strerror or e})") from None
+        write_text_atomic(args.out, "config", header + yaml.safe_dump(run_config, sort_keys=False))
     return {
         "layers": [
             {"layer": l.layer, "budget_bytes": b, "theta": th, "slots": c.slots, "hit_rate": part["hit_rate"],

@@ -14,7 +14,7 @@ PAPER_SYSTEMS = ("pre-gated", "adapmoe", "moe-infinity")
 
 
 def add_parsers(commands, parser_class) -> None:
-    from moepic.cli import tokens_argument
+    from moepic.ranges import CONTEXT_TOKENS
 
     common = parser_class(add_help=False)
     common.add_argument("--trace", required=True, help="routing trace: .npz (moepic generate --record-trace) or .jsonl")
@@ -24,7 +24,7 @@ def add_parsers(commands, parser_class) -> None:
     common.add_argument("--recall", help="recall of the gate-lookahead stand-in (a noisy_oracle) where the trace has no router "
                         "inputs: one value, or one per MoE layer (0.8 or 0,0.7,0.9,…)")
     common.add_argument("--model", help="model folder with weights: gate_lookahead/mlp then run on the trace's recorded router inputs")
-    common.add_argument("--context", type=tokens_argument, default=512, help="KV-cache tokens the attention time assumes (default 512)")
+    common.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache tokens the attention time assumes (default 512)")
     common.add_argument("--json", action="store_true", help="print one JSON object")
     sim = commands.add_parser("simulate", parents=[common], help="simulate one configuration on a routing trace")
     which = sim.add_mutually_exclusive_group(required=True)
@@ -38,17 +38,24 @@ def _setting(args):
     from moepic.perfmodel.hardware import load_profile
     from moepic.sim.run import Setting, check_trace_fits
     from moepic.sim.shapes import model_shape
+    from moepic.cache.layout import budget_bytes
     from moepic.tracing import load_any_trace
 
+    if args.budget is not None:
+        budget_bytes(args.budget, 1, "--budget")  # its form (unit, sign, size) before any file is read
     shape = model_shape(args.model_shape)
     hw = load_profile(args.hardware)
-    trace = check_trace_fits(load_any_trace(args.trace), shape, args.trace)
+    trace = check_trace_fits(load_any_trace(args.trace, num_experts=shape.spec.moe.num_experts), shape, args.trace)
     recall = _recall(args.recall, len(shape.spec.moe_layers))
     model = None
     if args.model:
         from moepic.checkpoint.load import load_model
 
         model = load_model(args.model)
+        if trace.hidden_NLD is not None:  # gate_lookahead / mlp score them: the model's width, or one line naming the trace
+            from moepic.predictors.base import router_inputs
+
+            router_inputs(trace, model.spec.hidden_size, args.trace)
     return Setting(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context)
 
 
@@ -87,7 +94,7 @@ def run_compare(args) -> dict:
     names = ORDER if not args.baselines else tuple(n.strip() for n in args.baselines.split(","))
     setups = [load_baseline(n) for n in names]
     if args.budget is None:
-        raise ConfigError(f"moepic compare: --budget is required (all baselines run at the same budget: {known_baselines()})")
+        raise ConfigError(f"compare: --budget is required (all baselines run at the same budget: {known_baselines()})")
     setting = _setting(args)
     return compare_setups(setups, setting, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": setting.recall}
 
@@ -95,12 +102,12 @@ def run_compare(args) -> dict:
 def compare_setups(setups, setting, *, progress: bool = False) -> dict:
     """Every setup on one setting: rows with latency, ratios to moepic and to the oracle bound, and
     moepic's reduction against the systems the paper compares with."""
-    from tqdm import tqdm
+    from moepic.progress import bar as progress_bar
 
     from moepic.sim.run import run_setup
 
     rows = []
-    for setup in tqdm(setups, desc="baselines", unit="run", disable=not progress, leave=False):
+    for setup in progress_bar(setups, desc="baselines", unit="run", wanted=progress, leave=False):
         rows.append(_row(setup.name, setup.approximates, run_setup(setup, setting)))
     by_name = {r["name"]: r["ms_per_token"] for r in rows}
     for r in rows:

@@ -3,20 +3,43 @@
 Data: traces recorded with hidden states (`moepic generate --record-trace F --trace-hidden`), or a
 text routed through the model here. The last `--valid` share of tokens is held out; the report
 compares, per (layer, layer ahead), the MLP's recall@k with gate lookahead's on those tokens.
+Every flag is checked, and the output folder's writability, before any work; the predictor is
+written whole or not at all (moepic.predictors.mlp.save_predictor).
 Side effects: file I/O, training on the CPU/GPU, a progress bar.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from moepic.progress import bar as progress_bar
 
 from moepic.errors import ConfigError
-from moepic.predictors.mlp import ScoreMLP, pair_key, save_predictor
+from moepic.predictors.base import horizon_problem, router_inputs
+from moepic.predictors.mlp import ScoreMLP, check_predictor_folder, pair_key, save_predictor
+
+# Integer flags and their ranges. The upper bounds are far past any useful value; they stop a typo
+# from allocating (--width) or looping (--epochs) for hours.
+INT_RANGES = {"--width": (1, 1 << 16), "--epochs": (1, 1_000_000), "--max-tokens": (1, 1 << 40), "--seed": (0, 2**63 - 1)}
+
+
+def check_flags(*, width, horizon, epochs, lr, valid, max_tokens, seed) -> None:
+    """Each flag in its range, else one line naming it, the range and the value."""
+    for flag, value in {"--width": width, "--epochs": epochs, "--max-tokens": max_tokens, "--seed": seed}.items():
+        low, high = INT_RANGES[flag]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"train-predictor {flag} must be an integer from {low} to {high}, got {value!r}")
+    problem = horizon_problem(horizon, "train-predictor --horizon")
+    if problem:
+        raise ConfigError(problem)
+    if not 0 < valid < 1:  # NaN fails too
+        raise ConfigError(f"train-predictor --valid must be in (0, 1) (the share of tokens held out), got {valid!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"train-predictor: the learning rate must be a finite number > 0, got {lr!r}")
 
 
 def recall_at_k(scores_NE: torch.Tensor, ids_NK: torch.Tensor) -> float:
@@ -53,11 +76,12 @@ def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
             raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
         loaded = [trace_text(model, codec, text, chunk=256, max_tokens=max_tokens, record_hidden=True)[0]]
     else:
-        loaded = [load_any_trace(path) for path in traces]
+        loaded = [load_any_trace(path, num_experts=model.spec.moe.num_experts) for path in traces]
     spec = model.spec
     for path, trace in zip(traces or ["the routed text"], loaded):
         if trace.hidden_NLD is None:
             raise ConfigError(f"{path}: the trace has no hidden states (record it with --trace-hidden)")
+        router_inputs(trace, spec.hidden_size, path)
         if tuple(trace.moe_layers) != tuple(spec.moe_layers) or trace.num_experts != spec.moe.num_experts:
             raise ConfigError(
                 f"{path}: trace has MoE layers {list(trace.moe_layers)} with {trace.num_experts} experts; "
@@ -88,14 +112,17 @@ def run_train_predictor(
 
     if not traces and text_file is None:
         raise ConfigError("train-predictor needs --trace FILE (with hidden states) or --text FILE / --dataset NAME")
-    if not 0 < valid < 1 or horizon < 1 or width < 1 or epochs < 1:
-        raise ConfigError("train-predictor: --valid must be in (0, 1); --horizon, --width and --epochs must be >= 1")
+    check_flags(width=width, horizon=horizon, epochs=epochs, lr=lr, valid=valid, max_tokens=max_tokens, seed=seed)
     text = None
     if text_file is not None:
         path = Path(text_file)
         if not path.is_file():
             raise ConfigError(f"{path}: text file not found")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    check_predictor_folder(out)  # now, not after the training
     folder = model_folder(model_dir)
     model = load_model(folder, dtype=torch.float32)
     spec = model.spec
@@ -109,7 +136,7 @@ def run_train_predictor(
     layers = list(spec.moe_layers)
     pairs = [(c, c + h) for c in range(len(layers)) for h in range(1, horizon + 1) if c + h < len(layers)]
     params, metrics = {}, []
-    for source, target in tqdm(pairs, desc="training", unit="layer", disable=not progress, leave=False):
+    for source, target in progress_bar(pairs, desc="training", unit="layer", wanted=progress, leave=False):
         x, y = hidden_NLD[:, source], ids_NLK[:, target]
         weights = train_pair(x[:split], y[:split], spec.moe.num_experts, width=width, epochs=epochs, lr=lr, seed=seed)
         key = pair_key(layers[source], layers[target])

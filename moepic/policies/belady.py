@@ -3,7 +3,8 @@
 With admission (a loaded expert may bypass the cache), evicting the expert whose next use is
 furthest away maximises hits (ties: see `priority`): the upper bound every online policy is compared against. The
 future comes from a routing trace of the same run (record one with `moepic generate
---record-trace`); the trace's token n is the layer's clock n.
+--record-trace`); the trace's token n is the layer's clock n. A trace of another run would give a
+wrong bound, so every step checks that the run routes what the trace says (moepic/policies/own_future.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import final
 import attrs
 import numpy as np
 
+from moepic.policies import own_future
 from moepic.policies.base import LayerStep, PolicyConfig, check_trace_covers, register_policy, trace_for
 from moepic.tracing import RoutingTrace
 
 
 LOOKAHEAD_USES = 16
+USER = "the belady policy"
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +47,12 @@ class BeladyPolicy:
         ids_NK = self.future.expert_ids_NLK[:, check_trace_covers(self.where, self.future, layer, num_experts)]
         return BeladyState(tuple(np.flatnonzero((ids_NK == e).any(axis=1)) for e in range(num_experts)), 0)
 
+    def check_prompt(self, prompt_tokens: int) -> None:
+        own_future.check_prompt(self.where, self.future, prompt_tokens, USER)
+
     def update(self, state: BeladyState, step: LayerStep) -> BeladyState:
+        column = check_trace_covers(self.where, self.future, step.layer, len(step.counts_E))
+        own_future.check_step(self.where, self.future, column, step.layer, step.clock, step.tokens, step.counts_E, USER)
         return BeladyState(state.uses_E, step.clock + step.tokens)
 
     def priority(self, state: BeladyState) -> np.ndarray:
@@ -71,6 +79,8 @@ class BeladyPolicy:
     def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
         """`priority` after every step at once: one lexicographic sort of all steps' upcoming uses."""
         uses_E = self.init(layer, num_experts).uses_E
+        column = self.future.moe_layers.index(layer)  # init checked it is there
+        own_future.check_steps(self.where, self.future, column, layer, clock_S, tokens_S, counts_SE, USER)
         S, E = len(clock_S), num_experts
         if not S:
             return np.zeros((0, E))

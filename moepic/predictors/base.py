@@ -25,6 +25,41 @@ PREDICTORS = Registry("predictor", default="none")
 
 State = TypeVar("State")
 
+# MoE layers ahead a predictor may target. Further ahead the routing has drifted too far to guess
+# (the bundled model: a 0 % hit rate at 9), and every extra layer holds staging buffers.
+MAX_HORIZON = 3
+
+
+def horizon_problem(value, key: str) -> str | None:
+    """Why `value` is no horizon (the message names `key`), or None: one rule for configs and flags."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_HORIZON:
+        return f"{key} must be an integer from 1 to {MAX_HORIZON} (MoE layers ahead), got {value!r}"
+    return None
+
+
+def at_least_one(instance, attribute, value) -> None:
+    """attrs validator of an optional count (`candidates`: None means the model's top-k)."""
+    if value is not None and value < 1:
+        raise ValueError(f"predictor.{attribute.name} must be >= 1, got {value}")
+
+
+def check_horizon(instance, attribute, value) -> None:
+    """attrs validator of a predictor config's `horizon`."""
+    problem = horizon_problem(value, f"predictor.{attribute.name}")
+    if problem:
+        raise ValueError(problem)
+
+
+def router_inputs(trace, hidden_size: int, where: str) -> np.ndarray:
+    """The trace's recorded router inputs [N, L, D], which must be the model's width D (a trace of
+    another model's would fail deep inside a matmul). `where` names the trace; it must have them."""
+    hidden_NLD = trace.hidden_NLD
+    width = hidden_NLD.shape[2] if hidden_NLD.ndim == 3 else None
+    if width != hidden_size:
+        got = f"{width} wide" if width is not None else f"of shape {tuple(hidden_NLD.shape)}, not [N, L, D]"
+        raise ConfigError(f"{where}: the trace's router inputs ('hidden') are {got}; the model's hidden size is {hidden_size}")
+    return hidden_NLD
+
 
 @attrs.frozen
 class PrefetchShape:
@@ -83,6 +118,10 @@ class Predictor(Protocol[State]):
         ids the source names for the target for each token of `trace`."""
         ...
 
+    # Optional, for predictors that read the run's future from a trace (oracle, noisy_oracle):
+    # `check_prompt(prompt_tokens)` before a run and `check_routing(layer, clock, ids_per_token)` as
+    # each layer routes, which stop a run whose trace is not its own (moepic/policies/own_future.py).
+
 
 def layers_ahead(moe_layers: tuple[int, ...], num_layers: int, horizon: int) -> dict[int, tuple[int, ...]]:
     """For every layer l: the next `horizon` MoE layers after it (what a prediction at l targets)."""
@@ -112,14 +151,15 @@ def merge_votes(rows: list[list[int]]) -> list[int]:
 class ScoringPredictor:
     """A predictor that scores every expert of a layer ahead on the device (gate lookahead, mlp).
 
-    Subclasses set `targets` (layer → layers ahead), `candidates` (k′), `num_experts`, `device`
-    and `dtype`, and write `scores`; the top-k′ ids of all targets form one [T, targets·k′] tensor
+    Subclasses set `targets` (layer → layers ahead), `candidates` (k′), `num_experts`, `hidden_size`,
+    `device` and `dtype`, and write `scores`; the top-k′ ids of all targets form one [T, targets·k′] tensor
     for the fused read.
     """
 
     targets: dict[int, tuple[int, ...]]
     candidates: int
     num_experts: int
+    hidden_size: int  # D: the width of the router inputs it scores
     device: torch.device  # where it scores (the model's device and dtype)
     dtype: torch.dtype
 
@@ -158,12 +198,13 @@ class ScoringPredictor:
                 f"{trace.source or 'the trace'}: no router inputs to run the predictor on; record them with "
                 "`moepic generate --record-trace FILE --trace-hidden`, or simulate a noisy_oracle with the predictor's recall"
             )
+        hidden_NLD = router_inputs(trace, self.hidden_size, trace.source or "the trace")
         k = min(self.candidates, self.num_experts)
         out = {}
         for column, layer in enumerate(trace.moe_layers):
             targets = self.targets.get(layer, ())
             if targets:
-                hidden_ND = torch.as_tensor(trace.hidden_NLD[:, column]).to(self.device, self.dtype)
+                hidden_ND = torch.as_tensor(hidden_NLD[:, column]).to(self.device, self.dtype)
                 guess_NX = self.guess(layer, hidden_ND).cpu().numpy()  # targets' top-k′ side by side
                 out.update({(layer, t): guess_NX[:, i * k : (i + 1) * k] for i, t in enumerate(targets)})
         return out

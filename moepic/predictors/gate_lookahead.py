@@ -22,19 +22,14 @@ import torch.nn.functional as F
 from moepic.core.model import Model
 from moepic.core.norms import rms_norm
 from moepic.core.weights import MoEWeights
-from moepic.predictors.base import PredictorConfig, ScoringPredictor, layers_ahead, register_predictor
-
-
-def _at_least_one(instance, attribute, value) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"predictor.{attribute.name} must be >= 1, got {value}")
+from moepic.predictors.base import PredictorConfig, ScoringPredictor, at_least_one, check_horizon, layers_ahead, register_predictor
 
 
 @attrs.frozen(kw_only=True)
 class GateLookaheadConfig(PredictorConfig):
     # k′: experts prefetched per token and layer (default: the model's top-k).
-    candidates: int | None = attrs.field(default=None, validator=_at_least_one)
-    horizon: int = attrs.field(default=1, validator=_at_least_one)  # MoE layers ahead: 1–3 make sense
+    candidates: int | None = attrs.field(default=None, validator=at_least_one)
+    horizon: int = attrs.field(default=1, validator=check_horizon)  # MoE layers ahead: 1–3
     tap: Literal["router_input", "rescaled", "layer_output"] = "router_input"
 
 
@@ -45,6 +40,7 @@ class GateLookahead(ScoringPredictor):
         self.horizon = config.horizon
         self.candidates = config.prefetch_shape(model.spec.moe.top_k).candidates
         self.num_experts = model.spec.moe.num_experts
+        self.hidden_size = model.spec.hidden_size
         self.device, self.dtype = model.device, model.dtype
         self.tap = "layer_output" if config.tap == "layer_output" else "router_input"
         self.eps = model.spec.norm_eps

@@ -6,6 +6,7 @@ states, so gate lookahead cannot be replayed on them, but its measured or publis
 probability `recall` (per layer, seeded, independently) and fills the rest of its k′ candidates
 with experts the layer does not route, drawn uniformly: so precision = recall·k/k′ on average.
 Named experts come first, then the wrong guesses (a real predictor scores its hits higher too).
+In a run, as the oracle, the trace must be this run's own (moepic/policies/own_future.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import attrs
 import numpy as np
 
 from moepic.core.model import Model
+from moepic.policies import own_future
 from moepic.policies.base import check_trace_covers, trace_for
 from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, nearest, register_predictor
 from moepic.tracing import RoutingTrace
@@ -48,10 +50,11 @@ class NoisyOracle:
     def __init__(self, config: NoisyOracleConfig, model: Model, future: RoutingTrace | None = None) -> None:
         """Needs only `model.spec` (the simulator passes a shape without weights)."""
         missing = "the noisy_oracle predictor needs the future: set predictor.trace=FILE (the run's trace)"
-        self.future, where = trace_for(future, config.trace, missing=missing)
+        self.future, self.where = trace_for(future, config.trace, missing=missing)
         spec = model.spec
         moe_layers = spec.moe_layers
-        columns = [check_trace_covers(where, self.future, l, spec.moe.num_experts) for l in moe_layers]
+        columns = [check_trace_covers(self.where, self.future, l, spec.moe.num_experts) for l in moe_layers]
+        self.columns = dict(zip(moe_layers, columns))
         recall = config.recall if isinstance(config.recall, tuple) else (config.recall,) * len(moe_layers)
         if len(recall) != len(moe_layers):
             raise ValueError(f"predictor.recall: expected one value per MoE layer ({len(moe_layers)}), got {len(recall)}")
@@ -77,6 +80,15 @@ class NoisyOracle:
 
     def guess(self, layer: int, hidden_TD) -> None:
         return None  # it reads the trace on the host
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        own_future.check_prompt(self.where, self.future, prompt_tokens, "the noisy_oracle predictor")
+
+    def check_routing(self, layer: int, clock: int, ids_per_token) -> None:
+        counts_E = own_future.routed_counts(ids_per_token, self.num_experts)
+        own_future.check_step(
+            self.where, self.future, self.columns[layer], layer, clock, len(ids_per_token), counts_E, "the noisy_oracle predictor"
+        )
 
     def predict(self, state, layer: int, hidden_TD, clock: int, guess_rows=None):
         tokens = hidden_TD.shape[0]

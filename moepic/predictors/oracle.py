@@ -1,4 +1,8 @@
-"""Oracle: the future read from a trace of the same run: the upper bound for every predictor. Pure."""
+"""Oracle: the future read from a trace of the same run: the upper bound for every predictor. Pure.
+
+Only a trace of this very run is a bound: the engine shows it every step's routing
+(`check_routing`), which must be the trace's (moepic/policies/own_future.py).
+"""
 
 from __future__ import annotations
 
@@ -7,35 +11,46 @@ import numpy as np
 import torch
 
 from moepic.core.model import Model
+from moepic.policies import own_future
 from moepic.policies.base import check_trace_covers, trace_for
-from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, nearest, register_predictor
+from moepic.predictors.base import PredictorConfig, check_horizon, layers_ahead, merge_votes, nearest, register_predictor
 from moepic.tracing import RoutingTrace
 
 
 @attrs.frozen(kw_only=True)
 class OracleConfig(PredictorConfig):
     trace: str | None = None  # the run's routing trace (`moepic generate --record-trace`)
-    horizon: int = 1
+    horizon: int = attrs.field(default=1, validator=check_horizon)
+
+
+USER = "the oracle predictor"
 
 
 @register_predictor("oracle", OracleConfig)
 class OraclePredictor:
     def __init__(self, config: OracleConfig, model: Model, future: RoutingTrace | None = None) -> None:
         missing = "the oracle predictor needs the future: set predictor.trace=FILE (the run's trace)"
-        self.future, where = trace_for(future, config.trace, missing=missing)
+        self.future, self.where = trace_for(future, config.trace, missing=missing)
         self.config = config
         self.horizon = config.horizon
         self.candidates = model.spec.moe.top_k  # per token; a prefill step prefetches its most common
         moe_layers = model.spec.moe_layers
         self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
         self.tap = "router_input"
-        self.columns = {l: check_trace_covers(where, self.future, l, model.spec.moe.num_experts) for l in moe_layers}
+        self.columns = {l: check_trace_covers(self.where, self.future, l, model.spec.moe.num_experts) for l in moe_layers}
 
     def init(self) -> None:
         return None
 
     def guess(self, layer: int, hidden_TD: torch.Tensor) -> None:
         return None  # it reads the trace on the host: nothing to compute on the device
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        own_future.check_prompt(self.where, self.future, prompt_tokens, USER)
+
+    def check_routing(self, layer: int, clock: int, ids_per_token) -> None:
+        counts_E = own_future.routed_counts(ids_per_token, self.future.num_experts)
+        own_future.check_step(self.where, self.future, self.columns[layer], layer, clock, len(ids_per_token), counts_E, USER)
 
     def predict(self, state, layer: int, hidden_TD: torch.Tensor, clock: int, guess_rows=None):
         tokens = hidden_TD.shape[0]

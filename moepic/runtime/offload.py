@@ -141,6 +141,8 @@ class OffloadedExperts:
             self.counters.add_prediction(layer, predicted, routed)
         clock, self._clock[layer] = self._clock[layer], self._clock[layer] + tokens
         self._step_clock = clock
+        if hasattr(self.predictor, "check_routing"):  # an oracle's trace must be this run's routing
+            self.predictor.check_routing(layer, clock, ids_per_token)
         if layout.fully_resident:
             # Slot e holds expert e forever, so there is nothing to plan: every routed expert is a
             # hit. Counting it directly saves ~25 µs a step (measured: 7 % of the bundled model's

@@ -249,7 +249,7 @@ def test_a_trace_with_expert_ids_beyond_the_shapes_experts_is_one_line(capsys, t
 
 def test_compare_without_a_budget_is_one_line(capsys, traces):
     message = cli_error(capsys, ["compare", *_common(traces["mixtral"])])
-    assert message.startswith("moepic compare: --budget is required (all baselines run at the same budget: ")
+    assert message.startswith("compare: --budget is required (all baselines run at the same budget: ")
 
 
 def test_a_baseline_without_a_budget_is_one_line(capsys, traces):
@@ -285,7 +285,7 @@ def test_a_missing_trace_file_is_one_line(capsys, tmp_path, name):
 
 def test_simulate_without_a_baseline_or_config_is_one_line(capsys, traces):
     message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--budget", "0.5")])
-    assert message == "moepic simulate: one of the arguments --config --baseline is required"
+    assert message == "simulate: one of the arguments --config --baseline is required"
 
 
 def test_a_budget_below_the_staging_is_one_line_naming_the_minimum(capsys, traces):
