@@ -6,7 +6,7 @@
 
 Each script writes experiments/results/NAME/ (results.jsonl, results.csv, table.md, figures); the
 README section between the `ablations` markers is rebuilt from those folders: how to reproduce,
-the table, the figures.
+the table, the figures. wall_s.json and the README are written whole or not at all (moepic.outputs).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"error: unknown ablation {sorted(unknown)[0]!r}; known: {', '.join(n for _, n in SCRIPTS)}")
     from moepic.experiments.ablation import main as run_ablation
+    from moepic.outputs import make_folder, write_text_atomic
 
     walls = json.loads((RESULTS / "wall_s.json").read_text()) if (RESULTS / "wall_s.json").is_file() else {}
     for _, name in SCRIPTS:
@@ -68,16 +69,21 @@ def main(argv: list[str] | None = None) -> None:
             run_ablation(load(name).ABLATION, HERE / "configs" / "base.yaml", ["--out", str(RESULTS / name), *passthrough],
                          default_out=RESULTS / name)
             walls[name] = time.perf_counter() - start
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "wall_s.json").write_text(json.dumps(walls, indent=1) + "\n")
+    make_folder(RESULTS, "results folder")
+    write_text_atomic(RESULTS / "wall_s.json", "run times", json.dumps(walls, indent=1) + "\n")
     body = "\n".join(section(letter, name, walls.get(name)) for letter, name in SCRIPTS)
     text = README.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"error: {README} lacks the {BEGIN} … {END} markers")
     head, rest = text.split(BEGIN, 1)
-    README.write_text(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
+    write_text_atomic(README, "README", head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
     print(f"rewrote the ablations section of {README}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    from moepic.errors import MoepicError
+
+    try:
+        main()
+    except MoepicError as e:  # a full disk or a read-only README: one line, as the ablations say it
+        raise SystemExit(f"error: {e}") from None

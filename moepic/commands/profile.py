@@ -1,13 +1,18 @@
-"""`moepic profile`: measure this machine's hardware profile and write it as YAML."""
+"""`moepic profile`: measure this machine's hardware profile and write it as YAML.
+
+Side effects: measures the device; `--out` is checked writable before measuring and written whole
+or not at all (moepic.outputs), so a failure leaves an older profile intact.
+"""
 
 from __future__ import annotations
 
 from moepic.errors import ConfigError
+from moepic.outputs import check_writable
 
 
 def run_profile(args) -> dict:
     import torch
-    from tqdm import tqdm
+    from moepic.progress import bar as progress_bar
 
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
@@ -31,10 +36,12 @@ def run_profile(args) -> dict:
             link = Link(gbps=args.link_gbps, latency_us=args.link_latency_us)
         except ValueError as e:
             raise ConfigError(f"--link-gbps / --link-latency-us: {e}") from None
+    if args.out:
+        check_writable(args.out, "hardware profile")  # before minutes of measuring, not after
     folder = model_folder(args.model)
     _, cfg = read_spec(folder)
     dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]
-    with tqdm(total=3, desc="profiling", disable=args.json, leave=False) as bar:
+    with progress_bar(total=3, desc="profiling", wanted=not args.json, leave=False) as bar:
 
         def step(what: str) -> None:
             bar.set_description(f"profiling: {what}")
@@ -44,10 +51,7 @@ def run_profile(args) -> dict:
             device=device, model_folder=folder, dtype=dtype, quick=args.quick, link=link, name=args.name, progress=step
         )
     if args.out:
-        try:
-            save_profile(profile, args.out)
-        except OSError as e:
-            raise ConfigError(f"{args.out}: cannot write the profile ({e.strerror or e})") from None
+        save_profile(profile, args.out)
     return profile.as_dict() | {"written_to": args.out}
 
 

@@ -7,7 +7,9 @@ for its default and toy sizes) and calls `main`. The command line is the same fo
         [--workers N] [--ray-address ADDR] [--wandb] [--toy] [--out DIR] [key=value ...]
 
 `key=value` overrides apply to every cell (before the axes' own). The output folder gets
-results.jsonl (every record whole), results.csv (one row per cell), table.md and the figures.
+results.jsonl (every record whole), results.csv (one row per cell), table.md and the figures, as
+one set: checked writable before any cell runs, and replacing the previous set only once all of it
+is written (moepic.outputs.atomic_files), so a failure leaves the previous results whole.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Any
 
 import attrs
 
+from moepic import interrupts, progress
 from moepic.config import unstructure
 from moepic.errors import MoepicError
 from moepic.experiments.config import load_experiment
 from moepic.experiments.executors import run_cells
 from moepic.experiments.grid import Axis, expand
 from moepic.experiments.sinks import CsvSink, JsonlSink, MetricSink, WandbSink, git_sha
+from moepic.outputs import atomic_files, check_writable, make_folder, write_text_atomic
 
 
 # --toy: a small synthetic trace of the base's model shape (seconds per grid; what the tests run).
@@ -90,6 +94,7 @@ def parser(ablation: Ablation, default_out: Path) -> argparse.ArgumentParser:
     p.add_argument("--toy", action="store_true", help="a tiny workload and grid (seconds; what the tests run)")
     p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default: {default_out})")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-env", action="store_true", help="let configs read environment variables with ${oc.env:NAME}")
     return p
 
 
@@ -105,9 +110,13 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
     user = [*_flag_overrides(args), *args.overrides]
     overrides = [*ablation.overrides, *(ablation.toy if args.toy else ()), *user]
     # The engine runs its own workload: its overrides go under the user's (who may tune them).
-    if load_experiment(base, args.system, overrides).backend == "engine":
+    if load_experiment(base, args.system, overrides, allow_env=args.allow_env).backend == "engine":
         overrides = [*ablation.overrides, *(ablation.toy if args.toy else ()), *ablation.engine, *user]
-    cells = expand(base, ablation.grid(args.toy), overrides, args.system, keep=ablation.keep, derive=ablation.derive)
+    cells = expand(
+        base, ablation.grid(args.toy), overrides, args.system, keep=ablation.keep, derive=ablation.derive, allow_env=args.allow_env
+    )
+    out = make_folder(args.out, "results folder")
+    check_writable(out / "results.jsonl", "results")  # before the cells run, not after
     if ablation.prepare is not None:
         ablation.prepare(args.toy)
     first = cells[0].config
@@ -115,38 +124,55 @@ def run(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, de
     if first.backend == "engine" and executor.kind == "local" and executor.workers != 1:
         executor = attrs.evolve(executor, workers=1)  # cells timed side by side would share the cores
     results = run_cells(cells, executor, desc=ablation.name, progress=not args.no_progress)
-    out = args.out
     sha = git_sha(results=out.parent)  # experiments/results/NAME: any ablation's committed results
     records = [
         {"script": ablation.name, "cell": cell.index, "key": cell.key, "system": cell.config.system, "backend": cell.config.backend,
          "git_sha": sha, **result, "config": unstructure(cell.config)}
         for cell, result in zip(cells, results)
     ]
-    sinks: list[MetricSink] = [JsonlSink(out / "results.jsonl"), CsvSink(out / "results.csv")]
-    if first.wandb.enabled:
-        sinks.append(WandbSink(first.wandb, group=ablation.name, directory=out / "wandb"))
-    for sink in sinks:
-        for record in records:
-            sink.write(record)
-        sink.close()
     table = markdown_table(ablation, records)
     if ablation.summary is not None:
         table += "\n\n" + ablation.summary(records)
     header = (f"{ablation.title}\n\n{len(records)} cells, backend {first.backend}, git {sha[:12]}{sha[40:]}, "
               f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n\n")
-    (out / "table.md").write_text(header + table + "\n")
-    figures = ablation.plots(records, out)
-    (out / "figures.json").write_text(json.dumps([str(f.relative_to(out)) for f in figures]) + "\n")
+    # Every file of the set is new or (on any failure) every one is the previous run's: a table
+    # never sits beside figures or results of another run.
+    with atomic_files(out, "results") as staging:
+        sinks: list[MetricSink] = [JsonlSink(staging / "results.jsonl"), CsvSink(staging / "results.csv")]
+        _write_all(sinks, records)
+        write_text_atomic(staging / "table.md", "table", header + table + "\n")
+        staged = ablation.plots(records, staging)
+        write_text_atomic(staging / "figures.json", "figure list", json.dumps([str(f.relative_to(staging)) for f in staged]) + "\n")
+    figures = [out / f.relative_to(staging) for f in staged]
+    if first.wandb.enabled:  # wandb writes its own run folders, under out/wandb
+        _write_all([WandbSink(first.wandb, group=ablation.name, directory=out / "wandb")], records)
     return Report(out, records, table, figures)
 
 
+def _write_all(sinks: Sequence[MetricSink], records: Sequence[dict]) -> None:
+    for sink in sinks:
+        for record in records:
+            sink.write(record)
+        sink.close()
+
+
 def main(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, default_out: Path) -> Report:
-    """`run`, with the table printed and a user's mistake as one line on stderr (no traceback)."""
+    """`run`, with the table printed and a user's mistake as one line on stderr (no traceback);
+    Ctrl-C stops the cells and exits 130 (SIGTERM: 143), see moepic/interrupts.py."""
     try:
-        report = run(ablation, base, argv, default_out=default_out)
-    except MoepicError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with interrupts.handled():
+            report = run(ablation, base, argv, default_out=default_out)
+    except (Exception, KeyboardInterrupt) as e:
+        code = interrupts.interruption(e)  # Ctrl-C / SIGTERM, or what it caused
+        if code is None and not isinstance(e, MoepicError):
+            raise
+        progress.end_line()
+        if code is None:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(interrupts.message(code), file=sys.stderr)
+        interrupts.leave(code)
+        raise SystemExit(code) from None
     print(report.table)
     print(f"\nwrote {report.out}/: results.jsonl, results.csv, table.md, " + ", ".join(f.name for f in report.figures))
     return report

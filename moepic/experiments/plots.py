@@ -1,4 +1,5 @@
-"""Figures written next to an ablation's results (matplotlib, imported here only). Side effects.
+"""Figures written next to an ablation's results (matplotlib, imported here only). Side effects:
+each figure file is written whole or not at all (moepic.outputs).
 
 Two kinds cover the ablations: a metric against one axis, a line per level of another (and one
 panel per level of a third), and a per-MoE-layer figure, a line per cell.
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moepic.errors import ConfigError
+from moepic.outputs import atomic_output, make_folder
 
 
 def _pyplot():
@@ -89,7 +91,10 @@ def layer_plot(
 
 
 def _save(fig, plt, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    make_folder(path.parent, "figures folder")
+    try:
+        with atomic_output(path, "figure") as f:  # a failure leaves an older figure, not half a new one
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -1,12 +1,14 @@
 """Where records go: one small interface; JSONL and CSV always, W&B when enabled. Side effects.
 
 A record is one cell: {"script", "cell", "key", "system", "backend", "git_sha", "metrics",
-"layers", "config"}. wandb is imported only inside `WandbSink`.
+"layers", "config"}. wandb is imported only inside `WandbSink`. The JSONL and CSV files are written
+at `close`, whole or not at all (moepic.outputs): a failure leaves older results intact.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ from typing import Protocol
 
 from moepic.errors import ConfigError
 from moepic.experiments.config import WandbConfig
+from moepic.outputs import make_folder, write_text_atomic
 
 
 class MetricSink(Protocol):
@@ -46,18 +49,17 @@ def git_sha(where: Path | None = None, *, results: Path | None = None) -> str:
 
 
 class JsonlSink:
-    """Every record whole, one JSON object per line."""
+    """Every record whole, one JSON object per line; the file is written at close."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("w")
+        make_folder(path.parent, "results folder")
+        self.path, self.lines = path, []
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")  # key order kept: a cell's axes in grid order
-        self.file.flush()
+        self.lines.append(json.dumps(record) + "\n")  # key order kept: a cell's axes in grid order
 
     def close(self) -> None:
-        self.file.close()
+        write_text_atomic(self.path, "results", "".join(self.lines))
 
 
 def flat_row(record: dict) -> dict:
@@ -69,7 +71,7 @@ class CsvSink:
     """One row per cell (key and scalar metrics); written at close, when every column is known."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent, "results folder")
         self.path, self.rows = path, []
 
     def write(self, record: dict) -> None:
@@ -77,10 +79,11 @@ class CsvSink:
 
     def close(self) -> None:
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO(newline="")  # the csv module writes its own line ends
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, "results table", text.getvalue())
 
 
 class WandbSink:

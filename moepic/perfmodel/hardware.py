@@ -8,7 +8,8 @@ a decode step (moepic/perfmodel/latency.py):
   weight bytes over `memory_gbps` and its flops over `matmul_tflops` (decode is memory-bound);
 - the engine's own host work per planned layer step and per loaded expert.
 `moepic profile` measures one on the current machine; `moepic/perfmodel/profiles/*.yaml` holds
-reference GPUs from published figures, each saying so in `source`.
+reference GPUs from published figures, each saying so in `source`. `save_profile` writes the file
+whole or not at all.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import attrs
 import yaml
 
 from moepic.errors import ConfigError
+from moepic.outputs import write_text_atomic
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -113,4 +115,5 @@ def profile_from_dict(data: object, where: str) -> HardwareProfile:
 
 
 def save_profile(profile: HardwareProfile, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(profile.as_dict(), sort_keys=False))
+    """Write `profile` as YAML, all or nothing (moepic.outputs): a failure leaves an older file at `path` intact."""
+    write_text_atomic(path, "hardware profile", yaml.safe_dump(profile.as_dict(), sort_keys=False))

@@ -1,6 +1,11 @@
 """A per-token JSONL log of an offloaded run: latency and what each token cost in copies.
 Side effects: writes one JSON object per line as tokens are generated.
 
+`moepic generate --token-log FILE` checks FILE's folder before loading the model, writes the lines
+to a hidden temporary file beside it (moepic.outputs.PendingOutput) and renames that to FILE only
+when generation completes: an interrupted or failed run leaves no partial log, and an older FILE as
+it was. A write that fails (a full disk) is one error naming FILE, not a traceback.
+
     {"token": 3, "id": 297, "latency_s": 0.0041, "exposed_copy_s": 0.0012, "demand_bytes": 491520,
      "prefetch_bytes": 245760, "wasted_prefetch_bytes": 0}
 
@@ -15,11 +20,13 @@ import json
 import time
 from typing import IO
 
+from moepic.outputs import PendingOutput
+
 _COUNTERS = ("demand_bytes", "prefetch_bytes", "wasted_prefetch_bytes")
 
 
 class TokenLog:
-    def __init__(self, stream: IO[str], engine) -> None:
+    def __init__(self, stream: IO[str] | PendingOutput, engine) -> None:
         self.stream, self.engine = stream, engine
         self.count = 0
         self._last_time = time.perf_counter()
