@@ -12,6 +12,11 @@ uniform split needs to match moepic's latency off the uniform curves.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C while they load is one line too
+    from moepic import interrupts
+
+    interrupts.install_early(prefix="")
+
 from pathlib import Path
 
 import numpy as np

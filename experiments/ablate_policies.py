@@ -11,6 +11,11 @@ future: the bound for any online policy at that layout.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C while they load is one line too
+    from moepic import interrupts
+
+    interrupts.install_early(prefix="")
+
 from pathlib import Path
 
 from moepic.experiments.ablation import Ablation, Column, main

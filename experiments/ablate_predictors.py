@@ -16,6 +16,11 @@ staging buffers from the cache (k′ per layer ahead).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C while they load is one line too
+    from moepic import interrupts
+
+    interrupts.install_early(prefix="")
+
 import sys
 from pathlib import Path
 

@@ -12,6 +12,11 @@ Mixtral-fitted laws (small experts: a bottom hides behind compute far sooner).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C while they load is one line too
+    from moepic import interrupts
+
+    interrupts.install_early(prefix="")
+
 from pathlib import Path
 
 from moepic.experiments.ablation import Ablation, Column, main

@@ -6,12 +6,15 @@ that no traceback (and no leftover progress bar) reaches a real stderr.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import moepic.checkpoint.load
+from moepic import interrupts, progress
 from moepic.cli import _parser, generate_config, main
 from moepic.config import RunConfig, SamplingConfig
 from moepic.default_model import default_model_dir
@@ -216,7 +220,7 @@ def test_unknown_yaml_key_is_named_with_the_file_and_the_known_keys(capsys, mixt
     ("override", "message"),
     [
         ("generate.max_new_tokens=abc", "config key generate.max_new_tokens: expected int, got 'abc'"),
-        ("sampling.top_p=2", "sampling.top_p must be in (0, 1], got 2.0"),
+        ("sampling.top_p=2", "config key sampling.top_p: expected a number in (0, 1], got 2.0"),
         ("generate.max_new_tokens", "override 'generate.max_new_tokens': expected key=value (e.g. sampling.seed=3)"),
     ],
 )
@@ -229,34 +233,159 @@ def test_bad_override_is_named(capsys, mixtral, override, message):
     [
         (
             ["--prompt-ids", "1,x"],
-            "moepic generate: argument --prompt-ids: expected comma-separated integers, got '1,x'",
+            "generate: argument --prompt-ids: expected comma-separated integers, got '1,x'",
         ),
-        (["--max-new-tokens", "x"], "moepic generate: argument --max-new-tokens: invalid int value: 'x'"),
-        (["--seed", str(2**64)], f"sampling.seed must be in [0, 2**64), got {2**64}"),
+        (["--max-new-tokens", "x"], "generate: argument --max-new-tokens: expected an integer in [1, 1048576], got 'x'"),
+        (["--seed", str(2**64)], f"generate: argument --seed: expected an integer in [0, {2**64 - 1}], got '{2**64}'"),
         (["--prompt-ids", ","], "the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3"),
-        (["--bogus"], "moepic: unrecognized arguments: --bogus"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_bad_flag_value_is_named(capsys, mixtral, argv, message):
     assert _error(capsys, ["generate", "--json", "--model", mixtral, *argv]) == message
 
 
-def test_missing_subcommand_is_named(capsys):
-    assert _error(capsys, []) == "moepic: the following arguments are required: command"
+def test_bare_moepic_prints_the_usage_with_every_command_and_exits_2(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: moepic")
+    commands = [a for a in _parser()._actions if a.dest == "command"][0].choices
+    assert len(commands) >= 10
+    assert all(f"\n    {name}" in err for name in commands)
+    assert "error" not in err
 
 
-@pytest.mark.parametrize("token", [96, -1])
-def test_prompt_id_outside_the_vocabulary_is_named(capsys, mixtral, token):
-    assert _error(capsys, ["generate", "--json", "--model", mixtral, "--prompt-ids", f"1,{token}"]) == (
-        f"prompt token id {token} is outside the vocabulary [0, 96)"
-    )
+def test_version_prints_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"moepic {version('moepic')}\n"
+
+
+def test_a_parse_error_names_the_command_once_without_a_doubled_prefix(capsys):
+    assert _error(capsys, ["inspect", "--dtype", "float8"]).startswith("inspect: argument --dtype: invalid choice: 'float8'")
+    assert _error(capsys, ["--bogus"]) == "unrecognized arguments: --bogus"
+
+
+def _subparsers() -> dict:
+    return [a for a in _parser()._actions if a.dest == "command"][0].choices
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_help_of_every_command_shows_defaults_and_never_none(command):
+    parser = _subparsers()[command]
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        default = getattr(action, "config_default", action.default)
+        if action.help and action.option_strings and default not in (None, False, [], "==SUPPRESS==") and "default" not in action.help:
+            assert f"(default: {default})" in " ".join(text.split()), f"{command} {action.option_strings[0]}"
+
+
+def test_generate_help_shows_the_config_defaults_of_its_override_flags():
+    text = " ".join(_subparsers()["generate"].format_help().split())  # unwrapped
+    defaults = RunConfig()
+    assert f"tokens to generate after the prompt (default: {defaults.generate.max_new_tokens})" in text
+    assert f"sampling temperature (default: {defaults.sampling.temperature})" in text
+    assert f"(default: {defaults.sampling.top_p})" in text
+    assert f"cpu, cuda, cuda:1 … (default: {defaults.model.device})" in text
+
+
+@pytest.mark.parametrize("progress_flag", [[], ["--progress"]], ids=["not-a-terminal", "--progress"])
+def test_bars_show_only_on_a_terminal_or_with_progress(capsys, mixtral, progress_flag):
+    argv = ["generate", "--greedy", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--model", mixtral]
+    capsys.readouterr()
+    assert main([*argv, *progress_flag]) == 0
+    err = capsys.readouterr().err
+    assert ("loading layers" in err) == bool(progress_flag)
+    assert ("\r" in err) == bool(progress_flag)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@given(terminal=st.booleans(), forced=st.booleans(), wanted=st.booleans())
+def test_a_bar_is_shown_exactly_when_wanted_and_on_a_terminal_or_forced(terminal, forced, wanted):
+    stream = _Terminal() if terminal else io.StringIO()
+    with mock.patch.object(sys, "stderr", stream):
+        progress.force(forced)
+        try:
+            assert progress.shown(wanted) == (wanted and (terminal or forced))
+            with progress.bar(total=2, wanted=wanted, leave=False) as bar:
+                bar.update(1)
+        finally:
+            progress.force(False)
+    assert bool(stream.getvalue()) == (wanted and (terminal or forced))
+
+
+def test_end_line_closes_a_bar_left_open_so_the_next_line_starts_in_column_0():
+    stream = _Terminal()
+    with mock.patch.object(sys, "stderr", stream):
+        bar = progress.bar(total=5, desc="working", leave=False)  # an exception would leave it open
+        bar.update(2)
+        bar.refresh()
+        assert not stream.getvalue().endswith(("\r", "\n"))  # a bar being drawn
+        progress.end_line()
+    assert stream.getvalue().endswith("\r")  # tqdm cleared it and went back to column 0
+    assert bar.disable  # closed
+
+
+@pytest.mark.parametrize(("interrupt", "code", "line"), [
+    (KeyboardInterrupt, 130, "moepic: interrupted"), (interrupts.Terminated, 143, "moepic: terminated")
+])
+def test_an_interrupt_exits_with_its_code_and_one_line(capsys, monkeypatch, interrupt, code, line):
+    def interrupted(*args, **kwargs):
+        raise interrupt()
+
+    monkeypatch.setattr("moepic.commands.inspect.run_inspect", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["inspect"]) == code
+    assert capsys.readouterr() == ("", line + "\n")
+    assert signal.getsignal(signal.SIGINT) is before  # no signal came: the caller's handlers are back
+
+
+def test_text_streamed_before_an_interrupt_ends_its_line_so_the_message_starts_one(capsys, monkeypatch):
+    def cut_short(*args, on_token, **kwargs):
+        for token in (5, 6, 7):
+            on_token(token)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moepic.runtime.generation.generate", cut_short)
+    assert main(["generate", "--prompt-ids", "1,2", "--max-new-tokens", "4"]) == 130
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and out.count("\n") == 1 and len(out) > 1  # the streamed text, then one newline
+    assert err == "moepic: interrupted\n"
+
+
+def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("moepic.commands.inspect.run_inspect", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["inspect"])
+
+
+@pytest.mark.parametrize(("token", "message"), [
+    (96, "prompt token id 96 is outside the vocabulary [0, 96)"),
+    (-1, "config key generate.prompt_ids[1]: expected an integer in [0, 2147483647], got -1"),
+])
+def test_prompt_id_outside_the_vocabulary_is_named(capsys, mixtral, token, message):
+    assert _error(capsys, ["generate", "--json", "--model", mixtral, "--prompt-ids", f"1,{token}"]) == message
 
 
 def test_run_longer_than_the_context_is_named(capsys, mixtral):
-    # 100 billion tokens would otherwise fail allocating the KV cache, with a traceback.
+    # Within max_new_tokens' own range, but not the model's: the KV cache would fail allocating.
+    assert _error(capsys, [*GREEDY, "--model", mixtral, "generate.max_new_tokens=100000"]) == (
+        "prompt (3 tokens) + generate.max_new_tokens (100000) = 100003 exceeds the model's max_position_embeddings (256)"
+    )
     assert _error(capsys, [*GREEDY, "--model", mixtral, "generate.max_new_tokens=100000000000"]) == (
-        "prompt (3 tokens) + generate.max_new_tokens (100000000000) = 100000000003 "
-        "exceeds the model's max_position_embeddings (256)"
+        "config key generate.max_new_tokens: expected an integer in [1, 1048576], got 100000000000"
     )
 
 
@@ -306,18 +435,20 @@ def test_process_with_a_missing_model_folder_prints_one_line_and_exits_2(tmp_pat
     assert proc.stderr == f"moepic: error: {missing}: model folder not found\n"
 
 
-def test_process_failing_mid_load_clears_the_progress_bar_before_the_error(checkpoint_dir, tmp_path):
-    # Without --json the loader shows a progress bar on stderr; the error must not be glued to it.
+@pytest.mark.parametrize("progress_flag", [[], ["--progress"]], ids=["pipe", "bar-forced"])
+def test_process_failing_mid_load_clears_the_progress_bar_before_the_error(checkpoint_dir, tmp_path, progress_flag):
+    # Without --json, with --progress, the loader draws a bar on stderr; the error must not be glued to it.
     folder = tmp_path / "mixtral"
     shutil.copytree(checkpoint_dir("mixtral"), folder)
     name = "model.layers.2.self_attn.q_proj.weight"
     tensors = load_file(folder / "model.safetensors")
     tensors[name] = torch.zeros(32, 31)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    proc = _moepic("generate", "--prompt-ids", "1,2", "--model", str(folder), cache=tmp_path)
+    proc = _moepic("generate", "--prompt-ids", "1,2", "--model", str(folder), *progress_flag, cache=tmp_path)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
+    assert ("loading layers" in proc.stderr) == bool(progress_flag)
     assert proc.stderr.count("\n") == 1
     # What a terminal shows: the text after the last carriage return.
     assert proc.stderr.split("\r")[-1] == (

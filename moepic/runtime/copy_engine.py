@@ -14,6 +14,10 @@ A buffer being written by a copy must not be read until its ticket is waited for
 written again while compute still reads it: `submit(..., after=fence)` takes the fence the compute
 side recorded when it let go of the buffer (`fence()`; on the CPU compute is synchronous, so None).
 A copy that fails raises CopyError from `wait`, naming the copy; the engine then refuses new work.
+
+Stopping is prompt, whatever is queued (a Ctrl-C must not wait for minutes of emulated transfers):
+`close` drops the copies that have not started (waiting for one raises CopyError), cuts short the
+emulated hold of the copy in progress, and joins the worker, never from the worker thread itself.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from moepic.errors import MoepicError
 
 Ranges = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (destination, source) pairs, same shapes
+WAKE_S = 0.1  # longest a blocked `wait` goes without checking for a Ctrl-C
 
 
 class CopyError(MoepicError):
@@ -106,6 +111,7 @@ class _LinkQueue:
         self.urgent: deque[tuple[Ticket, Ranges]] = deque()
         self.wake = threading.Condition()
         self.closed = False
+        self.stopping = threading.Event()  # set by close: the emulated hold of a copy ends early
         self.failure: BaseException | None = None
 
     def put(self, ticket: Ticket, ranges: Ranges) -> None:
@@ -113,12 +119,24 @@ class _LinkQueue:
             if self.closed:
                 raise CopyError("the copy engine is closed")
             (self.urgent if ticket.urgent else self.jobs).append((ticket, ranges))
-            self.wake.notify()
+            # notify_all, not notify: a KeyboardInterrupt inside an earlier notify() can leave a stale
+            # waiter in the condition's list, and notify() would wake that one instead of the worker.
+            self.wake.notify_all()
 
     def close(self) -> None:
+        """Refuse new jobs and drop the waiting ones (their tickets are done, cancelled, with an error);
+        the copy in progress, if any, finishes its copying but not its emulated hold."""
+        self.stopping.set()
         with self.wake:
             self.closed = True
-            self.wake.notify()
+            dropped = [*self.urgent, *self.jobs]
+            self.urgent.clear()
+            self.jobs.clear()
+            self.wake.notify_all()
+        for ticket, _ in dropped:
+            ticket.error = CopyError("not run: the copy engine was closed first")
+            ticket.cancelled = True
+            ticket.done.set()
 
     def withdraw(self, ticket: Ticket) -> bool:
         """Take a job that has not started off the queue; True if it was still waiting."""
@@ -158,7 +176,7 @@ class _LinkQueue:
                 for dst, src in ranges:
                     _host_copy(dst, src)
                 if self.link is not None:  # hold the link for as long as the emulated transfer takes
-                    time.sleep(max(0.0, self.link.seconds(ticket.nbytes) - (time.perf_counter() - start)))
+                    self.stopping.wait(max(0.0, self.link.seconds(ticket.nbytes) - (time.perf_counter() - start)))
                 self.stats.copies += 1
                 self.stats.bytes += ticket.nbytes
                 self.stats.busy_s += time.perf_counter() - start
@@ -196,13 +214,15 @@ class ThreadCopyEngine:
     def wait(self, ticket: Ticket) -> None:
         if ticket.owner is not self:
             raise ValueError("waiting for a copy this engine did not issue")
-        if ticket.cancelled:
+        if ticket.cancelled and ticket.error is None:  # withdrawn by `cancel`: nobody should wait for it
             raise ValueError("waiting for a copy that was cancelled")
         if not ticket.done.is_set():  # a prefetch compute now needs goes ahead of the other prefetches
             self._queue.promote(ticket)
         start = time.perf_counter()
-        while not ticket.done.wait(timeout=1.0):
-            if not self._worker.is_alive():  # never hang on a dead worker
+        # In short slices: a Ctrl-C the kernel hands to another thread (this worker, say) is raised
+        # here only once the main thread runs Python code again, and never hang on a dead worker.
+        while not ticket.done.wait(timeout=WAKE_S):
+            if not self._worker.is_alive():
                 raise CopyError("the copy worker died before finishing a copy")
         waited = time.perf_counter() - start
         self.stats.exposed_s += waited
@@ -234,13 +254,22 @@ class ThreadCopyEngine:
         return self.stats
 
     def close(self) -> None:
-        """Finish what was submitted, then stop the worker."""
+        """Stop the worker: copies not started are dropped, a copy in progress ends its copying (not
+        its emulated hold); returns once the worker has ended. Finished tickets can still be waited for."""
         self._finalizer()
 
 
 def _stop(queue: _LinkQueue, worker: threading.Thread) -> None:
     queue.close()
-    worker.join()
+    # The worker drops its last ticket, whose owner may be the last reference to the engine: this
+    # finalizer then runs in the worker itself, which ends on its own once the queue is closed.
+    if worker is threading.current_thread():
+        return
+    while worker.is_alive():
+        # A Ctrl-C landing in close() may have cost the worker its wake-up: wake it again, in case.
+        worker.join(timeout=WAKE_S)
+        with queue.wake:
+            queue.wake.notify_all()
 
 
 def copy_engine_for(device: torch.device, link: Link | None = None):

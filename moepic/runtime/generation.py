@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
 from moepic.config import SamplingConfig
 from moepic.core.model import KVCache, Model, forward
 from moepic.core.moe import ExpertSource, RoutingTap
 from moepic.core.sampling import sample_next_token
+from moepic.progress import bar as progress_bar
 
 
 @attrs.frozen(kw_only=True)
@@ -94,7 +94,7 @@ def generate(
 
     kept, new_ids = [], []
     # `with` closes the bar on an exception too, so an error line is not printed after it.
-    with tqdm(total=max_new_tokens, desc="generating", unit="tok", disable=not progress, leave=False) as bar:
+    with progress_bar(total=max_new_tokens, desc="generating", unit="tok", wanted=progress, leave=False) as bar:
         _sync(device)
         t0 = time.perf_counter()
         logits_V, next_id, cache = step(tokens_T, cache)

@@ -1,6 +1,7 @@
 """runtime/copy_engine.py: the CPU copy engine lands every copy where it was sent, urgent jobs overtake
 queued prefetches, an emulated link holds each copy for at least its modelled time, failures surface
-as CopyError without hangs, and the worker thread never outlives its engine (unit + property).
+as CopyError without hangs, the worker thread never outlives its engine, and closing is prompt: queued
+copies are dropped, not waited for (unit + property).
 
 Timing assertions are lower bounds on emulated link time only, never upper bounds on speed."""
 
@@ -172,6 +173,8 @@ def test_urgent_jobs_keep_their_submission_order_among_themselves():
         for name, urgent in (("p1", False), ("u1", True), ("p2", False), ("u2", True), ("u3", True)):
             tickets[name] = engine.submit([(Recorder(name, log, tickets), torch.ones(4))], urgent=urgent)
         gate.opened.set()
+        for ticket in tickets.values():
+            engine.wait(ticket)
     assert [name for name, _ in log] == ["u1", "u2", "u3", "p1", "p2"]
 
 
@@ -263,23 +266,102 @@ def test_waiting_for_another_engines_ticket_raises_value_error():
         assert torch.equal(dst, torch.ones(2))
 
 
-def test_close_drains_every_submitted_job_then_stops_the_worker():
+def test_close_drops_queued_jobs_and_returns_promptly_even_on_a_slow_link():
+    # At 1 kB/s each 8 MB job would hold the link for hours: close must not wait for them.
     before = set(threading.enumerate())
-    engine = ThreadCopyEngine(Link(gbps=1.0, latency_us=10_000))
+    engine = ThreadCopyEngine(Link(gbps=1e-6))
     workers = new_threads(before)
     assert len(workers) == 1
-    srcs = [torch.full((8,), float(i)) for i in range(5)]
-    dsts = [torch.zeros(8) for _ in srcs]
+    srcs = [torch.full((2**21,), float(i)) for i in range(5)]
+    dsts = [torch.zeros(2**21) for _ in srcs]
     tickets = [engine.submit([(d, s)], urgent=i == 3) for i, (d, s) in enumerate(zip(dsts, srcs))]
+    start = time.perf_counter()
     _, error = call_bounded(engine.close)
     assert error is None
-    assert all(t.done.is_set() and t.error is None for t in tickets)
-    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
-    assert engine.current_stats().copies == 5
+    assert time.perf_counter() - start < 2.0
     assert not any(w.is_alive() for w in workers)
-    for t in tickets:  # finished tickets can still be waited for after close
-        engine.wait(t)
-    assert engine.current_stats().waits == 5
+    assert all(t.done.is_set() for t in tickets)
+    # The job the worker had taken, if any, was copied (its emulated hold cut short); the rest never ran.
+    assert sum(not t.cancelled for t in tickets) <= 1
+    for ticket, dst, src in zip(tickets, dsts, srcs):
+        if ticket.cancelled:
+            assert torch.equal(dst, torch.zeros_like(dst))
+            assert not engine.landed(ticket)
+            with pytest.raises(CopyError, match="copying 8388608 bytes failed: not run: the copy engine was closed first"):
+                engine.wait(ticket)
+        else:
+            assert torch.equal(dst, src)
+            engine.wait(ticket)  # a finished ticket can still be waited for after close
+
+
+def test_close_after_every_ticket_was_waited_for_keeps_every_copy_and_stat():
+    with closing(ThreadCopyEngine(Link(gbps=1.0, latency_us=2_000))) as engine:
+        srcs = [torch.full((8,), float(i)) for i in range(4)]
+        dsts = [torch.zeros(8) for _ in srcs]
+        tickets = [engine.submit([(d, s)], urgent=i == 2) for i, (d, s) in enumerate(zip(dsts, srcs))]
+        for t in tickets:
+            engine.wait(t)
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+    stats = engine.current_stats()
+    assert (stats.copies, stats.bytes, stats.waits) == (4, 4 * 32, 4)
+    assert not any(t.cancelled or t.error for t in tickets)
+
+
+def test_the_finalizer_running_in_the_worker_thread_stops_the_queue_without_joining_itself():
+    # When the worker drops a finished job it may drop the last reference to the engine (a ticket's
+    # owner): the engine's finalizer then runs in the worker thread, where a join would raise
+    # "cannot join current thread".
+    from moepic.runtime import copy_engine
+
+    outcome: list = []
+    queue = copy_engine._LinkQueue(None, copy_engine.CopyStats())
+
+    def worker_body():
+        try:
+            copy_engine._stop(queue, threading.current_thread())
+            outcome.append("returned")
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    worker = threading.Thread(target=worker_body, daemon=True)
+    worker.start()
+    worker.join(BOUND_S)
+    assert not worker.is_alive()
+    assert outcome == ["returned"]
+    assert queue.closed
+
+
+def test_close_ends_the_worker_even_after_a_lost_wake_up():
+    # What a KeyboardInterrupt inside Condition.notify() leaves behind: a stale waiter at the head of
+    # the condition's list, which a plain notify() would wake instead of the worker.
+    engine = ThreadCopyEngine()
+    worker = engine._worker
+    deadline = time.monotonic() + BOUND_S
+    while not engine._queue.wake._waiters and time.monotonic() < deadline:  # the worker waits for work
+        time.sleep(0.01)
+    with engine._queue.wake:
+        stale = threading.Lock()
+        stale.acquire()
+        engine._queue.wake._waiters.appendleft(stale)
+    _, error = call_bounded(engine.close, timeout=5.0)
+    assert error is None
+    assert not worker.is_alive()
+
+
+@pytest.mark.parametrize("kind", ["urgent", "prefetch"])
+def test_an_emulated_copy_in_progress_stops_holding_the_link_on_close(kind):
+    with closing(ThreadCopyEngine(Link(gbps=1e-6))) as engine:  # 1 kB/s
+        dst = torch.zeros(2**16)
+        ticket = engine.submit([(dst, torch.ones(2**16))], urgent=kind == "urgent")  # 256 kB: ~4 minutes held
+        deadline = time.monotonic() + BOUND_S
+        while engine._queue.jobs or engine._queue.urgent:  # the worker has taken it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        start = time.perf_counter()
+        _, error = call_bounded(engine.close)
+        assert error is None and time.perf_counter() - start < 2.0
+    assert ticket.done.is_set() and not ticket.cancelled and ticket.error is None
+    assert torch.equal(dst, torch.ones(2**16))
 
 
 def test_submit_after_close_raises_copy_error_and_close_is_idempotent():
@@ -439,11 +521,17 @@ class Interleavings(RuleBasedStateMachine):
 
     def teardown(self):
         self.engine.close()
-        assert all(t.done.is_set() and t.error is None for t in self.all_tickets)
-        assert self.engine.current_stats().copies == len(self.all_tickets)
-        for _, parts in self.in_flight:  # never waited for, but close drained them
+        assert all(t.done.is_set() for t in self.all_tickets)
+        pending = {id(t) for t, _ in self.in_flight}
+        assert all(t.error is None and not t.cancelled for t in self.all_tickets if id(t) not in pending)
+        assert self.engine.current_stats().copies == sum(not t.cancelled for t in self.all_tickets)
+        for ticket, parts in self.in_flight:  # never waited for: close let them finish or dropped them whole
             for i, where, src in parts:
-                assert torch.equal(self.buffers[i][where], src)
+                if ticket.cancelled:
+                    assert isinstance(ticket.error, CopyError)
+                    assert torch.equal(self.buffers[i][where], self.settled[i][where])
+                else:
+                    assert ticket.error is None and torch.equal(self.buffers[i][where], src)
 
 
 Interleavings.TestCase.settings = settings(stateful_step_count=25)
