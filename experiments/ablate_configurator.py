@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moepic.experiments.ablation import Ablation, Column, main
+from moepic.experiments.ablation import Ablation, Column, script
 from moepic.experiments.grid import choices, sweep
 from moepic.experiments.plots import layer_plot, metric_plot
 
@@ -94,4 +94,4 @@ ABLATION = Ablation(
 )
 
 if __name__ == "__main__":
-    main(ABLATION, HERE / "configs" / "base.yaml", default_out=HERE / "results" / "configurator")
+    script(ABLATION, HERE / "configs" / "base.yaml", default_out=HERE / "results" / "configurator")

@@ -18,7 +18,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C while
 
 from pathlib import Path
 
-from moepic.experiments.ablation import Ablation, Column, main
+from moepic.experiments.ablation import Ablation, Column, script
 from moepic.experiments.grid import choices, sweep
 from moepic.experiments.plots import layer_plot, metric_plot
 
@@ -58,4 +58,4 @@ ABLATION = Ablation(
 )
 
 if __name__ == "__main__":
-    main(ABLATION, HERE / "configs" / "base.yaml", default_out=HERE / "results" / "policies")
+    script(ABLATION, HERE / "configs" / "base.yaml", default_out=HERE / "results" / "policies")

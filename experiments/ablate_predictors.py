@@ -24,7 +24,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C while
 import sys
 from pathlib import Path
 
-from moepic.experiments.ablation import Ablation, Column, main
+from moepic.experiments.ablation import Ablation, Column, script
 from moepic.experiments.grid import choices, sweep
 from moepic.experiments.plots import layer_plot, metric_plot
 
@@ -121,4 +121,4 @@ ABLATION = Ablation(
 )
 
 if __name__ == "__main__":
-    main(ABLATION, HERE / "configs" / "base.yaml", default_out=HERE / "results" / "predictors")
+    script(ABLATION, HERE / "configs" / "base.yaml", default_out=HERE / "results" / "predictors")

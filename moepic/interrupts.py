@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator
 
 GRACE_S = 3.0  # unwinding longer than this after a signal is a hang: end the process
@@ -79,9 +80,17 @@ def leave(code: int) -> None:
     """After a signal, end the process now, with `code`; without one (a KeyboardInterrupt raised by
     other means, as in tests), return and let the caller exit normally."""
     if _received is not None:
-        with contextlib.suppress(BaseException):  # a second signal meanwhile ends the process anyway
-            atexit._run_exitfuncs()
-        _end_now(code)
+        finish(code)
+
+
+def finish(code: int) -> typing.NoReturn:
+    """End a program that is done: its atexit handlers (worker pools, W&B, ...), flushed streams, then
+    os._exit. The interpreter's own teardown is skipped: seconds with torch loaded, and a window in
+    which Python has put the default handlers back, so that a Ctrl-C landing there killed the
+    process without a word (exit -2 instead of its code)."""
+    with contextlib.suppress(BaseException):  # a signal meanwhile ends the process itself, with one line
+        atexit._run_exitfuncs()
+    _end_now(code)
 
 
 def install() -> None:

@@ -21,7 +21,7 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -154,6 +154,13 @@ def _write_all(sinks: Sequence[MetricSink], records: Sequence[dict]) -> None:
         for record in records:
             sink.write(record)
         sink.close()
+
+
+def script(ablation: Ablation, base: Path, *, default_out: Path) -> NoReturn:
+    """An ablation script's `__main__`: `main` on the command line, then the process ends by
+    `interrupts.finish` (no interpreter teardown for a Ctrl-C to land in and kill without a word)."""
+    main(ablation, base, default_out=default_out)
+    interrupts.finish(0)
 
 
 def main(ablation: Ablation, base: Path, argv: Sequence[str] | None = None, *, default_out: Path) -> Report:

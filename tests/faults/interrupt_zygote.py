@@ -46,7 +46,7 @@ def _child(request: dict) -> None:
     if request["script"] is None:
         interrupts.install_early()  # what moepic/__main__.py does first
         sys.argv = ["moepic", *request["argv"]]
-        sys.exit(moepic.cli.main(request["argv"]))
+        interrupts.finish(moepic.cli.main(request["argv"]))  # what moepic/__main__.py does last
     import runpy
 
     sys.argv = [request["script"], *request["argv"]]

@@ -10,8 +10,8 @@ a few are plain `python -m moepic` processes, signal during the imports included
 
 from __future__ import annotations
 
-import json
 import importlib.metadata
+import json
 import os
 import random
 import signal
@@ -131,9 +131,11 @@ def _trial(zygote: Zygote, tmp: Path, name: str, argv: list[str], script: str | 
         zygote.wait(pid, 10)
         return f"{name}: still running {EXIT_WITHIN_S} s after SIGINT at {delay:.2f} s; stderr:\n{stderr}"
     code, when = ended
-    if code in (0, -signal.SIGINT) and stderr == "" and (tmp / "hardware.yaml").exists():
-        # It had finished: the signal came while the interpreter was exiting, after Python reset its
-        # handlers (no traceback, nothing half-written). Counted as a run that ended before its moment.
+    out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+    if code == 0 and out is not None and out.exists() and "Traceback" not in stderr:
+        # It ended between the wait for its moment and the kill: a run that ended before its moment.
+        # (A signal during its exit gives 130 and the line: moepic ends by interrupts.finish, never
+        # in the interpreter's teardown, where Python's default handler would kill it without a word.)
         return None
     problems = []
     if code != 130:
