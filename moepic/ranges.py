@@ -16,7 +16,7 @@ import attrs
 
 
 class OutOfRange(ValueError):
-    """A value outside its key's range. `moepic.config.structure` adds the section to `name`."""
+    """A value outside its key's range. `moepic.structure.structure` adds the section to `name`."""
 
     def __init__(self, name: str, value: object, expected: str) -> None:
         self.name, self.value, self.expected = name, value, expected

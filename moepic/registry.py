@@ -1,9 +1,11 @@
 """Strategies chosen by name in YAML: one registry per kind (cache policy, predictor, …). Pure.
 
-A registry maps a name to (config class, factory). A YAML node `{name: lcp, rho: 0.25}` becomes
-that name's frozen config (`structure_node`); `build(config, …)` makes the strategy. Unknown names
-and keys fail with the known ones listed. Config classes subclass `StrategyConfig` and point at
-their registry, which is how `moepic.config` knows to structure such a field by its `name`.
+A registry maps a name to (config class, factory) and holds the kind's default name. A YAML node
+`{name: lcp, rho: 0.25}` becomes that name's frozen config (`structure_node`); `build(config, …)`
+makes the strategy. Unknown names and keys fail with the known ones listed. Config classes
+subclass `StrategyConfig` (a `TaggedNode` of moepic/structure.py) and point at their registry,
+which is how `structure` knows to build such a field by its `name`. Layering: structure ◀─ registry
+◀─ policies, predictors, configurators ◀─ config (the run schema, which takes their defaults).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from moepic.errors import ConfigError
+from moepic.structure import TaggedNode, structure
 
 T = TypeVar("T", bound=type)
 
@@ -45,10 +48,12 @@ class Registry(dict[str, Entry]):
     def known(self) -> str:
         return ", ".join(sorted(self))
 
+    def default_config(self) -> StrategyConfig:
+        """The default strategy's config with its own defaults (`{name: <default>}` in YAML)."""
+        return self.structure_node({"name": self.default}, self.kind)
+
     def structure_node(self, data: Any, key: str) -> StrategyConfig:
         """The config class registered under `data['name']`, built from the node's other keys."""
-        from moepic.config import structure  # the one place YAML becomes attrs (config imports us)
-
         if isinstance(data, StrategyConfig):
             return data
         if isinstance(data, str):  # `policy: lru` is shorthand for `policy: {name: lru}`
@@ -65,7 +70,7 @@ class Registry(dict[str, Entry]):
         return self[config.name].factory(config, *args, **kwargs)
 
 
-class StrategyConfig:
+class StrategyConfig(TaggedNode):
     """Base of a strategy's frozen config; subclasses name their registry."""
 
     name: ClassVar[str]
@@ -74,6 +79,9 @@ class StrategyConfig:
     @classmethod
     def structure_node(cls, data: Any, key: str) -> StrategyConfig:
         return cls.registry.structure_node(data, key)
+
+    def node_tag(self) -> dict[str, Any]:
+        return {"name": self.name}
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name} | attrs.asdict(self)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.config import GenerateConfig, ModelConfig, RunConfig, SamplingConfig, load_config
+from moepic.config import CacheConfig, GenerateConfig, ModelConfig, RunConfig, SamplingConfig, load_config
 from moepic.errors import ConfigError
+from moepic.policies import POLICIES
+from moepic.predictors import PREDICTORS
 
 
 def _yaml(tmp_path, text: str):
@@ -232,3 +237,30 @@ def test_a_budget_is_checked_on_load_before_the_model_is_read():
 def test_theta_not_given_is_none_so_the_layout_decides():
     assert load_config(None, ["cache.budget=0.5"]).cache.theta is None
     assert load_config(None, ["cache.budget=0.5", "cache.theta=0.5"]).cache.theta == 0.5
+
+
+# --- layering: the structuring knows no strategy; the run schema takes its defaults from the registries
+
+
+def test_the_cache_strategies_default_to_their_registries_defaults():
+    cache = CacheConfig()
+    assert (cache.policy.name, cache.predictor.name) == (POLICIES.default, PREDICTORS.default)
+    assert cache.policy == POLICIES.default_config() and cache.predictor == PREDICTORS.default_config()
+
+
+def test_a_registry_default_is_built_like_a_yaml_node_naming_it():
+    for registry in (POLICIES, PREDICTORS):
+        assert registry.default_config() == registry.structure_node({"name": registry.default}, "key")
+
+
+@pytest.mark.parametrize(
+    "module, strategies_loaded",
+    [("moepic.structure", False), ("moepic.registry", False), ("moepic.config", True)],
+)
+def test_the_structuring_and_the_registry_load_no_strategy_and_no_run_schema(module, strategies_loaded):
+    # In a fresh interpreter: what importing `module` alone pulls in.
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    strategies = {"moepic.policies", "moepic.predictors", "moepic.configurators"}
+    assert bool(strategies & loaded) == strategies_loaded
+    assert ("moepic.config" in loaded) == (module == "moepic.config")

@@ -1,4 +1,4 @@
-"""moepic/config.py's layers: defaults ← each YAML file ← overrides (`merge_layers`), where a strategy
+"""moepic/structure.py's layers: defaults ← each YAML file ← overrides (`merge_layers`), where a strategy
 node whose name changes is replaced whole; each file validated on its own, so an error names its
 file; and `unstructure` as the inverse of `structure`."""
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.config import RunConfig, load_config, load_layers, merge_layers, structure, unstructure
+from moepic.config import RunConfig, load_config
 from moepic.configurators.base import AUTO_POLICIES
 from moepic.configurators.dp import DPConfig
 from moepic.configurators.uniform import UniformConfig
@@ -23,6 +23,7 @@ from moepic.policies.lfu import LFUConfig
 from moepic.policies.lru import LRUConfig
 from moepic.policies.random import RandomConfig
 from moepic.sim.baseline import ORDER, load_baseline
+from moepic.structure import load_layers, merge_layers, structure, unstructure
 
 BASE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "base.yaml"
 LCP_YAML = "cache:\n  policy: {name: lcp, rho: 0.5, window: 64}\n"

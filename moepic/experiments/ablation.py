@@ -26,13 +26,13 @@ from typing import Any, NoReturn
 import attrs
 
 from moepic import interrupts, progress
-from moepic.config import unstructure
 from moepic.errors import MoepicError
 from moepic.experiments.config import load_experiment
 from moepic.experiments.executors import run_cells
 from moepic.experiments.grid import Axis, expand
 from moepic.experiments.sinks import CsvSink, JsonlSink, MetricSink, WandbSink, git_sha
 from moepic.outputs import atomic_files, check_writable, make_folder, write_text_atomic
+from moepic.structure import unstructure
 
 
 # --toy: a small synthetic trace of the base's model shape (seconds per grid; what the tests run).

@@ -7,7 +7,7 @@
 A system file is an experiment config that sets only the system's keys (`approximates`, `cache`,
 `configurator`, `policy_choices`), so the same YAML drives `moepic compare --baseline NAME` and an
 ablation cell. Swapping a strategy is replacing one node (`cache.policy: {name: lfu}`, or the
-override `cache.policy.name=lfu`, which drops the old policy's knobs: `config.merge_layers`).
+override `cache.policy.name=lfu`, which drops the old policy's knobs: `structure.merge_layers`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Literal
 
 import attrs
 
-from moepic.config import read_yaml, load_layers
+from moepic.structure import load_layers, read_yaml
 from moepic.ranges import CONTEXT_TOKENS, LINK_GBPS, RECALL, SEED, Range
 from moepic.sim.baseline import SystemConfig, baseline_path
 

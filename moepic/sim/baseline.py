@@ -12,11 +12,12 @@ from pathlib import Path
 
 import attrs
 
-from moepic.config import CacheConfig, load_config, load_layers
+from moepic.config import CacheConfig, load_config
 from moepic.configurators import ConfiguratorConfig
 from moepic.errors import ConfigError
 from moepic.policies.base import PolicyConfig
 from moepic.predictors import PredictorConfig
+from moepic.structure import load_layers
 
 BASELINES_DIR = Path(__file__).parent / "baselines"
 # The comparison's row order: published systems, ablations, ours, the bound.

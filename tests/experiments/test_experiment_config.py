@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from moepic.config import load_layers, read_yaml, unstructure
+from moepic.structure import load_layers, read_yaml, unstructure
 from moepic.configurators.dp import DPConfig
 from moepic.errors import ConfigError
 from moepic.experiments.config import ExperimentConfig, load_experiment, system_file

@@ -9,7 +9,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.config import unstructure
+from moepic.structure import unstructure
 from moepic.errors import ConfigError
 from moepic.experiments.config import load_experiment
 from moepic.experiments.grid import Axis, Level, choices, expand, sweep, systems

@@ -10,7 +10,7 @@ from math import prod
 
 import pytest
 
-from moepic.config import structure
+from moepic.structure import structure
 from moepic.experiments.ablation import ENGINE_WORKLOAD, main, run
 from moepic.experiments.config import ExperimentConfig
 from moepic.experiments.backends import shape_of
