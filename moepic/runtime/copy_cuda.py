@@ -1,24 +1,26 @@
-"""The CUDA copy engine: host→device copies on side streams, synchronised by events. Side effects:
-CUDA streams and events (this module and copy_engine.py are their only owners).
+"""The CUDA copy engine (a `CopyEngine`, moepic/runtime/copy_protocol.py): host→device copies on side
+streams, synchronised by events. Side effects: CUDA streams and events (this module is their only owner).
 
-See copy_engine.py for the interface; this implementation never blocks the host: `wait` makes the
-compute stream wait on a copy's event, and stall time is read from timing events when reporting.
+It never blocks the host: `wait` makes the compute stream wait on a copy's event, and stall time is
+read from timing events when reporting.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moepic.runtime.copy_engine import CopyStats, Ranges, Ticket, ranges_bytes
+from moepic.runtime.copy_protocol import CopyEngine, CopyStats, Phase, Ranges, Ticket, ranges_bytes
 
 
-class CudaCopyEngine:
-    """Copies on side streams; urgent (on-demand) copies on a higher-priority stream than prefetches."""
+class CudaCopyEngine(CopyEngine):
+    """Copies on side streams; urgent (on-demand) copies on a higher-priority stream than prefetches.
+    A ticket is `done` as soon as its copies are issued on a stream: the device finishes them without
+    the host, so nothing is left for the host to do (`landed` asks the device whether they finished)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stats = CopyStats()
-        self.phase = "prefill"
+        self._phase: Phase = "prefill"
         self._prefetch_stream = torch.cuda.Stream(device, priority=0)
         self._urgent_stream = torch.cuda.Stream(device, priority=-1)
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event, str]] = []
@@ -39,7 +41,7 @@ class CudaCopyEngine:
         self._copies.append((start, ticket.event))
         self.stats.copies += 1
         self.stats.bytes += ticket.nbytes
-        ticket.done.set()  # issued; completion is the event's business
+        ticket.done.set()  # issued: the host's part is over; completion is the event's business
         return ticket
 
     def wait(self, ticket: Ticket) -> None:
@@ -50,7 +52,7 @@ class CudaCopyEngine:
         before.record(compute)
         compute.wait_event(ticket.event)  # the device waits; the host does not
         after.record(compute)
-        self._stalls.append((before, after, self.phase))
+        self._stalls.append((before, after, self._phase))
         self.stats.waits += 1
 
     def landed(self, ticket: Ticket) -> bool:
@@ -70,6 +72,9 @@ class CudaCopyEngine:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+    def set_phase(self, phase: Phase) -> None:
+        self._phase = phase
 
     def current_stats(self) -> CopyStats:
         """The stats, with the device time compute spent stalled on copies (synchronises: for reports)."""

@@ -1,19 +1,10 @@
-"""Asynchronous host→device copies: one interface, the CPU implementation here and the CUDA one in
-copy_cuda.py. Side effects: a worker thread (here), CUDA streams and events (there); no other
-module owns any.
+"""The CPU copy engine (a `CopyEngine`, moepic/runtime/copy_protocol.py), and `copy_engine_for`,
+which picks it or the CUDA one (copy_cuda.py). Side effects: a worker thread.
 
-    engine ─submit(ranges, urgent)─▶ Ticket ─ ... compute ... ─wait(ticket)─▶ data usable
-              │                                                    └─ the time blocked here is *exposed* copy time
-              ├─ CUDA (copy_cuda.py): copies on a side stream (urgent ones on a higher-priority stream),
-              │        an event per ticket; `wait` makes the compute stream wait on it, never the host.
-              └─ CPU:  one worker thread is the link: it takes urgent jobs before queued prefetches,
-                       copies, and with an emulated link holds each job for latency + bytes/bandwidth,
-                       so a CPU-only machine runs the pipeline at a realistic copy/compute ratio.
-
-A buffer being written by a copy must not be read until its ticket is waited for, and must not be
-written again while compute still reads it: `submit(..., after=fence)` takes the fence the compute
-side recorded when it let go of the buffer (`fence()`; on the CPU compute is synchronous, so None).
-A copy that fails raises CopyError from `wait`, naming the copy; the engine then refuses new work.
+One worker thread is the link: it takes urgent jobs before queued prefetches, copies, and with an
+emulated link (`Link`) holds each job for latency + bytes/bandwidth, so a CPU-only machine runs the
+pipeline at a realistic copy/compute ratio. Compute on the CPU is synchronous, so a released buffer
+is free at once (`fence()` is None) and `wait` blocks until the copy has landed.
 
 Stopping is prompt, whatever is queued (a Ctrl-C must not wait for minutes of emulated transfers):
 `close` drops the copies that have not started (waiting for one raises CopyError), cuts short the
@@ -28,19 +19,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
 
 import attrs
 import torch
 
-from moepic.errors import MoepicError
+from moepic.runtime.copy_protocol import CopyEngine, CopyError, CopyStats, Phase, Ranges, Ticket, ranges_bytes
 
-Ranges = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (destination, source) pairs, same shapes
 WAKE_S = 0.1  # longest a blocked `wait` goes without checking for a Ctrl-C
-
-
-class CopyError(MoepicError):
-    """A host→device copy failed; the message names its size and cause."""
 
 
 @attrs.frozen(kw_only=True)
@@ -56,35 +41,6 @@ class Link:
 
     def seconds(self, nbytes: int) -> float:
         return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
-
-
-def ranges_bytes(ranges: Ranges) -> int:
-    """Bytes the ranges move; each destination must have its source's shape (no broadcasting)."""
-    for dst, src in ranges:
-        if dst.shape != src.shape:
-            raise ValueError(f"copy range: destination shape {tuple(dst.shape)} differs from source {tuple(src.shape)}")
-    return sum(src.numel() * src.element_size() for _, src in ranges)
-
-
-@attrs.define(eq=False)
-class Ticket:
-    nbytes: int
-    urgent: bool
-    owner: object
-    done: threading.Event = attrs.field(factory=threading.Event)
-    error: BaseException | None = None
-    event: object = None  # CUDA: the event recorded after the copies
-    cancelled: bool = False  # withdrawn before it started: nothing was copied
-
-
-@attrs.define
-class CopyStats:
-    copies: int = 0
-    bytes: int = 0
-    exposed_s: float = 0.0  # time compute waited for copies (CPU: measured in `wait`)
-    decode_exposed_s: float = 0.0  # the part of it in decode steps (see `phase`)
-    busy_s: float = 0.0  # time the link spent copying (what is not exposed was overlapped)
-    waits: int = 0
 
 
 def _host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -190,13 +146,15 @@ class _LinkQueue:
             job = ticket = ranges = dst = src = None
 
 
-class ThreadCopyEngine:
-    """The CPU copy engine: a worker thread drains a two-level queue (urgent first, then FIFO)."""
+class ThreadCopyEngine(CopyEngine):
+    """The CPU copy engine: a worker thread drains a two-level queue (urgent first, then FIFO).
+    A ticket is `done` once the worker has copied it (and held the emulated link), failed it, or
+    dropped it; `cancel` and `close` set it for the copies they withdraw."""
 
     def __init__(self, link: Link | None = None) -> None:
         self.link = link
         self.stats = CopyStats()
-        self.phase = "prefill"  # set by the engine: which step kind the next waits belong to
+        self._phase: Phase = "prefill"
         self._queue = _LinkQueue(link, self.stats)
         self._worker = threading.Thread(target=self._queue.run, name="moepic-copy", daemon=True)
         self._worker.start()
@@ -226,7 +184,7 @@ class ThreadCopyEngine:
                 raise CopyError("the copy worker died before finishing a copy")
         waited = time.perf_counter() - start
         self.stats.exposed_s += waited
-        self.stats.decode_exposed_s += waited if self.phase == "decode" else 0.0
+        self.stats.decode_exposed_s += waited if self._phase == "decode" else 0.0
         self.stats.waits += 1
         if ticket.error is not None:
             raise CopyError(f"copying {ticket.nbytes} bytes failed: {ticket.error}") from ticket.error
@@ -244,6 +202,9 @@ class ThreadCopyEngine:
 
     def fence(self) -> None:
         return None  # compute on the CPU is synchronous: a released buffer is free at once
+
+    def set_phase(self, phase: Phase) -> None:
+        self._phase = phase
 
     def settle(self, ticket: Ticket) -> None:
         """Make a buffer that a dropped copy may still be writing safe to copy into: wait for it."""
@@ -272,7 +233,7 @@ def _stop(queue: _LinkQueue, worker: threading.Thread) -> None:
             queue.wake.notify_all()
 
 
-def copy_engine_for(device: torch.device, link: Link | None = None):
+def copy_engine_for(device: torch.device, link: Link | None = None) -> CopyEngine:
     """The CUDA engine for a CUDA device, else the thread engine (over `link`, if emulating one)."""
     if device.type == "cuda":
         from moepic.runtime.copy_cuda import CudaCopyEngine

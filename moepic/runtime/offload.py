@@ -35,7 +35,8 @@ from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
-from moepic.runtime.copy_engine import Link, Ticket, copy_engine_for
+from moepic.runtime.copy_engine import Link, copy_engine_for
+from moepic.runtime.copy_protocol import CopyEngine, Ticket
 from moepic.runtime.engine_stats import EngineCounters
 from moepic.runtime.host_store import HostExpertStore, flat_views
 from moepic.runtime.staging import Buffer, StagingPool
@@ -87,7 +88,7 @@ class OffloadedExperts:
         self.pools = {l.layer: _LayerPool(l, hidden, dtype, self.device) for l in layout.layers}
         widest = max(layout.layers, key=lambda l: l.expert_bytes)  # all MoE layers share one expert shape
         self.staging = StagingPool(layout.staging_experts, widest.ffn_size, widest.block, hidden, dtype, self.device)
-        self.copies = copy_engine_for(self.device, link)
+        self.copies: CopyEngine = copy_engine_for(self.device, link)
         self.counters = EngineCounters(layout)
         self.residency: dict[int, LayerResidency] = {l.layer: initial_residency(policy, l) for l in layout.layers}
         self.preload_bytes = 0  # before the run: layers with room for every whole expert start full
@@ -132,7 +133,7 @@ class OffloadedExperts:
         lookahead_rows: list[list[int]] | None = None,
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         layout, tokens = self._layouts[layer], len(ids_per_token)
-        self.copies.phase = "decode" if tokens == 1 else "prefill"
+        self.copies.set_phase("decode" if tokens == 1 else "prefill")
         routed = sorted({e for ids in ids_per_token for e in ids})
         prefetched = self._prefetched[layer]
         self._prefetched[layer] = {}

@@ -17,7 +17,7 @@ import attrs
 import torch
 
 from moepic.core.weights import SwiGLUWeights
-from moepic.runtime.copy_engine import Ticket
+from moepic.runtime.copy_protocol import Ticket
 from moepic.runtime.host_store import flat_views
 
 

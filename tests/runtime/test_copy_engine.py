@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from moepic.runtime.copy_engine import CopyError, Link, ThreadCopyEngine, Ticket, copy_engine_for
+from moepic.runtime.copy_engine import Link, ThreadCopyEngine, copy_engine_for
+from moepic.runtime.copy_protocol import CopyError, Ticket
 
 BOUND_S = 10.0  # a call that has not returned by then is hung
 
@@ -446,7 +447,7 @@ def test_exposed_time_grows_by_the_wait_for_a_slow_copy_and_counts_as_decode_onl
     with closing(ThreadCopyEngine(Link(gbps=1.0, latency_us=link_s * 1e6))) as engine:
         stats = engine.current_stats()
         for phase in ("prefill", "decode", "prefill"):
-            engine.phase = phase
+            engine.set_phase(phase)
             exposed, decode = stats.exposed_s, stats.decode_exposed_s
             submitted = time.perf_counter()
             ticket = engine.submit([(torch.zeros(4), torch.ones(4))])

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.runtime.copy_engine import Link, ThreadCopyEngine, Ticket
+from moepic.runtime.copy_engine import Link, ThreadCopyEngine
+from moepic.runtime.copy_protocol import Ticket
 from moepic.runtime.staging import StagingPool
 
 F, B, D = 8, 4, 6  # ffn size, neuron block, hidden
