@@ -29,8 +29,6 @@ import numbers
 import re
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Protocol
-
 import attrs
 import numpy as np
 
@@ -180,21 +178,25 @@ class CacheLayout:
         raise KeyError(f"layer {layer} is not an MoE layer")
 
 
-class PrefetchShape(Protocol):
-    """What staging needs to know of a predictor (a built one has these fields)."""
+@attrs.frozen
+class PrefetchShape:
+    """How much a predictor prefetches: k′ experts for each of `horizon` MoE layers ahead.
+
+    Staging is sized from it, before any predictor is built (a predictor config's `prefetch_shape`).
+    A built predictor has the same two fields, so the functions below take one as well."""
 
     candidates: int  # k′: experts prefetched per layer ahead
     horizon: int  # MoE layers ahead (0: no prefetching)
 
 
-def prefetch_buffers(predictor: PrefetchShape) -> int:
+def prefetch_buffers(prefetch: PrefetchShape) -> int:
     """Staging buffers prefetching may hold: k′ for each layer ahead and for the layer computing."""
-    return predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0
+    return prefetch.candidates * (prefetch.horizon + 1) if prefetch.horizon else 0
 
 
-def staging_buffers(top_k: int, predictor: PrefetchShape) -> int:
+def staging_buffers(top_k: int, prefetch: PrefetchShape) -> int:
     """The current layer's own loads, plus what prefetching holds."""
-    return top_k + prefetch_buffers(predictor)
+    return top_k + prefetch_buffers(prefetch)
 
 
 def slots_for(cache_bytes, top_bytes, num_experts: int):

@@ -18,6 +18,7 @@ import attrs
 import numpy as np
 import torch
 
+from moepic.cache.layout import PrefetchShape
 from moepic.errors import ConfigError
 from moepic.registry import Registry, StrategyConfig
 
@@ -59,14 +60,6 @@ def router_inputs(trace, hidden_size: int, where: str) -> np.ndarray:
         got = f"{width} wide" if width is not None else f"of shape {tuple(hidden_NLD.shape)}, not [N, L, D]"
         raise ConfigError(f"{where}: the trace's router inputs ('hidden') are {got}; the model's hidden size is {hidden_size}")
     return hidden_NLD
-
-
-@attrs.frozen
-class PrefetchShape:
-    """How much a predictor prefetches: k′ experts for each of `horizon` MoE layers ahead."""
-
-    candidates: int
-    horizon: int
 
 
 class PredictorConfig(StrategyConfig):

@@ -12,13 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moepic.analysis.lookahead import GateLookaheadTap
+from moepic.cache.layout import PrefetchShape, staging_buffers
 from moepic.checkpoint.load import load_model
 from moepic.cli import main
 from moepic.commands.train_predictor import run_train_predictor
 from moepic.core.norms import rms_norm
 from moepic.errors import ConfigError
 from moepic.predictors import PREDICTORS
-from moepic.predictors.base import merge_votes
+from moepic.predictors.base import NoneConfig, merge_votes
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
 from moepic.predictors.mlp import MLPConfig
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
@@ -83,6 +84,16 @@ def test_gate_lookahead_names_what_the_routing_reports_lookahead_names(mixtral, 
         report.routed(layer + 1, x, None, predictor.guess(layer, x))  # the predictor's ids, as if routed
     # Every one of the predictor's `candidates` distinct ids per token is among the report's `candidates`.
     assert report.recall() == {layer: 1.0 for layer in moe_layers[1:]}
+
+
+@pytest.mark.parametrize("config", [GateLookaheadConfig(candidates=3, horizon=2), GateLookaheadConfig(), NoneConfig()])
+def test_staging_is_sized_alike_from_a_predictor_config_and_from_the_predictor_it_builds(mixtral, config):
+    k = mixtral.spec.moe.top_k
+    shape = config.prefetch_shape(k)
+    assert isinstance(shape, PrefetchShape)
+    built = PREDICTORS.build(config, mixtral)
+    assert (shape.candidates, shape.horizon) == (built.candidates, built.horizon)
+    assert staging_buffers(k, shape) == staging_buffers(k, built)
 
 
 def test_oracle_names_exactly_what_the_trace_routes_at_that_clock(mixtral):
