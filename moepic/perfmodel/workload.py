@@ -22,9 +22,9 @@ import numpy as np
 
 from moepic.cache.layout import slot_count_layout
 from moepic.cache.replay import replay_layer
-from moepic.errors import ConfigError
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.tracing import RoutingTrace
+from moepic.tracing.checks import require_router_inputs
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -126,12 +126,11 @@ def decode_steps(trace: RoutingTrace) -> np.ndarray:
 
 
 def check_router_inputs(trace: RoutingTrace, where: str) -> None:
-    """`where`: the trace's file, for the message."""
-    if trace.hidden_NLD is None:
-        raise ConfigError(
-            f"{where}: the trace has no router inputs, so the predictor's recall cannot be measured; "
-            "record it with `moepic generate --record-trace FILE --trace-hidden`, or give --recall"
-        )
+    """What `measured_recall` needs of a trace, checked before any model is loaded (`where`: the trace's file)."""
+    require_router_inputs(
+        trace, where, "the trace has no router inputs, so the predictor's recall cannot be measured; "
+        "record it with `moepic generate --record-trace FILE --trace-hidden`, or give --recall",
+    )
 
 
 def measured_recall(trace: RoutingTrace, predictor) -> list[float]:
