@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from moepic.core.model import Model
+from moepic.core.packing import pack_expert
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moepic.core.weights import AttentionWeights, LayerWeights, ModelWeights, MoEWeights, SwiGLUWeights
 from moepic.policies import POLICIES
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
 from moepic.runtime.generation import generate
-from moepic.runtime.host_store import pack_expert
 from moepic.runtime.offload import offloaded_experts
 
 

@@ -271,7 +271,7 @@ def test_error_after_the_progress_bar_is_what_a_terminal_shows_last(capsys, trac
     assert main(["configure", "--budget", "1KB", "--hardware", "a6000", "--trace", trace_files["hidden"]]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.split("\r")[-1].startswith("moepic: error: budget 0.00 MiB is below the minimum working set of")
+    assert err.split("\r")[-1].startswith("moepic: error: budget is 0.00 MiB (1000 bytes), below the minimum working set of")
 
 
 def test_trace_without_router_inputs_is_named_by_its_file(capsys, trace_files):

@@ -10,10 +10,9 @@ Side effects: accumulates counts in host memory.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moepic.core.model import Model
-from moepic.core.norms import rms_norm
+from moepic.core.routing import residual_router_logits
 from moepic.core.weights import MoEWeights
 
 
@@ -31,8 +30,7 @@ class GateLookaheadTap:
             return
         lw = self.model.weights.layers[following]
         assert isinstance(lw.ffn, MoEWeights)
-        h_TD = rms_norm(x_TD, lw.post_attention_norm_D, self.model.spec.norm_eps)
-        logits_TE = F.linear(h_TD, lw.ffn.router_ED)
+        logits_TE = residual_router_logits(x_TD, lw.post_attention_norm_D, lw.ffn.router_ED, self.model.spec.norm_eps)
         self._predicted[following] = logits_TE.topk(self.candidates, dim=-1).indices
 
     def routed(self, layer: int, router_input_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> None:

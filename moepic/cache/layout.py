@@ -16,6 +16,10 @@ budget holds every expert whole, else `AUTO_THETA`. A given θ that rounds to an
 reported in `CacheLayout.notes` (`ThetaRounding`; the command shows them, and refuses a θ > 0 that
 rounds to no block at all: it would silently cache nothing). Here that is a note, not an error: the
 simulator and the ablations sweep one θ grid over model shapes of any expert width.
+
+These rules are written once, here: the slots formula (`slots_for`), the all-resident case
+(`holds_every_expert`) and the minimum working set (`cache_bytes_after_staging`); the
+configurators (moepic/configurators/) call them too.
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ import numbers
 import re
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Protocol
-
 import attrs
+import numpy as np
 
 from moepic.core.ffn import top_neurons_for
 from moepic.core.footprint import swiglu_params
@@ -175,21 +178,57 @@ class CacheLayout:
         raise KeyError(f"layer {layer} is not an MoE layer")
 
 
-class PrefetchShape(Protocol):
-    """What staging needs to know of a predictor (a built one has these fields)."""
+@attrs.frozen
+class PrefetchShape:
+    """How much a predictor prefetches: k′ experts for each of `horizon` MoE layers ahead.
+
+    Staging is sized from it, before any predictor is built (a predictor config's `prefetch_shape`).
+    A built predictor has the same two fields, so the functions below take one as well."""
 
     candidates: int  # k′: experts prefetched per layer ahead
     horizon: int  # MoE layers ahead (0: no prefetching)
 
 
-def prefetch_buffers(predictor: PrefetchShape) -> int:
+def prefetch_buffers(prefetch: PrefetchShape) -> int:
     """Staging buffers prefetching may hold: k′ for each layer ahead and for the layer computing."""
-    return predictor.candidates * (predictor.horizon + 1) if predictor.horizon else 0
+    return prefetch.candidates * (prefetch.horizon + 1) if prefetch.horizon else 0
 
 
-def staging_buffers(top_k: int, predictor: PrefetchShape) -> int:
+def staging_buffers(top_k: int, prefetch: PrefetchShape) -> int:
     """The current layer's own loads, plus what prefetching holds."""
-    return top_k + prefetch_buffers(predictor)
+    return top_k + prefetch_buffers(prefetch)
+
+
+def slots_for(cache_bytes, top_bytes, num_experts: int):
+    """C = min(E, ⌊cache bytes / top bytes⌋): the top segments a cache holds, 0 where a top is empty
+    (θ = 0 caches nothing). An int for ints; elementwise for numpy arrays (the configurators' grids)."""
+    top = np.asarray(top_bytes)
+    slots = np.where(top > 0, np.minimum(num_experts, np.asarray(cache_bytes) // np.maximum(top, 1)), 0)
+    return int(slots) if slots.ndim == 0 else slots
+
+
+def holds_every_expert(budget: int, num_layers: int, num_experts: int, expert_bytes: int) -> bool:
+    """Whether `budget` bytes hold every routed expert of `num_layers` MoE layers whole: then nothing
+    is ever loaded, so no staging is kept (the dense layout)."""
+    return budget >= num_layers * num_experts * expert_bytes
+
+
+def cache_bytes_after_staging(budget: int, staging_experts: int, expert_bytes: int, *, what: str) -> int:
+    """What a global budget leaves for the caches once staging (`staging_experts` whole-expert buffers)
+    is kept. A smaller budget cannot run at all: the error names the minimum (`what`: the budget)."""
+    staging = staging_experts * expert_bytes
+    if budget < staging:
+        raise BudgetError(
+            f"{what} is {_mib(budget)}, below the minimum working set of {_mib(staging)}: "
+            f"staging for {staging_experts} whole experts of {expert_bytes} bytes each"
+        )
+    return budget - staging
+
+
+def slot_count_layout(layer: int, num_experts: int, slots: int) -> LayerCacheLayout:
+    """A layer caching `slots` whole experts of one neuron each (θ = 1). For replays that only count
+    hits: what the planner decides depends on the slot count alone, not on expert sizes or θ."""
+    return LayerCacheLayout(layer=layer, num_experts=num_experts, ffn_size=1, block=1, top_neurons=1, slots=slots, neuron_bytes=1)
 
 
 def _per_moe_layer(value, count: int, what: str) -> tuple:
@@ -229,7 +268,10 @@ def plan_layout(
     else:
         total = budget_bytes(budget, layers_n * layer_bytes, "cache.budget")
     if theta is None:  # whole experts where the budget holds them all: the dense layout, nothing loaded
-        fits = [c >= layer_bytes for c in caches] if per_layer_budget else [total >= layers_n * layer_bytes] * layers_n
+        if per_layer_budget:
+            fits = [holds_every_expert(c, 1, E, expert_bytes) for c in caches]
+        else:
+            fits = [holds_every_expert(total, layers_n, E, expert_bytes)] * layers_n
         thetas = tuple(1.0 if whole else AUTO_THETA for whole in fits)
     else:
         thetas = _per_moe_layer(theta, layers_n, "cache.theta")
@@ -243,7 +285,7 @@ def plan_layout(
         entries = tuple(
             LayerCacheLayout(
                 layer=l, num_experts=E, ffn_size=F, block=block, top_neurons=top, neuron_bytes=neuron_bytes,
-                slots=min(E, cache // (top * neuron_bytes)) if top else 0,
+                slots=slots_for(cache, top * neuron_bytes, E),
             )
             for l, top, cache in zip(spec.moe_layers, tops, cache_bytes_per_layer)
         )
@@ -252,15 +294,10 @@ def plan_layout(
     if per_layer_budget:
         result = layout(caches, staging_n)
     else:
-        if all(top == F for top in tops) and total >= layers_n * layer_bytes:
+        if all(top == F for top in tops) and holds_every_expert(total, layers_n, E, expert_bytes):
             return layout([layer_bytes] * layers_n, 0)
-        staging = staging_n * expert_bytes
-        if total < staging:
-            raise BudgetError(
-                f"cache.budget {budget!r} is {_mib(total)}, below the minimum working set of {_mib(staging)}: "
-                f"staging for {staging_n} whole experts of {expert_bytes} bytes each"
-            )
-        result = layout([(total - staging) // layers_n] * layers_n, staging_n)
+        caches_total = cache_bytes_after_staging(total, staging_n, expert_bytes, what=f"cache.budget {budget!r}")
+        result = layout([caches_total // layers_n] * layers_n, staging_n)
     if all(l.fully_resident for l in result.layers):
         result = attrs.evolve(result, staging_experts=0)
     return result

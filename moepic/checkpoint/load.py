@@ -13,10 +13,10 @@ from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.hf_rope import check_rope_angles
 from moepic.core.model import Model
+from moepic.core.packing import pack_expert
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK
 from moepic.errors import CheckpointError
-from moepic.runtime.host_store import pack_expert
 
 # Buffers some exporters save that carry no information moepic needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

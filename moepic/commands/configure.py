@@ -36,7 +36,7 @@ def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, f
     from moepic.checkpoint.load import load_model
     from moepic.predictors import PREDICTORS
 
-    from moepic.predictors.base import router_inputs
+    from moepic.tracing.checks import router_inputs
 
     check_router_inputs(trace, trace_path)
     model = load_model(folder, dtype=dtype)

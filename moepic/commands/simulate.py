@@ -53,7 +53,7 @@ def _setting(args):
 
         model = load_model(args.model)
         if trace.hidden_NLD is not None:  # gate_lookahead / mlp score them: the model's width, or one line naming the trace
-            from moepic.predictors.base import router_inputs
+            from moepic.tracing.checks import router_inputs
 
             router_inputs(trace, model.spec.hidden_size, args.trace)
     return Setting(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context)

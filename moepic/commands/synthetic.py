@@ -95,7 +95,7 @@ def _check_memory(tokens: int, sequences: int, *, layers: int, top_k: int, exper
 
 def hit_rates(trace, policy: str, sizes) -> np.ndarray:
     """[L, sizes]: the planner's hit rate of `policy` with caches of whole experts (one-neuron experts, θ = 1)."""
-    from moepic.cache.layout import CacheLayout, LayerCacheLayout
+    from moepic.cache.layout import CacheLayout, slot_count_layout
     from moepic.cache.replay import replay_trace
     from moepic.policies import POLICIES as REGISTRY
     from moepic.policies.base import build_policy
@@ -103,10 +103,7 @@ def hit_rates(trace, policy: str, sizes) -> np.ndarray:
     build = REGISTRY.structure_node({"name": policy}, "policy")
     out = np.zeros((len(trace.moe_layers), len(sizes)))
     for column, slots in enumerate(sizes):
-        layers = tuple(
-            LayerCacheLayout(layer=l, num_experts=trace.num_experts, ffn_size=1, block=1, top_neurons=1, slots=slots,
-                             neuron_bytes=1) for l in trace.moe_layers
-        )
+        layers = tuple(slot_count_layout(l, trace.num_experts, slots) for l in trace.moe_layers)
         layout = CacheLayout(layers=layers, staging_experts=trace.top_k, dtype_bytes=1)
         out[:, column] = [stats.hit_rate for stats in replay_trace(trace, layout, build_policy(build))]
     return out

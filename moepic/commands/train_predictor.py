@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from moepic.progress import bar as progress_bar
 
 from moepic.errors import ConfigError
-from moepic.predictors.base import horizon_problem, router_inputs
+from moepic.predictors.base import horizon_problem
+from moepic.tracing.checks import router_inputs
 from moepic.predictors.mlp import ScoreMLP, check_predictor_folder, pair_key, save_predictor
 
 # Integer flags and their ranges. The upper bounds are far past any useful value; they stop a typo

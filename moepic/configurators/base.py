@@ -6,8 +6,9 @@ into one `LayerChoice` per MoE layer: how many tops it caches and how large they
     global budget ─▶ − staging (top_k + prefetch buffers) ─▶ cache bytes ─▶ configurator ─▶ {C_l, θ_l}
 
 Everything that is not a choice between configurations lives here: staging, the all-resident
-case, and the discretised budget the `dp` and `moepic` configurators share (a layer's option
-costs ⌈bytes / unit⌉ units, so whole units never add up to more than the budget).
+case (both by the rules of moepic/cache/layout.py, which the engine's layout follows too), and the
+discretised budget the `dp` and `moepic` configurators share (a layer's option costs
+⌈bytes / unit⌉ units, so whole units never add up to more than the budget).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 import attrs
 import numpy as np
 
-from moepic.cache.layout import BudgetError
+from moepic.cache.layout import cache_bytes_after_staging, holds_every_expert
 from moepic.core.ffn import top_neurons_for
 from moepic.perfmodel.latency import LatencyModel, LayerChoice
 from moepic.perfmodel.workload import workload_from_trace
@@ -79,17 +80,11 @@ def configure_cache(configurator: Configurator, model: LatencyModel, budget_byte
     A budget that holds every whole expert needs no configurator (and no staging); one below the
     staging buffers cannot run at all."""
     t, E = model.times, model.num_experts
-    all_bytes = model.num_layers * E * t.expert_bytes
-    if budget_bytes >= all_bytes:
+    if holds_every_expert(budget_bytes, model.num_layers, E, t.expert_bytes):
         layers, staging_experts = (LayerChoice(slots=E, top_neurons=t.ffn_size),) * model.num_layers, 0
     else:
-        staging = staging_experts * t.expert_bytes
-        if budget_bytes < staging:
-            raise BudgetError(
-                f"budget {budget_bytes / 2**20:.2f} MiB is below the minimum working set of {staging / 2**20:.2f} MiB: "
-                f"staging for {staging_experts} whole experts of {t.expert_bytes} bytes each"
-            )
-        layers = tuple(configurator.configure(model, budget_bytes - staging))
+        cache_bytes = cache_bytes_after_staging(budget_bytes, staging_experts, t.expert_bytes, what="budget")
+        layers = tuple(configurator.configure(model, cache_bytes))
     return CacheConfiguration(
         layers=layers, staging_experts=staging_experts, neuron_bytes=t.neuron_bytes, ffn_size=t.ffn_size,
         predicted_s=model.token_s(layers),

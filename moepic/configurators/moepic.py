@@ -24,6 +24,7 @@ from collections.abc import Callable
 import attrs
 import numpy as np
 
+from moepic.cache.layout import slots_for
 from moepic.configurators.base import ConfiguratorConfig, best_per_budget, min_plus, register_configurator, units_for
 from moepic.perfmodel.latency import LatencyModel, LayerChoice
 
@@ -47,10 +48,10 @@ def fixed_point(g: Callable[[np.ndarray], np.ndarray], start_X: np.ndarray, max_
     raise RuntimeError(f"the fixed-point iteration did not settle within {max_steps} steps (is g monotone?)")
 
 
-def slots_for(model: LatencyModel, budget_X: np.ndarray, blocks_X: np.ndarray) -> np.ndarray:
-    """C(θ) = min(E, ⌊M / top bytes⌋) for tops of `blocks_X` neuron blocks (> 0)."""
+def slots_at(model: LatencyModel, budget_X: np.ndarray, blocks_X: np.ndarray) -> np.ndarray:
+    """C(θ) = min(E, ⌊M / top bytes⌋) for tops of `blocks_X` neuron blocks (0 where there are none)."""
     t = model.times
-    return np.minimum(model.num_experts, budget_X // np.maximum(blocks_X * t.block * t.neuron_bytes, 1))
+    return slots_for(budget_X, blocks_X * t.block * t.neuron_bytes, model.num_experts)
 
 
 def _unique_pairs(pairs_X2: np.ndarray, ffn_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +75,7 @@ class DivideAndConquer:
         h_C = np.maximum.accumulate(layer.hit_rate_C)  # measured curves may dip; g must not
 
         def g(b_X: np.ndarray) -> np.ndarray:
-            slots_X = np.where(b_X > 0, slots_for(model, budget_X, b_X), E)  # θ → 0: every top fits
+            slots_X = np.where(b_X > 0, slots_at(model, budget_X, b_X), E)  # θ → 0: every top fits
             with np.errstate(divide="ignore"):
                 theta_X = np.clip(np.where(h_C[slots_X] > 0, need / h_C[slots_X], 1.0 if need > 0 else 0.0), 0.0, 1.0)
             return np.ceil(theta_X * blocks - 1e-9).astype(np.int64)
@@ -87,7 +88,7 @@ class DivideAndConquer:
         budget_V = np.floor(np.arange(U + 1) * unit).astype(np.int64)
         g = self.theta_map(model, column, budget_V)
         b_V, _ = fixed_point(g, np.zeros(U + 1, dtype=np.int64), t.ffn_size // t.block + 1)
-        slots_star_V = np.where(b_V > 0, slots_for(model, budget_V, b_V), 0)
+        slots_star_V = np.where(b_V > 0, slots_at(model, budget_V, b_V), 0)
         window = np.arange(-R, R + 1)[None, :]
 
         def with_tops(slots_VN: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from moepic.cache.layout import slots_for
 from moepic.configurators.base import ConfiguratorConfig, register_configurator
 from moepic.core.ffn import top_neurons_for
 from moepic.perfmodel.latency import LatencyModel, LayerChoice
@@ -28,5 +29,5 @@ class Uniform:
         t = model.times
         top = top_neurons_for(self.config.theta, t.ffn_size, t.block)
         per_layer = cache_bytes // model.num_layers
-        slots = min(model.num_experts, per_layer // (top * t.neuron_bytes)) if top else 0
+        slots = slots_for(per_layer, top * t.neuron_bytes, model.num_experts)
         return (LayerChoice(slots=slots, top_neurons=top),) * model.num_layers

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 import attrs
 import numpy as np
 
-from moepic.cache.layout import LayerCacheLayout
+from moepic.cache.layout import slot_count_layout
 from moepic.cache.replay import replay_layer
-from moepic.errors import ConfigError
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.tracing import RoutingTrace
+from moepic.tracing.checks import require_router_inputs
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -78,10 +78,7 @@ def _interpolate(points_C: np.ndarray, values_PJ: np.ndarray, num_experts: int) 
 def hit_distribution(trace: RoutingTrace, column: int, policy: CachePolicy, slots: int) -> np.ndarray:
     """[k+1]: the share of decode steps of MoE layer `column` with j routed experts cached, with `slots` tops."""
     E, k = trace.num_experts, trace.top_k
-    # θ = 1 with one-neuron experts: slot decisions depend on the slot count alone, not on θ.
-    layout = LayerCacheLayout(
-        layer=trace.moe_layers[column], num_experts=E, ffn_size=1, block=1, top_neurons=1, slots=slots, neuron_bytes=1
-    )
+    layout = slot_count_layout(trace.moe_layers[column], E, slots)
     counted = decode_steps(trace)
     hist_J = np.zeros(k + 1)
     for plan, count in zip(replay_layer(trace, column, layout, policy), counted):
@@ -129,12 +126,11 @@ def decode_steps(trace: RoutingTrace) -> np.ndarray:
 
 
 def check_router_inputs(trace: RoutingTrace, where: str) -> None:
-    """`where`: the trace's file, for the message."""
-    if trace.hidden_NLD is None:
-        raise ConfigError(
-            f"{where}: the trace has no router inputs, so the predictor's recall cannot be measured; "
-            "record it with `moepic generate --record-trace FILE --trace-hidden`, or give --recall"
-        )
+    """What `measured_recall` needs of a trace, checked before any model is loaded (`where`: the trace's file)."""
+    require_router_inputs(
+        trace, where, "the trace has no router inputs, so the predictor's recall cannot be measured; "
+        "record it with `moepic generate --record-trace FILE --trace-hidden`, or give --recall",
+    )
 
 
 def measured_recall(trace: RoutingTrace, predictor) -> list[float]:

@@ -16,9 +16,8 @@ from typing import Protocol, TypeVar
 import attrs
 import numpy as np
 
-from moepic.errors import ConfigError
 from moepic.registry import Registry, StrategyConfig
-from moepic.tracing import RoutingTrace, load_any_trace
+from moepic.tracing import RoutingTrace
 
 
 @attrs.frozen(kw_only=True)
@@ -94,25 +93,6 @@ def build_policy_on(config: PolicyConfig, trace: RoutingTrace) -> CachePolicy:
     takes = [name for name, p in inspect.signature(factory.__init__).parameters.items() if "RoutingTrace" in str(p.annotation)]
     named_file = any(getattr(config, f.name) for f in attrs.fields(type(config)) if f.name in ("trace", "profile"))
     return POLICIES.build(config, **({} if named_file else {name: trace for name in takes}))
-
-
-def trace_for(given: RoutingTrace | None, path: str | None, *, missing: str) -> tuple[RoutingTrace, str]:
-    """A policy's routing trace, given directly or read from `path`; and how to name it in errors."""
-    if given is None:
-        if path is None:
-            raise ConfigError(missing)
-        given = load_any_trace(path)
-    return given, path or given.source or "the trace"
-
-
-def check_trace_covers(where: str, trace: RoutingTrace, layer: int, num_experts: int) -> int:
-    """The trace column of model layer `layer`, which must have `num_experts` experts."""
-    if layer not in trace.moe_layers or num_experts != trace.num_experts:
-        raise ConfigError(
-            f"{where}: trace has MoE layers {sorted(trace.moe_layers)} with {trace.num_experts} experts; "
-            f"the model's layer {layer} has {num_experts}"
-        )
-    return trace.moe_layers.index(layer)
 
 
 def priority_series(

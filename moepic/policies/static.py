@@ -13,8 +13,9 @@ import attrs
 import numpy as np
 
 from moepic.analysis.routing_stats import expert_shares
-from moepic.policies.base import LayerStep, PolicyConfig, check_trace_covers, register_policy, trace_for
-from moepic.tracing import RoutingTrace
+from moepic.policies.base import LayerStep, PolicyConfig, register_policy
+from moepic.tracing import RoutingTrace, trace_for
+from moepic.tracing.checks import check_trace_covers
 
 
 @attrs.frozen(kw_only=True)

@@ -18,8 +18,10 @@ import attrs
 import numpy as np
 import torch
 
+from moepic.cache.layout import PrefetchShape
 from moepic.errors import ConfigError
 from moepic.registry import Registry, StrategyConfig
+from moepic.tracing.checks import require_router_inputs, router_inputs
 
 PREDICTORS = Registry("predictor", default="none")
 
@@ -48,25 +50,6 @@ def check_horizon(instance, attribute, value) -> None:
     problem = horizon_problem(value, f"predictor.{attribute.name}")
     if problem:
         raise ValueError(problem)
-
-
-def router_inputs(trace, hidden_size: int, where: str) -> np.ndarray:
-    """The trace's recorded router inputs [N, L, D], which must be the model's width D (a trace of
-    another model's would fail deep inside a matmul). `where` names the trace; it must have them."""
-    hidden_NLD = trace.hidden_NLD
-    width = hidden_NLD.shape[2] if hidden_NLD.ndim == 3 else None
-    if width != hidden_size:
-        got = f"{width} wide" if width is not None else f"of shape {tuple(hidden_NLD.shape)}, not [N, L, D]"
-        raise ConfigError(f"{where}: the trace's router inputs ('hidden') are {got}; the model's hidden size is {hidden_size}")
-    return hidden_NLD
-
-
-@attrs.frozen
-class PrefetchShape:
-    """How much a predictor prefetches: k′ experts for each of `horizon` MoE layers ahead."""
-
-    candidates: int
-    horizon: int
 
 
 class PredictorConfig(StrategyConfig):
@@ -193,12 +176,12 @@ class ScoringPredictor:
         engine computes it)."""
         if self.tap != "router_input":  # the trace records router inputs, not layer outputs
             raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be run on a trace; give --recall")
-        if trace.hidden_NLD is None:
-            raise ConfigError(
-                f"{trace.source or 'the trace'}: no router inputs to run the predictor on; record them with "
-                "`moepic generate --record-trace FILE --trace-hidden`, or simulate a noisy_oracle with the predictor's recall"
-            )
-        hidden_NLD = router_inputs(trace, self.hidden_size, trace.source or "the trace")
+        where = trace.source or "the trace"
+        require_router_inputs(
+            trace, where, "no router inputs to run the predictor on; record them with "
+            "`moepic generate --record-trace FILE --trace-hidden`, or simulate a noisy_oracle with the predictor's recall",
+        )
+        hidden_NLD = router_inputs(trace, self.hidden_size, where)
         k = min(self.candidates, self.num_experts)
         out = {}
         for column, layer in enumerate(trace.moe_layers):

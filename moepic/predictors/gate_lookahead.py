@@ -17,10 +17,9 @@ from typing import Literal
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from moepic.core.model import Model
-from moepic.core.norms import rms_norm
+from moepic.core.routing import residual_router_logits, router_logits
 from moepic.core.weights import MoEWeights
 from moepic.predictors.base import PredictorConfig, ScoringPredictor, at_least_one, check_horizon, layers_ahead, register_predictor
 
@@ -59,12 +58,9 @@ class GateLookahead(ScoringPredictor):
                     self.rescale[source, target] = self.moe[target].post_attention_norm_D / w_source
 
     def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
-        if self.config.tap == "layer_output":
-            x_TD = rms_norm(hidden_TD, self.moe[target].post_attention_norm_D, self.eps)
-        elif self.rescale:
-            x_TD = hidden_TD * self.rescale[layer, target]
-        else:
-            x_TD = hidden_TD
         ffn = self.moe[target].ffn
         assert isinstance(ffn, MoEWeights)
-        return F.linear(x_TD, ffn.router_ED)
+        if self.config.tap == "layer_output":
+            return residual_router_logits(hidden_TD, self.moe[target].post_attention_norm_D, ffn.router_ED, self.eps)
+        x_TD = hidden_TD * self.rescale[layer, target] if self.rescale else hidden_TD
+        return router_logits(x_TD, ffn.router_ED)

@@ -18,9 +18,9 @@ import numpy as np
 
 from moepic.core.model import Model
 from moepic.policies import own_future
-from moepic.policies.base import check_trace_covers, trace_for
 from moepic.predictors.base import PredictorConfig, layers_ahead, merge_votes, nearest, register_predictor
-from moepic.tracing import RoutingTrace
+from moepic.tracing import RoutingTrace, trace_for
+from moepic.tracing.checks import check_trace_covers
 
 
 def _recall_values(instance, attribute, value) -> None:

@@ -12,9 +12,9 @@ import torch
 
 from moepic.core.model import Model
 from moepic.policies import own_future
-from moepic.policies.base import check_trace_covers, trace_for
 from moepic.predictors.base import PredictorConfig, check_horizon, layers_ahead, merge_votes, nearest, register_predictor
-from moepic.tracing import RoutingTrace
+from moepic.tracing import RoutingTrace, trace_for
+from moepic.tracing.checks import check_trace_covers
 
 
 @attrs.frozen(kw_only=True)

@@ -31,6 +31,7 @@ import torch
 from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, prefetch_buffers, staging_buffers
 from moepic.cache.planner import FREE, ExpertPlan, LayerResidency, initial_residency, residency_step
 from moepic.core.model import Model
+from moepic.core.packing import flat_views
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
@@ -38,7 +39,7 @@ from moepic.predictors.base import NoPredictor, Predictor
 from moepic.runtime.copy_engine import Link, copy_engine_for
 from moepic.runtime.copy_protocol import CopyEngine, Ticket
 from moepic.runtime.engine_stats import EngineCounters
-from moepic.runtime.host_store import HostExpertStore, flat_views
+from moepic.runtime.host_store import HostExpertStore
 from moepic.runtime.staging import Buffer, StagingPool
 
 

@@ -16,9 +16,9 @@ from collections import deque
 import attrs
 import torch
 
+from moepic.core.packing import flat_views
 from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_protocol import Ticket
-from moepic.runtime.host_store import flat_views
 
 
 @attrs.define(eq=False)

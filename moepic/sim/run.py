@@ -30,6 +30,7 @@ from moepic.sim.shapes import ModelShape
 from moepic.sim.simulate import simulate
 from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
+from moepic.tracing.checks import fit_trace_to_model
 
 NEEDS_ROUTER_INPUTS = ("gate_lookahead", "mlp")
 READS_THE_FUTURE = ("oracle", "noisy_oracle")
@@ -147,20 +148,9 @@ def run_setup(setup: Setup, setting: Setting) -> SetupRun:
 
 
 def check_trace_fits(trace: RoutingTrace, shape: ModelShape, where: str) -> RoutingTrace:
-    """`trace`, with the shape's expert count, if it can be this model's routing; else a clear error."""
-    spec = shape.spec
-    moe = spec.moe
-    if len(trace.moe_layers) != len(spec.moe_layers):
-        raise ConfigError(f"{where}: the trace has {len(trace.moe_layers)} MoE layers, the model shape {shape.name} has {len(spec.moe_layers)}")
-    if trace.top_k != moe.top_k:
-        raise ConfigError(f"{where}: the trace routes top-{trace.top_k}, the model shape {shape.name} top-{moe.top_k}")
-    largest = int(trace.expert_ids_NLK.max()) if trace.num_tokens else -1
-    if largest >= moe.num_experts:
-        raise ConfigError(f"{where}: the trace has expert ids up to {largest}, but the model shape {shape.name} has {moe.num_experts} experts")
-    if trace.num_experts > moe.num_experts:
-        raise ConfigError(f"{where}: the trace declares {trace.num_experts} experts, the model shape {shape.name} has {moe.num_experts}")
-    if not trace_steps(trace).decode_S.any():
+    """`trace` as the shape's routing (moepic/tracing/checks.py), if it has decode steps to time; else a clear error."""
+    fitted = fit_trace_to_model(trace, shape.spec, where, model=f"the model shape {shape.name}")
+    if not trace_steps(fitted).decode_S.any():
         raise ConfigError(f"{where}: the trace has no decode tokens to time (only prompt steps)")
-    # The shape's layer indices and expert count: a JSONL log only knows the ids it saw.
-    return attrs.evolve(trace, moe_layers=spec.moe_layers, num_experts=moe.num_experts)
+    return fitted
 

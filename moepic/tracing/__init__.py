@@ -5,6 +5,7 @@ that need a profile or the future (static, Belady) and the simulator.
 
 from pathlib import Path
 
+from moepic.errors import ConfigError
 from moepic.tracing.trace import RoutingTrace, TraceError, load_trace, save_trace
 
 
@@ -19,4 +20,14 @@ def load_any_trace(path: str | Path, *, num_experts: int | None = None) -> Routi
     return load_trace(path)
 
 
-__all__ = ["RoutingTrace", "TraceError", "load_any_trace", "load_trace", "save_trace"]
+def trace_for(given: RoutingTrace | None, path: str | None, *, missing: str) -> tuple[RoutingTrace, str]:
+    """A strategy's routing trace (a policy's profile or future, an oracle's future), given directly or
+    read from `path`; and how to name it in errors. Neither: ConfigError(`missing`)."""
+    if given is None:
+        if path is None:
+            raise ConfigError(missing)
+        given = load_any_trace(path)
+    return given, path or given.source or "the trace"
+
+
+__all__ = ["RoutingTrace", "TraceError", "load_any_trace", "load_trace", "save_trace", "trace_for"]

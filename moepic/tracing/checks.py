@@ -1,10 +1,17 @@
-"""What every RoutingTrace holds, whoever builds it: a loader, the recorder, the synthetic generator, a
-test. Written once here; RoutingTrace's constructor calls `check_trace`, so a loader gets the checks
-by building one. Pure numpy, vectorized (a 100k-token trace checks in milliseconds).
+"""What every RoutingTrace holds, and whether it fits the model it is used with. Pure numpy, vectorized
+(a 100k-token trace checks in milliseconds).
 
-A broken invariant raises ValueError naming the field, the first offending token (and MoE layer)
-and what was expected; loaders prefix the file. Bounds are on what the file format stores and what
-any model has: they turn an absurd header into one clear line instead of a 43 TiB allocation later.
+- On its own, whoever builds it (a loader, the recorder, the synthetic generator, a test):
+  RoutingTrace's constructor calls `check_trace`, so a loader gets the checks by building one. A
+  broken invariant raises ValueError naming the field, the first offending token (and MoE layer)
+  and what was expected; loaders prefix the file. Bounds are on what the file format stores and
+  what any model has: they turn an absurd header into one clear line instead of a 43 TiB
+  allocation later.
+- Against a model, each rule written once for every caller (ConfigError, prefixed by the trace's
+  name): `fit_trace_to_model` (a whole trace as a model's routing: the simulator, the ablations),
+  `check_trace_covers` (the model layer a trace-reading strategy looks up: static, belady, the
+  oracles), `require_router_inputs` and `router_inputs` (the recorded router inputs a predictor
+  scores: there, and the model's width).
 Shapes: N tokens, L MoE layers, K top-k, D model width.
 """
 
@@ -12,7 +19,10 @@ from __future__ import annotations
 
 import numbers
 
+import attrs
 import numpy as np
+
+from moepic.errors import ConfigError
 
 MAX_EXPERTS = 2**15  # expert ids are stored as int16
 MAX_LAYER = 10_000  # model layer indices; the deepest published models have ~100
@@ -114,6 +124,54 @@ def _check_order(sequence_N: np.ndarray, position_N: np.ndarray) -> None:
         what = "repeats" if position_N[n] == position_N[n - 1] else "comes after"
         raise ValueError(f"field 'position': token {n} (sequence {sequence_N[n]}, position {position_N[n]}) {what} "
                          f"position {position_N[n - 1]}, expected one token per position, in increasing order")
+
+
+# -- the trace against a model ---------------------------------------------------------------------
+
+
+def fit_trace_to_model(trace, spec, where: str, *, model: str):
+    """`trace` as the routing of `spec` (a ModelSpec): the same number of MoE layers and top-k, expert
+    ids within the model's, renumbered to the model's layer indices and expert count (a JSONL log
+    only knows the ids it saw). `where` names the trace, `model` the model ("the model shape X")."""
+    moe = spec.moe
+    if len(trace.moe_layers) != len(spec.moe_layers):
+        raise ConfigError(f"{where}: the trace has {len(trace.moe_layers)} MoE layers, {model} has {len(spec.moe_layers)}")
+    if trace.top_k != moe.top_k:
+        raise ConfigError(f"{where}: the trace routes top-{trace.top_k}, {model} top-{moe.top_k}")
+    largest = int(trace.expert_ids_NLK.max()) if trace.num_tokens else -1
+    if largest >= moe.num_experts:
+        raise ConfigError(f"{where}: the trace has expert ids up to {largest}, but {model} has {moe.num_experts} experts")
+    if trace.num_experts > moe.num_experts:
+        raise ConfigError(f"{where}: the trace declares {trace.num_experts} experts, {model} has {moe.num_experts}")
+    return attrs.evolve(trace, moe_layers=spec.moe_layers, num_experts=moe.num_experts)
+
+
+def check_trace_covers(where: str, trace, layer: int, num_experts: int) -> int:
+    """The trace column of model layer `layer`, which must have `num_experts` experts."""
+    if layer not in trace.moe_layers or num_experts != trace.num_experts:
+        raise ConfigError(
+            f"{where}: trace has MoE layers {sorted(trace.moe_layers)} with {trace.num_experts} experts; "
+            f"the model's layer {layer} has {num_experts}"
+        )
+    return trace.moe_layers.index(layer)
+
+
+def require_router_inputs(trace, where: str, problem: str) -> None:
+    """The trace must hold its router inputs ('hidden'); `problem` says what cannot be done without
+    them and how to get them (the message is `where: problem`)."""
+    if trace.hidden_NLD is None:
+        raise ConfigError(f"{where}: {problem}")
+
+
+def router_inputs(trace, hidden_size: int, where: str) -> np.ndarray:
+    """The trace's recorded router inputs [N, L, D], which must be the model's width D (a trace of
+    another model's would fail deep inside a matmul). `where` names the trace; it must have them."""
+    hidden_NLD = trace.hidden_NLD
+    width = hidden_NLD.shape[2] if hidden_NLD.ndim == 3 else None
+    if width != hidden_size:
+        got = f"{width} wide" if width is not None else f"of shape {tuple(hidden_NLD.shape)}, not [N, L, D]"
+        raise ConfigError(f"{where}: the trace's router inputs ('hidden') are {got}; the model's hidden size is {hidden_size}")
+    return hidden_NLD
 
 
 def clipped(value: object) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import attrs
-
-from moepic.cache.layout import AUTO_THETA, MAX_BUDGET_BYTES, BudgetError, budget_bytes, plan_layout
+from moepic.cache.layout import AUTO_THETA, MAX_BUDGET_BYTES, BudgetError, budget_bytes, plan_layout, slots_for
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec
 from moepic.errors import ConfigError
 
@@ -402,3 +402,13 @@ def test_a_budget_above_a_petabyte_is_an_error_naming_the_limit():
     for value in ("1e400", f"{MAX_BUDGET_BYTES + 1}", "2048TiB", 10**30):
         with pytest.raises(BudgetError, match=r"^cache\.budget: expected a size of at most 1 PiB"):
             budget_bytes(value, 1, "cache.budget")
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 2**20)), min_size=1, max_size=8), st.integers(1, 256))
+def test_slots_are_the_tops_a_cache_holds_capped_at_every_expert_alike_for_ints_and_arrays(pairs, experts):
+    """One formula for the layout (ints) and the configurators' grids (arrays): min(E, ⌊cache / top⌋), 0 without a top."""
+    cache_X, top_X = (np.array(column, dtype=np.int64) for column in zip(*pairs))
+    expected = [min(experts, cache // top) if top else 0 for cache, top in pairs]
+    assert [slots_for(cache, top, experts) for cache, top in pairs] == expected
+    assert all(type(slots_for(cache, top, experts)) is int for cache, top in pairs)
+    assert slots_for(cache_X, top_X, experts).tolist() == expected

@@ -62,6 +62,34 @@ def test_no_configurator_exceeds_the_budget_and_the_engine_reads_back_its_choice
     assert layout.cache_bytes + layout.staging_bytes <= budget
 
 
+@given(latency_models(), st.floats(0, 1.2), st.sampled_from([0.0, 0.3, 0.5, 1.0]))
+def test_uniform_configurator_and_the_layout_apply_one_rule_for_slots_the_minimum_and_all_resident(model, share, theta):
+    """A global budget anywhere from nothing to more than every expert: the `uniform` configurator and
+    `plan_layout` (what the engine runs) fail alike below staging, and otherwise give the same slots,
+    tops and staging (at θ = 1 both keep every expert whole where the budget holds them all)."""
+    t = model.times
+    budget = int(share * all_bytes(model))
+    outcomes = []
+    for lay_out in (
+        lambda: configure_cache(build("uniform", theta=theta), model, budget, STAGING),
+        lambda: plan_layout(_spec_for(model), dtype_bytes=2, budget=f"{budget}B", theta=theta, widest_neuron_block=t.block,
+                            staging_experts=STAGING),
+    ):
+        try:
+            chosen = lay_out()
+        except BudgetError as e:
+            outcomes.append(str(e).split(" is ", 1)[1])  # after the budget's own name
+        else:
+            outcomes.append(([(c.slots, c.top_neurons) for c in chosen.layers], chosen.staging_experts))
+    if budget >= all_bytes(model) and theta < 1:
+        return  # the configurator caches whole experts whatever its θ; a layout keeps the θ it is given
+    assert outcomes[0] == outcomes[1]
+    below = budget < STAGING * t.expert_bytes
+    assert isinstance(outcomes[0], str) == below
+    if budget >= all_bytes(model):
+        assert outcomes[0] == ([(model.num_experts, t.ffn_size)] * model.num_layers, 0)
+
+
 def _spec_for(model):
     from perf_support import moe_spec
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from moepic.checkpoint.load import load_model
 from moepic.errors import ConfigError
 from moepic.predictors import PREDICTORS, PredictorConfig
-from moepic.predictors.base import MAX_HORIZON, router_inputs
+from moepic.predictors.base import MAX_HORIZON
+from moepic.tracing.checks import router_inputs
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
 from moepic.predictors.mlp import META, WEIGHTS, MLPConfig, load_predictor, save_predictor
 from moepic.runtime.generation import generate

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moepic.analysis.lookahead import GateLookaheadTap
+from moepic.cache.layout import PrefetchShape, staging_buffers
 from moepic.checkpoint.load import load_model
 from moepic.cli import main
 from moepic.commands.train_predictor import run_train_predictor
 from moepic.core.norms import rms_norm
 from moepic.errors import ConfigError
 from moepic.predictors import PREDICTORS
-from moepic.predictors.base import merge_votes
+from moepic.predictors.base import NoneConfig, merge_votes
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
 from moepic.predictors.mlp import MLPConfig
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
@@ -61,6 +64,36 @@ def test_gate_lookahead_applies_the_next_layers_router_to_the_tapped_state(mixtr
             h = rms_norm(x, w[target].post_attention_norm_D, mixtral.spec.norm_eps)
         expected = F.linear(h, w[target].ffn.router_ED).topk(3, dim=-1).indices[0].tolist()
         assert experts == expected
+
+
+@given(seed=st.integers(0, 2**16), tokens=st.integers(1, 5), candidates=st.integers(1, 4))
+def test_gate_lookahead_names_what_the_routing_reports_lookahead_names(mixtral, seed, tokens, candidates):
+    """The predictor (at the layer-output tap) and the routing report's lookahead score a later layer's
+    experts through one function of core/routing.py: the same ids for any hidden state."""
+    g = torch.Generator().manual_seed(seed)
+    # Random norm weights (a fresh checkpoint's are ones, which no top-k could tell from no norm at all).
+    layers = tuple(attrs.evolve(lw, post_attention_norm_D=torch.rand(lw.post_attention_norm_D.shape, generator=g) + 0.1)
+                   for lw in mixtral.weights.layers)
+    model = attrs.evolve(mixtral, weights=attrs.evolve(mixtral.weights, layers=layers))
+    predictor = PREDICTORS.build(GateLookaheadConfig(candidates=candidates, horizon=1, tap="layer_output"), model)
+    report = GateLookaheadTap(model, candidates=candidates)
+    x = torch.randn(tokens, model.spec.hidden_size, generator=g)
+    moe_layers = model.spec.moe_layers
+    for layer in moe_layers[:-1]:
+        report.layer_output(layer, x)
+        report.routed(layer + 1, x, None, predictor.guess(layer, x))  # the predictor's ids, as if routed
+    # Every one of the predictor's `candidates` distinct ids per token is among the report's `candidates`.
+    assert report.recall() == {layer: 1.0 for layer in moe_layers[1:]}
+
+
+@pytest.mark.parametrize("config", [GateLookaheadConfig(candidates=3, horizon=2), GateLookaheadConfig(), NoneConfig()])
+def test_staging_is_sized_alike_from_a_predictor_config_and_from_the_predictor_it_builds(mixtral, config):
+    k = mixtral.spec.moe.top_k
+    shape = config.prefetch_shape(k)
+    assert isinstance(shape, PrefetchShape)
+    built = PREDICTORS.build(config, mixtral)
+    assert (shape.candidates, shape.horizon) == (built.candidates, built.horizon)
+    assert staging_buffers(k, shape) == staging_buffers(k, built)
 
 
 def test_oracle_names_exactly_what_the_trace_routes_at_that_clock(mixtral):

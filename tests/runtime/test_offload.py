@@ -14,7 +14,8 @@ from moepic.checkpoint.load import load_model
 from moepic.default_model import default_model_dir
 from moepic.policies import POLICIES
 from moepic.runtime.generation import generate
-from moepic.runtime.host_store import HostExpertStore, flat_buffer
+from moepic.core.packing import flat_buffer
+from moepic.runtime.host_store import HostExpertStore
 from moepic.runtime.offload import OffloadedExperts, offloaded_experts
 from tests_support import (
     assert_slots_hold_the_host_bytes,
