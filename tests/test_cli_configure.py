@@ -22,7 +22,7 @@ from moepic.default_model import model_folder
 from moepic.perfmodel.hardware import PROFILES_DIR, known_profiles, load_profile
 from moepic.policies import POLICIES
 from moepic.predictors import PREDICTORS
-from moepic.configurators.base import AUTO_POLICIES
+from moepic.policies.base import auto_policies
 from moepic.tracing import load_trace, save_trace
 from tests_support import cli_error
 
@@ -200,7 +200,7 @@ def test_dp_is_at_least_as_good_as_moepic_and_uniform_splits_evenly(capsys, trac
 
 
 def test_policy_auto_keeps_the_fastest_predicted_of_its_candidates(capsys, tmp_path, trace_files):
-    single = {name: _configure(capsys, trace_files, "--policy", name) for name in AUTO_POLICIES}
+    single = {name: _configure(capsys, trace_files, "--policy", name) for name in auto_policies()}
     auto = _configure(capsys, trace_files, "--policy", "auto", "--out", str(tmp_path / "auto.yaml"))
     _assert_consistent(auto)
     fastest = min(single, key=lambda name: single[name]["predicted_ms_per_token"])

@@ -21,7 +21,8 @@ BASELINE_THETAS = (0.0, 0.4, 1.0)
 def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, folder: str, dtype, moe_layers: int) -> list[float]:
     from moepic.perfmodel.workload import check_router_inputs, first_layer_unpredicted, measured_recall
 
-    if predictor_config.name == "none":
+    by_construction = predictor_config.recall_by_construction()
+    if by_construction == 0.0:  # it prefetches nothing
         return [0.0] * moe_layers
     if args_recall is not None:
         try:
@@ -31,8 +32,8 @@ def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, f
         if len(values) not in (1, moe_layers) or not all(0 <= v <= 1 for v in values):
             raise ConfigError(f"--recall: expected one value in [0, 1] or {moe_layers} (one per MoE layer), got {args_recall!r}")
         return first_layer_unpredicted(values[0], moe_layers) if len(values) == 1 else values
-    if predictor_config.name == "oracle":
-        return first_layer_unpredicted(1.0, moe_layers)
+    if by_construction is not None:
+        return first_layer_unpredicted(by_construction, moe_layers)
     from moepic.checkpoint.load import load_model
     from moepic.predictors import PREDICTORS
 
@@ -52,7 +53,8 @@ def run_configure(args) -> dict:
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
     from moepic.configurators import CONFIGURATORS, configure_cache
-    from moepic.configurators.base import AUTO_POLICIES, configure_on_trace
+    from moepic.configurators.base import configure_on_trace
+    from moepic.policies.base import auto_policies
     from moepic.core.footprint import footprint
     from moepic.default_model import model_folder
     from moepic.perfmodel.hardware import load_profile
@@ -74,7 +76,7 @@ def run_configure(args) -> dict:
         check_writable(args.out, "config")  # before the hit-rate curves, not after
     trace = load_any_trace(args.trace, num_experts=spec.moe.num_experts)
     _check_trace_shape(trace, spec, args.trace)
-    candidates = AUTO_POLICIES if args.policy == "auto" else (args.policy,) if args.policy else (POLICIES.default,)
+    candidates = auto_policies() if args.policy == "auto" else (args.policy,) if args.policy else (POLICIES.default,)
     policy_configs = [POLICIES.structure_node({"name": name}, "--policy") for name in candidates]
     predictor_config = PREDICTORS.structure_node({"name": args.predictor}, "--predictor")
     configurator_config = CONFIGURATORS.structure_node({"name": args.configurator}, "--configurator")

@@ -28,9 +28,6 @@ from moepic.perfmodel.workload import workload_from_trace
 from moepic.registry import Registry, StrategyConfig
 
 CONFIGURATORS = Registry("configurator", default="moepic")
-# `--policy auto`: the replacement policies a configuration may choose among, by predicted latency
-# on the profiling trace (LRU wins where recency matters more than popularity, e.g. code).
-AUTO_POLICIES = ("lcp", "lru", "lfu")
 
 
 class ConfiguratorConfig(StrategyConfig):

@@ -11,7 +11,7 @@ registered under a name with `@register_policy`.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -66,9 +66,18 @@ POLICIES = Registry("policy", default="lcp")  # MoEpic's own is the default
 
 
 class PolicyConfig(StrategyConfig):
-    """Base of every policy's frozen config. A YAML node `{name: lcp, rho: 0.25}` becomes one."""
+    """Base of every policy's frozen config. A YAML node `{name: lcp, rho: 0.25}` becomes one.
+
+    What a policy needs is declared here, by its config class, never inferred from its name:
+    `trace_key` is the config key naming the routing trace it reads (None: it reads none), and
+    `trace_keyword` the keyword its class takes that trace by directly (what a replay passes);
+    `offered_by_auto` puts it among the choices of `moepic configure --policy auto`.
+    """
 
     registry = POLICIES
+    trace_key: ClassVar[str | None] = None
+    trace_keyword: ClassVar[str | None] = None
+    offered_by_auto: ClassVar[bool] = False
 
 
 def register_policy(name: str, config: type[PolicyConfig]):
@@ -86,13 +95,17 @@ def build_policy(config: PolicyConfig) -> CachePolicy:
 
 def build_policy_on(config: PolicyConfig, trace: RoutingTrace) -> CachePolicy:
     """The policy for a replay of `trace`: one that reads a trace (static's profile, belady's future)
-    and names no file of its own reads `trace` itself."""
-    import inspect
+    and names no file of its own is given `trace` itself."""
+    if config.trace_key is None or getattr(config, config.trace_key) is not None:
+        return POLICIES.build(config)
+    return POLICIES.build(config, **{config.trace_keyword: trace})
 
-    factory = POLICIES[config.name].factory
-    takes = [name for name, p in inspect.signature(factory.__init__).parameters.items() if "RoutingTrace" in str(p.annotation)]
-    named_file = any(getattr(config, f.name) for f in attrs.fields(type(config)) if f.name in ("trace", "profile"))
-    return POLICIES.build(config, **({} if named_file else {name: trace for name in takes}))
+
+def auto_policies() -> tuple[str, ...]:
+    """The policies `--policy auto` chooses among, by predicted latency on the profiling trace (those
+    whose config sets `offered_by_auto`): the default first (it wins a tie), then by name."""
+    offered = sorted(name for name, entry in POLICIES.items() if entry.config.offered_by_auto)
+    return tuple(sorted(offered, key=lambda name: name != POLICIES.default))
 
 
 def priority_series(

@@ -29,6 +29,8 @@ class BeladyConfig(PolicyConfig):
     # The run's routing trace: the future that the policy sees.
     trace: str | None = None
 
+    trace_key, trace_keyword = "trace", "future"
+
 
 @attrs.frozen(eq=False)
 class BeladyState:

@@ -22,6 +22,8 @@ class LCPConfig(PolicyConfig):
     # ω, in tokens; 2**24 is beyond any model's context.
     window: float = attrs.field(default=128.0, validator=Range(0, 2**24, low_open=True))
 
+    offered_by_auto = True
+
 
 @attrs.frozen(eq=False)
 class LCPState:

@@ -12,7 +12,7 @@ from moepic.policies.base import LayerStep, PolicyConfig, last_used_after, last_
 
 @attrs.frozen
 class LFUConfig(PolicyConfig):
-    pass
+    offered_by_auto = True
 
 
 @attrs.frozen(eq=False)

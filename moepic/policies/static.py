@@ -23,6 +23,8 @@ class StaticConfig(PolicyConfig):
     # A routing trace (.npz from `moepic generate --record-trace`, or a .jsonl log) to count shares in.
     profile: str | None = None
 
+    trace_key, trace_keyword = "profile", "profile"
+
 
 @attrs.frozen(eq=False)
 class StaticState:

@@ -12,7 +12,7 @@ Predictions never change numbers, only what is copied early.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -53,9 +53,21 @@ def check_horizon(instance, attribute, value) -> None:
 
 
 class PredictorConfig(StrategyConfig):
-    """Base of every predictor's frozen config: `{name: gate_lookahead, candidates: 3}`."""
+    """Base of every predictor's frozen config: `{name: gate_lookahead, candidates: 3}`.
+
+    What a predictor needs is declared here, by its config class, never inferred from its name:
+    `needs_router_inputs`: it scores each MoE layer's router input with the model's weights, so a
+    replay needs the model and a trace recorded with router inputs; `reads_the_future`: it reads the
+    routing of the run it serves, passed to its class as `future=` (a replay passes the trace).
+    """
 
     registry = PREDICTORS
+    needs_router_inputs: ClassVar[bool] = False
+    reads_the_future: ClassVar[bool] = False
+
+    def recall_by_construction(self) -> float | None:
+        """The recall it has without measuring (no prefetching: 0), or None: measure it on a trace."""
+        return 0.0 if self.prefetch_shape(1).horizon == 0 else None
 
     def prefetch_shape(self, top_k: int) -> PrefetchShape:
         """k′ (a config's `candidates`, else the model's top-k) and the horizon (0: no prefetching).

@@ -31,6 +31,8 @@ class GateLookaheadConfig(PredictorConfig):
     horizon: int = attrs.field(default=1, validator=check_horizon)  # MoE layers ahead: 1–3
     tap: Literal["router_input", "rescaled", "layer_output"] = "router_input"
 
+    needs_router_inputs = True
+
 
 @register_predictor("gate_lookahead", GateLookaheadConfig)
 class GateLookahead(ScoringPredictor):

@@ -127,6 +127,8 @@ class MLPConfig(PredictorConfig):
     candidates: int | None = attrs.field(default=None, validator=at_least_one)  # k′ (default: the model's top-k)
     horizon: int = attrs.field(default=1, validator=check_horizon)  # at most what it was trained for
 
+    needs_router_inputs = True
+
 
 @register_predictor("mlp", MLPConfig)
 class MLPPredictor(ScoringPredictor):

@@ -41,6 +41,8 @@ class NoisyOracleConfig(PredictorConfig):
     trace: str | None = None  # the run's routing trace (the future it degrades)
     horizon: ClassVar[int] = 1  # one MoE layer ahead
 
+    reads_the_future = True
+
 
 @register_predictor("noisy_oracle", NoisyOracleConfig)
 class NoisyOracle:

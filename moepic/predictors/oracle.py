@@ -22,6 +22,11 @@ class OracleConfig(PredictorConfig):
     trace: str | None = None  # the run's routing trace (`moepic generate --record-trace`)
     horizon: int = attrs.field(default=1, validator=check_horizon)
 
+    reads_the_future = True
+
+    def recall_by_construction(self) -> float:
+        return 1.0  # it names what the run routes
+
 
 USER = "the oracle predictor"
 

@@ -32,10 +32,6 @@ from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
 from moepic.tracing.checks import fit_trace_to_model
 
-NEEDS_ROUTER_INPUTS = ("gate_lookahead", "mlp")
-READS_THE_FUTURE = ("oracle", "noisy_oracle")
-
-
 @attrs.frozen
 class SpecOnly:
     """A model without weights: what the oracle predictors need of one."""
@@ -59,7 +55,7 @@ class Setting:
 def resolve_predictor(config: PredictorConfig, setting: Setting):
     """The predictor to run: the setup's own, or a noisy_oracle of the given recall where it cannot run."""
     trace = setting.trace
-    if config.name in NEEDS_ROUTER_INPUTS and (setting.model is None or trace.hidden_NLD is None):
+    if config.needs_router_inputs and (setting.model is None or trace.hidden_NLD is None):
         if setting.recall is None:
             missing = "the trace has no router inputs" if trace.hidden_NLD is None else "no model weights were given (--model)"
             raise ConfigError(
@@ -72,9 +68,9 @@ def resolve_predictor(config: PredictorConfig, setting: Setting):
                 f"{config.horizon}; run the predictor itself on a trace recorded with --trace-hidden (and --model)"
             )
         config = NoisyOracleConfig(recall=setting.recall, candidates=getattr(config, "candidates", None))
-    model = setting.model if config.name in NEEDS_ROUTER_INPUTS else SpecOnly(setting.shape.spec)
+    model = setting.model if config.needs_router_inputs else SpecOnly(setting.shape.spec)
     # An oracle reads the future of the run it predicts: the simulated trace, whatever file it names.
-    future = {"future": trace} if config.name in READS_THE_FUTURE else {}
+    future = {"future": trace} if config.reads_the_future else {}
     return PREDICTORS.build(config, model, **future)
 
 
