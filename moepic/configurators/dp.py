@@ -1,7 +1,7 @@
 """`dp`: the exact dynamic program over a discretised budget and a θ grid. Pure. The reference.
 
 Every option (C tops of every grid size) of every layer is evaluated; best_l[u] is the fastest
-option of layer l within u budget units, and F[l][u] = min_v F[l−1][u−v] + best_l[v] (paper-brief §6).
+option of layer l within u budget units, and F[l][u] = min_v F[l−1][u−v] + best_l[v] (docs/design.md §6).
 O(L · options) model evaluations and O(L · U²) for the program; exact on its grid.
 """
 

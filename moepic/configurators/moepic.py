@@ -1,6 +1,6 @@
 """`moepic`: divide and conquer over layers, with a fixed-point iteration on θ per layer. Pure.
 
-The paper's configurator (paper-brief §6), as we reconstruct it:
+MoEpic's configurator (docs/design.md §6), as we reconstruct it:
 - conquer, per layer and budget level M: θ from the fixed point
       θ = g(θ) = clip((1 − B·W / (k·S)) / h(C(θ)), 0, 1),   C(θ) = min(E, ⌊M / (θS)⌋),
   the smallest θ at which an average step's bottoms hide behind the compute window W (B·W bytes).

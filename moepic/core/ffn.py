@@ -1,7 +1,7 @@
 """SwiGLU feed-forward, whole or as neuron segments. Pure.
 
 A SwiGLU expert is a sum over its neurons, so cutting it along F into segments and adding the
-segments' outputs computes the same function (paper-brief §2):
+segments' outputs computes the same function (docs/design.md §2):
     y = Σ_s down_s · (silu(gate_s·x) ⊙ up_s·x)
 The split only reorders a sum, so results agree to floating-point rounding, not bit for bit.
 """

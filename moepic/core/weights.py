@@ -3,7 +3,7 @@
 Pure data. Every routed expert is its own `SwiGLUWeights`, individually addressable as
 `model.layers[l].ffn.experts[e]`, so the offloading runtime can move experts one by one.
 Every matrix is neuron-major, so a range of whole neuron blocks of an expert is one contiguous
-slice of each (what makes an expert splittable along F with contiguous segments, paper-brief §2):
+slice of each (what makes an expert splittable along F with contiguous segments, docs/design.md §2):
 - gate and up are interleaved by neuron block: `gate_up_N2BD[n] = (gate rows, up rows)` of block
   n's B neurons. One matrix-vector product computes both (measured ~7 % faster fp32 decode on
   CPU than two), a block range stays one slice, and the SiLU·up step reads B contiguous values at a

@@ -1,6 +1,6 @@
 """The latency model: expected decode time per token of a cache configuration {C_l, θ_l}. Pure.
 
-Symbols, per MoE layer l (paper-brief §5): k routed experts per token, S bytes per expert, a split
+Symbols, per MoE layer l (docs/design.md §5): k routed experts per token, S bytes per expert, a split
 at θ (top θS cached, bottom (1−θ)S loaded), C cached tops, B the host link (GB/s) with τ per copy,
 a the predictor's recall, k′ the experts it prefetches per step, W the compute that hides a prefetch.
 

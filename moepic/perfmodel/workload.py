@@ -5,7 +5,7 @@ Per MoE layer l:
   segment cached, when the layer caches C tops (C = 0…E). It is measured by replaying the trace
   through the real planner and policy (moepic/cache/replay.py) with C slots, so it includes the
   policy's warm-up, admission rule and request boundaries. Its mean over j, divided by k, is the
-  hit-rate curve h_l(C) of paper-brief §5. The whole distribution is kept (not just h_l) because a
+  hit-rate curve h_l(C) of docs/design.md §5. The whole distribution is kept (not just h_l) because a
   step's exposed copy time is a maximum, and E[max] ≠ max[E]: that is what makes latency U-shaped
   in θ (a step with k hits hides its bottoms; a step with a miss cannot hide a whole expert).
   For large E the curve is replayed at a grid of C and interpolated linearly in between.

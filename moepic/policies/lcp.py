@@ -1,7 +1,7 @@
 """LCP, MoEpic's policy: P = μ·ρ^(ν/ω), a blend of LFU (μ) and LRU (ν). Pure.
 
 μ counts an expert's activations within the current request (prefill routing included), ν the
-tokens since its last activation, and ρ^(1/ω) is the per-token decay (paper-brief §3: ρ = 0.25,
+tokens since its last activation, and ρ^(1/ω) is the per-token decay (docs/design.md §3: ρ = 0.25,
 ω = 128, so an expert unused for 128 tokens keeps a quarter of its weight).
 """
 

@@ -1,7 +1,7 @@
 """What an expert predictor is, and the registry that builds one by name. Pure.
 
 While layer l computes, the engine asks the predictor which experts the next `horizon` MoE layers
-will route to, and copies them ahead (paper-brief §4). A predictor sees layer l's router input
+will route to, and copies them ahead (docs/design.md §4). A predictor sees layer l's router input
 and returns, per target layer, candidate experts best first; the engine caps and prefetches them.
 
     layer l routes ─▶ predict(state, l, router_input_TD, clock) ─▶ {l+1: [e…], l+2: […]}, state'

@@ -2,7 +2,7 @@
 
 It stands in for a real predictor where one cannot run: the shared JSONL traces carry no hidden
 states, so gate lookahead cannot be replayed on them, but its measured or published recall can
-(paper-brief §4: 80–97 %). For every token and MoE layer it names each truly routed expert with
+(docs/design.md §4: 80–97 %). For every token and MoE layer it names each truly routed expert with
 probability `recall` (per layer, seeded, independently) and fills the rest of its k′ candidates
 with experts the layer does not route, drawn uniformly: so precision = recall·k/k′ on average.
 Named experts come first, then the wrong guesses (a real predictor scores its hits higher too).

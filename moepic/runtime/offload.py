@@ -13,7 +13,7 @@ allocation and copies (through the copy engine, the only owner of streams and th
 Every expert is computed from one buffer in the compute layout, reassembled from its segments,
 so the kernels see the same shapes and values as in the dense model: offloaded results equal the
 dense model's bit for bit, whatever the policy, budget, θ, predictor or link. `overlap_top` trades
-that for overlap (paper-brief §2): a partial hit's cached top is computed while its bottom is
+that for overlap (docs/design.md §2): a partial hit's cached top is computed while its bottom is
 still in flight, and the two segments' outputs are summed (equal to the dense model up to
 floating-point rounding, not bit for bit).
 """
@@ -274,7 +274,7 @@ class OffloadedExperts:
     def _top_then_bottom(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> Iterator[SwiGLUWeights]:
         """A partial hit as two segments: the cached top at once (computed while the bottom is still
         in flight), then the bottom once it has landed. Not bit-exact: the sum of two segments
-        rounds differently from one matmul over the whole expert (paper-brief §2)."""
+        rounds differently from one matmul over the whole expert (docs/design.md §2)."""
         yield self.pools[layout.layer].slots[p.slot]
         self.copies.wait(load.ticket)
         yield load.buffer.expert.neurons(layout.top_neurons, layout.ffn_size)

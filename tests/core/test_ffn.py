@@ -1,4 +1,4 @@
-"""Split experts compute the same function as whole experts (paper-brief §2)."""
+"""Split experts compute the same function as whole experts (docs/design.md §2)."""
 
 from __future__ import annotations
 
