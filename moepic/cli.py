@@ -2,7 +2,7 @@
 mistakes and interrupts as one line.
 
 Each command is one module in moepic/commands with `NAME`, `HELP`, `add_parser(subparsers)`,
-`run(args) -> report dict` and `text(report) -> str` (see moepic/commands/__init__.py); the flags
+`run(args) -> report dict` and `text(report) -> str` (the pattern: moepic/commands/__init__.py); the flags
 they share are spelled once in moepic/commands/arguments.py. `moepic COMMAND --help` lists each
 command's flags. Commands that draw progress bars (generate, train-predictor, profile, configure,
 compare) draw them only when stderr is a terminal, or with --progress. Ctrl-C ends any command with
@@ -18,8 +18,23 @@ import sys
 from collections.abc import Sequence
 
 from moepic import interrupts, progress
-from moepic.commands import COMMANDS, arguments
+from moepic.commands import (
+    arguments,
+    compare,
+    configure,
+    fit_trace,
+    generate,
+    inspect,
+    profile,
+    routing_report,
+    simulate,
+    synth_trace,
+    train_predictor,
+)
 from moepic.errors import MoepicError
+
+# The commands, in `moepic --help` order.
+COMMANDS = (generate, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace)
 
 
 def build_parser() -> arguments.Parser:
@@ -53,7 +68,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command is None:  # `moepic` alone: what the commands are
             sys.stderr.write(parser.format_help())
             return 2
-        command = COMMANDS.by_name[args.command]
+        command = next(command for command in COMMANDS if command.NAME == args.command)
         progress.force(getattr(args, "progress", False))
         report = command.run(args)
     except (Exception, KeyboardInterrupt) as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from moepic.commands import arguments
 
 NAME = "inspect"
-HELP = "a checkpoint's shape and memory, from config.json alone"
+HELP = "a model's shape and memory, from config.json alone or a preset"
 
 
 def add_parser(subparsers):
