@@ -41,7 +41,7 @@ def mlp_dir(toy: bool) -> Path:
 
 def train_mlp(toy: bool) -> None:
     """The mlp predictor for the bundled model, horizon 3, on the first half of the held-out text."""
-    from moepic.commands.routing_report import DATASETS
+    from moepic.datasets import DATASETS
     from moepic.commands.train_predictor import run_train_predictor
 
     out = mlp_dir(toy)

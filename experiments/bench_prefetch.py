@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moepic.checkpoint.load import load_model
-from moepic.commands.routing_report import DATASETS
+from moepic.datasets import DATASETS
 from moepic.commands.train_predictor import run_train_predictor
 from moepic.default_model import default_model_dir
 from moepic.policies import POLICIES

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moepic.commands.simulate import compare_setups
+from moepic.sim.compare import compare_setups
 from moepic.perfmodel.hardware import load_profile
 from moepic.sim.baseline import ORDER, Setup, load_baseline
 from moepic.sim.calibrate import MeasuredRun, fit_engine_overheads
@@ -98,7 +98,7 @@ def compare_part() -> list[tuple[str, dict]]:
 
 def fidelity_part(link_gbps: float, tokens: int, repeats: int) -> list[dict]:
     from moepic.checkpoint.load import load_model
-    from moepic.commands.routing_report import DATASETS
+    from moepic.datasets import DATASETS
     from moepic.default_model import default_model_dir
     from moepic.runtime.copy_engine import Link
     from moepic.runtime.generation import generate

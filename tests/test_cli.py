@@ -24,7 +24,9 @@ from safetensors.torch import load_file, save_file
 
 import moepic.checkpoint.load
 from moepic import interrupts, progress
-from moepic.cli import _parser, generate_config, main
+from moepic.cli import build_parser, main
+from moepic.commands.arguments import shown_default
+from moepic.commands.generate import generate_config
 from moepic.config import RunConfig, SamplingConfig
 from moepic.default_model import default_model_dir
 from moepic.policies.lcp import LCPConfig
@@ -150,7 +152,7 @@ def test_yaml_config_file_drives_the_run(capsys, mixtral, tmp_path):
 
 
 def _config(argv, yaml_path=None) -> RunConfig:
-    return generate_config(_parser().parse_args(["generate", *argv, *(["--config", str(yaml_path)] if yaml_path else [])]))
+    return generate_config(build_parser().parse_args(["generate", *argv, *(["--config", str(yaml_path)] if yaml_path else [])]))
 
 
 def test_every_flag_sets_its_config_key():
@@ -250,7 +252,7 @@ def test_bare_moepic_prints_the_usage_with_every_command_and_exits_2(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("usage: moepic")
-    commands = [a for a in _parser()._actions if a.dest == "command"][0].choices
+    commands = [a for a in build_parser()._actions if a.dest == "command"][0].choices
     assert len(commands) >= 10
     assert all(f"\n    {name}" in err for name in commands)
     assert "error" not in err
@@ -271,7 +273,7 @@ def test_a_parse_error_names_the_command_once_without_a_doubled_prefix(capsys):
 
 
 def _subparsers() -> dict:
-    return [a for a in _parser()._actions if a.dest == "command"][0].choices
+    return [a for a in build_parser()._actions if a.dest == "command"][0].choices
 
 
 @pytest.mark.parametrize("command", sorted(_subparsers()))
@@ -280,7 +282,7 @@ def test_help_of_every_command_shows_defaults_and_never_none(command):
     text = parser.format_help()
     assert "(default: None)" not in text
     for action in parser._actions:
-        default = getattr(action, "config_default", action.default)
+        default = shown_default(action)
         if action.help and action.option_strings and default not in (None, False, [], "==SUPPRESS==") and "default" not in action.help:
             assert f"(default: {default})" in " ".join(text.split()), f"{command} {action.option_strings[0]}"
 

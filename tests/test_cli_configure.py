@@ -17,6 +17,7 @@ import yaml
 
 from moepic.checkpoint.load import read_spec
 from moepic.cli import main
+from moepic.config import RunConfig
 from moepic.configurators import CONFIGURATORS
 from moepic.default_model import model_folder
 from moepic.perfmodel.hardware import PROFILES_DIR, known_profiles, load_profile
@@ -149,7 +150,7 @@ def _assert_consistent(report: dict) -> None:
 
 def test_configure_beats_every_uniform_baseline_and_its_config_runs_with_the_dense_tokens(capsys, tmp_path, trace_files):
     config = tmp_path / "c.yaml"
-    report = _configure(capsys, trace_files, "--out", str(config))
+    report = _configure(capsys, trace_files, "--predictor", "gate_lookahead", "--out", str(config))
     assert len(_moe_layers()) == 6 and len(report["layers"]) == 6
     _assert_consistent(report)
     for name, ms in report["baselines"].items():
@@ -211,23 +212,31 @@ def test_policy_auto_keeps_the_fastest_predicted_of_its_candidates(capsys, tmp_p
 
 def test_predictor_none_and_oracle_set_the_recall(capsys, trace_files):
     L = len(_moe_layers())
-    default = _configure(capsys, trace_files)
+    gate = _configure(capsys, trace_files, "--predictor", "gate_lookahead")
     none = _configure(capsys, trace_files, "--predictor", "none")
     oracle = _configure(capsys, trace_files, "--predictor", "oracle")
     assert none["recall"] == [0.0] * L
     assert oracle["recall"] == [0.0] + [1.0] * (L - 1)
-    assert default["recall"][0] == 0.0 and all(0.0 <= r <= 1.0 for r in default["recall"])
-    assert none["staging_bytes"] < default["staging_bytes"]  # no prefetch buffers without a predictor
+    assert gate["recall"][0] == 0.0 and all(0.0 <= r <= 1.0 for r in gate["recall"]) and max(gate["recall"]) > 0
+    assert none["staging_bytes"] < gate["staging_bytes"]  # no prefetch buffers without a predictor
     for report in (none, oracle):
         _assert_consistent(report)
 
 
+def test_the_default_predictor_is_the_registrys_as_in_generate(capsys, tmp_path, trace_files):
+    report = _configure(capsys, trace_files, "--out", str(tmp_path / "c.yaml"))
+    written = yaml.safe_load((tmp_path / "c.yaml").read_text())["cache"]["predictor"]
+    assert written["name"] == PREDICTORS.default == RunConfig().cache.predictor.name
+    assert report["recall"] == [0.0] * len(_moe_layers())
+
+
 def test_given_recall_replaces_the_measurement_and_needs_no_router_inputs(capsys, trace_files):
     L = len(_moe_layers())
-    one = _configure(capsys, trace_files, "--recall", "0.5", trace="no_hidden")
+    one = _configure(capsys, trace_files, "--predictor", "gate_lookahead", "--recall", "0.5", trace="no_hidden")
     assert one["recall"] == [0.0] + [0.5] * (L - 1)
     per_layer = [round(0.1 * i, 1) for i in range(L)]
-    each = _configure(capsys, trace_files, "--recall", ",".join(map(str, per_layer)), trace="no_hidden")
+    each = _configure(capsys, trace_files, "--predictor", "gate_lookahead", "--recall", ",".join(map(str, per_layer)),
+                      trace="no_hidden")
     assert each["recall"] == per_layer
 
 
@@ -252,12 +261,14 @@ def test_budget_holding_every_expert_caches_them_all_without_staging(capsys, tra
     (["--recall", "1.5"], ["--recall", "'1.5'"]),
     (["--recall", "0.5,0.5"], ["--recall", "6 (one per MoE layer)"]),
     (["--recall", "high"], ["--recall", "'high'"]),
+    (["--recall", "0.5,0.5,0.5,0.5,0.5,0.5"], ["--recall", "first MoE layer's recall must be 0"]),
+    (["--recall", "0.5", "--predictor", "none"], ["--recall has no effect with --predictor none"]),
     (["--trace", "{missing}"], ["{missing}", "not found"]),
     (["--out", "{unwritable}"], ["{unwritable}", "cannot write the config"]),
 ])
 def test_configure_mistakes_are_one_line_naming_the_problem(capsys, tmp_path, trace_files, argv, needles):
     paths = trace_files | {"missing": str(tmp_path / "gone.npz"), "unwritable": str(tmp_path / "no" / "c.yaml")}
-    base = {"--budget": "0.3", "--hardware": "a6000", "--trace": paths["hidden"]}
+    base = {"--budget": "0.3", "--hardware": "a6000", "--trace": paths["hidden"], "--predictor": "gate_lookahead"}
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = value.format(**paths)
     # --json: no progress bar on stderr, so the error is the only thing there.
@@ -275,7 +286,8 @@ def test_error_after_the_progress_bar_is_what_a_terminal_shows_last(capsys, trac
 
 
 def test_trace_without_router_inputs_is_named_by_its_file(capsys, trace_files):
-    message = cli_error(capsys, ["configure", "--json", "--budget", "0.3", "--hardware", "a6000", "--trace", trace_files["no_hidden"]])
+    message = cli_error(capsys, ["configure", "--json", "--budget", "0.3", "--hardware", "a6000", "--trace", trace_files["no_hidden"],
+                                 "--predictor", "gate_lookahead"])
     assert message.startswith(trace_files["no_hidden"])
 
 
@@ -294,7 +306,7 @@ def test_configure_for_mixtral_8x7b_on_its_real_routing_beats_uniform(capsys, tm
     shape = _run(capsys, ["inspect", "--model", str(folder), "--json"])
     assert shape["dtype"] == "bfloat16" and len(shape["spec"]["layer_kinds"]) == 32
     report = _run(capsys, ["configure", "--model", str(folder), "--budget", "0.25", "--hardware", "a6000",
-                           "--trace", str(GSM8K), "--recall", "0.85", "--json"])
+                           "--trace", str(GSM8K), "--predictor", "gate_lookahead", "--recall", "0.85", "--json"])
     assert len(report["layers"]) == 32
     assert report["recall"] == [0.0] + [0.85] * 31
     assert report["budget_bytes"] == shape["routed_expert_bytes"] // 4
@@ -302,7 +314,7 @@ def test_configure_for_mixtral_8x7b_on_its_real_routing_beats_uniform(capsys, tm
     assert set(report["baselines"]) == BASELINES
     for name, ms in report["baselines"].items():
         assert report["predicted_ms_per_token"] <= ms * (1 + 1e-9), name
-    # The JSONL logs hold no router inputs: the default predictor's recall must be given.
+    # The JSONL logs hold no router inputs: gate lookahead's recall must be given.
     message = cli_error(capsys, ["configure", "--json", "--model", str(folder), "--budget", "0.25", "--hardware", "a6000",
-                                 "--trace", str(GSM8K)])
+                                 "--trace", str(GSM8K), "--predictor", "gate_lookahead"])
     assert "no router inputs" in message and "--recall" in message

@@ -219,9 +219,9 @@ def test_a_generate_flag_outside_its_keys_range_names_the_flag(capsys, argv, mes
          "configure: argument --context: expected an integer in [0, 16777216], got '-1'"),
         (["configure", "--budget", "-0.3", "--hardware", "a6000", "--trace", "missing.npz"],
          "--budget: expected bytes (512MiB, 2GB) or a fraction (0.25, 25%), got '-0.3'"),  # before the trace is read
-        (["simulate", "--trace", "missing.npz", "--model-shape", "mixtral-8x7b", "--hardware", "a6000", "--baseline", "moepic",
+        (["simulate", "--trace", "missing.npz", "--model", "mixtral-8x7b", "--hardware", "a6000", "--baseline", "moepic",
           "--budget", "1e400"], "--budget: expected a size of at most 1 PiB (1125899906842624 bytes), got '1e400'"),
-        (["compare", "--trace", "t.npz", "--model-shape", "mixtral-8x7b", "--hardware", "a6000", "--budget", "0.3",
+        (["compare", "--trace", "t.npz", "--model", "mixtral-8x7b", "--hardware", "a6000", "--budget", "0.3",
           "--context", "1e9"], "compare: argument --context: expected an integer in [0, 16777216], got '1e9'"),
         (["profile", "--link-gbps", "inf"], "profile: argument --link-gbps: expected a number in (0, 10000], got 'inf'"),
     ],

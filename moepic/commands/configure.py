@@ -2,7 +2,7 @@
 
     trace ─replay (policy)─▶ workload profile ─┐
     hardware profile ─▶ model times ───────────┼─▶ latency model ─▶ configurator ─▶ cache YAML
-    --model config.json ─▶ shape, dtype ───────┘                   (+ uniform baselines)
+    --model config.json or preset ─▶ shape, dtype ─┘               (+ uniform baselines)
 
 Side effects: reads the files, writes the YAML (checked writable first, written whole or not at all).
 """
@@ -11,27 +11,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from moepic.commands import arguments
 from moepic.errors import ConfigError
+from moepic.ranges import CONTEXT_TOKENS
 
+NAME = "configure"
+HELP = "choose per-layer cache budgets and θ with the latency model"
 BASELINE_THETAS = (0.0, 0.4, 1.0)
 
 
-def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, folder: str, dtype, moe_layers: int) -> list[float]:
+def add_parser(subparsers):
+    conf = subparsers.add_parser(NAME, help=HELP)
+    arguments.add_model(conf, shape=True, help="Hugging Face model folder (only config.json is read unless recall is "
+                        "measured), or a preset shape ({presets}) (default: the built-in model)")
+    arguments.add_dtype(conf, "the dtype the run will use", default="auto")
+    arguments.add_budget(conf, "device memory for routed experts, cache and staging: 24GiB or 0.25", required=True)
+    arguments.add_hardware(conf)
+    conf.add_argument("--trace", required=True, help="routing trace (.npz or JSONL) whose hit-rate curves to use")
+    arguments.strategy_flag(conf, "policy", "cache policy whose hit rates to measure: {names}; auto: the fastest "
+                            "predicted of {auto}", auto=_auto_policies)
+    arguments.strategy_flag(conf, "predictor", "prefetching predictor: {names} (none: load on demand)")
+    arguments.add_recall(conf, "assumed instead of measured on the trace's router inputs (which needs the "
+                         "weights of a model folder)")
+    arguments.strategy_flag(conf, "configurator", "how to choose the layers' budgets and θ: {names}")
+    conf.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache length the decode step reads (tokens)")
+    conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
+    arguments.add_json(conf)
+    arguments.add_progress(conf)
+    return conf
+
+
+def _auto_policies() -> str:
+    from moepic.policies.base import auto_policies
+
+    return ", ".join(auto_policies())
+
+
+def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, folder: str | None, dtype, moe_layers: int) -> list[float]:
     from moepic.perfmodel.workload import check_router_inputs, first_layer_unpredicted, measured_recall
 
     by_construction = predictor_config.recall_by_construction()
     if by_construction == 0.0:  # it prefetches nothing
         return [0.0] * moe_layers
     if args_recall is not None:
-        try:
-            values = [float(v) for v in args_recall.split(",")]
-        except ValueError:
-            raise ConfigError(f"--recall: expected a number in [0, 1] or one per MoE layer, got {args_recall!r}") from None
-        if len(values) not in (1, moe_layers) or not all(0 <= v <= 1 for v in values):
-            raise ConfigError(f"--recall: expected one value in [0, 1] or {moe_layers} (one per MoE layer), got {args_recall!r}")
-        return first_layer_unpredicted(values[0], moe_layers) if len(values) == 1 else values
+        recall = arguments.parse_recall(args_recall, moe_layers)
+        return first_layer_unpredicted(recall, moe_layers) if isinstance(recall, float) else list(recall)
     if by_construction is not None:
         return first_layer_unpredicted(by_construction, moe_layers)
     from moepic.checkpoint.load import load_model
@@ -40,13 +64,19 @@ def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, f
     from moepic.tracing.checks import router_inputs
 
     check_router_inputs(trace, trace_path)
+    if folder is None:
+        raise ConfigError(
+            f"measuring the {predictor_config.name} predictor's recall needs the model's weights, and a preset "
+            "shape has none: give --model DIR, or --recall"
+        )
     model = load_model(folder, dtype=dtype)
     router_inputs(trace, model.spec.hidden_size, trace_path)  # the model's width, or one line naming the trace
     return measured_recall(trace, PREDICTORS.build(predictor_config, model))
 
 
-def run_configure(args) -> dict:
+def run(args) -> dict:
     import torch
+    import yaml
     from moepic.progress import bar as progress_bar
 
     from moepic.cache.layout import budget_bytes, staging_buffers
@@ -56,7 +86,6 @@ def run_configure(args) -> dict:
     from moepic.configurators.base import configure_on_trace
     from moepic.policies.base import auto_policies
     from moepic.core.footprint import footprint
-    from moepic.default_model import model_folder
     from moepic.perfmodel.hardware import load_profile
     from moepic.outputs import check_writable, write_text_atomic
     from moepic.perfmodel.latency import layer_total_s, model_times
@@ -65,11 +94,16 @@ def run_configure(args) -> dict:
     from moepic.tracing import load_any_trace
 
     budget_bytes(args.budget, 1, "--budget")  # its form (unit, sign, size) before any file is read
-    folder = model_folder(args.model)
-    spec, cfg = read_spec(folder)
-    if spec.moe is None:
-        raise ConfigError(f"{folder}: the model has no routed experts to configure a cache for")
-    dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]
+    source = arguments.model_source(args.model)
+    if isinstance(source, str):
+        folder = source
+        spec, cfg = read_spec(folder)
+        if spec.moe is None:
+            raise ConfigError(f"{folder}: the model has no routed experts to configure a cache for")
+        own_dtype = cfg.checkpoint_dtype()
+    else:  # a preset: its shape, no weights
+        folder, spec, own_dtype = None, source.spec, DTYPES[arguments.PRESET_DTYPE]
+    dtype = own_dtype if args.dtype in (None, "auto") else DTYPES[args.dtype]
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     hw = load_profile(args.hardware)
     if args.out:
@@ -78,10 +112,12 @@ def run_configure(args) -> dict:
     _check_trace_shape(trace, spec, args.trace)
     candidates = auto_policies() if args.policy == "auto" else (args.policy,) if args.policy else (POLICIES.default,)
     policy_configs = [POLICIES.structure_node({"name": name}, "--policy") for name in candidates]
-    predictor_config = PREDICTORS.structure_node({"name": args.predictor}, "--predictor")
-    configurator_config = CONFIGURATORS.structure_node({"name": args.configurator}, "--configurator")
+    predictor_config = PREDICTORS.structure_node(arguments.strategy_name("predictor", args.predictor), "--predictor")
+    configurator_config = CONFIGURATORS.structure_node(arguments.strategy_name("configurator", args.configurator), "--configurator")
     moe = spec.moe
     shape = predictor_config.prefetch_shape(moe.top_k)
+    if args.recall is not None and shape.horizon == 0:
+        raise ConfigError(f"--recall has no effect with --predictor {predictor_config.name}: nothing is prefetched")
     recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
     expert_bytes_all = footprint(spec).routed_expert_bytes(dtype_bytes)
@@ -110,7 +146,7 @@ def run_configure(args) -> dict:
             "predictor": predictor_config.as_dict(),
         }
     }
-    if args.model:
+    if args.model and folder is not None:
         run_config["model"] = {"path": str(Path(folder).resolve())}
     header = (
         f"# moepic configure: {configurator_config.name} for a budget of {budget} bytes ({args.budget}) with "
@@ -153,7 +189,7 @@ def _check_trace_shape(trace, spec, path) -> None:
         )
 
 
-def configure_text(report: dict) -> str:
+def text(report: dict) -> str:
     lines = [f"{'layer':>5} {'budget MiB':>10} {'theta':>6} {'slots':>5} {'hit rate':>8} {'ms':>8}"]
     for l in report["layers"]:
         lines.append(

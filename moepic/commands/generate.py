@@ -1,18 +1,192 @@
-"""`moepic generate`: load a model, generate (streaming text to stdout), optionally record a trace."""
+"""`moepic generate`: load a model, generate (streaming text to stdout), optionally record a trace.
+
+Its flags are spelled as config overrides (`FLAG_KEYS`), so one validation path serves YAML, flags
+and key=value alike. Side effects: reads the model, streams text, writes the trace and token log.
+"""
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 
 import attrs
-import torch
 
-from moepic.checkpoint.hf_config import DTYPES
-from moepic.config import RunConfig
+from moepic.commands import arguments
 from moepic.errors import ConfigError
-from moepic.outputs import PendingOutput, check_writable
+from moepic.ranges import LINK_GBPS, LINK_LATENCY_US
+
+NAME = "generate"
+HELP = "generate text from a prompt"
+TEXT_ON_STDERR = True  # the generated text streams to stdout; the report is a timing line beside it
 
 DEFAULT_PROMPT = "And God said"
+
+# Each flag's config key. A strategy's name before its knobs: a new name replaces the node (merge_layers).
+FLAG_KEYS = {
+    "model": "model.path",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "check_weights": "model.check_weights",
+    "prompt": "generate.prompt",
+    "prompt_ids": "generate.prompt_ids",
+    "max_new_tokens": "generate.max_new_tokens",
+    "greedy": "sampling.greedy",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "seed": "sampling.seed",
+    "record_trace": "generate.record_trace",
+    "trace_hidden": "generate.trace_hidden",
+    "budget": "cache.budget",
+    "theta": "cache.theta",
+    "policy": "cache.policy.name",
+    "predictor": "cache.predictor.name",
+    "horizon": "cache.predictor.horizon",
+    "link_gbps": "cache.link_gbps",
+    "link_latency_us": "cache.link_latency_us",
+    "token_log": "generate.token_log",
+}
+
+
+def _config_default(key: str):
+    """RunConfig's default of `key`, read when the help is shown (the config imports the registries)."""
+
+    def read():
+        from moepic.config import RunConfig
+
+        value: object = RunConfig()
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+    return read
+
+
+def _key_range(section: str, field: str):
+    """The argparse type of a flag that sets a config key: the key's own range (moepic/ranges.py),
+    so the flag is named in the error and the rule is written once."""
+
+    def parse(text: str):
+        from moepic import config
+
+        return attrs.fields_dict(getattr(config, section))[field].validator.parse(text)
+
+    return parse
+
+
+def _prompt_ids(text: str) -> str:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return "[" + ",".join(map(str, ids)) + "]"
+
+
+def _floats(text: str) -> str:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return str(values[0]) if len(values) == 1 else "[" + ",".join(map(str, values)) + "]"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    gen = subparsers.add_parser(NAME, help=HELP)
+    gen.add_argument("--config", help="YAML run config (keys as in moepic/config.py)")
+    arguments.add_model(gen, shape=False)
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as token ids: 1,2,3")
+    gen.add_argument("--max-new-tokens", type=_key_range("GenerateConfig", "max_new_tokens"), help="tokens to generate after the prompt")
+    gen.add_argument("--greedy", action="store_true", default=None, help="argmax decoding (default: sampling)")
+    gen.add_argument("--temperature", type=_key_range("SamplingConfig", "temperature"), help="sampling temperature")
+    gen.add_argument("--top-p", type=_key_range("SamplingConfig", "top_p"), help="sample from the most likely tokens holding this much probability")
+    gen.add_argument("--seed", type=_key_range("SamplingConfig", "seed"), help="sampling seed")
+    arguments.add_dtype(gen, "dtype of the weights, auto: the checkpoint's")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 …")
+    gen.add_argument("--no-check-weights", dest="check_weights", action="store_false", default=None,
+                     help="skip the NaN/Inf check of each weight as it loads (done by default; skipping "
+                     "saves 0.01-0.3 s per GB: experiments/bench_weight_check.py)")
+    arguments.add_json(gen)
+    gen.add_argument("--record-trace", metavar="FILE.npz", help="save every token's routing to this file")
+    gen.add_argument("--trace-hidden", action="store_true", default=None, help="include router inputs in the trace")
+    arguments.add_budget(gen, "offload experts: device memory for them, 512MiB or 0.25 (of all expert bytes); "
+                         "or a,b,… cache sizes per MoE layer")
+    gen.add_argument("--theta", type=_floats, help="split ratio: one value or one per MoE layer (0.5 or 0.25,0.5,…)")
+    arguments.strategy_flag(gen, "policy", "cache policy: {names}")
+    arguments.strategy_flag(gen, "predictor", "prefetch with an expert predictor: {names} (none: load on demand)")
+    gen.add_argument("--horizon", type=int, help="MoE layers ahead the predictor prefetches (1-3)")
+    gen.add_argument("--link-gbps", type=LINK_GBPS.parse, help="CPU: emulate a host→device link of this many GB/s")
+    gen.add_argument("--link-latency-us", type=LINK_LATENCY_US.parse, help="CPU: per-copy latency of the emulated link, µs")
+    gen.add_argument("--token-log", metavar="FILE.jsonl", help="offloaded runs: one JSON line per token (latency, copies)")
+    gen.add_argument("--allow-env", action="store_true", help="let configs read environment variables with ${oc.env:NAME}")
+    gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
+    arguments.add_progress(gen)
+    for action in gen._actions:  # each override flag shows its config key's default
+        if action.dest in FLAG_KEYS:
+            action.shows = _config_default(FLAG_KEYS[action.dest])
+    return gen
+
+
+def _yaml_char(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if " " <= c <= "~":
+        return c
+    return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+
+
+def _literal(text: str) -> str:
+    """`text` as an override value that OmegaConf reads back verbatim.
+
+    A YAML double-quoted scalar with every non-ASCII character escaped (YAML rejects some raw
+    characters and JSON's surrogate-pair escapes for emoji). `${` becomes `\\${` so a prompt is never
+    an interpolation, and backslashes just before it are doubled, as OmegaConf's escaping asks.
+    """
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    return '"' + "".join(map(_yaml_char, escaped)) + '"'
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            literal = isinstance(value, str) and flag not in ("prompt_ids", "theta")
+            if flag == "budget" and "," in value:  # one cache size per MoE layer
+                value, literal = "[" + ",".join(_literal(v.strip()) for v in value.split(",")) + "]", False
+            out.append(f"{key}={_literal(value) if literal else value}")
+    return out
+
+
+def generate_config(args: argparse.Namespace):
+    """defaults ← --config YAML ← flags ← key=value overrides. `--policy NAME` is the override
+    `cache.policy.name=NAME`: a YAML policy of another name is replaced whole, knobs and all."""
+    from moepic.config import load_config
+
+    return load_config(args.config, [*_flag_overrides(args), *args.overrides], allow_env=args.allow_env)
+
+
+def run(args: argparse.Namespace) -> dict:
+    arguments.refuse_preset(args.model, NAME)  # a preset name is no folder: say that weights are needed
+    return run_generate(generate_config(args), as_json=args.json)
+
+
+def text(report: dict) -> str:
+    stats = report["stats"]
+    cache = ""
+    if "expert_hit_rate" in stats:
+        cache = (
+            f" · {report['cache']['policy']['name']} hit rate {stats['decode_expert_hit_rate']:.1%} · "
+            f"{stats['decode_bytes_loaded_per_token'] / 2**20:.2f} MiB/token loaded · "
+            f"exposed copies {stats['decode_exposed_copy_s_per_token'] * 1e3:.2f} ms/token"
+        )
+        if stats["prediction_recall"] is not None:
+            cache += f" · {report['cache']['predictor']['name']} recall {stats['prediction_recall']:.1%}"
+    return (
+        f"[{stats['tokens']} tokens · prefill {stats['prefill_s'] * 1e3:.1f} ms · "
+        f"decode {stats['decode_s_per_token'] * 1e3:.2f} ms/token{cache}]"
+    )
 
 
 def _stdout_streamer(codec):
@@ -26,7 +200,7 @@ def _stdout_streamer(codec):
     return (lambda token: show(decoder.push(token))), (lambda: show(decoder.flush() + "\n"))
 
 
-def _link(cfg: RunConfig, device: torch.device):
+def _link(cfg, device):
     from moepic.runtime.copy_engine import Link
 
     if cfg.cache.link_gbps is None:
@@ -36,13 +210,12 @@ def _link(cfg: RunConfig, device: torch.device):
     return Link(gbps=cfg.cache.link_gbps, latency_us=cfg.cache.link_latency_us)
 
 
-def _check_every_key_takes_effect(cfg: RunConfig) -> None:
+def _check_every_key_takes_effect(cfg) -> None:
     """A key the chosen mode ignores is an error, never silently dropped: the user meant something by it."""
-    from moepic.cli import _FLAG_KEYS
     from moepic.config import CacheConfig
 
     def named(key: str) -> str:
-        flags = [f"--{flag.replace('_', '-')}" for flag, k in _FLAG_KEYS.items() if k.split(".")[:2] == key.split(".")]
+        flags = [f"--{flag.replace('_', '-')}" for flag, k in FLAG_KEYS.items() if k.split(".")[:2] == key.split(".")]
         return f"{key} ({flags[0]})" if flags else key
 
     if cfg.cache.budget is None:
@@ -60,8 +233,12 @@ def _check_every_key_takes_effect(cfg: RunConfig) -> None:
         raise ConfigError(f"{named('generate.trace_hidden')} has no effect without generate.record_trace (--record-trace FILE.npz)")
 
 
-def run_generate(cfg: RunConfig, *, as_json: bool) -> dict:
+def run_generate(cfg, *, as_json: bool) -> dict:
     """Load, generate, and return the report; streams the text to stdout unless `as_json`."""
+    import torch
+
+    from moepic.checkpoint.hf_config import DTYPES
+    from moepic.outputs import PendingOutput, check_writable
     from moepic.checkpoint.load import load_model, read_spec
     from moepic.default_model import model_folder
     from moepic.runtime.generation import generate

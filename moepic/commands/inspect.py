@@ -1,26 +1,45 @@
-"""`moepic inspect`: a checkpoint's shape and memory from config.json alone (no weights are read)."""
+"""`moepic inspect`: a model's shape and memory from config.json alone (no weights are read), or a
+preset shape's (moepic/sim/shapes.py). Reads files only."""
 
 from __future__ import annotations
 
-import torch
+from moepic.commands import arguments
 
-from moepic.checkpoint.hf_config import DTYPES
+NAME = "inspect"
+HELP = "a model's shape and memory, from config.json alone or a preset"
+
+
+def add_parser(subparsers):
+    inspect = subparsers.add_parser(NAME, help=HELP)
+    arguments.add_model(inspect, shape=True)
+    arguments.add_dtype(inspect, "count bytes in this dtype", default="auto")
+    arguments.add_json(inspect)
+    return inspect
+
+
+def run(args) -> dict:
+    return run_inspect(args.model, args.dtype)
 
 
 def run_inspect(model: str | None, dtype_name: str) -> dict:
-    """Spec and parameter/byte counts of a model folder, without reading any weights."""
+    """Spec and parameter/byte counts of a model folder or preset, without reading any weights."""
     import attrs
+    import torch
 
+    from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
     from moepic.core.footprint import footprint
-    from moepic.default_model import model_folder
 
-    folder = model_folder(model)
-    spec, cfg = read_spec(folder)
-    dtype = cfg.checkpoint_dtype() if dtype_name == "auto" else DTYPES[dtype_name]
+    source = arguments.model_source(model)
+    if isinstance(source, str):
+        spec, cfg = read_spec(source)
+        name, own_dtype = source, cfg.checkpoint_dtype()
+    else:
+        spec, name, own_dtype = source.spec, source.name, DTYPES[arguments.PRESET_DTYPE]
+    dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
     return {
-        "model": folder,
+        "model": name,
         "dtype": str(dtype).removeprefix("torch."),
         "spec": attrs.asdict(spec),
         "total_params": fp.total_params,
@@ -31,7 +50,7 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
     }
 
 
-def inspect_text(report: dict) -> str:
+def text(report: dict) -> str:
     spec, moe, gib = report["spec"], report["spec"]["moe"], 2**30
     kinds = spec["layer_kinds"]
     lines = [

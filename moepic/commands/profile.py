@@ -6,17 +6,36 @@ or not at all (moepic.outputs), so a failure leaves an older profile intact.
 
 from __future__ import annotations
 
+from moepic.commands import arguments
 from moepic.errors import ConfigError
 from moepic.outputs import check_writable
+from moepic.ranges import LINK_GBPS, LINK_LATENCY_US
+
+NAME = "profile"
+HELP = "measure this machine's copy and compute speeds (a hardware profile)"
 
 
-def run_profile(args) -> dict:
+def add_parser(subparsers):
+    prof = subparsers.add_parser(NAME, help=HELP)
+    prof.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    arguments.add_model(prof, shape=False, help="calibrate per-layer overhead on this model's dense decode (default: the built-in model)")
+    arguments.add_dtype(prof, "dtype of the calibration model", default="auto")
+    prof.add_argument("--name", help="the profile's name (default: measured-DEVICE)")
+    prof.add_argument("--out", metavar="FILE.yaml", help="write the profile here")
+    prof.add_argument("--quick", action="store_true", help="smaller and fewer measurements (seconds, noisier)")
+    prof.add_argument("--link-gbps", type=LINK_GBPS.parse, help="CPU: measure through an emulated link of this many GB/s")
+    prof.add_argument("--link-latency-us", type=LINK_LATENCY_US.parse, default=0.0, help="CPU: the emulated link's per-copy latency")
+    arguments.add_json(prof)
+    arguments.add_progress(prof)
+    return prof
+
+
+def run(args) -> dict:
     import torch
     from moepic.progress import bar as progress_bar
 
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
-    from moepic.default_model import model_folder
     from moepic.perfmodel.hardware import save_profile
     from moepic.runtime.copy_engine import Link
     from moepic.runtime.measure import measure_profile
@@ -38,7 +57,7 @@ def run_profile(args) -> dict:
             raise ConfigError(f"--link-gbps / --link-latency-us: {e}") from None
     if args.out:
         check_writable(args.out, "hardware profile")  # before minutes of measuring, not after
-    folder = model_folder(args.model)
+    folder = arguments.weights_folder(args.model, NAME)
     _, cfg = read_spec(folder)
     dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]
     with progress_bar(total=3, desc="profiling", wanted=not args.json, leave=False) as bar:
@@ -55,7 +74,7 @@ def run_profile(args) -> dict:
     return profile.as_dict() | {"written_to": args.out}
 
 
-def profile_text(report: dict) -> str:
+def text(report: dict) -> str:
     lines = [f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}" for key, value in report.items() if key != "written_to"]
     if report["written_to"]:
         lines.append(f"wrote {report['written_to']}: use it with `moepic configure --hardware {report['written_to']}`")

@@ -7,23 +7,44 @@ form of the shared Mixtral traces) it reports what the routing alone shows. Side
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import attrs
-import numpy as np
-import torch
-
-from moepic.analysis.lookahead import GateLookaheadTap, Taps
-from moepic.analysis.routing_stats import layer_loads, most_popular_recall
+from moepic.commands import arguments
+from moepic.datasets import dataset_path, known_datasets
 from moepic.errors import ConfigError
-from moepic.tracing import RoutingTrace, load_any_trace
+
+NAME = "routing-report"
+HELP = "per-layer expert load, reuse and next-layer predictability"
+MAX_TOKENS = 2**24  # --max-tokens: 16 Mi tokens, far beyond any text worth one report
+DEFAULT_CHUNK, DEFAULT_MAX_TOKENS = 256, 8192
 
 
-def trace_text(
-    model, codec, text: str, *, chunk: int, max_tokens: int, record_hidden: bool = False
-) -> tuple[RoutingTrace, dict[int, float]]:
+def add_parser(subparsers):
+    report = subparsers.add_parser(NAME, help=HELP)
+    arguments.add_model(report, shape=False)
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--text", help="a UTF-8 text file to route through the model")
+    dataset = source.add_argument("--dataset", metavar="NAME", help="a text shipped with moepic: {datasets}")
+    dataset.fills = {"datasets": known_datasets}
+    source.add_argument("--trace", help="a recorded trace (.npz) or a JSONL routing log instead of a model run")
+    report.add_argument("--chunk", type=int, help=f"tokens per independent prefill chunk (default: {DEFAULT_CHUNK}; not with --trace)")
+    report.add_argument("--max-tokens", type=int,
+                        help=f"route at most this many tokens of the text (default: {DEFAULT_MAX_TOKENS}; not with --trace)")
+    arguments.add_json(report)
+    return report
+
+
+def run(args) -> dict:
+    return run_routing_report(args.model, args.text, args.trace, dataset=args.dataset, chunk=args.chunk, max_tokens=args.max_tokens)
+
+
+def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int, record_hidden: bool = False):
     """Route `text` through `model` in independent chunks; the trace (with each router's input if
     `record_hidden`) and gate-lookahead recall per layer."""
+    import torch
+
+    from moepic.analysis.lookahead import GateLookaheadTap, Taps
     from moepic.core.model import KVCache, forward
     from moepic.tracing.recorder import RoutingRecorder
 
@@ -43,7 +64,11 @@ def trace_text(
     return recorder.trace(source="moepic routing-report"), lookahead.recall()
 
 
-def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | None) -> dict:
+def routing_report(trace, lookahead_recall: dict[int, float] | None) -> dict:
+    import attrs
+
+    from moepic.analysis.routing_stats import layer_loads, most_popular_recall
+
     popular = most_popular_recall(trace)
     layers = []
     for column, load in enumerate(layer_loads(trace)):
@@ -61,15 +86,6 @@ def routing_report(trace: RoutingTrace, lookahead_recall: dict[int, float] | Non
         "top_k": trace.top_k,
         "layers": layers,
     }
-
-
-# Texts shipped with the package, by name. kjv-heldout: the last 5 % of the KJV Bible, the part the
-# bundled model never trained on (experiments/train_tiny_moe.py's split).
-DATASETS = {"kjv-heldout": Path(__file__).resolve().parents[1] / "data" / "kjv-heldout.txt"}
-
-
-MAX_TOKENS = 2**24  # --max-tokens: 16 Mi tokens, far beyond any text worth one report
-DEFAULT_CHUNK, DEFAULT_MAX_TOKENS = 256, 8192
 
 
 def run_routing_report(
@@ -94,23 +110,23 @@ def run_routing_report(
     if not 2 <= max_tokens <= MAX_TOKENS:
         raise ConfigError(f"--max-tokens: expected an integer in [2, {MAX_TOKENS}] (a report needs 2 tokens), got {max_tokens}")
     if dataset is not None:
-        if dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
-        text_file = str(DATASETS[dataset])
+        text_file = str(dataset_path(dataset))
     if (text_file is None) == (trace_file is None):
         raise ConfigError("routing-report needs exactly one of --text FILE, --dataset NAME or --trace FILE")
+    import attrs
+
     from moepic.checkpoint.load import load_model, read_spec
-    from moepic.default_model import model_folder
+    from moepic.tracing import load_any_trace
 
     if trace_file is not None:
         num_experts = None
         if model_dir is not None:
-            spec, _ = read_spec(model_folder(model_dir))
+            spec, _ = read_spec(arguments.weights_folder(model_dir, NAME))
             num_experts = spec.moe.num_experts if spec.moe is not None else None
         return routing_report(load_any_trace(trace_file, num_experts=num_experts), None)
     from moepic.tokenizer import TextCodec
 
-    folder = model_folder(model_dir)
+    folder = arguments.weights_folder(model_dir, NAME)
     path = Path(text_file)
     if not path.is_file():
         raise ConfigError(f"{path}: text file not found")
@@ -129,9 +145,9 @@ def run_routing_report(
     return routing_report(attrs.evolve(trace, model=folder), recall)
 
 
-def routing_report_text(report: dict) -> str:
+def text(report: dict) -> str:
     def pct(x):
-        return "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:5.1f}%"
+        return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
 
     dropped = report.get("dropped_tokens", 0)
     lines = [

@@ -13,23 +13,50 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from moepic.progress import bar as progress_bar
-
+from moepic.commands import arguments
+from moepic.datasets import dataset_path, known_datasets
 from moepic.errors import ConfigError
-from moepic.predictors.base import horizon_problem
-from moepic.tracing.checks import router_inputs
-from moepic.predictors.mlp import ScoreMLP, check_predictor_folder, pair_key, save_predictor
+
+NAME = "train-predictor"
+HELP = "learn the mlp expert predictor from routing with hidden states"
 
 # Integer flags and their ranges. The upper bounds are far past any useful value; they stop a typo
 # from allocating (--width) or looping (--epochs) for hours.
 INT_RANGES = {"--width": (1, 1 << 16), "--epochs": (1, 1_000_000), "--max-tokens": (1, 1 << 40), "--seed": (0, 2**63 - 1)}
 
 
+def add_parser(subparsers):
+    train = subparsers.add_parser(NAME, help=HELP)
+    arguments.add_model(train, shape=False)
+    data = train.add_mutually_exclusive_group()
+    data.add_argument("--trace", action="append", default=[], help="a trace recorded with --trace-hidden (repeatable)")
+    data.add_argument("--text", help="a UTF-8 text file to route through the model")
+    dataset = data.add_argument("--dataset", metavar="NAME", help="a text shipped with moepic: {datasets}")
+    dataset.fills = {"datasets": known_datasets}
+    train.add_argument("--out", required=True, help="folder for predictor.safetensors + predictor.json")
+    train.add_argument("--width", type=int, default=128, help="hidden width of each MLP")
+    train.add_argument("--horizon", type=int, default=1, help="MoE layers ahead to learn (1-3)")
+    train.add_argument("--epochs", type=int, default=200, help="full-batch Adam steps per MLP")
+    train.add_argument("--valid", type=float, default=0.2, help="share of tokens held out (the last ones)")
+    train.add_argument("--max-tokens", type=int, default=20000, help="learn from at most this many tokens")
+    train.add_argument("--seed", type=int, default=0, help="seed of the MLPs' initial weights")
+    arguments.add_json(train)
+    arguments.add_progress(train)
+    return train
+
+
+def run(args) -> dict:
+    text_file = str(dataset_path(args.dataset)) if args.dataset is not None else args.text
+    return run_train_predictor(
+        args.model, traces=args.trace, text_file=text_file, out=args.out, width=args.width, horizon=args.horizon,
+        epochs=args.epochs, valid=args.valid, max_tokens=args.max_tokens, seed=args.seed, progress=not args.json,
+    )
+
+
 def check_flags(*, width, horizon, epochs, lr, valid, max_tokens, seed) -> None:
     """Each flag in its range, else one line naming it, the range and the value."""
+    from moepic.predictors.base import horizon_problem
+
     for flag, value in {"--width": width, "--epochs": epochs, "--max-tokens": max_tokens, "--seed": seed}.items():
         low, high = INT_RANGES[flag]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -43,14 +70,19 @@ def check_flags(*, width, horizon, epochs, lr, valid, max_tokens, seed) -> None:
         raise ConfigError(f"train-predictor: the learning rate must be a finite number > 0, got {lr!r}")
 
 
-def recall_at_k(scores_NE: torch.Tensor, ids_NK: torch.Tensor) -> float:
+def recall_at_k(scores_NE, ids_NK) -> float:
     """Mean share of each token's routed experts among its top-k scores."""
     top_NK = scores_NE.topk(ids_NK.shape[1], dim=-1).indices
     return (ids_NK[:, :, None] == top_NK[:, None, :]).any(-1).float().mean().item()
 
 
-def train_pair(x_ND, ids_NK, num_experts: int, *, width: int, epochs: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
+def train_pair(x_ND, ids_NK, num_experts: int, *, width: int, epochs: int, lr: float, seed: int) -> dict:
     """One MLP's weights, trained with binary cross-entropy on multi-hot targets (full batch, Adam)."""
+    import torch
+    import torch.nn.functional as F
+
+    from moepic.predictors.mlp import ScoreMLP
+
     torch.manual_seed(seed)
     net = ScoreMLP(x_ND.shape[1], width, num_experts)
     params = {name: p.detach().clone().requires_grad_() for name, p in net.named_parameters()}
@@ -66,6 +98,10 @@ def train_pair(x_ND, ids_NK, num_experts: int, *, width: int, epochs: int, lr: f
 
 def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
     """(hidden_NLD, ids_NLK) as float32 / int64 tensors, from trace files or a text routed here."""
+    import numpy as np
+    import torch
+
+    from moepic.tracing.checks import router_inputs
     from moepic.tracing import load_any_trace
 
     if text is not None:
@@ -108,8 +144,12 @@ def run_train_predictor(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     from moepic.checkpoint.load import load_model
-    from moepic.default_model import model_folder
+    from moepic.predictors.mlp import ScoreMLP, check_predictor_folder, pair_key, save_predictor
+    from moepic.progress import bar as progress_bar
 
     if not traces and text_file is None:
         raise ConfigError("train-predictor needs --trace FILE (with hidden states) or --text FILE / --dataset NAME")
@@ -124,7 +164,7 @@ def run_train_predictor(
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     check_predictor_folder(out)  # now, not after the training
-    folder = model_folder(model_dir)
+    folder = arguments.weights_folder(model_dir, NAME)
     model = load_model(folder, dtype=torch.float32)
     spec = model.spec
     hidden_NLD, ids_NLK = gather(model, folder, traces, text, max_tokens)
@@ -156,7 +196,7 @@ def run_train_predictor(
     return {"out": out, **meta}
 
 
-def train_predictor_text(report: dict) -> str:
+def text(report: dict) -> str:
     lines = [
         f"{report['out']}: trained on {report['train_tokens']} tokens, validated on {report['valid_tokens']}",
         "layer → ahead | mlp recall | gate-lookahead recall",

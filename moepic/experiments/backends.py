@@ -92,7 +92,7 @@ class RecordedRun:
 def recorded_run(folder: str, recorded: RecordedConfig) -> RecordedRun:
     """The dense model's greedy runs of `recorded.requests` prompts, cut one after another from the
     middle of the dataset's text (its second half: the mlp predictor trains on the first)."""
-    from moepic.commands.routing_report import DATASETS
+    from moepic.datasets import DATASETS
     from moepic.runtime.generation import generate
     from moepic.tokenizer import TextCodec
     from moepic.tracing.recorder import RoutingRecorder

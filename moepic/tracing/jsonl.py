@@ -119,6 +119,6 @@ def _inferred_experts(ids: np.ndarray, path: Path) -> int:
         raise TraceError(
             f"{path}: expert ids reach {len(used) - 1}, but {never.size} of the ids 0-{len(used) - 1} never occur "
             f"(e.g. {', '.join(map(str, never[:3]))}), so the expert count cannot be inferred as {len(used)}: "
-            f"check the file for a stray id, or give the model (simulate --model-shape, configure/routing-report --model)"
+            f"check the file for a stray id, or give the model (--model)"
         )
     return len(used)

@@ -126,10 +126,11 @@ def test_simulate_and_configure_with_router_inputs_of_another_width_are_one_line
     trace, model = tmp_path / "wide.npz", str(checkpoint_dir("mixtral"))
     save_trace(widened(hidden_trace, 3), trace)
     expected = f"{trace}: the trace's router inputs ('hidden') are 35 wide; the model's hidden size is 32"
-    simulate = ["simulate", "--trace", str(trace), "--model-shape", model, "--model", model, "--hardware", "a6000",
+    simulate = ["simulate", "--trace", str(trace), "--model", model, "--hardware", "a6000",
                 "--budget", "0.5", "--baseline", "moepic"]
     assert cli_error(capsys, simulate) == expected
-    configure = ["configure", "--trace", str(trace), "--model", model, "--hardware", "a6000", "--budget", "0.5"]
+    configure = ["configure", "--trace", str(trace), "--model", model, "--hardware", "a6000", "--budget", "0.5",
+                 "--predictor", "gate_lookahead"]
     assert cli_error(capsys, configure) == expected
 
 

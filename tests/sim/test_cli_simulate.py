@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import attrs
@@ -74,7 +75,7 @@ def traces(tmp_path_factory) -> dict[str, str]:
 
 
 def _common(trace: str, *more: str, shape: str = "mixtral-8x7b", hardware: str = "a6000") -> list[str]:
-    return ["--trace", trace, "--model-shape", shape, "--hardware", hardware, *more]
+    return ["--trace", trace, "--model", shape, "--hardware", hardware, *more]
 
 
 # --- moepic simulate on real routing ------------------------------------------------------------
@@ -210,13 +211,16 @@ def test_a_model_folder_is_a_shape_with_its_own_layers_experts_and_dtype(capsys,
     assert all(0 <= l["slots"] <= 4 for l in report["layers"])
 
 
-def test_gate_lookahead_runs_on_recorded_router_inputs_with_the_models_weights(capsys, tiny):
+def test_gate_lookahead_runs_on_recorded_router_inputs_with_the_models_weights(capsys, tiny, tmp_path):
     folder, trace_path = tiny
-    argv = ["simulate", *_common(trace_path, "--baseline", "lru-prefetch", "--budget", "0.9", "--json", shape=folder)]
+    shape_only = tmp_path / "shape-only"  # config.json alone: a shape without weights
+    shape_only.mkdir()
+    shutil.copy(Path(folder) / "config.json", shape_only / "config.json")
+    argv = ["simulate", *_common(trace_path, "--baseline", "lru-prefetch", "--budget", "0.9", "--json", shape=str(shape_only))]
     message = cli_error(capsys, argv)
     assert message == ("the gate_lookahead predictor cannot run here (no model weights were given (--model)); give --recall R "
                        "to simulate it as a noisy_oracle of that recall")
-    report = _run(capsys, [*argv, "--model", folder])
+    report = _run(capsys, ["simulate", *_common(trace_path, "--baseline", "lru-prefetch", "--budget", "0.9", "--json", shape=folder)])
     assert report["layers"][0]["recall"] is None  # nothing predicts the first MoE layer
     assert all(0.0 <= l["recall"] <= 1.0 for l in report["layers"][1:])
 

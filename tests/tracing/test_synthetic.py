@@ -23,8 +23,9 @@ from moepic.analysis.routing_stats import (
 )
 from moepic.cache.layout import CacheLayout, LayerCacheLayout
 from moepic.cache.replay import replay_trace
-from moepic.cli import _Parser
+from moepic.commands import fit_trace, synth_trace
 from moepic.commands import synthetic as commands
+from moepic.commands.arguments import Parser
 from moepic.errors import MoepicError
 from moepic.policies import POLICIES
 from moepic.policies.base import build_policy
@@ -247,13 +248,15 @@ def concatenate(a, b):
 
 # The commands, through a parser wired the way cli.py wires them.
 def cli(*argv: str) -> tuple[dict, str]:
-    parser = _Parser(prog="moepic")
-    commands.add_parsers(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    parser = Parser(prog="moepic")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    command = {module.NAME: module for module in (fit_trace, synth_trace)}
+    for module in command.values():
+        module.add_parser(subparsers)
     args = parser.parse_args([str(a) for a in argv])
-    name = args.command.replace("-", "_")
-    report = getattr(commands, f"run_{name}")(args)
+    report = command[args.command].run(args)
     json.dumps(report)  # what --json prints
-    return report, getattr(commands, f"{name}_text")(report)
+    return report, command[args.command].text(report)
 
 
 @pytest.fixture(scope="module")
