@@ -36,6 +36,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _received: int | None = None  # the first signal this process got, once it got one
+_deferred: list[int] | None = None  # inside signals_blocked: the signals that came meanwhile
 
 
 def interruption(error: BaseException) -> int | None:
@@ -68,6 +69,9 @@ def _watchdog(code: int) -> None:
 
 def _on_signal(signum: int, frame) -> None:
     global _received
+    if _deferred is not None:  # workers are being started (signals_blocked): act once they are
+        _deferred.append(signum)
+        return
     code = 128 + signum
     if _received is not None:  # a second signal: the user wants out now, cleanup or not
         _end_now(code)
@@ -133,15 +137,22 @@ def handled() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
-    """Block SIGINT and SIGTERM in this thread while it starts worker processes: a child inherits the
-    mask, so a Ctrl-C sent to the whole process group (what a terminal does) cannot hit it while it
-    imports, before `ignore_signals_in_worker` ran. This process still gets the signal (another of its
-    threads takes it, and Python raises it in the main thread as usual)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    """While this thread starts worker processes: SIGINT and SIGTERM are blocked in it, so a child
+    inherits the mask and a Ctrl-C sent to the whole process group (what a terminal does) cannot hit
+    it while it imports, before `ignore_signals_in_worker` ran; and this process's own handler (see
+    `handled`) holds its reaction until the block ends. A KeyboardInterrupt raised mid-start would
+    leave a child with its start-up data half written, to fail reading it and print a traceback of
+    its own. The first signal that came meanwhile is acted on at the end (the starts are short)."""
+    global _deferred
+    _deferred = []
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        came, _deferred = _deferred, None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if came:
+            _on_signal(came[0], None)
 
 
 def ignore_signals_in_worker() -> None:

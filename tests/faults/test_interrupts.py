@@ -237,3 +237,25 @@ def test_sigterm_exits_143_with_one_line(tmp_path):
     code, stderr = _ended(proc, sent)
     assert (code, _last_line(stderr)) == (143, "moepic: terminated")
     assert "Traceback" not in stderr
+
+
+def test_a_ctrl_c_while_workers_start_is_acted_on_once_they_started(tmp_path):
+    """A KeyboardInterrupt raised mid-start would leave a spawned worker half-fed (it then fails
+    reading its start-up data, with a traceback of its own): inside signals_blocked it waits."""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "from moepic import interrupts\n"
+        "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()  # a thread that can take the signal\n"
+        "with interrupts.handled():\n"
+        "    try:\n"
+        "        with interrupts.signals_blocked():\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            time.sleep(0.2)  # a handler acting at once would have raised by now\n"
+        "            print('started', flush=True)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted after', flush=True)\n"
+        "        interrupts.leave(130)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stdout.split()) == (130, ["started", "interrupted", "after"]), done.stderr
