@@ -36,7 +36,7 @@ from moepic.perfmodel.hardware import load_profile
 from moepic.sim.baseline import ORDER, Setup, load_baseline
 from moepic.sim.calibrate import MeasuredRun, fit_engine_overheads
 from moepic.sim.simulate import simulate
-from moepic.sim.run import Setting, check_trace_fits, prepare, run_setup
+from moepic.sim.run import Testbed, check_trace_fits, prepare, run_setup
 from moepic.sim.shapes import ModelShape, model_shape
 from moepic.tracing import load_any_trace
 from moepic.tracing.synthetic import fit_synthetic, generate_trace
@@ -51,8 +51,8 @@ def machine_line() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def settings_for_compare():
-    """(label, Setting factory per budget) for every workload of the comparison."""
+def testbeds_for_compare():
+    """(label, Testbed factory per budget) for every workload of the comparison."""
     hw = load_profile("a6000")
     mixtral, qwen = model_shape("mixtral-8x7b"), model_shape("qwen1.5-moe-a2.7b")
     out = []
@@ -66,14 +66,14 @@ def settings_for_compare():
         fitted = fit_synthetic(trace).for_shape(qwen.spec.moe.num_experts, qwen.spec.moe.top_k, len(qwen.spec.moe_layers))
         synthetic = check_trace_fits(generate_trace(fitted, tokens=1000, seed=0, sequences=4), qwen, "synthetic")
         out.append((f"Qwen1.5-MoE synthetic (fitted to {name})", synthetic, qwen))
-    return [(label, Setting(trace=t, shape=s, hw=hw, budget=b, recall=RECALL), b) for label, t, s in out for b in BUDGETS]
+    return [(label, Testbed(trace=t, shape=s, hw=hw, budget=b, recall=RECALL), b) for label, t, s in out for b in BUDGETS]
 
 
 def compare_part() -> list[tuple[str, dict]]:
     setups = [load_baseline(n) for n in ORDER]
     results = []
-    for label, setting, budget in tqdm(settings_for_compare(), desc="settings", leave=False):
-        report = compare_setups(setups, setting)
+    for label, testbed, budget in tqdm(testbeds_for_compare(), desc="testbeds", leave=False):
+        report = compare_setups(setups, testbed)
         results.append((f"{label}, budget {budget:.0%}", report))
         print(f"\n### {label}, budget {budget:.0%} ({report['tokens']} decode tokens)\n")
         print("| baseline | ms/token | × moepic | × oracle | hit rate | MiB/token | exposed ms |")
@@ -126,13 +126,13 @@ def fidelity_part(link_gbps: float, tokens: int, repeats: int) -> list[dict]:
                    for b, t in CALIBRATION_RUNS]
     cells = []
     for budget in BUDGETS:
-        setting = Setting(trace=trace, shape=shape, hw=hw, budget=budget, model=model, context_tokens=len(prompt) + tokens // 2)
-        cells += [{"budget": budget, "setup": load_baseline(name), "setting": setting, "runs": []} for name in ORDER]
+        testbed = Testbed(trace=trace, shape=shape, hw=hw, budget=budget, model=model, context_tokens=len(prompt) + tokens // 2)
+        cells += [{"budget": budget, "setup": load_baseline(name), "testbed": testbed, "runs": []} for name in ORDER]
     for setup, (budget, _) in zip(calibration, CALIBRATION_RUNS):
-        setting = Setting(trace=trace, shape=shape, hw=hw, budget=budget, model=model, context_tokens=len(prompt) + tokens // 2)
-        cells.append({"budget": budget, "setup": setup, "setting": setting, "runs": [], "calibration": True})
+        testbed = Testbed(trace=trace, shape=shape, hw=hw, budget=budget, model=model, context_tokens=len(prompt) + tokens // 2)
+        cells.append({"budget": budget, "setup": setup, "testbed": testbed, "runs": [], "calibration": True})
     for cell in cells:
-        cell["ready"] = prepare(cell["setup"], cell["setting"])
+        cell["ready"] = prepare(cell["setup"], cell["testbed"])
     with tqdm(total=(repeats + 1) * len(cells), desc="engine runs", leave=False) as bar:
         for r in range(repeats + 1):  # the first round warms up
             for cell in cells if r % 2 == 0 else cells[::-1]:
@@ -174,11 +174,11 @@ def speed_part() -> None:
         print(f"skipping speed: {path} not found", file=sys.stderr)
         return
     shape = model_shape("mixtral-8x7b")
-    setting = Setting(trace=check_trace_fits(load_any_trace(path), shape, str(path)), shape=shape, hw=load_profile("a6000"),
+    testbed = Testbed(trace=check_trace_fits(load_any_trace(path), shape, str(path)), shape=shape, hw=load_profile("a6000"),
                       budget=0.25, recall=RECALL)
     print("\n| baseline | simulated layer-steps/s (median of 5) | configure s |\n| --- | --- | --- |")
     for name in ORDER:
-        runs = [run_setup(load_baseline(name), setting) for _ in range(5)]
+        runs = [run_setup(load_baseline(name), testbed) for _ in range(5)]
         print(f"| {name} | {statistics.median(r.layer_steps_per_s for r in runs):,.0f} | "
               f"{statistics.median(r.configure_s for r in runs):.2f} |")
 

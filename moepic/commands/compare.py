@@ -3,8 +3,8 @@ model shape, GPU and budget (moepic/sim/compare.py). Side effects: reads the fil
 
 from __future__ import annotations
 
-from moepic.commands import arguments, sim_setting
-from moepic.commands.sim_setting import mib as _mib
+from moepic.commands import arguments, testbed
+from moepic.commands.testbed import mib as _mib
 from moepic.errors import ConfigError
 
 NAME = "compare"
@@ -13,7 +13,7 @@ HELP = "simulate every baseline side by side"
 
 def add_parser(subparsers):
     cmp = subparsers.add_parser(NAME, help=HELP)
-    sim_setting.add_setting_arguments(cmp)
+    testbed.add_arguments(cmp)
     baselines = cmp.add_argument("--baselines", metavar="A,B,…", help="comma-separated subset of {baselines} (default: all)")
     baselines.fills = {"baselines": arguments.baseline_names}
     arguments.add_progress(cmp)
@@ -28,8 +28,8 @@ def run(args) -> dict:
     setups = [load_baseline(n) for n in names]
     if args.budget is None:
         raise ConfigError(f"compare: --budget is required (all baselines run at the same budget: {known_baselines()})")
-    setting = sim_setting.setting(args)
-    return compare_setups(setups, setting, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": setting.recall}
+    bed = testbed.from_args(args)
+    return compare_setups(setups, bed, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": bed.recall}
 
 
 def text(report: dict) -> str:

@@ -3,8 +3,8 @@ for a model and GPU one does not have (moepic/sim). Side effects: reads the file
 
 from __future__ import annotations
 
-from moepic.commands import arguments, sim_setting
-from moepic.commands.sim_setting import mib as _mib
+from moepic.commands import arguments, testbed
+from moepic.commands.testbed import mib as _mib
 
 NAME = "simulate"
 HELP = "simulate one configuration on a routing trace"
@@ -12,7 +12,7 @@ HELP = "simulate one configuration on a routing trace"
 
 def add_parser(subparsers):
     sim = subparsers.add_parser(NAME, help=HELP)
-    sim_setting.add_setting_arguments(sim)
+    testbed.add_arguments(sim)
     which = sim.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", help="a run config YAML (moepic generate --config; e.g. from moepic configure)")
     baseline = which.add_argument("--baseline", metavar="NAME", help="a named baseline: {baselines}")
@@ -25,10 +25,10 @@ def run(args) -> dict:
     from moepic.sim.compare import result_row
     from moepic.sim.run import run_setup
 
-    setting = sim_setting.setting(args)
+    bed = testbed.from_args(args)
     setup = load_baseline(args.baseline) if args.baseline else setup_from_run_config(args.config)
-    return result_row(setup.name, setup.approximates, run_setup(setup, setting)) | {
-        "hardware": setting.hw.name, "model_shape": setting.shape.name, "trace": args.trace}
+    return result_row(setup.name, setup.approximates, run_setup(setup, bed)) | {
+        "hardware": bed.hw.name, "model_shape": bed.shape.name, "trace": args.trace}
 
 
 def text(report: dict) -> str:

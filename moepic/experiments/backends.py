@@ -22,7 +22,7 @@ import numpy as np
 from moepic.errors import ConfigError
 from moepic.experiments.config import ExperimentConfig, RecordedConfig, WorkloadConfig
 from moepic.perfmodel.hardware import HardwareProfile, load_profile
-from moepic.sim.run import Setting, check_trace_fits, prepare
+from moepic.sim.run import Testbed, check_trace_fits, prepare
 from moepic.sim.shapes import ModelShape, model_shape
 from moepic.sim.simulate import simulate
 from moepic.tracing import RoutingTrace, load_any_trace
@@ -150,14 +150,14 @@ def run_sim(config: ExperimentConfig) -> dict:
     # and the model's weights are at hand); otherwise the noisy oracle of `workload.recall` stands in.
     model = _model(_shape_folder(workload)) if workload.source == "recorded" else None
     context = _recorded_context(workload.recorded) if workload.source == "recorded" else workload.context_tokens
-    setting = Setting(
+    testbed = Testbed(
         trace=trace, shape=shape, hw=hardware(workload), budget=config.cache.budget, recall=workload.recall, model=model,
         context_tokens=context,
     )
     start = time.perf_counter()
-    ready = prepare(config.setup(), setting)
+    ready = prepare(config.setup(), testbed)
     configured = time.perf_counter()
-    result = simulate(trace, ready.layout, ready.policy, ready.times, setting.hw, ready.predictor)
+    result = simulate(trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor)
     summary = result.summary()
     metrics = {
         "ms_per_token": summary["ms_per_token"],
@@ -211,11 +211,11 @@ def run_engine(config: ExperimentConfig) -> dict:
     model = _model(folder)
     run = recorded_run(folder, workload.recorded)
     shape = ModelShape(name=folder, spec=model.spec, dtype_bytes=model.dtype.itemsize)
-    setting = Setting(
+    testbed = Testbed(
         trace=run.trace, shape=shape, hw=hardware(workload), budget=cache.budget, model=model,
         context_tokens=_recorded_context(workload.recorded),
     )
-    ready = prepare(config.setup(), setting)
+    ready = prepare(config.setup(), testbed)
     link = Link(gbps=cache.link_gbps, latency_us=cache.link_latency_us) if cache.link_gbps else None
     ms_per_token, report, decode_stats = [], {}, {}
     for repeat in range(config.engine.repeats + 1):  # the first warms up

@@ -1,4 +1,4 @@
-"""Setups side by side on one setting: each run as a row (latency, hit rate, bytes, recall), its ratio
+"""Setups side by side on one testbed: each run as a row (latency, hit rate, bytes, recall), its ratio
 to moepic and to the oracle bound, and moepic's reduction against the systems the paper compares
 with. Pure (it times the runs it makes)."""
 
@@ -14,15 +14,15 @@ def result_row(name: str, approximates: str, run) -> dict:
             "layer_steps_per_s": run.layer_steps_per_s, **run.result.summary()}
 
 
-def compare_setups(setups, setting, *, progress: bool = False) -> dict:
-    """Every setup on one setting: rows with latency, ratios to moepic and to the oracle bound, and
+def compare_setups(setups, testbed, *, progress: bool = False) -> dict:
+    """Every setup on one testbed: rows with latency, ratios to moepic and to the oracle bound, and
     moepic's reduction against the systems the paper compares with."""
     from moepic.progress import bar as progress_bar
     from moepic.sim.run import run_setup
 
     rows = []
     for setup in progress_bar(setups, desc="baselines", unit="run", wanted=progress, leave=False):
-        rows.append(result_row(setup.name, setup.approximates, run_setup(setup, setting)))
+        rows.append(result_row(setup.name, setup.approximates, run_setup(setup, testbed)))
     by_name = {r["name"]: r["ms_per_token"] for r in rows}
     for r in rows:
         r["vs_moepic"] = r["ms_per_token"] / by_name["moepic"] if "moepic" in by_name else None
@@ -32,5 +32,5 @@ def compare_setups(setups, setting, *, progress: bool = False) -> dict:
     }
     return {
         "rows": rows, "moepic_reduction_percent": reductions, "paper_reduction_percent": PAPER_REDUCTION,
-        "hardware": setting.hw.name, "model_shape": setting.shape.name, "tokens": rows[0]["tokens"] if rows else 0,
+        "hardware": testbed.hw.name, "model_shape": testbed.shape.name, "tokens": rows[0]["tokens"] if rows else 0,
     }

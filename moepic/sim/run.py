@@ -40,8 +40,9 @@ class SpecOnly:
 
 
 @attrs.frozen(kw_only=True, eq=False)
-class Setting:
-    """What every setup of a comparison shares."""
+class Testbed:
+    """What every setup of a comparison runs on: the routing, the model shape, the hardware, and the
+    budget, stand-in recall and weights given for all of them (a setup is one system, sim.baseline)."""
 
     trace: RoutingTrace
     shape: ModelShape
@@ -52,11 +53,11 @@ class Setting:
     context_tokens: int = 512
 
 
-def resolve_predictor(config: PredictorConfig, setting: Setting):
+def resolve_predictor(config: PredictorConfig, testbed: Testbed):
     """The predictor to run: the setup's own, or a noisy_oracle of the given recall where it cannot run."""
-    trace = setting.trace
-    if config.needs_router_inputs and (setting.model is None or trace.hidden_NLD is None):
-        if setting.recall is None:
+    trace = testbed.trace
+    if config.needs_router_inputs and (testbed.model is None or trace.hidden_NLD is None):
+        if testbed.recall is None:
             missing = "the trace has no router inputs" if trace.hidden_NLD is None else "no model weights were given (--model)"
             raise ConfigError(
                 f"the {config.name} predictor cannot run here ({missing}); give --recall R to simulate it as a "
@@ -67,27 +68,27 @@ def resolve_predictor(config: PredictorConfig, setting: Setting):
                 f"the noisy_oracle standing in for the {config.name} predictor names one MoE layer ahead, not "
                 f"{config.horizon}; run the predictor itself on a trace recorded with --trace-hidden (and --model)"
             )
-        config = NoisyOracleConfig(recall=setting.recall, candidates=getattr(config, "candidates", None))
-    model = setting.model if config.needs_router_inputs else SpecOnly(setting.shape.spec)
+        config = NoisyOracleConfig(recall=testbed.recall, candidates=getattr(config, "candidates", None))
+    model = testbed.model if config.needs_router_inputs else SpecOnly(testbed.shape.spec)
     # An oracle reads the future of the run it predicts: the simulated trace, whatever file it names.
     future = {"future": trace} if config.reads_the_future else {}
     return PREDICTORS.build(config, model, **future)
 
 
-def setup_layout(setup: Setup, setting: Setting, policies, predictor, times) -> tuple[CacheLayout, object]:
+def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> tuple[CacheLayout, object]:
     """The layout and the policy to run it with: θ and an even split with the first policy, or the
     configurator's choice on the trace among `policies` (the fastest predicted)."""
-    spec, dtype_bytes = setting.shape.spec, setting.shape.dtype_bytes
+    spec, dtype_bytes = testbed.shape.spec, testbed.shape.dtype_bytes
     staging = staging_buffers(spec.moe.top_k, predictor)
-    budget = setting.budget if setting.budget is not None else setup.budget
+    budget = testbed.budget if testbed.budget is not None else setup.budget
     if budget is None:
         raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
     if setup.configurator is None or isinstance(budget, (list, tuple)):
         return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging), policies[0]
     total = budget_bytes(budget, footprint(spec).routed_expert_bytes(dtype_bytes), "--budget")
     configured = configure_on_trace(
-        CONFIGURATORS.build(setup.configurator), setting.trace, policies, hw=setting.hw, times=times,
-        recall_L=measured_recall(setting.trace, predictor), candidates=predictor.candidates, budget_bytes=total,
+        CONFIGURATORS.build(setup.configurator), testbed.trace, policies, hw=testbed.hw, times=times,
+        recall_L=measured_recall(testbed.trace, predictor), candidates=predictor.candidates, budget_bytes=total,
         staging_experts=staging,
     )
     chosen = configured.chosen
@@ -103,7 +104,7 @@ def setup_layout(setup: Setup, setting: Setting, policies, predictor, times) -> 
 
 @attrs.frozen(eq=False)
 class Prepared:
-    """A setup made concrete for a setting: what the engine would be built from, and the times."""
+    """A setup made concrete for a testbed: what the engine would be built from, and the times."""
 
     policy: object
     predictor: object
@@ -122,24 +123,24 @@ class SetupRun:
         return self.result.tokens * len(self.result.layout.layers) / max(self.simulate_s, 1e-9)
 
 
-def prepare(setup: Setup, setting: Setting) -> Prepared:
+def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     """Policy, predictor and layout. A setup with `policy_choices` and a configurator configures
     each candidate policy and keeps the one the latency model predicts fastest on the trace."""
-    predictor = resolve_predictor(setup.predictor, setting)
+    predictor = resolve_predictor(setup.predictor, testbed)
     times = model_times(
-        setting.hw, setting.shape.spec, dtype_bytes=setting.shape.dtype_bytes, context_tokens=setting.context_tokens,
+        testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
         predictor=predictor.horizon > 0,
     )
-    policies = [build_policy_on(config, setting.trace) for config in setup.policy_choices or (setup.policy,)]
-    layout, policy = setup_layout(setup, setting, policies, predictor, times)
+    policies = [build_policy_on(config, testbed.trace) for config in setup.policy_choices or (setup.policy,)]
+    layout, policy = setup_layout(setup, testbed, policies, predictor, times)
     return Prepared(policy, predictor, layout, times)
 
 
-def run_setup(setup: Setup, setting: Setting) -> SetupRun:
+def run_setup(setup: Setup, testbed: Testbed) -> SetupRun:
     start = time.perf_counter()
-    ready = prepare(setup, setting)
+    ready = prepare(setup, testbed)
     configured = time.perf_counter()
-    result = simulate(setting.trace, ready.layout, ready.policy, ready.times, setting.hw, ready.predictor)
+    result = simulate(testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor)
     return SetupRun(result, configured - start, time.perf_counter() - configured)
 
 

@@ -29,7 +29,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mix
 GSM8K = SHARED / "gsm8k_2_routing.jsonl"
 MIXTRAL = PRESETS["mixtral-8x7b"]
 MIXTRAL_EXPERT_BYTES = footprint(MIXTRAL.spec).routed_expert_bytes(2)
-# What `moepic simulate --json` reports: the run, its decode summary (SimResult.summary) and the setting.
+# What `moepic simulate --json` reports: the run, its decode summary (SimResult.summary) and the testbed.
 SIMULATE_KEYS = {
     "name", "approximates", "configure_s", "simulate_s", "layer_steps_per_s", "tokens", "ms_per_token", "p50_ms",
     "p99_ms", "exposed_copy_ms_per_token", "expert_hit_rate", "hits", "partial_hits", "misses", "bytes_loaded_per_token",

@@ -28,7 +28,7 @@ from moepic.policies import POLICIES
 from moepic.predictors.base import NoPredictor
 from moepic.predictors.oracle import OracleConfig, OraclePredictor
 from moepic.sim.baseline import ORDER, load_baseline
-from moepic.sim.run import Setting, SpecOnly, check_trace_fits, run_setup
+from moepic.sim.run import Testbed, SpecOnly, check_trace_fits, run_setup
 from moepic.sim.shapes import PRESETS, model_shape
 from moepic.sim.simulate import simulate
 from moepic.sim.steps import trace_steps
@@ -347,7 +347,7 @@ def test_a_jsonl_trace_that_saw_fewer_experts_adopts_the_shapes_experts_and_laye
     fitted = check_trace_fits(trace, shape, "log.jsonl")
     assert fitted.num_experts == 64 and fitted.moe_layers == tuple(range(1, 27)) == shape.spec.moe_layers
     np.testing.assert_array_equal(fitted.expert_ids_NLK, trace.expert_ids_NLK)
-    run = run_setup(load_baseline("on-demand-lru"), Setting(trace=fitted, shape=shape, hw=A6000, budget=0.5))
+    run = run_setup(load_baseline("on-demand-lru"), Testbed(trace=fitted, shape=shape, hw=A6000, budget=0.5))
     assert run.result.tokens == 5 and [s.layer for s in run.result.decode] == list(range(1, 27))
 
 
@@ -396,8 +396,8 @@ def synthetic_runs():
         routing = SyntheticRouting(num_experts=moe.num_experts, top_k=moe.top_k, skew=[1.0] * L, reuse=[1.0] * L,
                                    decay=[0.5] * L, correlation=[1.0] * L)
         trace = check_trace_fits(generate_trace(routing, 32, seed=1, sequences=2), shape, "synthetic")
-        setting = Setting(trace=trace, shape=shape, hw=A6000, budget=0.5, recall=0.8)
-        out[name] = (trace, {b: run_setup(load_baseline(b), setting) for b in ORDER})
+        testbed = Testbed(trace=trace, shape=shape, hw=A6000, budget=0.5, recall=0.8)
+        out[name] = (trace, {b: run_setup(load_baseline(b), testbed) for b in ORDER})
     return out
 
 
@@ -451,7 +451,7 @@ def gsm8k():
         pytest.skip(f"shared Mixtral routing trace not found at {GSM8K}")
     shape = PRESETS["mixtral-8x7b"]
     trace = check_trace_fits(load_jsonl_trace(GSM8K), shape, str(GSM8K))
-    oracle = {b: run_setup(load_baseline("oracle"), Setting(trace=trace, shape=shape, hw=A6000, budget=b)).result for b in (0.25, 0.5)}
+    oracle = {b: run_setup(load_baseline("oracle"), Testbed(trace=trace, shape=shape, hw=A6000, budget=b)).result for b in (0.25, 0.5)}
     return trace, shape, oracle
 
 
@@ -459,7 +459,7 @@ def gsm8k():
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 def test_the_oracle_bound_is_never_slower_than_moepic_on_real_routing(gsm8k, budget, recall):
     trace, shape, oracle = gsm8k
-    moepic = run_setup(load_baseline("moepic"), Setting(trace=trace, shape=shape, hw=A6000, budget=budget, recall=recall)).result
+    moepic = run_setup(load_baseline("moepic"), Testbed(trace=trace, shape=shape, hw=A6000, budget=budget, recall=recall)).result
     assert moepic.tokens == oracle[budget].tokens > 200
     assert math.isfinite(moepic.token_s.mean())
     assert oracle[budget].token_s.mean() <= moepic.token_s.mean()

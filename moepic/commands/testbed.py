@@ -1,8 +1,8 @@
-"""What `moepic simulate` and `moepic compare` share: their arguments, and the `Setting` (trace,
+"""What `moepic simulate` and `moepic compare` share: their arguments, and the `Testbed` (trace,
 model shape, hardware, budget, stand-in recall, weights) those arguments name.
 
     trace (.npz / .jsonl) ────┐
-    --model DIR|PRESET ───────┼─▶ Setting ─▶ sim.run.run_setup / sim.compare.compare_setups
+    --model DIR|PRESET ───────┼─▶ Testbed ─▶ sim.run.run_setup / sim.compare.compare_setups
     --hardware NAME|FILE ─────┘
 
 Side effects: reads the files; the deprecated --model-shape prints a note.
@@ -14,7 +14,7 @@ from moepic.commands import arguments
 from moepic.ranges import CONTEXT_TOKENS
 
 
-def add_setting_arguments(parser) -> None:
+def add_arguments(parser) -> None:
     parser.add_argument("--trace", required=True, help="routing trace: .npz (moepic generate --record-trace) or .jsonl")
     arguments.add_model(parser, shape=True, help="Hugging Face model folder (its shape; its weights run gate_lookahead/mlp "
                         "on the trace's recorded router inputs), or a preset shape ({presets}) (default: the built-in model)")
@@ -51,11 +51,11 @@ def _has_weights(folder: str) -> bool:
     return (Path(folder) / SINGLE_FILE).is_file() or (Path(folder) / INDEX_FILE).is_file()
 
 
-def setting(args):
-    """The Setting the arguments name. A folder's weights are loaded only where they can be used:
+def from_args(args):
+    """The Testbed the arguments name. A folder's weights are loaded only where they can be used:
     gate_lookahead / mlp run on the trace's recorded router inputs."""
     from moepic.perfmodel.hardware import load_profile
-    from moepic.sim.run import Setting, check_trace_fits
+    from moepic.sim.run import Testbed, check_trace_fits
     from moepic.tracing import load_any_trace
 
     arguments.check_budget_form(args.budget)  # before any file is read
@@ -71,7 +71,7 @@ def setting(args):
 
         model = load_model(weights)
         router_inputs(trace, model.spec.hidden_size, args.trace)  # the model's width, or one line naming the trace
-    return Setting(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context)
+    return Testbed(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context)
 
 
 def mib(nbytes: float) -> str:
