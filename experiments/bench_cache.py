@@ -76,7 +76,7 @@ def traces(quick: bool) -> list[tuple[str, ModelSpec, int, RoutingTrace, Routing
     else:
         print(f"note: {SHARED_TRACES} not found: the Mixtral rows are skipped")
     model = load_model(default_model_dir())
-    from moepic.commands.routing_report import trace_text
+    from moepic.analysis.route_text import trace_text
     from moepic.tokenizer import TextCodec
 
     text = (Path(__file__).resolve().parents[1] / "moepic" / "data" / "kjv-heldout.txt").read_text()

@@ -50,7 +50,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     generated = generate_trace(config, args.tokens, args.seed, sequences)
     real = select_tokens(trace, ~trace.prefill_N)
-    curves = {p: (synthetic.hit_rates(real, p, sizes), synthetic.hit_rates(generated, p, sizes)) for p in synthetic.POLICIES}
+    curves = {p: (synthetic.hit_rates(real, p, sizes), synthetic.hit_rates(generated, p, sizes)) for p in synthetic.FIT_CHECK_POLICIES}
     return {
         "trace": args.trace,
         "decode_tokens": real.num_tokens,
@@ -59,7 +59,7 @@ def run(args) -> dict:
         "cache_sizes": list(sizes),
         "layers": [
             {"layer": layer, **{name: getattr(config, name)[column] for name in LAWS},
-             **{p: {"real": curves[p][0][column].tolist(), "synthetic": curves[p][1][column].tolist()} for p in synthetic.POLICIES}}
+             **{p: {"real": curves[p][0][column].tolist(), "synthetic": curves[p][1][column].tolist()} for p in synthetic.FIT_CHECK_POLICIES}}
             for column, layer in enumerate(trace.moe_layers)
         ],
         "mean_abs_error": {p: float(np.abs(r - s).mean()) for p, (r, s) in curves.items()},
@@ -74,19 +74,19 @@ def run(args) -> dict:
 def text(report: dict) -> str:
     sizes = report["cache_sizes"]
     head = f"{'layer':>5} {'skew':>6} {'reuse':>6} {'decay':>6} {'corr':>6}"
-    for p in synthetic.POLICIES:
+    for p in synthetic.FIT_CHECK_POLICIES:
         head += "  " + " ".join(f"{f'{p.upper()} C={c}':>11}" for c in sizes)
     lines = [f"{report['trace']}: {report['decode_tokens']} decode steps; hit rates real/synthetic "
              f"({report['synthetic_tokens']} synthetic tokens, seed {report['seed']})", head]
     for l in report["layers"]:
         row = f"{l['layer']:>5} {l['skew']:>6.3f} {l['reuse']:>6.3f} {l['decay']:>6.3f} {l['correlation']:>6.3f}"
-        for p in synthetic.POLICIES:
+        for p in synthetic.FIT_CHECK_POLICIES:
             row += "  " + " ".join(f"{f'{100 * r:.1f}/{100 * s:.1f}':>11}" for r, s in zip(l[p]["real"], l[p]["synthetic"]))
         lines.append(row)
     lines.append(
         "fit quality, mean abs error of per-layer hit rates (worst layer): "
         + ", ".join(f"{p.upper()} {100 * report['mean_abs_error'][p]:.1f} points ({100 * report['worst_layer_error'][p]:.1f})"
-                    for p in synthetic.POLICIES)
+                    for p in synthetic.FIT_CHECK_POLICIES)
         + f"; fitted in {report['fit_s']:.1f} s"
     )
     if report["out"]:

@@ -39,31 +39,6 @@ def run(args) -> dict:
     return run_routing_report(args.model, args.text, args.trace, dataset=args.dataset, chunk=args.chunk, max_tokens=args.max_tokens)
 
 
-def trace_text(model, codec, text: str, *, chunk: int, max_tokens: int, record_hidden: bool = False):
-    """Route `text` through `model` in independent chunks; the trace (with each router's input if
-    `record_hidden`) and gate-lookahead recall per layer."""
-    import torch
-
-    from moepic.analysis.lookahead import GateLookaheadTap, Taps
-    from moepic.core.model import KVCache, forward
-    from moepic.tracing.recorder import RoutingRecorder
-
-    ids = codec.encode(text)[:max_tokens]
-    if len(ids) < 2:
-        raise ConfigError("the text is too short: it needs at least 2 tokens")
-    # A caller's fixed chunk (train-predictor's 256) may exceed a small model's positions; a user's
-    # --chunk never gets here unchecked (run_routing_report refuses it).
-    chunk = min(chunk, model.spec.max_position_embeddings)
-    recorder, lookahead = RoutingRecorder(model.spec, record_hidden=record_hidden), GateLookaheadTap(model)
-    with torch.inference_mode():
-        for start in range(0, len(ids), chunk):
-            piece = torch.tensor(ids[start : start + chunk], device=model.device)
-            if start:
-                recorder.begin_sequence()
-            forward(model, piece, KVCache.allocate(model, len(piece)), logits_for="last", tap=Taps(recorder, lookahead))
-    return recorder.trace(source="moepic routing-report"), lookahead.recall()
-
-
 def routing_report(trace, lookahead_recall: dict[int, float] | None) -> dict:
     import attrs
 
@@ -141,6 +116,8 @@ def run_routing_report(
     if codec is None:
         raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
     model = load_model(folder)
+    from moepic.analysis.route_text import trace_text
+
     trace, recall = trace_text(model, codec, text, chunk=chunk, max_tokens=max_tokens)
     return routing_report(attrs.evolve(trace, model=folder), recall)
 

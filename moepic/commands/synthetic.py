@@ -17,7 +17,7 @@ from moepic.errors import ConfigError
 from moepic.ranges import Range
 from moepic.tracing.checks import MAX_EXPERTS, MAX_LAYER, MAX_POSITION
 
-POLICIES = ("lru", "lfu")  # the fit-quality check's policies
+FIT_CHECK_POLICIES = ("lru", "lfu")  # the fit-quality check's policies
 EXPERTS = Range(1, MAX_EXPERTS, whole=True)  # experts per layer, and top-k
 LAYERS = Range(1, MAX_LAYER, whole=True)
 TOKENS = Range(1, MAX_POSITION, whole=True)  # what a trace stores; memory bounds it further (below)
@@ -69,10 +69,10 @@ def hit_rates(trace, policy: str, sizes) -> np.ndarray:
     """[L, sizes]: the planner's hit rate of `policy` with caches of whole experts (one-neuron experts, θ = 1)."""
     from moepic.cache.layout import CacheLayout, slot_count_layout
     from moepic.cache.replay import replay_trace
-    from moepic.policies import POLICIES as REGISTRY
+    from moepic.policies import POLICIES
     from moepic.policies.base import build_policy
 
-    build = REGISTRY.structure_node({"name": policy}, "policy")
+    build = POLICIES.structure_node({"name": policy}, "policy")
     out = np.zeros((len(trace.moe_layers), len(sizes)))
     for column, slots in enumerate(sizes):
         layers = tuple(slot_count_layout(l, trace.num_experts, slots) for l in trace.moe_layers)

@@ -105,7 +105,7 @@ def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
     from moepic.tracing import load_any_trace
 
     if text is not None:
-        from moepic.commands.routing_report import trace_text
+        from moepic.analysis.route_text import trace_text
         from moepic.tokenizer import TextCodec
 
         codec = TextCodec.from_folder(folder)
