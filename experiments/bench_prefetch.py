@@ -59,8 +59,8 @@ def build_predictor(name: str, model, trace, mlp_dir: str):
         return OraclePredictor(OracleConfig(), model, future=trace)
     if name == "mlp":
         return PREDICTORS.build(MLPConfig(path=mlp_dir), model)
-    tap = "layer_output" if "layer output" in name else "router_input"
-    return PREDICTORS.build(GateLookaheadConfig(tap=tap), model)
+    reads = "layer_output" if "layer output" in name else "router_input"
+    return PREDICTORS.build(GateLookaheadConfig(reads=reads), model)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

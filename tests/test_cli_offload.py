@@ -134,7 +134,7 @@ def test_prefetching_run_reports_recall_and_exposed_copy_time(capsys, mixtral):
     assert report["token_ids"] == dense["token_ids"]
     stats = report["stats"]
     assert 0 <= stats["prediction_recall"] <= 1 and stats["exposed_copy_s"] >= 0 and stats["decode_s_per_token"] > 0
-    assert report["cache"]["predictor"] == {"name": "gate_lookahead", "candidates": None, "horizon": 2, "tap": "router_input"}
+    assert report["cache"]["predictor"] == {"name": "gate_lookahead", "candidates": None, "horizon": 2, "reads": "router_input"}
 
 
 # --- keys that the chosen mode ignores, the budget that holds everything, θ rounding, --allow-env ------

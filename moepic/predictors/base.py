@@ -86,7 +86,7 @@ class Predictor(Protocol[State]):
     # Where it reads the hidden state: "router_input" (as a MoE layer routes: the earliest, so the
     # copies overlap that layer's experts and the next attention) or "layer_output" (the residual
     # after a layer: more accurate, later, so the copies overlap only the next attention).
-    tap: str
+    reads: str
 
     def init(self) -> State:
         ...
@@ -186,7 +186,7 @@ class ScoringPredictor:
         """[N, k′] per (source, target): what each MoE layer names for each later one within the
         horizon, from the trace's recorded router inputs (one batched `guess` per layer, as the
         engine computes it)."""
-        if self.tap != "router_input":  # the trace records router inputs, not layer outputs
+        if self.reads != "router_input":  # the trace records router inputs, not layer outputs
             raise ConfigError("only a predictor that reads the router input (gate_lookahead, mlp) can be run on a trace; give --recall")
         where = trace.source or "the trace"
         require_router_inputs(
@@ -216,7 +216,7 @@ class NoPredictor:
 
     horizon = 0
     candidates = 0
-    tap = "router_input"
+    reads = "router_input"
 
     def __init__(self, config: NoneConfig = NoneConfig(), model=None) -> None:
         self.config = config

@@ -2,7 +2,7 @@
 
 The cheapest predictor that works (MoEpic, AdapMoE, Pre-gated MoE): layer l's router input is close
 to what layer l+1's router will see, so layer l+1's router on it names most of layer l+1's experts
-(the bundled model: 68–86 % recall at k′ = k). Tap points:
+(the bundled model: 68–86 % recall at k′ = k). What it reads (`reads`):
 - `router_input`: layer l's router input as it is (normalised with layer l's norm weight);
 - `rescaled`: the same hidden state with the *target* layer's norm weight instead, i.e. the target
   router applied to rmsnorm(layer l's residual) the way the target layer will normalise it;
@@ -29,7 +29,7 @@ class GateLookaheadConfig(PredictorConfig):
     # k′: experts prefetched per token and layer (default: the model's top-k).
     candidates: int | None = attrs.field(default=None, validator=at_least_one)
     horizon: int = attrs.field(default=1, validator=check_horizon)  # MoE layers ahead: 1–3
-    tap: Literal["router_input", "rescaled", "layer_output"] = "router_input"
+    reads: Literal["router_input", "rescaled", "layer_output"] = "router_input"
 
     needs_router_inputs = True
 
@@ -43,26 +43,26 @@ class GateLookahead(ScoringPredictor):
         self.num_experts = model.spec.moe.num_experts
         self.hidden_size = model.spec.hidden_size
         self.device, self.dtype = model.device, model.dtype
-        self.tap = "layer_output" if config.tap == "layer_output" else "router_input"
+        self.reads = "layer_output" if config.reads == "layer_output" else "router_input"
         self.eps = model.spec.norm_eps
         moe_layers = model.spec.moe_layers
         self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
         self.moe = {l: model.weights.layers[l] for l in moe_layers}
         # rescaled: x·(w_target / w_source), precomputed per (source, target) pair
         self.rescale = {}
-        if config.tap == "rescaled":
+        if config.reads == "rescaled":
             for source in moe_layers:
                 targets = self.targets[source]
                 w_source = self.moe[source].post_attention_norm_D
                 if bool((w_source == 0).any()):
-                    raise ValueError(f"layer {source}'s norm weight has zeros: the rescaled tap point cannot undo it")
+                    raise ValueError(f"layer {source}'s norm weight has zeros: the rescaled read point cannot undo it")
                 for target in targets:
                     self.rescale[source, target] = self.moe[target].post_attention_norm_D / w_source
 
     def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
         ffn = self.moe[target].ffn
         assert isinstance(ffn, MoEWeights)
-        if self.config.tap == "layer_output":
+        if self.config.reads == "layer_output":
             return residual_router_logits(hidden_TD, self.moe[target].post_attention_norm_D, ffn.router_ED, self.eps)
         x_TD = hidden_TD * self.rescale[layer, target] if self.rescale else hidden_TD
         return router_logits(x_TD, ffn.router_ED)

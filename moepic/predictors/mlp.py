@@ -154,7 +154,7 @@ class MLPPredictor(ScoringPredictor):
         self.params = {pair: {n: t.to(self.device, self.dtype) for n, t in p.items()} for pair, p in params.items()}
         with torch.device("meta"):  # shape only: the weights come from self.params
             self.net = ScoreMLP(meta["hidden"], meta["width"], meta["experts"])
-        self.tap = "router_input"
+        self.reads = "router_input"
 
     def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
         return functional_call(self.net, self.params[pair_key(layer, target)], (hidden_TD,))

@@ -47,7 +47,7 @@ class NoisyOracleConfig(PredictorConfig):
 @register_predictor("noisy_oracle", NoisyOracleConfig)
 class NoisyOracle:
     horizon = 1
-    tap = "router_input"
+    reads = "router_input"
 
     def __init__(self, config: NoisyOracleConfig, model: Model, future: RoutingTrace | None = None) -> None:
         """Needs only `model.spec` (the simulator passes a shape without weights)."""

@@ -41,7 +41,7 @@ class OraclePredictor:
         self.candidates = model.spec.moe.top_k  # per token; a prefill step prefetches its most common
         moe_layers = model.spec.moe_layers
         self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
-        self.tap = "router_input"
+        self.reads = "router_input"
         self.columns = {l: check_trace_covers(self.where, self.future, l, model.spec.moe.num_experts) for l in moe_layers}
 
     def init(self) -> None:

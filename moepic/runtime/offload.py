@@ -114,12 +114,12 @@ class OffloadedExperts:
         self._new_request = set(self.residency)
 
     def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
-        if self.predictor.tap == "layer_output":
+        if self.predictor.reads == "layer_output":
             self._prefetch_ahead(layer, x_TD, self._step_clock)
 
     def lookahead(self, layer: int, router_input_TD: torch.Tensor) -> torch.Tensor | None:
         """The predictor's device-side guess, read back with the routing (no sync of its own)."""
-        if not self.predictor.horizon or self.predictor.tap != "router_input":
+        if not self.predictor.horizon or self.predictor.reads != "router_input":
             return None
         start = time.perf_counter()
         guess = self.predictor.guess(layer, router_input_TD)
@@ -150,7 +150,7 @@ class OffloadedExperts:
             # hit. Counting it directly saves ~25 µs a step (measured: 7 % of the bundled model's
             # decode); the planner would reach the same counts.
             self.counters.add_resident_step(layer, tokens, len(routed))
-            if self.predictor.tap == "router_input":
+            if self.predictor.reads == "router_input":
                 self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
             slots = self.pools[layer].slots
             for e in routed:
@@ -191,7 +191,7 @@ class OffloadedExperts:
         # the next layers' prefetches, which overlap this layer's compute.
         queue = deque(p for p in plan.experts if p.load != "none" and p.expert not in loads)
         self._issue_demand(layout, queue, loads)
-        if self.predictor.tap == "router_input":
+        if self.predictor.reads == "router_input":
             self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
         for p in plan.experts:
             if p.load == "none":  # a hit: the slot holds the whole expert

@@ -46,9 +46,9 @@ def test_merged_candidates_are_every_tokens_candidates_most_voted_first(rows):
         assert chosen == rows[0]
 
 
-@pytest.mark.parametrize("tap", ["router_input", "rescaled", "layer_output"])
-def test_gate_lookahead_applies_the_next_layers_router_to_the_tapped_state(mixtral, tap):
-    predictor = PREDICTORS.build(GateLookaheadConfig(candidates=3, horizon=2, tap=tap), mixtral)
+@pytest.mark.parametrize("reads", ["router_input", "rescaled", "layer_output"])
+def test_gate_lookahead_applies_the_next_layers_router_to_the_state_it_reads(mixtral, reads):
+    predictor = PREDICTORS.build(GateLookaheadConfig(candidates=3, horizon=2, reads=reads), mixtral)
     x = torch.randn(1, mixtral.spec.hidden_size, generator=torch.Generator().manual_seed(0))
     predicted, _ = predictor.predict(predictor.init(), 0, x, clock=0)
     assert sorted(predicted) == [1, 2]  # two MoE layers ahead of layer 0
@@ -56,9 +56,9 @@ def test_gate_lookahead_applies_the_next_layers_router_to_the_tapped_state(mixtr
     assert fused == predicted  # read back with the routing or on its own: the same candidates
     w = mixtral.weights.layers
     for target, experts in predicted.items():
-        if tap == "router_input":
+        if reads == "router_input":
             h = x
-        elif tap == "rescaled":
+        elif reads == "rescaled":
             h = x / w[0].post_attention_norm_D * w[target].post_attention_norm_D
         else:
             h = rms_norm(x, w[target].post_attention_norm_D, mixtral.spec.norm_eps)
@@ -68,14 +68,14 @@ def test_gate_lookahead_applies_the_next_layers_router_to_the_tapped_state(mixtr
 
 @given(seed=st.integers(0, 2**16), tokens=st.integers(1, 5), candidates=st.integers(1, 4))
 def test_gate_lookahead_names_what_the_routing_reports_lookahead_names(mixtral, seed, tokens, candidates):
-    """The predictor (at the layer-output tap) and the routing report's lookahead score a later layer's
+    """The predictor (reading the layer output) and the routing report's lookahead score a later layer's
     experts through one function of core/routing.py: the same ids for any hidden state."""
     g = torch.Generator().manual_seed(seed)
     # Random norm weights (a fresh checkpoint's are ones, which no top-k could tell from no norm at all).
     layers = tuple(attrs.evolve(lw, post_attention_norm_D=torch.rand(lw.post_attention_norm_D.shape, generator=g) + 0.1)
                    for lw in mixtral.weights.layers)
     model = attrs.evolve(mixtral, weights=attrs.evolve(mixtral.weights, layers=layers))
-    predictor = PREDICTORS.build(GateLookaheadConfig(candidates=candidates, horizon=1, tap="layer_output"), model)
+    predictor = PREDICTORS.build(GateLookaheadConfig(candidates=candidates, horizon=1, reads="layer_output"), model)
     report = GateLookaheadTap(model, candidates=candidates)
     x = torch.randn(tokens, model.spec.hidden_size, generator=g)
     moe_layers = model.spec.moe_layers
@@ -230,4 +230,4 @@ def test_a_layer_output_predictor_refuses_a_trace_of_router_inputs(mixtral):
     trace = recorder.trace()
     assert set(PREDICTORS.build(GateLookaheadConfig(), mixtral).trace_predictions(trace)) == set(mixtral.spec.moe_layers[1:])
     with pytest.raises(ConfigError, match="only a predictor that reads the router input"):
-        PREDICTORS.build(GateLookaheadConfig(tap="layer_output"), mixtral).trace_predictions(trace)
+        PREDICTORS.build(GateLookaheadConfig(reads="layer_output"), mixtral).trace_predictions(trace)

@@ -91,7 +91,7 @@ def assert_prefetched_bytes_replace_demand_bytes(engine) -> None:
     name=st.sampled_from(MODELS),
     predictor=st.sampled_from(sorted(PREDICTORS)),
     predictor_config=st.fixed_dictionaries(
-        {"candidates": st.integers(1, 5), "horizon": st.integers(1, 2), "tap": st.sampled_from(["router_input", "rescaled", "layer_output"])}
+        {"candidates": st.integers(1, 5), "horizon": st.integers(1, 2), "reads": st.sampled_from(["router_input", "rescaled", "layer_output"])}
     ),
     policy=st.sampled_from(sorted(POLICIES)),
     share=st.floats(0.0, 1.0),
@@ -197,7 +197,7 @@ def test_overlapping_the_cached_top_with_its_bottom_copy_keeps_tokens_and_logits
     model = models[name]
     prompt = PROMPT[:prompt_len]
     dense, trace = dense_run(model, prompt, 6)
-    pred = predictor_for(predictor, name, model, trace, {"candidates": 2, "horizon": 1, "tap": "router_input"}, None)
+    pred = predictor_for(predictor, name, model, trace, {"candidates": 2, "horizon": 1, "reads": "router_input"}, None)
     engine = offloaded_experts(model, 1.0, theta, POLICIES["lru"].config(), link=link, predictor=pred, overlap_top=True)
     offloaded = run_offloaded(model, prompt, 6, engine)
     assert offloaded.token_ids == dense.token_ids
