@@ -18,9 +18,9 @@ a the predictor's recall, k′ the experts it prefetches per step, W the compute
 
 The expectation runs over the measured joint distribution of hits per step (workload.py) and
 a binomial split of hits and misses into predicted and not. Taking E[max(0, X − W)] rather than
-max(0, E[X] − W) is the one place this departs from the paper's formula, and it is what makes the
+max(0, E[X] − W) is the one place this departs from docs/design.md §5, and it is what makes the
 latency U-shaped in θ: a larger top shrinks every hit's bottom until it hides behind W, but caches
-fewer experts, and a miss's whole expert never hides. The rest of the model is the paper's.
+fewer experts, and a miss's whole expert never hides. The rest of the model is §5's.
 Not modelled: copies and compute of different layers running into each other (each layer starts
 with an idle link), a deeper predictor horizon (it smooths bursts; the mean link load is the same).
 """

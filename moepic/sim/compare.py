@@ -1,10 +1,10 @@
 """Setups side by side on one testbed: each run as a row (latency, hit rate, bytes, recall), its ratio
-to moepic and to the oracle bound, and moepic's reduction against the systems the paper compares
-with. Pure (it times the runs it makes)."""
+to moepic and to the oracle bound, and moepic's reduction against the published systems of
+docs/design.md §7. Pure (it times the runs it makes)."""
 
 from __future__ import annotations
 
-PAPER_REDUCTION = (37.51, 65.73)  # % lower latency than Pre-gated MoE, AdapMoE, MoE-Infinity, as the MoEpic paper reports
+PAPER_REDUCTION = (37.51, 65.73)  # % lower latency than Pre-gated MoE, AdapMoE, MoE-Infinity (docs/design.md §7)
 PAPER_SYSTEMS = ("pre-gated", "adapmoe", "moe-infinity")
 
 
@@ -16,7 +16,7 @@ def result_row(name: str, approximates: str, run) -> dict:
 
 def compare_setups(setups, testbed, *, progress: bool = False) -> dict:
     """Every setup on one testbed: rows with latency, ratios to moepic and to the oracle bound, and
-    moepic's reduction against the systems the paper compares with."""
+    moepic's reduction against the published systems (docs/design.md §7)."""
     from moepic.progress import bar as progress_bar
     from moepic.sim.run import run_setup
 
