@@ -44,6 +44,8 @@ class Testbed:
     """What every setup of a comparison runs on: the routing, the model shape, the hardware, and the
     budget, stand-in recall and weights given for all of them (a setup is one system, sim.baseline)."""
 
+    __test__ = False  # pytest collects classes named Test*: this one is not a test
+
     trace: RoutingTrace
     shape: ModelShape
     hw: HardwareProfile
