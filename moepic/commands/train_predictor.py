@@ -101,8 +101,8 @@ def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
     import numpy as np
     import torch
 
-    from moepic.tracing.checks import router_inputs
     from moepic.tracing import load_any_trace
+    from moepic.tracing.checks import check_same_layers, require_router_inputs, router_inputs
 
     if text is not None:
         from moepic.analysis.route_text import trace_text
@@ -116,14 +116,9 @@ def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
         loaded = [load_any_trace(path, num_experts=model.spec.moe.num_experts) for path in traces]
     spec = model.spec
     for path, trace in zip(traces or ["the routed text"], loaded):
-        if trace.hidden_NLD is None:
-            raise ConfigError(f"{path}: the trace has no hidden states (record it with --trace-hidden)")
+        require_router_inputs(trace, path, "the trace has no hidden states (record it with --trace-hidden)")
         router_inputs(trace, spec.hidden_size, path)
-        if tuple(trace.moe_layers) != tuple(spec.moe_layers) or trace.num_experts != spec.moe.num_experts:
-            raise ConfigError(
-                f"{path}: trace has MoE layers {list(trace.moe_layers)} with {trace.num_experts} experts; "
-                f"the model has {list(spec.moe_layers)} with {spec.moe.num_experts}"
-            )
+        check_same_layers(path, trace, spec)
     hidden = np.concatenate([t.hidden_NLD for t in loaded])[:max_tokens]
     ids = np.concatenate([t.expert_ids_NLK for t in loaded])[:max_tokens]
     return torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(ids.astype(np.int64))

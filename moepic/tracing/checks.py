@@ -10,8 +10,8 @@
 - Against a model, each rule written once for every caller (ConfigError, prefixed by the trace's
   name): `fit_trace_to_model` (a whole trace as a model's routing: the simulator, the ablations),
   `check_trace_covers` (the model layer a trace-reading strategy looks up: static, belady, the
-  oracles), `require_router_inputs` and `router_inputs` (the recorded router inputs a predictor
-  scores: there, and the model's width).
+  oracles), `check_same_layers` (a model-wide learner: train-predictor), `require_router_inputs`
+  and `router_inputs` (the recorded router inputs a predictor scores: there, and the model's width).
 Shapes: N tokens, L MoE layers, K top-k, D model width.
 """
 
@@ -154,6 +154,15 @@ def check_trace_covers(where: str, trace, layer: int, num_experts: int) -> int:
             f"the model's layer {layer} has {num_experts}"
         )
     return trace.moe_layers.index(layer)
+
+
+def check_same_layers(where: str, trace, spec) -> None:
+    """The trace routes exactly `spec`'s MoE layers and experts (what a model-wide learner needs)."""
+    if tuple(trace.moe_layers) != tuple(spec.moe_layers) or trace.num_experts != spec.moe.num_experts:
+        raise ConfigError(
+            f"{where}: trace has MoE layers {list(trace.moe_layers)} with {trace.num_experts} experts; "
+            f"the model has {list(spec.moe_layers)} with {spec.moe.num_experts}"
+        )
 
 
 def require_router_inputs(trace, where: str, problem: str) -> None:

@@ -194,6 +194,19 @@ def test_train_predictor_on_a_trace_without_hidden_states_is_named(capsys, mixtr
     assert "the trace has no hidden states (record it with --trace-hidden)" in cli_error(capsys, argv)
 
 
+def test_train_predictor_on_a_trace_of_other_layers_is_named(capsys, mixtral, checkpoint_dir, tmp_path):
+    recorder = RoutingRecorder(mixtral.spec, record_hidden=True)
+    generate(mixtral, PROMPT, max_new_tokens=30, eos_ids=(), tap=recorder)
+    trace = recorder.trace()
+    other = attrs.evolve(trace, moe_layers=tuple(layer + 1 for layer in trace.moe_layers))  # another model's layers
+    save_trace(other, tmp_path / "t.npz")
+    argv = ["train-predictor", "--model", str(checkpoint_dir("mixtral")), "--trace", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p")]
+    assert cli_error(capsys, argv) == (
+        f"{tmp_path / 't.npz'}: trace has MoE layers {list(other.moe_layers)} with {trace.num_experts} experts; "
+        f"the model has {list(trace.moe_layers)} with {mixtral.spec.moe.num_experts}"
+    )
+
+
 @pytest.mark.parametrize(
     "config,message",
     [
