@@ -1,4 +1,4 @@
-"""Cache counters per layer, folded from layer plans. Pure.
+"""Cache counters per layer, folded from layer plans, and prediction counters. Pure.
 
 Activations count routed experts per layer step (an expert chosen by several tokens of one
 prefill step is one activation: it is loaded once). So hits + partial hits + misses = activations,
@@ -81,3 +81,21 @@ def summary(stats: Iterable[LayerCacheStats], tokens: int) -> dict[str, object]:
         "bytes_loaded_per_token": all_layers.bytes_loaded / tokens if tokens else 0.0,
         "layer_hit_rates": [s.hit_rate for s in stats],
     }
+
+
+@attrs.define
+class PredictionCounts:
+    """A layer's prediction counters, the engine's and the simulator's alike (plain, mutable)."""
+
+    steps: int = 0
+    predicted: int = 0  # experts prefetched for the layer
+    routed: int = 0  # experts the layer then routed to
+    correct: int = 0  # both
+
+    @property
+    def recall(self) -> float | None:
+        return self.correct / self.routed if self.routed else None
+
+    @property
+    def precision(self) -> float | None:
+        return self.correct / self.predicted if self.predicted else None

@@ -13,23 +13,7 @@ import attrs
 
 from moepic.cache.layout import CacheLayout
 from moepic.cache.planner import LayerPlan
-from moepic.cache.stats import LayerCacheStats, summary
-
-
-@attrs.define
-class PredictionCounts:
-    steps: int = 0
-    predicted: int = 0  # experts prefetched for the layer
-    routed: int = 0  # experts the layer then routed to
-    correct: int = 0  # both
-
-    @property
-    def recall(self) -> float | None:
-        return self.correct / self.routed if self.routed else None
-
-    @property
-    def precision(self) -> float | None:
-        return self.correct / self.predicted if self.predicted else None
+from moepic.cache.stats import LayerCacheStats, PredictionCounts, summary
 
 
 @attrs.define

@@ -28,8 +28,12 @@ import attrs
 import numpy as np
 import torch
 
-from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, prefetch_buffers, staging_buffers
+from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, staging_buffers
 from moepic.cache.planner import FREE, ExpertPlan, LayerResidency, initial_residency, residency_step
+from moepic.cache.schedule import (
+    Part, PrefetchTarget, admission_candidates, demand_loads, demand_reserve, demand_room, plan_prefetches,
+    prefetch_fates, prefetch_room,
+)
 from moepic.core.model import Model
 from moepic.core.packing import flat_views
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
@@ -58,7 +62,7 @@ class _Load:
 
     buffer: Buffer
     ticket: Ticket
-    part: str  # "whole" or "bottom"
+    part: Part
 
 
 class OffloadedExperts:
@@ -104,8 +108,7 @@ class OffloadedExperts:
         self._prefetched: dict[int, dict[int, _Load]] = {l.layer: {} for l in layout.layers}
         self._predicted: dict[int, set[int]] = {}  # what the predictor named for each later layer
         self._new_request: set[int] = set()
-        # Buffers prefetching never takes, so this layer's own loads always find one.
-        self._demand_reserve = max(1, layout.staging_experts - prefetch_buffers(self.predictor))
+        self._demand_reserve = demand_reserve(layout.staging_experts, self.predictor)
 
     # -- ExpertSource ---------------------------------------------------------------------------
 
@@ -163,8 +166,8 @@ class OffloadedExperts:
             np.add.at(counts_E, np.asarray(ids_per_token).ravel(), 1)
         new_request = layer in self._new_request
         self._new_request.discard(layer)
-        # A wrong prefetch that has landed whole may still be worth caching: the planner decides.
-        landed = [e for e, load in prefetched.items() if load.part == "whole" and self.copies.landed(load.ticket)]
+        parts = {e: load.part for e, load in prefetched.items()}
+        landed = admission_candidates(parts, lambda e: self.copies.landed(prefetched[e].ticket))
         plan, self.residency[layer] = residency_step(
             self.policy, layout, self.residency[layer], counts_E, tokens=tokens, new_request=new_request, loaded=landed
         )
@@ -176,9 +179,11 @@ class OffloadedExperts:
             self.counters.kept_prefetch_bytes += load.ticket.nbytes
             self.staging.release(load.buffer, fence=self.copies.fence())
         loads: dict[int, _Load] = {}
-        for e, load in prefetched.items():  # keep what matches the plan, drop the rest
-            expert_plan = next((p for p in plan.experts if p.expert == e), None)
-            if expert_plan is not None and expert_plan.load == load.part:
+        for e, fate in prefetch_fates(plan, parts).items():
+            if fate == "keep":  # done above
+                continue
+            load = prefetched[e]
+            if fate == "use":
                 loads[e] = load
             elif self.copies.cancel(load.ticket):  # not started: it never uses the link
                 self.counters.prefetch_bytes -= load.ticket.nbytes
@@ -189,7 +194,7 @@ class OffloadedExperts:
                 self.staging.release(load.buffer, pending=load.ticket)
         # This layer's loads go first (they block compute), in plan order, as buffers allow; then
         # the next layers' prefetches, which overlap this layer's compute.
-        queue = deque(p for p in plan.experts if p.load != "none" and p.expert not in loads)
+        queue = deque(demand_loads(plan, loads))
         self._issue_demand(layout, queue, loads)
         if self.predictor.reads == "router_input":
             self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
@@ -233,7 +238,7 @@ class OffloadedExperts:
         """Demand copies from the head of `queue`, at most the demand reserve in flight, so that a
         prompt's many loads leave the prefetch buffers free and the next layer's copies start
         behind this layer's compute (prefill pipelining)."""
-        while queue and (len(loads) < self._demand_reserve or at_least_one) and self.staging.free:
+        while queue and (demand_room(len(loads), self._demand_reserve) > 0 or at_least_one) and self.staging.free:
             p = queue.popleft()
             loads[p.expert] = self._start(layout, p.expert, p.load, urgent=True)
             at_least_one = False
@@ -249,16 +254,12 @@ class OffloadedExperts:
         predictions = {target: experts[: self.predictor.candidates] for target, experts in predictions.items()}
         for target, experts in predictions.items():  # recall counts what was named, copied or not
             self._predicted.setdefault(target, set()).update(experts)
-        for target, experts in predictions.items():
-            target_layout, pending = self._layouts[target], self._prefetched[target]
-            slot_of = self.residency[target].cache.slot_of()
-            for e in experts:
-                part = "bottom" if e in slot_of else "whole"
-                if e in pending or (part == "bottom" and target_layout.top_neurons == target_layout.ffn_size):
-                    continue  # already on its way, or a whole-expert hit: nothing to copy
-                if self.staging.free <= self._demand_reserve:  # never starve on-demand loads
-                    return
-                pending[e] = self._start(target_layout, e, part, urgent=False)
+        targets = (
+            PrefetchTarget(target, self._layouts[target], self.residency[target].cache, experts, self._prefetched[target])
+            for target, experts in predictions.items()
+        )
+        for p in plan_prefetches(targets, prefetch_room(self.staging.free, self._demand_reserve)):
+            self._prefetched[p.key][p.expert] = self._start(self._layouts[p.key], p.expert, p.part, urgent=False)
 
     def _assemble(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> SwiGLUWeights:
         """Wait for the expert's copy and complete it in its staging buffer; admit its top if planned."""

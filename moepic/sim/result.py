@@ -13,27 +13,16 @@ import attrs
 import numpy as np
 
 from moepic.cache.layout import CacheLayout, LayerCacheLayout
-from moepic.cache.stats import LayerCacheStats, summary
-
-CACHE_FIELDS = ("steps", "tokens", "activations", "hits", "partial_hits", "misses", "admissions", "evictions", "bytes_loaded")
-
-
-class CacheCounts:
-    """Per MoE layer, the `LayerCacheStats` counters as rows of plain ints in `CACHE_FIELDS` order
-    (the simulator adds ~10⁵ plans a second, in its loop)."""
-
-    def __init__(self, layers: Sequence[LayerCacheLayout]) -> None:
-        self.layers = [l.layer for l in layers]
-        self.counts = [[0] * len(CACHE_FIELDS) for _ in layers]
-
-    def stats(self) -> tuple[LayerCacheStats, ...]:
-        return tuple(LayerCacheStats(layer=l, **dict(zip(CACHE_FIELDS, row))) for l, row in zip(self.layers, self.counts))
+from moepic.cache.stats import LayerCacheStats, PredictionCounts, summary
 
 
 class Counters:
+    """What the simulator counts as it goes, per MoE layer (by column) and for the whole run."""
+
     def __init__(self, layers: Sequence[LayerCacheLayout]) -> None:
-        self.decode, self.prefill = CacheCounts(layers), CacheCounts(layers)
-        self.predicted = [[0, 0, 0, 0] for _ in layers]  # steps, named, routed, named and routed
+        self.decode = [LayerCacheStats(layer=l.layer) for l in layers]  # one-token steps
+        self.prefill = list(self.decode)
+        self.predicted = [PredictionCounts() for _ in layers]  # decode steps
         self.demand = self.prefetch = self.wasted = self.kept_bytes = 0  # bytes, as the engine counts them
         self.cancelled = self.kept_count = 0
 
@@ -47,23 +36,23 @@ class Counters:
 
         return SimResult(
             layout=layout,
-            decode=self.decode.stats(),
-            prefill=self.prefill.stats(),
+            decode=tuple(self.decode),
+            prefill=tuple(self.prefill),
             token_s=token_s,
             exposed_s=exposed_s,
             layer_s=layer_time_L / max(1, len(token_s)),
             layer_exposed_s=exposed_L / max(1, len(token_s)),
             predictor_s=predictor_s,
-            recall=tuple(ratio(r[3], r[2]) for r in self.predicted),
-            precision=tuple(ratio(r[3], r[1]) for r in self.predicted),
+            recall=tuple(r.recall for r in self.predicted),
+            precision=tuple(r.precision for r in self.predicted),
             demand_bytes=self.demand,
             prefetch_bytes=self.prefetch,
             wasted_prefetch_bytes=self.wasted,
             cancelled_prefetches=self.cancelled,
             kept_prefetches=self.kept_count,
             kept_prefetch_bytes=self.kept_bytes,
-            overall_recall=ratio(sum(r[3] for r in self.predicted), sum(r[2] for r in self.predicted)),
-            overall_precision=ratio(sum(r[3] for r in self.predicted), sum(r[1] for r in self.predicted)),
+            overall_recall=ratio(sum(r.correct for r in self.predicted), sum(r.routed for r in self.predicted)),
+            overall_precision=ratio(sum(r.correct for r in self.predicted), sum(r.predicted for r in self.predicted)),
         )
 
 

@@ -9,11 +9,13 @@ Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's 
                         this layer's own prefetches for the next `horizon` layers
 
 - Planning is the engine's: `plan_layer_step` with the policy's priorities (`priority_series`,
-  equal to the engine's step-by-step ones), and a wrong prefetch is offered for admission exactly
-  when the engine would offer it: it was copied whole and had landed by r.
-- Staging is shared as the engine shares it: prefetches for later layers hold their buffers until
-  those layers route, a layer's prefetching stops where it would take the demand reserve, and an
-  expert already on its way for a layer (named by an earlier one) is not copied twice.
+  equal to the engine's step-by-step ones).
+- Copies are the engine's: the copy schedule (moepic/cache/schedule.py) decides what each
+  prefetch becomes (used, kept, dropped), which loads are demand copies and which experts are
+  prefetched within the staging room; the simulator only times those decisions. Staging is
+  counted as the engine holds it: prefetches for later layers keep their buffers until those
+  layers route. What is timing here is timing there too: a wrong prefetch is offered for
+  admission once it has landed, and a dropped one is cancelled only if it has not started.
 - Copies are serial on one link: `link_latency + bytes / link_gbps` each (hardware profile).
   Compute waits for an expert's copy, then runs it (`expert_s`), after a device copy of its top
   (a partial hit joins the cached top to its bottom; an admitted miss keeps its top in a slot).
@@ -26,10 +28,15 @@ Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's 
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 
-from moepic.cache.layout import CacheLayout, prefetch_buffers
+from moepic.cache.layout import CacheLayout
 from moepic.cache.planner import initial_residency, plan_layer_step
+from moepic.cache.schedule import (
+    Part, PrefetchTarget, admission_candidates, demand_in_flight, demand_loads, demand_reserve, plan_prefetches,
+    prefetch_fates, prefetch_room,
+)
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.latency import ModelTimes
 from moepic.policies.base import CachePolicy, priority_series
@@ -37,6 +44,21 @@ from moepic.predictors.base import NoPredictor, Predictor, merge_votes
 from moepic.sim.result import Counters, SimResult
 from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
+
+
+@attrs.frozen
+class _Copy:
+    """A prefetch on the simulated link."""
+
+    part: Part
+    start: float
+    end: float
+    nbytes: int
+    order: int  # issue order: prefetches not yet started run in it
+
+    def moved_to(self, start: float) -> _Copy:
+        """The same copy starting at `start` (a demand copy went first)."""
+        return _Copy(self.part, start, start + (self.end - self.start), self.nbytes, self.order)
 
 
 def step_predictions(named_NK: np.ndarray, steps, candidates: int) -> list[list[int]]:
@@ -99,7 +121,6 @@ def simulate(
                 named[target] = [set() for _ in range(steps.num_steps)]
             for union, experts in zip(named[target], per_step):
                 union.update(experts)
-    predicting = any(issues)
     reach = max((target - c for c, source_issues in enumerate(issues) for target, _ in source_issues), default=0)
     link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
     whole_s = [latency + l.expert_bytes / link_Bps for l in layers]
@@ -114,7 +135,7 @@ def simulate(
     load_s = hw.load_us * 1e-6
     caches = [initial_residency(policy, l).cache for l in layers]
     staging = layout.staging_experts
-    reserve = max(1, staging - prefetch_buffers(predictor)) if predicting else staging
+    reserve = demand_reserve(staging, predictor)
     counters = Counters(layers)
     token_s, exposed_s = [], []
     layer_time_L = [0.0] * L
@@ -124,118 +145,98 @@ def simulate(
     demand = prefetch = wasted = 0  # bytes, as the engine counts them
     for s in range(steps.num_steps):
         decode, tokens = decode_S[s], tokens_S[s]
-        counts_L = (counters.decode if decode else counters.prefill).counts
+        stats_L = counters.decode if decode else counters.prefill
         t = exposed = 0.0
-        # Per target column: expert → [whole?, start, end, bytes, issue order]; copies run in issue
-        # order on one link, each scheduled when issued and moved back when a demand copy goes first.
-        pending: list[dict[int, list]] = [{} for _ in range(L)]
+        # Per target column: expert → its prefetch on the link. Copies run in issue order on one
+        # link, each scheduled when issued and moved back when a demand copy goes first.
+        pending: list[dict[int, _Copy]] = [{} for _ in range(L)]
         order = 0
         for c in range(L):
             r = t + layer_s[c] + step_s[c]
             here = pending[c]
-            loaded = [e for e, p in here.items() if p[0] and p[2] <= r] if here else ()
+            parts = {e: p.part for e, p in here.items()} if here else {}
+            loaded = admission_candidates(parts, lambda e: here[e].end <= r) if here else ()  # noqa: B023 (called at once)
             plan, caches[c] = plan_layer_step(layers[c], caches[c], used[c][s], priorities[c][s], loaded)
             experts = plan.experts
             if decode and named[c] is not None:
-                row = counters.predicted[c]
+                counts = counters.predicted[c]
                 named_s = named[c][s]
-                row[0] += 1
-                row[1] += len(named_s)
-                row[2] += len(experts)
-                row[3] += sum(1 for e in used[c][s] if e in named_s)
+                counts.steps += 1
+                counts.predicted += len(named_s)
+                counts.routed += len(experts)
+                counts.correct += sum(1 for e in used[c][s] if e in named_s)
             # This layer's prefetches: used, kept, wasted (under way) or cancelled (not started).
-            ready: dict[int, float] = {}
+            ready: dict[int, float] = {}  # expert → when its copy lands
             waiting: list[tuple[int, int, int]] = []  # (issue order, target, expert): not started, to move back
             link = r
             if here:
-                load_of = {e: load for e, _, _, load, _ in experts}
-                kept = [e for e, _ in plan.kept]
-                for e, (whole, start, end, nbytes, issued) in here.items():
-                    load = load_of.get(e)
-                    if load is not None and (load == "whole") == whole:
-                        if start < r:
-                            ready[e] = end
-                            link = end if end > link else link
-                        else:
-                            waiting.append((issued, c, e))
-                    elif e in kept:
-                        counters.kept(nbytes)
-                        link = end if end > link else link
-                    elif start < r:
-                        wasted += nbytes
-                        link = end if end > link else link
+                for e, fate in prefetch_fates(plan, parts).items():
+                    p = here[e]
+                    started = p.start < r
+                    if fate == "use":
+                        if not started:
+                            waiting.append((p.order, c, e))
+                            continue
+                        ready[e] = p.end
+                    elif fate == "keep":
+                        counters.kept(p.nbytes)
+                    elif started:
+                        wasted += p.nbytes
                     else:  # withdrawn before it used the link
                         counters.cancelled += 1
-                        prefetch -= nbytes
-                pending[c] = {e: here[e] for e in (*ready, *(w[2] for w in waiting))}  # the matched ones
+                        prefetch -= p.nbytes
+                        continue
+                    link = p.end if p.end > link else link  # the link is busy until its copy is done
+                pending[c] = {e: here[e] for e in (*ready, *(w[2] for w in waiting))}  # the used ones
             held_later = 0  # staging buffers later layers' prefetches hold
             for later in range(c + 1, min(L, c + reach)):  # what earlier layers issued for after this one
                 for e, p in pending[later].items():
                     held_later += 1
-                    if p[1] < r:
-                        link = p[2] if p[2] > link else link
+                    if p.start < r:
+                        link = p.end if p.end > link else link
                     else:
-                        waiting.append((p[4], later, e))
-            matched, demanded = len(pending[c]), 0
-            for e, _, _, load, nbytes in experts:  # demand copies, urgent: ahead of prefetches not yet started
-                if load != "none" and e not in pending[c]:
-                    link += whole_s[c] if load == "whole" else bottom_s[c]
-                    ready[e] = link
-                    demand += nbytes
-                    demanded += 1
+                        waiting.append((p.order, later, e))
+            matched = len(pending[c])
+            demanded = 0
+            for p in demand_loads(plan, pending[c]):  # urgent: ahead of prefetches not yet started
+                link += whole_s[c] if p.load == "whole" else bottom_s[c]
+                ready[p.expert] = link
+                demand += p.bytes_loaded
+                demanded += 1
             for _, target, e in sorted(waiting):  # then the prefetches not yet started, in issue order
-                p = pending[target][e]
-                p[1], p[2] = link, link + (p[2] - p[1])
-                link = p[2]
+                p = pending[target][e] = pending[target][e].moved_to(link)
+                link = p.end
                 if target == c:
                     ready[e] = link
-            # Staging as the engine shares it: this layer holds its matched prefetches and as many
-            # demand copies as its reserve allows, later layers their prefetches; prefetching never
-            # takes the reserve.
-            room = staging - matched - min(demanded, max(0, reserve - matched)) - reserve - held_later
-            for target, per_step in issues[c]:
-                if room <= 0:
-                    break
-                layout_t, queued = layers[target], pending[target]
-                slot_of = caches[target].slot_of()
-                whole_hit = layout_t.top_neurons == layout_t.ffn_size
-                for e in per_step[s]:
-                    whole = e not in slot_of  # its top is cached: only the bottom is copied
-                    if e in queued or (not whole and whole_hit):
-                        continue  # already on its way, or a whole-expert hit: nothing to copy
-                    end = link + (whole_s if whole else bottom_s)[target]
-                    nbytes = layout_t.expert_bytes if whole else layout_t.bottom_bytes
-                    queued[e] = [whole, link, end, nbytes, order]
-                    order += 1
-                    link = end
-                    prefetch += nbytes
-                    room -= 1
-                    if not room:
-                        break
+            # Staging as the engine shares it: this layer holds its matched prefetches and the
+            # demand copies its reserve lets start, later layers their prefetches.
+            free = staging - matched - demand_in_flight(matched, demanded, reserve) - held_later
+            targets = (
+                PrefetchTarget(target, layers[target], caches[target], per_step[s], pending[target])
+                for target, per_step in issues[c]
+            )
+            for p in plan_prefetches(targets, prefetch_room(free, reserve)):
+                whole = p.part == "whole"
+                end = link + (whole_s if whole else bottom_s)[p.key]
+                nbytes = layers[p.key].expert_bytes if whole else layers[p.key].bottom_bytes
+                pending[p.key][p.expert] = _Copy(p.part, link, end, nbytes, order)
+                order += 1
+                link = end
+                prefetch += nbytes
             pending[c] = {}
-            # Compute: each expert once its copy has landed (and its top has joined it); count it.
-            row = counts_L[c]
+            # Compute: each expert once its copy has landed (and its top has joined it).
+            stats_L[c] = stats_L[c].add(plan, tokens)
             clock, exposed_before = r, exposed
-            for e, outcome, slot, load, nbytes in experts:
-                if load == "none":
-                    row[3] += 1
-                else:
-                    row[8] += nbytes
-                    landed = ready[e]
+            for p in experts:
+                if p.load != "none":
+                    landed = ready[p.expert]
                     if landed > clock:
                         exposed += landed - clock
                         clock = landed
                     clock += load_s
-                    if slot is not None:  # partial: top → staging; admitted miss: top → slot
+                    if p.slot is not None:  # partial: top → staging; admitted miss: top → slot
                         clock += top_device_s[c]
-                        if outcome == "miss":
-                            row[6] += 1
-                    row[4 if outcome == "partial" else 5] += 1
                 clock += expert_s
-            row[0] += 1
-            row[1] += tokens
-            row[2] += len(experts)
-            row[7] += len(plan.evicted)
             if plan.kept:
                 clock += top_device_s[c] * len(plan.kept)
             if decode:
