@@ -28,6 +28,7 @@ from moepic.cache.planner import ExpertPlan, LayerCache, LayerPlan
 
 Part = Literal["whole", "bottom"]
 Fate = Literal["use", "keep", "drop"]
+TopCopy = Literal["slot_to_staging", "staging_to_slot"]
 
 
 def demand_reserve(staging_experts: int, prefetch: PrefetchShape) -> int:
@@ -116,6 +117,16 @@ def prefetch_fates(plan: LayerPlan, prefetched: Mapping[int, Part]) -> dict[int,
         e: "use" if load_of.get(e) == part else "keep" if e in kept else "drop"
         for e, part in prefetched.items()
     }
+
+
+def top_copy(p: ExpertPlan) -> TopCopy | None:
+    """The device copy a loaded expert's top needs: a partial hit's cached top joins its bottom in
+    staging (one buffer in the compute layout); an admitted miss leaves its top in its slot. None:
+    a hit (computed in its slot) or a miss the cache does not keep. (A kept prefetch's top goes to
+    its slot too: `plan.kept`.)"""
+    if p.load == "none" or p.slot is None:
+        return None
+    return "slot_to_staging" if p.outcome == "partial" else "staging_to_slot"
 
 
 def demand_loads(plan: LayerPlan, matched: Container[int]) -> list[ExpertPlan]:

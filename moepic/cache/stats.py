@@ -7,7 +7,7 @@ and the hit rate of a decode-only run is the per-token hit rate.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import attrs
 
@@ -91,6 +91,13 @@ class PredictionCounts:
     predicted: int = 0  # experts prefetched for the layer
     routed: int = 0  # experts the layer then routed to
     correct: int = 0  # both
+
+    def add(self, named: Collection[int], routed: Collection[int]) -> None:
+        """One step: `named` were predicted for the layer, it routed to `routed` (each distinct)."""
+        self.steps += 1
+        self.predicted += len(named)
+        self.routed += len(routed)
+        self.correct += sum(1 for e in routed if e in named)
 
     @property
     def recall(self) -> float | None:

@@ -49,12 +49,7 @@ class EngineCounters:
         counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + tokens, counts[2] + activations
 
     def add_prediction(self, layer: int, predicted: Iterable[int], routed: Iterable[int]) -> None:
-        predicted, routed = set(predicted), set(routed)
-        counts = self.predictions[layer]
-        counts.steps += 1
-        counts.predicted += len(predicted)
-        counts.routed += len(routed)
-        counts.correct += len(predicted & routed)
+        self.predictions[layer].add(set(predicted), set(routed))
 
     def cache_stats(self, decode: bool) -> dict[int, LayerCacheStats]:
         stats = self.decode if decode else self.prefill

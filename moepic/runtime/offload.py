@@ -32,7 +32,7 @@ from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, stag
 from moepic.cache.planner import FREE, ExpertPlan, LayerResidency, initial_residency, residency_step
 from moepic.cache.schedule import (
     Part, PrefetchTarget, admission_candidates, demand_loads, demand_reserve, demand_room, plan_prefetches,
-    prefetch_fates, prefetch_room,
+    prefetch_fates, prefetch_room, top_copy,
 )
 from moepic.core.model import Model
 from moepic.core.packing import flat_views
@@ -265,11 +265,11 @@ class OffloadedExperts:
         """Wait for the expert's copy and complete it in its staging buffer; admit its top if planned."""
         self.copies.wait(load.ticket)
         staged, top = load.buffer.expert, layout.top_neurons
-        slot = self.pools[layout.layer].slots[p.slot] if p.slot is not None else None
-        if p.outcome == "partial":
-            self._copy_on_device(staged.neurons(0, top), slot)
-        elif p.admitted:
-            self._copy_on_device(slot, staged.neurons(0, top))
+        direction = top_copy(p)
+        if direction == "slot_to_staging":
+            self._copy_on_device(staged.neurons(0, top), self.pools[layout.layer].slots[p.slot])
+        elif direction == "staging_to_slot":
+            self._copy_on_device(self.pools[layout.layer].slots[p.slot], staged.neurons(0, top))
         return staged
 
     def _top_then_bottom(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> Iterator[SwiGLUWeights]:

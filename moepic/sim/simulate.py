@@ -35,7 +35,7 @@ from moepic.cache.layout import CacheLayout
 from moepic.cache.planner import initial_residency, plan_layer_step
 from moepic.cache.schedule import (
     Part, PrefetchTarget, admission_candidates, demand_in_flight, demand_loads, demand_reserve, plan_prefetches,
-    prefetch_fates, prefetch_room,
+    prefetch_fates, prefetch_room, top_copy,
 )
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.latency import ModelTimes
@@ -159,12 +159,7 @@ def simulate(
             plan, caches[c] = plan_layer_step(layers[c], caches[c], used[c][s], priorities[c][s], loaded)
             experts = plan.experts
             if decode and named[c] is not None:
-                counts = counters.predicted[c]
-                named_s = named[c][s]
-                counts.steps += 1
-                counts.predicted += len(named_s)
-                counts.routed += len(experts)
-                counts.correct += sum(1 for e in used[c][s] if e in named_s)
+                counters.predicted[c].add(named[c][s], used[c][s])
             # This layer's prefetches: used, kept, wasted (under way) or cancelled (not started).
             ready: dict[int, float] = {}  # expert → when its copy lands
             waiting: list[tuple[int, int, int]] = []  # (issue order, target, expert): not started, to move back
@@ -234,7 +229,7 @@ def simulate(
                         exposed += landed - clock
                         clock = landed
                     clock += load_s
-                    if p.slot is not None:  # partial: top → staging; admitted miss: top → slot
+                    if top_copy(p) is not None:
                         clock += top_device_s[c]
                 clock += expert_s
             if plan.kept:

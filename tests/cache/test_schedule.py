@@ -22,6 +22,7 @@ from moepic.cache.schedule import (
     prefetch_fates,
     prefetch_part,
     prefetch_room,
+    top_copy,
 )
 
 
@@ -115,3 +116,16 @@ def test_only_whole_prefetches_that_have_landed_are_offered_for_admission():
     prefetched = {1: "whole", 2: "bottom", 3: "whole"}
     assert admission_candidates(prefetched, lambda e: e != 3) == [1]
     assert admission_candidates(prefetched, lambda e: True) == [1, 3]
+
+
+def test_a_partial_hit_joins_its_cached_top_and_an_admitted_miss_leaves_its_top_in_its_slot():
+    plan, _ = plan_layer_step(layout(slots=2), cache(1), [1, 2, 3, 4], np.arange(8.0))
+    by_expert = {p.expert: p for p in plan.experts}
+    assert top_copy(by_expert[1]) == "slot_to_staging"
+    admitted = [e for e in (2, 3, 4) if by_expert[e].admitted]
+    assert admitted == [4]  # one free slot, the highest priority miss
+    assert top_copy(by_expert[4]) == "staging_to_slot"
+    assert top_copy(by_expert[2]) is None and top_copy(by_expert[3]) is None
+    hits, _ = plan_layer_step(layout(theta_blocks=4), cache(1), [1], np.zeros(8))
+    assert top_copy(hits.experts[0]) is None  # a whole hit runs in its slot
+
