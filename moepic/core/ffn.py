@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import attrs
 import torch
 import torch.nn.functional as F
 
@@ -23,16 +24,30 @@ def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
     return h_TF @ w.down_FD
 
 
-def swiglu_segments(x_TD: torch.Tensor, segments: Iterable[SwiGLUWeights]) -> torch.Tensor:
-    """One expert given as neuron segments (e.g. a cached top and a freshly loaded bottom).
+@attrs.frozen(eq=False)
+class SegmentOutput:
+    """A segment of an expert computed elsewhere (on the host, say), handed back as its output:
+    [T, D] for the T tokens the expert is computed for, in their order, unweighted."""
+
+    y_TD: torch.Tensor
+
+
+def swiglu_segments(x_TD: torch.Tensor, segments: Iterable[SwiGLUWeights | SegmentOutput]) -> torch.Tensor:
+    """One expert given as neuron segments (e.g. a cached top and a freshly loaded bottom), each
+    as weights to compute here or as an output computed elsewhere; their outputs are summed.
 
     Segments are taken one at a time, so a source may hand out the next one only when it is ready
     (the top is computed while the bottom is still being copied)."""
     y_TD = None
     for segment in segments:
-        if segment.ffn_size == 0:
+        if isinstance(segment, SegmentOutput):
+            if segment.y_TD.shape != x_TD.shape:  # metadata only: no device sync
+                raise ValueError(f"a segment's output is {tuple(segment.y_TD.shape)}, its tokens' input {tuple(x_TD.shape)}")
+            term = segment.y_TD
+        elif segment.ffn_size == 0:
             continue
-        term = swiglu(x_TD, segment)
+        else:
+            term = swiglu(x_TD, segment)
         y_TD = term if y_TD is None else y_TD + term
     if y_TD is None:
         raise ValueError("an expert needs at least one non-empty neuron segment")

@@ -11,7 +11,9 @@ itself (a prefetcher's predictions, `ExpertSource.lookahead`) travel in the same
 `ExpertSource` is the seam between the pure core and residency: the dense model hands out its
 resident experts; the offloading runtime (moepic/runtime/offload.py) sees the step's routing,
 plans its cache and hands out each expert once it is on the device. It yields the experts one at
-a time, so a source may reuse a staging buffer once the next expert is asked for.
+a time, so a source may reuse a staging buffer once the next expert is asked for. A segment may
+also come back as its output (`SegmentOutput`), computed elsewhere (the host, where the weights
+already are): the block adds it where it would have added the segment it computed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from moepic.core.ffn import swiglu, swiglu_segments
+from moepic.core.ffn import SegmentOutput, swiglu, swiglu_segments
 from moepic.core.routing import route
 from moepic.core.spec import MoESpec
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
@@ -54,9 +56,11 @@ class ExpertSource(Protocol):
         ids_per_token: Sequence[Sequence[int]],
         router_input_TD: torch.Tensor,
         lookahead_rows: list[list[int]] | None = None,
-    ) -> Iterator[tuple[int, Iterable[SwiGLUWeights]]]:
+    ) -> Iterator[tuple[int, Iterable[SwiGLUWeights | SegmentOutput]]]:
         """Each expert that `ids_per_token` routes to, once, by ascending id, as neuron segments that
         together cover all of F. Segments may be overwritten after the next expert is requested.
+        A segment is weights (computed by the block) or a `SegmentOutput`: its output for the
+        expert's tokens (those routed to it, in token order), [T_e, D], unweighted.
         `router_input_TD` is what the layer routed on; `lookahead_rows` is `lookahead(...)` on the host."""
         ...
 
@@ -108,7 +112,7 @@ def combine_experts(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_per_token: list[list[int]],
-    experts: Iterable[tuple[int, Iterable[SwiGLUWeights]]],
+    experts: Iterable[tuple[int, Iterable[SwiGLUWeights | SegmentOutput]]],
 ) -> torch.Tensor:
     """Σ_k weights_TK[t, k] · expert_{ids[t][k]}(x_t), running each expert once on its tokens,
     in the order `experts` yields them (the sum's order, so dense and offloaded runs agree)."""

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.core.ffn import split_expert, swiglu, swiglu_segments, top_neurons_for
+from moepic.core.ffn import SegmentOutput, split_expert, swiglu, swiglu_segments, top_neurons_for
 from moepic.core.weights import SwiGLUWeights, neuron_block
 from tests_support import random_expert
 
@@ -100,3 +100,17 @@ def test_expert_with_only_empty_segments_is_rejected():
     expert = random_expert(4, 4, 0)
     with pytest.raises(ValueError, match="non-empty"):
         swiglu_segments(torch.zeros(1, 4), [expert.neurons(0, 0)])
+
+
+def test_a_segment_handed_back_as_its_output_is_added_as_if_computed_here():
+    expert = random_expert(8, 16, seed=3, block=4)
+    top, bottom = split_expert(expert, 8)
+    x_TD = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(swiglu_segments(x_TD, (top, SegmentOutput(swiglu(x_TD, bottom)))), swiglu_segments(x_TD, (top, bottom)))
+    assert torch.equal(swiglu_segments(x_TD, (SegmentOutput(swiglu(x_TD, expert)),)), swiglu(x_TD, expert))
+
+
+def test_an_output_for_other_tokens_than_the_expert_s_is_refused():
+    expert = random_expert(8, 16, seed=3)
+    with pytest.raises(ValueError, match=r"a segment's output is \(2, 8\), its tokens' input \(3, 8\)"):
+        swiglu_segments(torch.zeros(3, 8), (SegmentOutput(torch.zeros(2, 8)),))

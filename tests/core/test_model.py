@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moepic.checkpoint.load import load_model
-from moepic.core.ffn import split_expert, top_neurons_for
+from moepic.core.ffn import SegmentOutput, split_expert, swiglu, top_neurons_for
 from moepic.core.model import KVCache, forward
 from moepic.core.moe import combine_experts
 from moepic.runtime.generation import generate
@@ -124,6 +124,40 @@ def test_generation_through_split_experts_equals_the_dense_model(qwen2, thetas, 
     assert {layer for layer, _ in source.asked} == moe_layers
     assert len(source.asked) == 6 * len(moe_layers)
     assert all(0 < len(ids) <= qwen2.spec.moe.num_experts for _, ids in source.asked)
+
+
+@attrs.frozen
+class BottomsElsewhere(SplitExperts):
+    """An ExpertSource that hands each expert's top out as weights and computes its bottom itself,
+    handing back the bottom's output (as a source computing on the host would)."""
+
+    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None):
+        for e, (top, bottom) in super().experts_for(layer, ids_per_token, router_input_TD, lookahead_rows):
+            tokens_T = torch.tensor([t for t, ids in enumerate(ids_per_token) if e in ids])
+            yield e, (top, SegmentOutput(swiglu(router_input_TD[tokens_T], bottom)))
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_experts_handed_back_as_outputs_computed_elsewhere_give_the_dense_model_bit_for_bit(qwen2, prompt_len):
+    """θ = 0: every expert comes back whole as its output, computed from the same bytes on the same
+    tokens, so the block adds exactly what it would have computed."""
+    prompt = TOKENS[:prompt_len]
+    dense = generate(qwen2, prompt, max_new_tokens=4, eos_ids=(), keep_logits=True)
+    source = BottomsElsewhere(qwen2, (0.0,) * len(qwen2.weights.layers))
+    elsewhere = generate(qwen2, prompt, max_new_tokens=4, eos_ids=(), keep_logits=True, experts=source)
+    assert elsewhere.token_ids == dense.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(elsewhere.logits, dense.logits))
+    assert len(source.asked) == 4 * len(qwen2.spec.moe_layers)
+
+
+@given(thetas=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), prompt_len=st.integers(1, 8))
+def test_a_top_computed_here_plus_a_bottom_computed_elsewhere_equals_the_dense_model(qwen2, thetas, prompt_len):
+    prompt = TOKENS[:prompt_len]
+    dense = generate(qwen2, prompt, max_new_tokens=4, eos_ids=(), keep_logits=True)
+    split = generate(qwen2, prompt, max_new_tokens=4, eos_ids=(), keep_logits=True, experts=BottomsElsewhere(qwen2, tuple(thetas)))
+    assert split.token_ids == dense.token_ids
+    for a, b in zip(split.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 @given(T=st.integers(1, 5), K=st.integers(1, 3), N=st.integers(0, 4), seed=st.integers(0, 2**16))
