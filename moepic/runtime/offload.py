@@ -166,6 +166,7 @@ class OffloadedExperts:
             np.add.at(counts_E, np.asarray(ids_per_token).ravel(), 1)
         new_request = layer in self._new_request
         self._new_request.discard(layer)
+        # A wrong prefetch that has landed whole may still be worth caching: the planner decides.
         parts = {e: load.part for e, load in prefetched.items()}
         landed = admission_candidates(parts, lambda e: self.copies.landed(prefetched[e].ticket))
         plan, self.residency[layer] = residency_step(
@@ -180,7 +181,7 @@ class OffloadedExperts:
             self.staging.release(load.buffer, fence=self.copies.fence())
         loads: dict[int, _Load] = {}
         for e, fate in prefetch_fates(plan, parts).items():
-            if fate == "keep":  # done above
+            if fate == "keep":  # its top went to its slot above
                 continue
             load = prefetched[e]
             if fate == "use":
