@@ -48,7 +48,7 @@ def test_host_profile_is_carried_into_the_json_report(capsys, trace, command):
     without = json.loads(_output(capsys, _argv(command, trace, "--json")))
     assert without["host"] is None
     # Not yet used by the latency model: the numbers are those of the run without it.
-    ms = lambda r: r["predicted_ms_per_token"] if command == "configure" else [row["ms_per_token"] for row in r.get("rows", [r])]  # noqa: E731
+    ms = lambda r: r["predicted_ms_per_token"] if command == "configure" else [row["ms_per_token"] for row in r.get("rows", [r])]
     assert ms(report) == ms(without)
 
 

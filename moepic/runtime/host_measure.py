@@ -23,7 +23,7 @@ import torch
 from moepic.core.ffn import swiglu
 from moepic.core.weights import SwiGLUWeights
 from moepic.perfmodel.hardware import HostProfile
-from moepic.runtime.measure import median_s
+from moepic.runtime.timing import median_s
 
 CPU = torch.device("cpu")
 

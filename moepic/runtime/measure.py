@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import statistics
-import time
 from collections.abc import Callable
 from datetime import date
 
@@ -23,26 +22,10 @@ from moepic.core.ffn import swiglu
 from moepic.core.weights import SwiGLUWeights
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.runtime.copy_engine import Link, copy_engine_for
+from moepic.runtime.host_measure import measure_host
+from moepic.runtime.timing import median_s
 
 MiB = 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_s(run: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of `run` after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _host(nbytes: int, device: torch.device, pinned: bool) -> torch.Tensor:
@@ -114,7 +97,6 @@ def measure_profile(
     physical cores less one); with `engine`, also the offloading engine's host work (engine runs
     of the calibration model, ~30 s)."""
     from moepic.perfmodel.latency import model_times
-    from moepic.runtime.host_measure import measure_host  # it times with median_s, from here
 
     dev = torch.device(device)
     repeats = 5 if quick else 15
