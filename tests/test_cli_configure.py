@@ -29,6 +29,7 @@ from tests_support import cli_error
 
 PROFILE_KEYS = ("link_gbps", "link_latency_us", "device_copy_gbps", "memory_gbps", "matmul_tflops",
                 "expert_overhead_us", "layer_overhead_us")
+HOST_RATES = ("bf16_expert_gbps", "fp32_expert_gbps", "call_overhead_us", "memory_gbps")
 BASELINES = {"uniform theta=0", "uniform theta=0.4", "uniform theta=1"}
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-instruct-fp8"
 GSM8K = SHARED / "gsm8k_2_routing.jsonl"
@@ -61,6 +62,13 @@ def test_quick_cpu_profile_prints_positive_rates_and_writes_a_loadable_yaml(caps
     assert report["written_to"] == str(out)
     loaded = load_profile(out)
     assert loaded.as_dict() == {k: v for k, v in report.items() if k != "written_to"}
+    # The host side, measured too; the result latency only where a CUDA device takes the result.
+    host = report["host"]
+    for key in HOST_RATES:
+        assert isinstance(host[key], float) and math.isfinite(host[key]) and host[key] > 0, (key, host[key])
+    assert isinstance(host["physical_cores"], int) and host["physical_cores"] >= 1
+    assert "result_latency_us" not in host and "not measured (no CUDA device here)" in host["source"]
+    assert loaded.host is not None and loaded.host.name == "measured-cpu-host"
 
 
 def test_measured_profile_file_drives_configure(capsys, tmp_path, trace_files):
@@ -83,6 +91,8 @@ def test_profile_on_cuda_without_cuda_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
+    (["--device", "cpu", "--host-threads", "0"], "argument --host-threads: expected an integer in [1, 4096], got '0'"),
+    (["--device", "cpu", "--host-threads", "two"], "argument --host-threads: expected an integer in [1, 4096], got 'two'"),
     (["--device", "cpu", "--link-gbps", "0"], "argument --link-gbps: expected a number in (0, 10000], got '0'"),
     (["--device", "cpu", "--link-gbps", "-1"], "argument --link-gbps: expected a number in (0, 10000], got '-1'"),
     (["--device", "cpu", "--link-gbps", "nan"], "argument --link-gbps: expected a number in (0, 10000], got 'nan'"),

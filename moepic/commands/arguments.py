@@ -188,9 +188,47 @@ def _known_hardware() -> str:
     return ", ".join(known_profiles())
 
 
+def _known_hosts() -> str:
+    from moepic.perfmodel.hardware import known_hosts
+
+    return ", ".join(known_hosts())
+
+
 def add_hardware(parser, help: str = "a bundled profile ({profiles}) or a YAML file from `moepic profile`") -> None:
+    """`--hardware` and `--host` (the CPU beside the device); `hardware_profile` reads both."""
     action = parser.add_argument("--hardware", required=True, metavar="NAME|FILE", help=help)
     action.fills = {"profiles": _known_hardware}
+    host = parser.add_argument("--host", metavar="NAME|FILE", help=(
+        "host CPU profile: a bundled one ({hosts}), or a YAML file (a host profile, or one from `moepic profile`); "
+        "it replaces the --hardware profile's own host section (host compute is not yet modelled: misses are copied)"))
+    host.fills = {"hosts": _known_hosts}
+
+
+def hardware_profile(args):
+    """The `--hardware` profile, carrying the `--host` profile as its host section when given.
+    A CPU device has no host apart from itself, so `--host` with one is a mistake."""
+    import attrs
+
+    from moepic.perfmodel.hardware import load_host, load_profile
+
+    hw = load_profile(args.hardware)
+    if args.host is None:
+        return hw
+    if hw.device == "cpu":
+        raise ConfigError(f"--host {args.host}: the hardware profile {hw.name!r} is a CPU (device: cpu), which is its "
+                          "own host; a host profile goes with a GPU profile")
+    return attrs.evolve(hw, host=load_host(args.host))
+
+
+def host_name(hw) -> str | None:
+    """What a report's `host` field says: the name of the host profile in effect, None without one."""
+    return hw.host.name if hw.host is not None else None
+
+
+def host_lines(report: dict) -> list[str]:
+    """The text a report with a host profile ends with: that the profile is carried but not yet used."""
+    host = report.get("host")
+    return [] if host is None else [f"host: {host} (host compute not yet modelled: misses are copied)"]
 
 
 def add_budget(parser, help: str, *, required: bool = False) -> None:

@@ -29,7 +29,8 @@ def run(args) -> dict:
     if args.budget is None:
         raise ConfigError(f"compare: --budget is required (all baselines run at the same budget: {known_baselines()})")
     bed = testbed.from_args(args)
-    return compare_setups(setups, bed, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": bed.recall}
+    return compare_setups(setups, bed, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": bed.recall,
+                                                                   "host": arguments.host_name(bed.hw)}
 
 
 def text(report: dict) -> str:
@@ -48,4 +49,4 @@ def text(report: dict) -> str:
         low, high = report["paper_reduction_percent"]
         found = ", ".join(f"{n} {v:.1f} %" for n, v in report["moepic_reduction_percent"].items())
         lines.append(f"moepic's latency reduction: {found} (the paper reports {low}–{high} %)")
-    return "\n".join(lines)
+    return "\n".join(lines + arguments.host_lines(report))

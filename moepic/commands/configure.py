@@ -86,7 +86,6 @@ def run(args) -> dict:
     from moepic.configurators.base import configure_on_trace
     from moepic.policies.base import auto_policies
     from moepic.core.footprint import footprint
-    from moepic.perfmodel.hardware import load_profile
     from moepic.outputs import check_writable, write_text_atomic
     from moepic.perfmodel.latency import layer_total_s, model_times
     from moepic.policies import POLICIES
@@ -105,7 +104,7 @@ def run(args) -> dict:
         folder, spec, own_dtype = None, source.spec, DTYPES[arguments.PRESET_DTYPE]
     dtype = own_dtype if args.dtype in (None, "auto") else DTYPES[args.dtype]
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    hw = load_profile(args.hardware)
+    hw = arguments.hardware_profile(args)
     if args.out:
         check_writable(args.out, "config")  # before the hit-rate curves, not after
     trace = load_any_trace(args.trace, num_experts=spec.moe.num_experts)
@@ -170,6 +169,7 @@ def run(args) -> dict:
         "configurator": configurator_config.as_dict(),
         "policy": policy_config.as_dict(),
         "hardware": hw.name,
+        "host": arguments.host_name(hw),  # carried for the latency model; host compute is not yet modelled
         "recall": recall,
         "workload_s": configured.workload_s,
         "configure_s": configured.configure_s,
@@ -205,4 +205,4 @@ def text(report: dict) -> str:
     lines += [f"  vs {name}: {ms:.2f} ms/token ({ms / report['predicted_ms_per_token']:.2f}×)" for name, ms in report["baselines"].items()]
     if report["config"]:
         lines.append(f"wrote {report['config']}: run it with `moepic generate --config {report['config']}`")
-    return "\n".join(lines)
+    return "\n".join(lines + arguments.host_lines(report))

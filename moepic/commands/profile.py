@@ -9,10 +9,11 @@ from __future__ import annotations
 from moepic.commands import arguments
 from moepic.errors import ConfigError
 from moepic.outputs import check_writable
-from moepic.ranges import LINK_GBPS, LINK_LATENCY_US
+from moepic.ranges import LINK_GBPS, LINK_LATENCY_US, Range
 
 NAME = "profile"
-HELP = "measure this machine's copy and compute speeds (a hardware profile)"
+HELP = "measure this machine's copy and compute speeds (a hardware profile, with its host CPU)"
+HOST_THREADS = Range(1, 4096, whole=True)
 
 
 def add_parser(subparsers):
@@ -25,6 +26,9 @@ def add_parser(subparsers):
     prof.add_argument("--quick", action="store_true", help="smaller and fewer measurements (seconds, noisier)")
     prof.add_argument("--link-gbps", type=LINK_GBPS.parse, help="CPU: measure through an emulated link of this many GB/s")
     prof.add_argument("--link-latency-us", type=LINK_LATENCY_US.parse, default=0.0, help="CPU: the emulated link's per-copy latency")
+    threads = prof.add_argument("--host-threads", type=HOST_THREADS.parse, metavar="N",
+                                help="threads the host CPU's expert rates are measured on")
+    threads.shows = "the physical cores less one"
     arguments.add_json(prof)
     arguments.add_progress(prof)
     return prof
@@ -60,22 +64,33 @@ def run(args) -> dict:
     folder = arguments.weights_folder(args.model, NAME)
     _, cfg = read_spec(folder)
     dtype = cfg.checkpoint_dtype() if args.dtype in (None, "auto") else DTYPES[args.dtype]
-    with progress_bar(total=3, desc="profiling", wanted=not args.json, leave=False) as bar:
+    with progress_bar(total=5, desc="profiling", wanted=not args.json, leave=False) as bar:
 
         def step(what: str) -> None:
             bar.set_description(f"profiling: {what}")
             bar.update(1)
 
         profile = measure_profile(
-            device=device, model_folder=folder, dtype=dtype, quick=args.quick, link=link, name=args.name, progress=step
+            device=device, model_folder=folder, dtype=dtype, quick=args.quick, link=link, name=args.name, progress=step,
+            host_threads=args.host_threads,
         )
     if args.out:
         save_profile(profile, args.out)
     return profile.as_dict() | {"written_to": args.out}
 
 
+def _lines(values: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            lines += _lines(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key}: {value:.4g}" if isinstance(value, float) else f"{prefix}{key}: {value}")
+    return lines
+
+
 def text(report: dict) -> str:
-    lines = [f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}" for key, value in report.items() if key != "written_to"]
+    lines = _lines({key: value for key, value in report.items() if key != "written_to"})
     if report["written_to"]:
         lines.append(f"wrote {report['written_to']}: use it with `moepic configure --hardware {report['written_to']}`")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ def run(args) -> dict:
     bed = testbed.from_args(args)
     setup = load_baseline(args.baseline) if args.baseline else setup_from_run_config(args.config)
     return result_row(setup.name, setup.approximates, run_setup(setup, bed)) | {
-        "hardware": bed.hw.name, "model_shape": bed.shape.name, "trace": args.trace}
+        "hardware": bed.hw.name, "host": arguments.host_name(bed.hw), "model_shape": bed.shape.name, "trace": args.trace}
 
 
 def text(report: dict) -> str:
@@ -44,4 +44,4 @@ def text(report: dict) -> str:
         f"{report['exposed_copy_ms_per_token']:.2f} ms/token; hit rate {report['expert_hit_rate']:.1%}; "
         f"{_mib(report['bytes_loaded_per_token'])} MiB/token loaded; simulated {report['layer_steps_per_s']:,.0f} layer-steps/s"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + arguments.host_lines(report))

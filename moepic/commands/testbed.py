@@ -54,13 +54,12 @@ def _has_weights(folder: str) -> bool:
 def from_args(args):
     """The Testbed the arguments name. A folder's weights are loaded only where they can be used:
     gate_lookahead / mlp run on the trace's recorded router inputs."""
-    from moepic.perfmodel.hardware import load_profile
     from moepic.sim.run import Testbed, check_trace_fits
     from moepic.tracing import load_any_trace
 
     arguments.check_budget_form(args.budget)  # before any file is read
     shape, weights = _shape_and_weights(args)
-    hw = load_profile(args.hardware)
+    hw = arguments.hardware_profile(args)
     trace = check_trace_fits(load_any_trace(args.trace, num_experts=shape.spec.moe.num_experts), shape, args.trace)
     recall = arguments.parse_recall(args.recall, len(shape.spec.moe_layers))
     model = None

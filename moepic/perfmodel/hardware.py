@@ -10,6 +10,13 @@ a decode step (moepic/perfmodel/latency.py):
 `moepic profile` measures one on the current machine; `moepic/perfmodel/profiles/*.yaml` holds
 reference GPUs from published figures, each saying so in `source`. `save_profile` writes the file
 whole or not at all.
+
+A `HostProfile` describes the CPU beside the device, for experts computed where their weights
+already are (host memory): its expert GEMV rate, hand-off cost per call, the DRAM bandwidth that
+CPU compute and host→device copies share, and how long a result takes to reach the device. It has
+its own YAML (`moepic/perfmodel/profiles/host/*.yaml`: reference CPUs) and is carried by a
+`HardwareProfile` as its `host` section: one YAML may hold both (`moepic profile` writes them so),
+or a run names them apart (`--hardware a6000 --host desktop-ddr5`).
 """
 
 from __future__ import annotations
@@ -22,8 +29,15 @@ import yaml
 
 from moepic.errors import ConfigError
 from moepic.outputs import write_text_atomic
+from moepic.ranges import OutOfRange, Range
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+HOST_PROFILES_DIR = PROFILES_DIR / "host"
+
+# A host profile's ranges: 10 TB/s is far above any CPU's DRAM, one second above any hand-off.
+HOST_GBPS = Range(0, 10_000, low_open=True)
+HOST_US = Range(0, 1e6)
+PHYSICAL_CORES = Range(1, 65_536, whole=True)
 
 
 def _number(value) -> bool:
@@ -54,7 +68,8 @@ class HardwareProfile:
     expert_overhead_us: float = attrs.field(validator=_non_negative)  # launches of one expert call
     layer_overhead_us: float = attrs.field(validator=_non_negative)  # launches of a layer's attention, norms, router
     pageable_link_gbps: float | None = attrs.field(default=None, validator=_positive)  # unpinned host memory
-    # Host memory bandwidth an expert computed on the CPU reaches (a future compute-on-CPU path).
+    # Read from older profiles only: `moepic profile` wrote the host's fp32 expert rate here before
+    # host profiles existed; `host.fp32_expert_gbps` supersedes it and nothing reads it.
     cpu_expert_gbps: float | None = attrs.field(default=None, validator=_positive)
     # The offloading engine's own host work, beyond copies and compute: per MoE layer step that
     # plans a cache (planner, policy, prefetch bookkeeping) and per loaded expert (staging, submit,
@@ -62,6 +77,7 @@ class HardwareProfile:
     # the reference profiles (not measured there).
     offload_step_us: float = attrs.field(default=0.0, validator=_non_negative)
     load_us: float = attrs.field(default=0.0, validator=_non_negative)
+    host: HostProfile | None = None  # the CPU beside the device; None: not described
 
     def copy_s(self, nbytes: float, copies: float = 1.0) -> float:
         """Seconds to copy `nbytes` host→device in `copies` copies."""
@@ -72,6 +88,33 @@ class HardwareProfile:
         return overhead_us * 1e-6 + max(weight_bytes / (self.memory_gbps * 1e9), flops / (self.matmul_tflops * 1e12))
 
     def as_dict(self) -> dict:
+        values = attrs.asdict(self, recurse=False) | {"host": self.host and self.host.as_dict()}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@attrs.frozen(kw_only=True)
+class HostProfile:
+    """The host CPU as a place to run experts, at decode (one token: a GEMV per projection)."""
+
+    name: str
+    source: str  # as HardwareProfile's: measured where and when, or which published figures
+    # Expert weight bytes streamed through SwiGLU per second, 1e9 bytes/s, per weight dtype: CPUs
+    # without native bf16 arithmetic convert on the fly, so bf16 may stream slower than fp32.
+    bf16_expert_gbps: float = attrs.field(validator=HOST_GBPS)
+    fp32_expert_gbps: float = attrs.field(validator=HOST_GBPS)
+    call_overhead_us: float = attrs.field(validator=HOST_US)  # handing one expert call to the worker threads and back
+    # DRAM bandwidth (read + write traffic) that CPU compute and host→device copies share.
+    memory_gbps: float = attrs.field(validator=HOST_GBPS)
+    physical_cores: int = attrs.field(validator=PHYSICAL_CORES)
+    # A host-computed result (a D-vector per token) reaching the device; None where no device was
+    # there to measure it (a CPU-only machine).
+    result_latency_us: float | None = attrs.field(default=None, validator=HOST_US)
+
+    def expert_gbps(self, dtype_bytes: int) -> float:
+        """The expert rate for weights of `dtype_bytes` bytes (2: bf16 or fp16, 4: fp32)."""
+        return self.fp32_expert_gbps if dtype_bytes >= 4 else self.bf16_expert_gbps
+
+    def as_dict(self) -> dict:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}
 
 
@@ -79,39 +122,78 @@ def known_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-def load_profile(name_or_path: str | Path) -> HardwareProfile:
-    """A bundled profile by name (`a6000`) or a YAML file written by `moepic profile`."""
+def known_hosts() -> list[str]:
+    return sorted(p.stem for p in HOST_PROFILES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(name_or_path: str | Path, folder: Path, what: str, known: list[str]) -> tuple[object, str]:
+    """(the parsed YAML, its path) of a bundled profile by name or of a YAML file."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
-        path = PROFILES_DIR / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown hardware profile {str(name_or_path)!r}; known: {', '.join(known_profiles())} (or a YAML file)")
+            raise ConfigError(f"unknown {what} {str(name_or_path)!r}; known: {', '.join(known)} (or a YAML file)")
     if not path.is_file():
-        raise ConfigError(f"{path}: hardware profile file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()), str(path)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return profile_from_dict(data, str(path))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A bundled profile by name (`a6000`) or a YAML file written by `moepic profile`."""
+    data, where = _read_yaml(name_or_path, PROFILES_DIR, "hardware profile", known_profiles())
+    return profile_from_dict(data, where)
+
+
+def load_host(name_or_path: str | Path) -> HostProfile:
+    """A bundled host profile by name (`desktop-ddr5`), a host profile YAML, or a hardware profile
+    YAML with a `host` section (as `moepic profile` writes): its host section."""
+    data, where = _read_yaml(name_or_path, HOST_PROFILES_DIR, "host profile", known_hosts())
+    if isinstance(data, dict) and "host" in data and "device" in data:
+        return host_from_dict(data["host"], where, key_prefix="host.")
+    return host_from_dict(data, where)
+
+
+def _from_dict(cls, data: object, where: str, what: str, key_prefix: str = ""):
+    """`cls` from a YAML mapping: one line naming the file and the key for what is wrong."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {what} keys, got {type(data).__name__}")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown {what} key {key_prefix + unknown[0]!r}; known: {', '.join(fields)}")
+    missing = [key_prefix + name for name, f in fields.items() if f.default is attrs.NOTHING and name not in data]
+    if missing:
+        raise ConfigError(f"{where}: {what} misses {', '.join(map(repr, missing))}")
+    for name, value in data.items():
+        if fields[name].type in ("str",) and not isinstance(value, str):
+            raise ConfigError(f"{where}: key {key_prefix + name!r} should be text, got {value!r}")
+    try:
+        return cls(**data)
+    except OutOfRange as e:
+        raise ConfigError(f"{where}: {key_prefix}{e}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def host_from_dict(data: object, where: str, *, key_prefix: str = "") -> HostProfile:
+    return _from_dict(HostProfile, data, where, "host profile", key_prefix)
 
 
 def profile_from_dict(data: object, where: str) -> HardwareProfile:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of hardware profile keys, got {type(data).__name__}")
-    fields = {f.name: f for f in attrs.fields(HardwareProfile)}
-    unknown = sorted(set(map(str, data)) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown hardware profile key {unknown[0]!r}; known: {', '.join(fields)}")
-    missing = [name for name, f in fields.items() if f.default is attrs.NOTHING and name not in data]
-    if missing:
-        raise ConfigError(f"{where}: hardware profile misses {', '.join(map(repr, missing))}")
-    for name, value in data.items():
-        if fields[name].type in ("str",) and not isinstance(value, str):
-            raise ConfigError(f"{where}: key {name!r} should be text, got {value!r}")
-    try:
-        return HardwareProfile(**data)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+    """A hardware profile; its `host` is a mapping (the host profile itself) or the name of a
+    bundled host profile or a host YAML file (relative to the profile's folder)."""
+    host = data.get("host") if isinstance(data, dict) else None
+    profile = _from_dict(HardwareProfile, {k: v for k, v in data.items() if k != "host"} if host is not None else data,
+                         where, "hardware profile")
+    if host is None:
+        return profile
+    if isinstance(host, str):
+        named = Path(where).parent / host
+        return attrs.evolve(profile, host=load_host(named if named.suffix and named.is_file() else host))
+    return attrs.evolve(profile, host=host_from_dict(host, where, key_prefix="host."))
 
 
 def save_profile(profile: HardwareProfile, path: str | Path) -> None:

@@ -4,14 +4,14 @@ Each rate is timed on the code path the engine uses: host→device copies throug
 (pinned on CUDA; on a CPU the "device" is host memory, or an emulated link), experts through the
 core's `swiglu`. Launch overheads are fitted last: the expert overhead from a tiny expert, and the
 per-layer overhead so that the latency model reproduces a measured dense decode of a real model
-(the bundled one by default), which anchors the profile to end-to-end time.
+(the bundled one by default), which anchors the profile to end-to-end time. The host side (the CPU
+as a place to run experts: moepic/runtime/host_measure.py) is measured on the host's threads.
 """
 
 from __future__ import annotations
 
 import socket
 import statistics
-import time
 from collections.abc import Callable
 from datetime import date
 
@@ -22,26 +22,10 @@ from moepic.core.ffn import swiglu
 from moepic.core.weights import SwiGLUWeights
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.runtime.copy_engine import Link, copy_engine_for
+from moepic.runtime.host_measure import measure_host
+from moepic.runtime.timing import median_s
 
 MiB = 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_s(run: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of `run` after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _host(nbytes: int, device: torch.device, pinned: bool) -> torch.Tensor:
@@ -90,11 +74,7 @@ def compute_rates(device: torch.device, dtype: torch.dtype, repeats: int, quick:
     Dm, Fm, T = (512, 1024, 256) if quick else (1024, 2816, 512)
     many = expert_time_s(Dm, Fm, T, dtype, device, repeats)
     tflops = 6 * Dm * Fm * T / max(many - overhead, 1e-9) / 1e12
-    out = {"expert_overhead_us": overhead * 1e6, "memory_gbps": memory_gbps, "matmul_tflops": tflops}
-    if device.type == "cuda":
-        cpu = expert_time_s(D, F, 1, torch.float32, torch.device("cpu"), repeats)
-        out["cpu_expert_gbps"] = 3 * D * F * 4 / cpu / 1e9
-    return out
+    return {"expert_overhead_us": overhead * 1e6, "memory_gbps": memory_gbps, "matmul_tflops": tflops}
 
 
 def dense_decode_s(model_folder: str, dtype: torch.dtype, device: torch.device, tokens: int) -> tuple[object, float]:
@@ -111,8 +91,10 @@ def dense_decode_s(model_folder: str, dtype: torch.dtype, device: torch.device, 
 def measure_profile(
     *, device: str, model_folder: str, dtype: torch.dtype, quick: bool = False, link: Link | None = None,
     name: str | None = None, progress: Callable[[str], None] = lambda step: None, engine: bool = True,
+    host_threads: int | None = None,
 ) -> HardwareProfile:
-    """Every rate of a profile; with `engine`, also the offloading engine's host work (engine runs
+    """Every rate of a profile, its host section measured on `host_threads` threads (default: the
+    physical cores less one); with `engine`, also the offloading engine's host work (engine runs
     of the calibration model, ~30 s)."""
     from moepic.perfmodel.latency import model_times
 
@@ -124,10 +106,13 @@ def measure_profile(
     compute = compute_rates(dev, dtype, repeats, quick)
     progress("dense decode of the calibration model")
     spec, decode_s = dense_decode_s(model_folder, dtype, dev, 16 if quick else 48)
+    progress("host CPU: expert GEMVs, hand-off, memory")
+    name = name or f"measured-{dev.type}"
+    host = measure_host(dev, quick=quick, threads=host_threads, name=f"{name}-host")
     where = f"{socket.gethostname()} ({dev.type}{', emulated link' if link else ''}), {date.today().isoformat()}"
     profile = HardwareProfile(
-        name=name or f"measured-{dev.type}", source=f"measured by moepic profile on {where}", device=dev.type,
-        layer_overhead_us=0.0, **copies, **compute,
+        name=name, source=f"measured by moepic profile on {where}", device=dev.type,
+        layer_overhead_us=0.0, host=host, **copies, **compute,
     )
     # The per-layer overhead that makes the model's all-resident decode time come out as measured.
     times = model_times(profile, spec, dtype_bytes=dtype.itemsize, context_tokens=48)

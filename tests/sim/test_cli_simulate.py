@@ -34,7 +34,8 @@ SIMULATE_KEYS = {
     "name", "approximates", "configure_s", "simulate_s", "layer_steps_per_s", "tokens", "ms_per_token", "p50_ms",
     "p99_ms", "exposed_copy_ms_per_token", "expert_hit_rate", "hits", "partial_hits", "misses", "bytes_loaded_per_token",
     "prediction_recall", "prediction_precision", "demand_bytes", "prefetch_bytes", "wasted_prefetch_bytes",
-    "cancelled_prefetches", "kept_prefetches", "cache_bytes", "staging_bytes", "layers", "hardware", "model_shape", "trace",
+    "cancelled_prefetches", "kept_prefetches", "cache_bytes", "staging_bytes", "layers", "hardware", "host", "model_shape",
+    "trace",
 }
 LAYER_KEYS = {"layer", "theta", "slots", "hit_rate", "bytes_loaded_per_token", "recall", "precision", "ms_per_token",
               "exposed_copy_ms_per_token"}
