@@ -111,6 +111,5 @@ def test_a_segment_handed_back_as_its_output_is_added_as_if_computed_here():
 
 
 def test_an_output_for_other_tokens_than_the_expert_s_is_refused():
-    expert = random_expert(8, 16, seed=3)
     with pytest.raises(ValueError, match=r"a segment's output is \(2, 8\), its tokens' input \(3, 8\)"):
         swiglu_segments(torch.zeros(3, 8), (SegmentOutput(torch.zeros(2, 8)),))
