@@ -60,7 +60,6 @@ def _recall(args_recall: str | None, trace, trace_path: str, predictor_config, f
         return first_layer_unpredicted(by_construction, moe_layers)
     from moepic.checkpoint.load import load_model
     from moepic.predictors import PREDICTORS
-
     from moepic.tracing.checks import router_inputs
 
     check_router_inputs(trace, trace_path)

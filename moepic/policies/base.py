@@ -104,8 +104,8 @@ def build_policy_on(config: PolicyConfig, trace: RoutingTrace) -> CachePolicy:
 def auto_policies() -> tuple[str, ...]:
     """The policies `--policy auto` chooses among, by predicted latency on the profiling trace (those
     whose config sets `offered_by_auto`): the default first (it wins a tie), then by name."""
-    offered = sorted(name for name, entry in POLICIES.items() if entry.config.offered_by_auto)
-    return tuple(sorted(offered, key=lambda name: name != POLICIES.default))
+    offered = (name for name, entry in POLICIES.items() if entry.config.offered_by_auto)
+    return tuple(sorted(offered, key=lambda name: (name != POLICIES.default, name)))
 
 
 def priority_series(
