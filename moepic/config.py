@@ -88,6 +88,16 @@ class CacheConfig:
     # are exposed, but the split sum rounds differently: results equal the dense model's only up to
     # floating-point rounding (off: bit for bit).
     overlap_top: bool = False
+    # Where loads run (moepic/cache/placement.py): `off` copies every miss and bottom to the device
+    # (bit for bit the dense model); `auto` computes each on the host CPU instead where that
+    # finishes sooner, priced by the host profile; `host-only` computes all of them on the host.
+    # With the host in the sum, results equal the dense model's up to floating-point rounding.
+    hybrid: Literal["off", "auto", "host-only"] = "off"
+    # Host worker threads for hybrid runs; None: the physical cores left after the main thread.
+    host_threads: int | None = attrs.field(default=None, validator=Range(1, 4096, whole=True))
+    # The host profile pricing `auto` on a CUDA device (a bundled name or a YAML file, as `--host`);
+    # None: measured at start-up. On a CPU device the host is the device: not allowed.
+    host: str | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -37,6 +37,7 @@ HOST_PROFILES_DIR = PROFILES_DIR / "host"
 # A host profile's ranges: 10 TB/s is far above any CPU's DRAM, one second above any hand-off.
 HOST_GBPS = Range(0, 10_000, low_open=True)
 HOST_US = Range(0, 1e6)
+HOST_GFLOPS = Range(0, 1e7, low_open=True)  # 10 PFLOP/s: far above any socket
 PHYSICAL_CORES = Range(1, 65_536, whole=True)
 
 
@@ -106,6 +107,10 @@ class HostProfile:
     # DRAM bandwidth (read + write traffic) that CPU compute and host→device copies share.
     memory_gbps: float = attrs.field(validator=HOST_GBPS)
     physical_cores: int = attrs.field(validator=PHYSICAL_CORES)
+    # Dense matmul throughput of the worker threads (10⁹ flop/s), for a prompt's many tokens at
+    # once; None: not described, and each token is priced as streaming the weights again (an
+    # upper bound that leaves large prompts to the device).
+    matmul_gflops: float | None = attrs.field(default=None, validator=HOST_GFLOPS)
     # A host-computed result (a D-vector per token) reaching the device; None where no device was
     # there to measure it (a CPU-only machine).
     result_latency_us: float | None = attrs.field(default=None, validator=HOST_US)

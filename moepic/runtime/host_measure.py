@@ -79,6 +79,14 @@ def expert_gbps(dtype: torch.dtype, *, working_set: int, repeats: int, overhead_
     return len(experts) * expert_bytes / max(seconds - len(experts) * overhead_s, 1e-9) / 1e9
 
 
+def matmul_gflops(dtype: torch.dtype, *, tokens: int, repeats: int) -> float:
+    """Flops per second through `swiglu` for a prompt of `tokens` tokens (a GEMM, compute-bound)."""
+    D, F = 1024, 2816
+    expert = _experts(D, F, dtype, 1)[0]
+    x_TD = torch.randn(tokens, D, dtype=dtype)
+    return 2 * 3 * D * F * tokens / median_s(lambda: swiglu(x_TD, expert), CPU, repeats) / 1e9
+
+
 def call_overhead_s(repeats: int) -> float:
     """A tiny expert: what one call costs beyond its bytes (dispatch, waking the threads, joining)."""
     w = _experts(64, 64, torch.float32, 1)[0]
@@ -112,6 +120,7 @@ def measure_host(device: torch.device, *, quick: bool, threads: int | None, name
         overhead = call_overhead_s(repeats * 8)
         fp32 = expert_gbps(torch.float32, working_set=working_set, repeats=repeats, overhead_s=overhead)
         bf16 = expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead)
+        gflops = matmul_gflops(torch.float32, tokens=256, repeats=repeats)
     with torch_threads(cores):
         dram = memory_gbps((64 if quick else 256) * MiB, repeats)
     latency = result_latency_us(device, 4096, repeats * 8) if device.type == "cuda" else None
@@ -120,4 +129,5 @@ def measure_host(device: torch.device, *, quick: bool, threads: int | None, name
     return HostProfile(
         name=name, source=f"measured by moepic profile on {where}{note}", bf16_expert_gbps=bf16, fp32_expert_gbps=fp32,
         call_overhead_us=overhead * 1e6, memory_gbps=dram, physical_cores=cores, result_latency_us=latency,
+        matmul_gflops=gflops,
     )

@@ -1,0 +1,115 @@
+"""Where each loaded expert of a layer step runs: copied to the device, or computed on the host
+CPU where its weights already are. Pure, and shared by the engine (moepic/runtime/offload.py runs
+the host's share on its worker threads) and the simulator (moepic/sim/simulate.py times it on a
+third resource beside device compute and the link), so both place the same experts alike.
+
+The planner (planner.py) says what a step needs loaded; the copy schedule (schedule.py) says which
+of it a prefetch already brings. The rest — the demand loads — is placed here, one expert at a time
+in plan order, on whichever of two queues finishes it first (docs/design.md §8):
+
+    link queue  ── backlog (prefetches still in flight) ─ copy whole / copy bottom ─▶ device computes it
+    host queue  ── hand-off ─ host computes whole / bottom ─ result back ─▶ device adds it
+
+which gives, per routed expert, one of five ways to run (`Way`):
+    device                  its whole expert is cached (θ = 1)            nothing loaded
+    device top + host bottom   top cached; the host computes the bottom    nothing copied
+    device top + copied bottom top cached; the bottom is copied            (the copy-only engine's partial hit)
+    copied whole            nothing cached; the whole expert is copied     (the copy-only engine's miss)
+    host whole              nothing cached; the host computes all of it    (its top is *filled* into its slot
+                                                                            in the background if admitted)
+
+Modes: `off` copies every load (the copy-only engine, bit for bit); `host-only` computes every load
+on the host (a miss is never copied, only filled for caching: llama.cpp's and KTransformers' way);
+`auto` picks per expert by the two queues' finish times, ties to the copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import attrs
+
+from moepic.cache.planner import ExpertPlan
+
+Hybrid = Literal["off", "auto", "host-only"]
+HYBRID_MODES: tuple[Hybrid, ...] = ("off", "auto", "host-only")
+Place = Literal["copy", "host"]
+Way = Literal["device", "device top + host bottom", "device top + copied bottom", "copied whole", "host whole"]
+
+
+@attrs.frozen(kw_only=True)
+class LoadCosts:
+    """Seconds each path costs one expert part of one layer step (its tokens priced in)."""
+
+    copy_whole_s: float  # over the link
+    copy_bottom_s: float
+    host_whole_s: float  # on the host worker threads
+    host_bottom_s: float
+    handoff_s: float  # the tokens' input to the host before it starts; a result back to the device after
+
+    def copy_s(self, part: str) -> float:
+        return self.copy_whole_s if part == "whole" else self.copy_bottom_s
+
+    def host_s(self, part: str) -> float:
+        return self.host_whole_s if part == "whole" else self.host_bottom_s
+
+
+class Placement(NamedTuple):  # a tuple: the simulator makes one per load, ~10⁵ a second
+    plan: ExpertPlan
+    place: Place
+
+    @property
+    def fill(self) -> bool:
+        """A host-computed miss the planner admitted: its top is copied into its slot in the
+        background (not urgent), so that the cache holds what the policy chose."""
+        return self.place == "host" and self.plan.outcome == "miss" and self.plan.slot is not None
+
+    @property
+    def way(self) -> Way:
+        return way_of(self.plan, self.place)
+
+
+def way_of(plan: ExpertPlan, place: Place | None) -> Way:
+    """How a routed expert runs; `place` None: nothing loaded (a hit, or a prefetch brought it: copied)."""
+    if plan.load == "none":
+        return "device"
+    if plan.load == "bottom":
+        return "device top + host bottom" if place == "host" else "device top + copied bottom"
+    return "host whole" if place == "host" else "copied whole"
+
+
+def check_mode(mode: str, costs_given: bool) -> Hybrid:
+    if mode not in HYBRID_MODES:
+        raise ValueError(f"hybrid must be one of {', '.join(HYBRID_MODES)}, got {mode!r}")
+    if mode == "auto" and not costs_given:
+        raise ValueError("hybrid auto needs the costs of copying and of host compute (a hardware and host profile)")
+    return mode  # type: ignore[return-value]
+
+
+def place_loads(
+    loads: Sequence[ExpertPlan], mode: Hybrid, costs: LoadCosts | None = None, *, link_backlog_s: float = 0.0
+) -> list[Placement]:
+    """Each of `loads` (a step's demand loads, in plan order) on the link or the host.
+
+    `link_backlog_s`: link time already committed when the step routes (its prefetches still in
+    flight), so that `auto` does not queue a copy behind them where the idle host would be sooner.
+    The host queue starts empty: each layer step waits for its host results before the next."""
+    if mode == "off" or not loads:
+        return [Placement(p, "copy") for p in loads]
+    if mode == "host-only":
+        return [Placement(p, "host") for p in loads]
+    if costs is None:
+        raise ValueError("hybrid auto needs LoadCosts")
+    link, host = link_backlog_s, costs.handoff_s
+    out = []
+    for p in loads:
+        copied = link + costs.copy_s(p.load)
+        hosted = host + costs.host_s(p.load)
+        if hosted + costs.handoff_s < copied:
+            host = hosted
+            out.append(Placement(p, "host"))
+        else:
+            link = copied
+            out.append(Placement(p, "copy"))
+    return out

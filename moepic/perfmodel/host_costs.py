@@ -1,0 +1,72 @@
+"""What copying an expert costs against computing it on the host: the prices `place_loads`
+(moepic/cache/placement.py) decides with, and the latency model and simulator time with. Pure.
+
+    copy      link latency + bytes / link bandwidth                          (as every copy is priced)
+    host      hand-off per call + max(bytes / host expert rate,  flops / host matmul rate)
+    hand-off  the tokens' input to the host, and a result back to the device (host.result_latency_us)
+
+The host streams expert weights from the same DRAM that host→device copies read, so while the
+link is busy the host's expert rate is at most what the copies leave of the DRAM bandwidth (never
+below half of it: the memory controller shares it between the two): `shared_dram_gbps`. It is
+priced so always — a layer that hosts experts is one whose link is busy — which errs toward
+copying when the link is in fact idle.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from moepic.cache.layout import LayerCacheLayout
+from moepic.cache.placement import LoadCosts
+from moepic.errors import ConfigError
+from moepic.perfmodel.hardware import HardwareProfile, HostProfile
+
+
+def shared_dram_gbps(host: HostProfile, link_gbps: float, dtype_bytes: int) -> float:
+    """The host's expert rate (10⁹ weight bytes/s) with host→device copies reading the same DRAM."""
+    return min(host.expert_gbps(dtype_bytes), max(host.memory_gbps - link_gbps, host.memory_gbps / 2))
+
+
+@attrs.frozen(kw_only=True)
+class HostPricing:
+    """Prices of the two ways to run a loaded expert, for one machine (link + host) and dtype."""
+
+    host: HostProfile
+    link_gbps: float
+    link_latency_us: float
+    dtype_bytes: int
+    _costs: dict = attrs.field(factory=dict, init=False, repr=False, eq=False)  # (layer, tokens) → LoadCosts
+
+    @classmethod
+    def of(cls, hw: HardwareProfile, dtype_bytes: int) -> HostPricing:
+        if hw.host is None:
+            raise ConfigError(f"hardware profile {hw.name!r} describes no host CPU; give --host NAME|FILE")
+        return cls(host=hw.host, link_gbps=hw.link_gbps, link_latency_us=hw.link_latency_us, dtype_bytes=dtype_bytes)
+
+    @property
+    def handoff_s(self) -> float:
+        return (self.host.result_latency_us or 0.0) * 1e-6
+
+    def copy_s(self, nbytes: int) -> float:
+        return self.link_latency_us * 1e-6 + nbytes / (self.link_gbps * 1e9)
+
+    def host_s(self, nbytes: int, tokens: int) -> float:
+        """One host call over `nbytes` of expert weights for `tokens` tokens."""
+        stream_s = nbytes / (shared_dram_gbps(self.host, self.link_gbps, self.dtype_bytes) * 1e9)
+        if tokens > 1:
+            gflops = self.host.matmul_gflops
+            # 2 flops per weight per token; without a matmul rate each token streams the weights again.
+            compute_s = 2 * nbytes / self.dtype_bytes * tokens / (gflops * 1e9) if gflops else tokens * stream_s
+            stream_s = max(stream_s, compute_s)
+        return self.host.call_overhead_us * 1e-6 + stream_s
+
+    def load_costs(self, layout: LayerCacheLayout, tokens: int) -> LoadCosts:
+        key = (layout.layer, layout.top_neurons, tokens)
+        costs = self._costs.get(key)
+        if costs is None:
+            costs = self._costs[key] = LoadCosts(
+                copy_whole_s=self.copy_s(layout.expert_bytes), copy_bottom_s=self.copy_s(layout.bottom_bytes),
+                host_whole_s=self.host_s(layout.expert_bytes, tokens), host_bottom_s=self.host_s(layout.bottom_bytes, tokens),
+                handoff_s=self.handoff_s,
+            )
+        return costs
