@@ -16,7 +16,7 @@ import attrs
 from moepic.cache.layout import budget_bytes
 from moepic.policies import POLICIES, PolicyConfig
 from moepic.predictors import PREDICTORS, PredictorConfig
-from moepic.ranges import LINK_GBPS, LINK_LATENCY_US, SEED, THETA, Range
+from moepic.ranges import HOST_THREADS, LINK_GBPS, LINK_LATENCY_US, SEED, THETA, Range
 from moepic.structure import load_layers
 
 
@@ -94,7 +94,7 @@ class CacheConfig:
     # With the host in the sum, results equal the dense model's up to floating-point rounding.
     hybrid: Literal["off", "auto", "host-only"] = "off"
     # Host worker threads for hybrid runs; None: the physical cores left after the main thread.
-    host_threads: int | None = attrs.field(default=None, validator=Range(1, 4096, whole=True))
+    host_threads: int | None = attrs.field(default=None, validator=HOST_THREADS)
     # The host profile pricing `auto` on a CUDA device (a bundled name or a YAML file, as `--host`);
     # None: measured at start-up. On a CPU device the host is the device: not allowed.
     host: str | None = None

@@ -74,4 +74,5 @@ RECALL = Range(0, 1)
 LINK_GBPS = Range(0, 10_000, low_open=True)  # 10 TB/s: far above any host link
 LINK_LATENCY_US = Range(0, 1e6)  # one second per copy
 CONTEXT_TOKENS = Range(0, 2**24, whole=True)  # 16 Mi tokens: beyond any model's context
+HOST_THREADS = Range(1, 4096, whole=True)  # host worker threads (hybrid runs, moepic profile)
 SEED = Range(0, 2**64 - 1, whole=True)  # what torch.Generator.manual_seed accepts

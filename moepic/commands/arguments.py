@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moepic.errors import ConfigError
+from moepic.ranges import HOST_THREADS
 
 
 class Parser(argparse.ArgumentParser):
@@ -200,8 +201,27 @@ def add_hardware(parser, help: str = "a bundled profile ({profiles}) or a YAML f
     action.fills = {"profiles": _known_hardware}
     host = parser.add_argument("--host", metavar="NAME|FILE", help=(
         "host CPU profile: a bundled one ({hosts}), or a YAML file (a host profile, or one from `moepic profile`); "
-        "it replaces the --hardware profile's own host section (host compute is not yet modelled: misses are copied)"))
+        "it replaces the --hardware profile's own host section"))
     host.fills = {"hosts": _known_hosts}
+
+
+def _hybrid_mode(text: str) -> str:
+    from moepic.cache.placement import HYBRID_MODES
+
+    if text not in HYBRID_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(HYBRID_MODES)}, got {text!r}")
+    return text
+
+
+def add_hybrid(parser, *, threads: bool = False) -> None:
+    """`--hybrid` (cache.hybrid), and on the engine `--host-threads` (cache.host_threads)."""
+    parser.add_argument("--hybrid", type=_hybrid_mode, metavar="off|auto|host-only", help=(
+        "where missed experts and bottoms run: copied to the device (off), computed on the host CPU where that is "
+        "sooner (auto), or always on the host (host-only)"))
+    if threads:
+        action = parser.add_argument("--host-threads", type=HOST_THREADS.parse, metavar="N",
+                                     help="host worker threads for hybrid runs")
+        action.shows = "the physical cores less one"
 
 
 def hardware_profile(args):

@@ -9,11 +9,10 @@ from __future__ import annotations
 from moepic.commands import arguments
 from moepic.errors import ConfigError
 from moepic.outputs import check_writable
-from moepic.ranges import LINK_GBPS, LINK_LATENCY_US, Range
+from moepic.ranges import HOST_THREADS, LINK_GBPS, LINK_LATENCY_US
 
 NAME = "profile"
 HELP = "measure this machine's copy and compute speeds (a hardware profile, with its host CPU)"
-HOST_THREADS = Range(1, 4096, whole=True)
 
 
 def add_parser(subparsers):
