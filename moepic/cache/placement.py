@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 
 import attrs
 
-from moepic.cache.planner import ExpertPlan
+from moepic.cache.planner import FREE, ExpertPlan, LayerCache, LayerPlan
 
 Hybrid = Literal["off", "auto", "host-only"]
 HYBRID_MODES: tuple[Hybrid, ...] = ("off", "auto", "host-only")
@@ -47,6 +47,7 @@ class LoadCosts:
     host_whole_s: float  # on the host worker threads
     host_bottom_s: float
     handoff_s: float  # the tokens' input to the host before it starts; a result back to the device after
+    fill_s: float  # a top segment copied into its slot
 
     def copy_s(self, part: str) -> float:
         return self.copy_whole_s if part == "whole" else self.copy_bottom_s
@@ -58,12 +59,10 @@ class LoadCosts:
 class Placement(NamedTuple):  # a tuple: the simulator makes one per load, ~10⁵ a second
     plan: ExpertPlan
     place: Place
-
-    @property
-    def fill(self) -> bool:
-        """A host-computed miss the planner admitted: its top is copied into its slot in the
-        background (not urgent), so that the cache holds what the policy chose."""
-        return self.place == "host" and self.plan.outcome == "miss" and self.plan.slot is not None
+    # A host-computed miss the planner admitted whose top is copied into its slot, behind the
+    # step's copies: only where the link would otherwise wait for the host (`place_loads`), else
+    # the admission is withdrawn (`settle_fills`), so the link never slows a step to fill a cache.
+    fill: bool = False
 
     @property
     def way(self) -> Way:
@@ -82,34 +81,64 @@ def way_of(plan: ExpertPlan, place: Place | None) -> Way:
 def check_mode(mode: str, costs_given: bool) -> Hybrid:
     if mode not in HYBRID_MODES:
         raise ValueError(f"hybrid must be one of {', '.join(HYBRID_MODES)}, got {mode!r}")
-    if mode == "auto" and not costs_given:
-        raise ValueError("hybrid auto needs the costs of copying and of host compute (a hardware and host profile)")
+    if mode != "off" and not costs_given:
+        raise ValueError(f"hybrid {mode} needs the costs of copying and of host compute (a hardware and host profile)")
     return mode  # type: ignore[return-value]
 
 
 def place_loads(
-    loads: Sequence[ExpertPlan], mode: Hybrid, costs: LoadCosts | None = None, *, link_backlog_s: float = 0.0
+    loads: Sequence[ExpertPlan], mode: Hybrid, costs: LoadCosts | None = None, *, link_busy_s: float = 0.0
 ) -> list[Placement]:
-    """Each of `loads` (a step's demand loads, in plan order) on the link or the host.
+    """Each of `loads` — a step's demand loads, in plan order — on the link or the host.
 
-    `link_backlog_s`: link time already committed when the step routes (its prefetches still in
-    flight), so that `auto` does not queue a copy behind them where the idle host would be sooner.
-    The host queue starts empty: each layer step waits for its host results before the next."""
+    In a hybrid run a step's prefetches that have not started are withdrawn when it routes and
+    placed here as demand loads (copying one again costs what it would have cost queued);
+    `link_busy_s` is the copy time of those under way, which the link finishes first (each priced
+    whole: neither engine nor simulator knows how far a copy has got). The host queue starts
+    empty: each layer step waits for its host results before the next."""
     if mode == "off" or not loads:
         return [Placement(p, "copy") for p in loads]
-    if mode == "host-only":
-        return [Placement(p, "host") for p in loads]
     if costs is None:
-        raise ValueError("hybrid auto needs LoadCosts")
-    link, host = link_backlog_s, costs.handoff_s
-    out = []
+        raise ValueError(f"hybrid {mode} needs LoadCosts")
+    link, host = link_busy_s, costs.handoff_s
+    placed: list[tuple[ExpertPlan, Place]] = []
     for p in loads:
         copied = link + costs.copy_s(p.load)
         hosted = host + costs.host_s(p.load)
-        if hosted + costs.handoff_s < copied:
+        if mode == "host-only" or hosted + costs.handoff_s < copied:
             host = hosted
-            out.append(Placement(p, "host"))
+            placed.append((p, "host"))
         else:
             link = copied
-            out.append(Placement(p, "copy"))
+            placed.append((p, "copy"))
+    # Fills, in plan order, while the link would finish them before the host's last result.
+    out = []
+    for p, place in placed:
+        fill = False
+        if place == "host" and p.outcome == "miss" and p.slot is not None and link + costs.fill_s <= host + costs.handoff_s:
+            link += costs.fill_s
+            fill = True
+        out.append(Placement(p, place, fill))
     return out
+
+
+def link_share(costs: LoadCosts, part: str = "whole") -> float:
+    """The share of a layer's loads the link should carry so that it and the host finish together:
+    its rate over both rates. A hybrid run prefetches only that share of what is named."""
+    return (1 / costs.copy_s(part)) / (1 / costs.copy_s(part) + 1 / (costs.host_s(part) + 2 * costs.handoff_s))
+
+
+def settle_fills(plan: LayerPlan, cache: LayerCache, placed: Sequence[Placement]) -> tuple[LayerPlan, LayerCache]:
+    """The plan and cache after the step's placements: a host-computed miss the planner admitted
+    but that is not filled is not admitted after all. Its slot goes back to the expert it evicted
+    (nothing has overwritten that top), or stays free; the plan counts neither."""
+    dropped = {pl.plan.slot: pl.plan.expert for pl in placed if pl.place == "host" and pl.plan.admitted and not pl.fill}
+    if not dropped:
+        return plan, cache
+    slots_S = list(cache.slots_S)
+    victims = {slot: e for e, slot in plan.evicted}
+    for slot in dropped:
+        slots_S[slot] = victims.get(slot, FREE)
+    experts = tuple(p._replace(slot=None) if p.slot in dropped and p.outcome == "miss" else p for p in plan.experts)
+    evicted = tuple((e, slot) for e, slot in plan.evicted if slot not in dropped)
+    return plan._replace(experts=experts, evicted=evicted), LayerCache(tuple(slots_S))

@@ -19,6 +19,7 @@ schedule says only "drop".
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
+import math
 from typing import Literal
 
 import attrs
@@ -70,6 +71,9 @@ class PrefetchTarget:
     cache: LayerCache
     experts: Sequence[int]  # named, best first (at most k′)
     on_the_way: Container[int]  # experts already prefetched for it by an earlier layer
+    # Hybrid runs: the share of its loads the link should carry (placement.link_share); the rest
+    # is left to the host, which computes them when the layer routes. 1: prefetch all.
+    link_share: float = 1.0
 
 
 @attrs.frozen
@@ -88,13 +92,13 @@ def plan_prefetches(targets: Iterable[PrefetchTarget], room: int) -> list[Prefet
         return out
     for target in targets:
         issued: set[int] = set()
-        for e in target.experts:
+        wanted = [e for e in dict.fromkeys(target.experts) if prefetch_part(target.layout, target.cache, e) is not None]
+        # The link's share of the named loads, rounded half up (one of two at a share ≥ 0.5).
+        allowed = len(wanted) if target.link_share >= 1 else math.floor(len(wanted) * target.link_share + 0.5)
+        for e in wanted[:allowed]:
             if e in target.on_the_way or e in issued:
                 continue  # already on its way
-            part = prefetch_part(target.layout, target.cache, e)
-            if part is None:
-                continue  # a whole-expert hit: nothing to copy
-            out.append(Prefetch(target.key, e, part))
+            out.append(Prefetch(target.key, e, prefetch_part(target.layout, target.cache, e)))
             issued.add(e)
             if len(out) == room:
                 return out

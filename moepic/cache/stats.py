@@ -11,6 +11,8 @@ from collections.abc import Collection, Iterable
 
 import attrs
 
+from moepic.cache.layout import LayerCacheLayout
+from moepic.cache.placement import Placement
 from moepic.cache.planner import LayerPlan
 
 
@@ -106,3 +108,28 @@ class PredictionCounts:
     @property
     def precision(self) -> float | None:
         return self.correct / self.predicted if self.predicted else None
+
+
+@attrs.define
+class HostCounts:
+    """A layer's hybrid counters (moepic/cache/placement.py), the engine's and the simulator's alike."""
+
+    experts: int = 0  # routed experts computed whole on the host
+    bottoms: int = 0  # partial hits whose bottom the host computed
+    bytes: int = 0  # expert weight bytes the host computed with (not copied)
+    fills: int = 0  # host-computed misses whose top was then copied into their slot
+    fill_bytes: int = 0
+    seconds: float = 0.0  # the host's busy time
+
+    def add(self, placements: Iterable[Placement], layout: LayerCacheLayout, seconds: float = 0.0) -> None:
+        for p in placements:
+            if p.place != "host":
+                continue
+            whole = p.plan.load == "whole"
+            self.experts += whole
+            self.bottoms += not whole
+            self.bytes += layout.expert_bytes if whole else layout.bottom_bytes
+            if p.fill:
+                self.fills += 1
+                self.fill_bytes += layout.top_bytes
+        self.seconds += seconds

@@ -155,9 +155,10 @@ def run_sim(config: ExperimentConfig) -> dict:
         context_tokens=context,
     )
     start = time.perf_counter()
-    ready = prepare(config.setup(), testbed)
+    setup = config.setup()
+    ready = prepare(setup, testbed)
     configured = time.perf_counter()
-    result = simulate(trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor)
+    result = simulate(trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=setup.hybrid)
     summary = result.summary()
     metrics = {
         "ms_per_token": summary["ms_per_token"],

@@ -67,6 +67,6 @@ class HostPricing:
             costs = self._costs[key] = LoadCosts(
                 copy_whole_s=self.copy_s(layout.expert_bytes), copy_bottom_s=self.copy_s(layout.bottom_bytes),
                 host_whole_s=self.host_s(layout.expert_bytes, tokens), host_bottom_s=self.host_s(layout.bottom_bytes, tokens),
-                handoff_s=self.handoff_s,
+                handoff_s=self.handoff_s, fill_s=self.copy_s(layout.top_bytes),
             )
         return costs

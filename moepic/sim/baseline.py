@@ -40,6 +40,7 @@ class Setup:
     # predicts fastest on the profiling trace is used (`policy` is then the first).
     policy_choices: tuple[PolicyConfig, ...] = ()
     budget: str | float | tuple[str | float, ...] | None = None  # a run config's own; --budget replaces it
+    hybrid: str = "off"  # where loads run (moepic/cache/placement.py); --hybrid replaces it
 
 
 @attrs.frozen(kw_only=True)
@@ -64,7 +65,7 @@ class SystemConfig:
         return Setup(
             name=name, approximates=self.approximates, theta=self.cache.theta, policy=choices[0] if choices else self.cache.policy,
             policy_choices=choices if len(choices) > 1 else (), predictor=self.cache.predictor,
-            configurator=self.configurator, budget=self.cache.budget,
+            configurator=self.configurator, budget=self.cache.budget, hybrid=self.cache.hybrid,
         )
 
 

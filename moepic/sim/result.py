@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 
 from moepic.cache.layout import CacheLayout, LayerCacheLayout
-from moepic.cache.stats import LayerCacheStats, PredictionCounts, summary
+from moepic.cache.stats import HostCounts, LayerCacheStats, PredictionCounts, summary
 
 
 class Counters:
@@ -23,6 +23,7 @@ class Counters:
         self.decode = [LayerCacheStats(layer=l.layer) for l in layers]  # one-token steps
         self.prefill = list(self.decode)
         self.predicted = [PredictionCounts() for _ in layers]  # decode steps
+        self.host = [HostCounts() for _ in layers]  # decode steps
         self.demand = self.prefetch = self.wasted = self.kept_bytes = 0  # bytes, as the engine counts them
         self.cancelled = self.kept_count = 0
 
@@ -30,7 +31,10 @@ class Counters:
         self.kept_count += 1
         self.kept_bytes += nbytes
 
-    def result(self, *, token_s, exposed_s, layer_time_L, exposed_L, predictor_s: float, layout: CacheLayout) -> SimResult:
+    def result(
+        self, *, token_s, exposed_s, layer_time_L, exposed_L, predictor_s: float, layout: CacheLayout, hybrid: str = "off",
+        host_s=None, host_wait_s=None,
+    ) -> SimResult:
         def ratio(a, b):
             return a / b if b else None
 
@@ -53,6 +57,10 @@ class Counters:
             kept_prefetch_bytes=self.kept_bytes,
             overall_recall=ratio(sum(r.correct for r in self.predicted), sum(r.routed for r in self.predicted)),
             overall_precision=ratio(sum(r.correct for r in self.predicted), sum(r.predicted for r in self.predicted)),
+            hybrid=hybrid,
+            host=tuple(self.host),
+            host_s=np.zeros(len(token_s)) if host_s is None else host_s,
+            host_wait_s=np.zeros(len(token_s)) if host_wait_s is None else host_wait_s,
         )
 
 
@@ -76,6 +84,10 @@ class SimResult:
     cancelled_prefetches: int
     kept_prefetches: int
     kept_prefetch_bytes: int
+    hybrid: str = "off"  # where loads ran (moepic/cache/placement.py)
+    host: tuple[HostCounts, ...] = ()  # per MoE layer, decode steps
+    host_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode tokens] the host's busy time
+    host_wait_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode tokens] of which the device waited for
 
     @property
     def tokens(self) -> int:
@@ -104,14 +116,24 @@ class SimResult:
             "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
             "cancelled_prefetches": self.cancelled_prefetches,
             "kept_prefetches": self.kept_prefetches,
+            "hybrid": self.hybrid,
+            "host_experts": sum(h.experts for h in self.host),
+            "host_bottoms": sum(h.bottoms for h in self.host),
+            "fill_bytes": sum(h.fill_bytes for h in self.host),
+            "decode_host_s_per_token": float(self.host_s.mean()) if self.tokens else None,
+            "host_ms_per_token": float(self.host_s.mean() * 1e3) if self.tokens else None,
+            "host_wait_ms_per_token": float(self.host_wait_s.mean() * 1e3) if self.tokens else None,
             "cache_bytes": self.layout.cache_bytes,
             "staging_bytes": self.layout.staging_bytes,
             "layers": [
                 {"layer": l.layer, "theta": l.theta, "slots": l.slots, "hit_rate": s.hit_rate,
                  "bytes_loaded_per_token": s.bytes_loaded / self.tokens if self.tokens else 0.0,
-                 "recall": r, "precision": p, "ms_per_token": float(t * 1e3), "exposed_copy_ms_per_token": float(x * 1e3)}
-                for l, s, r, p, t, x in zip(
-                    self.layout.layers, self.decode, self.recall, self.precision, self.layer_s, self.layer_exposed_s
+                 "recall": r, "precision": p, "ms_per_token": float(t * 1e3), "exposed_copy_ms_per_token": float(x * 1e3),
+                 "host_experts": h.experts, "host_bottoms": h.bottoms,
+                 "host_ms_per_token": h.seconds * 1e3 / self.tokens if self.tokens else 0.0}
+                for l, s, r, p, t, x, h in zip(
+                    self.layout.layers, self.decode, self.recall, self.precision, self.layer_s, self.layer_exposed_s,
+                    self.host or [HostCounts()] * len(self.layout.layers),
                 )
             ],
         }

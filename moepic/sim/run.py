@@ -53,6 +53,11 @@ class Testbed:
     recall: float | tuple[float, ...] | None = None  # a noisy_oracle's (per MoE layer), standing in for a predictor that cannot run here
     model: object | None = None  # a loaded model (weights), for gate_lookahead/mlp on recorded router inputs
     context_tokens: int = 512
+    hybrid: str | None = None  # global: where loads run; None: the setup's own
+
+
+def hybrid_of(setup: Setup, testbed: Testbed) -> str:
+    return testbed.hybrid if testbed.hybrid is not None else setup.hybrid
 
 
 def resolve_predictor(config: PredictorConfig, testbed: Testbed):
@@ -142,7 +147,9 @@ def run_setup(setup: Setup, testbed: Testbed) -> SetupRun:
     start = time.perf_counter()
     ready = prepare(setup, testbed)
     configured = time.perf_counter()
-    result = simulate(testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor)
+    result = simulate(
+        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed)
+    )
     return SetupRun(result, configured - start, time.perf_counter() - configured)
 
 

@@ -22,8 +22,14 @@ Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's 
 - Times come from `ModelTimes` (perfmodel/latency.py) of the same hardware profile, so the
   simulator and the latency model price every part alike; the simulator adds what the model
   averages away: which copies queue behind which, and each token's own misses.
+- Hybrid runs (moepic/cache/placement.py, the engine's rule): the demand loads are placed on the
+  link or on the host, a third resource. The host starts a layer's jobs once its tokens' input
+  has reached it (hand-off), runs them one after another (host_costs.py prices them, with the
+  DRAM the link shares), and the device, having computed its own experts (and the cached tops of
+  host-computed bottoms), waits for the last result to come back. A host-computed miss the
+  planner admitted has its top filled into its slot behind the prefetches, on the link.
 - Each step starts with an idle link: every copy of a token is either used by it or cancelled,
-  except a wrong prefetch of the last layer still in flight (rare, and it cannot delay compute).
+  except a wrong prefetch or a fill of the last layers still in flight (they cannot delay compute).
 """
 
 from __future__ import annotations
@@ -32,18 +38,23 @@ import attrs
 import numpy as np
 
 from moepic.cache.layout import CacheLayout
+from moepic.cache.placement import Hybrid, check_mode, link_share, place_loads, settle_fills
 from moepic.cache.planner import initial_residency, plan_layer_step
 from moepic.cache.schedule import (
     Part, PrefetchTarget, admission_candidates, demand_in_flight, demand_loads, demand_reserve, plan_prefetches,
     prefetch_fates, prefetch_room, top_copy,
 )
 from moepic.perfmodel.hardware import HardwareProfile
+from moepic.perfmodel.host_costs import HostPricing
 from moepic.perfmodel.latency import ModelTimes
 from moepic.policies.base import CachePolicy, priority_series
 from moepic.predictors.base import NoPredictor, Predictor, merge_votes
 from moepic.sim.result import Counters, SimResult
 from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
+
+
+FILL = -1  # the target of a fill in the queue of copies not yet started
 
 
 @attrs.frozen
@@ -91,12 +102,17 @@ def simulate(
     times: ModelTimes,
     hw: HardwareProfile,
     predictor: Predictor | None = None,
+    *,
+    hybrid: Hybrid = "off",
 ) -> SimResult:
     """Replay `trace` through the cache `layout` and `policy`, prefetching what `predictor` names
-    (its `trace_predictions_ahead`: each MoE layer for the next `horizon` ones)."""
+    (its `trace_predictions_ahead`: each MoE layer for the next `horizon` ones); with `hybrid`,
+    demand loads run on the host where moepic/cache/placement.py says (priced by `hw.host`)."""
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
+    pricing = HostPricing.of(hw, layout.dtype_bytes) if hybrid != "off" else None
+    check_mode(hybrid, pricing is not None)
     candidates = predictor.candidates
     steps = trace_steps(trace)
     layers = layout.layers
@@ -126,18 +142,25 @@ def simulate(
     whole_s = [latency + l.expert_bytes / link_Bps for l in layers]
     bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
+    fill_s = [latency + l.top_bytes / link_Bps for l in layers]
     # A layer runs the predictor once per layer ahead it names experts for.
     predictor_L = [times.predictor_s * len(issues[c]) for c in range(L)]
     layer_s = [times.layer_s + predictor_L[c] for c in range(L)]
     expert_s = times.expert_s
+    # A cached top computed alone (its bottom on the host): the launch, and θ of the weights.
+    launch_s = hw.expert_overhead_us * 1e-6
+    top_expert_s = [launch_s + l.theta * max(0.0, expert_s - launch_s) for l in layers]
     # The engine's own host work (hardware.py): per planned step, and per loaded expert.
     step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
     load_s = hw.load_us * 1e-6
     caches = [initial_residency(policy, l).cache for l in layers]
+    share_of = [link_share(pricing.load_costs(l, 1)) if pricing is not None and hybrid == "auto" else 1.0 for l in layers]
+    if hybrid == "host-only":
+        share_of = [0.0] * L
     staging = layout.staging_experts
     reserve = demand_reserve(staging, predictor)
     counters = Counters(layers)
-    token_s, exposed_s = [], []
+    token_s, exposed_s, host_busy_s, host_wait_s = [], [], [], []
     layer_time_L = [0.0] * L
     exposed_L = [0.0] * L
 
@@ -146,10 +169,11 @@ def simulate(
     for s in range(steps.num_steps):
         decode, tokens = decode_S[s], tokens_S[s]
         stats_L = counters.decode if decode else counters.prefill
-        t = exposed = 0.0
+        t = exposed = host_busy = host_wait = 0.0
         # Per target column: expert → its prefetch on the link. Copies run in issue order on one
         # link, each scheduled when issued and moved back when a demand copy goes first.
         pending: list[dict[int, _Copy]] = [{} for _ in range(L)]
+        fills: dict[tuple[int, int], _Copy] = {}  # (column, expert): a host-computed miss's top on its way to its slot
         order = 0
         for c in range(L):
             r = t + layer_s[c] + step_s[c]
@@ -191,14 +215,40 @@ def simulate(
                         link = p.end if p.end > link else link
                     else:
                         waiting.append((p.order, later, e))
+            for key, f in fills.items():  # fills queue with the prefetches
+                if f.start < r:
+                    link = f.end if f.end > link else link
+                else:
+                    waiting.append((f.order, FILL, key))
+            hosted = ()
+            if pricing is not None:
+                # Hybrid: this layer's prefetches not yet started are withdrawn and placed with its
+                # demand loads; those under way and not landed keep the link busy first.
+                here = pending[c]
+                for e in [e for e, p in here.items() if p.start >= r]:
+                    counters.cancelled += 1
+                    prefetch -= here.pop(e).nbytes
+                waiting = [w for w in waiting if w[1] != c or w[2] in here]
+                busy = sum(pricing.copy_s(p.nbytes) for p in here.values() if p.end > r)
+                placed = place_loads(demand_loads(plan, here), hybrid, pricing.load_costs(layers[c], tokens), link_busy_s=busy)
+                plan, caches[c] = settle_fills(plan, caches[c], placed)
+                loads = [pl.plan for pl in placed if pl.place == "copy"]
+                hosted = [pl for pl in placed if pl.place == "host"]
+                costs = pricing.load_costs(layers[c], tokens)
+            else:
+                loads = demand_loads(plan, pending[c])
             matched = len(pending[c])
             demanded = 0
-            for p in demand_loads(plan, pending[c]):  # urgent: ahead of prefetches not yet started
+            for p in loads:  # urgent: ahead of prefetches not yet started
                 link += whole_s[c] if p.load == "whole" else bottom_s[c]
                 ready[p.expert] = link
                 demand += p.bytes_loaded
                 demanded += 1
-            for _, target, e in sorted(waiting):  # then the prefetches not yet started, in issue order
+            for _, target, e in sorted(waiting):  # then the prefetches (and fills) not yet started, in issue order
+                if target == FILL:
+                    fills[e] = fills[e].moved_to(link)
+                    link = fills[e].end
+                    continue
                 p = pending[target][e] = pending[target][e].moved_to(link)
                 link = p.end
                 if target == c:
@@ -207,7 +257,7 @@ def simulate(
             # demand copies its reserve lets start, later layers their prefetches.
             free = staging - matched - demand_in_flight(matched, demanded, reserve) - held_later
             targets = (
-                PrefetchTarget(target, layers[target], caches[target], per_step[s], pending[target])
+                PrefetchTarget(target, layers[target], caches[target], per_step[s], pending[target], share_of[target])
                 for target, per_step in issues[c]
             )
             for p in plan_prefetches(targets, prefetch_room(free, reserve)):
@@ -219,10 +269,27 @@ def simulate(
                 link = end
                 prefetch += nbytes
             pending[c] = {}
-            # Compute: each expert once its copy has landed (and its top has joined it).
+            host_ready, host_experts = r, set()
+            if hosted:  # the host's queue: hand-off, its jobs in order, the last result back
+                host_clock = r + costs.handoff_s
+                for pl in hosted:
+                    host_clock += costs.host_s(pl.plan.load)
+                    host_experts.add(pl.plan.expert)
+                    if pl.fill:  # behind this layer's prefetches on the link
+                        fills[c, pl.plan.expert] = _Copy("whole", link, link + fill_s[c], layers[c].top_bytes, order)
+                        order += 1
+                        link += fill_s[c]
+                host_ready = host_clock + costs.handoff_s
+                if decode:
+                    host_busy += host_clock - r - costs.handoff_s
+                    counters.host[c].add(hosted, layers[c], host_clock - r - costs.handoff_s)
+            # Compute: each expert once its copy has landed (and its top has joined it); the host's
+            # experts last (the engine hands them out last), then their results.
             stats_L[c] = stats_L[c].add(plan, tokens)
             clock, exposed_before = r, exposed
             for p in experts:
+                if p.expert in host_experts:
+                    continue
                 if p.load != "none":
                     landed = ready[p.expert]
                     if landed > clock:
@@ -234,6 +301,13 @@ def simulate(
                 clock += expert_s
             if plan.kept:
                 clock += top_device_s[c] * len(plan.kept)
+            if hosted:
+                clock += sum(top_expert_s[c] + load_s for pl in hosted if pl.plan.load == "bottom")
+                clock += load_s * sum(pl.plan.load == "whole" for pl in hosted)
+                if host_ready > clock:
+                    if decode:
+                        host_wait += host_ready - clock
+                    clock = host_ready
             if decode:
                 layer_time_L[c] += clock - t
                 exposed_L[c] += exposed - exposed_before
@@ -241,8 +315,11 @@ def simulate(
         if decode:
             token_s.append(t + times.rest_s)
             exposed_s.append(exposed)
+            host_busy_s.append(host_busy)
+            host_wait_s.append(host_wait)
     counters.demand, counters.prefetch, counters.wasted = demand, prefetch, wasted
     return counters.result(
         token_s=np.array(token_s), exposed_s=np.array(exposed_s), layer_time_L=np.array(layer_time_L),
-        exposed_L=np.array(exposed_L), predictor_s=sum(predictor_L), layout=layout
+        exposed_L=np.array(exposed_L), predictor_s=sum(predictor_L), layout=layout, hybrid=hybrid,
+        host_s=np.array(host_busy_s), host_wait_s=np.array(host_wait_s),
     )
