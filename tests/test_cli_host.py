@@ -15,9 +15,6 @@ from moepic.tracing import save_trace
 from moepic.tracing.synthetic import SyntheticRouting, generate_trace
 from tests_support import cli_error
 
-NOT_MODELLED = "(host compute not yet modelled: misses are copied)"
-
-
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory) -> str:
     """A small Mixtral-shaped synthetic trace (32 MoE layers, 8 experts, top-2)."""
@@ -69,9 +66,9 @@ def test_a_hardware_yaml_with_a_host_section_carries_it_without_the_flag(capsys,
     assert json.loads(_output(capsys, [*argv, "--host", "server-amx"]))["host"] == "server-amx"
 
 
-def test_simulate_text_says_the_host_is_not_modelled_yet(capsys, trace):
+def test_simulate_text_names_the_host_profile(capsys, trace):
     out = _output(capsys, _argv("simulate", trace, "--host", "desktop-ddr5"))
-    assert out.rstrip("\n").splitlines()[-1] == f"host: desktop-ddr5 {NOT_MODELLED}"
+    assert out.rstrip("\n").splitlines()[-1] == "host: desktop-ddr5"
     assert "host:" not in _output(capsys, _argv("simulate", trace))
 
 

@@ -189,7 +189,7 @@ def _known_hardware() -> str:
     return ", ".join(known_profiles())
 
 
-def _known_hosts() -> str:
+def known_host_names() -> str:
     from moepic.perfmodel.hardware import known_hosts
 
     return ", ".join(known_hosts())
@@ -202,7 +202,7 @@ def add_hardware(parser, help: str = "a bundled profile ({profiles}) or a YAML f
     host = parser.add_argument("--host", metavar="NAME|FILE", help=(
         "host CPU profile: a bundled one ({hosts}), or a YAML file (a host profile, or one from `moepic profile`); "
         "it replaces the --hardware profile's own host section"))
-    host.fills = {"hosts": _known_hosts}
+    host.fills = {"hosts": known_host_names}
 
 
 def _hybrid_mode(text: str) -> str:
@@ -246,9 +246,9 @@ def host_name(hw) -> str | None:
 
 
 def host_lines(report: dict) -> list[str]:
-    """The text a report with a host profile ends with: that the profile is carried but not yet used."""
+    """The text a report with a host profile ends with: which one priced host compute."""
     host = report.get("host")
-    return [] if host is None else [f"host: {host} (host compute not yet modelled: misses are copied)"]
+    return [] if host is None else [f"host: {host}"]
 
 
 def add_budget(parser, help: str, *, required: bool = False) -> None:

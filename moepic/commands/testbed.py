@@ -11,6 +11,7 @@ Side effects: reads the files; the deprecated --model-shape prints a note.
 from __future__ import annotations
 
 from moepic.commands import arguments
+from moepic.errors import ConfigError
 from moepic.ranges import CONTEXT_TOKENS
 
 
@@ -24,6 +25,7 @@ def add_arguments(parser) -> None:
     arguments.add_recall(parser, "where the trace has no router inputs or --model gives no weights, a noisy_oracle "
                          "of this recall stands in for gate_lookahead/mlp")
     parser.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache tokens the attention time assumes")
+    arguments.add_hybrid(parser)
     arguments.add_json(parser)
 
 
@@ -60,6 +62,9 @@ def from_args(args):
     arguments.check_budget_form(args.budget)  # before any file is read
     shape, weights = _shape_and_weights(args)
     hw = arguments.hardware_profile(args)
+    if args.hybrid not in (None, "off") and hw.host is None:
+        raise ConfigError(f"--hybrid {args.hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "
+                          f"(bundled: {arguments.known_host_names()})")
     trace = check_trace_fits(load_any_trace(args.trace, num_experts=shape.spec.moe.num_experts), shape, args.trace)
     recall = arguments.parse_recall(args.recall, len(shape.spec.moe_layers))
     model = None
@@ -70,7 +75,8 @@ def from_args(args):
 
         model = load_model(weights)
         router_inputs(trace, model.spec.hidden_size, args.trace)  # the model's width, or one line naming the trace
-    return Testbed(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context)
+    return Testbed(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context,
+                   hybrid=args.hybrid)
 
 
 def mib(nbytes: float) -> str:

@@ -6,12 +6,26 @@ from __future__ import annotations
 
 PAPER_REDUCTION = (37.51, 65.73)  # % lower latency than Pre-gated MoE, AdapMoE, MoE-Infinity (docs/design.md §7)
 PAPER_SYSTEMS = ("pre-gated", "adapmoe", "moe-infinity")
+HYBRID_SELF = "moepic-hybrid"
 
 
 def result_row(name: str, approximates: str, run) -> dict:
     """One simulated run (sim.run.run_setup's result) as a report row."""
     return {"name": name, "approximates": approximates, "configure_s": run.configure_s, "simulate_s": run.simulate_s,
             "layer_steps_per_s": run.layer_steps_per_s, **run.result.summary()}
+
+
+def hybrid_summary(ms_by_name: dict[str, float]) -> dict | None:
+    """moepic-hybrid against copy-only moepic and the fastest hybrid baseline, where both ran."""
+    from moepic.sim.baseline import HYBRID_ORDER
+
+    ours = ms_by_name.get(HYBRID_SELF)
+    others = {n: ms_by_name[n] for n in HYBRID_ORDER if n != HYBRID_SELF and n in ms_by_name}
+    if ours is None or not others:
+        return None
+    best = min(others, key=others.get)
+    return {"vs_moepic": ours / ms_by_name["moepic"] if "moepic" in ms_by_name else None,
+            "best_hybrid_baseline": best, "vs_best_hybrid_baseline": ours / others[best]}
 
 
 def compare_setups(setups, testbed, *, progress: bool = False) -> dict:
@@ -32,5 +46,6 @@ def compare_setups(setups, testbed, *, progress: bool = False) -> dict:
     }
     return {
         "rows": rows, "moepic_reduction_percent": reductions, "paper_reduction_percent": PAPER_REDUCTION,
+        "hybrid": hybrid_summary(by_name),
         "hardware": testbed.hw.name, "model_shape": testbed.shape.name, "tokens": rows[0]["tokens"] if rows else 0,
     }

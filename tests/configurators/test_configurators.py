@@ -178,7 +178,7 @@ def test_every_configurator_is_registered_and_an_unknown_one_lists_them():
     assert isinstance(CONFIGURATORS, Registry) and CONFIGURATORS.default == "moepic"
     from moepic.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="known: dp, moepic, uniform"):
+    with pytest.raises(ConfigError, match="known: dp, moepic, n_cpu_moe, uniform"):
         CONFIGURATORS.structure_node({"name": "greedy"}, "configurator")
 
 

@@ -18,7 +18,7 @@ from moepic.cli import main
 from moepic.core.footprint import footprint
 from moepic.perfmodel.hardware import PROFILES_DIR, load_profile
 from moepic.perfmodel.latency import model_times
-from moepic.sim.baseline import ORDER
+from moepic.sim.baseline import HYBRID_ORDER, ORDER
 from moepic.sim.shapes import PRESETS, known_shapes
 from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace, load_trace, save_trace
@@ -145,7 +145,8 @@ def test_compare_prints_one_row_per_baseline_with_ratios_to_moepic_and_the_oracl
     for name, row in rows.items():
         assert float(row[3]) == pytest.approx(float(row[1]) / moepic_ms, abs=0.01), name
         assert float(row[4]) == pytest.approx(float(row[1]) / oracle_ms, abs=0.01), name
-    assert rows["on-demand-lru"][-1] == "–" and rows["oracle"][-1] == "100.0%"  # no predictor; a perfect one
+    assert rows["on-demand-lru"][-3] == "–" and rows["oracle"][-3] == "100.0%"  # no predictor; a perfect one
+    assert all(row[-2:] == ["0.0", "0.0"] for row in rows.values())  # copy-only: no host time
     assert lines[-1].startswith("moepic's latency reduction: pre-gated ") and lines[-1].endswith("(the paper reports 37.51–65.73 %)")
     assert len(lines) == 2 + len(ORDER) + 1
 
@@ -240,7 +241,7 @@ def test_an_unknown_preset_is_one_line_listing_the_known(capsys, traces):
 def test_an_unknown_baseline_is_one_line_listing_the_known(capsys, traces, command):
     which = ["--baseline", "magic"] if command == "simulate" else ["--baselines", "moepic,magic"]
     message = cli_error(capsys, [command, *_common(traces["mixtral"], *which, "--budget", "0.5")])
-    assert message == f"unknown baseline 'magic'; known: {', '.join(ORDER)}"
+    assert message == f"unknown baseline 'magic'; known: {', '.join(ORDER + HYBRID_ORDER)}"
 
 
 def test_a_trace_with_more_moe_layers_than_the_shape_is_one_line(capsys, traces):
