@@ -98,6 +98,26 @@ def place_loads(
     empty: each layer step waits for its host results before the next."""
     if mode == "off" or not loads:
         return [Placement(p, "copy") for p in loads]
+    return _greedy(loads, mode, costs, link_busy_s)[0]
+
+
+def loads_finish_s(parts: Sequence[str], mode: Hybrid, costs: LoadCosts, *, link_busy_s: float = 0.0) -> float:
+    """When the last of a step's loads (`parts`: "whole" or "bottom", in order) is ready on the
+    device, placed by `place_loads`'s rule (the latency model's price of a hybrid step)."""
+    if not parts:
+        return 0.0
+    loads = [ExpertPlan(i, "miss" if part == "whole" else "partial", None, part, 0) for i, part in enumerate(parts)]
+    if mode == "off":
+        return link_busy_s + sum(costs.copy_s(part) for part in parts)
+    _, link, host = _greedy(loads, mode, costs, link_busy_s)
+    return max(link, host + costs.handoff_s if host > costs.handoff_s else 0.0)
+
+
+def _greedy(
+    loads: Sequence[ExpertPlan], mode: Hybrid, costs: LoadCosts | None, link_busy_s: float
+) -> tuple[list[Placement], float, float]:
+    """(placements, the link's finish, the host's last job's finish): each load on whichever
+    queue finishes it first (host-only: the host), then fills where the link would idle."""
     if costs is None:
         raise ValueError(f"hybrid {mode} needs LoadCosts")
     link, host = link_busy_s, costs.handoff_s
@@ -111,6 +131,7 @@ def place_loads(
         else:
             link = copied
             placed.append((p, "copy"))
+    loads_done = link
     # Fills, in plan order, while the link would finish them before the host's last result.
     out = []
     for p, place in placed:
@@ -119,7 +140,7 @@ def place_loads(
             link += costs.fill_s
             fill = True
         out.append(Placement(p, place, fill))
-    return out
+    return out, loads_done, host
 
 
 def link_share(costs: LoadCosts, part: str = "whole") -> float:

@@ -101,16 +101,17 @@ class TraceConfiguration:
 
 def configure_on_trace(
     configurator: Configurator, trace, policies, *, hw, times, recall_L, candidates: float, budget_bytes: int,
-    staging_experts: int, progress: Callable[[int], None] = lambda layers: None,
+    staging_experts: int, progress: Callable[[int], None] = lambda layers: None, hybrid: str = "off", dtype_bytes: int = 2,
 ) -> TraceConfiguration:
     """For each candidate policy (one, or `--policy auto`'s): its workload on `trace`, the latency
-    model and the configurator's choice; the fastest predicted wins (`progress`: after each layer)."""
+    model and the configurator's choice; the fastest predicted wins (`progress`: after each layer).
+    `hybrid`: where the run computes its loads (moepic/cache/placement.py), which the latency model prices."""
     best, workload_s, configure_s = None, 0.0, 0.0
     for policy in policies:
         start = time.perf_counter()
         workload = workload_from_trace(trace, policy, recall_L=recall_L, candidates=candidates, progress=lambda done: progress(1))
         workload_s += time.perf_counter() - start
-        latency = LatencyModel(hw, times, workload)
+        latency = LatencyModel(hw, times, workload, hybrid=hybrid, dtype_bytes=dtype_bytes)
         start = time.perf_counter()
         chosen = configure_cache(configurator, latency, budget_bytes, staging_experts)
         configure_s += time.perf_counter() - start

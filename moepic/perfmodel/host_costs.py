@@ -61,12 +61,17 @@ class HostPricing:
         return self.host.call_overhead_us * 1e-6 + stream_s
 
     def load_costs(self, layout: LayerCacheLayout, tokens: int) -> LoadCosts:
-        key = (layout.layer, layout.top_neurons, tokens)
+        return self.costs_for(layout.expert_bytes, layout.top_bytes, tokens)
+
+    def costs_for(self, expert_bytes: int, top_bytes: int, tokens: int) -> LoadCosts:
+        """The prices for experts of `expert_bytes` whose top segment is `top_bytes`."""
+        key = (expert_bytes, top_bytes, tokens)
         costs = self._costs.get(key)
         if costs is None:
+            bottom_bytes = expert_bytes - top_bytes
             costs = self._costs[key] = LoadCosts(
-                copy_whole_s=self.copy_s(layout.expert_bytes), copy_bottom_s=self.copy_s(layout.bottom_bytes),
-                host_whole_s=self.host_s(layout.expert_bytes, tokens), host_bottom_s=self.host_s(layout.bottom_bytes, tokens),
-                handoff_s=self.handoff_s, fill_s=self.copy_s(layout.top_bytes),
+                copy_whole_s=self.copy_s(expert_bytes), copy_bottom_s=self.copy_s(bottom_bytes),
+                host_whole_s=self.host_s(expert_bytes, tokens), host_bottom_s=self.host_s(bottom_bytes, tokens),
+                handoff_s=self.handoff_s, fill_s=self.copy_s(top_bytes),
             )
         return costs

@@ -23,6 +23,14 @@ latency U-shaped in θ: a larger top shrinks every hit's bottom until it hides b
 fewer experts, and a miss's whole expert never hides. The rest of the model is §5's.
 Not modelled: copies and compute of different layers running into each other (each layer starts
 with an idle link), a deeper predictor horizon (it smooths bursts; the mean link load is the same).
+
+Hybrid runs (moepic/cache/placement.py) replace exposed_l + demand_l + assemble_l by the step's
+loads placed on the link and the host by the engine's own rule, for each number j of cached tops
+among the k routed experts (k − j wholes, j bottoms):
+    hybrid_l   = E_j[ loads_finish(j) ]     with the link a·W ahead (the prefetched share of what the
+                                            predictor names arrives during the previous layer)
+so θ now shares an expert's work between the device (its cached top) and the host or link (its
+bottom). The fills of admitted host misses ride on an otherwise idle link and are not priced.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import numpy as np
 from moepic.core.footprint import swiglu_params
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
+from moepic.cache.placement import check_mode, loads_finish_s
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.workload import LayerWorkload, WorkloadProfile
 
@@ -111,8 +120,15 @@ def layer_total_s(parts: dict[str, np.ndarray]) -> np.ndarray:
 class LatencyModel:
     """T_l for any (C, θ) of any MoE layer, vectorised over configurations; see the module docstring."""
 
-    def __init__(self, hw: HardwareProfile, times: ModelTimes, workload: WorkloadProfile) -> None:
+    def __init__(
+        self, hw: HardwareProfile, times: ModelTimes, workload: WorkloadProfile, *, hybrid: str = "off", dtype_bytes: int = 2
+    ) -> None:
+        from moepic.perfmodel.host_costs import HostPricing
+
         self.hw, self.times, self.workload = hw, times, workload
+        self.hybrid = check_mode(hybrid, hybrid == "off" or hw.host is not None)
+        self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None
+        self._finish: dict[tuple[int, float], np.ndarray] = {}  # (top neurons, head start) → [j] loads_finish
         self.k, self.num_experts = workload.top_k, workload.num_experts
         self.window_s = self.k * times.expert_s + times.layer_s
         self._joint = [self._predicted_split(l) for l in workload.layers]
@@ -161,6 +177,13 @@ class LatencyModel:
         demand_X = unpredicted * (guess_bytes_X / link_Bps + guess_copies_X * tau)
         partial_X = np.where(whole, 0.0, k * h_X)
         assemble_X = partial_X * top_X * t.neuron_bytes / (hw.device_copy_gbps * 1e9)
+        if self.pricing is not None:  # the loads on link and host, by the engine's placement rule
+            head_start = a * self.window_s if kp > 0 else 0.0
+            hits_XJ = layer.hits_CJ[slots_X]
+            finish_XJ = np.stack([self._loads_finish_J(int(top), head_start) for top in top_X])
+            exposed_X = (hits_XJ * finish_XJ).sum(1)
+            demand_X = np.zeros(len(slots_X))
+            assemble_X = np.zeros(len(slots_X))
         compute = t.layer_s + k * t.expert_s + (t.predictor_s if kp > 0 else 0.0)
         # The engine's host work: a planned step, and each loaded expert (a miss, or a partial hit).
         loads_X = k * (1 - h_X) + partial_X
@@ -174,6 +197,19 @@ class LatencyModel:
             "hit_rate": h_X,
             "bytes": k * guess_bytes_X,
         }
+
+    def _loads_finish_J(self, top_neurons: int, head_start_s: float) -> np.ndarray:
+        """[j]: when a hybrid step's loads are done with j of its k routed experts' tops cached."""
+        key = (top_neurons, head_start_s)
+        if key not in self._finish:
+            t, k = self.times, self.k
+            costs = self.pricing.costs_for(t.expert_bytes, top_neurons * t.neuron_bytes, 1)
+            bottom = [] if top_neurons == t.ffn_size else ["bottom"]
+            self._finish[key] = np.array([
+                max(0.0, loads_finish_s(["whole"] * (k - j) + bottom * j, self.hybrid, costs, link_busy_s=-head_start_s))
+                for j in range(k + 1)
+            ])
+        return self._finish[key]
 
     def layer_s(self, column: int, slots_X: np.ndarray, top_X: np.ndarray) -> np.ndarray:
         return layer_total_s(self.parts(column, slots_X, top_X))

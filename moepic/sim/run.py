@@ -96,7 +96,7 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
     configured = configure_on_trace(
         CONFIGURATORS.build(setup.configurator), testbed.trace, policies, hw=testbed.hw, times=times,
         recall_L=measured_recall(testbed.trace, predictor), candidates=predictor.candidates, budget_bytes=total,
-        staging_experts=staging,
+        staging_experts=staging, hybrid=hybrid_of(setup, testbed), dtype_bytes=dtype_bytes,
     )
     chosen = configured.chosen
     if chosen.staging_experts == 0:  # everything fits whole
