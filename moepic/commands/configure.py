@@ -35,6 +35,7 @@ def add_parser(subparsers):
                          "weights of a model folder)")
     arguments.strategy_flag(conf, "configurator", "how to choose the layers' budgets and θ: {names}")
     conf.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache length the decode step reads (tokens)")
+    arguments.add_hybrid(conf)
     conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
     arguments.add_json(conf)
     arguments.add_progress(conf)
@@ -108,6 +109,10 @@ def run(args) -> dict:
         check_writable(args.out, "config")  # before the hit-rate curves, not after
     trace = load_any_trace(args.trace, num_experts=spec.moe.num_experts)
     _check_trace_shape(trace, spec, args.trace)
+    hybrid = args.hybrid or "off"
+    if hybrid != "off" and hw.host is None:
+        raise ConfigError(f"--hybrid {hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "
+                          f"(bundled: {arguments.known_host_names()})")
     candidates = auto_policies() if args.policy == "auto" else (args.policy,) if args.policy else (POLICIES.default,)
     policy_configs = [POLICIES.structure_node({"name": name}, "--policy") for name in candidates]
     predictor_config = PREDICTORS.structure_node(arguments.strategy_name("predictor", args.predictor), "--predictor")
@@ -127,6 +132,7 @@ def run(args) -> dict:
         configured = configure_on_trace(
             CONFIGURATORS.build(configurator_config), trace, policy_configs, hw=hw, times=times, recall_L=recall,
             candidates=shape.candidates, budget_bytes=budget, staging_experts=staging, progress=bar.update,
+            hybrid=hybrid, dtype_bytes=dtype_bytes,
         )
     policy_config, latency, chosen = configured.policy, configured.latency, configured.chosen
     baselines = {}
@@ -142,6 +148,7 @@ def run(args) -> dict:
             "theta": thetas,
             "policy": policy_config.as_dict(),
             "predictor": predictor_config.as_dict(),
+            **({"hybrid": hybrid} if hybrid != "off" else {}),
         }
     }
     if args.model and folder is not None:
@@ -168,7 +175,8 @@ def run(args) -> dict:
         "configurator": configurator_config.as_dict(),
         "policy": policy_config.as_dict(),
         "hardware": hw.name,
-        "host": arguments.host_name(hw),  # carried for the latency model; host compute is not yet modelled
+        "host": arguments.host_name(hw),
+        "hybrid": hybrid,
         "recall": recall,
         "workload_s": configured.workload_s,
         "configure_s": configured.configure_s,
