@@ -126,8 +126,8 @@ class LatencyModel:
         from moepic.perfmodel.host_costs import HostPricing
 
         self.hw, self.times, self.workload = hw, times, workload
-        self.hybrid = check_mode(hybrid, hybrid == "off" or hw.host is not None)
-        self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None
+        self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None  # no host: one line naming --host
+        self.hybrid = check_mode(hybrid, self.pricing is not None or hybrid == "off")
         self._finish: dict[tuple[int, float], np.ndarray] = {}  # (top neurons, head start) → [j] loads_finish
         self.k, self.num_experts = workload.top_k, workload.num_experts
         self.window_s = self.k * times.expert_s + times.layer_s
