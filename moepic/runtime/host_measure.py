@@ -109,20 +109,25 @@ def result_latency_us(device: torch.device, hidden: int, repeats: int) -> float:
     return median_s(lambda: dst.copy_(src, non_blocking=True), device, repeats) * 1e6  # median_s waits for the device
 
 
-def measure_host(device: torch.device, *, quick: bool, threads: int | None, name: str) -> HostProfile:
+def measure_host(
+    device: torch.device, *, quick: bool, threads: int | None, name: str, working_set: int | None = None
+) -> HostProfile:
     """The host profile of this machine, its expert rates on `threads` threads (default: the
-    physical cores less one); the memory bandwidth with every physical core."""
+    physical cores less one); the memory bandwidth with every physical core. `working_set`: the
+    bytes of experts cycled through and of the memory copy (default 96 MiB quick, 512 MiB
+    otherwise); a smaller one measures sooner (a run pricing its own placement at start-up) but
+    lets more of the weights come from the CPU's caches."""
     cores = physical_cores()
     threads = threads or default_host_threads()
     repeats = 5 if quick else 15
-    working_set = (96 if quick else 512) * MiB
+    working_set = working_set or (96 if quick else 512) * MiB
     with torch_threads(threads):
         overhead = call_overhead_s(repeats * 8)
         fp32 = expert_gbps(torch.float32, working_set=working_set, repeats=repeats, overhead_s=overhead)
         bf16 = expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead)
         gflops = matmul_gflops(torch.float32, tokens=256, repeats=repeats)
     with torch_threads(cores):
-        dram = memory_gbps((64 if quick else 256) * MiB, repeats)
+        dram = memory_gbps(min(working_set, (64 if quick else 256) * MiB), repeats)
     latency = result_latency_us(device, 4096, repeats * 8) if device.type == "cuda" else None
     note = "" if latency is not None else "; result latency not measured (no CUDA device here)"
     where = f"{socket.gethostname()}, {threads} of {cores} physical cores, {date.today().isoformat()}"
