@@ -15,7 +15,7 @@ from moepic.errors import ConfigError
 from moepic.experiments.config import ExperimentConfig, load_experiment, system_file
 from moepic.policies.lfu import LFUConfig
 from moepic.policies.lru import LRUConfig
-from moepic.sim.baseline import ORDER, SystemConfig, baseline_path, load_baseline
+from moepic.sim.baseline import HYBRID_ORDER, ORDER, SystemConfig, baseline_path, load_baseline
 
 from experiments_support import BASE, ROOT
 
@@ -120,7 +120,7 @@ def test_an_unknown_system_name_fails_listing_the_known_ones():
         load_experiment(BASE, "moepic-lcpp")
     message = str(e.value)
     assert message.startswith("unknown baseline 'moepic-lcpp'; known: ")
-    assert message.split("known: ")[1].split(", ") == list(ORDER)
+    assert message.split("known: ")[1].split(", ") == list(ORDER + HYBRID_ORDER)
 
 
 def test_a_missing_system_file_names_it(tmp_path):
