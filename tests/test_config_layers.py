@@ -227,7 +227,7 @@ def test_misspelled_configurator_in_a_system_file(tmp_path):
     message = str(e.value)
     assert message.startswith(f"{system}: ")
     assert "configurator.name" in message and "'moepicc'" in message
-    assert message.endswith("known: dp, moepic, uniform")
+    assert message.endswith("known: dp, moepic, n_cpu_moe, uniform")
 
 
 # --- the configurator is a top-level strategy node: switching it must drop its knobs -------------
