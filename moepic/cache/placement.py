@@ -19,8 +19,9 @@ which gives, per routed expert, one of five ways to run (`Way`):
                                                                             in the background if admitted)
 
 Modes: `off` copies every load (the copy-only engine, bit for bit); `host-only` computes every load
-on the host (a miss is never copied, only filled for caching: llama.cpp's and KTransformers' way);
-`auto` picks per expert by the two queues' finish times, ties to the copy.
+on the host and prefetches nothing, so the link carries only fills: every admitted miss is filled
+(llama.cpp's and KTransformers' way, plus a cache); `auto` picks per expert by the two queues'
+finish times, ties to the copy, and fills only where the link would otherwise idle.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def way_of(plan: ExpertPlan, place: Place | None) -> Way:
 def check_mode(mode: str, costs_given: bool) -> Hybrid:
     if mode not in HYBRID_MODES:
         raise ValueError(f"hybrid must be one of {', '.join(HYBRID_MODES)}, got {mode!r}")
-    if mode != "off" and not costs_given:
-        raise ValueError(f"hybrid {mode} needs the costs of copying and of host compute (a hardware and host profile)")
+    if mode == "auto" and not costs_given:
+        raise ValueError("hybrid auto needs the costs of copying and of host compute (a hardware and host profile)")
     return mode  # type: ignore[return-value]
 
 
@@ -98,6 +99,8 @@ def place_loads(
     empty: each layer step waits for its host results before the next."""
     if mode == "off" or not loads:
         return [Placement(p, "copy") for p in loads]
+    if mode == "host-only":  # the link carries nothing but fills, so every admission is filled
+        return [Placement(p, "host", p.outcome == "miss" and p.slot is not None) for p in loads]
     return _greedy(loads, mode, costs, link_busy_s)[0]
 
 
@@ -119,7 +122,7 @@ def _greedy(
     """(placements, the link's finish, the host's last job's finish): each load on whichever
     queue finishes it first (host-only: the host), then fills where the link would idle."""
     if costs is None:
-        raise ValueError(f"hybrid {mode} needs LoadCosts")
+        raise ValueError(f"hybrid {mode} needs LoadCosts to time its loads")
     link, host = link_busy_s, costs.handoff_s
     placed: list[tuple[ExpertPlan, Place]] = []
     for p in loads:

@@ -199,9 +199,13 @@ def add_hardware(parser, help: str = "a bundled profile ({profiles}) or a YAML f
     """`--hardware` and `--host` (the CPU beside the device); `hardware_profile` reads both."""
     action = parser.add_argument("--hardware", required=True, metavar="NAME|FILE", help=help)
     action.fills = {"profiles": _known_hardware}
+    add_host(parser, "it replaces the --hardware profile's own host section")
+
+
+def add_host(parser, what: str) -> None:
+    """`--host`: a host CPU profile; `what` says what it does in this command."""
     host = parser.add_argument("--host", metavar="NAME|FILE", help=(
-        "host CPU profile: a bundled one ({hosts}), or a YAML file (a host profile, or one from `moepic profile`); "
-        "it replaces the --hardware profile's own host section"))
+        "host CPU profile: a bundled one ({hosts}), or a YAML file (a host profile, or one from `moepic profile`); " + what))
     host.fills = {"hosts": known_host_names}
 
 

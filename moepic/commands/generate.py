@@ -45,6 +45,9 @@ FLAG_KEYS = {
     "link_gbps": "cache.link_gbps",
     "link_latency_us": "cache.link_latency_us",
     "token_log": "generate.token_log",
+    "hybrid": "cache.hybrid",
+    "host_threads": "cache.host_threads",
+    "host": "cache.host",
 }
 
 
@@ -118,12 +121,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--horizon", type=int, help="MoE layers ahead the predictor prefetches (1-3)")
     gen.add_argument("--link-gbps", type=LINK_GBPS.parse, help="CPU: emulate a host→device link of this many GB/s")
     gen.add_argument("--link-latency-us", type=LINK_LATENCY_US.parse, help="CPU: per-copy latency of the emulated link, µs")
+    arguments.add_hybrid(gen, threads=True)
+    arguments.add_host(gen, "CUDA only: it prices --hybrid auto (default: measured at start-up; on a CPU device the "
+                       "host is measured and the link is the emulated one: no --link-gbps, copies are free and auto "
+                       "copies every load)")
     gen.add_argument("--token-log", metavar="FILE.jsonl", help="offloaded runs: one JSON line per token (latency, copies)")
     gen.add_argument("--allow-env", action="store_true", help="let configs read environment variables with ${oc.env:NAME}")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
     arguments.add_progress(gen)
-    for action in gen._actions:  # each override flag shows its config key's default
-        if action.dest in FLAG_KEYS:
+    for action in gen._actions:  # each override flag shows its config key's default, unless it says its own
+        if action.dest in FLAG_KEYS and not hasattr(action, "shows"):
             action.shows = _config_default(FLAG_KEYS[action.dest])
     return gen
 
@@ -183,6 +190,11 @@ def text(report: dict) -> str:
         )
         if stats["prediction_recall"] is not None:
             cache += f" · {report['cache']['predictor']['name']} recall {stats['prediction_recall']:.1%}"
+        if report["cache"].get("hybrid", "off") != "off":
+            cache += (
+                f" · host computed {stats['host_experts']} experts + {stats['host_bottoms']} bottoms, "
+                f"{stats['decode_host_s_per_token'] * 1e3:.2f} ms/token busy"
+            )
     return (
         f"[{stats['tokens']} tokens · prefill {stats['prefill_s'] * 1e3:.1f} ms · "
         f"decode {stats['decode_s_per_token'] * 1e3:.2f} ms/token{cache}]"
@@ -210,6 +222,16 @@ def _link(cfg, device):
     return Link(gbps=cfg.cache.link_gbps, latency_us=cfg.cache.link_latency_us)
 
 
+def _pricing(cfg, model, link):
+    """What `--hybrid auto` places loads by: measured or named at start-up (runtime/host_pricing.py)."""
+    if cfg.cache.hybrid != "auto":
+        return None
+    from moepic.runtime.host_pricing import run_pricing
+
+    return run_pricing(model.device, model.dtype.itemsize, host=cfg.cache.host, link=link, threads=cfg.cache.host_threads,
+                       note=lambda text: print(f"moepic: note: {text}", file=sys.stderr))
+
+
 def _check_every_key_takes_effect(cfg) -> None:
     """A key the chosen mode ignores is an error, never silently dropped: the user meant something by it."""
     from moepic.config import CacheConfig
@@ -218,6 +240,8 @@ def _check_every_key_takes_effect(cfg) -> None:
         flags = [f"--{flag.replace('_', '-')}" for flag, k in FLAG_KEYS.items() if k.split(".")[:2] == key.split(".")]
         return f"{key} ({flags[0]})" if flags else key
 
+    if cfg.cache.budget is None and cfg.cache.hybrid != "off":
+        raise ConfigError(f"{named('cache.hybrid')} needs {named('cache.budget')}: with every expert resident nothing is loaded")
     if cfg.cache.budget is None:
         dense = CacheConfig()
         ignored = [f"cache.{f.name}" for f in attrs.fields(CacheConfig) if getattr(cfg.cache, f.name) != getattr(dense, f.name)]
@@ -229,6 +253,12 @@ def _check_every_key_takes_effect(cfg) -> None:
             )
     if cfg.cache.link_latency_us and cfg.cache.link_gbps is None:
         raise ConfigError(f"{named('cache.link_latency_us')} has no effect without cache.link_gbps (--link-gbps): no link is emulated")
+    for key, needs in (("host_threads", ("auto", "host-only")), ("host", ("auto",))):
+        if getattr(cfg.cache, key) is not None and cfg.cache.hybrid not in needs:
+            raise ConfigError(
+                f"{named('cache.' + key)} has no effect with cache.hybrid {cfg.cache.hybrid} (--hybrid): "
+                f"it is for --hybrid {' or '.join(needs)}"
+            )
     if cfg.generate.trace_hidden and cfg.generate.record_trace is None:
         raise ConfigError(f"{named('generate.trace_hidden')} has no effect without generate.record_trace (--record-trace FILE.npz)")
 
@@ -252,6 +282,11 @@ def run_generate(cfg, *, as_json: bool) -> dict:
         raise ConfigError(f"model.device {cfg.model.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device is {cfg.model.device!r}, but CUDA is not available on this machine")
+    if torch.device(cfg.model.device).type != "cuda":
+        for key, flag, why in (("host", "--host", "priced by measuring it"), ("host_threads", "--host-threads", "torch's threads")):
+            if getattr(cfg.cache, key) is not None:
+                raise ConfigError(f"cache.{key} ({flag}) is for a CUDA device; on {cfg.model.device!r} the host is the "
+                                  f"device ({why})")
     trace_path = cfg.generate.record_trace
     if trace_path is not None:
         check_writable(trace_path, "trace")  # before loading and generating, not after
@@ -286,9 +321,11 @@ def run_generate(cfg, *, as_json: bool) -> dict:
     if offload:
         from moepic.runtime.offload import offloaded_experts
 
+        link = _link(cfg, model.device)
         experts = offloaded_experts(
             model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy, cfg.cache.predictor,
-            link=_link(cfg, model.device), overlap_top=cfg.cache.overlap_top,
+            link=link, overlap_top=cfg.cache.overlap_top, hybrid=cfg.cache.hybrid,
+            pricing=_pricing(cfg, model, link), host_threads=cfg.cache.host_threads,
         )
         for note in experts.layout.notes:  # a θ that whole neuron blocks rounded: said once, not hidden
             if note.problem():
@@ -340,7 +377,8 @@ def run_generate(cfg, *, as_json: bool) -> dict:
     report["stats"] = result.stats.as_dict()
     if experts is not None:
         report["cache"] = {
-            "policy": cfg.cache.policy.as_dict(), "predictor": cfg.cache.predictor.as_dict(), "budget": cfg.cache.budget
+            "policy": cfg.cache.policy.as_dict(), "predictor": cfg.cache.predictor.as_dict(), "budget": cfg.cache.budget,
+            "hybrid": cfg.cache.hybrid,
         }
         report["stats"] |= experts.report()
         experts.close()

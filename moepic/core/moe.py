@@ -57,8 +57,9 @@ class ExpertSource(Protocol):
         router_input_TD: torch.Tensor,
         lookahead_rows: list[list[int]] | None = None,
     ) -> Iterator[tuple[int, Iterable[SwiGLUWeights | SegmentOutput]]]:
-        """Each expert that `ids_per_token` routes to, once, by ascending id, as neuron segments that
-        together cover all of F. Segments may be overwritten after the next expert is requested.
+        """Each expert that `ids_per_token` routes to, once, by ascending id, except that a source may
+        hand out experts computed elsewhere last (so that work overlaps the block's own), as neuron
+        segments that together cover all of F. Segments may be overwritten after the next expert is requested.
         A segment is weights (computed by the block) or a `SegmentOutput`: its output for the
         expert's tokens (those routed to it, in token order), [T_e, D], unweighted.
         `router_input_TD` is what the layer routed on; `lookahead_rows` is `lookahead(...)` on the host."""

@@ -3,6 +3,8 @@
 Cache counters come from the pure planner (`LayerCacheStats`), split into prefill (multi-token)
 and decode steps; fully resident layers are counted directly as hits. Prediction counters compare
 what was prefetched for a layer with what it then routed. Bytes are split by how they moved.
+Hybrid runs also count the loads computed on the host (whole experts and bottoms, per layer),
+the weight bytes the host read for them, its busy time, and the tops filled into the cache.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Iterable
 import attrs
 
 from moepic.cache.layout import CacheLayout
-from moepic.cache.planner import LayerPlan
+from moepic.cache.planner import ExpertPlan, LayerPlan
 from moepic.cache.stats import LayerCacheStats, PredictionCounts, summary
 
 
@@ -31,7 +33,13 @@ class EngineCounters:
     kept_prefetches: int = 0  # wrong prefetches the policy admitted to the cache anyway
     kept_prefetch_bytes: int = 0
     device_copy_bytes: int = 0  # device → device (reassembly, admission)
+    demand_copies: int = 0  # loads copied on demand (not prefetched, not computed on the host)
+    fill_bytes: int = 0  # host → device: tops of host-computed misses the cache admitted
+    host_bytes: int = 0  # expert weight bytes computed on the host instead of copied
     predictor_s: float = 0.0
+    host_experts: dict[int, int] = attrs.field(init=False)  # layer → misses computed whole on the host
+    host_bottoms: dict[int, int] = attrs.field(init=False)  # layer → partial hits' bottoms computed there
+    host_s: dict[bool, dict[int, float]] = attrs.field(init=False)  # decode? → layer → host busy seconds
 
     def __attrs_post_init__(self) -> None:
         layers = [l.layer for l in self.layout.layers]
@@ -39,10 +47,22 @@ class EngineCounters:
         self.prefill = dict(self.decode)
         self.resident = {decode: {l: [0, 0, 0] for l in layers} for decode in (False, True)}
         self.predictions = {l: PredictionCounts() for l in layers}
+        self.host_experts = dict.fromkeys(layers, 0)
+        self.host_bottoms = dict.fromkeys(layers, 0)
+        self.host_s = {decode: dict.fromkeys(layers, 0.0) for decode in (False, True)}
 
     def add_plan(self, plan: LayerPlan, tokens: int) -> None:
         stats = self.decode if tokens == 1 else self.prefill
         stats[plan.layer] = stats[plan.layer].add(plan, tokens)
+
+    def add_host_load(self, layer: int, p: ExpertPlan) -> None:
+        """A demand load placed on the host: its whole expert or its bottom."""
+        counts = self.host_experts if p.load == "whole" else self.host_bottoms
+        counts[layer] += 1
+        self.host_bytes += p.bytes_loaded
+
+    def add_host_s(self, layer: int, tokens: int, seconds: float) -> None:
+        self.host_s[tokens == 1][layer] += seconds
 
     def add_resident_step(self, layer: int, tokens: int, activations: int) -> None:
         counts = self.resident[tokens == 1][layer]
@@ -87,6 +107,16 @@ class EngineCounters:
             "kept_prefetches": self.kept_prefetches,
             "kept_prefetch_bytes": self.kept_prefetch_bytes,
             "device_copy_bytes": self.device_copy_bytes,
+            "demand_copies": self.demand_copies,
+            "host_experts": sum(self.host_experts.values()),
+            "host_bottoms": sum(self.host_bottoms.values()),
+            "host_bytes": self.host_bytes,
+            "fill_bytes": self.fill_bytes,
+            "host_s": sum(host_s[l.layer] for host_s in self.host_s.values() for l in layers),
+            "decode_host_s_per_token": sum(self.host_s[True].values()) / decode[0].tokens if decode[0].tokens else 0.0,
+            "layer_host_experts": [self.host_experts[l.layer] for l in layers],
+            "layer_host_bottoms": [self.host_bottoms[l.layer] for l in layers],
+            "layer_host_s": [self.host_s[False][l.layer] + self.host_s[True][l.layer] for l in layers],
             "preload_bytes": preload_bytes,
             "cache_bytes": self.layout.cache_bytes,
             "staging_bytes": self.layout.staging_bytes,

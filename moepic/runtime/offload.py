@@ -9,13 +9,18 @@ allocation and copies (through the copy engine, the only owner of streams and th
         hit       slot holds the whole expert (θ = 1) ─────────────────────────▶ computed in place
         partial   wait bottom; top slot ─D2D─▶ staging ─────────────────────────▶ computed in staging
         miss      wait whole;  [admitted: staging top ─D2D─▶ slot] ─────────────▶ computed in staging
+    with `hybrid` on, each demand load is first placed (cache/placement.py): copied as above, or
+    computed on the host (runtime/host_compute.py) where its weights are, handed out last:
+        host bottom   top computed in its slot; the bottom's output from the host ─▶ summed
+        host whole    the expert's output from the host; [admitted: host top ─fill─▶ slot, not urgent]
 
 Every expert is computed from one buffer in the compute layout, reassembled from its segments,
 so the kernels see the same shapes and values as in the dense model: offloaded results equal the
 dense model's bit for bit, whatever the policy, budget, θ, predictor or link. `overlap_top` trades
 that for overlap (docs/design.md §2): a partial hit's cached top is computed while its bottom is
 still in flight, and the two segments' outputs are summed (equal to the dense model up to
-floating-point rounding, not bit for bit).
+floating-point rounding, not bit for bit). So does hybrid execution: the host computes the same
+expert from the same bytes, but its share of the sum is computed apart.
 """
 
 from __future__ import annotations
@@ -29,31 +34,27 @@ import numpy as np
 import torch
 
 from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, staging_buffers
-from moepic.cache.planner import FREE, ExpertPlan, LayerResidency, initial_residency, residency_step
+from moepic.cache.placement import Hybrid, Placement, check_mode, settle_fills
+from moepic.cache.planner import FREE, ExpertPlan, LayerPlan, LayerResidency, initial_residency, residency_step
 from moepic.cache.schedule import (
     Part, PrefetchTarget, admission_candidates, demand_loads, demand_reserve, demand_room, plan_prefetches,
     prefetch_fates, prefetch_room, top_copy,
 )
+from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
-from moepic.core.packing import flat_views
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
+from moepic.perfmodel.host_costs import HostPricing
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
 from moepic.runtime.copy_engine import Link, copy_engine_for
 from moepic.runtime.copy_protocol import CopyEngine, Ticket
+from moepic.runtime.cache_slots import CacheSlots
 from moepic.runtime.engine_stats import EngineCounters
+from moepic.runtime.host_compute import HostBatch
+from moepic.runtime.host_share import HostShare
 from moepic.runtime.host_store import HostExpertStore
 from moepic.runtime.staging import Buffer, StagingPool
-
-
-class _LayerPool:
-    """One layer's preallocated cache: `slots` flat top segments on the device."""
-
-    def __init__(self, layout: LayerCacheLayout, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.flat_SX = torch.empty(layout.slots, 3 * layout.top_neurons * hidden, dtype=dtype, device=device)
-        # Views made once: building them on every hit costs more than a small expert's compute.
-        self.slots = [flat_views(self.flat_SX[s], layout.top_neurons, layout.block, hidden) for s in range(layout.slots)]
 
 
 @attrs.frozen
@@ -79,10 +80,16 @@ class OffloadedExperts:
         link: Link | None = None,
         store: HostExpertStore | None = None,
         overlap_top: bool = False,
+        hybrid: Hybrid = "off",
+        pricing: HostPricing | None = None,
+        host_threads: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.layout, self.policy = layout, policy
         self.overlap_top = overlap_top
+        check_mode(hybrid, pricing is not None)  # before anything is allocated
+        if hybrid == "off" and host_threads is not None:
+            raise ValueError("host threads have no effect with hybrid off: nothing is computed on the host")
         self.predictor = predictor or NoPredictor()
         self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
         any_expert = next(iter(self.store.experts.values()))[0]
@@ -90,10 +97,11 @@ class OffloadedExperts:
         if dtype.itemsize != layout.dtype_bytes:
             raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts are {dtype}")
         self._layouts = {l.layer: l for l in layout.layers}
-        self.pools = {l.layer: _LayerPool(l, hidden, dtype, self.device) for l in layout.layers}
         widest = max(layout.layers, key=lambda l: l.expert_bytes)  # all MoE layers share one expert shape
         self.staging = StagingPool(layout.staging_experts, widest.ffn_size, widest.block, hidden, dtype, self.device)
         self.copies: CopyEngine = copy_engine_for(self.device, link)
+        self.slots = CacheSlots(layout.layers, hidden, dtype, self.device, self.copies)
+        self.pools = self.slots.pools
         self.counters = EngineCounters(layout)
         self.residency: dict[int, LayerResidency] = {l.layer: initial_residency(policy, l) for l in layout.layers}
         self.preload_bytes = 0  # before the run: layers with room for every whole expert start full
@@ -109,6 +117,8 @@ class OffloadedExperts:
         self._predicted: dict[int, set[int]] = {}  # what the predictor named for each later layer
         self._new_request: set[int] = set()
         self._demand_reserve = demand_reserve(layout.staging_experts, self.predictor)
+        # Last: it may set torch's thread count, which `close` restores.
+        self.host = HostShare(self.device, self.store, hybrid, pricing, host_threads) if hybrid != "off" else None
 
     # -- ExpertSource ---------------------------------------------------------------------------
 
@@ -172,10 +182,9 @@ class OffloadedExperts:
         plan, self.residency[layer] = residency_step(
             self.policy, layout, self.residency[layer], counts_E, tokens=tokens, new_request=new_request, loaded=landed
         )
-        self.counters.add_plan(plan, tokens)
         for e, slot in plan.kept:
             load = prefetched.pop(e)
-            self._copy_on_device(self.pools[layer].slots[slot], load.buffer.expert.neurons(0, layout.top_neurons))
+            self._copy_on_device(self.slots.slot(layer, slot), load.buffer.expert.neurons(0, layout.top_neurons))
             self.counters.kept_prefetches += 1
             self.counters.kept_prefetch_bytes += load.ticket.nbytes
             self.staging.release(load.buffer, fence=self.copies.fence())
@@ -193,15 +202,26 @@ class OffloadedExperts:
             else:
                 self.counters.wasted_prefetch_bytes += load.ticket.nbytes
                 self.staging.release(load.buffer, pending=load.ticket)
+        hosted = []
+        if self.host is not None:
+            plan, hosted, demand = self._place(layout, plan, loads, tokens)
+        else:
+            demand = demand_loads(plan, loads)
+        self.counters.add_plan(plan, tokens)
         # This layer's loads go first (they block compute), in plan order, as buffers allow; then
-        # the next layers' prefetches, which overlap this layer's compute.
-        queue = deque(demand_loads(plan, loads))
+        # the host's share (it runs beside the device), the next layers' prefetches, which overlap
+        # this layer's compute, and the fills, which only the cache's future needs.
+        queue = deque(demand)
         self._issue_demand(layout, queue, loads)
+        batch = self.host.start(layout, hosted, ids_per_token, router_input_TD) if hosted else None
         if self.predictor.reads == "router_input":
             self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
+        on_host = self._fill(layout, hosted) if hosted else ()
         for p in plan.experts:
             if p.load == "none":  # a hit: the slot holds the whole expert
-                yield p.expert, (self.pools[layer].slots[p.slot],)
+                yield p.expert, (self.slots.slot(layer, p.slot),)
+                continue
+            if p.expert in on_host:  # handed out below, once the device has its own work
                 continue
             if p.expert not in loads:  # its turn came before a buffer did: it heads the queue
                 self._issue_demand(layout, queue, loads, at_least_one=True)
@@ -212,6 +232,50 @@ class OffloadedExperts:
                 yield p.expert, (self._assemble(layout, p, load),)
             self.staging.release(load.buffer, fence=self.copies.fence())
             self._issue_demand(layout, queue, loads)
+        if batch is not None:
+            # Host bottoms first: their cached tops are device work that overlaps the host's.
+            for pl in sorted(hosted, key=lambda pl: pl.plan.load != "bottom"):
+                yield pl.plan.expert, self._host_segments(layout, pl.plan, batch)
+            self.counters.add_host_s(layer, tokens, batch.busy_s)
+
+    # -- the host's share (hybrid) ----------------------------------------------------------------
+
+    def _place(
+        self, layout: LayerCacheLayout, plan: LayerPlan, loads: dict[int, _Load], tokens: int
+    ) -> tuple[LayerPlan, list[Placement], list[ExpertPlan]]:
+        """The step's loads on link and host (cache/placement.py, the simulator's rule): its
+        prefetches not yet started are withdrawn and placed with its demand loads, those under
+        way keep the link busy first. (the plan with unfilled host admissions withdrawn, the
+        host's placements, the demand copies)."""
+        for e, load in list(loads.items()):
+            if not self.copies.landed(load.ticket) and self.copies.cancel(load.ticket):
+                self.counters.prefetch_bytes -= load.ticket.nbytes
+                self.counters.cancelled_prefetches += 1
+                self.staging.release(loads.pop(e).buffer)
+        in_flight = [load.ticket.nbytes for load in loads.values() if not self.copies.landed(load.ticket)]
+        placed = self.host.place(layout, demand_loads(plan, loads), in_flight, tokens)
+        residency = self.residency[layout.layer]
+        plan, cache = settle_fills(plan, residency.cache, placed)
+        self.residency[layout.layer] = attrs.evolve(residency, cache=cache)
+        hosted = [pl for pl in placed if pl.place == "host"]
+        for pl in hosted:
+            self.counters.add_host_load(layout.layer, pl.plan)
+        return plan, hosted, [pl.plan for pl in placed if pl.place == "copy"]
+
+    def _fill(self, layout: LayerCacheLayout, hosted: list[Placement]) -> set[int]:
+        """Fill the top of each host-computed miss the planner admitted into its slot, behind the
+        step's other copies (nothing waits for it until the slot is next used); the hosted experts."""
+        for pl in hosted:
+            if pl.fill:
+                top = self.store.experts[layout.layer][pl.plan.expert].neurons(0, layout.top_neurons)
+                self.counters.fill_bytes += self.slots.fill(layout.layer, pl.plan.slot, top)
+        return {pl.plan.expert for pl in hosted}
+
+    def _host_segments(self, layout: LayerCacheLayout, p: ExpertPlan, batch: HostBatch) -> Iterator[SwiGLUWeights | SegmentOutput]:
+        """A host-involved expert: a partial hit's cached top computed here, then what the host computed."""
+        if p.load == "bottom":
+            yield self.slots.slot(layout.layer, p.slot)
+        yield batch.output(p.expert)
 
     # -- copies ---------------------------------------------------------------------------------
 
@@ -229,6 +293,7 @@ class OffloadedExperts:
         ticket = self.copies.submit(self._ranges(layout, expert, part, buffer), urgent=urgent, after=buffer.fence)
         if urgent:
             self.counters.demand_bytes += ticket.nbytes
+            self.counters.demand_copies += 1
         else:
             self.counters.prefetch_bytes += ticket.nbytes
         return _Load(buffer, ticket, part)
@@ -256,7 +321,10 @@ class OffloadedExperts:
         for target, experts in predictions.items():  # recall counts what was named, copied or not
             self._predicted.setdefault(target, set()).update(experts)
         targets = (
-            PrefetchTarget(target, self._layouts[target], self.residency[target].cache, experts, self._prefetched[target])
+            PrefetchTarget(
+                target, self._layouts[target], self.residency[target].cache, experts, self._prefetched[target],
+                self.host.link_share(self._layouts[target]) if self.host is not None else 1.0,
+            )
             for target, experts in predictions.items()
         )
         for p in plan_prefetches(targets, prefetch_room(self.staging.free, self._demand_reserve)):
@@ -268,16 +336,16 @@ class OffloadedExperts:
         staged, top = load.buffer.expert, layout.top_neurons
         direction = top_copy(p)
         if direction == "slot_to_staging":
-            self._copy_on_device(staged.neurons(0, top), self.pools[layout.layer].slots[p.slot])
+            self._copy_on_device(staged.neurons(0, top), self.slots.slot(layout.layer, p.slot))
         elif direction == "staging_to_slot":
-            self._copy_on_device(self.pools[layout.layer].slots[p.slot], staged.neurons(0, top))
+            self._copy_on_device(self.slots.slot(layout.layer, p.slot), staged.neurons(0, top))
         return staged
 
     def _top_then_bottom(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> Iterator[SwiGLUWeights]:
         """A partial hit as two segments: the cached top at once (computed while the bottom is still
         in flight), then the bottom once it has landed. Not bit-exact: the sum of two segments
         rounds differently from one matmul over the whole expert (docs/design.md §2)."""
-        yield self.pools[layout.layer].slots[p.slot]
+        yield self.slots.slot(layout.layer, p.slot)
         self.copies.wait(load.ticket)
         yield load.buffer.expert.neurons(layout.top_neurons, layout.ffn_size)
 
@@ -298,7 +366,7 @@ class OffloadedExperts:
 
     @property
     def host_to_device_bytes(self) -> int:
-        return self.counters.demand_bytes + self.counters.prefetch_bytes
+        return self.counters.demand_bytes + self.counters.prefetch_bytes + self.counters.fill_bytes
 
     def report(self) -> dict[str, object]:
         """Counters of the run so far: cache, prediction, copies."""
@@ -309,7 +377,11 @@ class OffloadedExperts:
         )
 
     def close(self) -> None:
-        self.copies.close()
+        try:
+            self.copies.close()
+        finally:
+            if self.host is not None:
+                self.host.close()
 
 
 def offloaded_experts(
@@ -323,9 +395,13 @@ def offloaded_experts(
     policy: CachePolicy | None = None,
     predictor: Predictor | None = None,
     overlap_top: bool = False,
+    hybrid: Hybrid = "off",
+    pricing: HostPricing | None = None,
+    host_threads: int | None = None,
 ) -> OffloadedExperts:
     """The engine for `model` (its routed experts in host memory) under a budget, θ, policy and predictor,
-    given as configs (built here) or as built strategies."""
+    given as configs (built here) or as built strategies; `hybrid` places loads on the host too
+    (`auto` prices them with `pricing`), on `host_threads` threads."""
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
     if predictor is None:
         predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
@@ -336,5 +412,6 @@ def offloaded_experts(
     if policy is None:
         policy = build_policy(policy_config)
     return OffloadedExperts(
-        model.weights, layout, policy, device=model.device, predictor=predictor, link=link, overlap_top=overlap_top
+        model.weights, layout, policy, device=model.device, predictor=predictor, link=link, overlap_top=overlap_top,
+        hybrid=hybrid, pricing=pricing, host_threads=host_threads,
     )

@@ -92,9 +92,10 @@ def test_host_only_computes_every_load_on_the_host_however_slow():
 def test_auto_without_costs_is_refused():
     with pytest.raises(ValueError, match="hybrid auto needs LoadCosts"):
         place_loads([miss(0)], "auto")
-    with pytest.raises(ValueError, match="hybrid host-only needs LoadCosts"):
-        place_loads([miss(0)], "host-only")
     assert place_loads([], "auto") == []  # nothing to place needs no prices
+
+
+
 
 
 def test_check_mode_names_the_modes_and_asks_for_costs():
@@ -169,24 +170,21 @@ def test_fills_are_only_host_computed_admitted_misses_and_never_make_the_link_fi
         assert link + c.fill_s > host * (1 - 1e-12)
 
 
-def test_host_only_on_an_idle_link_fills_an_admitted_miss_when_the_fill_is_no_longer_than_the_host():
-    # The host returns at 0.5 + 3 + 0.5 = 4.
-    assert place_loads([miss(0, slot=0)], "host-only", costs(host_whole=3.0, handoff=0.5, fill=4.0)) == [
-        Placement(miss(0, slot=0), "host", True)  # the fill ends as the result arrives
-    ]
-    assert place_loads([miss(0, slot=0)], "host-only", costs(host_whole=3.0, handoff=0.5, fill=1.0))[0].fill
-    assert not place_loads([miss(0, slot=0)], "host-only", costs(host_whole=3.0, handoff=0.5, fill=4.01))[0].fill
-    # A miss the planner did not admit has no slot to fill; a partial hit's top is already cached.
-    assert not place_loads([miss(0)], "host-only", costs(fill=1e-6))[0].fill
-    assert not place_loads([partial(0, 0)], "host-only", costs(fill=1e-6))[0].fill
-    # A busy link that would finish the fill after the host: no fill.
-    assert not place_loads([miss(0, slot=0)], "host-only", costs(host_whole=3.0, handoff=0.5, fill=1.0), link_busy_s=3.5)[0].fill
+def test_host_only_fills_every_admitted_miss_whatever_the_prices():
+    """host-only copies nothing else, so the link is free for every fill (and it needs no prices)."""
+    for c in (None, costs(host_whole=3.0, handoff=0.5, fill=1e3)):
+        placed = place_loads([miss(0, slot=1), miss(2), partial(3, 0)], "host-only", c)
+        assert placed == [Placement(miss(0, slot=1), "host", True), Placement(miss(2), "host", False),
+                          Placement(partial(3, 0), "host", False)]  # no slot to fill; a partial hit's top is cached
 
 
-def test_fills_go_in_plan_order_while_the_link_has_room():
-    c = costs(host_whole=3.0, handoff=0.5, fill=1.5)  # host: 0.5 + 3·3 + 0.5 = 10; room for 6 fills of 1.5
-    placed = place_loads([miss(0, 0), miss(1, 1), miss(2, 2)], "host-only", c, link_busy_s=6.5)
+def test_auto_fills_in_plan_order_while_the_link_has_room():
+    c = costs(copy_whole=100.0, host_whole=3.0, handoff=0.5, fill=1.5)  # host: 0.5 + 3·3 + 0.5 = 10; room for 6 fills of 1.5
+    placed = place_loads([miss(0, 0), miss(1, 1), miss(2, 2)], "auto", c, link_busy_s=6.5)
+    assert [pl.place for pl in placed] == ["host"] * 3
     assert [pl.fill for pl in placed] == [True, True, False]  # 6.5 + 1.5 + 1.5 = 9.5 ≤ 10; a third would end at 11
+    # A busy link that would finish the fill after the host: no fill.
+    assert not place_loads([miss(0, slot=0)], "auto", c, link_busy_s=9.9)[0].fill
 
 
 def test_a_copied_miss_is_never_filled():

@@ -285,11 +285,12 @@ def test_host_only_on_an_idle_fast_link_fills_every_admission_and_caches_as_copy
         assert host.fills == decode.admissions and host.fill_bytes == decode.admissions * layer.top_bytes
 
 
-def test_host_only_on_a_slow_link_fills_nothing_so_nothing_is_ever_cached():
-    """At 1 GB/s a 12 MiB top takes longer to copy than the host takes to compute the expert: the link
-    never slows a step to fill a cache, so every admission is withdrawn and every expert misses."""
+def test_auto_on_a_slow_link_fills_nothing_so_nothing_is_ever_cached():
+    """At 1 GB/s a 12 MiB top takes longer to copy than the host takes to compute the expert: auto
+    computes every load on the host and never slows a step to fill a cache, so every admission is
+    withdrawn and every expert misses."""
     case = split_expert_case()
-    result, _ = case.run(attrs.evolve(DESKTOP, link_gbps=1.0), "host-only")
+    result, _ = case.run(attrs.evolve(DESKTOP, link_gbps=1.0), "auto")
     assert all(s.admissions == s.hits == s.partial_hits == 0 for s in result.decode + result.prefill)
     assert all(h.fills == h.fill_bytes == 0 for h in result.host)
     assert result.summary()["host_experts"] == sum(s.misses for s in result.decode) == 2 * 2 * 12

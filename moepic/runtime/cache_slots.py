@@ -1,0 +1,58 @@
+"""The device cache's memory: one preallocated pool of top-segment slots per MoE layer, and the
+fills still landing in them. Side effects: device allocation, copies (through the copy engine).
+
+A fill is the top of a host-computed miss (hybrid execution) copied into the slot the planner
+admitted it to, behind the step's other copies: nothing waits for it until that slot is next read
+or written, which `slot` does first. Every access to a slot goes through `slot`, so none reads a
+top still landing or overwrites one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepic.cache.layout import LayerCacheLayout
+from moepic.core.packing import flat_views
+from moepic.core.weights import SwiGLUWeights
+from moepic.runtime.copy_protocol import CopyEngine, Ticket
+
+
+class LayerPool:
+    """One layer's preallocated cache: `slots` flat top segments on the device."""
+
+    def __init__(self, layout: LayerCacheLayout, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.flat_SX = torch.empty(layout.slots, 3 * layout.top_neurons * hidden, dtype=dtype, device=device)
+        # Views made once: building them on every hit costs more than a small expert's compute.
+        self.slots = [flat_views(self.flat_SX[s], layout.top_neurons, layout.block, hidden) for s in range(layout.slots)]
+
+
+class CacheSlots:
+    """Every layer's pool (`pools`), and the fills in flight into their slots."""
+
+    def __init__(
+        self, layouts: list[LayerCacheLayout], hidden: int, dtype: torch.dtype, device: torch.device, copies: CopyEngine
+    ) -> None:
+        self.pools = {l.layer: LayerPool(l, hidden, dtype, device) for l in layouts}
+        self._copies = copies
+        self._fills: dict[tuple[int, int], Ticket] = {}  # (layer, slot) → its fill, until waited for
+
+    def slot(self, layer: int, slot: int) -> SwiGLUWeights:
+        """A slot, once a fill still landing in it is done (before it is read or overwritten)."""
+        fill = self._fills.pop((layer, slot), None)
+        if fill is not None:
+            self._copies.wait(fill)
+        return self.pools[layer].slots[slot]
+
+    def fill(self, layer: int, slot: int, top: SwiGLUWeights) -> int:
+        """Copy `top` (host memory) into a slot in the background, not urgent, once the compute
+        issued so far has let go of it; the bytes it moves."""
+        dst = self.slot(layer, slot)
+        ranges = [(dst.gate_up_N2BD, top.gate_up_N2BD), (dst.down_FD, top.down_FD)]
+        ticket = self._copies.submit(ranges, urgent=False, after=self._copies.fence())
+        self._fills[layer, slot] = ticket
+        return ticket.nbytes
+
+    def settle(self) -> None:
+        """Wait for every fill still landing: the slots then hold what the planner says."""
+        for layer, slot in list(self._fills):
+            self.slot(layer, slot)
