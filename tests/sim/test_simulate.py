@@ -145,3 +145,51 @@ def test_recall_counts_what_every_layer_named_even_where_staging_ran_out():
     engine = run_cell(load_experiment(None, "moepic-lcp", [*common, "backend=engine"]))
     assert [r["recall"] for r in engine["layers"]] == [r["recall"] for r in sim["layers"]]
     assert engine["metrics"]["prediction_recall"] == sim["metrics"]["prediction_recall"]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    name=st.sampled_from(MODELS),
+    policy=st.sampled_from(sorted(POLICIES)),
+    share=st.floats(0.0, 1.0),
+    theta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    mode=st.sampled_from(["host-only", "auto"]),
+    host_gbps=st.sampled_from([0.05, 1.0, 100.0]),
+    new_tokens=st.integers(1, 6),
+)
+def test_hybrid_the_simulator_places_and_counts_exactly_what_the_engine_does(
+    models, name, policy, share, theta, mode, host_gbps, new_tokens
+):
+    """Without a predictor a hybrid step's placement depends on nothing the two time differently
+    (no prefetch is under way), so with the same prices the engine and the simulator place every
+    load alike: the same hits, host loads, fills and copies. One-token prompts: every step is a decode step."""
+    import attrs
+
+    from moepic.perfmodel.hardware import HostProfile
+    from moepic.perfmodel.host_costs import HostPricing
+
+    model = models[name]
+    prompts = [PROMPTS[0][:1], PROMPTS[1][:1]]
+    trace = concatenated([dense_run(model, p, new_tokens)[1] for p in prompts])
+    host = HostProfile(name="test", source="test", bf16_expert_gbps=host_gbps, fp32_expert_gbps=host_gbps,
+                       call_overhead_us=5.0, memory_gbps=4 * host_gbps, physical_cores=2, result_latency_us=2.0)
+    hw = attrs.evolve(load_profile("a6000"), link_gbps=0.5, host=host)
+    engine = offloaded_experts(
+        model, budget_between_the_minimum_and_everything(model, share), theta, policy=policy_for(policy, trace),
+        hybrid=mode, pricing=HostPricing.of(hw, model.dtype.itemsize) if mode == "auto" else None,
+    )
+    try:
+        for p in prompts:
+            generate(model, p, max_new_tokens=new_tokens, eos_ids=(), experts=engine)
+    finally:
+        engine.close()
+    sim = simulate(trace, engine.layout, policy_for(policy, trace), model_times(hw, model.spec, dtype_bytes=4), hw, hybrid=mode)
+
+    assert sim.decode == tuple(engine.decode_stats.values())
+    c = engine.counters
+    layers = [l.layer for l in engine.layout.layers]
+    assert [h.experts for h in sim.host] == [c.host_experts[l] for l in layers]
+    assert [h.bottoms for h in sim.host] == [c.host_bottoms[l] for l in layers]
+    assert (sim.demand_bytes, sum(h.fill_bytes for h in sim.host), sum(h.bytes for h in sim.host)) == (
+        c.demand_bytes, c.fill_bytes, c.host_bytes
+    )
