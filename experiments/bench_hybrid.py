@@ -8,6 +8,10 @@ budgets. Three ways to run the loads, side by side: copy-only (`--hybrid off`), 
 and `host-only`. Decode ms/token, exposed copy ms/token, host busy ms/token and how many loads
 ran on the host per token. Medians of --repeats runs, alternating the cells' order each round so
 that drift lands on every cell alike; every run's tokens are compared with the dense model's.
+Beside each, the simulator's ms/token for the same layout, policy and placement on the run's
+routing, with this machine's profile measured through the same link, the host priced as the
+engine priced it, and the engine's own host work fitted to the copy-only cells (as `moepic
+profile` fits it): the hybrid cells are held out, so their ratio is the simulator's fidelity.
 
 On a CPU the "device" and the host are the same cores: a host job runs beside the main thread's
 expert compute and competes with it for them. What hybrid execution saves here is the emulated
@@ -40,6 +44,7 @@ from moepic.runtime.generation import generate
 from moepic.runtime.host_pricing import run_pricing
 from moepic.runtime.offload import offloaded_experts
 from moepic.tokenizer import TextCodec
+from moepic.tracing.recorder import RoutingRecorder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_prefetch import calibrated_link  # noqa: E402 (the link calibration is bench_prefetch's)
@@ -60,6 +65,7 @@ def one_run(model, prompt, tokens: int, budget: float, theta: float, mode: str, 
     report = engine.report()
     decode_tokens = max(1, len(result.token_ids) - 1)
     return {
+        "layout": engine.layout,
         "tokens": result.token_ids,
         "ms_per_token": result.stats.decode_s_per_token * 1e3,
         "exposed_ms_per_token": report["decode_exposed_copy_s_per_token"] * 1e3,
@@ -68,6 +74,28 @@ def one_run(model, prompt, tokens: int, budget: float, theta: float, mode: str, 
         "host_loads_per_token": (report["host_experts"] + report["host_bottoms"]) / decode_tokens,
         "demand_mib": report["demand_bytes"] / 2**20,
     }
+
+
+def simulate_cells(model, prompt, tokens: int, trace, link, pricing, runs) -> dict[tuple[float, str], float]:
+    """Simulated decode ms/token of every cell (see the module docstring)."""
+    import attrs
+
+    from moepic.perfmodel.latency import model_times
+    from moepic.policies.base import build_policy
+    from moepic.runtime.measure import measure_profile
+    from moepic.sim.calibrate import MeasuredRun, fit_engine_overheads
+    from moepic.sim.simulate import simulate
+
+    hw = measure_profile(device="cpu", model_folder=str(default_model_dir()), dtype=model.dtype, link=link, engine=False)
+    hw = attrs.evolve(hw, host=pricing.host)
+    times = model_times(hw, model.spec, dtype_bytes=model.dtype.itemsize, context_tokens=len(prompt) + tokens // 2)
+    lcp = lambda: build_policy(POLICIES["lcp"].config())  # noqa: E731 (a fresh one per replay)
+    layout = {cell: cell_runs[0]["layout"] for cell, cell_runs in runs.items()}
+    measured = {cell: statistics.median(run["ms_per_token"] for run in cell_runs) / 1e3 for cell, cell_runs in runs.items()}
+    hw = fit_engine_overheads(hw, times, trace, [
+        MeasuredRun(layout[cell], lcp(), None, measured[cell]) for cell in runs if cell[1] == "off"
+    ])
+    return {cell: 1e3 * float(simulate(trace, layout[cell], lcp(), times, hw, hybrid=cell[1]).token_s.mean()) for cell in runs}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -85,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = load_model(default_model_dir(), offload_experts=True)
     text = DATASETS["kjv-heldout"].read_text()
     prompt = TextCodec.from_folder(default_model_dir()).encode(text[len(text) // 2 : len(text) // 2 + 2000])[:64]
-    dense = generate(model, prompt, max_new_tokens=tokens, eos_ids=())
+    recorder = RoutingRecorder(model.spec, model_name="kjv-moe-tiny")
+    dense = generate(model, prompt, max_new_tokens=tokens, eos_ids=(), tap=recorder)
     link, layer_s = calibrated_link(model, prompt, tokens, args.ratio)
     notes = []
     pricing = run_pricing(model.device, model.dtype.itemsize, host=None, link=link, threads=None, note=notes.append)
@@ -102,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     runs[cell].append(run)
                 bar.update(1)
 
+    simulated = simulate_cells(model, prompt, tokens, recorder.trace(), link, pricing, runs)
     rows = []
     for budget, mode in cells:
         cell_runs = runs[budget, mode]
@@ -111,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             row[key] = statistics.median(run[key] for run in cell_runs)
         copy_only = statistics.median(run["ms_per_token"] for run in runs[budget, "off"])
         row["vs_copy_only"] = row["ms_per_token"] / copy_only
+        row["simulated_ms_per_token"] = simulated[budget, mode]
+        row["simulated_vs_measured"] = simulated[budget, mode] / row["ms_per_token"]
         rows.append(row)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -127,14 +159,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(setting)
     print(*notes, sep="\n")
     header = (f"{'budget':>6} | {'mode':<11} | {'ms/tok':>7} | {'× copy':>6} | {'exposed':>7} | {'host ms':>7} | "
-              f"{'host loads/tok':>14} | {'demand MiB':>10} | tokens = dense")
+              f"{'host loads/tok':>14} | {'demand MiB':>10} | {'sim ms':>6} | {'sim/meas':>8} | tokens = dense")
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
             f"{row['budget']:6.0%} | {LABELS[row['mode']]:<11} | {row['ms_per_token']:7.2f} | {row['vs_copy_only']:6.2f} | "
             f"{row['exposed_ms_per_token']:7.2f} | {row['host_ms_per_token']:7.2f} | {row['host_loads_per_token']:14.1f} | "
-            f"{row['demand_mib']:10.1f} | {'yes' if row['tokens_equal_dense'] else 'no'}"
+            f"{row['demand_mib']:10.1f} | {row['simulated_ms_per_token']:6.2f} | {row['simulated_vs_measured']:8.2f} | "
+            f"{'yes' if row['tokens_equal_dense'] else 'no'}"
         )
     print(f"machine: {machine}")
 

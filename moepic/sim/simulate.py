@@ -27,7 +27,9 @@ Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's 
   has reached it (hand-off), runs them one after another (host_costs.py prices them, with the
   DRAM the link shares), and the device, having computed its own experts (and the cached tops of
   host-computed bottoms), waits for the last result to come back. A host-computed miss the
-  planner admitted has its top filled into its slot behind the prefetches, on the link.
+  planner admitted has its top filled into its slot behind the prefetches, on the link. Where the
+  device is itself the CPU (a profile with `device: cpu`), host jobs share its cores: they add
+  to the layer's compute instead of running beside it.
 - Each step starts with an idle link: every copy of a token is either used by it or cancelled,
   except a wrong prefetch or a fill of the last layers still in flight (they cannot delay compute).
 """
@@ -113,6 +115,7 @@ def simulate(
     predictor = predictor or NoPredictor()
     pricing = HostPricing.of(hw, layout.dtype_bytes) if hybrid != "off" else None
     check_mode(hybrid, pricing is not None)
+    shared_cores = hw.device == "cpu"  # a CPU "device" (the engine on this machine) is the host's own cores
     candidates = predictor.candidates
     steps = trace_steps(trace)
     layers = layout.layers
@@ -304,6 +307,8 @@ def simulate(
             if hosted:
                 clock += sum(top_expert_s[c] + load_s for pl in hosted if pl.plan.load == "bottom")
                 clock += load_s * sum(pl.plan.load == "whole" for pl in hosted)
+                if shared_cores:  # the host's jobs ran on the cores the device computes on: after its work
+                    host_ready = max(host_ready, clock + host_clock - r - costs.handoff_s)
                 if host_ready > clock:
                     if decode:
                         host_wait += host_ready - clock
