@@ -10,8 +10,9 @@ ran on the host per token. Medians of --repeats runs, alternating the cells' ord
 that drift lands on every cell alike; every run's tokens are compared with the dense model's.
 Beside each, the simulator's ms/token for the same layout, policy and placement on the run's
 routing, with this machine's profile measured through the same link, the host priced as the
-engine priced it, and the engine's own host work fitted to the copy-only cells (as `moepic
-profile` fits it): the hybrid cells are held out, so their ratio is the simulator's fidelity.
+engine priced it, and the engine's own host work fitted (as `moepic profile` fits it) to the
+copy-only cells, then its work per host load to the host-only cells: the `auto` cells are held
+out, so their ratio is the simulator's fidelity for hybrid runs.
 
 On a CPU the "device" and the host are the same cores: a host job runs beside the main thread's
 expert compute and competes with it for them. What hybrid execution saves here is the emulated
@@ -52,6 +53,7 @@ from bench_prefetch import calibrated_link  # noqa: E402 (the link calibration i
 MODES = ("off", "auto", "host-only")
 LABELS = {"off": "copy-only", "auto": "hybrid auto", "host-only": "host-only"}
 BUDGETS = (0.25, 0.5)
+CALIBRATION = ("off", "host-only")  # the engine's host work is fitted on these cells; auto's are held out
 
 
 def one_run(model, prompt, tokens: int, budget: float, theta: float, mode: str, link, pricing) -> dict:
@@ -93,7 +95,7 @@ def simulate_cells(model, prompt, tokens: int, trace, link, pricing, runs) -> di
     layout = {cell: cell_runs[0]["layout"] for cell, cell_runs in runs.items()}
     measured = {cell: statistics.median(run["ms_per_token"] for run in cell_runs) / 1e3 for cell, cell_runs in runs.items()}
     hw = fit_engine_overheads(hw, times, trace, [
-        MeasuredRun(layout[cell], lcp(), None, measured[cell]) for cell in runs if cell[1] == "off"
+        MeasuredRun(layout[cell], lcp(), None, measured[cell], hybrid=cell[1]) for cell in runs if cell[1] in CALIBRATION
     ])
     return {cell: 1e3 * float(simulate(trace, layout[cell], lcp(), times, hw, hybrid=cell[1]).token_s.mean()) for cell in runs}
 

@@ -78,6 +78,9 @@ class HardwareProfile:
     # the reference profiles (not measured there).
     offload_step_us: float = attrs.field(default=0.0, validator=_non_negative)
     load_us: float = attrs.field(default=0.0, validator=_non_negative)
+    # Hybrid runs: the engine's own work per load computed on the host (staging its input, handing
+    # the job over, taking its result in), beyond the host's compute; fitted like the two above.
+    host_load_us: float = attrs.field(default=0.0, validator=_non_negative)
     host: HostProfile | None = None  # the CPU beside the device; None: not described
 
     def copy_s(self, nbytes: float, copies: float = 1.0) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date
 from itertools import cycle
@@ -88,10 +89,13 @@ def matmul_gflops(dtype: torch.dtype, *, tokens: int, repeats: int) -> float:
 
 
 def call_overhead_s(repeats: int) -> float:
-    """A tiny expert: what one call costs beyond its bytes (dispatch, waking the threads, joining)."""
+    """A tiny expert handed to a worker thread and its result taken back, as the engine's host pool
+    (runtime/host_compute.py: one FIFO worker) hands each job over: what one call costs beyond its
+    bytes (the hand-off, waking the threads, joining)."""
     w = _experts(64, 64, torch.float32, 1)[0]
     x_1D = torch.randn(1, 64)
-    return median_s(lambda: swiglu(x_1D, w), CPU, repeats)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepic-measure") as worker:
+        return median_s(lambda: worker.submit(swiglu, x_1D, w).result(), CPU, repeats)
 
 
 def memory_gbps(nbytes: int, repeats: int) -> float:

@@ -4,7 +4,8 @@ The offloading engine spends host time the roofline does not see: planning each 
 handling each loaded expert (staging, submitting, waiting, reassembly). Given engine runs of known
 layouts with their measured decode time, the simulator's prediction without that work leaves a
 gap per run; `offload_step_us` and `load_us` are the non-negative least-squares fit of the gaps
-to (planned steps per token, loads per token).
+to (planned steps per token, loads per token) over the copy-only runs. Hybrid runs, where given,
+then fit `host_load_us` alone: what is left of their gap, per load computed on the host.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class MeasuredRun:
     policy: object
     predictor: object | None
     decode_s_per_token: float  # what the engine measured on the trace's run
+    hybrid: str = "off"
 
 
 def fit_engine_overheads(
@@ -35,14 +37,23 @@ def fit_engine_overheads(
     """`profile` with `offload_step_us` and `load_us` fitted to `runs` (each on `trace`)."""
     bare = attrs.evolve(profile, offload_step_us=0.0, load_us=0.0)
     rows, gaps = [], []
-    for run in runs:
+    for run in (r for r in runs if r.hybrid == "off"):
         sim = simulate(trace, run.layout, run.policy, times, bare, run.predictor)
         steps = sum(not l.fully_resident for l in run.layout.layers)
         loads = sum(s.partial_hits + s.misses for s in sim.decode) / max(1, sim.tokens)
         rows.append((steps, loads))
         gaps.append(run.decode_s_per_token - float(sim.token_s.mean()))
     step_s, load_s = non_negative_least_squares(rows, gaps)
-    return attrs.evolve(profile, offload_step_us=step_s * 1e6, load_us=load_s * 1e6)
+    fitted = attrs.evolve(profile, offload_step_us=step_s * 1e6, load_us=load_s * 1e6, host_load_us=0.0)
+    hosted, host_gaps = [], []
+    for run in (r for r in runs if r.hybrid != "off"):
+        sim = simulate(trace, run.layout, run.policy, times, fitted, run.predictor, hybrid=run.hybrid)
+        hosted.append(sum(h.experts + h.bottoms for h in sim.host) / max(1, sim.tokens))
+        host_gaps.append(run.decode_s_per_token - float(sim.token_s.mean()))
+    if not hosted or not any(hosted):
+        return fitted
+    host_load_s = max(0.0, float(np.dot(hosted, host_gaps) / np.dot(hosted, hosted)))
+    return attrs.evolve(fitted, host_load_us=host_load_s * 1e6)
 
 
 def non_negative_least_squares(rows, targets) -> tuple[float, float]:

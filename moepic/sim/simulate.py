@@ -30,8 +30,10 @@ Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's 
   planner admitted has its top filled into its slot behind the prefetches, on the link. Where the
   device is itself the CPU (a profile with `device: cpu`), host jobs share its cores: they add
   to the layer's compute instead of running beside it.
-- Each step starts with an idle link: every copy of a token is either used by it or cancelled,
-  except a wrong prefetch or a fill of the last layers still in flight (they cannot delay compute).
+- Each step starts with a link idle of prefetches: every prefetch of a token is either used by it
+  or cancelled, except a wrong one of the last layers still in flight (it cannot delay compute).
+  Fills are the cache's, not the token's: one still under way at the end of a step keeps the link
+  busy into the next, and a step that reads its slot waits for it.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def simulate(
     # The engine's own host work (hardware.py): per planned step, and per loaded expert.
     step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
     load_s = hw.load_us * 1e-6
+    host_load_s = hw.host_load_us * 1e-6  # the engine's own work per host-computed load
     caches = [initial_residency(policy, l).cache for l in layers]
     share_of = [link_share(pricing.load_costs(l, 1)) if pricing is not None and hybrid == "auto" else 1.0 for l in layers]
     if hybrid == "host-only":
@@ -168,6 +171,7 @@ def simulate(
     exposed_L = [0.0] * L
 
     decode_S, tokens_S = steps.decode_S.tolist(), steps.tokens_S.tolist()
+    carried_fills: dict[tuple[int, int], _Copy] = {}
     demand = prefetch = wasted = 0  # bytes, as the engine counts them
     for s in range(steps.num_steps):
         decode, tokens = decode_S[s], tokens_S[s]
@@ -176,7 +180,9 @@ def simulate(
         # Per target column: expert → its prefetch on the link. Copies run in issue order on one
         # link, each scheduled when issued and moved back when a demand copy goes first.
         pending: list[dict[int, _Copy]] = [{} for _ in range(L)]
-        fills: dict[tuple[int, int], _Copy] = {}  # (column, expert): a host-computed miss's top on its way to its slot
+        # (column, expert): a host-computed miss's top on its way to its slot; those of earlier steps
+        # still under way keep the link busy, and a step that reads the slot waits for its fill.
+        fills: dict[tuple[int, int], _Copy] = carried_fills
         order = 0
         for c in range(L):
             r = t + layer_s[c] + step_s[c]
@@ -291,6 +297,10 @@ def simulate(
             stats_L[c] = stats_L[c].add(plan, tokens)
             clock, exposed_before = r, exposed
             for p in experts:
+                filling = fills.get((c, p.expert)) if p.outcome != "miss" else None
+                if filling is not None and filling.end > clock:  # its cached top is still being filled
+                    exposed += filling.end - clock
+                    clock = filling.end
                 if p.expert in host_experts:
                     continue
                 if p.load != "none":
@@ -305,8 +315,7 @@ def simulate(
             if plan.kept:
                 clock += top_device_s[c] * len(plan.kept)
             if hosted:
-                clock += sum(top_expert_s[c] + load_s for pl in hosted if pl.plan.load == "bottom")
-                clock += load_s * sum(pl.plan.load == "whole" for pl in hosted)
+                clock += sum(top_expert_s[c] for pl in hosted if pl.plan.load == "bottom") + host_load_s * len(hosted)
                 if shared_cores:  # the host's jobs ran on the cores the device computes on: after its work
                     host_ready = max(host_ready, clock + host_clock - r - costs.handoff_s)
                 if host_ready > clock:
@@ -317,6 +326,8 @@ def simulate(
                 layer_time_L[c] += clock - t
                 exposed_L[c] += exposed - exposed_before
             t = clock
+        # Fills still under way when the step ends carry into the next, on its clock.
+        carried_fills = {key: _Copy(f.part, -1.0, f.end - t, f.nbytes, -1) for key, f in fills.items() if f.end > t}
         if decode:
             token_s.append(t + times.rest_s)
             exposed_s.append(exposed)

@@ -69,7 +69,7 @@ def test_older_gpu_profiles_load_unchanged_without_a_host(name):
     profile = load_profile(name)
     assert profile.host is None and "host" not in profile.as_dict()
     written = yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
-    assert profile.as_dict() == {"offload_step_us": 0.0, "load_us": 0.0} | written
+    assert profile.as_dict() == {"offload_step_us": 0.0, "load_us": 0.0, "host_load_us": 0.0} | written
 
 
 def test_an_older_measured_profile_with_cpu_expert_gbps_still_loads(tmp_path):
