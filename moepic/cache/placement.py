@@ -10,13 +10,15 @@ in plan order, on whichever of two queues finishes it first (docs/design.md §8)
     link queue  ── backlog (prefetches still in flight) ─ copy whole / copy bottom ─▶ device computes it
     host queue  ── hand-off ─ host computes whole / bottom ─ result back ─▶ device adds it
 
-which gives, per routed expert, one of five ways to run (`Way`):
+which gives, per routed expert, one of six ways to run (`Way`):
     device                  its whole expert is cached (θ = 1)            nothing loaded
     device top + host bottom   top cached; the host computes the bottom    nothing copied
     device top + copied bottom top cached; the bottom is copied            (the copy-only engine's partial hit)
     copied whole            nothing cached; the whole expert is copied     (the copy-only engine's miss)
     host whole              nothing cached; the host computes all of it    (its top is *filled* into its slot
                                                                             in the background if admitted)
+    copied top + host bottom   nothing cached, admitted: its top copied into its slot while the host
+                               computes its bottom, both at once (θ shares a miss between the two)
 
 Modes: `off` copies every load (the copy-only engine, bit for bit); `host-only` computes every load
 on the host and prefetches nothing, so the link carries only fills: every admitted miss is filled
@@ -26,6 +28,7 @@ finish times, ties to the copy, and fills only where the link would otherwise id
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -35,8 +38,11 @@ from moepic.cache.planner import FREE, ExpertPlan, LayerCache, LayerPlan
 
 Hybrid = Literal["off", "auto", "host-only"]
 HYBRID_MODES: tuple[Hybrid, ...] = ("off", "auto", "host-only")
-Place = Literal["copy", "host"]
-Way = Literal["device", "device top + host bottom", "device top + copied bottom", "copied whole", "host whole"]
+Place = Literal["copy", "host", "split"]
+Way = Literal[
+    "device", "device top + host bottom", "device top + copied bottom", "copied whole", "host whole",
+    "copied top + host bottom",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -49,6 +55,9 @@ class LoadCosts:
     host_bottom_s: float
     handoff_s: float  # the tokens' input to the host before it starts; a result back to the device after
     fill_s: float  # a top segment copied into its slot
+    # A missed expert may be split between the two: its top copied into the slot the planner
+    # admitted it to while the host computes its bottom (only where θ cuts it in two).
+    can_split: bool = False
 
     def copy_s(self, part: str) -> float:
         return self.copy_whole_s if part == "whole" else self.copy_bottom_s
@@ -76,6 +85,8 @@ def way_of(plan: ExpertPlan, place: Place | None) -> Way:
         return "device"
     if plan.load == "bottom":
         return "device top + host bottom" if place == "host" else "device top + copied bottom"
+    if place == "split":
+        return "copied top + host bottom"
     return "host whole" if place == "host" else "copied whole"
 
 
@@ -104,12 +115,17 @@ def place_loads(
     return _greedy(loads, mode, costs, link_busy_s)[0]
 
 
-def loads_finish_s(parts: Sequence[str], mode: Hybrid, costs: LoadCosts, *, link_busy_s: float = 0.0) -> float:
+def loads_finish_s(
+    parts: Sequence[str], mode: Hybrid, costs: LoadCosts, *, link_busy_s: float = 0.0, admitted: bool = False
+) -> float:
     """When the last of a step's loads (`parts`: "whole" or "bottom", in order) is ready on the
-    device, placed by `place_loads`'s rule (the latency model's price of a hybrid step)."""
+    device, placed by `place_loads`'s rule (the latency model's price of a hybrid step); `admitted`:
+    its misses take a slot (so they may be split)."""
     if not parts:
         return 0.0
-    loads = [ExpertPlan(i, "miss" if part == "whole" else "partial", None, part, 0) for i, part in enumerate(parts)]
+    slot = 0 if admitted else None
+    loads = [ExpertPlan(i, "miss", slot, part, 0) if part == "whole" else ExpertPlan(i, "partial", 0, part, 0)
+             for i, part in enumerate(parts)]
     if mode == "off":
         return link_busy_s + sum(costs.copy_s(part) for part in parts)
     _, link, host = _greedy(loads, mode, costs, link_busy_s)
@@ -128,12 +144,22 @@ def _greedy(
     for p in loads:
         copied = link + costs.copy_s(p.load)
         hosted = host + costs.host_s(p.load)
-        if mode == "host-only" or hosted + costs.handoff_s < copied:
+        if mode == "host-only":
             host = hosted
             placed.append((p, "host"))
-        else:
+            continue
+        # A split admitted miss: its top over the link, its bottom on the host, at once.
+        splits = costs.can_split and p.outcome == "miss" and p.slot is not None
+        split = max(link + costs.fill_s, host + costs.host_bottom_s + costs.handoff_s) if splits else math.inf
+        if copied <= min(split, hosted + costs.handoff_s):
             link = copied
             placed.append((p, "copy"))
+        elif split <= hosted + costs.handoff_s:
+            link, host = link + costs.fill_s, host + costs.host_bottom_s
+            placed.append((p, "split"))
+        else:
+            host = hosted
+            placed.append((p, "host"))
     loads_done = link
     # Fills, in plan order, while the link would finish them before the host's last result.
     out = []

@@ -116,6 +116,7 @@ class HostCounts:
 
     experts: int = 0  # routed experts computed whole on the host
     bottoms: int = 0  # partial hits whose bottom the host computed
+    splits: int = 0  # misses whose top was copied into their slot while the host computed their bottom
     bytes: int = 0  # expert weight bytes the host computed with (not copied)
     fills: int = 0  # host-computed misses whose top was then copied into their slot
     fill_bytes: int = 0
@@ -123,7 +124,11 @@ class HostCounts:
 
     def add(self, placements: Iterable[Placement], layout: LayerCacheLayout, seconds: float = 0.0) -> None:
         for p in placements:
-            if p.place != "host":
+            if p.place == "copy":
+                continue
+            if p.place == "split":
+                self.splits += 1
+                self.bytes += layout.bottom_bytes
                 continue
             whole = p.plan.load == "whole"
             self.experts += whole

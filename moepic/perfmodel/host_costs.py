@@ -72,6 +72,6 @@ class HostPricing:
             costs = self._costs[key] = LoadCosts(
                 copy_whole_s=self.copy_s(expert_bytes), copy_bottom_s=self.copy_s(bottom_bytes),
                 host_whole_s=self.host_s(expert_bytes, tokens), host_bottom_s=self.host_s(bottom_bytes, tokens),
-                handoff_s=self.handoff_s, fill_s=self.copy_s(top_bytes),
+                handoff_s=self.handoff_s, fill_s=self.copy_s(top_bytes), can_split=0 < top_bytes < expert_bytes,
             )
         return costs

@@ -206,7 +206,8 @@ class LatencyModel:
             costs = self.pricing.costs_for(t.expert_bytes, top_neurons * t.neuron_bytes, 1)
             bottom = [] if top_neurons == t.ffn_size else ["bottom"]
             self._finish[key] = np.array([
-                max(0.0, loads_finish_s(["whole"] * (k - j) + bottom * j, self.hybrid, costs, link_busy_s=-head_start_s))
+                max(0.0, loads_finish_s(["whole"] * (k - j) + bottom * j, self.hybrid, costs, link_busy_s=-head_start_s,
+                                        admitted=top_neurons > 0))
                 for j in range(k + 1)
             ])
         return self._finish[key]

@@ -43,12 +43,12 @@ class CacheSlots:
             self._copies.wait(fill)
         return self.pools[layer].slots[slot]
 
-    def fill(self, layer: int, slot: int, top: SwiGLUWeights) -> int:
-        """Copy `top` (host memory) into a slot in the background, not urgent, once the compute
-        issued so far has let go of it; the bytes it moves."""
+    def fill(self, layer: int, slot: int, top: SwiGLUWeights, *, urgent: bool = False) -> int:
+        """Copy `top` (host memory) into a slot once the compute issued so far has let go of it: in
+        the background, or `urgent` (a split miss's top, computed this step); the bytes it moves."""
         dst = self.slot(layer, slot)
         ranges = [(dst.gate_up_N2BD, top.gate_up_N2BD), (dst.down_FD, top.down_FD)]
-        ticket = self._copies.submit(ranges, urgent=False, after=self._copies.fence())
+        ticket = self._copies.submit(ranges, urgent=urgent, after=self._copies.fence())
         self._fills[layer, slot] = ticket
         return ticket.nbytes
 

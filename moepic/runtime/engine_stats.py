@@ -13,9 +13,10 @@ from collections.abc import Iterable
 
 import attrs
 
-from moepic.cache.layout import CacheLayout
-from moepic.cache.planner import ExpertPlan, LayerPlan
-from moepic.cache.stats import LayerCacheStats, PredictionCounts, summary
+from moepic.cache.layout import CacheLayout, LayerCacheLayout
+from moepic.cache.placement import Placement
+from moepic.cache.planner import LayerPlan
+from moepic.cache.stats import HostCounts, LayerCacheStats, PredictionCounts, summary
 
 
 @attrs.define
@@ -34,11 +35,8 @@ class EngineCounters:
     kept_prefetch_bytes: int = 0
     device_copy_bytes: int = 0  # device → device (reassembly, admission)
     demand_copies: int = 0  # loads copied on demand (not prefetched, not computed on the host)
-    fill_bytes: int = 0  # host → device: tops of host-computed misses the cache admitted
-    host_bytes: int = 0  # expert weight bytes computed on the host instead of copied
     predictor_s: float = 0.0
-    host_experts: dict[int, int] = attrs.field(init=False)  # layer → misses computed whole on the host
-    host_bottoms: dict[int, int] = attrs.field(init=False)  # layer → partial hits' bottoms computed there
+    host: dict[int, HostCounts] = attrs.field(init=False)  # layer → what the host computed (the simulator's counts)
     host_s: dict[bool, dict[int, float]] = attrs.field(init=False)  # decode? → layer → host busy seconds
 
     def __attrs_post_init__(self) -> None:
@@ -47,19 +45,26 @@ class EngineCounters:
         self.prefill = dict(self.decode)
         self.resident = {decode: {l: [0, 0, 0] for l in layers} for decode in (False, True)}
         self.predictions = {l: PredictionCounts() for l in layers}
-        self.host_experts = dict.fromkeys(layers, 0)
-        self.host_bottoms = dict.fromkeys(layers, 0)
+        self.host = {l: HostCounts() for l in layers}
         self.host_s = {decode: dict.fromkeys(layers, 0.0) for decode in (False, True)}
 
     def add_plan(self, plan: LayerPlan, tokens: int) -> None:
         stats = self.decode if tokens == 1 else self.prefill
         stats[plan.layer] = stats[plan.layer].add(plan, tokens)
 
-    def add_host_load(self, layer: int, p: ExpertPlan) -> None:
-        """A demand load placed on the host: its whole expert or its bottom."""
-        counts = self.host_experts if p.load == "whole" else self.host_bottoms
-        counts[layer] += 1
-        self.host_bytes += p.bytes_loaded
+    def add_host(self, layout: LayerCacheLayout, placed: Iterable[Placement]) -> None:
+        """A step's loads placed on the host (whole, bottom, or a split miss's bottom)."""
+        self.host[layout.layer].add(placed, layout)
+
+    @property
+    def fill_bytes(self) -> int:
+        """host → device: tops of host-computed misses the cache admitted, copied in the background."""
+        return sum(h.fill_bytes for h in self.host.values())
+
+    @property
+    def host_bytes(self) -> int:
+        """Expert weight bytes computed on the host instead of copied."""
+        return sum(h.bytes for h in self.host.values())
 
     def add_host_s(self, layer: int, tokens: int, seconds: float) -> None:
         self.host_s[tokens == 1][layer] += seconds
@@ -108,14 +113,16 @@ class EngineCounters:
             "kept_prefetch_bytes": self.kept_prefetch_bytes,
             "device_copy_bytes": self.device_copy_bytes,
             "demand_copies": self.demand_copies,
-            "host_experts": sum(self.host_experts.values()),
-            "host_bottoms": sum(self.host_bottoms.values()),
+            "host_experts": sum(h.experts for h in self.host.values()),
+            "host_bottoms": sum(h.bottoms for h in self.host.values()),
+            "host_splits": sum(h.splits for h in self.host.values()),
             "host_bytes": self.host_bytes,
             "fill_bytes": self.fill_bytes,
             "host_s": sum(host_s[l.layer] for host_s in self.host_s.values() for l in layers),
             "decode_host_s_per_token": sum(self.host_s[True].values()) / decode[0].tokens if decode[0].tokens else 0.0,
-            "layer_host_experts": [self.host_experts[l.layer] for l in layers],
-            "layer_host_bottoms": [self.host_bottoms[l.layer] for l in layers],
+            "layer_host_experts": [self.host[l.layer].experts for l in layers],
+            "layer_host_bottoms": [self.host[l.layer].bottoms for l in layers],
+            "layer_host_splits": [self.host[l.layer].splits for l in layers],
             "layer_host_s": [self.host_s[False][l.layer] + self.host_s[True][l.layer] for l in layers],
             "preload_bytes": preload_bytes,
             "cache_bytes": self.layout.cache_bytes,

@@ -68,7 +68,7 @@ class HostShare:
         for pl in hosted:
             p = pl.plan
             w = self.store.experts[layout.layer][p.expert]
-            if p.load == "bottom":
+            if p.load == "bottom" or pl.place == "split":  # the host's part is the bottom
                 w = w.neurons(layout.top_neurons, layout.ffn_size)
             rows = None if rows_of is None else rows_of[p.expert]
             jobs.append(self.pool.submit(layout.layer, p.expert, p.load, w, x, rows))

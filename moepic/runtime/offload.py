@@ -233,9 +233,9 @@ class OffloadedExperts:
             self.staging.release(load.buffer, fence=self.copies.fence())
             self._issue_demand(layout, queue, loads)
         if batch is not None:
-            # Host bottoms first: their cached tops are device work that overlaps the host's.
-            for pl in sorted(hosted, key=lambda pl: pl.plan.load != "bottom"):
-                yield pl.plan.expert, self._host_segments(layout, pl.plan, batch)
+            # Those with a top first: it is device work that overlaps the host's.
+            for pl in sorted(hosted, key=lambda pl: pl.plan.load != "bottom" and pl.place != "split"):
+                yield pl.plan.expert, self._host_segments(layout, pl, batch)
             self.counters.add_host_s(layer, tokens, batch.busy_s)
 
     # -- the host's share (hybrid) ----------------------------------------------------------------
@@ -257,25 +257,28 @@ class OffloadedExperts:
         residency = self.residency[layout.layer]
         plan, cache = settle_fills(plan, residency.cache, placed)
         self.residency[layout.layer] = attrs.evolve(residency, cache=cache)
-        hosted = [pl for pl in placed if pl.place == "host"]
-        for pl in hosted:
-            self.counters.add_host_load(layout.layer, pl.plan)
+        hosted = [pl for pl in placed if pl.place != "copy"]
+        self.counters.add_host(layout, hosted)
         return plan, hosted, [pl.plan for pl in placed if pl.place == "copy"]
 
     def _fill(self, layout: LayerCacheLayout, hosted: list[Placement]) -> set[int]:
-        """Fill the top of each host-computed miss the planner admitted into its slot, behind the
-        step's other copies (nothing waits for it until the slot is next used); the hosted experts."""
+        """Copy into its slot the top of each host-computed miss the planner admitted: a split
+        miss's at once (urgent: the device computes it this step), a filled one's behind the step's
+        other copies (nothing waits for it until the slot is next used). The hosted experts."""
         for pl in hosted:
-            if pl.fill:
+            if pl.fill or pl.place == "split":
                 top = self.store.experts[layout.layer][pl.plan.expert].neurons(0, layout.top_neurons)
-                self.counters.fill_bytes += self.slots.fill(layout.layer, pl.plan.slot, top)
+                nbytes = self.slots.fill(layout.layer, pl.plan.slot, top, urgent=pl.place == "split")
+                if pl.place == "split":
+                    self.counters.demand_bytes += nbytes
         return {pl.plan.expert for pl in hosted}
 
-    def _host_segments(self, layout: LayerCacheLayout, p: ExpertPlan, batch: HostBatch) -> Iterator[SwiGLUWeights | SegmentOutput]:
-        """A host-involved expert: a partial hit's cached top computed here, then what the host computed."""
-        if p.load == "bottom":
-            yield self.slots.slot(layout.layer, p.slot)
-        yield batch.output(p.expert)
+    def _host_segments(self, layout: LayerCacheLayout, pl: Placement, batch: HostBatch) -> Iterator[SwiGLUWeights | SegmentOutput]:
+        """A host-involved expert: its top computed here from its slot (a partial hit's cached one,
+        or a split miss's once copied there), then what the host computed."""
+        if pl.plan.load == "bottom" or pl.place == "split":
+            yield self.slots.slot(layout.layer, pl.plan.slot)
+        yield batch.output(pl.plan.expert)
 
     # -- copies ---------------------------------------------------------------------------------
 

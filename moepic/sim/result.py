@@ -119,6 +119,7 @@ class SimResult:
             "hybrid": self.hybrid,
             "host_experts": sum(h.experts for h in self.host),
             "host_bottoms": sum(h.bottoms for h in self.host),
+            "host_splits": sum(h.splits for h in self.host),
             "fill_bytes": sum(h.fill_bytes for h in self.host),
             "decode_host_s_per_token": float(self.host_s.mean()) if self.tokens else None,
             "host_ms_per_token": float(self.host_s.mean() * 1e3) if self.tokens else None,
@@ -129,7 +130,7 @@ class SimResult:
                 {"layer": l.layer, "theta": l.theta, "slots": l.slots, "hit_rate": s.hit_rate,
                  "bytes_loaded_per_token": s.bytes_loaded / self.tokens if self.tokens else 0.0,
                  "recall": r, "precision": p, "ms_per_token": float(t * 1e3), "exposed_copy_ms_per_token": float(x * 1e3),
-                 "host_experts": h.experts, "host_bottoms": h.bottoms,
+                 "host_experts": h.experts, "host_bottoms": h.bottoms, "host_splits": h.splits,
                  "host_ms_per_token": h.seconds * 1e3 / self.tokens if self.tokens else 0.0}
                 for l, s, r, p, t, x, h in zip(
                     self.layout.layers, self.decode, self.recall, self.precision, self.layer_s, self.layer_exposed_s,

@@ -242,7 +242,7 @@ def simulate(
                 placed = place_loads(demand_loads(plan, here), hybrid, pricing.load_costs(layers[c], tokens), link_busy_s=busy)
                 plan, caches[c] = settle_fills(plan, caches[c], placed)
                 loads = [pl.plan for pl in placed if pl.place == "copy"]
-                hosted = [pl for pl in placed if pl.place == "host"]
+                hosted = [pl for pl in placed if pl.place != "copy"]
                 costs = pricing.load_costs(layers[c], tokens)
             else:
                 loads = demand_loads(plan, pending[c])
@@ -253,6 +253,11 @@ def simulate(
                 ready[p.expert] = link
                 demand += p.bytes_loaded
                 demanded += 1
+            for pl in hosted:  # a split miss's top: urgent too, straight into its slot (no staging)
+                if pl.place == "split":
+                    link += fill_s[c]
+                    ready[pl.plan.expert] = link
+                    demand += layers[c].top_bytes
             for _, target, e in sorted(waiting):  # then the prefetches (and fills) not yet started, in issue order
                 if target == FILL:
                     fills[e] = fills[e].moved_to(link)
@@ -282,7 +287,7 @@ def simulate(
             if hosted:  # the host's queue: hand-off, its jobs in order, the last result back
                 host_clock = r + costs.handoff_s
                 for pl in hosted:
-                    host_clock += costs.host_s(pl.plan.load)
+                    host_clock += costs.host_s("bottom" if pl.place == "split" else pl.plan.load)
                     host_experts.add(pl.plan.expert)
                     if pl.fill:  # behind this layer's prefetches on the link
                         fills[c, pl.plan.expert] = _Copy("whole", link, link + fill_s[c], layers[c].top_bytes, order)
@@ -315,7 +320,13 @@ def simulate(
             if plan.kept:
                 clock += top_device_s[c] * len(plan.kept)
             if hosted:
-                clock += sum(top_expert_s[c] for pl in hosted if pl.plan.load == "bottom") + host_load_s * len(hosted)
+                for pl in hosted:  # the device's part: a cached top, or a split miss's once it has landed
+                    if pl.place == "split" and ready[pl.plan.expert] > clock:
+                        exposed += ready[pl.plan.expert] - clock
+                        clock = ready[pl.plan.expert]
+                    if pl.place == "split" or pl.plan.load == "bottom":
+                        clock += top_expert_s[c]
+                clock += host_load_s * len(hosted)
                 if shared_cores:  # the host's jobs ran on the cores the device computes on: after its work
                     host_ready = max(host_ready, clock + host_clock - r - costs.handoff_s)
                 if host_ready > clock:

@@ -9,12 +9,13 @@ a step's loads is the later of the two, computed here from the placements and th
 from __future__ import annotations
 
 import numpy as np
+import attrs
 import pytest
 from hypothesis import given, strategies as st
 
 from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.placement import (
-    HYBRID_MODES, LoadCosts, Placement, check_mode, link_share, place_loads, settle_fills, way_of,
+    HYBRID_MODES, LoadCosts, Placement, check_mode, link_share, loads_finish_s, place_loads, settle_fills, way_of,
 )
 from moepic.cache.planner import FREE, ExpertPlan, LayerCache, plan_layer_step
 
@@ -301,3 +302,18 @@ def test_the_links_share_balances_the_two_rates():
     assert link_share(costs(copy_whole=1.0, host_whole=2.0, handoff=0.5)) == pytest.approx(0.75)
     # Bottoms: copy 3 s, host 0.5 + 2·0.5 = 1.5 s: one of every three.
     assert link_share(costs(copy_bottom=3.0, host_bottom=0.5, handoff=0.5), "bottom") == pytest.approx(1 / 3)
+
+
+def test_auto_splits_an_admitted_miss_where_top_over_the_link_and_bottom_on_the_host_finish_first():
+    # Whole: copied 4, hosted 0.5 + 3 + 0.5 = 4; split: max(top copied 2, 0.5 + bottom 1.5 + 0.5 = 2.5) = 2.5.
+    c = attrs.evolve(costs(copy_whole=4.0, host_whole=3.0, host_bottom=1.5, handoff=0.5, fill=2.0), can_split=True)
+    placed = place_loads([miss(0, slot=3)], "auto", c)
+    assert placed == [Placement(miss(0, slot=3), "split", False)] and placed[0].way == "copied top + host bottom"
+    # Not admitted (no slot for its top), or θ not cutting the expert in two: never split.
+    assert place_loads([miss(0)], "auto", c)[0].place != "split"
+    assert place_loads([miss(0, slot=3)], "auto", attrs.evolve(c, can_split=False))[0].place != "split"
+    # host-only never copies a top to split a miss.
+    assert place_loads([miss(0, slot=3)], "host-only", c)[0].place == "host"
+    # A split keeps its admission: settle_fills leaves its slot alone.
+    assert loads_finish_s(["whole"], "auto", c, admitted=True) == 2.5
+    assert loads_finish_s(["whole"], "auto", c) == 4.0

@@ -168,3 +168,17 @@ def test_hybrid_off_starts_no_host_pool_and_auto_needs_prices(models):
         offloaded_experts(model, 0.5, 0.5, POLICIES["lru"].config(), host_threads=2)
     with pytest.raises(ValueError, match="hybrid must be one of off, auto, host-only"):
         offloaded_experts(model, 0.5, 0.5, POLICIES["lru"].config(), hybrid="banana")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_auto_splits_admitted_misses_between_link_and_host_and_stays_exact(models, name):
+    """Link and host at one rate, θ 0.5: an admitted miss finishes soonest split (its top copied
+    into its slot while the host computes its bottom, each half the expert), so auto splits; the
+    device computes the top from the slot once it has landed, and the sum stays the dense model's."""
+    model = models[name]
+    dense, trace = dense_run(model, PROMPT, 8)
+    engine = offloaded_experts(model, 0.5, 0.5, POLICIES["lru"].config(), hybrid="auto", pricing=pricing(1.0, 1.0))
+    assert_close_to_dense(run_hybrid(model, PROMPT, 8, engine), dense)
+    report = engine.report()
+    assert report["host_splits"] > 0 and sum(report["layer_host_splits"]) == report["host_splits"]
+    assert_slots_hold_the_host_bytes(engine)  # a split miss's top landed in its slot, as admitted
