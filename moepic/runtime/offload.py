@@ -37,8 +37,8 @@ from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, stag
 from moepic.cache.placement import Hybrid, Placement, check_mode, settle_fills
 from moepic.cache.planner import FREE, ExpertPlan, LayerPlan, LayerResidency, initial_residency, residency_step
 from moepic.cache.schedule import (
-    Part, PrefetchTarget, admission_candidates, demand_loads, demand_reserve, demand_room, plan_prefetches,
-    prefetch_fates, prefetch_room, top_copy,
+    PrefetchTarget, admission_candidates, demand_loads, demand_reserve, plan_prefetches,
+    prefetch_fates, prefetch_room,
 )
 from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
@@ -48,22 +48,14 @@ from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
 from moepic.runtime.copy_engine import Link, copy_engine_for
-from moepic.runtime.copy_protocol import CopyEngine, Ticket
+from moepic.runtime.copy_protocol import CopyEngine
 from moepic.runtime.cache_slots import CacheSlots
 from moepic.runtime.engine_stats import EngineCounters
 from moepic.runtime.host_compute import HostBatch
 from moepic.runtime.host_share import HostShare
 from moepic.runtime.host_store import HostExpertStore
-from moepic.runtime.staging import Buffer, StagingPool
-
-
-@attrs.frozen
-class _Load:
-    """An expert's copy in flight (or done) into a staging buffer."""
-
-    buffer: Buffer
-    ticket: Ticket
-    part: Part
+from moepic.runtime.staged_loads import Load, StagedLoads
+from moepic.runtime.staging import StagingPool
 
 
 class OffloadedExperts:
@@ -113,10 +105,11 @@ class OffloadedExperts:
         self._clock = {l.layer: 0 for l in layout.layers}  # tokens each layer has routed
         self._step_clock = 0  # the clock of the step in progress
         self._predictor_state = self.predictor.init()
-        self._prefetched: dict[int, dict[int, _Load]] = {l.layer: {} for l in layout.layers}
+        self._prefetched: dict[int, dict[int, Load]] = {l.layer: {} for l in layout.layers}
         self._predicted: dict[int, set[int]] = {}  # what the predictor named for each later layer
         self._new_request: set[int] = set()
         self._demand_reserve = demand_reserve(layout.staging_experts, self.predictor)
+        self.loads = StagedLoads(self.store, self.staging, self.copies, self.slots, self.counters, self._demand_reserve)
         # Last: it may set torch's thread count, which `close` restores.
         self.host = HostShare(self.device, self.store, hybrid, pricing, host_threads) if hybrid != "off" else None
 
@@ -184,11 +177,11 @@ class OffloadedExperts:
         )
         for e, slot in plan.kept:
             load = prefetched.pop(e)
-            self._copy_on_device(self.slots.slot(layer, slot), load.buffer.expert.neurons(0, layout.top_neurons))
+            self.loads.copy_on_device(self.slots.slot(layer, slot), load.buffer.expert.neurons(0, layout.top_neurons))
             self.counters.kept_prefetches += 1
             self.counters.kept_prefetch_bytes += load.ticket.nbytes
             self.staging.release(load.buffer, fence=self.copies.fence())
-        loads: dict[int, _Load] = {}
+        loads: dict[int, Load] = {}
         for e, fate in prefetch_fates(plan, parts).items():
             if fate == "keep":  # its top went to its slot above
                 continue
@@ -212,7 +205,7 @@ class OffloadedExperts:
         # the host's share (it runs beside the device), the next layers' prefetches, which overlap
         # this layer's compute, and the fills, which only the cache's future needs.
         queue = deque(demand)
-        self._issue_demand(layout, queue, loads)
+        self.loads.issue_demand(layout, queue, loads)
         batch = self.host.start(layout, hosted, ids_per_token, router_input_TD) if hosted else None
         if self.predictor.reads == "router_input":
             self._prefetch_ahead(layer, router_input_TD, clock, lookahead_rows)
@@ -224,14 +217,14 @@ class OffloadedExperts:
             if p.expert in on_host:  # handed out below, once the device has its own work
                 continue
             if p.expert not in loads:  # its turn came before a buffer did: it heads the queue
-                self._issue_demand(layout, queue, loads, at_least_one=True)
+                self.loads.issue_demand(layout, queue, loads, at_least_one=True)
             load = loads.pop(p.expert)
             if self.overlap_top and p.outcome == "partial":
-                yield p.expert, self._top_then_bottom(layout, p, load)
+                yield p.expert, self.loads.top_then_bottom(layout, p, load)
             else:
-                yield p.expert, (self._assemble(layout, p, load),)
+                yield p.expert, (self.loads.assemble(layout, p, load),)
             self.staging.release(load.buffer, fence=self.copies.fence())
-            self._issue_demand(layout, queue, loads)
+            self.loads.issue_demand(layout, queue, loads)
         if batch is not None:
             # Those with a top first: it is device work that overlaps the host's.
             for pl in sorted(hosted, key=lambda pl: pl.plan.load != "bottom" and pl.place != "split"):
@@ -241,7 +234,7 @@ class OffloadedExperts:
     # -- the host's share (hybrid) ----------------------------------------------------------------
 
     def _place(
-        self, layout: LayerCacheLayout, plan: LayerPlan, loads: dict[int, _Load], tokens: int
+        self, layout: LayerCacheLayout, plan: LayerPlan, loads: dict[int, Load], tokens: int
     ) -> tuple[LayerPlan, list[Placement], list[ExpertPlan]]:
         """The step's loads on link and host (cache/placement.py, the simulator's rule): its
         prefetches not yet started are withdrawn and placed with its demand loads, those under
@@ -280,37 +273,7 @@ class OffloadedExperts:
             yield self.slots.slot(layout.layer, pl.plan.slot)
         yield batch.output(pl.plan.expert)
 
-    # -- copies ---------------------------------------------------------------------------------
-
-    def _ranges(self, layout: LayerCacheLayout, expert: int, part: str, buffer: Buffer):
-        if part == "whole":
-            flat = self.store.flat[layout.layer][expert]
-            return [(buffer.flat[: flat.numel()], flat)]
-        top = layout.top_neurons
-        src = self.store.experts[layout.layer][expert].neurons(top, layout.ffn_size)
-        dst = buffer.expert.neurons(top, layout.ffn_size)
-        return [(dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)]
-
-    def _start(self, layout: LayerCacheLayout, expert: int, part: str, *, urgent: bool) -> _Load:
-        buffer = self.staging.acquire(self.copies.settle)
-        ticket = self.copies.submit(self._ranges(layout, expert, part, buffer), urgent=urgent, after=buffer.fence)
-        if urgent:
-            self.counters.demand_bytes += ticket.nbytes
-            self.counters.demand_copies += 1
-        else:
-            self.counters.prefetch_bytes += ticket.nbytes
-        return _Load(buffer, ticket, part)
-
-    def _issue_demand(
-        self, layout: LayerCacheLayout, queue: deque[ExpertPlan], loads: dict[int, _Load], *, at_least_one: bool = False
-    ) -> None:
-        """Demand copies from the head of `queue`, at most the demand reserve in flight, so that a
-        prompt's many loads leave the prefetch buffers free and the next layer's copies start
-        behind this layer's compute (prefill pipelining)."""
-        while queue and (demand_room(len(loads), self._demand_reserve) > 0 or at_least_one) and self.staging.free:
-            p = queue.popleft()
-            loads[p.expert] = self._start(layout, p.expert, p.load, urgent=True)
-            at_least_one = False
+    # -- prefetching ----------------------------------------------------------------------------
 
     def _prefetch_ahead(self, layer: int, hidden_TD: torch.Tensor, clock: int, guess_rows=None) -> None:
         if not self.predictor.horizon:
@@ -331,31 +294,7 @@ class OffloadedExperts:
             for target, experts in predictions.items()
         )
         for p in plan_prefetches(targets, prefetch_room(self.staging.free, self._demand_reserve)):
-            self._prefetched[p.key][p.expert] = self._start(self._layouts[p.key], p.expert, p.part, urgent=False)
-
-    def _assemble(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> SwiGLUWeights:
-        """Wait for the expert's copy and complete it in its staging buffer; admit its top if planned."""
-        self.copies.wait(load.ticket)
-        staged, top = load.buffer.expert, layout.top_neurons
-        direction = top_copy(p)
-        if direction == "slot_to_staging":
-            self._copy_on_device(staged.neurons(0, top), self.slots.slot(layout.layer, p.slot))
-        elif direction == "staging_to_slot":
-            self._copy_on_device(self.slots.slot(layout.layer, p.slot), staged.neurons(0, top))
-        return staged
-
-    def _top_then_bottom(self, layout: LayerCacheLayout, p: ExpertPlan, load: _Load) -> Iterator[SwiGLUWeights]:
-        """A partial hit as two segments: the cached top at once (computed while the bottom is still
-        in flight), then the bottom once it has landed. Not bit-exact: the sum of two segments
-        rounds differently from one matmul over the whole expert (docs/design.md §2)."""
-        yield self.slots.slot(layout.layer, p.slot)
-        self.copies.wait(load.ticket)
-        yield load.buffer.expert.neurons(layout.top_neurons, layout.ffn_size)
-
-    def _copy_on_device(self, dst: SwiGLUWeights, src: SwiGLUWeights) -> None:
-        for d, s in ((dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)):
-            d.copy_(s, non_blocking=True)
-            self.counters.device_copy_bytes += s.numel() * s.element_size()
+            self._prefetched[p.key][p.expert] = self.loads.start(self._layouts[p.key], p.expert, p.part, urgent=False)
 
     # -- reporting ------------------------------------------------------------------------------
 
