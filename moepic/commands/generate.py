@@ -192,7 +192,8 @@ def text(report: dict) -> str:
             cache += f" · {report['cache']['predictor']['name']} recall {stats['prediction_recall']:.1%}"
         if report["cache"].get("hybrid", "off") != "off":
             cache += (
-                f" · host computed {stats['host_experts']} experts + {stats['host_bottoms']} bottoms, "
+                f" · host computed {stats['host_experts']} experts + {stats['host_bottoms']} bottoms "
+                f"+ {stats['host_splits']} split misses' bottoms, "
                 f"{stats['decode_host_s_per_token'] * 1e3:.2f} ms/token busy"
             )
     return (
