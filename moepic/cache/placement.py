@@ -5,7 +5,8 @@ third resource beside device compute and the link), so both place the same exper
 
 The planner (planner.py) says what a step needs loaded; the copy schedule (schedule.py) says which
 of it a prefetch already brings. The rest — the demand loads — is placed here, one expert at a time
-in plan order, on whichever of two queues finishes it first (docs/design.md §8):
+in plan order, on whichever of two queues (or both, a miss split between them) finishes it first
+(docs/design.md §8):
 
     link queue  ── backlog (prefetches still in flight) ─ copy whole / copy bottom ─▶ device computes it
     host queue  ── hand-off ─ host computes whole / bottom ─ result back ─▶ device adds it
@@ -70,8 +71,8 @@ class Placement(NamedTuple):  # a tuple: the simulator makes one per load, ~10�
     plan: ExpertPlan
     place: Place
     # A host-computed miss the planner admitted whose top is copied into its slot, behind the
-    # step's copies: only where the link would otherwise wait for the host (`place_loads`), else
-    # the admission is withdrawn (`settle_fills`), so the link never slows a step to fill a cache.
+    # step's copies. In `auto` only where the link would otherwise wait for the host, else the
+    # admission is withdrawn (`settle_fills`): the link never slows a step to fill a cache.
     fill: bool = False
 
     @property
