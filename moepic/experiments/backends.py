@@ -216,11 +216,18 @@ def run_engine(config: ExperimentConfig) -> dict:
         trace=run.trace, shape=shape, hw=hardware(workload), budget=cache.budget, model=model,
         context_tokens=_recorded_context(workload.recorded),
     )
-    ready = prepare(config.setup(), testbed)
+    setup = config.setup()
+    ready = prepare(setup, testbed)
     link = Link(gbps=cache.link_gbps, latency_us=cache.link_latency_us) if cache.link_gbps else None
+    pricing = None
+    if setup.hybrid == "auto":  # priced as `moepic generate` prices it on this machine
+        from moepic.runtime.host_pricing import run_pricing
+
+        pricing = run_pricing(model.device, model.dtype.itemsize, host=None, link=link, threads=None)
     ms_per_token, report, decode_stats = [], {}, {}
     for repeat in range(config.engine.repeats + 1):  # the first warms up
-        engine = OffloadedExperts(model.weights, ready.layout, ready.policy, device=model.device, predictor=ready.predictor, link=link)
+        engine = OffloadedExperts(model.weights, ready.layout, ready.policy, device=model.device, predictor=ready.predictor,
+                                  link=link, hybrid=setup.hybrid, pricing=pricing)
         decode_s = steps = 0
         try:
             for prompt, expected in zip(run.prompts, run.token_ids):
