@@ -32,6 +32,10 @@ def run(args) -> dict:
     else:  # the hybrid systems where a host profile prices their CPU work
         names = ORDER + (HYBRID_ORDER if bed.hw.host is not None else ())
     setups = [load_baseline(n) for n in names]
+    for setup in setups:
+        if (bed.hybrid or setup.hybrid) != "off" and bed.hw.host is None:
+            raise ConfigError(f"baseline {setup.name} computes experts on the host CPU (hybrid {bed.hybrid or setup.hybrid}): "
+                              f"give --host NAME|FILE (bundled: {arguments.known_host_names()})")
     return compare_setups(setups, bed, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": bed.recall,
                                                                    "host": arguments.host_name(bed.hw)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from moepic.commands import arguments, testbed
 from moepic.commands.testbed import mib as _mib
+from moepic.errors import ConfigError
 
 NAME = "simulate"
 HELP = "simulate one configuration on a routing trace"
@@ -27,6 +28,9 @@ def run(args) -> dict:
 
     bed = testbed.from_args(args)
     setup = load_baseline(args.baseline) if args.baseline else setup_from_run_config(args.config)
+    if (bed.hybrid or setup.hybrid) != "off" and bed.hw.host is None:
+        raise ConfigError(f"{setup.name} computes experts on the host CPU (hybrid {bed.hybrid or setup.hybrid}): "
+                          f"give --host NAME|FILE (bundled: {arguments.known_host_names()})")
     return result_row(setup.name, setup.approximates, run_setup(setup, bed)) | {
         "hardware": bed.hw.name, "host": arguments.host_name(bed.hw), "model_shape": bed.shape.name, "trace": args.trace}
 

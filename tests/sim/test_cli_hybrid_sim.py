@@ -58,7 +58,10 @@ def test_a_hybrid_mode_without_a_host_is_one_line_asking_for_host(capsys, trace,
 
 
 def test_a_hybrid_baseline_without_a_host_is_one_line_asking_for_host(capsys, trace):
-    assert "give --host" in cli_error(capsys, _argv("compare", trace, "--baselines", "fiddler"))
+    assert cli_error(capsys, _argv("compare", trace, "--baselines", "fiddler")).startswith(
+        "baseline fiddler computes experts on the host CPU (hybrid auto): give --host NAME|FILE (bundled: ")
+    assert cli_error(capsys, _argv("simulate", trace, "--baseline", "ktransformers")).startswith(
+        "ktransformers computes experts on the host CPU (hybrid host-only): give --host NAME|FILE")
     assert "give --host" in cli_error(capsys, _argv("simulate", trace, "--baseline", "ktransformers"))
 
 
