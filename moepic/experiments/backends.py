@@ -21,7 +21,7 @@ import numpy as np
 
 from moepic.errors import ConfigError
 from moepic.experiments.config import ExperimentConfig, RecordedConfig, WorkloadConfig
-from moepic.perfmodel.hardware import HardwareProfile, load_profile
+from moepic.perfmodel.hardware import HardwareProfile, load_host, load_profile
 from moepic.sim.run import Testbed, check_trace_fits, prepare
 from moepic.sim.shapes import ModelShape, model_shape
 from moepic.sim.simulate import simulate
@@ -44,6 +44,8 @@ def run_cell(config: ExperimentConfig) -> dict:
 
 def hardware(workload: WorkloadConfig) -> HardwareProfile:
     hw = load_profile(workload.hardware)
+    if workload.host is not None:
+        hw = attrs.evolve(hw, host=load_host(workload.host))
     return attrs.evolve(hw, link_gbps=workload.link_gbps) if workload.link_gbps else hw
 
 
@@ -169,6 +171,9 @@ def run_sim(config: ExperimentConfig) -> dict:
         "prediction_recall": summary["prediction_recall"],
         "prediction_precision": summary["prediction_precision"],
         "predictor_ms_per_token": result.predictor_s * 1e3,
+        "hybrid": setup.hybrid,
+        "host_ms_per_token": summary["host_ms_per_token"],
+        "host_wait_ms_per_token": summary["host_wait_ms_per_token"],
         "cache_mib": summary["cache_bytes"] / MIB,
         "staging_mib": summary["staging_bytes"] / MIB,
         "policy": ready.policy.config.name,

@@ -72,6 +72,9 @@ class WorkloadConfig:
     model_shape: str = "mixtral-8x7b"
     hardware: str = "a6000"  # a bundled profile or a `moepic profile` YAML
     link_gbps: float | None = attrs.field(default=None, validator=LINK_GBPS)  # replaces the profile's host link (PCIe 3/4/5)
+    # The host CPU beside the device, for hybrid systems (a bundled host profile or a YAML file, as
+    # `--host`); None: the hardware profile's own host section, if it has one.
+    host: str | None = None
     # A noisy oracle of this recall stands in for gate_lookahead/mlp where they cannot run (no
     # router inputs in the trace); one value, or one per MoE layer.
     recall: Recall | None = attrs.field(default=0.85, validator=RECALL)

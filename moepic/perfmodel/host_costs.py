@@ -40,7 +40,8 @@ class HostPricing:
     @classmethod
     def of(cls, hw: HardwareProfile, dtype_bytes: int) -> HostPricing:
         if hw.host is None:
-            raise ConfigError(f"hardware profile {hw.name!r} describes no host CPU; give --host NAME|FILE")
+            raise ConfigError(f"hardware profile {hw.name!r} describes no host CPU; give one (--host NAME|FILE, "
+                              "or workload.host in an experiment config)")
         return cls(host=hw.host, link_gbps=hw.link_gbps, link_latency_us=hw.link_latency_us, dtype_bytes=dtype_bytes)
 
     @property

@@ -265,3 +265,16 @@ def test_the_engine_backend_refuses_a_simulated_link(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(script.ABLATION, BASE, _argv(tmp_path, "--backend", "engine", "engine.repeats=1"), default_out=tmp_path)
     assert "workload.link_gbps rescales a simulated GPU's link" in capsys.readouterr().err
+
+
+def test_a_hybrid_system_runs_in_the_simulator_backend_with_workload_host(tmp_path, capsys):
+    """A hybrid system (some experts on the host CPU) needs the host priced: `workload.host` names
+    it, and each record says where the loads ran; without one, one line says so."""
+    script = load_script("policies")
+    done = run(script.ABLATION, BASE, _argv(tmp_path / "hybrid", "--system", "fiddler", "workload.host=desktop-ddr5"),
+               default_out=tmp_path)
+    assert done.records and all(r["metrics"]["hybrid"] == "auto" for r in done.records)
+    assert any(r["metrics"]["host_ms_per_token"] > 0 for r in done.records)
+    with pytest.raises(SystemExit):
+        main(script.ABLATION, BASE, _argv(tmp_path / "no-host", "--system", "fiddler"), default_out=tmp_path)
+    assert "describes no host CPU; give one (--host NAME|FILE, or workload.host in an experiment config)" in capsys.readouterr().err
