@@ -2,7 +2,7 @@
 whatever the trace, shape, policy, budget, link and host (property), and where it must change
 nothing at all.
 
-Small random shapes and traces, built as tests/sim/test_sim_properties.py builds them, run on the
+Small random shapes and traces (tests/sim/sim_support.py, as the property tests build them), run on the
 a6000 profile with a link from slow to fast and one of the bundled host profiles; the `none` and
 `oracle` predictors keep planning independent of timing.
 """
@@ -15,77 +15,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moepic.cache.layout import plan_layout, staging_buffers
 from moepic.core.spec import ModelSpec
 from moepic.errors import ConfigError
 from moepic.perfmodel.hardware import known_hosts, load_host, load_profile
 from moepic.perfmodel.host_costs import HostPricing
-from moepic.perfmodel.latency import model_times
 from moepic.policies import POLICIES
-from moepic.predictors.base import NoPredictor
-from moepic.predictors.oracle import OracleConfig, OraclePredictor
-from moepic.sim.run import SpecOnly
-from moepic.sim.simulate import simulate
 from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
 from perf_support import moe_spec
-from tests_support import policy_for
+from sim_support import Case, request_trace
 
 A6000 = load_profile("a6000")
 DESKTOP = attrs.evolve(A6000, host=load_host("desktop-ddr5"))
 
 
 # --- builders ----------------------------------------------------------------------------------------
-
-
-def request_trace(rng: np.random.Generator, reqs, L: int, E: int, K: int, concentration: float) -> RoutingTrace:
-    """Each request: its prompt's tokens (prefill), then its decode tokens, one sequence each; skewed routing."""
-    prefill_N = np.concatenate([np.r_[np.ones(p, bool), np.zeros(d, bool)] for p, d in reqs])
-    sequence_N = np.concatenate([np.full(p + d, i) for i, (p, d) in enumerate(reqs)]).astype(np.int32)
-    N = len(prefill_N)
-    popularity_LE = rng.dirichlet(np.full(E, concentration), size=L) + 1e-9
-    popularity_LE /= popularity_LE.sum(-1, keepdims=True)
-    ids = np.zeros((N, L, K), np.int64)
-    for n in range(N):
-        for layer in range(L):
-            ids[n, layer] = rng.choice(E, K, replace=False, p=popularity_LE[layer])
-    starts = np.r_[0, np.flatnonzero(np.diff(sequence_N)) + 1]
-    position_N = (np.arange(N) - np.repeat(starts, np.diff(np.r_[starts, N]))).astype(np.int32)
-    return RoutingTrace(
-        model="hand-made", moe_layers=tuple(range(L)), num_experts=E, top_k=K, expert_ids_NLK=ids,
-        weights_NLK=np.full((N, L, K), 1 / K, np.float32), sequence_N=sequence_N, position_N=position_N, prefill_N=prefill_N,
-    )
-
-
-@attrs.frozen
-class Case:
-    spec: ModelSpec
-    trace: RoutingTrace
-    policy: str
-    predictor: str
-    theta: float
-    share: float
-
-    @property
-    def predicting(self) -> bool:
-        return self.predictor != "none" and len(self.spec.moe_layers) > 1
-
-    def build_predictor(self):
-        if self.predictor == "oracle":
-            return OraclePredictor(OracleConfig(), SpecOnly(self.spec), future=self.trace)
-        return NoPredictor()
-
-    def run(self, hw, hybrid: str | None = None):
-        """(SimResult, ModelTimes); `hybrid` None: simulate's default."""
-        predictor = self.build_predictor()
-        times = model_times(hw, self.spec, dtype_bytes=2, predictor=predictor.horizon > 0)
-        staging = staging_buffers(self.spec.moe.top_k, predictor)
-        everything = plan_layout(self.spec, dtype_bytes=2, budget=1.0, theta=1.0)
-        least = staging * everything.layers[0].expert_bytes
-        budget = least + int(self.share * max(0, everything.expert_bytes - least))
-        layout = plan_layout(self.spec, dtype_bytes=2, budget=budget, theta=self.theta, staging_experts=staging)
-        more = {} if hybrid is None else {"hybrid": hybrid}
-        return simulate(self.trace, layout, policy_for(self.policy, self.trace), times, hw, predictor, **more), times
 
 
 @st.composite
