@@ -11,18 +11,12 @@ import yaml
 
 from moepic.cli import main
 from moepic.perfmodel.hardware import known_hosts, load_host, load_profile
-from moepic.tracing import save_trace
-from moepic.tracing.synthetic import SyntheticRouting, generate_trace
-from tests_support import cli_error
+from tests_support import mixtral_shaped_trace, cli_error
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory) -> str:
     """A small Mixtral-shaped synthetic trace (32 MoE layers, 8 experts, top-2)."""
-    routing = SyntheticRouting(num_experts=8, top_k=2, skew=[1.0] * 32, reuse=[1.0] * 32, decay=[0.5] * 32,
-                               correlation=[1.0] * 32)
-    path = tmp_path_factory.mktemp("host_trace") / "mixtral.npz"
-    save_trace(generate_trace(routing, 12, seed=0, sequences=1), path)
-    return str(path)
+    return mixtral_shaped_trace(tmp_path_factory.mktemp("host_trace"))
 
 
 def _argv(command: str, trace: str, *more: str) -> list[str]:

@@ -134,3 +134,16 @@ def assert_slots_hold_the_host_bytes(engine) -> None:
                 host_top = engine.store.experts[layer][expert].neurons(0, top)
                 assert torch.equal(pool.slots[slot].gate_up_N2BD, host_top.gate_up_N2BD)
                 assert torch.equal(pool.slots[slot].down_FD, host_top.down_FD)
+
+
+def mixtral_shaped_trace(folder) -> str:
+    """A small Mixtral-shaped synthetic trace (32 MoE layers, 8 experts, top-2, 12 tokens) saved in
+    `folder`: at a quarter of the expert bytes most routed experts miss. Its path."""
+    from moepic.tracing import save_trace
+    from moepic.tracing.synthetic import SyntheticRouting, generate_trace
+
+    routing = SyntheticRouting(num_experts=8, top_k=2, skew=[1.0] * 32, reuse=[1.0] * 32, decay=[0.5] * 32,
+                               correlation=[1.0] * 32)
+    path = folder / "mixtral.npz"
+    save_trace(generate_trace(routing, 12, seed=0, sequences=1), path)
+    return str(path)
