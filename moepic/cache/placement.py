@@ -179,6 +179,18 @@ def link_share(costs: LoadCosts, part: str = "whole") -> float:
     return (1 / costs.copy_s(part)) / (1 / costs.copy_s(part) + 1 / (costs.host_s(part) + 2 * costs.handoff_s))
 
 
+def prefetch_share(mode: Hybrid, costs: LoadCosts | None) -> float:
+    """The share of a layer's named loads to prefetch: all of them copy-only, none host-only (the
+    link carries only fills), the link's share (`link_share`, `costs` at one token) in `auto`."""
+    if mode == "off":
+        return 1.0
+    if mode == "host-only":
+        return 0.0
+    if costs is None:
+        raise ValueError("hybrid auto needs LoadCosts to share its prefetches")
+    return link_share(costs)
+
+
 def settle_fills(plan: LayerPlan, cache: LayerCache, placed: Sequence[Placement]) -> tuple[LayerPlan, LayerCache]:
     """The plan and cache after the step's placements: a host-computed miss the planner admitted
     but that is not filled is not admitted after all. Its slot goes back to the expert it evicted

@@ -14,6 +14,8 @@ copying when the link is in fact idle.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from moepic.cache.layout import LayerCacheLayout
@@ -50,6 +52,11 @@ class HostPricing:
 
     def copy_s(self, nbytes: int) -> float:
         return self.link_latency_us * 1e-6 + nbytes / (self.link_gbps * 1e9)
+
+    def busy_s(self, in_flight_bytes: Iterable[int]) -> float:
+        """The link time still held by copies under way, each priced whole: neither the engine nor
+        the simulator's rule knows how far one has got."""
+        return sum(self.copy_s(nbytes) for nbytes in in_flight_bytes)
 
     def host_s(self, nbytes: int, tokens: int) -> float:
         """One host call over `nbytes` of expert weights for `tokens` tokens."""

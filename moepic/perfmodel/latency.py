@@ -46,6 +46,7 @@ from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.cache.placement import check_mode, loads_finish_s
 from moepic.perfmodel.hardware import HardwareProfile
+from moepic.perfmodel.host_costs import HostPricing
 from moepic.perfmodel.workload import LayerWorkload, WorkloadProfile
 
 
@@ -123,8 +124,6 @@ class LatencyModel:
     def __init__(
         self, hw: HardwareProfile, times: ModelTimes, workload: WorkloadProfile, *, hybrid: str = "off", dtype_bytes: int = 2
     ) -> None:
-        from moepic.perfmodel.host_costs import HostPricing
-
         self.hw, self.times, self.workload = hw, times, workload
         self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None  # no host: one line naming --host
         self.hybrid = check_mode(hybrid, self.pricing is not None or hybrid == "off")

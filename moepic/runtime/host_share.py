@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from moepic.cache.layout import LayerCacheLayout
-from moepic.cache.placement import Hybrid, Placement, check_mode, link_share, place_loads
+from moepic.cache.placement import Hybrid, Placement, check_mode, place_loads, prefetch_share
 from moepic.cache.planner import ExpertPlan
 from moepic.perfmodel.host_costs import HostPricing
 from moepic.runtime.host_compute import HostBatch, HostCompute
@@ -43,14 +43,12 @@ class HostShare:
         costs, busy_s = None, 0.0
         if self.pricing is not None:
             costs = self.pricing.load_costs(layout, tokens)
-            busy_s = sum(self.pricing.copy_s(nbytes) for nbytes in in_flight_bytes)
+            busy_s = self.pricing.busy_s(in_flight_bytes)
         return place_loads(demand, self.mode, costs, link_busy_s=busy_s)
 
-    def link_share(self, layout: LayerCacheLayout) -> float:
-        """The share of a layer's named loads to prefetch (placement.link_share): none in host-only."""
-        if self.mode == "host-only" or self.pricing is None:
-            return 0.0
-        return link_share(self.pricing.load_costs(layout, 1))
+    def prefetch_share(self, layout: LayerCacheLayout) -> float:
+        """The share of a layer's named loads to prefetch (placement.prefetch_share)."""
+        return prefetch_share(self.mode, self.pricing.load_costs(layout, 1) if self.pricing is not None else None)
 
     def start(
         self, layout: LayerCacheLayout, hosted: Sequence[Placement], ids_per_token: Sequence[Sequence[int]], x_TD: torch.Tensor

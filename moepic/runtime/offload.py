@@ -289,7 +289,7 @@ class OffloadedExperts:
         targets = (
             PrefetchTarget(
                 target, self._layouts[target], self.residency[target].cache, experts, self._prefetched[target],
-                self.host.link_share(self._layouts[target]) if self.host is not None else 1.0,
+                self.host.prefetch_share(self._layouts[target]) if self.host is not None else 1.0,
             )
             for target, experts in predictions.items()
         )

@@ -42,7 +42,7 @@ import attrs
 import numpy as np
 
 from moepic.cache.layout import CacheLayout
-from moepic.cache.placement import Hybrid, check_mode, link_share, place_loads, settle_fills
+from moepic.cache.placement import Hybrid, check_mode, place_loads, prefetch_share, settle_fills
 from moepic.cache.planner import initial_residency, plan_layer_step
 from moepic.cache.schedule import (
     Part, PrefetchTarget, admission_candidates, demand_in_flight, demand_loads, demand_reserve, plan_prefetches,
@@ -160,9 +160,7 @@ def simulate(
     load_s = hw.load_us * 1e-6
     host_load_s = hw.host_load_us * 1e-6  # the engine's own work per host-computed load
     caches = [initial_residency(policy, l).cache for l in layers]
-    share_of = [link_share(pricing.load_costs(l, 1)) if pricing is not None and hybrid == "auto" else 1.0 for l in layers]
-    if hybrid == "host-only":
-        share_of = [0.0] * L
+    share_of = [prefetch_share(hybrid, pricing.load_costs(l, 1) if pricing is not None else None) for l in layers]
     staging = layout.staging_experts
     reserve = demand_reserve(staging, predictor)
     counters = Counters(layers)
@@ -238,12 +236,12 @@ def simulate(
                     counters.cancelled += 1
                     prefetch -= here.pop(e).nbytes
                 waiting = [w for w in waiting if w[1] != c or w[2] in here]
-                busy = sum(pricing.copy_s(p.nbytes) for p in here.values() if p.end > r)
-                placed = place_loads(demand_loads(plan, here), hybrid, pricing.load_costs(layers[c], tokens), link_busy_s=busy)
+                costs = pricing.load_costs(layers[c], tokens)
+                busy = pricing.busy_s(p.nbytes for p in here.values() if p.end > r)
+                placed = place_loads(demand_loads(plan, here), hybrid, costs, link_busy_s=busy)
                 plan, caches[c] = settle_fills(plan, caches[c], placed)
                 loads = [pl.plan for pl in placed if pl.place == "copy"]
                 hosted = [pl for pl in placed if pl.place != "copy"]
-                costs = pricing.load_costs(layers[c], tokens)
             else:
                 loads = demand_loads(plan, pending[c])
             matched = len(pending[c])
@@ -283,20 +281,19 @@ def simulate(
                 link = end
                 prefetch += nbytes
             pending[c] = {}
-            host_ready, host_experts = r, set()
+            host_ready, host_experts, host_work = r, set(), 0.0
             if hosted:  # the host's queue: hand-off, its jobs in order, the last result back
-                host_clock = r + costs.handoff_s
                 for pl in hosted:
-                    host_clock += costs.host_s("bottom" if pl.place == "split" else pl.plan.load)
+                    host_work += costs.host_s("bottom" if pl.place == "split" else pl.plan.load)
                     host_experts.add(pl.plan.expert)
                     if pl.fill:  # behind this layer's prefetches on the link
                         fills[c, pl.plan.expert] = _Copy("whole", link, link + fill_s[c], layers[c].top_bytes, order)
                         order += 1
                         link += fill_s[c]
-                host_ready = host_clock + costs.handoff_s
+                host_ready = r + costs.handoff_s + host_work + costs.handoff_s
                 if decode:
-                    host_busy += host_clock - r - costs.handoff_s
-                    counters.host[c].add(hosted, layers[c], host_clock - r - costs.handoff_s)
+                    host_busy += host_work
+                    counters.host[c].add(hosted, layers[c], host_work)
             # Compute: each expert once its copy has landed (and its top has joined it); the host's
             # experts last (the engine hands them out last), then their results.
             stats_L[c] = stats_L[c].add(plan, tokens)
@@ -328,7 +325,7 @@ def simulate(
                         clock += top_expert_s[c]
                 clock += host_load_s * len(hosted)
                 if shared_cores:  # the host's jobs ran on the cores the device computes on: after its work
-                    host_ready = max(host_ready, clock + host_clock - r - costs.handoff_s)
+                    host_ready = max(host_ready, clock + host_work)
                 if host_ready > clock:
                     if decode:
                         host_wait += host_ready - clock

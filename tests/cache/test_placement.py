@@ -15,7 +15,8 @@ from hypothesis import given, strategies as st
 
 from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.placement import (
-    HYBRID_MODES, LoadCosts, Placement, check_mode, link_share, loads_finish_s, place_loads, settle_fills, way_of,
+    HYBRID_MODES, LoadCosts, Placement, check_mode, link_share, loads_finish_s, place_loads, prefetch_share, settle_fills,
+    way_of,
 )
 from moepic.cache.planner import FREE, ExpertPlan, LayerCache, plan_layer_step
 
@@ -317,3 +318,11 @@ def test_auto_splits_an_admitted_miss_where_top_over_the_link_and_bottom_on_the_
     # A split keeps its admission: settle_fills leaves its slot alone.
     assert loads_finish_s(["whole"], "auto", c, admitted=True) == 2.5
     assert loads_finish_s(["whole"], "auto", c) == 4.0
+
+
+def test_prefetch_share_is_everything_copy_only_nothing_host_only_and_the_link_s_share_in_auto():
+    c = costs(copy_whole=1.0, host_whole=2.0, handoff=0.5)
+    assert (prefetch_share("off", None), prefetch_share("host-only", None), prefetch_share("host-only", c)) == (1.0, 0.0, 0.0)
+    assert prefetch_share("auto", c) == link_share(c)
+    with pytest.raises(ValueError, match="hybrid auto needs LoadCosts"):
+        prefetch_share("auto", None)
