@@ -66,10 +66,11 @@ class HostShare:
         for pl in hosted:
             p = pl.plan
             w = self.store.experts[layout.layer][p.expert]
-            if p.load == "bottom" or pl.place == "split":  # the host's part is the bottom
+            part = "bottom" if p.load == "bottom" or pl.place == "split" else "whole"  # what the host computes
+            if part == "bottom":
                 w = w.neurons(layout.top_neurons, layout.ffn_size)
             rows = None if rows_of is None else rows_of[p.expert]
-            jobs.append(self.pool.submit(layout.layer, p.expert, p.load, w, x, rows))
+            jobs.append(self.pool.submit(layout.layer, p.expert, part, w, x, rows))
         return self.pool.batch(jobs)
 
     def close(self) -> None:
