@@ -2,13 +2,18 @@
 
 A script, not a test, prepared for a GPU machine (it also runs on the CPU with a small shape, which
 is how it is checked). It builds a random Mixtral-shaped model straight into moepic's weight tree
-(no checkpoint on disk; routed experts packed in pinned host memory on CUDA), then decodes greedily:
-the dense all-resident model (when it fits: `--dense`), and the offloading engine at each
---budgets × --thetas with no prefetch and with gate lookahead. One table: ms/token, × dense,
-exposed copy ms/token (device-side stall time on CUDA), hit rate and recall. Every offloaded run's
-tokens are compared with the dense run's when there is one.
+(no checkpoint on disk; weights drawn on the device, routed experts packed in pinned host memory on
+CUDA), then feeds it 64 random prompt tokens and --tokens more one at a time (a random model's greedy
+output soon repeats one token, which would route every step alike): the dense all-resident model
+(when it fits: `--dense`), and the offloading engine at each --budgets × --thetas × --predictors ×
+--hybrid modes. One table: decode ms/token, × dense, exposed copy ms/token (device-side stall time
+on CUDA), hit rate, recall, and for hybrid runs the experts and bottoms the host computed (prompt
+included) and its busy ms per decoded token. A copy-only run's argmax at every step must equal the
+dense run's (it raises otherwise); a hybrid run sums partial results on two processors, so in bf16
+an argmax may differ where random weights leave near-flat logits: `same` counts the steps that agree.
 
 Run:  python experiments/bench_offload_device.py --device cuda --layers 8            (Mixtral-8x7B shape, 8 of 32 layers)
+      python experiments/bench_offload_device.py --device cuda --layers 4 --hybrid off,auto,host-only
       python experiments/bench_offload_device.py --device cpu --quick                  (small shape, a smoke test)
 """
 
@@ -22,47 +27,37 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from moepic.core.model import Model
-from moepic.core.packing import pack_expert
-from moepic.core.spec import ModelSpec, MoESpec, RopeSpec, RouterSpec
-from moepic.core.weights import AttentionWeights, LayerWeights, ModelWeights, MoEWeights, SwiGLUWeights
+from moepic.cache.placement import check_mode
+from moepic.core.model import KVCache, forward
 from moepic.policies import POLICIES
 from moepic.predictors.gate_lookahead import GateLookaheadConfig
-from moepic.runtime.generation import generate
+from moepic.runtime.host_pricing import run_pricing
 from moepic.runtime.offload import offloaded_experts
+from moepic.runtime.random_model import MixtralShape, random_models
 
 
-def random_model(args, device: torch.device, *, offload: bool) -> Model:
-    """Mixtral's layout with random weights (std 0.02); experts on the host (pinned on CUDA) if `offload`."""
-    D, F, E, H, Hkv, d = args.hidden, args.ffn, 8, args.heads, args.kv_heads, args.hidden // args.heads
-    spec = ModelSpec(
-        model_type="mixtral", vocab_size=args.vocab, hidden_size=D, num_heads=H, num_kv_heads=Hkv, head_dim=d,
-        norm_eps=1e-5, rope=RopeSpec(theta=1e6), layer_kinds=("moe",) * args.layers, max_position_embeddings=4096,
-        moe=MoESpec(num_experts=E, top_k=2, expert_ffn=F, router=RouterSpec(kind="softmax_topk", renormalize=True)),
-    )
-    g = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16
-
-    def rand(*shape, where=device):
-        return (torch.randn(*shape, generator=g) * 0.02).to(dtype).to(where)
-
-    pin = offload and device.type == "cuda"
-    layers = []
-    for _ in tqdm(range(args.layers), desc="building layers", leave=False):
-        experts = []
-        for _ in range(E):
-            w = SwiGLUWeights.from_projections(rand(F, D, where="cpu"), rand(F, D, where="cpu"), rand(D, F, where="cpu"))
-            experts.append(pack_expert(w, pin_memory=pin) if offload else SwiGLUWeights(w.gate_up_N2BD.to(device), w.down_FD.to(device)))
-        attention = AttentionWeights(rand(H * d, D), rand(Hkv * d, D), rand(Hkv * d, D), rand(D, H * d))
-        ones = torch.ones(D, dtype=dtype, device=device)
-        layers.append(LayerWeights(ones, attention, ones.clone(), MoEWeights(rand(E, D), tuple(experts))))
-    weights = ModelWeights(rand(args.vocab, D), tuple(layers), torch.ones(D, dtype=dtype, device=device), rand(args.vocab, D))
-    return Model.build(spec, weights)
+def replay(model, tokens: Sequence[int], prompt_len: int, experts=None) -> tuple[float, list[int]]:
+    """Prefill tokens[:prompt_len], then decode the rest one at a time, fed (not generated): a random
+    model's greedy output soon repeats one token, which would route every step alike and flatter
+    any cache. Returns decode seconds per token and each step's argmax (read each step, as
+    generation reads its next id)."""
+    device = model.device
+    cache = KVCache.allocate(model, len(tokens))
+    if experts is not None:
+        experts.begin_request()
+    with torch.inference_mode():
+        logits_TV, cache = forward(model, torch.tensor(tokens[:prompt_len], device=device), cache, experts, logits_for="last")
+        argmaxes = [int(logits_TV[-1].argmax())]
+        start = time.perf_counter()
+        for token in tokens[prompt_len:]:
+            logits_TV, cache = forward(model, torch.tensor([token], device=device), cache, experts, logits_for="last")
+            argmaxes.append(int(logits_TV[-1].argmax()))
+        seconds = time.perf_counter() - start
+    return seconds / (len(tokens) - prompt_len), argmaxes
 
 
-def decode(model, prompt, tokens: int, experts=None) -> tuple[float, list[int]]:
-    result = generate(model, prompt, max_new_tokens=tokens, eos_ids=(), experts=experts)
-    return result.stats.decode_s_per_token, result.token_ids
+def agreeing(a: Sequence[int], b: Sequence[int]) -> int:
+    return sum(x == y for x, y in zip(a, b))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -79,56 +74,79 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", default="0.25,0.5", help="comma-separated budget fractions")
     parser.add_argument("--thetas", default="0,0.4,1", help="comma-separated split ratios")
+    parser.add_argument("--predictors", default="none,gate_lookahead", help="comma-separated: none, gate_lookahead")
+    parser.add_argument("--hybrid", default="off", help="comma-separated hybrid modes: off, auto, host-only")
+    parser.add_argument("--host", help="host profile (name or YAML) that prices `auto` on CUDA; default: measured now")
+    parser.add_argument("--host-threads", type=int, help="host worker threads (default: the engine's)")
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="also time the all-resident model")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab = 4, 256, 512, 4, 2, 1000
         args.tokens, args.repeats = 8, 1
     device = torch.device(args.device)
-    prompt = list(range(1, 65))
+    tokens = torch.randint(args.vocab, (64 + args.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     budgets = [float(b) for b in args.budgets.split(",")]
     thetas = [float(t) for t in args.thetas.split(",")]
+    predictors = args.predictors.split(",")
+    modes = [check_mode(m, costs_given=True) for m in args.hybrid.split(",")]  # auto is priced below
+    pricing = None
+    if "auto" in modes:
+        host = args.host if device.type == "cuda" else None
+        pricing = run_pricing(device, 2, host=host, link=None, threads=args.host_threads, note=print)
 
+    shape = MixtralShape(args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab)
+    dense_model, model = random_models(shape, device, dense=args.dense)
     dense_s, dense_tokens = None, None
-    if args.dense:
-        model = random_model(args, device, offload=False)
-        decode(model, prompt, 2)
-        runs = [decode(model, prompt, args.tokens) for _ in range(args.repeats)]
+    if dense_model is not None:
+        replay(dense_model, tokens[:66], 64)
+        runs = [replay(dense_model, tokens, 64) for _ in range(args.repeats)]
         dense_s, dense_tokens = statistics.median(r[0] for r in runs), runs[0][1]
-        del model
+        del dense_model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model = random_model(args, device, offload=True)
     rows = []
-    cells = [(b, t, p) for b in budgets for t in thetas for p in ("none", "gate_lookahead")]
-    for budget, theta, predictor in tqdm(cells, desc="offloaded runs", leave=False):
-        times, report = [], None
+    cells = [(b, t, p, m) for b in budgets for t in thetas for p in predictors for m in modes]
+    for budget, theta, predictor, mode in tqdm(cells, desc="offloaded runs", leave=False):
+        times, report, same = [], None, None
         for _ in range(args.repeats + 1):  # the first run warms up
             config = GateLookaheadConfig() if predictor == "gate_lookahead" else None
-            engine = offloaded_experts(model, budget, theta, POLICIES["lcp"].config(), config)
-            seconds, tokens = decode(model, prompt, args.tokens, engine)
-            report = engine.report()
-            engine.close()
+            engine = offloaded_experts(
+                model, budget, theta, POLICIES["lcp"].config(), config, hybrid=mode,
+                pricing=pricing if mode == "auto" else None, host_threads=args.host_threads if mode != "off" else None,
+            )
+            try:
+                seconds, argmaxes = replay(model, tokens, 64, engine)
+                report = engine.report()
+            finally:
+                engine.close()
             times.append(seconds)
-            if dense_tokens is not None and tokens != dense_tokens:
-                raise AssertionError(f"budget {budget}, θ {theta}, {predictor}: tokens differ from the dense model's")
-        rows.append((budget, theta, predictor, statistics.median(times[1:]), report))
+            if dense_tokens is not None:
+                same = agreeing(argmaxes, dense_tokens)
+                if mode == "off" and argmaxes != dense_tokens:
+                    raise AssertionError(f"budget {budget}, θ {theta}, {predictor}: argmaxes differ from the dense model's")
+        rows.append((budget, theta, predictor, mode, statistics.median(times[1:]), report, same))
 
-    shape = f"{args.layers} layers, D={args.hidden}, F={args.ffn}, 8 experts top-2, bf16"
-    print(f"Random Mixtral-shaped model ({shape}) on {device}; {args.tokens} new tokens after 64; medians of {args.repeats}")
+    described = f"{args.layers} layers, D={args.hidden}, F={args.ffn}, 8 experts top-2, bf16"
+    print(f"Random Mixtral-shaped model ({described}) on {device}; {args.tokens} random tokens decoded after 64; medians of {args.repeats}")
     if dense_s is not None:
         print(f"dense all-resident: {dense_s * 1e3:.2f} ms/token")
-    print(f"{'budget':>6} {'θ':>4} {'predictor':>15} | {'ms/token':>8} {'× dense':>8} {'exposed':>8} {'hit':>6} {'recall':>7}")
-    for budget, theta, predictor, seconds, report in rows:
+    print(
+        f"{'budget':>6} {'θ':>4} {'predictor':>15} {'hybrid':>9} | {'ms/token':>8} {'× dense':>8} {'exposed':>8} "
+        f"{'hit':>6} {'recall':>7} {'host exp':>8} {'host bot':>8} {'host ms':>8} {'same':>5}"
+    )
+    for budget, theta, predictor, mode, seconds, report, same in rows:
         ratio = f"{seconds / dense_s:8.2f}" if dense_s else f"{'-':>8}"
         recall = report["prediction_recall"]
+        host, bottoms = report.get("host_experts", 0), report.get("host_bottoms", 0)
+        host_ms = (report.get("decode_host_s_per_token") or 0.0) * 1e3
         print(
-            f"{budget:6.0%} {theta:4.1f} {predictor:>15} | {seconds * 1e3:8.2f} {ratio} "
+            f"{budget:6.0%} {theta:4.1f} {predictor:>15} {mode:>9} | {seconds * 1e3:8.2f} {ratio} "
             f"{report['decode_exposed_copy_s_per_token'] * 1e3:8.2f} {report['decode_expert_hit_rate']:6.1%} "
-            f"{'' if recall is None else f'{recall:6.1%}':>7}"
+            f"{'' if recall is None else f'{recall:6.1%}':>7} {host:8d} {bottoms:8d} {host_ms:8.2f} "
+            f"{'' if same is None else f'{same}/{args.tokens + 1}':>5}"
         )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; at {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"device: {name}; host threads {torch.get_num_threads()}; torch {torch.__version__}; at {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 if __name__ == "__main__":

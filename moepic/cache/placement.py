@@ -175,8 +175,10 @@ def _greedy(
 
 def link_share(costs: LoadCosts, part: str = "whole") -> float:
     """The share of a layer's loads the link should carry so that it and the host finish together:
-    its rate over both rates. A hybrid run prefetches only that share of what is named."""
-    return (1 / costs.copy_s(part)) / (1 / costs.copy_s(part) + 1 / (costs.host_s(part) + 2 * costs.handoff_s))
+    its rate over both rates, host time / (copy time + host time). A hybrid run prefetches only that
+    share of what is named. A free copy (a CPU run with no emulated link) takes everything."""
+    copy, host = costs.copy_s(part), costs.host_s(part) + 2 * costs.handoff_s
+    return host / (copy + host) if copy > 0 else 1.0
 
 
 def prefetch_share(mode: Hybrid, costs: LoadCosts | None) -> float:

@@ -31,6 +31,9 @@ from moepic.errors import MoepicError
 from moepic.runtime.host_measure import default_host_threads
 
 
+HOST_JOB_LABEL = "moepic.host_expert"
+
+
 class HostComputeError(MoepicError):
     """An expert computed on the host failed; the message names its layer and expert."""
 
@@ -145,7 +148,8 @@ def _run(weights: SwiGLUWeights, x: HostInput, rows: list[int] | None, pinned: b
         x.ready.synchronize()  # this thread waits for the input's copy; the main thread never does
     start = time.perf_counter()
     x_TD = x.x_TD if rows is None else x.x_TD[rows]
-    with torch.inference_mode():
+    # Named on a profiler timeline (costs nothing unless one records), so overlap can be seen.
+    with torch.inference_mode(), torch.profiler.record_function(HOST_JOB_LABEL):
         y_TD = swiglu(x_TD, weights)
     if pinned:
         out = torch.empty(y_TD.shape, dtype=y_TD.dtype, pin_memory=True)

@@ -305,6 +305,13 @@ def test_the_links_share_balances_the_two_rates():
     assert link_share(costs(copy_bottom=3.0, host_bottom=0.5, handoff=0.5), "bottom") == pytest.approx(1 / 3)
 
 
+def test_a_free_copy_takes_the_whole_share():
+    """A CPU run with no emulated link prices copies at zero: the link carries everything (this
+    divided by zero once, with a predictor prefetching under `--hybrid auto`)."""
+    assert link_share(costs(copy_whole=0.0, host_whole=2.0, handoff=0.5)) == 1.0
+    assert prefetch_share("auto", costs(copy_whole=0.0, host_whole=0.0, handoff=0.0)) == 1.0
+
+
 def test_auto_splits_an_admitted_miss_where_top_over_the_link_and_bottom_on_the_host_finish_first():
     # Whole: copied 4, hosted 0.5 + 3 + 0.5 = 4; split: max(top copied 2, 0.5 + bottom 1.5 + 0.5 = 2.5) = 2.5.
     c = attrs.evolve(costs(copy_whole=4.0, host_whole=3.0, host_bottom=1.5, handoff=0.5, fill=2.0), can_split=True)

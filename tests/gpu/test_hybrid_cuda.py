@@ -4,8 +4,6 @@ while it is open, and device memory stays within the budget plus staging."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -14,8 +12,11 @@ from moepic.core.model import KVCache, forward
 from moepic.default_model import default_model_dir
 from moepic.policies import POLICIES
 from moepic.runtime.generation import generate
+from moepic.runtime.host_compute import HOST_JOB_LABEL
 from moepic.runtime.host_pricing import run_pricing
 from moepic.runtime.offload import offloaded_experts
+
+from gpu_support import syncs_during
 
 pytestmark = [
     pytest.mark.gpu,
@@ -68,19 +69,57 @@ def test_a_hybrid_decode_step_syncs_only_to_read_each_layers_routing(models):
             _, cache = forward(model, torch.tensor(PROMPT[:8], device="cuda"), cache, engine)
             torch.cuda.synchronize()
             before = engine.report()["host_experts"] + engine.report()["host_bottoms"]
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    forward(model, torch.tensor([5], device="cuda"), cache, engine, logits_for="last")
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            token = torch.tensor([5], device="cuda")
+            syncs = syncs_during(lambda: forward(model, token, cache, engine, logits_for="last"))
         hosted = engine.report()["host_experts"] + engine.report()["host_bottoms"] - before
     finally:
         engine.close()
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert hosted > 0
-    assert len(syncs) == len(model.spec.moe_layers)
+    assert len(syncs) == len(model.spec.moe_layers), "\n".join(syncs)
+
+
+def merged(intervals):
+    out = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def overlap_us(a, b):
+    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in merged(a) for s2, e2 in merged(b))
+
+
+def test_host_jobs_and_device_kernels_overlap_on_the_profiler_timeline(models):
+    """Cached tops run on the device while the host computes the bottoms of the same step (and the
+    next layer's attention need not wait for a host job it does not use): the worker's jobs and the
+    device's kernels share time on one profiler timeline."""
+    _, model = models
+    engine = hybrid_engine(model, 0.6, 0.5, "host-only")
+    cache = KVCache.allocate(model, 64)
+    try:
+        with torch.inference_mode():
+            _, cache = forward(model, torch.tensor(PROMPT[:8], device="cuda"), cache, engine)
+            torch.cuda.synchronize()
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            # By default the profiler records the thread that started it; the jobs run on the worker.
+            all_threads = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+            with torch.profiler.profile(activities=activities, experimental_config=all_threads) as prof:
+                for token in PROMPT[8:16]:
+                    _, cache = forward(model, torch.tensor([token], device="cuda"), cache, engine, logits_for="last")
+                torch.cuda.synchronize()
+    finally:
+        engine.close()
+    events = prof.events()
+    host = [(e.time_range.start, e.time_range.end) for e in events if e.name == HOST_JOB_LABEL]
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert host and kernels, f"{len(host)} host jobs and {len(kernels)} kernels on the timeline"
+    shared = overlap_us(host, kernels)
+    assert shared > 0.0, f"host jobs ({len(host)}) and device kernels ({len(kernels)}) never ran at the same time"
+    print(f"host jobs {len(host)}, kernels {len(kernels)}, overlap {shared:.0f} µs of "
+          f"{sum(e - s for s, e in merged(host)):.0f} µs of host work")
 
 
 def test_the_host_pool_sets_torch_threads_while_open_and_restores_them(models):
@@ -92,11 +131,11 @@ def test_the_host_pool_sets_torch_threads_while_open_and_restores_them(models):
     assert torch.get_num_threads() == before
 
 
-def peak_above_resident(model, budget, theta):
+def peak_above_resident(model, budget, theta, mode="host-only"):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    engine = hybrid_engine(model, budget, theta, "host-only")
+    engine = hybrid_engine(model, budget, theta, mode)
     try:
         generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
         torch.cuda.synchronize()
@@ -107,11 +146,14 @@ def peak_above_resident(model, budget, theta):
 
 @pytest.mark.parametrize("budget,theta", [(0.15, 0.5), (0.3, 1.0), (0.6, 0.25)])
 def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budget, theta):
-    """As for copy-only runs (test_offload_cuda.py), the run itself measured with nothing cached
-    and everything computed on the host (so it includes the host results handed to the device)."""
+    """As for copy-only runs (test_offload_cuda.py), with the run itself measured with nothing
+    cached twice: every expert copied and computed on the device (its activations), and every
+    expert computed on the host (the results handed to the device); a hybrid run does both."""
     _, model = models
-    floor_peak, floor_layout = peak_above_resident(model, 1.0, 0.0)
-    run_itself = floor_peak - floor_layout.staging_bytes
+    run_itself = 0
+    for mode in ("off", "host-only"):
+        floor_peak, floor_layout = peak_above_resident(model, 1.0, 0.0, mode)
+        run_itself = max(run_itself, floor_peak - floor_layout.staging_bytes)
     peak, layout = peak_above_resident(model, budget, theta)
     assert layout.cache_bytes + layout.staging_bytes <= budget * layout.expert_bytes
     assert peak <= layout.cache_bytes + layout.staging_bytes + run_itself + 64 * 1024

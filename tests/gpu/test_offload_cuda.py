@@ -12,6 +12,9 @@ from moepic.default_model import default_model_dir
 from moepic.policies import POLICIES
 from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
+from moepic.runtime.random_model import MixtralShape, random_models
+
+from gpu_support import syncs_during
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,14 +78,17 @@ def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budg
     assert peak <= layout.cache_bytes + layout.staging_bytes + run_itself + 64 * 1024
 
 
-def test_prefetch_copies_overlap_compute_on_the_device(models):
-    """The profiler's device timeline shows host→device copies running while kernels run."""
+def test_prefetch_copies_overlap_compute_on_the_device():
+    """The profiler's device timeline shows host→device copies running while kernels run. On
+    experts of 25 MB (a copy takes about half a millisecond): the bundled model's take
+    microseconds, shorter than the gaps between a decode step's kernel launches."""
     from torch.profiler import ProfilerActivity, profile
 
     from moepic.predictors.gate_lookahead import GateLookaheadConfig
 
-    _, model = models
-    engine = offloaded_experts(model, 0.2, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig(candidates=4))
+    _, model = random_models(MixtralShape(layers=4, hidden=1024, ffn=4096, heads=8, kv_heads=2, vocab=1024),
+                             torch.device("cuda"), dense=False)
+    engine = offloaded_experts(model, 0.3, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig(candidates=4))
     generate(model, PROMPT, max_new_tokens=4, eos_ids=(), experts=engine)  # warm-up
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
@@ -100,8 +106,6 @@ def test_prefetch_copies_overlap_compute_on_the_device(models):
 def test_a_decode_step_syncs_with_the_host_only_to_read_each_layers_routing(models, predictor):
     """One sync per MoE layer, to read its routing; a router-input predictor's candidates travel in
     the same transfer. Copies and waits never sync."""
-    import warnings
-
     from moepic.core.model import KVCache, forward
     from moepic.predictors.gate_lookahead import GateLookaheadConfig
 
@@ -111,14 +115,6 @@ def test_a_decode_step_syncs_with_the_host_only_to_read_each_layers_routing(mode
     cache = KVCache.allocate(model, 64)
     with torch.inference_mode():
         _, cache = forward(model, torch.tensor(PROMPT[:8], device="cuda"), cache, engine)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                forward(model, torch.tensor([5], device="cuda"), cache, engine, logits_for="last")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    moe_layers = len(model.spec.moe_layers)
-    assert len(syncs) == moe_layers
+        token = torch.tensor([5], device="cuda")
+        syncs = syncs_during(lambda: forward(model, token, cache, engine, logits_for="last"))
+    assert len(syncs) == len(model.spec.moe_layers), "\n".join(syncs)
