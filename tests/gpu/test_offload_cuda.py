@@ -88,7 +88,8 @@ def test_prefetch_copies_overlap_compute_on_the_device():
 
     _, model = random_models(MixtralShape(layers=4, hidden=1024, ffn=4096, heads=8, kv_heads=2, vocab=1024),
                              torch.device("cuda"), dense=False)
-    engine = offloaded_experts(model, 0.3, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig(candidates=4))
+    # 0.6: the minimum working set here is 10 of the 32 experts (staging for 4 candidates and a demand reserve)
+    engine = offloaded_experts(model, 0.6, 0.4, POLICIES["lcp"].config(), GateLookaheadConfig(candidates=4))
     generate(model, PROMPT, max_new_tokens=4, eos_ids=(), experts=engine)  # warm-up
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
