@@ -1,7 +1,8 @@
-"""Shared by the GPU tests: counting the host syncs a piece of work makes."""
+"""Shared by the GPU tests: the host syncs a piece of work makes, and the device memory a run peaks at."""
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 
@@ -21,3 +22,23 @@ def syncs_during(run: Callable[[], object]) -> list[str]:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchronizing" in str(w.message)]
+
+
+def peak_above_resident(model, make_engine, prompt):
+    """(peak device bytes allocated above what was already allocated while `make_engine()` makes
+    an engine that serves a 16-token run and is closed, the engine's layout). Garbage is collected
+    first: an earlier run's engine held by a reference cycle would otherwise be freed whenever the
+    collector runs, maybe during this run, hiding part of its peak."""
+    from moepic.runtime.generation import generate
+
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    engine = make_engine()
+    try:
+        generate(model, prompt, max_new_tokens=16, eos_ids=(), experts=engine)
+        torch.cuda.synchronize()
+    finally:
+        engine.close()
+    return torch.cuda.max_memory_allocated() - before, engine.layout

@@ -16,7 +16,7 @@ from moepic.runtime.host_compute import HOST_JOB_LABEL
 from moepic.runtime.host_pricing import run_pricing
 from moepic.runtime.offload import offloaded_experts
 
-from gpu_support import syncs_during
+from gpu_support import peak_above_resident, syncs_during
 
 pytestmark = [
     pytest.mark.gpu,
@@ -131,19 +131,6 @@ def test_the_host_pool_sets_torch_threads_while_open_and_restores_them(models):
     assert torch.get_num_threads() == before
 
 
-def peak_above_resident(model, budget, theta, mode="host-only"):
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    engine = hybrid_engine(model, budget, theta, mode)
-    try:
-        generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
-        torch.cuda.synchronize()
-    finally:
-        engine.close()
-    return torch.cuda.max_memory_allocated() - before, engine.layout
-
-
 @pytest.mark.parametrize("budget,theta", [(0.15, 0.5), (0.3, 1.0), (0.6, 0.25)])
 def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budget, theta):
     """As for copy-only runs (test_offload_cuda.py), with the run itself measured with nothing
@@ -152,8 +139,8 @@ def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budg
     _, model = models
     run_itself = 0
     for mode in ("off", "host-only"):
-        floor_peak, floor_layout = peak_above_resident(model, 1.0, 0.0, mode)
+        floor_peak, floor_layout = peak_above_resident(model, lambda: hybrid_engine(model, 1.0, 0.0, mode), PROMPT)
         run_itself = max(run_itself, floor_peak - floor_layout.staging_bytes)
-    peak, layout = peak_above_resident(model, budget, theta)
+    peak, layout = peak_above_resident(model, lambda: hybrid_engine(model, budget, theta, "host-only"), PROMPT)
     assert layout.cache_bytes + layout.staging_bytes <= budget * layout.expert_bytes
     assert peak <= layout.cache_bytes + layout.staging_bytes + run_itself + 64 * 1024

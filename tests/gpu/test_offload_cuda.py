@@ -14,7 +14,7 @@ from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
 from moepic.runtime.random_model import MixtralShape, random_models
 
-from gpu_support import syncs_during
+from gpu_support import peak_above_resident, syncs_during
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,25 +55,14 @@ def test_offloaded_generation_on_cuda_equals_the_dense_gpu_model(models, policy,
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def peak_above_resident(model, budget, theta):
-    """(peak device bytes allocated above the resident weights during an offloaded run, its layout)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    engine = offloaded_experts(model, budget, theta, POLICIES["lcp"].config())
-    generate(model, PROMPT, max_new_tokens=16, eos_ids=(), experts=engine)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before, engine.layout
-
-
 @pytest.mark.parametrize("budget,theta", [(0.15, 0.5), (0.3, 1.0), (0.6, 0.25)])
 def test_peak_device_memory_stays_within_budget_plus_the_run_itself(models, budget, theta):
     """Peak above the resident weights ≤ cache + staging + what a cacheless run needs besides its
     staging (KV cache, activations): the engine allocates nothing else on the device."""
     _, model = models
-    floor_peak, floor_layout = peak_above_resident(model, 1.0, 0.0)
+    floor_peak, floor_layout = peak_above_resident(model, lambda: offloaded_experts(model, 1.0, 0.0, POLICIES["lcp"].config()), PROMPT)
     run_itself = floor_peak - floor_layout.staging_bytes
-    peak, layout = peak_above_resident(model, budget, theta)
+    peak, layout = peak_above_resident(model, lambda: offloaded_experts(model, budget, theta, POLICIES["lcp"].config()), PROMPT)
     assert layout.cache_bytes + layout.staging_bytes <= budget * layout.expert_bytes
     assert peak <= layout.cache_bytes + layout.staging_bytes + run_itself + 64 * 1024
 
