@@ -41,8 +41,23 @@ seconds = st.floats(1e-6, 1.0, allow_nan=False, allow_infinity=False)
 
 @st.composite
 def load_costs(draw) -> LoadCosts:
-    return LoadCosts(copy_whole_s=draw(seconds), copy_bottom_s=draw(seconds), host_whole_s=draw(seconds),
-                     host_bottom_s=draw(seconds), handoff_s=draw(st.floats(0.0, 0.5)), fill_s=draw(seconds))
+    """Arbitrary prices per part, or (as the engine's pricing gives) prices linear in the bytes
+    moved, with a top that lets an admitted miss be split between link and host."""
+    handoff = draw(st.floats(0.0, 0.5))
+    if not draw(st.booleans()):
+        return LoadCosts(copy_whole_s=draw(seconds), copy_bottom_s=draw(seconds), host_whole_s=draw(seconds),
+                         host_bottom_s=draw(seconds), handoff_s=handoff, fill_s=draw(seconds))
+    return linear_costs(top=draw(st.floats(0.0, 1.0)), copy_fixed=draw(st.floats(0.0, 0.2)), copy_whole=draw(seconds),
+                        host_fixed=draw(st.floats(0.0, 0.2)), host_whole=draw(seconds), handoff=handoff)
+
+
+def linear_costs(*, top, copy_fixed, copy_whole, host_fixed, host_whole, handoff) -> LoadCosts:
+    """A fixed price plus one per byte on each side, as HostPricing makes them; `top`: θ."""
+    return LoadCosts(
+        copy_whole_s=copy_fixed + copy_whole, copy_bottom_s=copy_fixed + (1 - top) * copy_whole,
+        host_whole_s=host_fixed + host_whole, host_bottom_s=host_fixed + (1 - top) * host_whole,
+        handoff_s=handoff, fill_s=copy_fixed + top * copy_whole, can_split=0 < top < 1,
+    )
 
 
 @st.composite
@@ -62,13 +77,15 @@ def makespan(placed: list[Placement], c: LoadCosts, link_busy_s: float) -> float
 
 
 def link_finish(placed: list[Placement], c: LoadCosts, link_busy_s: float) -> float:
-    """The backlog, then the copies, then the fills."""
-    return link_busy_s + sum(c.copy_s(pl.plan.load) for pl in placed if pl.place == "copy") + c.fill_s * sum(pl.fill for pl in placed)
+    """The backlog, then the copies (a split miss's top), then the fills."""
+    copies = {"copy": lambda pl: c.copy_s(pl.plan.load), "split": lambda pl: c.fill_s}
+    return link_busy_s + sum(copies[pl.place](pl) for pl in placed if pl.place in copies) + c.fill_s * sum(pl.fill for pl in placed)
 
 
 def host_finish(placed: list[Placement], c: LoadCosts) -> float:
-    """The hand-off, the host's jobs one after another, the result back; 0 where it has none."""
-    hosted = [c.host_s(pl.plan.load) for pl in placed if pl.place == "host"]
+    """The hand-off, the host's jobs one after another (a split miss's bottom), the result back; 0 where it has none."""
+    jobs = {"host": lambda pl: c.host_s(pl.plan.load), "split": lambda pl: c.host_bottom_s}
+    hosted = [jobs[pl.place](pl) for pl in placed if pl.place in jobs]
     return c.handoff_s + sum(hosted) + c.handoff_s if hosted else 0.0
 
 
@@ -149,7 +166,10 @@ def test_placement_is_a_pure_function_that_keeps_plan_order_one_placement_per_lo
     assert loads == given_loads  # its input untouched
     assert place_loads(tuple(loads), mode, c, link_busy_s=link_busy_s) == placed
     assert [pl.plan for pl in placed] == loads
-    assert all(pl.place in ("copy", "host") for pl in placed)
+    for pl in placed:
+        assert pl.place in (("copy", "host", "split") if mode == "auto" else ("copy", "host"))
+        if pl.place == "split":  # only an admitted miss, only where θ cuts the expert in two
+            assert pl.plan.admitted and c.can_split
 
 
 # --- fills ----------------------------------------------------------------------------------------------
@@ -165,6 +185,8 @@ def test_fills_are_only_host_computed_admitted_misses_and_never_make_the_link_fi
             assert pl.place == "host" and pl.plan.admitted
     host = host_finish(placed, c)
     link = link_finish(placed, c, link_busy_s)
+    if mode == "host-only":  # it fills every admission, however long the link takes (tested below)
+        return
     if any(pl.fill for pl in placed):
         assert link <= host * (1 + 1e-12)
     # Fills are taken while they fit: one left unfilled would not have fitted at the end either.
@@ -333,3 +355,4 @@ def test_prefetch_share_is_everything_copy_only_nothing_host_only_and_the_link_s
     assert prefetch_share("auto", c) == link_share(c)
     with pytest.raises(ValueError, match="hybrid auto needs LoadCosts"):
         prefetch_share("auto", None)
+
