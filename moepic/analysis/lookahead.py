@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from moepic.core.model import Model
-from moepic.core.routing import residual_router_logits
+from moepic.core.routing import residual_router_logits, selection_scores
 from moepic.core.weights import MoEWeights
 
 
@@ -30,8 +30,10 @@ class GateLookaheadTap:
             return
         lw = self.model.weights.layers[following]
         assert isinstance(lw.ffn, MoEWeights)
-        logits_TE = residual_router_logits(x_TD, lw.post_attention_norm_D, lw.ffn.router_ED, self.model.spec.norm_eps)
-        self._predicted[following] = logits_TE.topk(self.candidates, dim=-1).indices
+        router = self.model.spec.moe.router
+        logits_TE = residual_router_logits(x_TD, lw.post_attention_norm_D, lw.ffn.router_ED, self.model.spec.norm_eps, router)
+        scores_TE = selection_scores(logits_TE, router, lw.ffn.router_bias_E)  # ranked as the router ranks them
+        self._predicted[following] = scores_TE.topk(self.candidates, dim=-1).indices
 
     def routed(self, layer: int, router_input_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> None:
         predicted = self._predicted.pop(layer, None)

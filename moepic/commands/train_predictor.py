@@ -140,9 +140,9 @@ def run_train_predictor(
     progress: bool = True,
 ) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from moepic.checkpoint.load import load_model
+    from moepic.core.routing import router_logits, selection_scores
     from moepic.predictors.mlp import ScoreMLP, check_predictor_folder, pair_key, save_predictor
     from moepic.progress import bar as progress_bar
 
@@ -180,8 +180,9 @@ def run_train_predictor(
         net = ScoreMLP(spec.hidden_size, width, spec.moe.num_experts)
         with torch.no_grad():
             mlp = recall_at_k(torch.func.functional_call(net, weights, (x[split:],)), y[split:])
-            router = model.weights.layers[layers[target]].ffn.router_ED
-            gate = recall_at_k(F.linear(x[split:], router), y[split:])
+            ffn = model.weights.layers[layers[target]].ffn
+            logits = router_logits(x[split:], ffn.router_ED, spec.moe.router)
+            gate = recall_at_k(selection_scores(logits, spec.moe.router, ffn.router_bias_E), y[split:])
         metrics.append({"source": layers[source], "target": layers[target], "mlp_recall": mlp, "gate_lookahead_recall": gate})
     meta = {
         "hidden": spec.hidden_size, "width": width, "experts": spec.moe.num_experts, "horizon": horizon,

@@ -149,7 +149,7 @@ def moe_block(
     experts: ExpertSource,
     tap: RoutingTap | None = None,
 ) -> torch.Tensor:
-    weights_TK, ids_TK = route(x_TD, w.router_ED, moe)
+    weights_TK, ids_TK = route(x_TD, w.router_ED, moe, w.router_bias_E)
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token, lookahead_rows = routing_to_host_sync(ids_TK, experts.lookahead(layer, x_TD))

@@ -1,10 +1,22 @@
 """Routers: router logits → (weights_TK, ids_TK). Pure, registered by kind.
 
-Each architecture's routing rule is a named strategy, so a new rule (DeepSeek's group-limited or
-sigmoid routers) is one function plus one registry line. Probabilities are computed in float32
+Each architecture's routing rule is a named strategy, so a new rule is one function plus one
+registry line:
+
+    softmax_topk        softmax over all experts → top-k                      Mixtral, Qwen-MoE, OLMoE,
+                                                                              DeepSeek-V2 `greedy`
+    softmax_group_topk  softmax → the `top_groups` groups with the highest     DeepSeek-V2
+                        expert probability → top-k within them                 `group_limited_greedy`
+    sigmoid_group_topk  sigmoid scores; a selection-only bias added to choose  DeepSeek-V3, GLM-4.5
+                        (never to weigh); groups ranked by their top-2 sum     (`noaux_tc`)
+
+then optional renormalisation and the routed scaling factor. Probabilities are computed in float32
 as the reference implementations do, then the weights are cast to the activations' dtype.
-A router's logits are computed here only (`router_logits`): the routing itself and every
-lookahead that guesses a later layer's experts from an earlier hidden state go through it.
+
+A router's logits are computed here only (`router_logits`), and which experts it would choose is
+decided here only (`selection_scores`): the routing itself and every lookahead that guesses a later
+layer's experts from an earlier hidden state go through them, so a biased sigmoid router is
+predicted as it routes.
 """
 
 from __future__ import annotations
@@ -17,19 +29,64 @@ import torch.nn.functional as F
 from moepic.core.norms import rms_norm
 from moepic.core.spec import MoESpec, RouterSpec
 
-RouterFn = Callable[[torch.Tensor, RouterSpec, int], tuple[torch.Tensor, torch.Tensor]]
+# (logits_TE float32, router, top_k, selection bias_E or None) → (weights_TK float32, ids_TK)
+RouterFn = Callable[[torch.Tensor, RouterSpec, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
-def softmax_topk(logits_TE: torch.Tensor, router: RouterSpec, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax over all experts → top-k → optional renormalisation (Mixtral, Qwen-MoE, OLMoE)."""
-    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+def _grouped(scores_TE: torch.Tensor, router: RouterSpec, group_score: Callable[[torch.Tensor], torch.Tensor],
+             masked: float) -> torch.Tensor:
+    """`scores_TE` with every expert outside each token's `top_groups` best groups set to `masked`."""
+    T, E = scores_TE.shape
+    by_group_TGe = scores_TE.view(T, router.groups, E // router.groups)
+    best_TG = torch.topk(group_score(by_group_TGe), router.top_groups, dim=-1, sorted=False).indices
+    keep_TG = torch.zeros(T, router.groups, dtype=torch.bool, device=scores_TE.device).scatter_(1, best_TG, True)
+    return scores_TE.masked_fill(~keep_TG.repeat_interleave(E // router.groups, dim=1), masked)
+
+
+def selection_scores(logits_TE: torch.Tensor, router: RouterSpec, bias_E: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, E] float32: what the router ranks experts by; its top-k are the experts it routes to
+    (experts outside a token's chosen groups rank last). Lookaheads rank by it too."""
+    kind = router.kind
+    if kind == "softmax_topk":
+        return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    if kind == "softmax_group_topk":
+        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        # Masked to 0, as DeepSeek-V2 does (every kept probability is above it).
+        return _grouped(probs_TE, router, lambda g: g.max(dim=-1).values, 0.0)
+    if kind == "sigmoid_group_topk":
+        choice_TE = torch.sigmoid(logits_TE.float())
+        if bias_E is not None:
+            choice_TE = choice_TE + bias_E.float()
+        return _grouped(choice_TE, router, lambda g: g.topk(2, dim=-1).values.sum(dim=-1), float("-inf"))
+    raise ValueError(f"unknown router kind {kind!r}; known: {', '.join(sorted(ROUTERS))}")
+
+
+def _finish(weights_TK: torch.Tensor, router: RouterSpec, eps: float = 0.0) -> torch.Tensor:
     if router.renormalize:
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return weights_TK, ids_TK
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
+    return weights_TK * router.scaling if router.scaling != 1.0 else weights_TK
 
 
-ROUTERS: dict[str, RouterFn] = {"softmax_topk": softmax_topk}
+def probability_topk(logits_TE, router, top_k, bias_E=None):
+    """The top-k of the softmax probabilities (within the chosen groups, for the grouped kind),
+    weighted by them (→ renormalised → scaled)."""
+    weights_TK, ids_TK = torch.topk(selection_scores(logits_TE, router), top_k, dim=-1)
+    return _finish(weights_TK, router), ids_TK
+
+
+def sigmoid_group_topk(logits_TE, router, top_k, bias_E=None):
+    """DeepSeek-V3's `noaux_tc`: chosen by sigmoid score + bias within the best groups, weighted by
+    the sigmoid score alone (renormalised with DeepSeek's 1e-20 guard)."""
+    ids_TK = torch.topk(selection_scores(logits_TE, router, bias_E), top_k, dim=-1).indices
+    weights_TK = torch.sigmoid(logits_TE.float()).gather(1, ids_TK)
+    return _finish(weights_TK, router, eps=1e-20), ids_TK
+
+
+ROUTERS: dict[str, RouterFn] = {
+    "softmax_topk": probability_topk,
+    "softmax_group_topk": probability_topk,
+    "sigmoid_group_topk": sigmoid_group_topk,
+}
 
 
 def router_fn(kind: str) -> RouterFn:
@@ -39,21 +96,27 @@ def router_fn(kind: str) -> RouterFn:
         raise ValueError(f"unknown router kind {kind!r}; known: {', '.join(sorted(ROUTERS))}") from None
 
 
-def router_logits(x_TD: torch.Tensor, router_ED: torch.Tensor) -> torch.Tensor:
-    """[T, E] in x's dtype: the router's score of every expert for router inputs `x_TD`, before the
-    routing rule turns them into weights."""
+def router_logits(x_TD: torch.Tensor, router_ED: torch.Tensor, router: RouterSpec | None = None) -> torch.Tensor:
+    """[T, E]: the router's score of every expert for router inputs `x_TD`, before the routing rule
+    turns them into weights: in x's dtype, or float32 where the router asks (`fp32_logits`)."""
+    if router is not None and router.fp32_logits:
+        return F.linear(x_TD.float(), router_ED.float())
     return F.linear(x_TD, router_ED)
 
 
-def residual_router_logits(residual_TD: torch.Tensor, norm_D: torch.Tensor, router_ED: torch.Tensor, eps: float) -> torch.Tensor:
+def residual_router_logits(
+    residual_TD: torch.Tensor, norm_D: torch.Tensor, router_ED: torch.Tensor, eps: float, router: RouterSpec | None = None
+) -> torch.Tensor:
     """[T, E]: a layer's router logits for a residual stream, normalised with that layer's pre-FFN
     norm weight `norm_D` as the layer would (its attention skipped): what a lookahead from an
     earlier layer's output guesses that layer's experts by."""
-    return router_logits(rms_norm(residual_TD, norm_D, eps), router_ED)
+    return router_logits(rms_norm(residual_TD, norm_D, eps), router_ED, router)
 
 
-def route(x_TD: torch.Tensor, router_ED: torch.Tensor, moe: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_TK in x's dtype, ids_TK int64) for every token."""
-    logits_TE = router_logits(x_TD, router_ED)
-    weights_TK, ids_TK = router_fn(moe.router.kind)(logits_TE, moe.router, moe.top_k)
+def route(
+    x_TD: torch.Tensor, router_ED: torch.Tensor, moe: MoESpec, bias_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK in x's dtype, ids_TK int64) for every token; `bias_E`: the layer's selection-only bias."""
+    logits_TE = router_logits(x_TD, router_ED, moe.router)
+    weights_TK, ids_TK = router_fn(moe.router.kind)(logits_TE, moe.router, moe.top_k, bias_E)
     return weights_TK.to(x_TD.dtype), ids_TK

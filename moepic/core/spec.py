@@ -46,8 +46,20 @@ class RouterSpec:
     """How router logits become (weights_TK, ids_TK). See core/routing.py for the registered kinds."""
 
     kind: str = "softmax_topk"
-    # Renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen/OLMoE `norm_topk_prob`).
+    # Renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen/OLMoE/DeepSeek `norm_topk_prob`).
     renormalize: bool = True
+    # The routed experts' weights times this (DeepSeek's `routed_scaling_factor`).
+    scaling: float = attrs.field(default=1.0, validator=_positive)
+    # Group-limited kinds: experts in `groups` equal groups, tokens routed within the best `top_groups`.
+    groups: int = attrs.field(default=1, validator=_positive)
+    top_groups: int = attrs.field(default=1, validator=_positive)
+    # Logits from float32 inputs and router weights, as DeepSeek's routers compute them (in bf16
+    # runs too); otherwise in the activations' dtype, as Mixtral's and Qwen's do.
+    fp32_logits: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.top_groups > self.groups:
+            raise ValueError(f"router top_groups ({self.top_groups}) > groups ({self.groups})")
 
 
 @attrs.frozen(kw_only=True)
@@ -64,6 +76,12 @@ class MoESpec:
     def __attrs_post_init__(self) -> None:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+        groups = self.router.groups
+        if self.num_experts % groups:
+            raise ValueError(f"num_experts ({self.num_experts}) is not a whole number of router groups ({groups})")
+        if self.top_k > self.router.top_groups * (self.num_experts // groups):
+            raise ValueError(f"top_k ({self.top_k}) > the experts in the router's top_groups "
+                             f"({self.router.top_groups} of {groups} groups of {self.num_experts // groups})")
 
 
 @attrs.frozen(kw_only=True)

@@ -93,6 +93,9 @@ class MoEWeights:
     experts: tuple[SwiGLUWeights, ...]
     shared_expert: SwiGLUWeights | None = None
     shared_expert_gate_1D: torch.Tensor | None = None
+    # Added to the router's scores to choose experts, never to weigh them (DeepSeek-V3's
+    # `e_score_correction_bias`); None: none.
+    router_bias_E: torch.Tensor | None = None
 
 
 @attrs.frozen

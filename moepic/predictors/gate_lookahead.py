@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from moepic.core.model import Model
-from moepic.core.routing import residual_router_logits, router_logits
+from moepic.core.routing import residual_router_logits, router_logits, selection_scores
 from moepic.core.weights import MoEWeights
 from moepic.predictors.base import PredictorConfig, ScoringPredictor, at_least_one, check_horizon, layers_ahead, register_predictor
 
@@ -45,6 +45,7 @@ class GateLookahead(ScoringPredictor):
         self.device, self.dtype = model.device, model.dtype
         self.reads = "layer_output" if config.reads == "layer_output" else "router_input"
         self.eps = model.spec.norm_eps
+        self.router = model.spec.moe.router
         moe_layers = model.spec.moe_layers
         self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
         self.moe = {l: model.weights.layers[l] for l in moe_layers}
@@ -60,9 +61,14 @@ class GateLookahead(ScoringPredictor):
                     self.rescale[source, target] = self.moe[target].post_attention_norm_D / w_source
 
     def scores(self, layer: int, target: int, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """The target router's own ranking (core/routing.py `selection_scores`: groups, biases
+        and all) of every expert, for this hidden state."""
         ffn = self.moe[target].ffn
         assert isinstance(ffn, MoEWeights)
         if self.config.reads == "layer_output":
-            return residual_router_logits(hidden_TD, self.moe[target].post_attention_norm_D, ffn.router_ED, self.eps)
-        x_TD = hidden_TD * self.rescale[layer, target] if self.rescale else hidden_TD
-        return router_logits(x_TD, ffn.router_ED)
+            norm_D = self.moe[target].post_attention_norm_D
+            logits_TE = residual_router_logits(hidden_TD, norm_D, ffn.router_ED, self.eps, self.router)
+        else:
+            x_TD = hidden_TD * self.rescale[layer, target] if self.rescale else hidden_TD
+            logits_TE = router_logits(x_TD, ffn.router_ED, self.router)
+        return selection_scores(logits_TE, self.router, ffn.router_bias_E)
