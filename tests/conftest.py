@@ -62,6 +62,10 @@ def _common(**overrides):
     return base | overrides
 
 
+_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, moe_intermediate_size=16, q_lora_rank=None)
+_DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                  "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+
 # name → (config class name, model class name, config kwargs, save kwargs)
 CHECKPOINTS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", _common(num_local_experts=4, num_experts_per_tok=2), {}),
@@ -153,6 +157,39 @@ CHECKPOINTS = {
         _common(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, clip_qkv=0.5),
         {},
     ),
+    # DeepSeek: latent attention (direct or low-rank queries), dense first layers, shared experts,
+    # their three routers, interleaved or half-rotated rope, YaRN with its softmax mscale.
+    "deepseek_v2_lite": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        _common(**_MLA | dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+                topk_method="greedy", num_key_value_heads=4)),
+        {},
+    ),
+    "deepseek_v2_grouped_yarn": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        _common(**_MLA | dict(n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=0,
+                topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0, q_lora_rank=12,
+                num_key_value_heads=4, rope_parameters=_DEEPSEEK_YARN)),
+        {},
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        _common(**_MLA | dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=12,
+                num_key_value_heads=4)),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
+    "deepseek_v3_halves_yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        _common(**_MLA | dict(n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=0,
+                n_group=4, topk_group=3, norm_topk_prob=False, routed_scaling_factor=1.5, rope_interleave=False,
+                num_key_value_heads=4, rope_parameters=_DEEPSEEK_YARN)),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
 }
 
 
@@ -163,6 +200,9 @@ def save_tiny_checkpoint(name: str, folder) -> None:
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**config_kwargs)
     model = getattr(transformers, model_cls)(config).eval()
+    for name, buffer in model.named_buffers():  # HF starts them at zero, which would test nothing
+        if save.get("random_buffers") and name.endswith(save["random_buffers"]):
+            buffer.normal_(0.0, 0.1)
     if save.get("bf16"):
         model = model.to(torch.bfloat16)
     kwargs = {"max_shard_size": save["max_shard_size"]} if "max_shard_size" in save else {}

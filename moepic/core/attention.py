@@ -36,7 +36,7 @@ def _project_qkv(x_TD: torch.Tensor, w: AttentionWeights, spec: ModelSpec):
     return q_THd.transpose(0, 1), k_THd.transpose(0, 1), v_THd.transpose(0, 1)
 
 
-def _attention_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
+def causal_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
     """Boolean [T, start+T] mask (True = may attend), or None when SDPA's own modes suffice."""
     if window is None and (T == 1 or start == 0):
         return None
@@ -66,7 +66,7 @@ def attention(
     cache_v_HSd[:, start : start + T] = v_HTd
     keys_HSd = cache_k_HSd[:, : start + T]
     values_HSd = cache_v_HSd[:, : start + T]
-    mask = _attention_mask(T, start, spec.sliding_window, x_TD.device)
+    mask = causal_mask(T, start, spec.sliding_window, x_TD.device)
     group = spec.num_heads // spec.num_kv_heads
     if T == 1 and group > 1:
         # Decode: fold each KV head's group of query heads into the query-length axis, so one

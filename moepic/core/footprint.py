@@ -31,13 +31,33 @@ class Footprint:
         return self.routed_expert_params * self.num_routed_experts * dtype_bytes
 
 
+def attention_params(spec: ModelSpec) -> int:
+    """One layer's attention weights (norms and biases included), by attention kind."""
+    D, H = spec.hidden_size, spec.num_heads
+    mla = spec.mla
+    if mla is not None:  # core/mla.py: queries (direct or low-rank), kv_a, its norm, kv_b, o
+        Q = H * mla.qk_head_dim
+        queries = Q * D if not mla.q_lora_rank else mla.q_lora_rank * (D + 1 + Q)
+        latent = mla.kv_lora_rank
+        return queries + (latent + mla.qk_rope_head_dim) * D + latent + H * (mla.qk_nope_head_dim + mla.v_head_dim) * latent \
+            + D * H * mla.v_head_dim
+    Q, K = H * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    params = 2 * Q * D + 2 * K * D
+    if spec.attention_bias:
+        params += Q + 2 * K
+    return params + {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]
+
+
+def kv_cache_numbers(spec: ModelSpec) -> int:
+    """Numbers one token adds to one layer's KV cache: keys and values, or MLA's latent and rotary key."""
+    if spec.mla is not None:
+        return spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
+    return 2 * spec.num_kv_heads * spec.head_dim
+
+
 def footprint(spec: ModelSpec) -> Footprint:
     D, V = spec.hidden_size, spec.vocab_size
-    Q, K = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    attention = 2 * Q * D + 2 * K * D
-    if spec.attention_bias:
-        attention += Q + 2 * K
-    attention += {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]
+    attention = attention_params(spec)
     resident = V * D * (1 if spec.tie_word_embeddings else 2) + D  # embeddings, lm_head, final norm
     moe = spec.moe
     for kind in spec.layer_kinds:
@@ -45,7 +65,7 @@ def footprint(spec: ModelSpec) -> Footprint:
         if kind == "dense":
             resident += swiglu_params(D, spec.dense_ffn)
         else:
-            resident += moe.num_experts * D  # router
+            resident += moe.num_experts * (D + moe.router.selection_bias)  # router (and its bias)
             if moe.shared_expert_ffn:
                 resident += swiglu_params(D, moe.shared_expert_ffn) + (D if moe.shared_expert_gated else 0)
     return Footprint(

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from moepic.core.attention import attention
+from moepic.core.mla import mla_attention
 from moepic.core.ffn import swiglu
 from moepic.core.moe import ExpertSource, ResidentExperts, RoutingTap, moe_block
 from moepic.core.norms import rms_norm
 from moepic.core.rope import rope_cos_sin, rope_inv_freq
 from moepic.core.spec import ModelSpec
-from moepic.core.weights import ModelWeights, MoEWeights
+from moepic.core.weights import MLAWeights, ModelWeights, MoEWeights
 
 
 @attrs.frozen
@@ -50,7 +51,10 @@ class Model:
 
 @attrs.frozen
 class KVCache:
-    """Per-layer key/value buffers [Hkv, S_max, d] and how many positions are filled."""
+    """Per-layer cache buffers, two per layer, and how many positions are filled. Their layout is
+    the attention kind's: grouped-query attention keeps keys and values [Hkv, S_max, d]; latent
+    attention (core/mla.py) keeps its latent [1, S_max, L] in `keys` and its shared rotary key
+    [1, S_max, r] in `values`."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
@@ -59,12 +63,15 @@ class KVCache:
     @classmethod
     def allocate(cls, model: Model, max_length: int) -> KVCache:
         spec = model.spec
-        shape = (spec.num_kv_heads, max_length, spec.head_dim)
+        if spec.mla is not None:
+            shapes = (1, max_length, spec.mla.kv_lora_rank), (1, max_length, spec.mla.qk_rope_head_dim)
+        else:
+            shapes = ((spec.num_kv_heads, max_length, spec.head_dim),) * 2
 
-        def buffers() -> tuple[torch.Tensor, ...]:
+        def buffers(shape) -> tuple[torch.Tensor, ...]:
             return tuple(torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(spec.num_layers))
 
-        return cls(keys=buffers(), values=buffers())
+        return cls(keys=buffers(shapes[0]), values=buffers(shapes[1]))
 
     @property
     def capacity(self) -> int:
@@ -95,9 +102,8 @@ def forward(
     x_TD = F.embedding(tokens_T, w.embed_VD)
     for layer, lw in enumerate(w.layers):
         h_TD = rms_norm(x_TD, lw.input_norm_D, spec.norm_eps)
-        x_TD = x_TD + attention(
-            h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start
-        )
+        attend = mla_attention if isinstance(lw.attention, MLAWeights) else attention
+        x_TD = x_TD + attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start)
         h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):
             x_TD = x_TD + moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)

@@ -62,7 +62,7 @@ def _llama3(inv_freq: torch.Tensor, spec: RopeSpec, old_context: int) -> torch.T
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -77,10 +77,10 @@ def _yarn(
         # DeepSeek-style checkpoints give mscale/mscale_all_dim; HF treats 0 like absent (truthiness).
         if spec.mscale and spec.mscale_all_dim:
             attention_factor = float(
-                _yarn_mscale(factor, spec.mscale) / _yarn_mscale(factor, spec.mscale_all_dim)
+                yarn_mscale(factor, spec.mscale) / yarn_mscale(factor, spec.mscale_all_dim)
             )
         else:
-            attention_factor = _yarn_mscale(factor)
+            attention_factor = yarn_mscale(factor)
     beta_fast = spec.beta_fast or 32
     beta_slow = spec.beta_slow or 1
 
@@ -133,3 +133,14 @@ def apply_rope(x_HTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) 
     if rot < x_HTd.shape[-1]:
         out = torch.cat((out, x_HTd[..., rot:]), dim=-1)
     return out
+
+
+def apply_rope_interleaved(x_HTr: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor) -> torch.Tensor:
+    """RoPE on dims paired (x0, x1), (x2, x3)…, each pair rotated by one frequency, the result laid
+    out as [rotated evens | rotated odds] (DeepSeek's layout: the same numbers as de-interleaving and
+    rotating halves, without the copy). cos/sin as `rope_cos_sin` gives them (their first half holds
+    each pair's angle); x's last dim is exactly the rotary width."""
+    half = cos_Tr.shape[-1] // 2
+    cos, sin = cos_Tr[..., :half], sin_Tr[..., :half]
+    even, odd = x_HTr[..., 0::2], x_HTr[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)

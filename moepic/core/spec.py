@@ -61,6 +61,11 @@ class RouterSpec:
         if self.top_groups > self.groups:
             raise ValueError(f"router top_groups ({self.top_groups}) > groups ({self.groups})")
 
+    @property
+    def selection_bias(self) -> bool:
+        """Whether the router reads a per-expert selection bias (MoEWeights.router_bias_E)."""
+        return self.kind == "sigmoid_group_topk"
+
 
 @attrs.frozen(kw_only=True)
 class MoESpec:
@@ -85,6 +90,25 @@ class MoESpec:
 
 
 @attrs.frozen(kw_only=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3, core/mla.py): keys and values come from one
+    compressed latent per token, which is what the KV cache keeps, beside one rotary key shared by
+    every head. The spec's head_dim is the rotary width (`qk_rope_head_dim`)."""
+
+    q_lora_rank: int = attrs.field(validator=attrs.validators.ge(0))  # 0: queries projected directly
+    kv_lora_rank: int = attrs.field(validator=_positive)
+    qk_nope_head_dim: int = attrs.field(validator=_positive)
+    qk_rope_head_dim: int = attrs.field(validator=_positive)
+    v_head_dim: int = attrs.field(validator=_positive)
+    rope_interleave: bool = True  # rotary dims paired (x0, x1), (x2, x3)… rather than halves
+    softmax_scale: float = attrs.field(validator=_positive)  # qk_head_dim^-0.5, times YaRN's mscale² where set
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@attrs.frozen(kw_only=True)
 class ModelSpec:
     model_type: str
     vocab_size: int = attrs.field(validator=_positive)
@@ -105,6 +129,7 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     bos_token_id: int | None = None
+    mla: MLASpec | None = None  # latent attention instead of grouped-query attention
 
     def __attrs_post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -118,6 +143,8 @@ class ModelSpec:
         for kind in self.layer_kinds:
             if kind not in ("dense", "moe"):
                 raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")
+        if self.mla is not None and self.head_dim != self.mla.qk_rope_head_dim:
+            raise ValueError(f"with latent attention head_dim is the rotary width: {self.head_dim} != {self.mla.qk_rope_head_dim}")
 
     @property
     def num_layers(self) -> int:

@@ -88,6 +88,20 @@ class AttentionWeights:
 
 
 @attrs.frozen
+class MLAWeights:
+    """Latent attention's projections (core/mla.py). H heads; L = kv_lora_rank; r = rotary width."""
+
+    kv_a_CD: torch.Tensor  # C = L + r: the latent and the shared rotary key, from x
+    kv_a_norm_L: torch.Tensor
+    kv_b_ND: torch.Tensor  # [H·(nope + v), L]: each head's key (no rope) and value from the latent
+    o_DV: torch.Tensor  # [D, H·v]
+    q_QD: torch.Tensor | None = None  # [H·(nope + r), D]: direct queries (no q_lora_rank) …
+    q_a_RD: torch.Tensor | None = None  # … or through a low-rank R = q_lora_rank
+    q_a_norm_R: torch.Tensor | None = None
+    q_b_QR: torch.Tensor | None = None
+
+
+@attrs.frozen
 class MoEWeights:
     router_ED: torch.Tensor
     experts: tuple[SwiGLUWeights, ...]
@@ -101,7 +115,7 @@ class MoEWeights:
 @attrs.frozen
 class LayerWeights:
     input_norm_D: torch.Tensor
-    attention: AttentionWeights
+    attention: AttentionWeights | MLAWeights
     post_attention_norm_D: torch.Tensor
     ffn: SwiGLUWeights | MoEWeights
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from moepic.core.footprint import swiglu_params
+from moepic.core.footprint import attention_params, kv_cache_numbers, swiglu_params
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.cache.placement import check_mode, loads_finish_s
@@ -81,12 +81,12 @@ def model_times(
 ) -> ModelTimes:
     """Roofline times of a decode step's parts at `context_tokens` of KV cache."""
     moe, D = spec.moe, spec.hidden_size
-    kv = spec.num_kv_heads * spec.head_dim
-    attention_params = 2 * spec.num_heads * spec.head_dim * D + 2 * kv * D
-    attention = attention_params * dtype_bytes + 2 * kv * context_tokens * dtype_bytes  # weights + KV reads
+    # weights + KV cache reads (core/footprint.py prices each attention kind)
+    params = attention_params(spec)
+    attention = (params + kv_cache_numbers(spec) * context_tokens) * dtype_bytes
     shared = swiglu_params(D, moe.shared_expert_ffn) * dtype_bytes
     router = moe.num_experts * D * dtype_bytes
-    layer_s = hw.call_s(attention + router + shared, 2 * (attention_params + moe.num_experts * D), hw.layer_overhead_us)
+    layer_s = hw.call_s(attention + router + shared, 2 * (params + moe.num_experts * D), hw.layer_overhead_us)
     if shared:
         layer_s += hw.call_s(0, 0, hw.expert_overhead_us)  # its own launches
     expert_params = swiglu_params(D, moe.expert_ffn)

@@ -69,6 +69,19 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("qwen3_moe_yarn_tied", {("rope_parameters", "factor"): 1e-40},
          "RoPE settings (theta 10000, yarn, factor 1e-40) give non-finite rotation angles within max_position_embeddings 256"),
         ("qwen3_moe_yarn_tied", {("rope_parameters", "beta_fast"): -1}, "rope_parameters.beta_fast must be >= 0, got -1"),
+        # DeepSeek: what the core cannot honour is named, never silently run as another model.
+        ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported for deepseek_v3; supported: 'sigmoid'"),
+        ("deepseek_v3", {"topk_method": "greedy"}, "topk_method 'greedy' is not supported for deepseek_v3; supported: 'noaux_tc'"),
+        ("deepseek_v2_lite", {"topk_method": "noaux_tc"},
+         "topk_method 'noaux_tc' is not supported for deepseek_v2; supported: 'greedy', 'group_limited_greedy'"),
+        ("deepseek_v2_lite", {"scoring_func": "sigmoid"}, "scoring_func 'sigmoid' is not supported for deepseek_v2; supported: 'softmax'"),
+        ("deepseek_v2_lite", {"norm_topk_prob": True},
+         "norm_topk_prob true is not supported for deepseek_v2 (HF transformers ignores it, DeepSeek's code honours it: moepic will not guess)"),
+        ("deepseek_v2_lite", {"moe_layer_freq": 2},
+         "moe_layer_freq 2 is not supported for deepseek_v2 (only 1: every layer after the dense ones is MoE)"),
+        ("deepseek_v3", {"routed_scaling_factor": 0}, "key 'routed_scaling_factor' must be > 0, got 0"),
+        ("deepseek_v3", {"n_group": 3}, "inconsistent model config (num_experts (8) is not a whole number of router groups (3))"),
+        ("deepseek_v3", {"kv_lora_rank": 0}, f"key 'kv_lora_rank' must be in [1, {MAX_SIZE}], got 0"),
     ],
 )
 def test_bad_config_number_is_one_line_naming_file_and_key(checkpoint_dir, capsys, tmp_path, name, changes, expected):

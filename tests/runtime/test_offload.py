@@ -25,7 +25,7 @@ from tests_support import (
     policy_for,
 )
 
-MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2_grouped_yarn")
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
 
 
@@ -88,6 +88,21 @@ def test_offloaded_generation_equals_the_dense_model_bit_for_bit(
     ids_NLK = trace.expert_ids_NLK
     steps = [slice(0, len(prompt))] + [slice(t, t + 1) for t in range(len(prompt), trace.num_tokens)]
     assert everything.activations == sum(len(set(ids_NLK[step, l].ravel())) for step in steps for l in range(moe_layers))
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2_lite", "deepseek_v2_grouped_yarn", "deepseek_v3", "deepseek_v3_halves_yarn"])
+@pytest.mark.parametrize("theta", [0.25, 0.5])
+def test_deepseek_offloaded_at_a_small_budget_and_a_split_equals_its_dense_run(checkpoint_dir, name, theta):
+    """Latent attention, dense first layers, shared experts and all three DeepSeek routers: the
+    engine at its minimum budget (most loads copied, tops split at θ) changes no bit."""
+    model = load_split_friendly(checkpoint_dir, [name])[name]
+    dense, trace = dense_run(model, PROMPT, 8)
+    engine = engine_for(model, "lcp", trace, budget=budget_between_the_minimum_and_everything(model, 0.0), theta=theta)
+    offloaded = generate(model, PROMPT, max_new_tokens=8, eos_ids=(), keep_logits=True, experts=CheckedAfterEveryStep(engine))
+    assert offloaded.token_ids == dense.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.logits, dense.logits))
+    stats = total(engine.decode_stats.values())
+    assert stats.misses + stats.partial_hits > 0  # the cache really was too small to hold it
 
 
 @pytest.fixture(scope="module")

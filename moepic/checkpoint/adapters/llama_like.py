@@ -71,6 +71,7 @@ class TensorNames:
     moe_prefix: str = "model.layers.{l}.mlp"
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     dense_prefix: str = "model.layers.{l}.mlp"
+    shared_expert: str = "shared_expert"  # under moe_prefix
 
 
 @attrs.frozen
@@ -168,7 +169,7 @@ class LlamaLikeAdapter:
         shared = shared_gate = None
         if moe.shared_expert_ffn:
             shared = read.swiglu(
-                f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj"), D, moe.shared_expert_ffn
+                f"{prefix}.{self.names.shared_expert}", ("gate_proj", "up_proj", "down_proj"), D, moe.shared_expert_ffn
             )
             if moe.shared_expert_gated:
                 shared_gate = read(f"{prefix}.shared_expert_gate.weight", 1, D)

@@ -1,0 +1,110 @@
+"""DeepSeek-V2 / V2-Lite (`deepseek_v2`) and DeepSeek-V3 / R1 and the models built on it (`deepseek_v3`).
+
+Latent attention (core/mla.py: q_proj or q_a → norm → q_b; kv_a_proj_with_mqa → norm; kv_b_proj),
+its rotary dims interleaved (V2 always, V3 by `rope_interleave`) and its softmax scale times YaRN's
+mscale² where the rope says so; the first `first_k_dense_replace` layers dense, the rest MoE with an
+ungated shared expert of `n_shared_experts` × `moe_intermediate_size`; routers (core/routing.py):
+V2 softmax top-k (`greedy`) or group-limited (`group_limited_greedy`), V3 sigmoid with a
+selection-only bias (`noaux_tc`), both times `routed_scaling_factor`. What HF transformers would
+silently ignore or misread is refused instead, naming the key.
+"""
+
+from __future__ import annotations
+
+from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, TensorReader, build_spec
+from moepic.checkpoint.hf_config import HFConfig
+from moepic.checkpoint.limits import MAX_LAYERS
+from moepic.core.rope import yarn_mscale
+from moepic.core.spec import MLASpec, ModelSpec, MoESpec, RouterSpec
+from moepic.core.weights import MLAWeights, MoEWeights
+from moepic.errors import CheckpointError
+
+
+def _refuse(cfg: HFConfig, key: str, value, allowed) -> None:
+    raise CheckpointError(f"{cfg.source}: {key} {value!r} is not supported for {cfg.model_type}; "
+                          f"supported: {', '.join(repr(a) for a in allowed)}")
+
+
+def deepseek_router(cfg: HFConfig) -> RouterSpec:
+    v3 = cfg.model_type == "deepseek_v3"
+    scoring = cfg.get("scoring_func", kind=str, default="sigmoid" if v3 else "softmax")
+    method = cfg.get("topk_method", kind=str, default="noaux_tc" if v3 else "greedy")
+    kinds = {("sigmoid", "noaux_tc"): "sigmoid_group_topk"} if v3 else {
+        ("softmax", "greedy"): "softmax_topk", ("softmax", "group_limited_greedy"): "softmax_group_topk"}
+    if (scoring, method) not in kinds:
+        allowed = sorted({m for _, m in kinds}) if scoring in {s for s, _ in kinds} else sorted({s for s, _ in kinds})
+        key, value = ("topk_method", method) if scoring in {s for s, _ in kinds} else ("scoring_func", scoring)
+        _refuse(cfg, key, value, allowed)
+    renormalize = cfg.get("norm_topk_prob", kind=bool, default=False)
+    if renormalize and not v3:  # HF's DeepSeek-V2 never renormalises; DeepSeek's own code would
+        raise CheckpointError(f"{cfg.source}: norm_topk_prob true is not supported for deepseek_v2 "
+                              "(HF transformers ignores it, DeepSeek's code honours it: moepic will not guess)")
+    return RouterSpec(
+        kind=kinds[scoring, method], renormalize=renormalize,
+        scaling=cfg.get("routed_scaling_factor", kind=float, default=1.0, positive=True),
+        groups=cfg.size("n_group", default=1), top_groups=cfg.size("topk_group", default=1), fp32_logits=True,
+    )
+
+
+def mla_spec(cfg: HFConfig, rope) -> MLASpec:
+    nope, r = cfg.size("qk_nope_head_dim"), cfg.size("qk_rope_head_dim")
+    scale = (nope + r) ** -0.5
+    if rope.kind == "yarn" and rope.mscale_all_dim:  # HF's yarn_apply_mscale: the non-rotary dims too
+        scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+    interleave = cfg.get("rope_interleave", kind=bool, default=True) if cfg.model_type == "deepseek_v3" else True
+    return MLASpec(
+        q_lora_rank=cfg.size("q_lora_rank", default=0, minimum=0), kv_lora_rank=cfg.size("kv_lora_rank"),
+        qk_nope_head_dim=nope, qk_rope_head_dim=r, v_head_dim=cfg.size("v_head_dim"),
+        rope_interleave=interleave, softmax_scale=scale,
+    )
+
+
+class DeepseekAdapter(LlamaLikeAdapter):
+    model_types = ("deepseek_v2", "deepseek_v3")
+    names = TensorNames(shared_expert="shared_experts")
+
+    def spec(self, cfg: HFConfig) -> ModelSpec:
+        if cfg.get("attention_bias", kind=bool, default=False):
+            raise CheckpointError(f"{cfg.source}: attention_bias true is not supported for {cfg.model_type}")
+        if cfg.get("moe_layer_freq", kind=int, default=1) != 1:  # HF ignores it; DeepSeek's code does not
+            raise CheckpointError(f"{cfg.source}: moe_layer_freq {cfg.data['moe_layer_freq']!r} is not supported "
+                                  f"for {cfg.model_type} (only 1: every layer after the dense ones is MoE)")
+        layers = cfg.size("num_hidden_layers", maximum=MAX_LAYERS)
+        dense = cfg.size("first_k_dense_replace", default=3 if cfg.model_type == "deepseek_v3" else 0, minimum=0)
+        experts = cfg.size("n_routed_experts")
+        expert_ffn = cfg.size("moe_intermediate_size")
+        moe = MoESpec(
+            num_experts=experts, top_k=cfg.size("num_experts_per_tok"), expert_ffn=expert_ffn,
+            router=deepseek_router(cfg),
+            shared_expert_ffn=cfg.size("n_shared_experts", default=0, minimum=0) * expert_ffn,
+        )
+        heads = cfg.size("num_attention_heads")
+        rope = cfg.rope(10_000.0)
+        mla = mla_spec(cfg, rope)
+        return build_spec(
+            cfg, layer_kinds=tuple("dense" if l < dense else "moe" for l in range(layers)), moe=moe,
+            dense_ffn=cfg.size("intermediate_size"), num_kv_heads=heads, head_dim=mla.qk_rope_head_dim, mla=mla,
+        )
+
+    def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> MLAWeights:
+        mla, D, H = spec.mla, spec.hidden_size, spec.num_heads
+        Q, L, r = H * mla.qk_head_dim, mla.kv_lora_rank, mla.qk_rope_head_dim
+        R = mla.q_lora_rank
+        direct = not R
+        return MLAWeights(
+            kv_a_CD=read(f"{p}.kv_a_proj_with_mqa.weight", L + r, D),
+            kv_a_norm_L=read(f"{p}.kv_a_layernorm.weight", L),
+            kv_b_ND=read(f"{p}.kv_b_proj.weight", H * (mla.qk_nope_head_dim + mla.v_head_dim), L),
+            o_DV=read(f"{p}.o_proj.weight", D, H * mla.v_head_dim),
+            q_QD=read(f"{p}.q_proj.weight", Q, D) if direct else None,
+            q_a_RD=None if direct else read(f"{p}.q_a_proj.weight", R, D),
+            q_a_norm_R=None if direct else read(f"{p}.q_a_layernorm.weight", R),
+            q_b_QR=None if direct else read(f"{p}.q_b_proj.weight", Q, R),
+        )
+
+    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
+        weights = super()._moe(read, spec, l)
+        if not spec.moe.router.selection_bias:
+            return weights
+        bias = read(f"{self.names.moe_prefix.format(l=l)}.gate.e_score_correction_bias", spec.moe.num_experts)
+        return MoEWeights(weights.router_ED, weights.experts, weights.shared_expert, weights.shared_expert_gate_1D, bias)
