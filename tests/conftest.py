@@ -190,6 +190,15 @@ CHECKPOINTS = {
                 num_key_value_heads=4, rope_parameters=_DEEPSEEK_YARN)),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    # GLM-4.5: DeepSeek-V3's MoE under grouped-query attention with biases, half-rotated heads, q/k norm.
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        _common(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+                attention_bias=True, use_qk_norm=True, head_dim=16),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
 }
 
 

@@ -93,8 +93,9 @@ class HFConfig:
     def model_type(self) -> str:
         return self.get("model_type", kind=str)
 
-    def rope(self, default_theta: float):
-        return rope_spec_from_hf_config(self.data, source=self.source, default_theta=default_theta)
+    def rope(self, default_theta: float, default_partial: float = 1.0):
+        return rope_spec_from_hf_config(self.data, source=self.source, default_theta=default_theta,
+                                        default_partial=default_partial)
 
     def checkpoint_dtype(self) -> torch.dtype:
         """The dtype the weights were saved in (`dtype`, or transformers 4's `torch_dtype`); float32 if unstated."""

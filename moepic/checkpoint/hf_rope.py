@@ -61,11 +61,14 @@ def _rope_dict(config: dict, source: str) -> tuple[str, dict]:
     return "rope_parameters", {}
 
 
-def rope_spec_from_hf_config(config: dict, *, source: str, default_theta: float = 10000.0) -> RopeSpec:
+def rope_spec_from_hf_config(
+    config: dict, *, source: str, default_theta: float = 10000.0, default_partial: float = 1.0
+) -> RopeSpec:
     """RopeSpec for a parsed config.json. `source` (the file's path) starts every error message.
 
     `default_theta` is used when no rope_theta is given anywhere; transformers uses a per-model
-    default here (Mixtral 1e6, Llama 1e4, ...), so an adapter that knows its model may pass it.
+    default here (Mixtral 1e6, Llama 1e4, ...), so an adapter that knows its model may pass it;
+    likewise `default_partial`, the rotating share of each head when none is given (GLM-4.5: 0.5).
     """
     where, rope = _rope_dict(config, source)
 
@@ -89,7 +92,7 @@ def rope_spec_from_hf_config(config: dict, *, source: str, default_theta: float 
     # Wavelengths are theta ** (2i / r): at 1 or below they do not grow with i (and YaRN divides by log theta).
     key, value = get("rope_theta", default_theta)
     theta = _number(value, key, source, above=1)
-    key, value = get("partial_rotary_factor", 1.0)
+    key, value = get("partial_rotary_factor", default_partial)
     partial = _number(value, key, source)
     if not 0 < partial <= 1:
         raise CheckpointError(f"{source}: {key} must be in (0, 1], got {value!r}")

@@ -2,8 +2,8 @@
 
 A shape is a `ModelSpec` (no weights) and the bytes per weight: all the latency model needs.
 Presets are the published configs of real MoE checkpoints (bf16), so a trace can be simulated for
-a model one does not have. DeepSeek-V2-Lite's multi-head latent attention is approximated by
-ordinary attention of the same width (16 heads of 128); only the time of attention depends on it.
+a model one does not have. Those whose config.json values are kept in moepic/sim/published.py are
+read from them by the checkpoint adapters (DeepSeek's latent attention and routers included).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import attrs
 
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moepic.errors import ConfigError
+from moepic.sim.published import PUBLISHED_CONFIGS
 
 
 @attrs.frozen(kw_only=True)
@@ -40,14 +41,23 @@ PRESETS = {
                             experts=8, top_k=2, ffn=14336),
     "qwen1.5-moe-a2.7b": _preset("qwen1.5-moe-a2.7b", vocab=151936, hidden=2048, heads=16, kv_heads=16, head_dim=128,
                                  layers=24, experts=60, top_k=4, ffn=1408, shared=5632, renormalize=False),
-    "deepseek-v2-lite": _preset("deepseek-v2-lite", vocab=102400, hidden=2048, heads=16, kv_heads=16, head_dim=128,
-                                layers=27, experts=64, top_k=6, ffn=1408, shared=2 * 1408, first_dense=1, dense_ffn=10944,
-                                renormalize=False),
     "olmoe-1b-7b": _preset("olmoe-1b-7b", vocab=50304, hidden=2048, heads=16, kv_heads=16, head_dim=128, layers=16,
                            experts=64, top_k=8, ffn=1024, renormalize=False),
     "qwen3-30b-a3b": _preset("qwen3-30b-a3b", vocab=151936, hidden=2048, heads=32, kv_heads=4, head_dim=128, layers=48,
                              experts=128, top_k=8, ffn=768),
 }
+
+
+
+def _from_config(name: str, config: dict) -> ModelShape:
+    from moepic.checkpoint.adapters import adapter_for
+    from moepic.checkpoint.hf_config import HFConfig
+
+    cfg = HFConfig(config, source=f"preset {name}")
+    return ModelShape(name=name, spec=adapter_for(cfg.model_type, cfg.source).spec(cfg), dtype_bytes=2)
+
+
+PRESETS |= {name: _from_config(name, config) for name, (config, _) in PUBLISHED_CONFIGS.items()}
 
 
 def known_shapes() -> str:

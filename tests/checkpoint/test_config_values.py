@@ -234,3 +234,13 @@ def test_any_config_json_values_give_a_spec_or_one_named_error(checkpoint_dir, t
         return
     assert spec.norm_eps > 0 and math.isfinite(spec.norm_eps)
     assert 1 <= spec.num_layers <= MAX_LAYERS
+
+
+def test_glm_rotates_half_of_each_head_when_its_config_does_not_say(checkpoint_dir, tmp_path):
+    """As HF assumes for glm4_moe (GLM-4.5's own files state 0.5); every other family rotates all."""
+    from moepic.checkpoint.load import load_model
+
+    folder = _broken_copy(checkpoint_dir, tmp_path, "glm4_moe", {("rope_parameters", "partial_rotary_factor"): None})
+    assert load_model(folder, dtype=torch.float32).spec.rope.partial_rotary_factor == 0.5
+    stated = _broken_copy(checkpoint_dir, tmp_path / "stated", "glm4_moe", {("rope_parameters", "partial_rotary_factor"): 0.25})
+    assert load_model(stated, dtype=torch.float32).spec.rope.partial_rotary_factor == 0.25

@@ -285,6 +285,8 @@ PUBLISHED = {
     "mixtral-8x7b": (4096, 14336, 352.3, 32, 8, 2, 46.7e9),
     "qwen1.5-moe-a2.7b": (2048, 1408, 17.3, 24, 60, 4, 14.3e9),
     "deepseek-v2-lite": (2048, 1408, 17.3, 26, 64, 6, 15.7e9),
+    "deepseek-v3": (7168, 2048, 88.1, 58, 256, 8, 671e9),
+    "glm-4.5-air": (4096, 1408, 34.6, 45, 128, 8, 106e9),
     "olmoe-1b-7b": (2048, 1024, 12.6, 16, 64, 8, 6.9e9),
     "qwen3-30b-a3b": (2048, 768, 9.4, 48, 128, 8, 30.5e9),
 }
@@ -306,7 +308,7 @@ def test_a_preset_is_found_by_name_in_any_case_and_an_unknown_one_lists_the_know
     assert model_shape("Mixtral-8x7B") is PRESETS["mixtral-8x7b"]
     with pytest.raises(ConfigError) as error:
         model_shape("gpt-5")
-    assert str(error.value).startswith("unknown model shape 'gpt-5'; known: deepseek-v2-lite, mixtral-8x7b, olmoe-1b-7b")
+    assert str(error.value).startswith("unknown model shape 'gpt-5'; known: deepseek-v2-lite, deepseek-v3, glm-4.5-air, mixtral-8x7b")
 
 
 # --- named baselines -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ and `load_weights(...)` (subclass LlamaLikeAdapter when the file layout is Llama
 to `_ADAPTERS` below.
 """
 
-from moepic.checkpoint.adapters.deepseek import DeepseekAdapter
+from moepic.checkpoint.adapters.deepseek import DeepseekAdapter, Glm4MoeAdapter
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
 from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
@@ -14,7 +14,7 @@ from moepic.errors import CheckpointError
 
 _ADAPTERS: dict[str, LlamaLikeAdapter] = {
     model_type: adapter
-    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter())
+    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter())
     for model_type in adapter.model_types
 }
 

@@ -1,4 +1,5 @@
-"""DeepSeek-V2 / V2-Lite (`deepseek_v2`) and DeepSeek-V3 / R1 and the models built on it (`deepseek_v3`).
+"""DeepSeek-V2 / V2-Lite (`deepseek_v2`), DeepSeek-V3 / R1 and the models built on it (`deepseek_v3`),
+and GLM-4.5 (`glm4_moe`), which keeps DeepSeek-V3's MoE under grouped-query attention.
 
 Latent attention (core/mla.py: q_proj or q_a → norm → q_b; kv_a_proj_with_mqa → norm; kv_b_proj),
 its rotary dims interleaved (V2 always, V3 by `rope_interleave`) and its softmax scale times YaRN's
@@ -11,6 +12,8 @@ silently ignore or misread is refused instead, naming the key.
 
 from __future__ import annotations
 
+import attrs
+
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, TensorReader, build_spec
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
@@ -19,6 +22,8 @@ from moepic.core.spec import MLASpec, ModelSpec, MoESpec, RouterSpec
 from moepic.core.weights import MLAWeights, MoEWeights
 from moepic.errors import CheckpointError
 
+SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid scores with a selection bias (`noaux_tc`)
+
 
 def _refuse(cfg: HFConfig, key: str, value, allowed) -> None:
     raise CheckpointError(f"{cfg.source}: {key} {value!r} is not supported for {cfg.model_type}; "
@@ -26,7 +31,7 @@ def _refuse(cfg: HFConfig, key: str, value, allowed) -> None:
 
 
 def deepseek_router(cfg: HFConfig) -> RouterSpec:
-    v3 = cfg.model_type == "deepseek_v3"
+    v3 = cfg.model_type in SIGMOID_ROUTED
     scoring = cfg.get("scoring_func", kind=str, default="sigmoid" if v3 else "softmax")
     method = cfg.get("topk_method", kind=str, default="noaux_tc" if v3 else "greedy")
     kinds = {("sigmoid", "noaux_tc"): "sigmoid_group_topk"} if v3 else {
@@ -44,6 +49,22 @@ def deepseek_router(cfg: HFConfig) -> RouterSpec:
         scaling=cfg.get("routed_scaling_factor", kind=float, default=1.0, positive=True),
         groups=cfg.size("n_group", default=1), top_groups=cfg.size("topk_group", default=1), fp32_logits=True,
     )
+
+
+def deepseek_moe(cfg: HFConfig, default_dense: int) -> tuple[tuple[str, ...], MoESpec]:
+    """(layer kinds, MoESpec) of DeepSeek's MoE layout: `first_k_dense_replace` dense layers, then MoE
+    layers with `n_shared_experts` ungated shared experts of the routed experts' width."""
+    if cfg.get("moe_layer_freq", kind=int, default=1) != 1:  # HF ignores it; DeepSeek's code does not
+        raise CheckpointError(f"{cfg.source}: moe_layer_freq {cfg.data['moe_layer_freq']!r} is not supported "
+                              f"for {cfg.model_type} (only 1: every layer after the dense ones is MoE)")
+    layers = cfg.size("num_hidden_layers", maximum=MAX_LAYERS)
+    dense = cfg.size("first_k_dense_replace", default=default_dense, minimum=0)
+    expert_ffn = cfg.size("moe_intermediate_size")
+    moe = MoESpec(
+        num_experts=cfg.size("n_routed_experts"), top_k=cfg.size("num_experts_per_tok"), expert_ffn=expert_ffn,
+        router=deepseek_router(cfg), shared_expert_ffn=cfg.size("n_shared_experts", default=0, minimum=0) * expert_ffn,
+    )
+    return tuple("dense" if l < dense else "moe" for l in range(layers)), moe
 
 
 def mla_spec(cfg: HFConfig, rope) -> MLASpec:
@@ -66,24 +87,11 @@ class DeepseekAdapter(LlamaLikeAdapter):
     def spec(self, cfg: HFConfig) -> ModelSpec:
         if cfg.get("attention_bias", kind=bool, default=False):
             raise CheckpointError(f"{cfg.source}: attention_bias true is not supported for {cfg.model_type}")
-        if cfg.get("moe_layer_freq", kind=int, default=1) != 1:  # HF ignores it; DeepSeek's code does not
-            raise CheckpointError(f"{cfg.source}: moe_layer_freq {cfg.data['moe_layer_freq']!r} is not supported "
-                                  f"for {cfg.model_type} (only 1: every layer after the dense ones is MoE)")
-        layers = cfg.size("num_hidden_layers", maximum=MAX_LAYERS)
-        dense = cfg.size("first_k_dense_replace", default=3 if cfg.model_type == "deepseek_v3" else 0, minimum=0)
-        experts = cfg.size("n_routed_experts")
-        expert_ffn = cfg.size("moe_intermediate_size")
-        moe = MoESpec(
-            num_experts=experts, top_k=cfg.size("num_experts_per_tok"), expert_ffn=expert_ffn,
-            router=deepseek_router(cfg),
-            shared_expert_ffn=cfg.size("n_shared_experts", default=0, minimum=0) * expert_ffn,
-        )
-        heads = cfg.size("num_attention_heads")
-        rope = cfg.rope(10_000.0)
-        mla = mla_spec(cfg, rope)
+        layer_kinds, moe = deepseek_moe(cfg, default_dense=3 if cfg.model_type == "deepseek_v3" else 0)
+        mla = mla_spec(cfg, cfg.rope(10_000.0))
         return build_spec(
-            cfg, layer_kinds=tuple("dense" if l < dense else "moe" for l in range(layers)), moe=moe,
-            dense_ffn=cfg.size("intermediate_size"), num_kv_heads=heads, head_dim=mla.qk_rope_head_dim, mla=mla,
+            cfg, layer_kinds=layer_kinds, moe=moe, dense_ffn=cfg.size("intermediate_size"),
+            num_kv_heads=cfg.size("num_attention_heads"), head_dim=mla.qk_rope_head_dim, mla=mla,
         )
 
     def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> MLAWeights:
@@ -103,8 +111,33 @@ class DeepseekAdapter(LlamaLikeAdapter):
         )
 
     def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
-        weights = super()._moe(read, spec, l)
-        if not spec.moe.router.selection_bias:
-            return weights
-        bias = read(f"{self.names.moe_prefix.format(l=l)}.gate.e_score_correction_bias", spec.moe.num_experts)
-        return MoEWeights(weights.router_ED, weights.experts, weights.shared_expert, weights.shared_expert_gate_1D, bias)
+        return with_selection_bias(super()._moe(read, spec, l), read, spec, self.names.moe_prefix.format(l=l))
+
+
+def with_selection_bias(weights: MoEWeights, read: TensorReader, spec: ModelSpec, prefix: str) -> MoEWeights:
+    """A sigmoid router's `gate.e_score_correction_bias` joined to its layer's weights."""
+    if not spec.moe.router.selection_bias:
+        return weights
+    return attrs.evolve(weights, router_bias_E=read(f"{prefix}.gate.e_score_correction_bias", spec.moe.num_experts))
+
+
+class Glm4MoeAdapter(LlamaLikeAdapter):
+    """GLM-4.5 / 4.5-Air (`glm4_moe`): grouped-query attention with q/k/v biases (`attention_bias`),
+    half of each head rotated (`partial_rotary_factor`, 0.5 when unset, as HF assumes), an optional
+    per-head q/k norm (`use_qk_norm`), and DeepSeek-V3's MoE: sigmoid router with a selection bias,
+    shared experts, `first_k_dense_replace` dense layers."""
+
+    model_types = ("glm4_moe",)
+    names = TensorNames(shared_expert="shared_experts")
+
+    def spec(self, cfg: HFConfig) -> ModelSpec:
+        layer_kinds, moe = deepseek_moe(cfg, default_dense=1)
+        return build_spec(
+            cfg, rope=cfg.rope(10_000.0, default_partial=0.5), layer_kinds=layer_kinds, moe=moe,
+            dense_ffn=cfg.size("intermediate_size"),
+            attention_bias=cfg.get("attention_bias", kind=bool, default=False),
+            qk_norm="per_head" if cfg.get("use_qk_norm", kind=bool, default=False) else "none",
+        )
+
+    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
+        return with_selection_bias(super()._moe(read, spec, l), read, spec, self.names.moe_prefix.format(l=l))
