@@ -1,7 +1,7 @@
 """Benchmark: moepic's dense all-resident model against Hugging Face transformers on the CPU.
 
-A script, not a test. It saves one random Mixtral-shaped checkpoint with `save_pretrained`
-(cached under --workdir), loads it into both engines at each --dtypes, and prints one table of
+A script, not a test. It saves one random checkpoint of --arch (Mixtral- or DeepSeek-V3-shaped)
+with `save_pretrained` (cached under --workdir), loads it into both engines at each --dtypes, and prints one table of
 medians over --repeats: prefill time, decode ms/token, their moepic/HF ratios (< 1: moepic is
 faster) and whether the greedy tokens agree.
 
@@ -26,6 +26,7 @@ What is timed, and why it is fair:
   engine, so a late divergence there is expected and informational.
 
 Run:  python experiments/bench_vs_hf.py            (full: 8 layers, prompt 128, 32 new tokens)
+      python experiments/bench_vs_hf.py --arch deepseek_v3
       python experiments/bench_vs_hf.py --quick    (smoke test: 2 layers, prompt 16, 8 tokens)
 """
 
@@ -53,17 +54,24 @@ from moepic.checkpoint.load import load_model
 from moepic.default_model import cache_root
 from moepic.runtime.generation import generate
 
-# The benchmarked shape (Mixtral-like, scaled down to fit two copies in a laptop's memory).
-SHAPE = dict(
-    hidden_size=1024,
-    intermediate_size=3584,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    num_attention_heads=16,
-    num_key_value_heads=8,  # GQA: 2 query heads per KV head
-    vocab_size=32000,
-    initializer_range=0.02,
-)
+# The benchmarked shapes, scaled down to fit two copies in a laptop's memory but keeping each
+# family's proportions: arch → (config class, model class, config kwargs).
+ARCHS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        hidden_size=1024, intermediate_size=3584, num_local_experts=8, num_experts_per_tok=2,
+        num_attention_heads=16, num_key_value_heads=8,  # GQA: 2 query heads per KV head
+        vocab_size=32000, initializer_range=0.02,
+    )),
+    # DeepSeek-V3's proportions at 1/7 width: latent attention with low-rank queries (ranks and head
+    # dims in V3's ratios), 32 routed experts in 4 groups (top 2 groups), top-8, one shared expert,
+    # the first layer dense.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        hidden_size=1024, intermediate_size=2816, moe_intermediate_size=288, n_routed_experts=32, n_shared_experts=1,
+        num_experts_per_tok=8, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=224, kv_lora_rank=128, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, vocab_size=32000, initializer_range=0.02,
+    )),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -84,11 +92,12 @@ class Row:
     hf_impl: str  # what HF resolved attention and experts to
 
 
-def checkpoint_folder(workdir: Path, layers: int, seed: int) -> Path:
-    """The random checkpoint for `layers`, saved once with save_pretrained and reused after."""
+def checkpoint_folder(workdir: Path, arch: str, layers: int, seed: int) -> Path:
+    """The random checkpoint of `arch` for `layers`, saved once with save_pretrained and reused after."""
     import transformers
 
-    target = workdir / f"mixtral-L{layers}-D{SHAPE['hidden_size']}-F{SHAPE['intermediate_size']}-seed{seed}"
+    config_cls, model_cls, shape = ARCHS[arch]
+    target = workdir / f"{arch}-L{layers}-D{shape['hidden_size']}-F{shape['intermediate_size']}-seed{seed}"
     if (target / "config.json").is_file():
         return target
     workdir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +105,8 @@ def checkpoint_folder(workdir: Path, layers: int, seed: int) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=workdir))
     try:
         torch.manual_seed(seed)
-        config = transformers.MixtralConfig(num_hidden_layers=layers, **SHAPE)
-        transformers.MixtralForCausalLM(config).eval().save_pretrained(staging)
+        config = getattr(transformers, config_cls)(num_hidden_layers=layers, **shape)
+        getattr(transformers, model_cls)(config).eval().save_pretrained(staging)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -247,6 +256,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where the random checkpoint is saved and reused (default: %(default)s)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="mixtral", help="the family benchmarked (default: %(default)s)")
     p.add_argument("--layers", type=int, default=8, help="num_hidden_layers (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (default: %(default)s)")
@@ -274,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     load_at_start = _load_average()
 
-    folder = checkpoint_folder(args.workdir, args.layers, args.seed)
+    folder = checkpoint_folder(args.workdir, args.arch, args.layers, args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, SHAPE["vocab_size"], (args.prompt_len,), generator=g).tolist()
+    prompt = torch.randint(0, ARCHS[args.arch][2]["vocab_size"], (args.prompt_len,), generator=g).tolist()
 
     steps_per_dtype = 3 + args.repeats
     total = sum(steps_per_dtype + (d == "float32") for d in args.dtypes)
