@@ -199,6 +199,15 @@ CHECKPOINTS = {
                 attention_bias=True, use_qk_norm=True, head_dim=16),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    # dots.llm1: Qwen3-MoE's attention with DeepSeek-V3's MoE.
+    "dots1": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        _common(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+                first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.0,
+                head_dim=16),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
 }
 
 

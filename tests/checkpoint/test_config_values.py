@@ -82,6 +82,9 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("deepseek_v3", {"routed_scaling_factor": 0}, "key 'routed_scaling_factor' must be > 0, got 0"),
         ("deepseek_v3", {"n_group": 3}, "inconsistent model config (num_experts (8) is not a whole number of router groups (3))"),
         ("deepseek_v3", {"kv_lora_rank": 0}, f"key 'kv_lora_rank' must be in [1, {MAX_SIZE}], got 0"),
+        ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+         "layer_types[1] is 'sliding_attention': sliding-window layers are not supported for dots1"),
+        ("dots1", {"use_sliding_window": True}, "use_sliding_window is true: sliding-window layers are not supported for dots1"),
     ],
 )
 def test_bad_config_number_is_one_line_naming_file_and_key(checkpoint_dir, capsys, tmp_path, name, changes, expected):

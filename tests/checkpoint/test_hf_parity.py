@@ -12,6 +12,7 @@ import torch
 from conftest import CHECKPOINTS
 from moepic.checkpoint.load import load_model
 from moepic.core.model import KVCache, forward
+from moepic.core.weights import MoEWeights
 from moepic.runtime.generation import generate
 
 ATOL = 1e-5
@@ -73,7 +74,7 @@ def test_bf16_checkpoint_keeps_its_dtype_by_default(checkpoint_dir):
     assert model.weights.layers[0].ffn.experts[0].gate_up_N2BD.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2_lite", "deepseek_v3", "glm4_moe"])
 def test_bf16_prefill_logits_stay_within_bf16_rounding_of_transformers(checkpoint_dir, name):
     # Both engines round differently in bf16 (HF's grouped experts kernel sums in its own order),
     # so this is a tolerance check, not bit equality; measured worst 0.014 on logits of magnitude ~2.
@@ -88,3 +89,14 @@ def test_bf16_prefill_logits_stay_within_bf16_rounding_of_transformers(checkpoin
         ref_TV = hf(tokens[None]).logits[0]
     assert ours_TV.dtype == torch.bfloat16
     torch.testing.assert_close(ours_TV.float(), ref_TV.float(), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("name,router_dtype", [("deepseek_v3", torch.float32), ("glm4_moe", torch.float32), ("mixtral", torch.bfloat16)])
+def test_routers_that_compute_in_float32_keep_float32_weights_in_a_bf16_model(checkpoint_dir, name, router_dtype):
+    """As HF keeps DeepSeek's and GLM's gate (and its bias) in float32: rounding them to bf16 would
+    move routing decisions that sit near a tie."""
+    model = load_model(checkpoint_dir(name), dtype=torch.bfloat16)
+    for ffn in (lw.ffn for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights)):
+        assert ffn.router_ED.dtype == router_dtype
+        assert ffn.router_bias_E is None or ffn.router_bias_E.dtype == router_dtype
+        assert ffn.experts[0].down_FD.dtype == torch.bfloat16

@@ -22,7 +22,7 @@ from moepic.core.spec import MLASpec, ModelSpec, MoESpec, RouterSpec
 from moepic.core.weights import MLAWeights, MoEWeights
 from moepic.errors import CheckpointError
 
-SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid scores with a selection bias (`noaux_tc`)
+SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe", "dots1")  # sigmoid scores with a selection bias (`noaux_tc`)
 
 
 def _refuse(cfg: HFConfig, key: str, value, allowed) -> None:
@@ -118,7 +118,7 @@ def with_selection_bias(weights: MoEWeights, read: TensorReader, spec: ModelSpec
     """A sigmoid router's `gate.e_score_correction_bias` joined to its layer's weights."""
     if not spec.moe.router.selection_bias:
         return weights
-    return attrs.evolve(weights, router_bias_E=read(f"{prefix}.gate.e_score_correction_bias", spec.moe.num_experts))
+    return attrs.evolve(weights, router_bias_E=read.router(f"{prefix}.gate.e_score_correction_bias", spec.moe.num_experts, spec=spec))
 
 
 class Glm4MoeAdapter(LlamaLikeAdapter):

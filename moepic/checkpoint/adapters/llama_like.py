@@ -86,8 +86,13 @@ class TensorReader:
     # memory for offloading), called as each is read, so no second full copy is ever held.
     place_routed_expert: Callable[[SwiGLUWeights], SwiGLUWeights] | None = None
 
-    def __call__(self, name: str, *shape: int, device: str | None = None) -> torch.Tensor:
-        return self.ckpt.read(name, shape, self.dtype, self.device if device is None else device)
+    def __call__(self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.ckpt.read(name, shape, self.dtype if dtype is None else dtype, self.device if device is None else device)
+
+    def router(self, name: str, *shape: int, spec: ModelSpec) -> torch.Tensor:
+        """A router's weight (or bias): kept in float32 where the router computes in it (DeepSeek's
+        and GLM's do, in a bf16 model too, as HF keeps them), else in the model's dtype."""
+        return self(name, *shape, dtype=torch.float32 if spec.moe.router.fp32_logits else None)
 
     def swiglu(
         self, prefix: str, projections: tuple[str, str, str], D: int, F: int, *, device: str | None = None
@@ -173,4 +178,4 @@ class LlamaLikeAdapter:
             )
             if moe.shared_expert_gated:
                 shared_gate = read(f"{prefix}.shared_expert_gate.weight", 1, D)
-        return MoEWeights(read(f"{prefix}.gate.weight", moe.num_experts, D), experts, shared, shared_gate)
+        return MoEWeights(read.router(f"{prefix}.gate.weight", moe.num_experts, D, spec=spec), experts, shared, shared_gate)
