@@ -208,6 +208,14 @@ CHECKPOINTS = {
                 head_dim=16),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    # MiniMax-M2: a biased sigmoid router without groups, full-width q/k norm, half-rotated heads
+    # (given as the released checkpoints give it, `rotary_dim`).
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        _common(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=16, rotary_dim=8),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
 }
 
 

@@ -85,6 +85,12 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
          "layer_types[1] is 'sliding_attention': sliding-window layers are not supported for dots1"),
         ("dots1", {"use_sliding_window": True}, "use_sliding_window is true: sliding-window layers are not supported for dots1"),
+        ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported for minimax_m2; supported: 'sigmoid'"),
+        ("minimax_m2", {"qk_norm_type": "per_head"}, "minimax_m2 with qk_norm_type 'per_head' / use_qk_norm false is not "
+         "supported (HF normalises the full q and k width in every layer)"),
+        ("minimax_m2", {"sliding_window": 8}, "sliding-window layers are not supported for minimax_m2"),
+        ("minimax_m2", {"rotary_dim": 32, ("rope_parameters", "partial_rotary_factor"): None},
+         "rotary_dim 32 is wider than head_dim 16"),
     ],
 )
 def test_bad_config_number_is_one_line_naming_file_and_key(checkpoint_dir, capsys, tmp_path, name, changes, expected):
@@ -247,3 +253,11 @@ def test_glm_rotates_half_of_each_head_when_its_config_does_not_say(checkpoint_d
     assert load_model(folder, dtype=torch.float32).spec.rope.partial_rotary_factor == 0.5
     stated = _broken_copy(checkpoint_dir, tmp_path / "stated", "glm4_moe", {("rope_parameters", "partial_rotary_factor"): 0.25})
     assert load_model(stated, dtype=torch.float32).spec.rope.partial_rotary_factor == 0.25
+
+
+def test_minimax_rotates_the_released_checkpoints_rotary_dim(checkpoint_dir, tmp_path):
+    """MiniMax-M2's files say `rotary_dim` (HF turns it into partial_rotary_factor): 8 of 16 here."""
+    from moepic.checkpoint.load import load_model
+
+    legacy = _broken_copy(checkpoint_dir, tmp_path, "minimax_m2", {("rope_parameters", "partial_rotary_factor"): None, "rotary_dim": 8})
+    assert load_model(legacy, dtype=torch.float32).spec.rope.partial_rotary_factor == 0.5

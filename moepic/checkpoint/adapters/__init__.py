@@ -8,6 +8,7 @@ to `_ADAPTERS` below.
 from moepic.checkpoint.adapters.deepseek import DeepseekAdapter, Glm4MoeAdapter
 from moepic.checkpoint.adapters.dots1 import Dots1Adapter
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter
+from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
 from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
 from moepic.checkpoint.adapters.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
@@ -15,7 +16,7 @@ from moepic.errors import CheckpointError
 
 _ADAPTERS: dict[str, LlamaLikeAdapter] = {
     model_type: adapter
-    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(), Dots1Adapter())
+    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(), Dots1Adapter(), MiniMaxM2Adapter())
     for model_type in adapter.model_types
 }
 
