@@ -1,20 +1,20 @@
 """Architecture adapters, one per file, registered by Hugging Face `model_type`.
 
-Adding an architecture: write `adapters/NAME.py` with a class that has `model_types`, `spec(cfg)`
-and `load_weights(...)` (subclass LlamaLikeAdapter when the file layout is Llama-like), then add it
-to `_ADAPTERS` below.
+Adding an architecture: write `adapters/NAME.py` with an `Adapter` (base.py: `model_types`,
+`spec(cfg)`, `load_weights(...)`; subclass LlamaLikeAdapter when the file layout is Llama-like),
+then add it to `_ADAPTERS` below.
 """
 
+from moepic.checkpoint.adapters.base import Adapter
 from moepic.checkpoint.adapters.deepseek import DeepseekAdapter, Glm4MoeAdapter
 from moepic.checkpoint.adapters.dots1 import Dots1Adapter
-from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter
 from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
 from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
 from moepic.checkpoint.adapters.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
 from moepic.errors import CheckpointError
 
-_ADAPTERS: dict[str, LlamaLikeAdapter] = {
+_ADAPTERS: dict[str, Adapter] = {
     model_type: adapter
     for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(), Dots1Adapter(), MiniMaxM2Adapter())
     for model_type in adapter.model_types
@@ -25,7 +25,7 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def adapter_for(model_type: str, source: str) -> LlamaLikeAdapter:
+def adapter_for(model_type: str, source: str) -> Adapter:
     try:
         return _ADAPTERS[model_type]
     except KeyError:

@@ -14,6 +14,7 @@ import attrs
 import torch
 from moepic.progress import bar as progress_bar
 
+from moepic.checkpoint.adapters.base import Adapter
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec
@@ -111,14 +112,12 @@ class TensorReader:
         return self.place_routed_expert(self.swiglu(prefix, projections, D, F, device="cpu"))
 
 
-class LlamaLikeAdapter:
-    """Base for architectures whose files follow the Llama naming scheme."""
+class LlamaLikeAdapter(Adapter):
+    """Base for architectures whose files follow the Llama naming scheme: a subclass writes `spec`
+    (still abstract here) and names its tensors (`names`), and overrides a part's reader where its
+    files differ (DeepSeek's latent attention, a router's bias)."""
 
-    model_types: tuple[str, ...] = ()
     names = TensorNames()
-
-    def spec(self, cfg: HFConfig) -> ModelSpec:
-        raise NotImplementedError
 
     def load_weights(self, read: TensorReader, spec: ModelSpec, progress: bool) -> ModelWeights:
         D, V = spec.hidden_size, spec.vocab_size
