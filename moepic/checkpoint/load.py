@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from moepic.checkpoint.adapters import adapter_for
-from moepic.checkpoint.adapters.llama_like import TensorReader
+from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.hf_rope import check_rope_angles

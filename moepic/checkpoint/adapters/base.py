@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from moepic.checkpoint.adapters.llama_like import TensorReader
+    from moepic.checkpoint.adapters.reader import TensorReader
     from moepic.checkpoint.hf_config import HFConfig
     from moepic.core.spec import ModelSpec
     from moepic.core.weights import ModelWeights

@@ -6,7 +6,8 @@ nowhere silently, and the released checkpoints have none."""
 from __future__ import annotations
 
 from moepic.checkpoint.adapters.deepseek import deepseek_moe, with_selection_bias
-from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, TensorReader, build_spec
+from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
+from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import MoEWeights

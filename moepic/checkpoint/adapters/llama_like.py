@@ -7,25 +7,21 @@ An architecture that fits this mould (Mixtral, Qwen2/3-MoE, OLMoE) is a spec fun
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
-import torch
 from moepic.progress import bar as progress_bar
 
 from moepic.checkpoint.adapters.base import Adapter
-from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import (
-    WIDEST_NEURON_BLOCK,
     AttentionWeights,
     LayerWeights,
     ModelWeights,
     MoEWeights,
     SwiGLUWeights,
-    neuron_block,
 )
 from moepic.errors import CheckpointError
 
@@ -73,43 +69,6 @@ class TensorNames:
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     dense_prefix: str = "model.layers.{l}.mlp"
     shared_expert: str = "shared_expert"  # under moe_prefix
-
-
-@attrs.frozen
-class TensorReader:
-    """Reads checkpoint tensors in the target dtype/device; builds SwiGLU weights in neuron blocks."""
-
-    ckpt: SafetensorsCheckpoint
-    dtype: torch.dtype
-    device: str
-    widest_neuron_block: int = WIDEST_NEURON_BLOCK
-    # Where routed experts go instead: a function that stores one (e.g. packs it into pinned host
-    # memory for offloading), called as each is read, so no second full copy is ever held.
-    place_routed_expert: Callable[[SwiGLUWeights], SwiGLUWeights] | None = None
-
-    def __call__(self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.ckpt.read(name, shape, self.dtype if dtype is None else dtype, self.device if device is None else device)
-
-    def router(self, name: str, *shape: int, spec: ModelSpec) -> torch.Tensor:
-        """A router's weight (or bias): kept in float32 where the router computes in it (DeepSeek's
-        and GLM's do, in a bf16 model too, as HF keeps them), else in the model's dtype."""
-        return self(name, *shape, dtype=torch.float32 if spec.moe.router.fp32_logits else None)
-
-    def swiglu(
-        self, prefix: str, projections: tuple[str, str, str], D: int, F: int, *, device: str | None = None
-    ) -> SwiGLUWeights:
-        gate, up, down = projections
-        return SwiGLUWeights.from_projections(
-            self(f"{prefix}.{gate}.weight", F, D, device=device),
-            self(f"{prefix}.{up}.weight", F, D, device=device),
-            self(f"{prefix}.{down}.weight", D, F, device=device),
-            block=neuron_block(F, self.widest_neuron_block),
-        )
-
-    def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
-        if self.place_routed_expert is None:
-            return self.swiglu(prefix, projections, D, F)
-        return self.place_routed_expert(self.swiglu(prefix, projections, D, F, device="cpu"))
 
 
 class LlamaLikeAdapter(Adapter):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import attrs
 
-from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, TensorReader, build_spec
+from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
+from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec

@@ -1,0 +1,50 @@
+"""How adapters read a checkpoint's tensors: in the target dtype and device, experts in neuron
+blocks, routed experts placed where the run keeps them (host memory when offloading)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+
+from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.core.spec import ModelSpec
+from moepic.core.weights import WIDEST_NEURON_BLOCK, SwiGLUWeights, neuron_block
+
+
+@attrs.frozen
+class TensorReader:
+    """Reads checkpoint tensors in the target dtype/device; builds SwiGLU weights in neuron blocks."""
+
+    ckpt: SafetensorsCheckpoint
+    dtype: torch.dtype
+    device: str
+    widest_neuron_block: int = WIDEST_NEURON_BLOCK
+    # Where routed experts go instead: a function that stores one (e.g. packs it into pinned host
+    # memory for offloading), called as each is read, so no second full copy is ever held.
+    place_routed_expert: Callable[[SwiGLUWeights], SwiGLUWeights] | None = None
+
+    def __call__(self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.ckpt.read(name, shape, self.dtype if dtype is None else dtype, self.device if device is None else device)
+
+    def router(self, name: str, *shape: int, spec: ModelSpec) -> torch.Tensor:
+        """A router's weight (or bias): kept in float32 where the router computes in it (DeepSeek's
+        and GLM's do, in a bf16 model too, as HF keeps them), else in the model's dtype."""
+        return self(name, *shape, dtype=torch.float32 if spec.moe.router.fp32_logits else None)
+
+    def swiglu(
+        self, prefix: str, projections: tuple[str, str, str], D: int, F: int, *, device: str | None = None
+    ) -> SwiGLUWeights:
+        gate, up, down = projections
+        return SwiGLUWeights.from_projections(
+            self(f"{prefix}.{gate}.weight", F, D, device=device),
+            self(f"{prefix}.{up}.weight", F, D, device=device),
+            self(f"{prefix}.{down}.weight", D, F, device=device),
+            block=neuron_block(F, self.widest_neuron_block),
+        )
+
+    def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
+        if self.place_routed_expert is None:
+            return self.swiglu(prefix, projections, D, F)
+        return self.place_routed_expert(self.swiglu(prefix, projections, D, F, device="cpu"))
