@@ -216,6 +216,21 @@ CHECKPOINTS = {
         _common(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=16, rotary_dim=8),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    # Granite-MoE: experts fused on disk, and its four scalings.
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, embedding_multiplier=3.0,
+                residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, tie_word_embeddings=True),
+        {},
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        _common(num_local_experts=6, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=24,
+                embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.1, logits_scaling=2.0),
+        {},
+    ),
 }
 
 

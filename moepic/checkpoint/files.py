@@ -117,7 +117,12 @@ class SafetensorsCheckpoint:
     def has(self, name: str) -> bool:
         return name in self._file_of
 
-    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    def read(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
+        *, index: int | None = None,
+    ) -> torch.Tensor:
+        """Tensor `name`, checked to be `shape`, in `dtype` on `device`; `index`: only its slice
+        [index] along the first dimension (one expert of experts fused on disk), read alone."""
         path = self._file_of.get(name)
         if path is None:
             raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
@@ -126,7 +131,7 @@ class SafetensorsCheckpoint:
         if found != tuple(shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
         try:
-            tensor = handle.get_tensor(name)
+            tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
         if not (tensor.is_floating_point() or tensor.numel() == 0):

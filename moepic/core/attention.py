@@ -75,7 +75,7 @@ def attention(
         # broadcasts over the folded rows.
         q_1HGd = q_HTd.reshape(1, spec.num_kv_heads, group, spec.head_dim)
         out_HTd = F.scaled_dot_product_attention(
-            q_1HGd, keys_HSd.unsqueeze(0), values_HSd.unsqueeze(0), attn_mask=mask
+            q_1HGd, keys_HSd.unsqueeze(0), values_HSd.unsqueeze(0), attn_mask=mask, scale=spec.attention_scale
         ).reshape(spec.num_heads, 1, spec.head_dim)
     else:
         out_HTd = F.scaled_dot_product_attention(
@@ -85,5 +85,6 @@ def attention(
             attn_mask=mask,
             is_causal=mask is None and T > 1,
             enable_gqa=group > 1,
+            scale=spec.attention_scale,
         ).squeeze(0)
     return F.linear(out_HTd.transpose(0, 1).reshape(T, -1), w.o_DQ)

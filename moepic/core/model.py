@@ -100,15 +100,17 @@ def forward(
     cos_Td, sin_Td = rope_cos_sin(model.inv_freq_d, model.rope_scaling, positions_T, model.dtype)
 
     x_TD = F.embedding(tokens_T, w.embed_VD)
+    if spec.embedding_multiplier != 1.0:
+        x_TD = x_TD * spec.embedding_multiplier
     for layer, lw in enumerate(w.layers):
         h_TD = rms_norm(x_TD, lw.input_norm_D, spec.norm_eps)
         attend = mla_attention if isinstance(lw.attention, MLAWeights) else attention
-        x_TD = x_TD + attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start)
+        x_TD = _join(x_TD, attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start), spec)
         h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):
-            x_TD = x_TD + moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)
+            x_TD = _join(x_TD, moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap), spec)
         else:
-            x_TD = x_TD + swiglu(h_TD, lw.ffn)
+            x_TD = _join(x_TD, swiglu(h_TD, lw.ffn), spec)
         experts.after_layer(layer, x_TD)
         if tap is not None:
             tap.layer_output(layer, x_TD)
@@ -116,4 +118,11 @@ def forward(
     if logits_for == "last":
         x_TD = x_TD[-1:]
     logits_TV = F.linear(rms_norm(x_TD, w.final_norm_D, spec.norm_eps), w.lm_head_VD)
+    if spec.logits_scaling != 1.0:
+        logits_TV = logits_TV / spec.logits_scaling
     return logits_TV, attrs.evolve(cache, length=start + T)
+
+
+def _join(residual_TD: torch.Tensor, out_TD: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """A sublayer's output added to the residual stream (scaled first where the model says)."""
+    return residual_TD + (out_TD * spec.residual_multiplier if spec.residual_multiplier != 1.0 else out_TD)

@@ -130,6 +130,12 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     bos_token_id: int | None = None
     mla: MLASpec | None = None  # latent attention instead of grouped-query attention
+    # Granite's scalings: the embeddings times, each sublayer's output times (before it joins the
+    # residual), attention logits times (None: 1/sqrt(head_dim)), and the output logits divided by.
+    embedding_multiplier: float = attrs.field(default=1.0, validator=_positive)
+    residual_multiplier: float = attrs.field(default=1.0, validator=_positive)
+    attention_scale: float | None = None
+    logits_scaling: float = attrs.field(default=1.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

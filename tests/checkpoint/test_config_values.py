@@ -85,6 +85,8 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
          "layer_types[1] is 'sliding_attention': sliding-window layers are not supported for dots1"),
         ("dots1", {"use_sliding_window": True}, "use_sliding_window is true: sliding-window layers are not supported for dots1"),
+        ("granitemoe", {"logits_scaling": 0}, "key 'logits_scaling' must be > 0, got 0"),
+        ("granitemoe", {"attention_multiplier": NAN}, "key 'attention_multiplier' must be a finite number, got nan"),
         ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported for minimax_m2; supported: 'sigmoid'"),
         ("minimax_m2", {"qk_norm_type": "per_head"}, "minimax_m2 with qk_norm_type 'per_head' / use_qk_norm false is not "
          "supported (HF normalises the full q and k width in every layer)"),
@@ -261,3 +263,10 @@ def test_minimax_rotates_the_released_checkpoints_rotary_dim(checkpoint_dir, tmp
 
     legacy = _broken_copy(checkpoint_dir, tmp_path, "minimax_m2", {("rope_parameters", "partial_rotary_factor"): None, "rotary_dim": 8})
     assert load_model(legacy, dtype=torch.float32).spec.rope.partial_rotary_factor == 0.5
+
+
+def test_a_fused_expert_tensor_of_the_wrong_shape_is_named_with_both_shapes(checkpoint_dir, capsys, tmp_path):
+    folder = _broken_copy(checkpoint_dir, tmp_path, "granitemoe", {"intermediate_size": 20})
+    assert cli_error(capsys, [*ARGS, "--model", str(folder)]).endswith(
+        "tensor 'model.layers.0.block_sparse_moe.input_linear.weight' has shape [4, 32, 32], expected [4, 40, 32]"
+    )

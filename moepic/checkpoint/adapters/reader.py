@@ -25,8 +25,11 @@ class TensorReader:
     # memory for offloading), called as each is read, so no second full copy is ever held.
     place_routed_expert: Callable[[SwiGLUWeights], SwiGLUWeights] | None = None
 
-    def __call__(self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.ckpt.read(name, shape, self.dtype if dtype is None else dtype, self.device if device is None else device)
+    def __call__(
+        self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None, index: int | None = None
+    ) -> torch.Tensor:
+        return self.ckpt.read(name, shape, self.dtype if dtype is None else dtype, self.device if device is None else device,
+                              index=index)
 
     def router(self, name: str, *shape: int, spec: ModelSpec) -> torch.Tensor:
         """A router's weight (or bias): kept in float32 where the router computes in it (DeepSeek's
@@ -48,3 +51,13 @@ class TensorReader:
         if self.place_routed_expert is None:
             return self.swiglu(prefix, projections, D, F)
         return self.place_routed_expert(self.swiglu(prefix, projections, D, F, device="cpu"))
+
+    def fused_expert(self, gate_up: str, down: str, e: int, E: int, D: int, F: int) -> SwiGLUWeights:
+        """Expert `e` of experts fused on disk, one tensor per projection for the whole layer:
+        `gate_up` [E, 2F, D] (gate rows, then up rows) and `down` [E, D, F]; only its slices are read.
+        Placed as `routed_expert` places one."""
+        device = None if self.place_routed_expert is None else "cpu"
+        gate_up_2FD = self(gate_up, E, 2 * F, D, device=device, index=e)
+        w = SwiGLUWeights.from_projections(gate_up_2FD[:F], gate_up_2FD[F:], self(down, E, D, F, device=device, index=e),
+                                           block=neuron_block(F, self.widest_neuron_block))
+        return w if self.place_routed_expert is None else self.place_routed_expert(w)
