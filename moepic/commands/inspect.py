@@ -28,7 +28,7 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
 
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
-    from moepic.core.footprint import footprint
+    from moepic.core.footprint import footprint, kv_cache_numbers
 
     source = arguments.model_source(model)
     if isinstance(source, str):
@@ -39,6 +39,7 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
     dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
     return {
+        "kv_cache_bytes_per_token": kv_cache_numbers(spec) * spec.num_layers * size,
         "model": name,
         "dtype": str(dtype).removeprefix("torch."),
         "spec": attrs.asdict(spec),
@@ -53,19 +54,27 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
 def text(report: dict) -> str:
     spec, moe, gib = report["spec"], report["spec"]["moe"], 2**30
     kinds = spec["layer_kinds"]
+    mla = spec["mla"]
+    heads = (f"{spec['num_heads']} heads, latent attention (rank {mla['kv_lora_rank']} + rotary {mla['qk_rope_head_dim']})"
+             if mla else f"{spec['num_heads']} heads / {spec['num_kv_heads']} KV")
     lines = [
         f"{report['model']}: {spec['model_type']}, {len(kinds)} layers ({kinds.count('moe')} MoE, "
-        f"{kinds.count('dense')} dense), D {spec['hidden_size']}, {spec['num_heads']} heads / "
-        f"{spec['num_kv_heads']} KV, {report['total_params'] / 1e9:.3f} B params"
+        f"{kinds.count('dense')} dense), D {spec['hidden_size']}, {heads}, {report['total_params'] / 1e9:.3f} B params"
     ]
     if moe:
+        router = moe["router"]
+        rule = router["kind"] + (" (renormalised)" if router["renormalize"] else "")
+        if router["groups"] > 1:
+            rule += f", best {router['top_groups']} of {router['groups']} groups"
+        if router["scaling"] != 1.0:
+            rule += f", × {router['scaling']:g}"
         lines.append(
-            f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, "
-            f"router {moe['router']['kind']}{' (renormalised)' if moe['router']['renormalize'] else ''}"
+            f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, router {rule}"
             + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")
         )
     lines.append(
         f"{report['dtype']}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
-        f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident"
+        f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident;"
+        f" KV cache {report['kv_cache_bytes_per_token'] / 2**10:.1f} KiB per token"
     )
     return "\n".join(lines)

@@ -72,3 +72,17 @@ def test_inspect_reproduces_published_sizes_from_config_json_alone(capsys, tmp_p
     assert main(["inspect", "--model", str(tmp_path)]) == 0
     assert "offloadable" in capsys.readouterr().out
 
+
+
+@pytest.mark.parametrize("preset,kv_bytes", [("mixtral-8x7b", 2 * 8 * 128 * 32 * 2), ("deepseek-v3", (512 + 64) * 61 * 2)])
+def test_inspect_prices_the_kv_cache_of_each_attention_kind(capsys, preset, kv_bytes):
+    """Grouped-query attention caches keys and values per KV head; latent attention its latent and
+    one rotary key (DeepSeek-V3: 70,272 bytes a token in bf16, against Mixtral's 131,072)."""
+    import json
+
+    from moepic.cli import main
+
+    assert main(["inspect", "--model", preset, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == kv_bytes
+    assert main(["inspect", "--model", preset]) == 0
+    assert f"KV cache {kv_bytes / 1024:.1f} KiB per token" in capsys.readouterr().out
