@@ -216,6 +216,14 @@ CHECKPOINTS = {
         _common(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=16, rotary_dim=8),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    # ERNIE-4.5: a biased softmax router, dense layers outside [start, end], interleaved rotary pairs.
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        _common(moe_num_experts=8, moe_k=3, moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1,
+                moe_layer_end_index=-1, moe_layer_interval=1, tie_word_embeddings=True),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
     # Granite-MoE: experts fused on disk, and its four scalings.
     "granitemoe": (
         "GraniteMoeConfig",
@@ -241,9 +249,11 @@ def save_tiny_checkpoint(name: str, folder) -> None:
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**config_kwargs)
     model = getattr(transformers, model_cls)(config).eval()
-    for name, buffer in model.named_buffers():  # HF starts them at zero, which would test nothing
+    # A router's selection bias, which HF starts at zero (testing nothing): a buffer or a parameter.
+    for name, tensor in (*model.named_buffers(), *model.named_parameters()):
         if save.get("random_buffers") and name.endswith(save["random_buffers"]):
-            buffer.normal_(0.0, 0.1)
+            with torch.no_grad():
+                tensor.normal_(0.0, 0.1)
     if save.get("bf16"):
         model = model.to(torch.bfloat16)
     kwargs = {"max_shard_size": save["max_shard_size"]} if "max_shard_size" in save else {}

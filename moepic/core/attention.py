@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moepic.core.norms import rms_norm
-from moepic.core.rope import apply_rope
+from moepic.core.rope import rotate
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import AttentionWeights
 
@@ -60,8 +60,8 @@ def attention(
 ) -> torch.Tensor:
     T = x_TD.shape[0]
     q_HTd, k_HTd, v_HTd = _project_qkv(x_TD, w, spec)
-    q_HTd = apply_rope(q_HTd, cos_Td, sin_Td)
-    k_HTd = apply_rope(k_HTd, cos_Td, sin_Td)
+    q_HTd = rotate(q_HTd, cos_Td, sin_Td, spec.rope_layout)
+    k_HTd = rotate(k_HTd, cos_Td, sin_Td, spec.rope_layout)
     cache_k_HSd[:, start : start + T] = k_HTd
     cache_v_HSd[:, start : start + T] = v_HTd
     keys_HSd = cache_k_HSd[:, : start + T]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from moepic.core.attention import causal_mask
 from moepic.core.norms import rms_norm
-from moepic.core.rope import apply_rope, apply_rope_interleaved
+from moepic.core.rope import rotate
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import MLAWeights
 
@@ -41,10 +41,9 @@ def mla_attention(
         q = F.linear(rms_norm(F.linear(x_TD, w.q_a_RD), w.q_a_norm_R, spec.norm_eps), w.q_b_QR)
     q_HTq = q.view(T, H, nope + r).transpose(0, 1)
     latent_TL, k_rope_Tr = F.linear(x_TD, w.kv_a_CD).split([mla.kv_lora_rank, r], dim=-1)
-    rope = apply_rope_interleaved if mla.rope_interleave else apply_rope
-    q_rope_HTr = rope(q_HTq[..., nope:], cos_Tr, sin_Tr)
+    q_rope_HTr = rotate(q_HTq[..., nope:], cos_Tr, sin_Tr, spec.rope_layout)
     cache_latent_1SL[0, start : start + T] = rms_norm(latent_TL, w.kv_a_norm_L, spec.norm_eps)
-    cache_rope_1Sr[0, start : start + T] = rope(k_rope_Tr, cos_Tr, sin_Tr)
+    cache_rope_1Sr[0, start : start + T] = rotate(k_rope_Tr, cos_Tr, sin_Tr, spec.rope_layout)
     S = start + T
     kv_SHn = F.linear(cache_latent_1SL[0, :S], w.kv_b_ND).view(S, H, nope + v)
     keys_HSq = torch.cat((kv_SHn[..., :nope], cache_rope_1Sr[0, :S, None, :].expand(S, H, r)), dim=-1).transpose(0, 1)

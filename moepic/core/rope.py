@@ -144,3 +144,14 @@ def apply_rope_interleaved(x_HTr: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: to
     cos, sin = cos_Tr[..., :half], sin_Tr[..., :half]
     even, odd = x_HTr[..., 0::2], x_HTr[..., 1::2]
     return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+
+def rotate(x_HTd: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor, layout: str) -> torch.Tensor:
+    """RoPE on the first r dims of x in the spec's pairing (ModelSpec.rope_layout); the rest pass."""
+    if layout == "halves":
+        return apply_rope(x_HTd, cos_Tr, sin_Tr)
+    r = cos_Tr.shape[-1]
+    if r == x_HTd.shape[-1]:
+        return apply_rope_interleaved(x_HTd, cos_Tr, sin_Tr)
+    return torch.cat((apply_rope_interleaved(x_HTd[..., :r], cos_Tr, sin_Tr), x_HTd[..., r:]), dim=-1)

@@ -9,6 +9,7 @@ registry line:
                         expert probability → top-k within them                 `group_limited_greedy`
     sigmoid_group_topk  sigmoid scores; a selection-only bias added to choose  DeepSeek-V3, GLM-4.5
                         (never to weigh); groups ranked by their top-2 sum     (`noaux_tc`)
+    softmax_biased_topk softmax probabilities + a selection-only bias          ERNIE-4.5
 
 then optional renormalisation and the routed scaling factor. Probabilities are computed in float32
 as the reference implementations do, then the weights are cast to the activations' dtype.
@@ -53,6 +54,9 @@ def selection_scores(logits_TE: torch.Tensor, router: RouterSpec, bias_E: torch.
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         # Masked to 0, as DeepSeek-V2 does (every kept probability is above it).
         return _grouped(probs_TE, router, lambda g: g.max(dim=-1).values, 0.0)
+    if kind == "softmax_biased_topk":
+        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        return probs_TE + bias_E.float() if bias_E is not None else probs_TE
     if kind == "sigmoid_group_topk":
         choice_TE = torch.sigmoid(logits_TE.float())
         if bias_E is not None:
@@ -74,6 +78,14 @@ def probability_topk(logits_TE, router, top_k, bias_E=None):
     return _finish(weights_TK, router), ids_TK
 
 
+def softmax_biased_topk(logits_TE, router, top_k, bias_E=None):
+    """ERNIE-4.5's: chosen by softmax probability + bias, weighted by the probability alone
+    (renormalised; ERNIE's floor on the sum, 1e-12, is below any k probabilities' sum)."""
+    ids_TK = torch.topk(selection_scores(logits_TE, router, bias_E), top_k, dim=-1).indices
+    weights_TK = torch.softmax(logits_TE, dim=-1, dtype=torch.float32).gather(1, ids_TK)
+    return _finish(weights_TK, router), ids_TK
+
+
 def sigmoid_group_topk(logits_TE, router, top_k, bias_E=None):
     """DeepSeek-V3's `noaux_tc`: chosen by sigmoid score + bias within the best groups, weighted by
     the sigmoid score alone (renormalised with DeepSeek's 1e-20 guard)."""
@@ -86,6 +98,7 @@ ROUTERS: dict[str, RouterFn] = {
     "softmax_topk": probability_topk,
     "softmax_group_topk": probability_topk,
     "sigmoid_group_topk": sigmoid_group_topk,
+    "softmax_biased_topk": softmax_biased_topk,
 }
 
 

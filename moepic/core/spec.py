@@ -64,7 +64,7 @@ class RouterSpec:
     @property
     def selection_bias(self) -> bool:
         """Whether the router reads a per-expert selection bias (MoEWeights.router_bias_E)."""
-        return self.kind == "sigmoid_group_topk"
+        return self.kind in ("sigmoid_group_topk", "softmax_biased_topk")
 
 
 @attrs.frozen(kw_only=True)
@@ -100,7 +100,6 @@ class MLASpec:
     qk_nope_head_dim: int = attrs.field(validator=_positive)
     qk_rope_head_dim: int = attrs.field(validator=_positive)
     v_head_dim: int = attrs.field(validator=_positive)
-    rope_interleave: bool = True  # rotary dims paired (x0, x1), (x2, x3)… rather than halves
     softmax_scale: float = attrs.field(validator=_positive)  # qk_head_dim^-0.5, times YaRN's mscale² where set
 
     @property
@@ -136,6 +135,10 @@ class ModelSpec:
     residual_multiplier: float = attrs.field(default=1.0, validator=_positive)
     attention_scale: float | None = None
     logits_scaling: float = attrs.field(default=1.0, validator=_positive)
+    # Which of a head's rotated dims rotate together: "halves" pairs dim j with j + r/2 (Llama and
+    # most), "interleaved" pairs 2i with 2i + 1 (DeepSeek's `rope_interleave`, ERNIE-4.5). Attention
+    # scores depend only on the pairing, so either output order serves (core/rope.py).
+    rope_layout: Literal["halves", "interleaved"] = "halves"
 
     def __attrs_post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -85,6 +85,8 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
          "layer_types[1] is 'sliding_attention': sliding-window layers are not supported for dots1"),
         ("dots1", {"use_sliding_window": True}, "use_sliding_window is true: sliding-window layers are not supported for dots1"),
+        ("ernie4_5_moe", {"use_bias": True}, "use_bias true is not supported for ernie4_5_moe (biased expert projections)"),
+        ("ernie4_5_moe", {"moe_layer_end_index": -2}, "key 'moe_layer_end_index' must be >= -1, got -2"),
         ("granitemoe", {"logits_scaling": 0}, "key 'logits_scaling' must be > 0, got 0"),
         ("granitemoe", {"attention_multiplier": NAN}, "key 'attention_multiplier' must be a finite number, got nan"),
         ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported for minimax_m2; supported: 'sigmoid'"),

@@ -103,7 +103,7 @@ def test_unknown_model_type_lists_the_supported_ones(checkpoint_dir, capsys, tmp
     folder = _copy(checkpoint_dir, tmp_path)
     _edit_config(folder, model_type="llama")
     assert _error(capsys, folder) == (
-        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, glm4_moe, granitemoe, granitemoeshared, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe"
+        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, glm4_moe, granitemoe, granitemoeshared, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe"
     )
 
 

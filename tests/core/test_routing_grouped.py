@@ -1,5 +1,6 @@
-"""DeepSeek's routers (core/routing.py): group-limited softmax (V2) and sigmoid with a selection-only
-bias (V3, GLM-4.5), against HF transformers' own router modules, and as properties."""
+"""The routers with groups or a selection-only bias (core/routing.py): DeepSeek-V2's group-limited
+softmax, DeepSeek-V3's / GLM-4.5's biased sigmoid and ERNIE-4.5's biased softmax, against HF
+transformers' own router modules, and as properties."""
 
 from __future__ import annotations
 
@@ -142,3 +143,24 @@ def test_group_settings_that_cannot_route_are_refused_naming_the_numbers():
         RouterSpec(scaling=0.0)
     with pytest.raises(ValueError, match="unknown router kind 'noaux'"):
         selection_scores(torch.zeros(1, 4), attrs.evolve(RouterSpec(), kind="noaux"))
+
+
+def test_biased_softmax_router_matches_hf_ernie():
+    from transformers import Ernie4_5_MoeConfig
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeTopKRouter
+
+    hf = Ernie4_5_MoeTopKRouter(Ernie4_5_MoeConfig(hidden_size=32, moe_num_experts=12, moe_k=4))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(12, 32, generator=g))
+        hf.moe_statics.e_score_correction_bias.copy_(torch.randn(1, 12, generator=g) * 0.2)
+    x_TD = torch.randn(9, 32, generator=g)
+    _, hf_weights, hf_ids = hf(x_TD)
+    spec = moe(12, 4, kind="softmax_biased_topk", renormalize=True, fp32_logits=True)
+    weights, ids = route(x_TD, hf.weight.detach(), spec, hf.moe_statics.e_score_correction_bias[0].detach())
+    w_hf, i_hf = sorted_by_id(hf_weights, hf_ids)
+    w_ours, i_ours = sorted_by_id(weights, ids)
+    assert torch.equal(i_ours, i_hf)
+    torch.testing.assert_close(w_ours, w_hf, atol=1e-6, rtol=1e-6)
+    unbiased = route(x_TD, hf.weight.detach(), spec)[1]
+    assert not torch.equal(unbiased.sort(-1).values, i_ours)  # the bias chose other experts somewhere

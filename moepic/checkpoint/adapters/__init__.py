@@ -8,6 +8,7 @@ then add it to `_ADAPTERS` below.
 from moepic.checkpoint.adapters.base import Adapter
 from moepic.checkpoint.adapters.deepseek import DeepseekAdapter, Glm4MoeAdapter
 from moepic.checkpoint.adapters.dots1 import Dots1Adapter
+from moepic.checkpoint.adapters.ernie import ErnieMoeAdapter
 from moepic.checkpoint.adapters.granite import GraniteMoeAdapter
 from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
@@ -17,7 +18,7 @@ from moepic.errors import CheckpointError
 
 _ADAPTERS: dict[str, Adapter] = {
     model_type: adapter
-    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(), Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter())
+    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(), Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter())
     for model_type in adapter.model_types
 }
 

@@ -73,11 +73,9 @@ def mla_spec(cfg: HFConfig, rope) -> MLASpec:
     scale = (nope + r) ** -0.5
     if rope.kind == "yarn" and rope.mscale_all_dim:  # HF's yarn_apply_mscale: the non-rotary dims too
         scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
-    interleave = cfg.get("rope_interleave", kind=bool, default=True) if cfg.model_type == "deepseek_v3" else True
     return MLASpec(
         q_lora_rank=cfg.size("q_lora_rank", default=0, minimum=0), kv_lora_rank=cfg.size("kv_lora_rank"),
-        qk_nope_head_dim=nope, qk_rope_head_dim=r, v_head_dim=cfg.size("v_head_dim"),
-        rope_interleave=interleave, softmax_scale=scale,
+        qk_nope_head_dim=nope, qk_rope_head_dim=r, v_head_dim=cfg.size("v_head_dim"), softmax_scale=scale,
     )
 
 
@@ -90,9 +88,11 @@ class DeepseekAdapter(LlamaLikeAdapter):
             raise CheckpointError(f"{cfg.source}: attention_bias true is not supported for {cfg.model_type}")
         layer_kinds, moe = deepseek_moe(cfg, default_dense=3 if cfg.model_type == "deepseek_v3" else 0)
         mla = mla_spec(cfg, cfg.rope(10_000.0))
+        interleave = cfg.get("rope_interleave", kind=bool, default=True) if cfg.model_type == "deepseek_v3" else True
         return build_spec(
             cfg, layer_kinds=layer_kinds, moe=moe, dense_ffn=cfg.size("intermediate_size"),
             num_kv_heads=cfg.size("num_attention_heads"), head_dim=mla.qk_rope_head_dim, mla=mla,
+            rope_layout="interleaved" if interleave else "halves",
         )
 
     def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> MLAWeights:
