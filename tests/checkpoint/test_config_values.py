@@ -272,3 +272,30 @@ def test_a_fused_expert_tensor_of_the_wrong_shape_is_named_with_both_shapes(chec
     assert cli_error(capsys, [*ARGS, "--model", str(folder)]).endswith(
         "tensor 'model.layers.0.block_sparse_moe.input_linear.weight' has shape [4, 32, 32], expected [4, 40, 32]"
     )
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("deepseek_v3", ["norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace"]),
+    ("glm4_moe", ["norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace"]),
+    ("dots1", ["norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace"]),
+    ("deepseek_v2_lite", ["norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace"]),
+])
+def test_a_config_that_leaves_router_keys_out_means_what_hf_assumes(checkpoint_dir, tmp_path, name, keys):
+    """Keys left out take HF's defaults for that family (DeepSeek-V3: renormalised, × 2.5, 8 groups,
+    top 4, 3 dense layers), read from HF's own config class, never moepic's guess."""
+    import transformers
+
+    from moepic.checkpoint.load import read_spec
+
+    folder = _broken_copy(checkpoint_dir, tmp_path, name, {})
+    config = json.loads((folder / "config.json").read_text())
+    hf = transformers.AutoConfig.for_model(config["model_type"])
+    for key in keys:
+        config.pop(key, None)
+    config.update({"n_routed_experts": 256, "num_experts_per_tok": 8, "num_hidden_layers": 4})  # room for HF's groups
+    (folder / "config.json").write_text(json.dumps(config))
+    spec, _ = read_spec(folder)
+    router = spec.moe.router
+    assert router.renormalize == hf.norm_topk_prob and router.scaling == hf.routed_scaling_factor
+    assert (router.groups, router.top_groups) == (hf.n_group or 1, hf.topk_group or 1)
+    assert spec.layer_kinds.count("dense") == hf.first_k_dense_replace

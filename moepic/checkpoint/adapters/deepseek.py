@@ -24,6 +24,15 @@ from moepic.core.weights import MLAWeights, MoEWeights
 from moepic.errors import CheckpointError
 
 SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe", "dots1")  # sigmoid scores with a selection bias (`noaux_tc`)
+# What HF transformers assumes for a key config.json leaves out, per family (a config written by
+# save_pretrained states them all; a hand-trimmed one must still mean the same model):
+# (norm_topk_prob, routed_scaling_factor, n_group, topk_group, first_k_dense_replace)
+HF_DEFAULTS = {
+    "deepseek_v2": (False, 1.0, 1, 1, 0),
+    "deepseek_v3": (True, 2.5, 8, 4, 3),
+    "glm4_moe": (True, 1.0, 1, 1, 1),
+    "dots1": (False, 1.0, 1, 1, 0),
+}
 
 
 def _refuse(cfg: HFConfig, key: str, value, allowed) -> None:
@@ -41,25 +50,26 @@ def deepseek_router(cfg: HFConfig) -> RouterSpec:
         allowed = sorted({m for _, m in kinds}) if scoring in {s for s, _ in kinds} else sorted({s for s, _ in kinds})
         key, value = ("topk_method", method) if scoring in {s for s, _ in kinds} else ("scoring_func", scoring)
         _refuse(cfg, key, value, allowed)
-    renormalize = cfg.get("norm_topk_prob", kind=bool, default=False)
+    norm, scaling, groups, top_groups, _ = HF_DEFAULTS[cfg.model_type]
+    renormalize = cfg.get("norm_topk_prob", kind=bool, default=norm)
     if renormalize and not v3:  # HF's DeepSeek-V2 never renormalises; DeepSeek's own code would
         raise CheckpointError(f"{cfg.source}: norm_topk_prob true is not supported for deepseek_v2 "
                               "(HF transformers ignores it, DeepSeek's code honours it: moepic will not guess)")
     return RouterSpec(
         kind=kinds[scoring, method], renormalize=renormalize,
-        scaling=cfg.get("routed_scaling_factor", kind=float, default=1.0, positive=True),
-        groups=cfg.size("n_group", default=1), top_groups=cfg.size("topk_group", default=1), fp32_logits=True,
+        scaling=cfg.get("routed_scaling_factor", kind=float, default=scaling, positive=True),
+        groups=cfg.size("n_group", default=groups), top_groups=cfg.size("topk_group", default=top_groups), fp32_logits=True,
     )
 
 
-def deepseek_moe(cfg: HFConfig, default_dense: int) -> tuple[tuple[str, ...], MoESpec]:
+def deepseek_moe(cfg: HFConfig) -> tuple[tuple[str, ...], MoESpec]:
     """(layer kinds, MoESpec) of DeepSeek's MoE layout: `first_k_dense_replace` dense layers, then MoE
     layers with `n_shared_experts` ungated shared experts of the routed experts' width."""
     if cfg.get("moe_layer_freq", kind=int, default=1) != 1:  # HF ignores it; DeepSeek's code does not
         raise CheckpointError(f"{cfg.source}: moe_layer_freq {cfg.data['moe_layer_freq']!r} is not supported "
                               f"for {cfg.model_type} (only 1: every layer after the dense ones is MoE)")
     layers = cfg.size("num_hidden_layers", maximum=MAX_LAYERS)
-    dense = cfg.size("first_k_dense_replace", default=default_dense, minimum=0)
+    dense = cfg.size("first_k_dense_replace", default=HF_DEFAULTS[cfg.model_type][4], minimum=0)
     expert_ffn = cfg.size("moe_intermediate_size")
     moe = MoESpec(
         num_experts=cfg.size("n_routed_experts"), top_k=cfg.size("num_experts_per_tok"), expert_ffn=expert_ffn,
@@ -86,7 +96,7 @@ class DeepseekAdapter(LlamaLikeAdapter):
     def spec(self, cfg: HFConfig) -> ModelSpec:
         if cfg.get("attention_bias", kind=bool, default=False):
             raise CheckpointError(f"{cfg.source}: attention_bias true is not supported for {cfg.model_type}")
-        layer_kinds, moe = deepseek_moe(cfg, default_dense=3 if cfg.model_type == "deepseek_v3" else 0)
+        layer_kinds, moe = deepseek_moe(cfg)
         mla = mla_spec(cfg, cfg.rope(10_000.0))
         interleave = cfg.get("rope_interleave", kind=bool, default=True) if cfg.model_type == "deepseek_v3" else True
         return build_spec(
@@ -132,7 +142,7 @@ class Glm4MoeAdapter(LlamaLikeAdapter):
     names = TensorNames(shared_expert="shared_experts")
 
     def spec(self, cfg: HFConfig) -> ModelSpec:
-        layer_kinds, moe = deepseek_moe(cfg, default_dense=1)
+        layer_kinds, moe = deepseek_moe(cfg)
         return build_spec(
             cfg, rope=cfg.rope(10_000.0, default_partial=0.5), layer_kinds=layer_kinds, moe=moe,
             dense_ffn=cfg.size("intermediate_size"),

@@ -24,7 +24,7 @@ class Dots1Adapter(LlamaLikeAdapter):
         if sliding or cfg.get("use_sliding_window", kind=bool, default=False):
             where = f"layer_types[{sliding[0]}] is {kinds[sliding[0]]!r}" if sliding else "use_sliding_window is true"
             raise CheckpointError(f"{cfg.source}: {where}: sliding-window layers are not supported for dots1")
-        layer_kinds, moe = deepseek_moe(cfg, default_dense=1)
+        layer_kinds, moe = deepseek_moe(cfg)
         return build_spec(
             cfg, layer_kinds=layer_kinds, moe=moe, dense_ffn=cfg.size("intermediate_size"),
             attention_bias=cfg.get("attention_bias", kind=bool, default=False), qk_norm="per_head",
