@@ -88,3 +88,18 @@ def attention(
             scale=spec.attention_scale,
         ).squeeze(0)
     return F.linear(out_HTd.transpose(0, 1).reshape(T, -1), w.o_DQ)
+
+
+def gqa_cache_shapes(spec: ModelSpec, positions: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Keys and values, [Hkv, S, d] each."""
+    shape = (spec.num_kv_heads, positions, spec.head_dim)
+    return shape, shape
+
+
+def gqa_params(spec: ModelSpec) -> int:
+    """q, k, v, o, their biases and q/k norms where the spec has them."""
+    D, Q, K = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    params = 2 * Q * D + 2 * K * D
+    if spec.attention_bias:
+        params += Q + 2 * K
+    return params + {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]

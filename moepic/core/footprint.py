@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 
+from moepic.core.attention_kinds import attention_kind
 from moepic.core.spec import ModelSpec
 
 
@@ -33,26 +34,12 @@ class Footprint:
 
 def attention_params(spec: ModelSpec) -> int:
     """One layer's attention weights (norms and biases included), by attention kind."""
-    D, H = spec.hidden_size, spec.num_heads
-    mla = spec.mla
-    if mla is not None:  # core/mla.py: queries (direct or low-rank), kv_a, its norm, kv_b, o
-        Q = H * mla.qk_head_dim
-        queries = Q * D if not mla.q_lora_rank else mla.q_lora_rank * (D + 1 + Q)
-        latent = mla.kv_lora_rank
-        return queries + (latent + mla.qk_rope_head_dim) * D + latent + H * (mla.qk_nope_head_dim + mla.v_head_dim) * latent \
-            + D * H * mla.v_head_dim
-    Q, K = H * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    params = 2 * Q * D + 2 * K * D
-    if spec.attention_bias:
-        params += Q + 2 * K
-    return params + {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]
+    return attention_kind(spec).params(spec)
 
 
 def kv_cache_numbers(spec: ModelSpec) -> int:
-    """Numbers one token adds to one layer's KV cache: keys and values, or MLA's latent and rotary key."""
-    if spec.mla is not None:
-        return spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
-    return 2 * spec.num_kv_heads * spec.head_dim
+    """Numbers one token adds to one layer's KV cache, by attention kind."""
+    return attention_kind(spec).cache_numbers(spec)
 
 
 def footprint(spec: ModelSpec) -> Footprint:

@@ -55,3 +55,16 @@ def mla_attention(
         attn_mask=mask, is_causal=mask is None and T > 1, scale=mla.softmax_scale,
     ).squeeze(0)
     return F.linear(out_HTv.transpose(0, 1).reshape(T, H * v), w.o_DV)
+
+
+def mla_cache_shapes(spec: ModelSpec, positions: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The normalised latent [1, S, L] and the rotated shared key [1, S, r]."""
+    return (1, positions, spec.mla.kv_lora_rank), (1, positions, spec.mla.qk_rope_head_dim)
+
+
+def mla_params(spec: ModelSpec) -> int:
+    """Queries (direct, or low-rank with their norm), kv_a, its norm, kv_b, o."""
+    mla, D, H = spec.mla, spec.hidden_size, spec.num_heads
+    Q, L = H * mla.qk_head_dim, mla.kv_lora_rank
+    queries = Q * D if not mla.q_lora_rank else mla.q_lora_rank * (D + 1 + Q)
+    return queries + (L + mla.qk_rope_head_dim) * D + L + H * (mla.qk_nope_head_dim + mla.v_head_dim) * L + D * H * mla.v_head_dim

@@ -14,14 +14,13 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from moepic.core.attention import attention
-from moepic.core.mla import mla_attention
+from moepic.core.attention_kinds import attention_kind
 from moepic.core.ffn import swiglu
 from moepic.core.moe import ExpertSource, ResidentExperts, RoutingTap, moe_block
 from moepic.core.norms import rms_norm
 from moepic.core.rope import rope_cos_sin, rope_inv_freq
 from moepic.core.spec import ModelSpec
-from moepic.core.weights import MLAWeights, ModelWeights, MoEWeights
+from moepic.core.weights import ModelWeights, MoEWeights
 
 
 @attrs.frozen
@@ -52,9 +51,9 @@ class Model:
 @attrs.frozen
 class KVCache:
     """Per-layer cache buffers, two per layer, and how many positions are filled. Their layout is
-    the attention kind's: grouped-query attention keeps keys and values [Hkv, S_max, d]; latent
-    attention (core/mla.py) keeps its latent [1, S_max, L] in `keys` and its shared rotary key
-    [1, S_max, r] in `values`."""
+    the attention kind's (core/attention_kinds.py): grouped-query attention keeps keys and values
+    [Hkv, S_max, d]; latent attention keeps its latent [1, S_max, L] in `keys` and its shared
+    rotary key [1, S_max, r] in `values`."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
@@ -63,10 +62,7 @@ class KVCache:
     @classmethod
     def allocate(cls, model: Model, max_length: int) -> KVCache:
         spec = model.spec
-        if spec.mla is not None:
-            shapes = (1, max_length, spec.mla.kv_lora_rank), (1, max_length, spec.mla.qk_rope_head_dim)
-        else:
-            shapes = ((spec.num_kv_heads, max_length, spec.head_dim),) * 2
+        shapes = attention_kind(spec).cache_shapes(spec, max_length)
 
         def buffers(shape) -> tuple[torch.Tensor, ...]:
             return tuple(torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(spec.num_layers))
@@ -99,12 +95,12 @@ def forward(
     positions_T = torch.arange(start, start + T, device=tokens_T.device)
     cos_Td, sin_Td = rope_cos_sin(model.inv_freq_d, model.rope_scaling, positions_T, model.dtype)
 
+    attend = attention_kind(spec).attend
     x_TD = F.embedding(tokens_T, w.embed_VD)
     if spec.embedding_multiplier != 1.0:
         x_TD = x_TD * spec.embedding_multiplier
     for layer, lw in enumerate(w.layers):
         h_TD = rms_norm(x_TD, lw.input_norm_D, spec.norm_eps)
-        attend = mla_attention if isinstance(lw.attention, MLAWeights) else attention
         x_TD = _join(x_TD, attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start), spec)
         h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):
