@@ -107,6 +107,17 @@ def test_unknown_model_type_lists_the_supported_ones(checkpoint_dir, capsys, tmp
     )
 
 
+@pytest.mark.parametrize("model_type,why", [
+    ("qwen3_next", "its linear-attention (Gated DeltaNet) layers are not supported"),
+    ("jamba", "its Mamba (state-space) layers are not supported"),
+    ("gpt_oss", "not supported yet (MXFP4 experts, expert biases with a clamped SwiGLU, attention sinks)"),
+])
+def test_a_known_family_moepic_does_not_run_says_why(checkpoint_dir, capsys, tmp_path, model_type, why):
+    folder = _copy(checkpoint_dir, tmp_path)
+    _edit_config(folder, model_type=model_type)
+    assert _error(capsys, folder).startswith(f"{folder / 'config.json'}: unsupported model_type {model_type!r}: {why}; supported: ")
+
+
 def test_missing_config_key_is_named(checkpoint_dir, capsys, tmp_path):
     folder = _copy(checkpoint_dir, tmp_path)
     _edit_config(folder, num_experts_per_tok=_DELETE)

@@ -18,8 +18,26 @@ from moepic.errors import CheckpointError
 
 _ADAPTERS: dict[str, Adapter] = {
     model_type: adapter
-    for adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(), Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter())
+    for adapter in (
+        MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(),
+        Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter(),
+    )
     for model_type in adapter.model_types
+}
+
+# MoE families moepic knows and does not run, and why: the error says so instead of only "unsupported".
+_REFUSED = {
+    "qwen3_next": "its linear-attention (Gated DeltaNet) layers are not supported",
+    "qwen3_5_moe": "its linear-attention (Gated DeltaNet) layers are not supported",
+    "jamba": "its Mamba (state-space) layers are not supported",
+    "lfm2_moe": "its short-convolution layers are not supported",
+    "granitemoehybrid": "its Mamba (state-space) layers are not supported",
+    "gpt_oss": "not supported yet (MXFP4 experts, expert biases with a clamped SwiGLU, attention sinks)",
+    "phimoe": "not supported yet (LayerNorm with bias, SparseMixer routing, LongRoPE)",
+    "llama4": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
+    "llama4_text": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
+    "hunyuan_v1_moe": "not supported yet (q/k norm after the rotation, an output bias, NTK-alpha RoPE)",
+    "flex_olmo": "not supported yet (norms after each sublayer rather than before)",
 }
 
 
@@ -31,6 +49,7 @@ def adapter_for(model_type: str, source: str) -> Adapter:
     try:
         return _ADAPTERS[model_type]
     except KeyError:
+        why = f": {_REFUSED[model_type]}" if model_type in _REFUSED else ""
         raise CheckpointError(
-            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+            f"{source}: unsupported model_type {model_type!r}{why}; supported: {', '.join(supported_model_types())}"
         ) from None
