@@ -1,7 +1,7 @@
 """dots.llm1 (`dots1`): Qwen3-MoE's attention (per-head q/k norm) with DeepSeek-V3's MoE (sigmoid
 router with a selection bias, shared experts, `first_k_dense_replace` dense layers). Sliding-window
-layers (`layer_types`, or `use_sliding_window`) are refused: moepic runs them as full attention
-nowhere silently, and the released checkpoints have none."""
+layers (`layer_types`, or `use_sliding_window`) are refused rather than run as full attention
+(the spec's window is one for all layers; the released checkpoints have none)."""
 
 from __future__ import annotations
 
