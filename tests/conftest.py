@@ -208,6 +208,15 @@ CHECKPOINTS = {
                 head_dim=16),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    # dots.llm1 with its sliding-window layers (every other one, a window shorter than the prompt).
+    "dots1_windows": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        _common(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                first_k_dense_replace=0, n_group=1, topk_group=1, head_dim=16, num_hidden_layers=4, sliding_window=4,
+                layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"]),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
     # MiniMax-M2: a biased sigmoid router without groups, full-width q/k norm, half-rotated heads
     # (given as the released checkpoints give it, `rotary_dim`).
     "minimax_m2": (

@@ -57,7 +57,9 @@ def attention(
     cache_k_HSd: torch.Tensor,
     cache_v_HSd: torch.Tensor,
     start: int,
+    window: int | None = None,
 ) -> torch.Tensor:
+    """`window`: this layer's sliding window (ModelSpec.window), None for full attention."""
     T = x_TD.shape[0]
     q_HTd, k_HTd, v_HTd = _project_qkv(x_TD, w, spec)
     q_HTd = rotate(q_HTd, cos_Td, sin_Td, spec.rope_layout)
@@ -66,7 +68,7 @@ def attention(
     cache_v_HSd[:, start : start + T] = v_HTd
     keys_HSd = cache_k_HSd[:, : start + T]
     values_HSd = cache_v_HSd[:, : start + T]
-    mask = causal_mask(T, start, spec.sliding_window, x_TD.device)
+    mask = causal_mask(T, start, window, x_TD.device)
     group = spec.num_heads // spec.num_kv_heads
     if T == 1 and group > 1:
         # Decode: fold each KV head's group of query heads into the query-length axis, so one

@@ -101,7 +101,8 @@ def forward(
         x_TD = x_TD * spec.embedding_multiplier
     for layer, lw in enumerate(w.layers):
         h_TD = rms_norm(x_TD, lw.input_norm_D, spec.norm_eps)
-        x_TD = _join(x_TD, attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start), spec)
+        out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, spec.window(layer))
+        x_TD = _join(x_TD, out_TD, spec)
         h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):
             x_TD = _join(x_TD, moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap), spec)

@@ -123,7 +123,10 @@ class ModelSpec:
     attention_bias: bool = False
     qk_norm: QKNorm = "none"
     clip_qkv: float | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # every layer's, unless `layer_windows` says per layer
+    # Per layer: its sliding window, or None for full attention (alternating layers: dots.llm1,
+    # GPT-OSS); empty: `sliding_window` for all.
+    layer_windows: tuple[int | None, ...] = attrs.field(default=(), converter=tuple)
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
@@ -152,8 +155,14 @@ class ModelSpec:
         for kind in self.layer_kinds:
             if kind not in ("dense", "moe"):
                 raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")
+        if self.layer_windows and len(self.layer_windows) != len(self.layer_kinds):
+            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {len(self.layer_kinds)} layers")
         if self.mla is not None and self.head_dim != self.mla.qk_rope_head_dim:
             raise ValueError(f"with latent attention head_dim is the rotary width: {self.head_dim} != {self.mla.qk_rope_head_dim}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention (None: it attends to every earlier position)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @property
     def num_layers(self) -> int:

@@ -82,9 +82,10 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("deepseek_v3", {"routed_scaling_factor": 0}, "key 'routed_scaling_factor' must be > 0, got 0"),
         ("deepseek_v3", {"n_group": 3}, "inconsistent model config (num_experts (8) is not a whole number of router groups (3))"),
         ("deepseek_v3", {"kv_lora_rank": 0}, f"key 'kv_lora_rank' must be in [1, {MAX_SIZE}], got 0"),
-        ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
-         "layer_types[1] is 'sliding_attention': sliding-window layers are not supported for dots1"),
-        ("dots1", {"use_sliding_window": True}, "use_sliding_window is true: sliding-window layers are not supported for dots1"),
+        ("dots1", {"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
+         "layer_types should list 3 of full_attention, sliding_attention, got ['full_attention', 'chunked_attention', 'full_attention']"),
+        ("dots1", {"layer_types": ["sliding_attention"] * 3, "sliding_window": None},
+         "layer_types names sliding_attention layers but sliding_window is null"),
         ("ernie4_5_moe", {"use_bias": True}, "use_bias true is not supported for ernie4_5_moe (biased expert projections)"),
         ("ernie4_5_moe", {"moe_layer_end_index": -2}, "key 'moe_layer_end_index' must be >= -1, got -2"),
         ("granitemoe", {"logits_scaling": 0}, "key 'logits_scaling' must be > 0, got 0"),
@@ -293,9 +294,20 @@ def test_a_config_that_leaves_router_keys_out_means_what_hf_assumes(checkpoint_d
     for key in keys:
         config.pop(key, None)
     config.update({"n_routed_experts": 256, "num_experts_per_tok": 8, "num_hidden_layers": 4})  # room for HF's groups
+    config.pop("layer_types", None)  # it listed the 3 layers there were
     (folder / "config.json").write_text(json.dumps(config))
     spec, _ = read_spec(folder)
     router = spec.moe.router
     assert router.renormalize == hf.norm_topk_prob and router.scaling == hf.routed_scaling_factor
     assert (router.groups, router.top_groups) == (hf.n_group or 1, hf.topk_group or 1)
     assert spec.layer_kinds.count("dense") == hf.first_k_dense_replace
+
+
+def test_dots1_without_layer_types_slides_from_max_window_layers_as_hf_does(checkpoint_dir, tmp_path):
+    from moepic.checkpoint.load import read_spec
+
+    folder = _broken_copy(checkpoint_dir, tmp_path, "dots1", {"layer_types": None, "max_window_layers": 1, "sliding_window": 5})
+    spec, _ = read_spec(folder)
+    assert spec.layer_windows == (None, 5, 5) and [spec.window(l) for l in range(3)] == [None, 5, 5]
+    unset = _broken_copy(checkpoint_dir, tmp_path / "unset", "dots1", {"layer_types": None, "max_window_layers": None})
+    assert read_spec(unset)[0].layer_windows == (None, None, None)  # HF's 62 full layers first
