@@ -12,7 +12,6 @@ silently ignore or misread is refused instead, naming the key.
 
 from __future__ import annotations
 
-import attrs
 
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
 from moepic.checkpoint.adapters.reader import TensorReader
@@ -20,7 +19,7 @@ from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.rope import yarn_mscale
 from moepic.core.spec import MLASpec, ModelSpec, MoESpec, RouterSpec
-from moepic.core.weights import MLAWeights, MoEWeights
+from moepic.core.weights import MLAWeights
 from moepic.errors import CheckpointError
 
 SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe", "dots1")  # sigmoid scores with a selection bias (`noaux_tc`)
@@ -121,15 +120,6 @@ class DeepseekAdapter(LlamaLikeAdapter):
             q_b_QR=None if direct else read(f"{p}.q_b_proj.weight", Q, R),
         )
 
-    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
-        return with_selection_bias(super()._moe(read, spec, l), read, spec, self.names.moe_prefix.format(l=l))
-
-
-def with_selection_bias(weights: MoEWeights, read: TensorReader, spec: ModelSpec, prefix: str) -> MoEWeights:
-    """A sigmoid router's `gate.e_score_correction_bias` joined to its layer's weights."""
-    if not spec.moe.router.selection_bias:
-        return weights
-    return attrs.evolve(weights, router_bias_E=read.router(f"{prefix}.gate.e_score_correction_bias", spec.moe.num_experts, spec=spec))
 
 
 class Glm4MoeAdapter(LlamaLikeAdapter):
@@ -149,6 +139,3 @@ class Glm4MoeAdapter(LlamaLikeAdapter):
             attention_bias=cfg.get("attention_bias", kind=bool, default=False),
             qk_norm="per_head" if cfg.get("use_qk_norm", kind=bool, default=False) else "none",
         )
-
-    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
-        return with_selection_bias(super()._moe(read, spec, l), read, spec, self.names.moe_prefix.format(l=l))

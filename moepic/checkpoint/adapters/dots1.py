@@ -5,12 +5,10 @@ rule (layers from `max_window_layers` on, when `sliding_window` is set)."""
 
 from __future__ import annotations
 
-from moepic.checkpoint.adapters.deepseek import deepseek_moe, with_selection_bias
+from moepic.checkpoint.adapters.deepseek import deepseek_moe
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
-from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec
-from moepic.core.weights import MoEWeights
 from moepic.errors import CheckpointError
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -43,6 +41,3 @@ class Dots1Adapter(LlamaLikeAdapter):
             attention_bias=cfg.get("attention_bias", kind=bool, default=False), qk_norm="per_head",
             layer_windows=layer_windows(cfg, len(layer_kinds)),
         )
-
-    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
-        return with_selection_bias(super()._moe(read, spec, l), read, spec, self.names.moe_prefix.format(l=l))

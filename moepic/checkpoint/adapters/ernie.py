@@ -8,20 +8,18 @@ the split experts have none to carry."""
 
 from __future__ import annotations
 
-import attrs
 
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
 from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
-from moepic.core.weights import MoEWeights
 from moepic.errors import CheckpointError
 
 
 class ErnieMoeAdapter(LlamaLikeAdapter):
     model_types = ("ernie4_5_moe",)
-    names = TensorNames(shared_expert="shared_experts")
+    names = TensorNames(shared_expert="shared_experts", router_bias="moe_statics.e_score_correction_bias")
 
     def spec(self, cfg: HFConfig) -> ModelSpec:
         if cfg.get("use_bias", kind=bool, default=False):
@@ -43,7 +41,6 @@ class ErnieMoeAdapter(LlamaLikeAdapter):
             rope_layout="interleaved",
         )
 
-    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
-        name = f"{self.names.moe_prefix.format(l=l)}.moe_statics.e_score_correction_bias"
-        bias_1E = read.router(name, 1, spec.moe.num_experts, spec=spec)
-        return attrs.evolve(super()._moe(read, spec, l), router_bias_E=bias_1E[0])
+    def _router_bias(self, read: TensorReader, spec: ModelSpec, prefix: str):
+        """Stored [1, E] (one group of experts)."""
+        return read.router(f"{prefix}.{self.names.router_bias}", 1, spec.moe.num_experts, spec=spec)[0]

@@ -13,7 +13,7 @@ from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
-from moepic.core.weights import MoEWeights, SwiGLUWeights, neuron_block
+from moepic.core.weights import MoEWeights
 
 
 class GraniteMoeAdapter(LlamaLikeAdapter):
@@ -41,8 +41,6 @@ class GraniteMoeAdapter(LlamaLikeAdapter):
         experts = tuple(read.fused_expert(f"{p}.input_linear.weight", f"{p}.output_linear.weight", e, E, D, F) for e in range(E))
         shared = None
         if moe.shared_expert_ffn:
-            Fs, s = moe.shared_expert_ffn, f"model.layers.{l}.shared_mlp"
-            gate_up_2FD = read(f"{s}.input_linear.weight", 2 * Fs, D)
-            shared = SwiGLUWeights.from_projections(gate_up_2FD[:Fs], gate_up_2FD[Fs:], read(f"{s}.output_linear.weight", D, Fs),
-                                                    block=neuron_block(Fs, read.widest_neuron_block))
+            s = f"model.layers.{l}.shared_mlp"
+            shared = read.fused_swiglu(f"{s}.input_linear.weight", f"{s}.output_linear.weight", D, moe.shared_expert_ffn)
         return MoEWeights(read.router(f"{p}.router.layer.weight", E, D, spec=spec), experts, shared)

@@ -69,6 +69,7 @@ class TensorNames:
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     dense_prefix: str = "model.layers.{l}.mlp"
     shared_expert: str = "shared_expert"  # under moe_prefix
+    router_bias: str = "gate.e_score_correction_bias"  # under moe_prefix: a router's selection-only bias, if it has one
 
 
 class LlamaLikeAdapter(Adapter):
@@ -136,4 +137,10 @@ class LlamaLikeAdapter(Adapter):
             )
             if moe.shared_expert_gated:
                 shared_gate = read(f"{prefix}.shared_expert_gate.weight", 1, D)
-        return MoEWeights(read.router(f"{prefix}.gate.weight", moe.num_experts, D, spec=spec), experts, shared, shared_gate)
+        bias_E = self._router_bias(read, spec, prefix) if moe.router.selection_bias else None
+        return MoEWeights(read.router(f"{prefix}.gate.weight", moe.num_experts, D, spec=spec), experts, shared, shared_gate,
+                          bias_E)
+
+    def _router_bias(self, read: TensorReader, spec: ModelSpec, prefix: str):
+        """The layer's selection-only router bias [E] (core/routing.py), where `names.router_bias` says."""
+        return read.router(f"{prefix}.{self.names.router_bias}", spec.moe.num_experts, spec=spec)

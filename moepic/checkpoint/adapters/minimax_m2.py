@@ -6,20 +6,18 @@ alone, renormalised. Its multi-token-prediction modules are not loaded (HF does 
 
 from __future__ import annotations
 
-import attrs
 
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
-from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
-from moepic.core.weights import MoEWeights
 from moepic.errors import CheckpointError
 
 
 class MiniMaxM2Adapter(LlamaLikeAdapter):
     model_types = ("minimax_m2",)
-    names = TensorNames(moe_prefix="model.layers.{l}.block_sparse_moe", expert_projections=("w1", "w3", "w2"))
+    names = TensorNames(moe_prefix="model.layers.{l}.block_sparse_moe", expert_projections=("w1", "w3", "w2"),
+                        router_bias="e_score_correction_bias")
 
     def spec(self, cfg: HFConfig) -> ModelSpec:
         scoring = cfg.get("scoring_func", kind=str, default="sigmoid")
@@ -44,8 +42,3 @@ class MiniMaxM2Adapter(LlamaLikeAdapter):
             cfg, rope=cfg.rope(10_000.0, default_partial=rotary_dim / head_dim),
             layer_kinds=("moe",) * cfg.size("num_hidden_layers", maximum=MAX_LAYERS), moe=moe, qk_norm="full",
         )
-
-    def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
-        prefix = self.names.moe_prefix.format(l=l)
-        bias_E = read.router(f"{prefix}.e_score_correction_bias", spec.moe.num_experts, spec=spec)
-        return attrs.evolve(super()._moe(read, spec, l), router_bias_E=bias_E)

@@ -48,16 +48,26 @@ class TensorReader:
         )
 
     def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
-        if self.place_routed_expert is None:
-            return self.swiglu(prefix, projections, D, F)
-        return self.place_routed_expert(self.swiglu(prefix, projections, D, F, device="cpu"))
+        return self._placed(lambda device: self.swiglu(prefix, projections, D, F, device=device))
+
+    def fused_swiglu(
+        self, gate_up: str, down: str, D: int, F: int, *, expert: tuple[int, int] | None = None, device: str | None = None
+    ) -> SwiGLUWeights:
+        """A SwiGLU whose gate and up are one tensor on disk, `gate_up` [2F, D] (gate rows, then up
+        rows), beside `down` [D, F]; `expert` (e, E): expert e of experts fused per layer, the
+        tensors [E, 2F, D] and [E, D, F], of which only its slices are read."""
+        lead, index = ((), None) if expert is None else ((expert[1],), expert[0])
+        gate_up_2FD = self(gate_up, *lead, 2 * F, D, device=device, index=index)
+        return SwiGLUWeights.from_projections(gate_up_2FD[:F], gate_up_2FD[F:], self(down, *lead, D, F, device=device, index=index),
+                                              block=neuron_block(F, self.widest_neuron_block))
 
     def fused_expert(self, gate_up: str, down: str, e: int, E: int, D: int, F: int) -> SwiGLUWeights:
-        """Expert `e` of experts fused on disk, one tensor per projection for the whole layer:
-        `gate_up` [E, 2F, D] (gate rows, then up rows) and `down` [E, D, F]; only its slices are read.
-        Placed as `routed_expert` places one."""
-        device = None if self.place_routed_expert is None else "cpu"
-        gate_up_2FD = self(gate_up, E, 2 * F, D, device=device, index=e)
-        w = SwiGLUWeights.from_projections(gate_up_2FD[:F], gate_up_2FD[F:], self(down, E, D, F, device=device, index=e),
-                                           block=neuron_block(F, self.widest_neuron_block))
-        return w if self.place_routed_expert is None else self.place_routed_expert(w)
+        """Routed expert `e` of experts fused on disk (`fused_swiglu`), placed as `routed_expert` places one."""
+        return self._placed(lambda device: self.fused_swiglu(gate_up, down, D, F, expert=(e, E), device=device))
+
+    def _placed(self, read_expert: Callable[[str | None], SwiGLUWeights]) -> SwiGLUWeights:
+        """A routed expert where the run keeps them: read onto the model's device, or onto the host
+        and handed to `place_routed_expert` (so no second full copy is ever held)."""
+        if self.place_routed_expert is None:
+            return read_expert(None)
+        return self.place_routed_expert(read_expert("cpu"))
