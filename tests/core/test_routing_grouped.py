@@ -19,6 +19,14 @@ def moe(E: int, K: int, **router) -> MoESpec:
     return MoESpec(num_experts=E, top_k=K, expert_ffn=4, router=RouterSpec(**router))
 
 
+def assert_same_routing(ours, hf) -> torch.Tensor:
+    """(weights, ids) pairs equal up to the order of each token's k (HF's top-k is unsorted); the ids, sorted."""
+    (w_ours, i_ours), (w_hf, i_hf) = (sorted_by_id(*pair) for pair in (ours, hf))
+    assert torch.equal(i_ours, i_hf)
+    torch.testing.assert_close(w_ours, w_hf, atol=1e-6, rtol=1e-6)
+    return i_ours
+
+
 def sorted_by_id(weights_TK, ids_TK):
     ids, order = ids_TK.sort(dim=-1)
     return weights_TK.gather(1, order), ids
@@ -41,10 +49,7 @@ def test_sigmoid_router_matches_hf_deepseek_v3(norm, scaling, groups, top_groups
     spec = moe(16, k, kind="sigmoid_group_topk", renormalize=norm, scaling=scaling, groups=groups, top_groups=top_groups,
                fp32_logits=True)
     weights, ids = route(x_TD, hf.weight.detach(), spec, hf.e_score_correction_bias)
-    w_hf, i_hf = sorted_by_id(hf_weights, hf_ids)
-    w_ours, i_ours = sorted_by_id(weights, ids)
-    assert torch.equal(i_ours, i_hf)
-    torch.testing.assert_close(w_ours, w_hf, atol=1e-6, rtol=1e-6)
+    assert_same_routing((weights, ids), (hf_weights, hf_ids))
 
 
 @pytest.mark.parametrize("method,groups,top_groups,k,scaling", [("group_limited_greedy", 4, 2, 3, 1.5), ("greedy", 1, 1, 2, 1.0),
@@ -65,10 +70,7 @@ def test_softmax_routers_match_hf_deepseek_v2(method, groups, top_groups, k, sca
     # HF's DeepSeek-V2 router never renormalises (its configs say norm_topk_prob: false).
     spec = moe(16, k, kind=kind, renormalize=False, scaling=scaling, groups=groups, top_groups=top_groups, fp32_logits=True)
     weights, ids = route(x_TD, hf.weight.detach(), spec)
-    w_hf, i_hf = sorted_by_id(hf_weights, hf_ids)
-    w_ours, i_ours = sorted_by_id(weights, ids)
-    assert torch.equal(i_ours, i_hf)
-    torch.testing.assert_close(w_ours, w_hf, atol=1e-6, rtol=1e-6)
+    assert_same_routing((weights, ids), (hf_weights, hf_ids))
 
 
 @st.composite
@@ -158,9 +160,6 @@ def test_biased_softmax_router_matches_hf_ernie():
     _, hf_weights, hf_ids = hf(x_TD)
     spec = moe(12, 4, kind="softmax_biased_topk", renormalize=True, fp32_logits=True)
     weights, ids = route(x_TD, hf.weight.detach(), spec, hf.moe_statics.e_score_correction_bias[0].detach())
-    w_hf, i_hf = sorted_by_id(hf_weights, hf_ids)
-    w_ours, i_ours = sorted_by_id(weights, ids)
-    assert torch.equal(i_ours, i_hf)
-    torch.testing.assert_close(w_ours, w_hf, atol=1e-6, rtol=1e-6)
+    i_ours = assert_same_routing((weights, ids), (hf_weights, hf_ids))
     unbiased = route(x_TD, hf.weight.detach(), spec)[1]
     assert not torch.equal(unbiased.sort(-1).values, i_ours)  # the bias chose other experts somewhere
