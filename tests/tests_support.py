@@ -132,8 +132,8 @@ def assert_slots_hold_the_host_bytes(engine) -> None:
         for slot, expert in enumerate(residency.cache.slots_S):
             if expert != FREE:
                 host_top = engine.store.experts[layer][expert].neurons(0, top)
-                assert torch.equal(pool.slots[slot].gate_up_N2BD, host_top.gate_up_N2BD)
-                assert torch.equal(pool.slots[slot].down_FD, host_top.down_FD)
+                for cached_tensor, host_tensor in zip(pool.slots[slot].tensors, host_top.tensors, strict=True):
+                    assert torch.equal(cached_tensor, host_tensor)  # gate/up, down (and gate/up biases)
 
 
 def mixtral_shaped_trace(folder) -> str:

@@ -33,7 +33,7 @@ import attrs
 import numpy as np
 
 from moepic.core.ffn import top_neurons_for
-from moepic.core.footprint import swiglu_params
+from moepic.core.footprint import expert_neuron_params
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.errors import ConfigError
@@ -92,7 +92,7 @@ class LayerCacheLayout:
     block: int  # neuron block: the granularity of the split
     top_neurons: int
     slots: int
-    neuron_bytes: int  # one neuron's gate row, up row and down row
+    neuron_bytes: int  # one neuron's gate row, up row and down row (and its gate/up biases: core/packing.py)
 
     @property
     def theta(self) -> float:
@@ -259,7 +259,7 @@ def plan_layout(
     F, E = moe.expert_ffn, moe.num_experts
     staging_n = moe.top_k if staging_experts is None else staging_experts
     block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
-    neuron_bytes = swiglu_params(spec.hidden_size, 1) * dtype_bytes
+    neuron_bytes = expert_neuron_params(spec) * dtype_bytes
     expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
     per_layer_budget = isinstance(budget, (list, tuple))
     if per_layer_budget:

@@ -181,7 +181,7 @@ def run_train_predictor(
         with torch.no_grad():
             mlp = recall_at_k(torch.func.functional_call(net, weights, (x[split:],)), y[split:])
             ffn = model.weights.layers[layers[target]].ffn
-            logits = router_logits(x[split:], ffn.router_ED, spec.moe.router)
+            logits = router_logits(x[split:], ffn.router_ED, spec.moe.router, ffn.router_logit_bias_E)
             gate = recall_at_k(selection_scores(logits, spec.moe.router, ffn.router_bias_E), y[split:])
         metrics.append({"source": layers[source], "target": layers[target], "mlp_recall": mlp, "gate_lookahead_recall": gate})
     meta = {

@@ -1,4 +1,5 @@
-"""Grouped-query self-attention over a KV cache that is passed in. Pure apart from the cache write.
+"""Grouped-query self-attention over a KV cache that is passed in, with attention sinks where the
+model has them. Pure apart from the cache write.
 
 The cache buffers are preallocated and *donated*: this function writes the new keys/values into
 positions [start, start+T) in place (like gpt-fast's index_copy) and attends over [0, start+T).
@@ -36,16 +37,59 @@ def _project_qkv(x_TD: torch.Tensor, w: AttentionWeights, spec: ModelSpec):
     return q_THd.transpose(0, 1), k_THd.transpose(0, 1), v_THd.transpose(0, 1)
 
 
-def causal_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
-    """Boolean [T, start+T] mask (True = may attend), or None when SDPA's own modes suffice."""
-    if window is None and (T == 1 or start == 0):
-        return None
+def allowed_positions(T: int, start: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [T, start+T]: which positions each new token may attend to (causal, within `window`)."""
     q_pos = torch.arange(start, start + T, device=device)[:, None]
     k_pos = torch.arange(start + T, device=device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= (q_pos - k_pos) < window
     return allowed
+
+
+def causal_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean [T, start+T] mask (True = may attend), or None when SDPA's own modes suffice."""
+    if window is None and (T == 1 or start == 0):
+        return None
+    return allowed_positions(T, start, window, device)
+
+
+def _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, at: int) -> torch.Tensor:
+    """The new tokens' rotated queries [H, T, d]; their keys and values written at positions [at, at+T)."""
+    T = x_TD.shape[0]
+    q_HTd, k_HTd, v_HTd = _project_qkv(x_TD, w, spec)
+    cache_k_HSd[:, at : at + T] = rotate(k_HTd, cos_Td, sin_Td, spec.rope_layout)
+    cache_v_HSd[:, at : at + T] = v_HTd
+    return rotate(q_HTd, cos_Td, sin_Td, spec.rope_layout)
+
+
+def _attend(q_HTd, keys_HSd, values_HSd, mask, spec: ModelSpec) -> torch.Tensor:
+    """Attention output [T, H·d] of queries over keys/values; `mask`: None (causal if T > 1),
+    boolean [T, S], or additive [H, T, S] (per head)."""
+    H, T, d = q_HTd.shape
+    group = H // spec.num_kv_heads
+    if T == 1 and group > 1:
+        # Decode: fold each KV head's group of query heads into the query-length axis, so one
+        # [group, S] attention runs per KV head with no K/V expansion (the FlashDecoding layout).
+        # Query head h reads KV head h // group, as in HF's repeat_kv. A per-key mask broadcasts
+        # over the folded rows; a per-head one folds with them.
+        if mask is not None and mask.dim() == 3:
+            mask = mask.reshape(1, spec.num_kv_heads, group, mask.shape[-1])
+        out_HTd = F.scaled_dot_product_attention(
+            q_HTd.reshape(1, spec.num_kv_heads, group, d), keys_HSd.unsqueeze(0), values_HSd.unsqueeze(0),
+            attn_mask=mask, scale=spec.attention_scale,
+        ).reshape(H, 1, d)
+    else:
+        out_HTd = F.scaled_dot_product_attention(
+            q_HTd.unsqueeze(0),
+            keys_HSd.unsqueeze(0),
+            values_HSd.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=group > 1,
+            scale=spec.attention_scale,
+        ).squeeze(0)
+    return out_HTd.transpose(0, 1).reshape(T, -1)
 
 
 def attention(
@@ -61,35 +105,35 @@ def attention(
 ) -> torch.Tensor:
     """`window`: this layer's sliding window (ModelSpec.window), None for full attention."""
     T = x_TD.shape[0]
-    q_HTd, k_HTd, v_HTd = _project_qkv(x_TD, w, spec)
-    q_HTd = rotate(q_HTd, cos_Td, sin_Td, spec.rope_layout)
-    k_HTd = rotate(k_HTd, cos_Td, sin_Td, spec.rope_layout)
-    cache_k_HSd[:, start : start + T] = k_HTd
-    cache_v_HSd[:, start : start + T] = v_HTd
-    keys_HSd = cache_k_HSd[:, : start + T]
-    values_HSd = cache_v_HSd[:, : start + T]
+    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start)
     mask = causal_mask(T, start, window, x_TD.device)
-    group = spec.num_heads // spec.num_kv_heads
-    if T == 1 and group > 1:
-        # Decode: fold each KV head's group of query heads into the query-length axis, so one
-        # [group, S] attention runs per KV head with no K/V expansion (the FlashDecoding layout).
-        # Query head h reads KV head h // group, as in HF's repeat_kv. Any mask is per key, so it
-        # broadcasts over the folded rows.
-        q_1HGd = q_HTd.reshape(1, spec.num_kv_heads, group, spec.head_dim)
-        out_HTd = F.scaled_dot_product_attention(
-            q_1HGd, keys_HSd.unsqueeze(0), values_HSd.unsqueeze(0), attn_mask=mask, scale=spec.attention_scale
-        ).reshape(spec.num_heads, 1, spec.head_dim)
-    else:
-        out_HTd = F.scaled_dot_product_attention(
-            q_HTd.unsqueeze(0),
-            keys_HSd.unsqueeze(0),
-            values_HSd.unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=group > 1,
-            scale=spec.attention_scale,
-        ).squeeze(0)
-    return F.linear(out_HTd.transpose(0, 1).reshape(T, -1), w.o_DQ)
+    out_TQ = _attend(q_HTd, cache_k_HSd[:, : start + T], cache_v_HSd[:, : start + T], mask, spec)
+    return F.linear(out_TQ, w.o_DQ, w.o_bias)
+
+
+def sink_attention(
+    x_TD: torch.Tensor,
+    w: AttentionWeights,
+    spec: ModelSpec,
+    cos_Td: torch.Tensor,
+    sin_Td: torch.Tensor,
+    cache_k_HSd: torch.Tensor,
+    cache_v_HSd: torch.Tensor,
+    start: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention with sinks (GPT-OSS): each head's softmax has one more logit, its learned sink,
+    whose value is nothing. The cache's position 0 is that key: zeros for key and value (so its
+    score is 0 and it adds nothing), and the mask adds the head's sink to its score. Tokens live at
+    positions 1 + p (`sink_cache_shapes`), so no step copies the cache to append the sink."""
+    T = x_TD.shape[0]
+    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, 1 + start)
+    allowed_TS = allowed_positions(T, start, window, x_TD.device)
+    mask_HTS = torch.empty(spec.num_heads, T, 1 + start + T, dtype=q_HTd.dtype, device=x_TD.device)
+    mask_HTS[:, :, 0] = w.sinks_H.to(q_HTd.dtype)[:, None]
+    mask_HTS[:, :, 1:] = torch.zeros((), dtype=q_HTd.dtype, device=x_TD.device).masked_fill(~allowed_TS, float("-inf"))
+    out_TQ = _attend(q_HTd, cache_k_HSd[:, : 1 + start + T], cache_v_HSd[:, : 1 + start + T], mask_HTS, spec)
+    return F.linear(out_TQ, w.o_DQ, w.o_bias)
 
 
 def gqa_cache_shapes(spec: ModelSpec, positions: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -98,10 +142,15 @@ def gqa_cache_shapes(spec: ModelSpec, positions: int) -> tuple[tuple[int, ...], 
     return shape, shape
 
 
+def sink_cache_shapes(spec: ModelSpec, positions: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """As `gqa_cache_shapes`, with position 0 the sink's zero key and value (`sink_attention`)."""
+    return gqa_cache_shapes(spec, 1 + positions)
+
+
 def gqa_params(spec: ModelSpec) -> int:
-    """q, k, v, o, their biases and q/k norms where the spec has them."""
+    """q, k, v, o, their biases, q/k norms and sinks where the spec has them."""
     D, Q, K = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    params = 2 * Q * D + 2 * K * D
+    params = 2 * Q * D + 2 * K * D + D * spec.output_bias + spec.num_heads * spec.attention_sinks
     if spec.attention_bias:
         params += Q + 2 * K
     return params + {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]

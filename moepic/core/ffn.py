@@ -4,6 +4,8 @@ A SwiGLU expert is a sum over its neurons, so cutting it along F into segments a
 segments' outputs computes the same function (docs/design.md §2):
     y = Σ_s down_s · (silu(gate_s·x) ⊙ up_s·x)
 The split only reorders a sum, so results agree to floating-point rounding, not bit for bit.
+A gate/up bias belongs to its neuron and splits with it; a down bias is added once per expert,
+after the segments' sum (core/moe.py), never once per segment.
 """
 
 from __future__ import annotations
@@ -14,13 +16,26 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from moepic.core.spec import GatedActivation
 from moepic.core.weights import SwiGLUWeights
 
 
+def gated(gate: torch.Tensor, up: torch.Tensor, act: GatedActivation) -> torch.Tensor:
+    """The activation of each neuron from its gate and up values (spec.GatedActivation)."""
+    if act.is_silu:
+        return F.silu(gate) * up
+    if act.limit is not None:  # in GPT-OSS's order, so that its rounding is too
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+    return (up + act.up_offset) * (gate * torch.sigmoid(gate * act.alpha))
+
+
 def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
+    """The FFN's output without any down bias (that is the expert's, not a segment's: core/moe.py)."""
     T, (N, _, B, D) = x_TD.shape[0], w.gate_up_N2BD.shape
-    gate_up_TN2B = F.linear(x_TD, w.gate_up_N2BD.view(2 * N * B, D)).view(T, N, 2, B)
-    h_TF = (F.silu(gate_up_TN2B[:, :, 0]) * gate_up_TN2B[:, :, 1]).reshape(T, N * B)
+    bias = None if w.gate_up_bias_N2B is None else w.gate_up_bias_N2B.reshape(2 * N * B)
+    gate_up_TN2B = F.linear(x_TD, w.gate_up_N2BD.view(2 * N * B, D), bias).view(T, N, 2, B)
+    h_TF = gated(gate_up_TN2B[:, :, 0], gate_up_TN2B[:, :, 1], w.activation).reshape(T, N * B)
     return h_TF @ w.down_FD
 
 

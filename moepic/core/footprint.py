@@ -16,6 +16,12 @@ def swiglu_params(D: int, F: int) -> int:
     return 3 * D * F
 
 
+def expert_neuron_params(spec: ModelSpec) -> int:
+    """One routed-expert neuron: its gate, up and down rows, and its gate/up biases where experts
+    have them (core/packing.py lays an expert out neuron by neuron; the down bias is resident)."""
+    return 3 * spec.hidden_size + (2 if spec.moe.expert_bias else 0)
+
+
 @attrs.frozen(kw_only=True)
 class Footprint:
     """Parameter counts, split the way offloading splits the model."""
@@ -52,11 +58,12 @@ def footprint(spec: ModelSpec) -> Footprint:
         if kind == "dense":
             resident += swiglu_params(D, spec.dense_ffn)
         else:
-            resident += moe.num_experts * (D + moe.router.selection_bias)  # router (and its bias)
+            # router (and its biases), and the experts' down biases: per expert, so resident, not offloaded
+            resident += moe.num_experts * (D + moe.router.selection_bias + moe.router.logit_bias + D * moe.expert_bias)
             if moe.shared_expert_ffn:
                 resident += swiglu_params(D, moe.shared_expert_ffn) + (D if moe.shared_expert_gated else 0)
     return Footprint(
-        routed_expert_params=swiglu_params(D, moe.expert_ffn) if moe else 0,
+        routed_expert_params=expert_neuron_params(spec) * moe.expert_ffn if moe else 0,
         num_routed_experts=len(spec.moe_layers) * moe.num_experts if moe else 0,
         resident_params=resident,
     )

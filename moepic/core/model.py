@@ -58,20 +58,25 @@ class KVCache:
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     length: int = 0
+    reserved: int = 0  # leading positions the attention kind keeps for itself (a sink's key)
 
     @classmethod
     def allocate(cls, model: Model, max_length: int) -> KVCache:
         spec = model.spec
-        shapes = attention_kind(spec).cache_shapes(spec, max_length)
+        kind = attention_kind(spec)
+        shapes = kind.cache_shapes(spec, max_length)
 
         def buffers(shape) -> tuple[torch.Tensor, ...]:
-            return tuple(torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(spec.num_layers))
+            out = tuple(torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(spec.num_layers))
+            for buffer in out:
+                buffer[:, : kind.reserved].zero_()
+            return out
 
-        return cls(keys=buffers(shapes[0]), values=buffers(shapes[1]))
+        return cls(keys=buffers(shapes[0]), values=buffers(shapes[1]), reserved=kind.reserved)
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[1] - self.reserved
 
 
 def forward(

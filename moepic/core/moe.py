@@ -114,15 +114,22 @@ def combine_experts(
     weights_TK: torch.Tensor,
     ids_per_token: list[list[int]],
     experts: Iterable[tuple[int, Iterable[SwiGLUWeights | SegmentOutput]]],
+    down_bias_ED: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_k weights_TK[t, k] · expert_{ids[t][k]}(x_t), running each expert once on its tokens,
-    in the order `experts` yields them (the sum's order, so dense and offloaded runs agree)."""
+    in the order `experts` yields them (the sum's order, so dense and offloaded runs agree).
+    An expert's down bias (`down_bias_ED[e]`) joins its segments' sum once, before the weighting."""
+
+    def expert_output(e: int, x_TD: torch.Tensor, segments) -> torch.Tensor:
+        y_TD = swiglu_segments(x_TD, segments)
+        return y_TD if down_bias_ED is None else y_TD + down_bias_ED[e]
+
     if len(ids_per_token) == 1:  # decode: one token, no gathering needed
         slot_of = {e: k for k, e in enumerate(ids_per_token[0])}
         y_TD = None
         for e, segments in experts:
             k = slot_of[e]
-            term = swiglu_segments(x_TD, segments) * weights_TK[:, k : k + 1]
+            term = expert_output(e, x_TD, segments) * weights_TK[:, k : k + 1]
             y_TD = term if y_TD is None else y_TD + term
         return y_TD
     tokens_of: dict[int, tuple[list[int], list[int]]] = {}
@@ -136,7 +143,7 @@ def combine_experts(
         token_list, slot_list = tokens_of[e]
         t_idx = torch.tensor(token_list, device=x_TD.device)
         k_idx = torch.tensor(slot_list, device=x_TD.device)
-        out = swiglu_segments(x_TD[t_idx], segments) * weights_TK[t_idx, k_idx].unsqueeze(-1)
+        out = expert_output(e, x_TD[t_idx], segments) * weights_TK[t_idx, k_idx].unsqueeze(-1)
         y_TD.index_add_(0, t_idx, out)
     return y_TD
 
@@ -149,11 +156,12 @@ def moe_block(
     experts: ExpertSource,
     tap: RoutingTap | None = None,
 ) -> torch.Tensor:
-    weights_TK, ids_TK = route(x_TD, w.router_ED, moe, w.router_bias_E)
+    weights_TK, ids_TK = route(x_TD, w.router_ED, moe, w.router_bias_E, w.router_logit_bias_E)
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token, lookahead_rows = routing_to_host_sync(ids_TK, experts.lookahead(layer, x_TD))
-    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, experts.experts_for(layer, ids_per_token, x_TD, lookahead_rows))
+    routed = experts.experts_for(layer, ids_per_token, x_TD, lookahead_rows)
+    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, routed, w.expert_down_bias_ED)
     if w.shared_expert is not None:
         shared_TD = swiglu(x_TD, w.shared_expert)
         if w.shared_expert_gate_1D is not None:

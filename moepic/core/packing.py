@@ -2,11 +2,12 @@
 reads into and the device copies. Pure, but for the one side effect a caller asks for: pinning the
 host memory it allocates (`pin_memory`).
 
-    flat expert [3·F·D] = [ gate_up_N2BD (2·F·D) | down_FD (F·D) ]
+    flat expert [F·(3·D + 2)] = [ gate_up_N2BD (2·F·D) | down_FD (F·D) | gate_up_bias_N2B (2·F) ]
+                                                                          └ only where experts have biases
 
-The two matrices are views into the buffer in the core's compute layout, so a whole expert moves
-to the device in one copy, straight into a buffer of the same layout, and runs unchanged. A neuron
-segment [a, b) is two contiguous ranges, its gate/up blocks and its down rows: θ can change per
+The tensors are views into the buffer in the core's compute layout, so a whole expert moves to the
+device in one copy, straight into a buffer of the same layout, and runs unchanged. A neuron
+segment [a, b) is one contiguous range of each tensor (`SwiGLUWeights.neurons`): θ can change per
 layer at any time without repacking (a segment is a slice, never a repack).
 """
 
@@ -17,29 +18,42 @@ import torch
 from moepic.core.weights import SwiGLUWeights
 
 
-def flat_views(flat: torch.Tensor, ffn_size: int, block: int, hidden: int) -> SwiGLUWeights:
-    """The expert stored in `flat` ([3·F·D] for F = ffn_size, or the top F neurons of one)."""
-    split = 2 * ffn_size * hidden
+def neuron_numbers(hidden: int, biased: bool) -> int:
+    """Numbers one neuron of an expert takes: its gate, up and down rows (and gate/up biases)."""
+    return 3 * hidden + (2 if biased else 0)
+
+
+def flat_views(flat: torch.Tensor, ffn_size: int, block: int, like: SwiGLUWeights) -> SwiGLUWeights:
+    """The expert stored in `flat` ([F·neuron_numbers] for F = ffn_size: a whole expert, or the
+    top F neurons of one), shaped like `like` (its width, biases and activation)."""
+    hidden, biased = like.down_FD.shape[1], like.gate_up_bias_N2B is not None
+    gate_up_end, down_end = 2 * ffn_size * hidden, 3 * ffn_size * hidden
+    blocks = ffn_size // block
     return SwiGLUWeights(
-        flat[:split].view(ffn_size // block, 2, block, hidden), flat[split : 3 * ffn_size * hidden].view(ffn_size, hidden)
+        flat[:gate_up_end].view(blocks, 2, block, hidden),
+        flat[gate_up_end:down_end].view(ffn_size, hidden),
+        flat[down_end : down_end + 2 * ffn_size].view(blocks, 2, block) if biased else None,
+        like.activation,
     )
 
 
 def pack_expert(w: SwiGLUWeights, *, pin_memory: bool = False) -> SwiGLUWeights:
-    """`w` copied into one flat host buffer (pinned if asked); its matrices are views into it."""
+    """`w` copied into one flat host buffer (pinned if asked); its tensors are views into it."""
     F, D = w.down_FD.shape
-    flat = torch.empty(3 * F * D, dtype=w.down_FD.dtype, pin_memory=pin_memory)
-    packed = flat_views(flat, F, w.block, D)
-    packed.gate_up_N2BD.copy_(w.gate_up_N2BD)
-    packed.down_FD.copy_(w.down_FD)
+    flat = torch.empty(F * neuron_numbers(D, w.gate_up_bias_N2B is not None), dtype=w.down_FD.dtype, pin_memory=pin_memory)
+    packed = flat_views(flat, F, w.block, w)
+    for dst, src in zip(packed.tensors, w.tensors, strict=True):
+        dst.copy_(src)
     return packed
 
 
 def flat_buffer(w: SwiGLUWeights) -> torch.Tensor | None:
-    """The flat buffer behind a packed expert, or None if its matrices are not laid out that way."""
-    gate_up, down = w.gate_up_N2BD, w.down_FD
-    if not (gate_up.is_contiguous() and down.is_contiguous()) or gate_up.device != down.device:
+    """The flat buffer behind a packed expert, or None if its tensors are not laid out that way."""
+    tensors = w.tensors
+    if not all(t.is_contiguous() and t.device == tensors[0].device for t in tensors):
         return None
-    if down.data_ptr() != gate_up.data_ptr() + gate_up.numel() * gate_up.element_size():
-        return None
-    return torch.as_strided(gate_up, (gate_up.numel() + down.numel(),), (1,))
+    for before, after in zip(tensors, tensors[1:]):
+        if after.data_ptr() != before.data_ptr() + before.numel() * before.element_size():
+            return None
+    return torch.as_strided(tensors[0], (sum(t.numel() for t in tensors),), (1,))
+

@@ -109,27 +109,33 @@ def router_fn(kind: str) -> RouterFn:
         raise ValueError(f"unknown router kind {kind!r}; known: {', '.join(sorted(ROUTERS))}") from None
 
 
-def router_logits(x_TD: torch.Tensor, router_ED: torch.Tensor, router: RouterSpec | None = None) -> torch.Tensor:
+def router_logits(
+    x_TD: torch.Tensor, router_ED: torch.Tensor, router: RouterSpec | None = None, logit_bias_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """[T, E]: the router's score of every expert for router inputs `x_TD`, before the routing rule
-    turns them into weights: in x's dtype, or float32 where the router asks (`fp32_logits`)."""
+    turns them into weights: in x's dtype, or float32 where the router asks (`fp32_logits`);
+    `logit_bias_E`: a bias on the logits themselves (GPT-OSS's), where the router has one."""
     if router is not None and router.fp32_logits:
-        return F.linear(x_TD.float(), router_ED.float())
-    return F.linear(x_TD, router_ED)
+        return F.linear(x_TD.float(), router_ED.float(), None if logit_bias_E is None else logit_bias_E.float())
+    return F.linear(x_TD, router_ED, logit_bias_E)
 
 
 def residual_router_logits(
-    residual_TD: torch.Tensor, norm_D: torch.Tensor, router_ED: torch.Tensor, eps: float, router: RouterSpec | None = None
+    residual_TD: torch.Tensor, norm_D: torch.Tensor, router_ED: torch.Tensor, eps: float, router: RouterSpec | None = None,
+    logit_bias_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[T, E]: a layer's router logits for a residual stream, normalised with that layer's pre-FFN
     norm weight `norm_D` as the layer would (its attention skipped): what a lookahead from an
     earlier layer's output guesses that layer's experts by."""
-    return router_logits(rms_norm(residual_TD, norm_D, eps), router_ED, router)
+    return router_logits(rms_norm(residual_TD, norm_D, eps), router_ED, router, logit_bias_E)
 
 
 def route(
-    x_TD: torch.Tensor, router_ED: torch.Tensor, moe: MoESpec, bias_E: torch.Tensor | None = None
+    x_TD: torch.Tensor, router_ED: torch.Tensor, moe: MoESpec, bias_E: torch.Tensor | None = None,
+    logit_bias_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_TK in x's dtype, ids_TK int64) for every token; `bias_E`: the layer's selection-only bias."""
-    logits_TE = router_logits(x_TD, router_ED, moe.router)
+    """(weights_TK in x's dtype, ids_TK int64) for every token; `bias_E`: the layer's selection-only
+    bias; `logit_bias_E`: its bias on the logits."""
+    logits_TE = router_logits(x_TD, router_ED, moe.router, logit_bias_E)
     weights_TK, ids_TK = router_fn(moe.router.kind)(logits_TE, moe.router, moe.top_k, bias_E)
     return weights_TK.to(x_TD.dtype), ids_TK

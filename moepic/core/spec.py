@@ -42,6 +42,24 @@ class RopeSpec:
 
 
 @attrs.frozen(kw_only=True)
+class GatedActivation:
+    """How a routed expert's gate and up projections meet, per neuron:
+        h = gate' · σ(alpha · gate') ⊙ (up' + up_offset),  gate' = min(gate, limit), up' = clamp(up, ±limit)
+    The default is SwiGLU (silu(gate) ⊙ up); GPT-OSS's clamped SwiGLU is alpha 1.702, limit 7, up_offset 1."""
+
+    alpha: float = attrs.field(default=1.0, validator=_positive)
+    limit: float | None = attrs.field(default=None, validator=v.optional(_positive))
+    up_offset: float = 0.0
+
+    @property
+    def is_silu(self) -> bool:
+        return self.alpha == 1.0 and self.limit is None and self.up_offset == 0.0
+
+
+SILU = GatedActivation()
+
+
+@attrs.frozen(kw_only=True)
 class RouterSpec:
     """How router logits become (weights_TK, ids_TK). See core/routing.py for the registered kinds."""
 
@@ -56,6 +74,9 @@ class RouterSpec:
     # Logits from float32 inputs and router weights, as DeepSeek's routers compute them (in bf16
     # runs too); otherwise in the activations' dtype, as Mixtral's and Qwen's do.
     fp32_logits: bool = False
+    # A bias added to the logits themselves (GPT-OSS): it moves choice and weights alike, unlike a
+    # selection-only bias (MoEWeights.router_bias_E).
+    logit_bias: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.top_groups > self.groups:
@@ -77,6 +98,10 @@ class MoESpec:
     shared_expert_ffn: int = 0
     # Whether the shared expert's output is scaled by sigmoid(x · w_gate) (Qwen2-MoE).
     shared_expert_gated: bool = False
+    # The routed experts' activation, and whether they carry biases (GPT-OSS: a gate/up bias per
+    # neuron, which travels with its neurons, and a down bias per expert, added once per expert).
+    activation: GatedActivation = SILU
+    expert_bias: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.top_k > self.num_experts:
@@ -120,7 +145,11 @@ class ModelSpec:
     layer_kinds: tuple[LayerKind, ...] = attrs.field(converter=tuple, validator=v.min_len(1))
     moe: MoESpec | None = None
     dense_ffn: int = 0
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k and v projections
+    output_bias: bool = False  # the output projection (GPT-OSS)
+    # A learned logit per head that joins every softmax as one more key with no value (GPT-OSS's
+    # attention sinks): attention may put weight on "nothing".
+    attention_sinks: bool = False
     qk_norm: QKNorm = "none"
     clip_qkv: float | None = None
     sliding_window: int | None = None  # every layer's, unless `layer_windows` says per layer
@@ -157,6 +186,8 @@ class ModelSpec:
                 raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")
         if self.layer_windows and len(self.layer_windows) != len(self.layer_kinds):
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {len(self.layer_kinds)} layers")
+        if self.mla is not None and self.attention_sinks:
+            raise ValueError("attention sinks are supported with grouped-query attention only, not latent attention")
         if self.mla is not None and self.head_dim != self.mla.qk_rope_head_dim:
             raise ValueError(f"with latent attention head_dim is the rotary width: {self.head_dim} != {self.mla.qk_rope_head_dim}")
 

@@ -8,7 +8,11 @@ slice of each (what makes an expert splittable along F with contiguous segments,
   n's B neurons. One matrix-vector product computes both (measured ~7 % faster fp32 decode on
   CPU than two), a block range stays one slice, and the SiLU·up step reads B contiguous values at a
   time (per-neuron interleaving made it ~6x slower in prefill);
-- the down projection is stored transposed (F×D).
+- the down projection is stored transposed (F×D);
+- a gate/up bias, where an expert has one (GPT-OSS), is per neuron like the rows it belongs to
+  (`gate_up_bias_N2B`), so it travels with its neurons; the down bias is per expert, not per
+  neuron, so it is no segment's: it lives with the layer (`MoEWeights.expert_down_bias_ED`) and is
+  added once per expert (core/moe.py).
 Shapes: N neuron blocks, B neurons per block, F = N·B.
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import attrs
 import torch
+
+from moepic.core.spec import SILU, GatedActivation
 
 WIDEST_NEURON_BLOCK = 64
 
@@ -30,22 +36,31 @@ def neuron_block(ffn_size: int, widest: int = WIDEST_NEURON_BLOCK) -> int:
 
 @attrs.frozen
 class SwiGLUWeights:
-    """y = (silu(x·gateᵀ) ⊙ x·upᵀ) · down_FD — an expert, a shared expert or a dense MLP."""
+    """y = (silu(x·gateᵀ) ⊙ x·upᵀ) · down_FD — an expert, a shared expert or a dense MLP; with a
+    gate/up bias and another `activation` (spec.GatedActivation) where the model has them."""
 
     gate_up_N2BD: torch.Tensor  # [N, 2, B, D]: [:, 0] are gate rows, [:, 1] up rows
     down_FD: torch.Tensor
+    gate_up_bias_N2B: torch.Tensor | None = None
+    activation: GatedActivation = SILU
 
     @classmethod
     def from_projections(
-        cls, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, *, block: int | None = None
+        cls, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, *, block: int | None = None,
+        gate_bias_F: torch.Tensor | None = None, up_bias_F: torch.Tensor | None = None,
+        activation: GatedActivation = SILU,
     ) -> SwiGLUWeights:
-        """From checkpoint-layout matrices (gate, up: F×D; down: D×F), in neuron blocks of `block`."""
+        """From checkpoint-layout matrices (gate, up: F×D; down: D×F), in neuron blocks of `block`;
+        gate and up biases [F] both or neither."""
         F, D = gate_FD.shape
         B = neuron_block(F) if block is None else block
         if B < 1 or F % B:
             raise ValueError(f"neuron block {B} does not divide the FFN width {F}")
+        if (gate_bias_F is None) != (up_bias_F is None):
+            raise ValueError("an expert has gate and up biases both or neither")
         gate_up = torch.stack((gate_FD.view(F // B, B, D), up_FD.view(F // B, B, D)), dim=1)
-        return cls(gate_up, down_DF.t().contiguous())
+        bias = None if gate_bias_F is None else torch.stack((gate_bias_F.view(F // B, B), up_bias_F.view(F // B, B)), dim=1)
+        return cls(gate_up, down_DF.t().contiguous(), bias, activation)
 
     @property
     def block(self) -> int:
@@ -71,7 +86,19 @@ class SwiGLUWeights:
             raise ValueError(
                 f"segment [{start}, {stop}) must lie in [0, {self.ffn_size}] on neuron-block boundaries (block {B})"
             )
-        return SwiGLUWeights(self.gate_up_N2BD[start // B : stop // B], self.down_FD[start:stop])
+        bias = None if self.gate_up_bias_N2B is None else self.gate_up_bias_N2B[start // B : stop // B]
+        return SwiGLUWeights(self.gate_up_N2BD[start // B : stop // B], self.down_FD[start:stop], bias, self.activation)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Its tensors in packing order (core/packing.py): what a copy of it moves, pair by pair."""
+        if self.gate_up_bias_N2B is None:
+            return self.gate_up_N2BD, self.down_FD
+        return self.gate_up_N2BD, self.down_FD, self.gate_up_bias_N2B
+
+    def to(self, device: torch.device | str) -> SwiGLUWeights:
+        return attrs.evolve(self, gate_up_N2BD=self.gate_up_N2BD.to(device), down_FD=self.down_FD.to(device),
+                            gate_up_bias_N2B=None if self.gate_up_bias_N2B is None else self.gate_up_bias_N2B.to(device))
 
 
 @attrs.frozen
@@ -85,6 +112,8 @@ class AttentionWeights:
     v_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [head_dim] (per-head) or [Q] (full width)
     k_norm: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    sinks_H: torch.Tensor | None = None  # a logit per query head (spec.attention_sinks)
 
 
 @attrs.frozen
@@ -110,6 +139,10 @@ class MoEWeights:
     # Added to the router's scores to choose experts, never to weigh them (DeepSeek-V3's
     # `e_score_correction_bias`); None: none.
     router_bias_E: torch.Tensor | None = None
+    # Added to the router's logits (GPT-OSS's router bias): choice and weights both see it.
+    router_logit_bias_E: torch.Tensor | None = None
+    # Each routed expert's down-projection bias [E, D] (GPT-OSS), added once to the expert's output.
+    expert_down_bias_ED: torch.Tensor | None = None
 
 
 @attrs.frozen

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from moepic.core.footprint import attention_params, kv_cache_numbers, swiglu_params
+from moepic.core.footprint import attention_params, expert_neuron_params, kv_cache_numbers, swiglu_params
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.cache.placement import check_mode, loads_finish_s
@@ -89,7 +89,7 @@ def model_times(
     layer_s = hw.call_s(attention + router + shared, 2 * (params + moe.num_experts * D), hw.layer_overhead_us)
     if shared:
         layer_s += hw.call_s(0, 0, hw.expert_overhead_us)  # its own launches
-    expert_params = swiglu_params(D, moe.expert_ffn)
+    expert_params = expert_neuron_params(spec) * moe.expert_ffn
     dense_layers = sum(kind == "dense" for kind in spec.layer_kinds)
     dense_s = hw.call_s(attention + swiglu_params(D, spec.dense_ffn) * dtype_bytes, 0, hw.layer_overhead_us + hw.expert_overhead_us)
     head = spec.vocab_size * D * dtype_bytes
@@ -100,7 +100,7 @@ def model_times(
         rest_s=dense_layers * dense_s + hw.call_s(head, 2 * spec.vocab_size * D, hw.expert_overhead_us),
         ffn_size=moe.expert_ffn,
         block=block or neuron_block(moe.expert_ffn),
-        neuron_bytes=swiglu_params(D, 1) * dtype_bytes,
+        neuron_bytes=expert_neuron_params(spec) * dtype_bytes,
     )
 
 

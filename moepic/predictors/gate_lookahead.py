@@ -67,8 +67,8 @@ class GateLookahead(ScoringPredictor):
         assert isinstance(ffn, MoEWeights)
         if self.config.reads == "layer_output":
             norm_D = self.moe[target].post_attention_norm_D
-            logits_TE = residual_router_logits(hidden_TD, norm_D, ffn.router_ED, self.eps, self.router)
+            logits_TE = residual_router_logits(hidden_TD, norm_D, ffn.router_ED, self.eps, self.router, ffn.router_logit_bias_E)
         else:
             x_TD = hidden_TD * self.rescale[layer, target] if self.rescale else hidden_TD
-            logits_TE = router_logits(x_TD, ffn.router_ED, self.router)
+            logits_TE = router_logits(x_TD, ffn.router_ED, self.router, ffn.router_logit_bias_E)
         return selection_scores(logits_TE, self.router, ffn.router_bias_E)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from moepic.cache.layout import LayerCacheLayout
-from moepic.core.packing import flat_views
+from moepic.core.packing import flat_views, neuron_numbers
 from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_protocol import CopyEngine, Ticket
 
@@ -20,19 +20,19 @@ from moepic.runtime.copy_protocol import CopyEngine, Ticket
 class LayerPool:
     """One layer's preallocated cache: `slots` flat top segments on the device."""
 
-    def __init__(self, layout: LayerCacheLayout, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.flat_SX = torch.empty(layout.slots, 3 * layout.top_neurons * hidden, dtype=dtype, device=device)
+    def __init__(self, layout: LayerCacheLayout, like: SwiGLUWeights, device: torch.device) -> None:
+        """Slots for top segments shaped like the expert `like` (its width, dtype, biases)."""
+        numbers = layout.top_neurons * neuron_numbers(like.down_FD.shape[1], like.gate_up_bias_N2B is not None)
+        self.flat_SX = torch.empty(layout.slots, numbers, dtype=like.down_FD.dtype, device=device)
         # Views made once: building them on every hit costs more than a small expert's compute.
-        self.slots = [flat_views(self.flat_SX[s], layout.top_neurons, layout.block, hidden) for s in range(layout.slots)]
+        self.slots = [flat_views(self.flat_SX[s], layout.top_neurons, layout.block, like) for s in range(layout.slots)]
 
 
 class CacheSlots:
     """Every layer's pool (`pools`), and the fills in flight into their slots."""
 
-    def __init__(
-        self, layouts: list[LayerCacheLayout], hidden: int, dtype: torch.dtype, device: torch.device, copies: CopyEngine
-    ) -> None:
-        self.pools = {l.layer: LayerPool(l, hidden, dtype, device) for l in layouts}
+    def __init__(self, layouts: list[LayerCacheLayout], like: SwiGLUWeights, device: torch.device, copies: CopyEngine) -> None:
+        self.pools = {l.layer: LayerPool(l, like, device) for l in layouts}
         self._copies = copies
         self._fills: dict[tuple[int, int], Ticket] = {}  # (layer, slot) → its fill, until waited for
 
@@ -47,7 +47,7 @@ class CacheSlots:
         """Copy `top` (host memory) into a slot once the compute issued so far has let go of it: in
         the background, or `urgent` (a split miss's top, computed this step); the bytes it moves."""
         dst = self.slot(layer, slot)
-        ranges = [(dst.gate_up_N2BD, top.gate_up_N2BD), (dst.down_FD, top.down_FD)]
+        ranges = list(zip(dst.tensors, top.tensors, strict=True))
         ticket = self._copies.submit(ranges, urgent=urgent, after=self._copies.fence())
         self._fills[layer, slot] = ticket
         return ticket.nbytes

@@ -25,7 +25,7 @@ class HostExpertStore:
             for w in lw.ffn.experts:
                 flat = flat_buffer(w)
                 if flat is None or flat.device.type != "cpu" or (pin_memory and not flat.is_pinned()):
-                    w = pack_expert(_to_cpu(w), pin_memory=pin_memory)
+                    w = pack_expert(w.to("cpu"), pin_memory=pin_memory)
                     flat = flat_buffer(w)
                 packed.append((w, flat))
             self.experts[layer] = tuple(w for w, _ in packed)
@@ -35,6 +35,3 @@ class HostExpertStore:
     def pinned(self) -> bool:
         return all(f.is_pinned() for layer in self.flat.values() for f in layer)
 
-
-def _to_cpu(w: SwiGLUWeights) -> SwiGLUWeights:
-    return SwiGLUWeights(w.gate_up_N2BD.cpu(), w.down_FD.cpu())

@@ -56,7 +56,7 @@ def _expert(D: int, F: int, dtype: torch.dtype, device: torch.device) -> SwiGLUW
     w = SwiGLUWeights.from_projections(
         torch.randn(F, D, dtype=dtype), torch.randn(F, D, dtype=dtype), torch.randn(D, F, dtype=dtype) / F**0.5
     )
-    return SwiGLUWeights(w.gate_up_N2BD.to(device), w.down_FD.to(device))
+    return w.to(device)
 
 
 def expert_time_s(D: int, F: int, tokens: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:

@@ -42,6 +42,7 @@ from moepic.cache.schedule import (
 )
 from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
+from moepic.core.packing import neuron_numbers
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
 from moepic.perfmodel.host_costs import HostPricing
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
@@ -85,14 +86,17 @@ class OffloadedExperts:
         self.predictor = predictor or NoPredictor()
         self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
         any_expert = next(iter(self.store.experts.values()))[0]
-        dtype, hidden = any_expert.down_FD.dtype, any_expert.down_FD.shape[1]
+        dtype = any_expert.down_FD.dtype
         if dtype.itemsize != layout.dtype_bytes:
             raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts are {dtype}")
-        self._layouts = {l.layer: l for l in layout.layers}
         widest = max(layout.layers, key=lambda l: l.expert_bytes)  # all MoE layers share one expert shape
-        self.staging = StagingPool(layout.staging_experts, widest.ffn_size, widest.block, hidden, dtype, self.device)
+        neuron_bytes = neuron_numbers(any_expert.down_FD.shape[1], any_expert.gate_up_bias_N2B is not None) * dtype.itemsize
+        if widest.neuron_bytes != neuron_bytes:
+            raise ValueError(f"the layout was planned for {widest.neuron_bytes} bytes per expert neuron, the experts take {neuron_bytes}")
+        self._layouts = {l.layer: l for l in layout.layers}
+        self.staging = StagingPool(layout.staging_experts, widest.ffn_size, widest.block, any_expert, self.device)
         self.copies: CopyEngine = copy_engine_for(self.device, link)
-        self.slots = CacheSlots(layout.layers, hidden, dtype, self.device, self.copies)
+        self.slots = CacheSlots(layout.layers, any_expert, self.device, self.copies)
         self.pools = self.slots.pools
         self.counters = EngineCounters(layout)
         self.residency: dict[int, LayerResidency] = {l.layer: initial_residency(policy, l) for l in layout.layers}

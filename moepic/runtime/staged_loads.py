@@ -52,7 +52,7 @@ class StagedLoads:
         top = layout.top_neurons
         src = self.store.experts[layout.layer][expert].neurons(top, layout.ffn_size)
         dst = buffer.expert.neurons(top, layout.ffn_size)
-        return [(dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)]
+        return list(zip(dst.tensors, src.tensors, strict=True))
 
     def start(self, layout: LayerCacheLayout, expert: int, part: str, *, urgent: bool) -> Load:
         buffer = self.staging.acquire(self.copies.settle)
@@ -95,6 +95,6 @@ class StagedLoads:
         yield load.buffer.expert.neurons(layout.top_neurons, layout.ffn_size)
 
     def copy_on_device(self, dst: SwiGLUWeights, src: SwiGLUWeights) -> None:
-        for d, s in ((dst.gate_up_N2BD, src.gate_up_N2BD), (dst.down_FD, src.down_FD)):
+        for d, s in zip(dst.tensors, src.tensors, strict=True):
             d.copy_(s, non_blocking=True)
             self.counters.device_copy_bytes += s.numel() * s.element_size()

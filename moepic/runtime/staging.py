@@ -16,7 +16,7 @@ from collections import deque
 import attrs
 import torch
 
-from moepic.core.packing import flat_views
+from moepic.core.packing import flat_views, neuron_numbers
 from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_protocol import Ticket
 
@@ -31,11 +31,13 @@ class Buffer:
 
 
 class StagingPool:
-    def __init__(self, count: int, ffn_size: int, block: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, count: int, ffn_size: int, block: int, like: SwiGLUWeights, device: torch.device) -> None:
+        """`count` buffers for experts of `ffn_size` neurons shaped like `like` (width, dtype, biases)."""
         self.buffers = []
+        numbers = ffn_size * neuron_numbers(like.down_FD.shape[1], like.gate_up_bias_N2B is not None)
         for i in range(count):
-            flat = torch.empty(3 * ffn_size * hidden, dtype=dtype, device=device)
-            self.buffers.append(Buffer(i, flat, flat_views(flat, ffn_size, block, hidden)))
+            flat = torch.empty(numbers, dtype=like.down_FD.dtype, device=device)
+            self.buffers.append(Buffer(i, flat, flat_views(flat, ffn_size, block, like)))
         self._free: deque[Buffer] = deque(self.buffers)
         self.in_use = 0
         self.peak_in_use = 0

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_engine import Link, ThreadCopyEngine
 from moepic.runtime.copy_protocol import Ticket
 from moepic.runtime.staging import StagingPool
@@ -21,7 +22,8 @@ F, B, D = 8, 4, 6  # ffn size, neuron block, hidden
 
 
 def pool(count: int = 3, dtype: torch.dtype = torch.float32) -> StagingPool:
-    return StagingPool(count, F, B, D, dtype, torch.device("cpu"))
+    like = SwiGLUWeights(torch.zeros(F // B, 2, B, D, dtype=dtype), torch.zeros(F, D, dtype=dtype))
+    return StagingPool(count, F, B, like, torch.device("cpu"))
 
 
 def no_wait(ticket):
