@@ -1,6 +1,6 @@
 """Benchmark: moepic's dense all-resident model against Hugging Face transformers on the CPU.
 
-A script, not a test. It saves one random checkpoint of --arch (Mixtral- or DeepSeek-V3-shaped)
+A script, not a test. It saves one random checkpoint of --arch (Mixtral-, DeepSeek-V3- or GPT-OSS-shaped)
 with `save_pretrained` (cached under --workdir), loads it into both engines at each --dtypes, and prints one table of
 medians over --repeats: prefill time, decode ms/token, their moepic/HF ratios (< 1: moepic is
 faster) and whether the greedy tokens agree.
@@ -27,6 +27,7 @@ What is timed, and why it is fair:
 
 Run:  python experiments/bench_vs_hf.py            (full: 8 layers, prompt 128, 32 new tokens)
       python experiments/bench_vs_hf.py --arch deepseek_v3
+      python experiments/bench_vs_hf.py --arch gpt_oss
       python experiments/bench_vs_hf.py --quick    (smoke test: 2 layers, prompt 16, 8 tokens)
 """
 
@@ -70,6 +71,12 @@ ARCHS = {
         num_experts_per_tok=8, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
         num_attention_heads=16, num_key_value_heads=16, q_lora_rank=224, kv_lora_rank=128, qk_nope_head_dim=64,
         qk_rope_head_dim=32, v_head_dim=64, vocab_size=32000, initializer_range=0.02,
+    )),
+    # GPT-OSS-20B's proportions at 1/3 width: D = F, 32 experts top-4 with biases and the clamped
+    # SwiGLU, 8 query heads per KV head with sinks, window-128 and full layers alternating.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        hidden_size=960, intermediate_size=960, num_local_experts=32, num_experts_per_tok=4, head_dim=64,
+        num_attention_heads=16, num_key_value_heads=2, sliding_window=128, vocab_size=32000, initializer_range=0.02,
     )),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -65,6 +65,9 @@ def _common(**overrides):
 _MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, moe_intermediate_size=16, q_lora_rank=None)
 _DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
                   "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+# GPT-OSS's YaRN (not truncated), scaled down to the tiny models' context.
+_GPT_OSS_YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
 
 # name → (config class name, model class name, config kwargs, save kwargs)
 CHECKPOINTS = {
@@ -248,6 +251,32 @@ CHECKPOINTS = {
                 embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.1, logits_scaling=2.0),
         {},
     ),
+    # GPT-OSS: attention sinks, q/k/v/o biases, alternating window-4 / full layers, a router with a
+    # logit bias, biased experts fused on disk with the clamped SwiGLU (a low limit: the clamps bite).
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
+                swiglu_limit=0.6, rope_parameters=_GPT_OSS_YARN),
+        {"random_buffers": ("sinks", "bias")},
+    ),
+    "gpt_oss_rope_default": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        _common(num_local_experts=6, num_experts_per_tok=3, intermediate_size=64, head_dim=16, num_key_value_heads=1,
+                sliding_window=3, num_hidden_layers=4, swiglu_alpha=1.2, swiglu_limit=2.0,
+                layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
+        {"random_buffers": ("sinks", "bias")},
+    ),
+    # GPT-OSS as the released checkpoints ship experts: MXFP4 blocks and scales.
+    "gpt_oss_mxfp4": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
+                swiglu_limit=3.0, rope_parameters=_GPT_OSS_YARN),
+        {"random_buffers": ("sinks", "bias"), "mxfp4": True},
+    ),
 }
 
 
@@ -259,6 +288,7 @@ def save_tiny_checkpoint(name: str, folder) -> None:
     config = getattr(transformers, config_cls)(**config_kwargs)
     model = getattr(transformers, model_cls)(config).eval()
     # A router's selection bias, which HF starts at zero (testing nothing): a buffer or a parameter.
+    # GPT-OSS's biases and sinks too (HF starts its expert biases at zero).
     for name, tensor in (*model.named_buffers(), *model.named_parameters()):
         if save.get("random_buffers") and name.endswith(save["random_buffers"]):
             with torch.no_grad():
@@ -267,6 +297,28 @@ def save_tiny_checkpoint(name: str, folder) -> None:
         model = model.to(torch.bfloat16)
     kwargs = {"max_shard_size": save["max_shard_size"]} if "max_shard_size" in save else {}
     model.save_pretrained(folder, **kwargs)
+    if save.get("mxfp4"):
+        write_mxfp4_experts(folder)
+
+
+def write_mxfp4_experts(folder) -> None:
+    """Replace a saved GPT-OSS checkpoint's expert matrices by random MXFP4 blocks and scales, laid
+    out as the released checkpoints lay them out, and say so in config.json."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors, g = load_file(path), torch.Generator().manual_seed(0)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, inner, outer = tensors.pop(name).shape  # HF's [E, in, out]; MXFP4 rows are out, blocks run along in
+        tensors[f"{name}_blocks"] = torch.randint(0, 256, (E, outer, inner // 32, 16), dtype=torch.uint8, generator=g)
+        tensors[f"{name}_scales"] = torch.randint(119, 125, (E, outer, inner // 32), dtype=torch.uint8, generator=g)
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="session")

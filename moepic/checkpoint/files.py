@@ -123,25 +123,40 @@ class SafetensorsCheckpoint:
     ) -> torch.Tensor:
         """Tensor `name`, checked to be `shape`, in `dtype` on `device`; `index`: only its slice
         [index] along the first dimension (one expert of experts fused on disk), read alone."""
+        tensor, path = self._stored(name, shape, index)
+        if not (tensor.is_floating_point() or tensor.numel() == 0):
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
+        return self.checked(name, tensor, tensor.to(device=device, dtype=dtype))
+
+    def read_stored(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, index: int | None = None) -> torch.Tensor:
+        """Tensor `name` as stored (on the host), checked to be `shape` and of `dtype`: packed data
+        (MXFP4 blocks and scales are uint8) that its reader decodes, then `checked`."""
+        tensor, path = self._stored(name, shape, index)
+        if tensor.dtype != dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected {dtype}")
+        self._read.add(name)
+        return tensor
+
+    def checked(self, name: str, stored: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
+        """`converted` (what tensor `name`, `stored`, became), refused by name if it holds NaN or Inf
+        and `check_finite` is on; checked on the target device: what the model will compute with."""
+        if self.check_finite and not all_finite(converted):
+            raise CheckpointError(f"{self._file_of[name]}: tensor {name!r} {_non_finite_reason(stored, converted)}")
+        self._read.add(name)
+        return converted
+
+    def _stored(self, name: str, shape: tuple[int, ...], index: int | None) -> tuple[torch.Tensor, Path]:
         path = self._file_of.get(name)
         if path is None:
-            raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
+            raise CheckpointError(f"{self.folder}: missing tensor {name!r} (expected shape {list(shape)})")
         handle = self._handles[path]
         found = tuple(handle.get_slice(name).get_shape())
         if found != tuple(shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
         try:
-            tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+            return (handle.get_tensor(name) if index is None else handle.get_slice(name)[index]), path
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
-        if not (tensor.is_floating_point() or tensor.numel() == 0):
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
-        converted = tensor.to(device=device, dtype=dtype)
-        # Checked after the cast, on the target device: what the model will compute with, where it is fastest.
-        if self.check_finite and not all_finite(converted):
-            raise CheckpointError(f"{path}: tensor {name!r} {_non_finite_reason(tensor, converted)}")
-        self._read.add(name)
-        return converted
 
     def unread(self) -> list[str]:
         return sorted(set(self._file_of) - self._read)

@@ -30,12 +30,29 @@ def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
 def _read_spec_and_adapter(folder: str | Path):
     cfg = HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
+    _check_quantization(cfg, adapter.quantizations)
     try:
         spec = adapter.spec(cfg)
     except (ValueError, TypeError) as e:  # MoESpec/RouterSpec validation inside an adapter
         raise CheckpointError(f"{cfg.source}: inconsistent model config ({e})") from None
     check_rope_angles(spec.rope, spec.head_dim, spec.max_position_embeddings, source=cfg.source)
     return spec, cfg, adapter
+
+
+def _check_quantization(cfg: HFConfig, supported: tuple[str, ...]) -> None:
+    """A quantized checkpoint loads only where its adapter reads that format: refused by name, not
+    left to fail on a missing weight (or, worse, to load what it does not understand)."""
+    q = cfg.data.get("quantization_config")
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{cfg.source}: quantization_config should be an object, got {q!r}")
+    method = q.get("quant_method")
+    if method not in supported:
+        read = f"supported: {', '.join(map(repr, supported))} (or an unquantized checkpoint)" if supported else (
+            "only unquantized checkpoints are read")
+        raise CheckpointError(f"{cfg.source}: quantization_config.quant_method {method!r} is not supported for "
+                              f"{cfg.model_type}; {read}")
 
 
 def load_model(

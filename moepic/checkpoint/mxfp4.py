@@ -7,8 +7,8 @@ byte, low nibble first) sharing one power-of-two scale (an E8M0 byte, bias 127).
 
 Dequantised in the target dtype exactly as HF transformers does it (a 16-entry table, then ldexp
 in that dtype), so the weights are HF's bit for bit (tests/checkpoint/test_mxfp4.py). The GPT-OSS
-adapter, still to come (issue 18), reads experts through it; keeping them compressed in the host
-store is a later issue's.
+adapter reads its experts through it (adapters/reader.py `TensorReader.mxfp4`); keeping them
+compressed in the host store is a later issue's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 
 # E2M1: sign, two exponent bits, one mantissa bit; index = the nibble.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-BLOCK_BYTES = 16  # 32 values
+BLOCK_BYTES = 16
+VALUES_PER_BLOCK = 2 * BLOCK_BYTES
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -28,7 +29,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise ValueError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not match: "
                          f"expected blocks [..., G, {BLOCK_BYTES}] and scales [..., G]")
     table = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    values = torch.empty(*blocks.shape[:-1], 2 * BLOCK_BYTES, dtype=dtype, device=blocks.device)
+    values = torch.empty(*blocks.shape[:-1], VALUES_PER_BLOCK, dtype=dtype, device=blocks.device)
     values[..., 0::2] = table[(blocks & 0x0F).long()]
     values[..., 1::2] = table[(blocks >> 4).long()]
     exponents = scales.to(torch.int32).unsqueeze(-1) - 127

@@ -57,6 +57,11 @@ def text(report: dict) -> str:
     mla = spec["mla"]
     heads = (f"{spec['num_heads']} heads, latent attention (rank {mla['kv_lora_rank']} + rotary {mla['qk_rope_head_dim']})"
              if mla else f"{spec['num_heads']} heads / {spec['num_kv_heads']} KV")
+    if spec["attention_sinks"]:
+        heads += " with sinks"
+    windows = [w for w in spec["layer_windows"] if w is not None]
+    if windows:
+        heads += f", window {max(windows)} on {len(windows)} layers"
     lines = [
         f"{report['model']}: {spec['model_type']}, {len(kinds)} layers ({kinds.count('moe')} MoE, "
         f"{kinds.count('dense')} dense), D {spec['hidden_size']}, {heads}, {report['total_params'] / 1e9:.3f} B params"
@@ -68,6 +73,14 @@ def text(report: dict) -> str:
             rule += f", best {router['top_groups']} of {router['groups']} groups"
         if router["scaling"] != 1.0:
             rule += f", × {router['scaling']:g}"
+        if router["logit_bias"]:
+            rule += ", logit bias"
+        act = moe["activation"]
+        if (act["alpha"], act["limit"], act["up_offset"]) != (1.0, None, 0.0):
+            limit = f", limit {act['limit']:g}" if act["limit"] is not None else ""
+            rule += f"; SwiGLU with alpha {act['alpha']:g}{limit}, up + {act['up_offset']:g}"
+        if moe["expert_bias"]:
+            rule += ", expert biases"
         lines.append(
             f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, router {rule}"
             + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")

@@ -5,7 +5,8 @@ checkpoint (moepic/checkpoint/adapters), so a preset is exactly the model moepic
 routers included; `moepic inspect` on a folder holding one of them reproduces the published total
 parameter count (tests/core/test_footprint.py). Counts as published: DeepSeek-V2-Lite 15.7 B,
 DeepSeek-V3 671 B (its multi-token-prediction layer, `num_nextn_predict_layers`, is not part of the
-count, and HF transformers does not load it), GLM-4.5-Air 106 B.
+count, and HF transformers does not load it), GLM-4.5-Air 106 B, GPT-OSS-20B 20.91 B and GPT-OSS-120B
+116.83 B (OpenAI's model card; the experts ship as MXFP4, the counts are of parameters, not bytes).
 """
 
 from __future__ import annotations
@@ -46,9 +47,29 @@ GLM_45_AIR = {
     "vocab_size": 151552, "bos_token_id": None, "eos_token_id": [151329, 151336, 151338],
 }  # fmt: skip
 
+GPT_OSS_20B = {
+    "model_type": "gpt_oss", "attention_bias": True, "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+    "num_local_experts": 32, "pad_token_id": 199999, "rms_norm_eps": 1e-05, "rope_theta": 150000,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 201088,
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}  # fmt: skip
+
+# GPT-OSS-120B: the 20B's config with 36 layers and 128 experts a layer.
+GPT_OSS_120B = GPT_OSS_20B | {"num_hidden_layers": 36, "num_local_experts": 128,
+                              "layer_types": ["sliding_attention", "full_attention"] * 18}
+
 # preset name → (config.json values, total parameters as published)
 PUBLISHED_CONFIGS = {
     "deepseek-v2-lite": (DEEPSEEK_V2_LITE, 15.7e9),
     "deepseek-v3": (DEEPSEEK_V3, 671e9),
     "glm-4.5-air": (GLM_45_AIR, 106e9),
+    "gpt-oss-20b": (GPT_OSS_20B, 20.91e9),
+    "gpt-oss-120b": (GPT_OSS_120B, 116.83e9),
 }

@@ -6,6 +6,8 @@ tighter than the 1e-4 the issue asks for.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -20,10 +22,13 @@ PROMPT = [1, 17, 5, 42, 8, 77, 3, 61, 29]
 DECODE_STEPS = 10
 
 
-def _hf_model(folder):
+def _hf_model(folder, dtype=torch.float32):
+    """HF's model from the same files; an MXFP4 checkpoint dequantised by HF's own loader."""
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if quantized else {}
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).eval()
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
@@ -74,15 +79,14 @@ def test_bf16_checkpoint_keeps_its_dtype_by_default(checkpoint_dir):
     assert model.weights.layers[0].ffn.experts[0].gate_up_N2BD.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2_lite", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2_lite", "deepseek_v3", "glm4_moe",
+                                  "gpt_oss", "gpt_oss_mxfp4"])
 def test_bf16_prefill_logits_stay_within_bf16_rounding_of_transformers(checkpoint_dir, name):
     # Both engines round differently in bf16 (HF's grouped experts kernel sums in its own order),
     # so this is a tolerance check, not bit equality; measured worst 0.014 on logits of magnitude ~2.
-    import transformers
-
     folder = checkpoint_dir(name)
     ours = load_model(folder, dtype=torch.bfloat16)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    hf = _hf_model(folder, torch.bfloat16)
     tokens = torch.tensor(PROMPT)
     with torch.inference_mode():
         ours_TV, _ = forward(ours, tokens, KVCache.allocate(ours, len(PROMPT)))

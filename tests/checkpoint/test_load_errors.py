@@ -103,14 +103,14 @@ def test_unknown_model_type_lists_the_supported_ones(checkpoint_dir, capsys, tmp
     folder = _copy(checkpoint_dir, tmp_path)
     _edit_config(folder, model_type="llama")
     assert _error(capsys, folder) == (
-        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, glm4_moe, granitemoe, granitemoeshared, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe"
+        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, glm4_moe, gpt_oss, granitemoe, granitemoeshared, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe"
     )
 
 
 @pytest.mark.parametrize("model_type,why", [
     ("qwen3_next", "its linear-attention (Gated DeltaNet) layers are not supported"),
     ("jamba", "its Mamba (state-space) layers are not supported"),
-    ("gpt_oss", "not supported yet (MXFP4 experts, expert biases with a clamped SwiGLU, attention sinks)"),
+    ("phimoe", "not supported yet (LayerNorm with bias, SparseMixer routing, LongRoPE)"),
 ])
 def test_a_known_family_moepic_does_not_run_says_why(checkpoint_dir, capsys, tmp_path, model_type, why):
     folder = _copy(checkpoint_dir, tmp_path)
@@ -234,7 +234,7 @@ def test_missing_tensor_is_named(checkpoint_dir, capsys, tmp_path):
     folder = _copy(checkpoint_dir, tmp_path)
     name = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
     _edit_tensors(folder / "model.safetensors", lambda t: t.pop(name))
-    assert _error(capsys, folder) == f"{folder}: missing tensor {name!r}"
+    assert _error(capsys, folder) == f"{folder}: missing tensor {name!r} (expected shape [32, 48])"
 
 
 def test_unexpected_tensor_is_named(checkpoint_dir, capsys, tmp_path):
@@ -313,3 +313,55 @@ def test_load_model_raises_checkpoint_error_not_a_bare_exception(checkpoint_dir,
     _edit_config(folder, num_experts_per_tok=9)
     with pytest.raises(CheckpointError, match=r"top_k \(9\) > num_experts \(4\)"):
         load_model(folder)
+
+
+# --- GPT-OSS: its quantization and MXFP4 tensors ------------------------------------------------------
+GATE_UP = "model.layers.1.mlp.experts.gate_up_proj"
+
+
+@pytest.mark.parametrize("quantization,shown", [({"quant_method": "gptq", "bits": 4}, "'gptq'"), ({}, "None")])
+def test_a_gpt_oss_quantization_other_than_mxfp4_is_named(checkpoint_dir, capsys, tmp_path, quantization, shown):
+    folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
+    _edit_config(folder, quantization_config=quantization)
+    assert _error(capsys, folder) == (f"{folder / 'config.json'}: quantization_config.quant_method {shown} is not supported "
+                                      "for gpt_oss; supported: 'mxfp4' (or an unquantized checkpoint)")
+
+
+def test_a_quantized_checkpoint_of_a_family_read_unquantized_only_is_named(checkpoint_dir, capsys, tmp_path):
+    folder = _copy(checkpoint_dir, tmp_path)
+    _edit_config(folder, quantization_config={"quant_method": "awq"})
+    assert _error(capsys, folder) == (f"{folder / 'config.json'}: quantization_config.quant_method 'awq' is not supported "
+                                      "for mixtral; only unquantized checkpoints are read")
+
+
+def test_a_gpt_oss_quantization_config_that_is_not_an_object_is_named(checkpoint_dir, capsys, tmp_path):
+    folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
+    _edit_config(folder, quantization_config="mxfp4")
+    assert _error(capsys, folder) == f"{folder / 'config.json'}: quantization_config should be an object, got 'mxfp4'"
+
+
+def test_the_unbroken_mxfp4_copy_loads(checkpoint_dir, tmp_path):
+    folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
+    assert main([*ARGS, "--model", str(folder)]) == 0
+
+
+def test_a_missing_mxfp4_scales_tensor_is_named_with_its_shape(checkpoint_dir, capsys, tmp_path):
+    folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
+    _edit_tensors(folder / "model.safetensors", lambda t: t.pop(f"{GATE_UP}_scales"))
+    assert _error(capsys, folder) == f"{folder}: missing tensor '{GATE_UP}_scales' (expected shape [4, 128, 1])"
+
+
+def test_mxfp4_blocks_of_the_wrong_shape_are_named_with_both_shapes(checkpoint_dir, capsys, tmp_path):
+    folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
+    _edit_tensors(folder / "model.safetensors", lambda t: t.update({f"{GATE_UP}_blocks": t[f"{GATE_UP}_blocks"][..., :8].contiguous()}))
+    assert _error(capsys, folder) == (
+        f"{folder / 'model.safetensors'}: tensor '{GATE_UP}_blocks' has shape [4, 128, 1, 8], expected [4, 128, 1, 16]"
+    )
+
+
+def test_mxfp4_blocks_stored_as_floats_are_named_with_the_dtype(checkpoint_dir, capsys, tmp_path):
+    folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
+    _edit_tensors(folder / "model.safetensors", lambda t: t.update({f"{GATE_UP}_blocks": t[f"{GATE_UP}_blocks"].float()}))
+    assert _error(capsys, folder) == (
+        f"{folder / 'model.safetensors'}: tensor '{GATE_UP}_blocks' has dtype torch.float32, expected torch.uint8"
+    )

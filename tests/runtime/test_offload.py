@@ -25,7 +25,7 @@ from tests_support import (
     policy_for,
 )
 
-MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2_grouped_yarn")
+MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2_grouped_yarn", "gpt_oss")
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
 
 
@@ -90,11 +90,13 @@ def test_offloaded_generation_equals_the_dense_model_bit_for_bit(
     assert everything.activations == sum(len(set(ids_NLK[step, l].ravel())) for step in steps for l in range(moe_layers))
 
 
-@pytest.mark.parametrize("name", ["deepseek_v2_lite", "deepseek_v2_grouped_yarn", "deepseek_v3", "deepseek_v3_halves_yarn", "glm4_moe", "dots1", "minimax_m2", "granitemoe", "granitemoeshared", "ernie4_5_moe"])
+@pytest.mark.parametrize("name", ["deepseek_v2_lite", "deepseek_v2_grouped_yarn", "deepseek_v3", "deepseek_v3_halves_yarn", "glm4_moe", "dots1", "minimax_m2", "granitemoe", "granitemoeshared", "ernie4_5_moe",
+                                  "gpt_oss_rope_default", "gpt_oss_mxfp4"])
 @pytest.mark.parametrize("theta", [0.25, 0.5])
 def test_deepseek_offloaded_at_a_small_budget_and_a_split_equals_its_dense_run(checkpoint_dir, name, theta):
-    """Latent attention (GLM-4.5: grouped-query), dense first layers, shared experts and all three DeepSeek routers: the
-    engine at its minimum budget (most loads copied, tops split at θ) changes no bit."""
+    """Latent attention (GLM-4.5: grouped-query), dense first layers, shared experts and all three DeepSeek routers;
+    GPT-OSS's biased experts (gate/up biases split with their neurons, the down bias once per expert) and its sinks:
+    the engine at its minimum budget (most loads copied, tops split at θ) changes no bit."""
     model = load_split_friendly(checkpoint_dir, [name])[name]
     dense, trace = dense_run(model, PROMPT, 8)
     engine = engine_for(model, "lcp", trace, budget=budget_between_the_minimum_and_everything(model, 0.0), theta=theta)

@@ -279,7 +279,8 @@ def test_a_jsonl_trace_that_saw_fewer_experts_adopts_the_shapes_experts_and_laye
 
 # --- presets -----------------------------------------------------------------------------------------
 
-# Published configs: model width D and expert width F (one routed expert is 3·D·F bf16 weights), its
+# Published configs: model width D and expert width F (one routed expert is 3·D·F bf16 weights, and
+# 2·F gate/up biases where experts have them: GPT-OSS), its
 # size in MB as usually quoted, MoE layers, experts, top-k, and total parameters from the model cards.
 PUBLISHED = {
     "mixtral-8x7b": (4096, 14336, 352.3, 32, 8, 2, 46.7e9),
@@ -287,6 +288,8 @@ PUBLISHED = {
     "deepseek-v2-lite": (2048, 1408, 17.3, 26, 64, 6, 15.7e9),
     "deepseek-v3": (7168, 2048, 88.1, 58, 256, 8, 671e9),
     "glm-4.5-air": (4096, 1408, 34.6, 45, 128, 8, 106e9),
+    "gpt-oss-20b": (2880, 2880, 49.8, 24, 32, 4, 20.91e9),
+    "gpt-oss-120b": (2880, 2880, 49.8, 36, 128, 4, 116.83e9),
     "olmoe-1b-7b": (2048, 1024, 12.6, 16, 64, 8, 6.9e9),
     "qwen3-30b-a3b": (2048, 768, 9.4, 48, 128, 8, 30.5e9),
 }
@@ -298,7 +301,7 @@ def test_the_presets_are_the_published_shapes():
         shape = PRESETS[name]
         fp = footprint(shape.spec)
         expert_bytes = fp.routed_expert_params * shape.dtype_bytes
-        assert expert_bytes == 3 * D * F * 2 and round(expert_bytes / 1e6, 1) == megabytes, name
+        assert expert_bytes == (3 * D + 2 * shape.spec.moe.expert_bias) * F * 2 and round(expert_bytes / 1e6, 1) == megabytes, name
         assert len(shape.spec.moe_layers) == moe_layers, name
         assert (shape.spec.moe.num_experts, shape.spec.moe.top_k) == (experts, top_k), name
         assert fp.total_params == pytest.approx(total, rel=0.01), name
@@ -308,7 +311,7 @@ def test_a_preset_is_found_by_name_in_any_case_and_an_unknown_one_lists_the_know
     assert model_shape("Mixtral-8x7B") is PRESETS["mixtral-8x7b"]
     with pytest.raises(ConfigError) as error:
         model_shape("gpt-5")
-    assert str(error.value).startswith("unknown model shape 'gpt-5'; known: deepseek-v2-lite, deepseek-v3, glm-4.5-air, mixtral-8x7b")
+    assert str(error.value).startswith("unknown model shape 'gpt-5'; known: deepseek-v2-lite, deepseek-v3, glm-4.5-air, gpt-oss-120b, gpt-oss-20b, mixtral")
 
 
 # --- named baselines -------------------------------------------------------------------------------

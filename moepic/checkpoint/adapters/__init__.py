@@ -9,6 +9,7 @@ from moepic.checkpoint.adapters.base import Adapter
 from moepic.checkpoint.adapters.deepseek import DeepseekAdapter, Glm4MoeAdapter
 from moepic.checkpoint.adapters.dots1 import Dots1Adapter
 from moepic.checkpoint.adapters.ernie import ErnieMoeAdapter
+from moepic.checkpoint.adapters.gpt_oss import GptOssAdapter
 from moepic.checkpoint.adapters.granite import GraniteMoeAdapter
 from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
@@ -20,7 +21,7 @@ _ADAPTERS: dict[str, Adapter] = {
     model_type: adapter
     for adapter in (
         MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(),
-        Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter(),
+        Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter(), GptOssAdapter(),
     )
     for model_type in adapter.model_types
 }
@@ -32,7 +33,6 @@ _REFUSED = {
     "jamba": "its Mamba (state-space) layers are not supported",
     "lfm2_moe": "its short-convolution layers are not supported",
     "granitemoehybrid": "its Mamba (state-space) layers are not supported",
-    "gpt_oss": "not supported yet (MXFP4 experts, expert biases with a clamped SwiGLU, attention sinks)",
     "phimoe": "not supported yet (LayerNorm with bias, SparseMixer routing, LongRoPE)",
     "llama4": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
     "llama4_text": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",

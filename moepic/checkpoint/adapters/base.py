@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class Adapter(ABC):
     # The Hugging Face `model_type` values it reads (registered in adapters/__init__.py).
     model_types: ClassVar[tuple[str, ...]] = ()
+    # The `quantization_config.quant_method` values its reader decodes (checkpoint/load.py refuses others).
+    quantizations: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def spec(self, cfg: HFConfig) -> ModelSpec:

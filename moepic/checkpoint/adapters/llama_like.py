@@ -7,6 +7,7 @@ An architecture that fits this mould (Mixtral, Qwen2/3-MoE, OLMoE) is a spec fun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -59,6 +60,27 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
 def build_spec(cfg: HFConfig, *, default_rope_theta: float = 10_000.0, **fields: Any) -> ModelSpec:
     """ModelSpec(**common + fields). Its validation errors become CheckpointErrors in `read_spec`."""
     return ModelSpec(**(common_spec_fields(cfg, default_rope_theta) | fields))
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(
+    cfg: HFConfig, layers: int, *, default_window: int, untyped_sliding: Callable[[int], bool]
+) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), from `layer_types`, or where the file
+    does not list them, from the family's rule (`untyped_sliding(layer)`: HF's default layout).
+    `default_window` is HF's where `sliding_window` is absent; an explicit null means none."""
+    window = None if "sliding_window" in cfg.data and cfg.data["sliding_window"] is None else cfg.size(
+        "sliding_window", default=default_window)
+    types = cfg.data.get("layer_types")
+    if types is None:
+        return tuple(window if window is not None and untyped_sliding(l) else None for l in range(layers))
+    if not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError(f"{cfg.source}: layer_types should list {layers} of {', '.join(LAYER_TYPES)}, got {types!r}")
+    if window is None and "sliding_attention" in types:
+        raise CheckpointError(f"{cfg.source}: layer_types names sliding_attention layers but sliding_window is null")
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 @attrs.frozen
@@ -117,6 +139,8 @@ class LlamaLikeAdapter(Adapter):
             v_bias=read(f"{p}.v_proj.bias", K) if bias else None,
             q_norm=read(f"{p}.q_norm.weight", norm_width[0]) if norm_width[0] else None,
             k_norm=read(f"{p}.k_norm.weight", norm_width[1]) if norm_width[1] else None,
+            o_bias=read(f"{p}.o_proj.bias", D) if spec.output_bias else None,
+            sinks_H=read(f"{p}.sinks", spec.num_heads) if spec.attention_sinks else None,
         )
 
     def _dense(self, read: TensorReader, spec: ModelSpec, l: int) -> SwiGLUWeights:

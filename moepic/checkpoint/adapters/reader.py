@@ -9,6 +9,8 @@ import attrs
 import torch
 
 from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.checkpoint.mxfp4 import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
+from moepic.errors import CheckpointError
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK, SwiGLUWeights, neuron_block
 
@@ -31,6 +33,21 @@ class TensorReader:
         return self.ckpt.read(name, shape, self.dtype if dtype is None else dtype, self.device if device is None else device,
                               index=index)
 
+    def mxfp4(self, name: str, rows: int, cols: int, *, expert: tuple[int, int], device: str | None = None) -> torch.Tensor:
+        """Expert e's [rows, cols] matrix of MXFP4 experts fused per layer (`expert` = (e, E)):
+        `{name}_blocks` [E, rows, cols/32, 16] and `{name}_scales` [E, rows, cols/32], both uint8,
+        dequantised in the target dtype (checkpoint/mxfp4.py) and checked to be finite."""
+        if cols % VALUES_PER_BLOCK:
+            raise CheckpointError(f"{self.ckpt.folder}: MXFP4 tensor {name!r} needs rows of whole {VALUES_PER_BLOCK}-value "
+                                  f"blocks; its rows are {cols} wide")
+        e, E = expert
+        groups = cols // VALUES_PER_BLOCK
+        blocks = self.ckpt.read_stored(f"{name}_blocks", (E, rows, groups, BLOCK_BYTES), torch.uint8, index=e)
+        scales = self.ckpt.read_stored(f"{name}_scales", (E, rows, groups), torch.uint8, index=e)
+        target = self.device if device is None else device
+        values = dequantize_mxfp4(blocks.to(target), scales.to(target), self.dtype)
+        return self.ckpt.checked(f"{name}_blocks", blocks, values)
+
     def router(self, name: str, *shape: int, spec: ModelSpec) -> torch.Tensor:
         """A router's weight (or bias): kept in float32 where the router computes in it (DeepSeek's
         and GLM's do, in a bf16 model too, as HF keeps them), else in the model's dtype."""
@@ -44,11 +61,15 @@ class TensorReader:
             self(f"{prefix}.{gate}.weight", F, D, device=device),
             self(f"{prefix}.{up}.weight", F, D, device=device),
             self(f"{prefix}.{down}.weight", D, F, device=device),
-            block=neuron_block(F, self.widest_neuron_block),
+            block=self.block_for(F),
         )
 
+    def block_for(self, F: int) -> int:
+        """The neuron block of an F-wide FFN read here."""
+        return neuron_block(F, self.widest_neuron_block)
+
     def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
-        return self._placed(lambda device: self.swiglu(prefix, projections, D, F, device=device))
+        return self.placed(lambda device: self.swiglu(prefix, projections, D, F, device=device))
 
     def fused_swiglu(
         self, gate_up: str, down: str, D: int, F: int, *, expert: tuple[int, int] | None = None, device: str | None = None
@@ -59,13 +80,13 @@ class TensorReader:
         lead, index = ((), None) if expert is None else ((expert[1],), expert[0])
         gate_up_2FD = self(gate_up, *lead, 2 * F, D, device=device, index=index)
         return SwiGLUWeights.from_projections(gate_up_2FD[:F], gate_up_2FD[F:], self(down, *lead, D, F, device=device, index=index),
-                                              block=neuron_block(F, self.widest_neuron_block))
+                                              block=self.block_for(F))
 
     def fused_expert(self, gate_up: str, down: str, e: int, E: int, D: int, F: int) -> SwiGLUWeights:
         """Routed expert `e` of experts fused on disk (`fused_swiglu`), placed as `routed_expert` places one."""
-        return self._placed(lambda device: self.fused_swiglu(gate_up, down, D, F, expert=(e, E), device=device))
+        return self.placed(lambda device: self.fused_swiglu(gate_up, down, D, F, expert=(e, E), device=device))
 
-    def _placed(self, read_expert: Callable[[str | None], SwiGLUWeights]) -> SwiGLUWeights:
+    def placed(self, read_expert: Callable[[str | None], SwiGLUWeights]) -> SwiGLUWeights:
         """A routed expert where the run keeps them: read onto the model's device, or onto the host
         and handed to `place_routed_expert` (so no second full copy is ever held)."""
         if self.place_routed_expert is None:
