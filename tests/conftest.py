@@ -277,6 +277,24 @@ CHECKPOINTS = {
                 swiglu_limit=3.0, rope_parameters=_GPT_OSS_YARN),
         {"random_buffers": ("sinks", "bias"), "mxfp4": True},
     ),
+    # PhiMoE: LayerNorm with biases, q/k/v/o and lm_head biases, SparseMixer routing, LongRoPE whose
+    # pretraining length (16) the test's decode crosses, so the long mscale takes over mid-run.
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.2, 1.5, 2.0],
+                                 "long_factor": [2.0, 3.0, 4.0, 6.0], "short_mscale": 1.1, "long_mscale": 1.3,
+                                 "original_max_position_embeddings": 16}),
+        {"random_buffers": ("bias",)},
+    ),
+    "phimoe_default_rope": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        _common(num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.1, head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        {"random_buffers": ("layernorm.bias", "norm.bias")},
+    ),
 }
 
 

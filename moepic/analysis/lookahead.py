@@ -31,8 +31,7 @@ class GateLookaheadTap:
         lw = self.model.weights.layers[following]
         assert isinstance(lw.ffn, MoEWeights)
         router = self.model.spec.moe.router
-        logits_TE = residual_router_logits(x_TD, lw.post_attention_norm_D, lw.ffn.router_ED, self.model.spec.norm_eps, router,
-                                           lw.ffn.router_logit_bias_E)
+        logits_TE = residual_router_logits(x_TD, lw, self.model.spec)
         scores_TE = selection_scores(logits_TE, router, lw.ffn.router_bias_E)  # ranked as the router ranks them
         self._predicted[following] = scores_TE.topk(self.candidates, dim=-1).indices
 

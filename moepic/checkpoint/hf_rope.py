@@ -108,9 +108,9 @@ def rope_spec_from_hf_config(
             return default
         return _number(value, f"{where}.{name}", source, **bounds)
 
-    # Only llama3 and yarn read the pretraining length; HF falls back to max_position_embeddings.
+    # Only llama3, yarn and longrope read the pretraining length; HF falls back to max_position_embeddings.
     original = None
-    if kind in ("llama3", "yarn"):
+    if kind in ("llama3", "yarn", "longrope"):
         if config.get("original_max_position_embeddings") is not None:
             key, value = "original_max_position_embeddings", config["original_max_position_embeddings"]
         elif rope.get("original_max_position_embeddings") is not None:
@@ -121,6 +121,8 @@ def rope_spec_from_hf_config(
                 raise CheckpointError(f"{source}: RoPE type {kind!r} needs original_max_position_embeddings")
         original = _integer(value, key, source)
 
+    if kind == "longrope":
+        return _longrope(rope, where, source, theta, partial, original, config)
     # Every kind divides frequencies by the factor; YaRN also takes its log.
     factor = scaling("factor", required=kind != "yarn", above=0)
     if factor is None:
@@ -154,6 +156,31 @@ def rope_spec_from_hf_config(
         # HF reads `.get("truncate", True)` and tests truthiness, so an explicit null disables it.
         truncate=bool(truncate),
         partial_rotary_factor=partial,
+    )
+
+
+def _longrope(rope: dict, where: str, source: str, theta: float, partial: float, original: int, config: dict) -> RopeSpec:
+    """LongRoPE's per-frequency factors and mscales (core/rope.py says how HF's PhiMoE applies them)."""
+
+    def factors(name: str) -> tuple[float, ...]:
+        values = rope.get(name)
+        if not isinstance(values, list) or not values:
+            raise CheckpointError(f"{source}: {where}.{name} should be a list of numbers, got {values!r}")
+        return tuple(_number(v, f"{where}.{name}", source, above=0) for v in values)
+
+    def mscale(name: str) -> float | None:
+        value = rope.get(name)
+        return None if value is None else _number(value, f"{where}.{name}", source, above=0)
+
+    # As HF: without a factor, the context extension ratio (only the default mscale reads it).
+    factor = rope.get("factor")
+    if factor is None:
+        factor = _integer(config.get("max_position_embeddings"), "max_position_embeddings", source) / original
+    return RopeSpec(
+        theta=theta, kind="longrope", original_max_position=original, partial_rotary_factor=partial,
+        factor=_number(factor, f"{where}.factor", source, above=0),
+        short_factor=factors("short_factor"), long_factor=factors("long_factor"),
+        short_mscale=mscale("short_mscale"), long_mscale=mscale("long_mscale"),
     )
 
 

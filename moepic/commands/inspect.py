@@ -57,6 +57,8 @@ def text(report: dict) -> str:
     mla = spec["mla"]
     heads = (f"{spec['num_heads']} heads, latent attention (rank {mla['kv_lora_rank']} + rotary {mla['qk_rope_head_dim']})"
              if mla else f"{spec['num_heads']} heads / {spec['num_kv_heads']} KV")
+    if spec["norm"] == "layer":
+        heads += ", LayerNorm"
     if spec["attention_sinks"]:
         heads += " with sinks"
     windows = [w for w in spec["layer_windows"] if w is not None]

@@ -51,10 +51,12 @@ def kv_cache_numbers(spec: ModelSpec) -> int:
 def footprint(spec: ModelSpec) -> Footprint:
     D, V = spec.hidden_size, spec.vocab_size
     attention = attention_params(spec)
-    resident = V * D * (1 if spec.tie_word_embeddings else 2) + D  # embeddings, lm_head, final norm
+    norm = D * (2 if spec.norm == "layer" else 1)  # a LayerNorm has a bias
+    # embeddings, lm_head (and its bias), final norm
+    resident = V * D * (1 if spec.tie_word_embeddings else 2) + V * spec.lm_head_bias + norm
     moe = spec.moe
     for kind in spec.layer_kinds:
-        resident += attention + 2 * D  # + the two norms
+        resident += attention + 2 * norm  # + the two norms
         if kind == "dense":
             resident += swiglu_params(D, spec.dense_ffn)
         else:

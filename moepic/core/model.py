@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from moepic.core.attention_kinds import attention_kind
 from moepic.core.ffn import swiglu
 from moepic.core.moe import ExpertSource, ResidentExperts, RoutingTap, moe_block
-from moepic.core.norms import rms_norm
-from moepic.core.rope import rope_cos_sin, rope_inv_freq
+from moepic.core.norms import block_norm
+from moepic.core.rope import rope_cos_sin, rope_inv_freq, rope_scaling_until
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import ModelWeights, MoEWeights
 
@@ -98,17 +98,18 @@ def forward(
     if start + T > cache.capacity:
         raise ValueError(f"KV cache holds {cache.capacity} positions; {start} used + {T} new does not fit")
     positions_T = torch.arange(start, start + T, device=tokens_T.device)
-    cos_Td, sin_Td = rope_cos_sin(model.inv_freq_d, model.rope_scaling, positions_T, model.dtype)
+    scaling = rope_scaling_until(spec.rope, start + T, model.rope_scaling)
+    cos_Td, sin_Td = rope_cos_sin(model.inv_freq_d, scaling, positions_T, model.dtype)
 
     attend = attention_kind(spec).attend
     x_TD = F.embedding(tokens_T, w.embed_VD)
     if spec.embedding_multiplier != 1.0:
         x_TD = x_TD * spec.embedding_multiplier
     for layer, lw in enumerate(w.layers):
-        h_TD = rms_norm(x_TD, lw.input_norm_D, spec.norm_eps)
+        h_TD = block_norm(x_TD, lw.input_norm_D, lw.input_norm_bias_D, spec.norm, spec.norm_eps)
         out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, spec.window(layer))
         x_TD = _join(x_TD, out_TD, spec)
-        h_TD = rms_norm(x_TD, lw.post_attention_norm_D, spec.norm_eps)
+        h_TD = block_norm(x_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):
             x_TD = _join(x_TD, moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap), spec)
         else:
@@ -119,7 +120,8 @@ def forward(
 
     if logits_for == "last":
         x_TD = x_TD[-1:]
-    logits_TV = F.linear(rms_norm(x_TD, w.final_norm_D, spec.norm_eps), w.lm_head_VD)
+    logits_TV = F.linear(block_norm(x_TD, w.final_norm_D, w.final_norm_bias_D, spec.norm, spec.norm_eps), w.lm_head_VD,
+                         w.lm_head_bias_V)
     if spec.logits_scaling != 1.0:
         logits_TV = logits_TV / spec.logits_scaling
     return logits_TV, attrs.evolve(cache, length=start + T)

@@ -1,4 +1,5 @@
-"""RMSNorm, computed the way the reference checkpoints were trained with. Pure."""
+"""The block norms: RMSNorm, or LayerNorm with a bias (PhiMoE), computed the way the reference
+checkpoints were trained with. Pure."""
 
 from __future__ import annotations
 
@@ -14,3 +15,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
     return weight * normed.to(x.dtype)
+
+
+def block_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:
+    """A block's (or the final) norm of the model's `kind` (spec.ModelSpec.norm): RMSNorm, or
+    LayerNorm with its bias, in the activations' dtype as HF's nn.LayerNorm runs it."""
+    if kind == "rms":
+        return rms_norm(x, weight, eps)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)

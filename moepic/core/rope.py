@@ -17,7 +17,7 @@ import torch
 
 from moepic.core.spec import RopeSpec
 
-ROPE_KINDS = ("default", "linear", "llama3", "yarn")
+ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_inv_freq(
@@ -40,6 +40,8 @@ def rope_inv_freq(
     if spec.kind == "linear":
         # Dividing the frequencies is the same as dividing the positions (position interpolation).
         return inv_freq / spec.factor, 1.0
+    if spec.kind == "longrope":
+        return _longrope(pos_freqs, spec, dim, max_position_embeddings)
 
     old_context = spec.original_max_position or max_position_embeddings
     if old_context is None:
@@ -47,6 +49,43 @@ def rope_inv_freq(
     if spec.kind == "llama3":
         return _llama3(inv_freq, spec, old_context), 1.0
     return _yarn(pos_freqs, inv_freq, spec, dim, old_context)
+
+
+def _longrope(pos_freqs: torch.Tensor, spec: RopeSpec, dim: int, max_position_embeddings: int | None):
+    """LongRoPE as HF's PhiMoE runs it: every frequency divided by its short factor, at every
+    length (HF computes its PhiMoE frequencies without the sequence length, so the long factors never
+    apply); the cos/sin scale is the short mscale, and the long one once a forward reaches past the
+    pretraining length (`rope_scaling_until`). Without mscales: LongRoPE's sqrt(1 + ln s / ln L)."""
+    if len(spec.short_factor) != dim // 2:
+        raise ValueError(f"LongRoPE short_factor has {len(spec.short_factor)} values for {dim // 2} frequencies")
+    inv_freq = 1.0 / (torch.tensor(spec.short_factor, dtype=torch.float32) * pos_freqs)
+    if spec.short_mscale is not None:
+        return inv_freq, spec.short_mscale
+    old = spec.original_max_position or max_position_embeddings
+    return inv_freq, 1.0 if spec.factor <= 1.0 else math.sqrt(1 + math.log(spec.factor) / math.log(old))
+
+
+def rope_scaling_until(spec: RopeSpec, end_position: int, scaling: float) -> float:
+    """The cos/sin scale of a forward whose last position is `end_position` - 1: `scaling`
+    (rope_inv_freq's), except LongRoPE's long mscale once the forward reaches past the pretraining
+    length (as HF's PhiMoE picks it per forward; earlier keys keep the scale they were cached with)."""
+    long = spec.kind == "longrope" and spec.long_mscale is not None and spec.original_max_position is not None
+    if long and end_position > spec.original_max_position:
+        return spec.long_mscale
+    return scaling
+
+
+def cache_rebuild_length(spec: RopeSpec, scaling: float) -> int | None:
+    """The KV cache length at which generation re-runs the whole sequence instead of one token
+    (None: never). LongRoPE's cos/sin scale changes once the sequence outgrows its pretraining
+    length, and keys cached before carry the old scale: HF's PhiMoE generation drops its cache at
+    that step and recomputes it, so moepic's does too (runtime/generation.py)."""
+    if spec.kind != "longrope" or spec.original_max_position is None:
+        return None
+    boundary = spec.original_max_position
+    if rope_scaling_until(spec, boundary, scaling) == rope_scaling_until(spec, boundary + 1, scaling):
+        return None  # the same scale on both sides: nothing to recompute
+    return boundary
 
 
 def _llama3(inv_freq: torch.Tensor, spec: RopeSpec, old_context: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ registry line:
     sigmoid_group_topk  sigmoid scores; a selection-only bias added to choose  DeepSeek-V3, GLM-4.5
                         (never to weigh); groups ranked by their top-2 sum     (`noaux_tc`)
     softmax_biased_topk softmax probabilities + a selection-only bias          ERNIE-4.5
+    sparsemixer         the best logit, then the best of the rest; each        PhiMoE
+                        weighted by a softmax over the logits near it
 
 then optional renormalisation and the routed scaling factor. Probabilities are computed in float32
 as the reference implementations do, then the weights are cast to the activations' dtype.
@@ -27,8 +29,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moepic.core.norms import rms_norm
-from moepic.core.spec import MoESpec, RouterSpec
+from moepic.core.norms import block_norm
+from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
+from moepic.core.weights import LayerWeights
 
 # (logits_TE float32, router, top_k, selection bias_E or None) → (weights_TK float32, ids_TK)
 RouterFn = Callable[[torch.Tensor, RouterSpec, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
@@ -57,6 +60,8 @@ def selection_scores(logits_TE: torch.Tensor, router: RouterSpec, bias_E: torch.
     if kind == "softmax_biased_topk":
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         return probs_TE + bias_E.float() if bias_E is not None else probs_TE
+    if kind == "sparsemixer":  # ranks by logit: its first choice is the best, its second the next
+        return logits_TE.float()
     if kind == "sigmoid_group_topk":
         choice_TE = torch.sigmoid(logits_TE.float())
         if bias_E is not None:
@@ -94,11 +99,30 @@ def sigmoid_group_topk(logits_TE, router, top_k, bias_E=None):
     return _finish(weights_TK, router, eps=1e-20), ids_TK
 
 
+def sparsemixer(logits_TE, router, top_k, bias_E=None):
+    """PhiMoE's SparseMixer at inference, as HF computes it: choice 1 is the best expert, weighted by
+    a softmax over the experts whose logit is within 2·jitter_eps (relative) of the best; choice 2
+    the best of the others, weighted by a softmax over those near it, choice 1 left out. No
+    renormalisation: the two weights need not sum to 1."""
+    scores_TE = logits_TE.float()
+    weights, ids = [], []
+    masked_TE = scores_TE
+    for _ in range(2):
+        best_T1, choice_T1 = masked_TE.max(dim=-1, keepdim=True)
+        # Distance from the best, relative to the larger magnitude (HF compares against the raw scores).
+        far_TE = (best_T1 - scores_TE) / scores_TE.abs().clamp(min=best_T1) > 2 * router.jitter_eps
+        weights.append(torch.softmax(masked_TE.masked_fill(far_TE, float("-inf")), dim=-1).gather(1, choice_T1))
+        ids.append(choice_T1)
+        masked_TE = masked_TE.scatter(1, choice_T1, float("-inf"))
+    return torch.cat(weights, dim=1), torch.cat(ids, dim=1)
+
+
 ROUTERS: dict[str, RouterFn] = {
     "softmax_topk": probability_topk,
     "softmax_group_topk": probability_topk,
     "sigmoid_group_topk": sigmoid_group_topk,
     "softmax_biased_topk": softmax_biased_topk,
+    "sparsemixer": sparsemixer,
 }
 
 
@@ -120,14 +144,12 @@ def router_logits(
     return F.linear(x_TD, router_ED, logit_bias_E)
 
 
-def residual_router_logits(
-    residual_TD: torch.Tensor, norm_D: torch.Tensor, router_ED: torch.Tensor, eps: float, router: RouterSpec | None = None,
-    logit_bias_E: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[T, E]: a layer's router logits for a residual stream, normalised with that layer's pre-FFN
-    norm weight `norm_D` as the layer would (its attention skipped): what a lookahead from an
-    earlier layer's output guesses that layer's experts by."""
-    return router_logits(rms_norm(residual_TD, norm_D, eps), router_ED, router, logit_bias_E)
+def residual_router_logits(residual_TD: torch.Tensor, layer: LayerWeights, spec: ModelSpec) -> torch.Tensor:
+    """[T, E]: MoE layer `layer`'s router logits for a residual stream, normalised with that layer's
+    pre-FFN norm as the layer would (its attention skipped): what a lookahead from an earlier
+    layer's output guesses that layer's experts by."""
+    x_TD = block_norm(residual_TD, layer.post_attention_norm_D, layer.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
+    return router_logits(x_TD, layer.ffn.router_ED, spec.moe.router, layer.ffn.router_logit_bias_E)
 
 
 def route(

@@ -25,7 +25,7 @@ class RopeSpec:
     """Rotary embedding settings, in Hugging Face's `rope_parameters` vocabulary."""
 
     theta: float = attrs.field(validator=_positive)
-    kind: Literal["default", "linear", "llama3", "yarn"] = "default"
+    kind: Literal["default", "linear", "llama3", "yarn", "longrope"] = "default"
     # Scaling knobs; which ones matter depends on `kind` (see core/rope.py).
     factor: float = 1.0
     original_max_position: int | None = None
@@ -37,6 +37,12 @@ class RopeSpec:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    # LongRoPE (PhiMoE): a divisor per frequency, and the cos/sin scale up to and beyond
+    # `original_max_position` (see core/rope.py for which factors apply when).
+    short_factor: tuple[float, ...] = attrs.field(default=(), converter=tuple)
+    long_factor: tuple[float, ...] = attrs.field(default=(), converter=tuple)
+    short_mscale: float | None = None
+    long_mscale: float | None = None
     # Fraction of each head's dims that rotate (1.0 for every supported model).
     partial_rotary_factor: float = 1.0
 
@@ -77,6 +83,9 @@ class RouterSpec:
     # A bias added to the logits themselves (GPT-OSS): it moves choice and weights alike, unlike a
     # selection-only bias (MoEWeights.router_bias_E).
     logit_bias: bool = False
+    # SparseMixer (PhiMoE): experts whose logit is within this relative distance of the best stay
+    # in each choice's softmax (`router_jitter_noise`; core/routing.py).
+    jitter_eps: float = attrs.field(default=0.01, validator=attrs.validators.ge(0))
 
     def __attrs_post_init__(self) -> None:
         if self.top_groups > self.groups:
@@ -109,6 +118,8 @@ class MoESpec:
         groups = self.router.groups
         if self.num_experts % groups:
             raise ValueError(f"num_experts ({self.num_experts}) is not a whole number of router groups ({groups})")
+        if self.router.kind == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"the sparsemixer router chooses 2 experts (as HF's PhiMoE does), not top_k {self.top_k}")
         if self.top_k > self.router.top_groups * (self.num_experts // groups):
             raise ValueError(f"top_k ({self.top_k}) > the experts in the router's top_groups "
                              f"({self.router.top_groups} of {groups} groups of {self.num_experts // groups})")
@@ -136,6 +147,9 @@ class MLASpec:
 class ModelSpec:
     model_type: str
     vocab_size: int = attrs.field(validator=_positive)
+    # Every block norm and the final one: RMSNorm (weight only), or LayerNorm with a bias (PhiMoE).
+    norm: Literal["rms", "layer"] = "rms"
+    lm_head_bias: bool = False
     hidden_size: int = attrs.field(validator=_positive)
     num_heads: int = attrs.field(validator=_positive)
     num_kv_heads: int = attrs.field(validator=_positive)
@@ -181,6 +195,8 @@ class ModelSpec:
             raise ValueError("a layer is 'moe' but the spec has no MoESpec")
         if "dense" in self.layer_kinds and self.dense_ffn <= 0:
             raise ValueError("a layer is 'dense' but dense_ffn is not set")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"unknown norm {self.norm!r}; expected 'rms' or 'layer'")
         for kind in self.layer_kinds:
             if kind not in ("dense", "moe"):
                 raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")

@@ -151,6 +151,9 @@ class LayerWeights:
     attention: AttentionWeights | MLAWeights
     post_attention_norm_D: torch.Tensor
     ffn: SwiGLUWeights | MoEWeights
+    # LayerNorm's biases (spec.norm "layer"); None for RMSNorm.
+    input_norm_bias_D: torch.Tensor | None = None
+    post_attention_norm_bias_D: torch.Tensor | None = None
 
 
 @attrs.frozen
@@ -159,3 +162,5 @@ class ModelWeights:
     layers: tuple[LayerWeights, ...]
     final_norm_D: torch.Tensor
     lm_head_VD: torch.Tensor
+    final_norm_bias_D: torch.Tensor | None = None
+    lm_head_bias_V: torch.Tensor | None = None

@@ -44,7 +44,7 @@ class GateLookahead(ScoringPredictor):
         self.hidden_size = model.spec.hidden_size
         self.device, self.dtype = model.device, model.dtype
         self.reads = "layer_output" if config.reads == "layer_output" else "router_input"
-        self.eps = model.spec.norm_eps
+        self.spec = model.spec
         self.router = model.spec.moe.router
         moe_layers = model.spec.moe_layers
         self.targets = layers_ahead(moe_layers, model.spec.num_layers, config.horizon)
@@ -52,6 +52,9 @@ class GateLookahead(ScoringPredictor):
         # rescaled: x·(w_target / w_source), precomputed per (source, target) pair
         self.rescale = {}
         if config.reads == "rescaled":
+            if model.spec.norm != "rms":
+                raise ValueError("gate_lookahead reads 'rescaled' rescales RMSNorm weights; this model's norms are "
+                                 f"{model.spec.norm!r}: use reads 'router_input' or 'layer_output'")
             for source in moe_layers:
                 targets = self.targets[source]
                 w_source = self.moe[source].post_attention_norm_D
@@ -66,8 +69,7 @@ class GateLookahead(ScoringPredictor):
         ffn = self.moe[target].ffn
         assert isinstance(ffn, MoEWeights)
         if self.config.reads == "layer_output":
-            norm_D = self.moe[target].post_attention_norm_D
-            logits_TE = residual_router_logits(hidden_TD, norm_D, ffn.router_ED, self.eps, self.router, ffn.router_logit_bias_E)
+            logits_TE = residual_router_logits(hidden_TD, self.moe[target], self.spec)
         else:
             x_TD = hidden_TD * self.rescale[layer, target] if self.rescale else hidden_TD
             logits_TE = router_logits(x_TD, ffn.router_ED, self.router, ffn.router_logit_bias_E)

@@ -15,6 +15,7 @@ import torch
 from moepic.config import SamplingConfig
 from moepic.core.model import KVCache, Model, forward
 from moepic.core.moe import ExpertSource, RoutingTap
+from moepic.core.rope import cache_rebuild_length
 from moepic.core.sampling import sample_next_token
 from moepic.progress import bar as progress_bar
 
@@ -92,6 +93,7 @@ def generate(
         )
         return logits_V, next_id, cache
 
+    rebuild_at = cache_rebuild_length(model.spec.rope, model.rope_scaling)
     kept, new_ids = [], []
     # `with` closes the bar on an exception too, so an error line is not printed after it.
     with progress_bar(total=max_new_tokens, desc="generating", unit="tok", wanted=progress, leave=False) as bar:
@@ -109,7 +111,11 @@ def generate(
             bar.update(1)
             if token in eos or len(new_ids) == max_new_tokens:
                 break
-            logits_V, next_id, cache = step(next_id.view(1), cache)
+            if cache.length == rebuild_at:  # the sequence outgrows a scale the cached keys carry
+                everything_T = torch.tensor([*prompt_ids, *new_ids], dtype=torch.long, device=device)
+                logits_V, next_id, cache = step(everything_T, attrs.evolve(cache, length=0))
+            else:
+                logits_V, next_id, cache = step(next_id.view(1), cache)
             token = int(next_id)
         t2 = time.perf_counter()
     stats = GenerationStats(prompt_tokens=len(prompt_ids), tokens=len(new_ids), prefill_s=t1 - t0, decode_s=t2 - t1)

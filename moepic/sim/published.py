@@ -6,7 +6,8 @@ routers included; `moepic inspect` on a folder holding one of them reproduces th
 parameter count (tests/core/test_footprint.py). Counts as published: DeepSeek-V2-Lite 15.7 B,
 DeepSeek-V3 671 B (its multi-token-prediction layer, `num_nextn_predict_layers`, is not part of the
 count, and HF transformers does not load it), GLM-4.5-Air 106 B, GPT-OSS-20B 20.91 B and GPT-OSS-120B
-116.83 B (OpenAI's model card; the experts ship as MXFP4, the counts are of parameters, not bytes).
+116.83 B (OpenAI's model card; the experts ship as MXFP4, the counts are of parameters, not bytes),
+Phi-3.5-MoE 41.9 B.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ GPT_OSS_20B = {
 GPT_OSS_120B = GPT_OSS_20B | {"num_hidden_layers": 36, "num_local_experts": 128,
                               "layer_types": ["sliding_attention", "full_attention"] * 18}
 
+PHI_35_MOE = {
+    "model_type": "phimoe", "attention_bias": True, "bos_token_id": 1, "eos_token_id": 32000, "hidden_act": "silu",
+    "hidden_size": 4096, "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True,
+    "max_position_embeddings": 131072, "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "num_local_experts": 16, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+    # The published long_factor / short_factor lists hold 64 measured values each; they change no size
+    # or cost, so the preset keeps their length with 1.0 in place of each value.
+    "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 64, "short_factor": [1.0] * 64,
+                     "long_mscale": 1.243163121016122, "short_mscale": 1.243163121016122,
+                     "original_max_position_embeddings": 4096},
+    "rope_theta": 10000.0, "router_jitter_noise": 0.01, "sliding_window": 131072, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "vocab_size": 32064,
+}  # fmt: skip
+
 # preset name → (config.json values, total parameters as published)
 PUBLISHED_CONFIGS = {
     "deepseek-v2-lite": (DEEPSEEK_V2_LITE, 15.7e9),
@@ -72,4 +87,5 @@ PUBLISHED_CONFIGS = {
     "glm-4.5-air": (GLM_45_AIR, 106e9),
     "gpt-oss-20b": (GPT_OSS_20B, 20.91e9),
     "gpt-oss-120b": (GPT_OSS_120B, 116.83e9),
+    "phi-3.5-moe": (PHI_35_MOE, 41.9e9),
 }

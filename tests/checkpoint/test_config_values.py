@@ -55,7 +55,7 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("mixtral", {"rms_norm_eps": -1e-6}, "key 'rms_norm_eps' must be > 0, got -1e-06"),
         ("mixtral", {("rope_parameters", "rope_theta"): NAN}, "rope_parameters.rope_theta must be a finite number, got nan"),
         ("mixtral", {("rope_parameters", "rope_theta"): 1}, "rope_parameters.rope_theta must be > 1, got 1"),
-        ("mixtral", {("rope_parameters", "rope_type"): 0}, "unsupported RoPE type rope_parameters.rope_type=0; moepic supports default, linear, llama3, yarn"),
+        ("mixtral", {("rope_parameters", "rope_type"): 0}, "unsupported RoPE type rope_parameters.rope_type=0; moepic supports default, linear, llama3, yarn, longrope"),
         ("mixtral", {"num_hidden_layers": 10**12}, f"key 'num_hidden_layers' must be in [1, {MAX_LAYERS}], got 1000000000000"),
         ("mixtral", {"hidden_size": 2**40}, f"key 'hidden_size' must be in [1, {MAX_SIZE}], got {2**40}"),
         ("mixtral", {"num_key_value_heads": -2}, f"key 'num_key_value_heads' must be in [1, {MAX_SIZE}], got -2"),
@@ -96,6 +96,16 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
         ("minimax_m2", {"sliding_window": 8}, "sliding-window layers are not supported for minimax_m2"),
         ("minimax_m2", {"rotary_dim": 32, ("rope_parameters", "partial_rotary_factor"): None},
          "rotary_dim 32 is wider than head_dim 16"),
+        ("phimoe", {"num_experts_per_tok": 3}, "num_experts_per_tok 3 is not supported for phimoe: SparseMixer routing "
+         "chooses 2 experts (as HF's PhiMoE does)"),
+        ("phimoe", {("rope_parameters", "long_mscale"): None}, "phimoe's longrope needs short_mscale and long_mscale "
+         "(HF's PhiMoE scales by them)"),
+        ("phimoe", {("rope_parameters", "short_factor"): [1.0, "x"]},
+         "rope_parameters.short_factor must be a number, got 'x'"),
+        ("phimoe", {("rope_parameters", "short_factor"): [1.0, 2.0]},
+         "unusable RoPE settings (LongRoPE short_factor has 2 values for 4 frequencies)"),
+        ("phimoe", {("rope_parameters", "long_factor"): 3}, "rope_parameters.long_factor should be a list of numbers, got 3"),
+        ("phimoe", {"router_jitter_noise": -0.1}, "key 'router_jitter_noise' must be > 0, got -0.1"),
     ],
 )
 def test_bad_config_number_is_one_line_naming_file_and_key(checkpoint_dir, capsys, tmp_path, name, changes, expected):

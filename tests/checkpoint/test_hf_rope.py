@@ -104,14 +104,14 @@ def _error(config: dict) -> str:
     "config, key, value",
     [
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type", "'dynamic'"),
-        ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0]}}, "rope_parameters.rope_type", "'longrope'"),
+        ({"rope_parameters": {"rope_type": "su", "short_factor": [1.0]}}, "rope_parameters.rope_type", "'su'"),
         ({"rope_parameters": {"rope_type": "mrope"}}, "rope_parameters.rope_type", "'mrope'"),
     ],
 )
 def test_unsupported_kinds_name_key_value_and_supported_kinds(config, key, value):
     message = _error(config)
     assert f"{key}={value}" in message
-    assert "default, linear, llama3, yarn" in message
+    assert "default, linear, llama3, yarn, longrope" in message
 
 
 @pytest.mark.parametrize(

@@ -103,14 +103,14 @@ def test_unknown_model_type_lists_the_supported_ones(checkpoint_dir, capsys, tmp
     folder = _copy(checkpoint_dir, tmp_path)
     _edit_config(folder, model_type="llama")
     assert _error(capsys, folder) == (
-        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, glm4_moe, gpt_oss, granitemoe, granitemoeshared, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe"
+        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, glm4_moe, gpt_oss, granitemoe, granitemoeshared, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
     )
 
 
 @pytest.mark.parametrize("model_type,why", [
     ("qwen3_next", "its linear-attention (Gated DeltaNet) layers are not supported"),
     ("jamba", "its Mamba (state-space) layers are not supported"),
-    ("phimoe", "not supported yet (LayerNorm with bias, SparseMixer routing, LongRoPE)"),
+    ("llama4_text", "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)"),
 ])
 def test_a_known_family_moepic_does_not_run_says_why(checkpoint_dir, capsys, tmp_path, model_type, why):
     folder = _copy(checkpoint_dir, tmp_path)
@@ -160,7 +160,7 @@ def test_unknown_rope_type_is_named_with_the_supported_ones(checkpoint_dir, caps
     _edit_config(folder, rope_parameters={"rope_type": "weird", "rope_theta": 1e6})
     assert _error(capsys, folder) == (
         f"{folder / 'config.json'}: unsupported RoPE type rope_parameters.rope_type='weird'; "
-        "moepic supports default, linear, llama3, yarn"
+        "moepic supports default, linear, llama3, yarn, longrope"
     )
 
 

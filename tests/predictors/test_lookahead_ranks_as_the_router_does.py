@@ -5,11 +5,13 @@ router would choose, where the raw logits' top-k would name others."""
 from __future__ import annotations
 
 import attrs
+import pytest
 import torch
 
 from moepic.analysis.lookahead import GateLookaheadTap
+from moepic.checkpoint.load import load_model
 from moepic.core.model import Model
-from moepic.core.norms import rms_norm
+from moepic.core.norms import block_norm, rms_norm
 from moepic.core.routing import route
 from moepic.core.spec import RouterSpec
 from moepic.predictors.gate_lookahead import GateLookahead, GateLookaheadConfig
@@ -52,3 +54,27 @@ def test_the_routing_reports_lookahead_ranks_by_the_router_too():
     weights_TK, ids_TK = route(router_input_TD, lw.ffn.router_ED, model.spec.moe, lw.ffn.router_bias_E)
     tap.routed(1, router_input_TD, weights_TK, ids_TK)
     assert tap.recall() == {1: 1.0}
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "phimoe"])
+def test_lookaheads_normalise_and_bias_as_the_layer_does(checkpoint_dir, name):
+    """GPT-OSS's router has a bias on its logits, PhiMoE normalises with LayerNorm and its bias: a
+    lookahead from a residual that the next layer routes on names exactly its experts."""
+    model = load_model(checkpoint_dir(name), dtype=torch.float32)
+    spec, lw = model.spec, model.weights.layers[1]
+    x_TD = torch.randn(16, spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    router_input_TD = block_norm(x_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
+    weights_TK, ids_TK = route(router_input_TD, lw.ffn.router_ED, spec.moe, lw.ffn.router_bias_E, lw.ffn.router_logit_bias_E)
+    tap = GateLookaheadTap(model)
+    tap.layer_output(0, x_TD)
+    tap.routed(1, router_input_TD, weights_TK, ids_TK)
+    assert tap.recall() == {1: 1.0}
+    predictor = GateLookahead(GateLookaheadConfig(reads="layer_output"), model)
+    named = predictor.scores(0, 1, x_TD).topk(spec.moe.top_k, dim=-1).indices
+    assert torch.equal(named.sort(-1).values, ids_TK.sort(-1).values)
+
+
+def test_rescaled_reads_are_refused_for_layer_norm_models(checkpoint_dir):
+    model = load_model(checkpoint_dir("phimoe"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="rescales RMSNorm weights; this model's norms are 'layer'"):
+        GateLookahead(GateLookaheadConfig(reads="rescaled"), model)

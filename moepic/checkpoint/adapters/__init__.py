@@ -14,6 +14,7 @@ from moepic.checkpoint.adapters.granite import GraniteMoeAdapter
 from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
 from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
+from moepic.checkpoint.adapters.phimoe import PhimoeAdapter
 from moepic.checkpoint.adapters.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
 from moepic.errors import CheckpointError
 
@@ -22,6 +23,7 @@ _ADAPTERS: dict[str, Adapter] = {
     for adapter in (
         MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(),
         Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter(), GptOssAdapter(),
+        PhimoeAdapter(),
     )
     for model_type in adapter.model_types
 }
@@ -33,7 +35,6 @@ _REFUSED = {
     "jamba": "its Mamba (state-space) layers are not supported",
     "lfm2_moe": "its short-convolution layers are not supported",
     "granitemoehybrid": "its Mamba (state-space) layers are not supported",
-    "phimoe": "not supported yet (LayerNorm with bias, SparseMixer routing, LongRoPE)",
     "llama4": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
     "llama4_text": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
     "hunyuan_v1_moe": "not supported yet (q/k norm after the rotation, an output bias, NTK-alpha RoPE)",

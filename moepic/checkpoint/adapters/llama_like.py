@@ -112,7 +112,13 @@ class LlamaLikeAdapter(Adapter):
             lm_head = embed
         else:
             lm_head = read("lm_head.weight", V, D)
-        return ModelWeights(embed, layers, final_norm, lm_head)
+        return ModelWeights(embed, layers, final_norm, lm_head, final_norm_bias_D=self._norm_bias(read, spec, "model.norm"),
+                            lm_head_bias_V=read("lm_head.bias", V) if spec.lm_head_bias else None)
+
+    @staticmethod
+    def _norm_bias(read: TensorReader, spec: ModelSpec, name: str):
+        """A LayerNorm's bias (spec.norm "layer"); RMSNorm has none."""
+        return read(f"{name}.bias", spec.hidden_size) if spec.norm == "layer" else None
 
     def _layer(self, read: TensorReader, spec: ModelSpec, l: int) -> LayerWeights:
         D = spec.hidden_size
@@ -123,6 +129,8 @@ class LlamaLikeAdapter(Adapter):
             attention=self._attention(read, spec, f"{p}.self_attn"),
             post_attention_norm_D=read(f"{p}.post_attention_layernorm.weight", D),
             ffn=ffn,
+            input_norm_bias_D=self._norm_bias(read, spec, f"{p}.input_layernorm"),
+            post_attention_norm_bias_D=self._norm_bias(read, spec, f"{p}.post_attention_layernorm"),
         )
 
     def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> AttentionWeights:
