@@ -295,6 +295,36 @@ CHECKPOINTS = {
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
         {"random_buffers": ("layernorm.bias", "norm.bias")},
     ),
+    # Llama-4: MoE every other layer, a NoPE layer every other layer (with the attention temperature,
+    # whose floor scale 4 makes it change within the test's positions), chunks of 4 on rotating
+    # layers, the weightless q/k norm, a top-1 router scaling the expert's input, a shared expert.
+    "llama4_text": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        _common(num_local_experts=4, intermediate_size=48, intermediate_size_mlp=64, head_dim=8, num_hidden_layers=4,
+                interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=4),
+        {},
+    ),
+    "llama4_text_llama3_rope": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        _common(num_local_experts=6, intermediate_size=16, intermediate_size_mlp=48, head_dim=8, moe_layers=[0, 2],
+                no_rope_layers=[1, 1, 0], attention_chunk_size=None, use_qk_norm=False, attn_temperature_tuning=False,
+                attention_bias=True, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        {"random_buffers": ("bias",)},
+    ),
+    # Llama-4 as Scout and Maverick ship: a multimodal checkpoint whose text model moepic runs.
+    "llama4": (
+        "Llama4Config",
+        "Llama4ForConditionalGeneration",
+        dict(text_config=_common(num_local_experts=4, intermediate_size=16, intermediate_size_mlp=32, head_dim=8,
+                                 attention_chunk_size=4, floor_scale=4),
+             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16, vision_output_dim=32, projector_input_dim=32,
+                                projector_output_dim=32)),
+        {},
+    ),
 }
 
 

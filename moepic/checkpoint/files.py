@@ -68,6 +68,26 @@ def _non_finite_reason(tensor: torch.Tensor, converted: torch.Tensor) -> str:
     return f"has {bad} NaN or Inf value(s)"
 
 
+class PrefixedCheckpoint:
+    """A checkpoint whose wanted tensors all start with `prefix` (a multimodal file's language
+    model: `language_model.`), addressed without it."""
+
+    def __init__(self, inner: SafetensorsCheckpoint, prefix: str) -> None:
+        self.inner, self.prefix, self.folder = inner, prefix, inner.folder
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(self.prefix + name)
+
+    def read(self, name: str, *args, **kwargs) -> torch.Tensor:
+        return self.inner.read(self.prefix + name, *args, **kwargs)
+
+    def read_stored(self, name: str, *args, **kwargs) -> torch.Tensor:
+        return self.inner.read_stored(self.prefix + name, *args, **kwargs)
+
+    def checked(self, name: str, stored: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
+        return self.inner.checked(self.prefix + name, stored, converted)
+
+
 class SafetensorsCheckpoint:
     """Open handles on every shard; `read` takes one tensor, checks its shape, converts it.
 

@@ -42,6 +42,13 @@ class HFConfig:
         # generation_config.json, when the folder has one: it may name more stop tokens.
         self.generation = generation
 
+    def section(self, key: str) -> HFConfig:
+        """A nested config (a multimodal checkpoint's `text_config`), its errors naming it."""
+        data = self.data.get(key)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self.source}: {key} should be an object, got {data!r}")
+        return HFConfig(data, f"{self.source}: {key}", self.generation)
+
     @classmethod
     def read(cls, folder: Path) -> HFConfig:
         path = folder / "config.json"

@@ -135,9 +135,10 @@ def rope_spec_from_hf_config(
     # llama3 divides the original length by both factors and its blend by their difference.
     low_freq = scaling("low_freq_factor", 1.0, required=kind == "llama3", above=0)
     high_freq = scaling("high_freq_factor", 4.0, required=kind == "llama3", above=0)
-    if kind == "llama3" and not high_freq > low_freq:
+    # Equal factors leave no band to blend (Llama-4 Scout ships 1 and 1); a lower high one is nonsense.
+    if kind == "llama3" and high_freq < low_freq:
         raise CheckpointError(
-            f"{source}: {where}.high_freq_factor ({high_freq:g}) must be > {where}.low_freq_factor ({low_freq:g})"
+            f"{source}: {where}.high_freq_factor ({high_freq:g}) must be ≥ {where}.low_freq_factor ({low_freq:g})"
         )
     return RopeSpec(
         theta=theta,

@@ -84,7 +84,8 @@ def load_model(
             place = functools.partial(pack_expert, pin_memory=pin)
         reader = TensorReader(ckpt, dtype, device, widest_neuron_block, place_routed_expert=place)
         weights = adapter.load_weights(reader, spec, progress)
-        unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)]
+        unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)
+                      and not n.startswith(adapter.ignored_prefixes)]
     if unexpected:
         shown = ", ".join(repr(n) for n in unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
         raise CheckpointError(

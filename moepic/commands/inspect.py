@@ -64,6 +64,11 @@ def text(report: dict) -> str:
     windows = [w for w in spec["layer_windows"] if w is not None]
     if windows:
         heads += f", window {max(windows)} on {len(windows)} layers"
+    chunks = [c for c in spec["layer_chunks"] if c is not None]
+    if chunks:
+        heads += f", chunks of {max(chunks)} on {len(chunks)} layers"
+    if spec["layer_rope"] and not all(spec["layer_rope"]):
+        heads += f", no rotation on {spec['layer_rope'].count(False)} layers"
     lines = [
         f"{report['model']}: {spec['model_type']}, {len(kinds)} layers ({kinds.count('moe')} MoE, "
         f"{kinds.count('dense')} dense), D {spec['hidden_size']}, {heads}, {report['total_params'] / 1e9:.3f} B params"
@@ -77,6 +82,8 @@ def text(report: dict) -> str:
             rule += f", × {router['scaling']:g}"
         if router["logit_bias"]:
             rule += ", logit bias"
+        if router["weighs_input"]:
+            rule += ", weighing the expert's input"
         act = moe["activation"]
         if (act["alpha"], act["limit"], act["up_offset"]) != (1.0, None, 0.0):
             limit = f", limit {act['limit']:g}" if act["limit"] is not None else ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moepic.core.norms import rms_norm
+from moepic.core.norms import rms_norm, rms_normalize
 from moepic.core.rope import rotate
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import AttentionWeights
@@ -37,30 +37,45 @@ def _project_qkv(x_TD: torch.Tensor, w: AttentionWeights, spec: ModelSpec):
     return q_THd.transpose(0, 1), k_THd.transpose(0, 1), v_THd.transpose(0, 1)
 
 
-def allowed_positions(T: int, start: int, window: int | None, device) -> torch.Tensor:
-    """Boolean [T, start+T]: which positions each new token may attend to (causal, within `window`)."""
+def allowed_positions(T: int, start: int, window: int | None, device, chunk: int | None = None) -> torch.Tensor:
+    """Boolean [T, start+T]: which positions each new token may attend to (causal, within `window`,
+    within its own `chunk` of positions)."""
     q_pos = torch.arange(start, start + T, device=device)[:, None]
     k_pos = torch.arange(start + T, device=device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= (q_pos - k_pos) < window
+    if chunk is not None:
+        allowed &= (k_pos // chunk) == (q_pos // chunk)
     return allowed
 
 
-def causal_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
+def causal_mask(T: int, start: int, window: int | None, device, chunk: int | None = None) -> torch.Tensor | None:
     """Boolean [T, start+T] mask (True = may attend), or None when SDPA's own modes suffice."""
-    if window is None and (T == 1 or start == 0):
+    if window is None and chunk is None and (T == 1 or start == 0):
         return None
-    return allowed_positions(T, start, window, device)
+    return allowed_positions(T, start, window, device, chunk)
 
 
-def _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, at: int) -> torch.Tensor:
-    """The new tokens' rotated queries [H, T, d]; their keys and values written at positions [at, at+T)."""
+def _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start: int, layer: int, reserved: int = 0):
+    """The new tokens' queries [H, T, d], rotated where `layer` rotates; their keys and values
+    written at cache positions reserved + [start, start+T) (the kind's reserved slots first)."""
     T = x_TD.shape[0]
     q_HTd, k_HTd, v_HTd = _project_qkv(x_TD, w, spec)
-    cache_k_HSd[:, at : at + T] = rotate(k_HTd, cos_Td, sin_Td, spec.rope_layout)
+    if spec.rotates(layer):
+        q_HTd = rotate(q_HTd, cos_Td, sin_Td, spec.rope_layout)
+        k_HTd = rotate(k_HTd, cos_Td, sin_Td, spec.rope_layout)
+        if spec.qk_norm == "weightless_after_rope":
+            q_HTd, k_HTd = rms_normalize(q_HTd, spec.norm_eps), rms_normalize(k_HTd, spec.norm_eps)
+    elif spec.nope_temperature is not None:  # Llama-4: longer contexts sharpen NoPE layers' attention
+        attn_scale, floor_scale = spec.nope_temperature
+        positions_T = torch.arange(start, start + T, device=x_TD.device, dtype=torch.float32)
+        scale_T1 = torch.log1p(torch.floor((positions_T + 1.0) / floor_scale)) * attn_scale + 1.0
+        q_HTd = (q_HTd * scale_T1[:, None]).to(q_HTd.dtype)
+    at = reserved + start
+    cache_k_HSd[:, at : at + T] = k_HTd
     cache_v_HSd[:, at : at + T] = v_HTd
-    return rotate(q_HTd, cos_Td, sin_Td, spec.rope_layout)
+    return q_HTd
 
 
 def _attend(q_HTd, keys_HSd, values_HSd, mask, spec: ModelSpec) -> torch.Tensor:
@@ -101,12 +116,12 @@ def attention(
     cache_k_HSd: torch.Tensor,
     cache_v_HSd: torch.Tensor,
     start: int,
-    window: int | None = None,
+    layer: int,
 ) -> torch.Tensor:
-    """`window`: this layer's sliding window (ModelSpec.window), None for full attention."""
+    """`layer`'s attention: its window, chunk and rotation as the spec says for it."""
     T = x_TD.shape[0]
-    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start)
-    mask = causal_mask(T, start, window, x_TD.device)
+    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start, layer)
+    mask = causal_mask(T, start, spec.window(layer), x_TD.device, spec.chunk(layer))
     out_TQ = _attend(q_HTd, cache_k_HSd[:, : start + T], cache_v_HSd[:, : start + T], mask, spec)
     return F.linear(out_TQ, w.o_DQ, w.o_bias)
 
@@ -120,15 +135,15 @@ def sink_attention(
     cache_k_HSd: torch.Tensor,
     cache_v_HSd: torch.Tensor,
     start: int,
-    window: int | None = None,
+    layer: int,
 ) -> torch.Tensor:
     """Attention with sinks (GPT-OSS): each head's softmax has one more logit, its learned sink,
     whose value is nothing. The cache's position 0 is that key: zeros for key and value (so its
     score is 0 and it adds nothing), and the mask adds the head's sink to its score. Tokens live at
     positions 1 + p (`sink_cache_shapes`), so no step copies the cache to append the sink."""
     T = x_TD.shape[0]
-    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, 1 + start)
-    allowed_TS = allowed_positions(T, start, window, x_TD.device)
+    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start, layer, reserved=1)
+    allowed_TS = allowed_positions(T, start, spec.window(layer), x_TD.device, spec.chunk(layer))
     mask_HTS = torch.empty(spec.num_heads, T, 1 + start + T, dtype=q_HTd.dtype, device=x_TD.device)
     mask_HTS[:, :, 0] = w.sinks_H.to(q_HTd.dtype)[:, None]
     mask_HTS[:, :, 1:] = torch.zeros((), dtype=q_HTd.dtype, device=x_TD.device).masked_fill(~allowed_TS, float("-inf"))
@@ -153,4 +168,4 @@ def gqa_params(spec: ModelSpec) -> int:
     params = 2 * Q * D + 2 * K * D + D * spec.output_bias + spec.num_heads * spec.attention_sinks
     if spec.attention_bias:
         params += Q + 2 * K
-    return params + {"none": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]
+    return params + {"none": 0, "weightless_after_rope": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]

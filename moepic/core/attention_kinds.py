@@ -23,7 +23,7 @@ from moepic.core.spec import ModelSpec
 @attrs.frozen
 class AttentionKind:
     name: str
-    attend: Callable  # (x_TD, weights, spec, cos, sin, cache buffer 1, cache buffer 2, start, window) → [T, D]
+    attend: Callable  # (x_TD, weights, spec, cos, sin, cache buffer 1, cache buffer 2, start, layer) → [T, D]
     cache_shapes: Callable[[ModelSpec, int], tuple[tuple[int, ...], tuple[int, ...]]]  # for S positions
     params: Callable[[ModelSpec], int]  # one layer's weights
     reserved: int = 0  # leading cache positions no token takes (zeroed when allocated)

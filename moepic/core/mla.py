@@ -32,7 +32,7 @@ def mla_attention(
     cache_latent_1SL: torch.Tensor,
     cache_rope_1Sr: torch.Tensor,
     start: int,
-    window: int | None = None,
+    layer: int,
 ) -> torch.Tensor:
     mla, H, T = spec.mla, spec.num_heads, x_TD.shape[0]
     nope, r, v = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
@@ -50,7 +50,7 @@ def mla_attention(
     keys_HSq = torch.cat((kv_SHn[..., :nope], cache_rope_1Sr[0, :S, None, :].expand(S, H, r)), dim=-1).transpose(0, 1)
     values_HSv = kv_SHn[..., nope:].transpose(0, 1)
     queries_HTq = torch.cat((q_HTq[..., :nope], q_rope_HTr), dim=-1)
-    mask = causal_mask(T, start, window, x_TD.device)
+    mask = causal_mask(T, start, spec.window(layer), x_TD.device, spec.chunk(layer))
     out_HTv = F.scaled_dot_product_attention(
         queries_HTq.unsqueeze(0), keys_HSq.unsqueeze(0), values_HSv.unsqueeze(0),
         attn_mask=mask, is_causal=mask is None and T > 1, scale=mla.softmax_scale,

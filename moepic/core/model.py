@@ -107,7 +107,7 @@ def forward(
         x_TD = x_TD * spec.embedding_multiplier
     for layer, lw in enumerate(w.layers):
         h_TD = block_norm(x_TD, lw.input_norm_D, lw.input_norm_bias_D, spec.norm, spec.norm_eps)
-        out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, spec.window(layer))
+        out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, layer)
         x_TD = _join(x_TD, out_TD, spec)
         h_TD = block_norm(x_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
         if isinstance(lw.ffn, MoEWeights):

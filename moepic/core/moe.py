@@ -160,8 +160,14 @@ def moe_block(
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token, lookahead_rows = routing_to_host_sync(ids_TK, experts.lookahead(layer, x_TD))
-    routed = experts.experts_for(layer, ids_per_token, x_TD, lookahead_rows)
-    y_TD = combine_experts(x_TD, weights_TK, ids_per_token, routed, w.expert_down_bias_ED)
+    expert_in_TD = x_TD
+    if moe.router.weighs_input:
+        # Llama-4: the (single) expert sees its input times its weight, and its output joins as is.
+        # The source gets that input too (what it computes on the host, or predicts from: a positive
+        # scale of the input does not change an unbiased router's ranking).
+        expert_in_TD, weights_TK = x_TD * weights_TK, torch.ones_like(weights_TK)
+    routed = experts.experts_for(layer, ids_per_token, expert_in_TD, lookahead_rows)
+    y_TD = combine_experts(expert_in_TD, weights_TK, ids_per_token, routed, w.expert_down_bias_ED)
     if w.shared_expert is not None:
         shared_TD = swiglu(x_TD, w.shared_expert)
         if w.shared_expert_gate_1D is not None:

@@ -13,8 +13,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     torch's fused `rms_norm` does the float32 part in one kernel instead of five; keeping the cast
     before the scale preserves the reference rounding in bf16/fp16.
     """
-    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
-    return weight * normed.to(x.dtype)
+    return weight * rms_normalize(x, eps)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (Llama-4's q/k "L2" norm): normalised in float32, cast back."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def block_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:

@@ -12,6 +12,8 @@ registry line:
     softmax_biased_topk softmax probabilities + a selection-only bias          ERNIE-4.5
     sparsemixer         the best logit, then the best of the rest; each        PhiMoE
                         weighted by a softmax over the logits near it
+    sigmoid_topk        top-k of the logits, weighted by their sigmoid         Llama-4 (which weighs the
+                                                                              expert's input: MoESpec)
 
 then optional renormalisation and the routed scaling factor. Probabilities are computed in float32
 as the reference implementations do, then the weights are cast to the activations' dtype.
@@ -60,7 +62,7 @@ def selection_scores(logits_TE: torch.Tensor, router: RouterSpec, bias_E: torch.
     if kind == "softmax_biased_topk":
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         return probs_TE + bias_E.float() if bias_E is not None else probs_TE
-    if kind == "sparsemixer":  # ranks by logit: its first choice is the best, its second the next
+    if kind in ("sparsemixer", "sigmoid_topk"):  # rank by logit (SparseMixer: the best, then the next)
         return logits_TE.float()
     if kind == "sigmoid_group_topk":
         choice_TE = torch.sigmoid(logits_TE.float())
@@ -117,12 +119,19 @@ def sparsemixer(logits_TE, router, top_k, bias_E=None):
     return torch.cat(weights, dim=1), torch.cat(ids, dim=1)
 
 
+def sigmoid_topk(logits_TE, router, top_k, bias_E=None):
+    """Llama-4's: the top-k logits, each weighted by its sigmoid (not renormalised)."""
+    top_TK, ids_TK = torch.topk(logits_TE, top_k, dim=-1)
+    return _finish(torch.sigmoid(top_TK.float()), router), ids_TK
+
+
 ROUTERS: dict[str, RouterFn] = {
     "softmax_topk": probability_topk,
     "softmax_group_topk": probability_topk,
     "sigmoid_group_topk": sigmoid_group_topk,
     "softmax_biased_topk": softmax_biased_topk,
     "sparsemixer": sparsemixer,
+    "sigmoid_topk": sigmoid_topk,
 }
 
 

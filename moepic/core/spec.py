@@ -12,7 +12,9 @@ import attrs
 from attrs import validators as v
 
 LayerKind = Literal["dense", "moe"]
-QKNorm = Literal["none", "per_head", "full"]
+# q/k RMSNorm: per head or over the full width, before the rotation; or per head without a
+# weight after it, on rotating layers only (Llama-4's L2 norm).
+QKNorm = Literal["none", "per_head", "full", "weightless_after_rope"]
 
 
 def _positive(instance, attribute, value) -> None:
@@ -83,6 +85,8 @@ class RouterSpec:
     # A bias added to the logits themselves (GPT-OSS): it moves choice and weights alike, unlike a
     # selection-only bias (MoEWeights.router_bias_E).
     logit_bias: bool = False
+    # Llama-4: each expert's *input* is scaled by its weight (the output is not), so one expert per token.
+    weighs_input: bool = False
     # SparseMixer (PhiMoE): experts whose logit is within this relative distance of the best stay
     # in each choice's softmax (`router_jitter_noise`; core/routing.py).
     jitter_eps: float = attrs.field(default=0.01, validator=attrs.validators.ge(0))
@@ -118,6 +122,8 @@ class MoESpec:
         groups = self.router.groups
         if self.num_experts % groups:
             raise ValueError(f"num_experts ({self.num_experts}) is not a whole number of router groups ({groups})")
+        if self.router.weighs_input and self.top_k != 1:
+            raise ValueError(f"a router that weighs the experts' input routes each token to one expert, not top_k {self.top_k}")
         if self.router.kind == "sparsemixer" and self.top_k != 2:
             raise ValueError(f"the sparsemixer router chooses 2 experts (as HF's PhiMoE does), not top_k {self.top_k}")
         if self.top_k > self.router.top_groups * (self.num_experts // groups):
@@ -170,6 +176,14 @@ class ModelSpec:
     # Per layer: its sliding window, or None for full attention (alternating layers: dots.llm1,
     # GPT-OSS); empty: `sliding_window` for all.
     layer_windows: tuple[int | None, ...] = attrs.field(default=(), converter=tuple)
+    # Per layer: its attention chunk (a token attends within its own chunk of this many positions:
+    # Llama-4's rotating layers), or None; empty: none anywhere.
+    layer_chunks: tuple[int | None, ...] = attrs.field(default=(), converter=tuple)
+    # Per layer: whether it rotates q and k; empty: every layer does (Llama-4 has NoPE layers).
+    layer_rope: tuple[bool, ...] = attrs.field(default=(), converter=tuple)
+    # Llama-4's attention temperature on NoPE layers, (attn_scale, floor_scale): queries at position
+    # p times 1 + attn_scale · ln(1 + floor((p + 1) / floor_scale)); None: none.
+    nope_temperature: tuple[float, float] | None = None
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
@@ -200,8 +214,10 @@ class ModelSpec:
         for kind in self.layer_kinds:
             if kind not in ("dense", "moe"):
                 raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")
-        if self.layer_windows and len(self.layer_windows) != len(self.layer_kinds):
-            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {len(self.layer_kinds)} layers")
+        for name in ("layer_windows", "layer_chunks", "layer_rope"):
+            entries = getattr(self, name)
+            if entries and len(entries) != len(self.layer_kinds):
+                raise ValueError(f"{name} has {len(entries)} entries for {len(self.layer_kinds)} layers")
         if self.mla is not None and self.attention_sinks:
             raise ValueError("attention sinks are supported with grouped-query attention only, not latent attention")
         if self.mla is not None and self.head_dim != self.mla.qk_rope_head_dim:
@@ -210,6 +226,14 @@ class ModelSpec:
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer`'s attention (None: it attends to every earlier position)."""
         return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    def chunk(self, layer: int) -> int | None:
+        """The attention chunk of `layer` (None: not chunked)."""
+        return self.layer_chunks[layer] if self.layer_chunks else None
+
+    def rotates(self, layer: int) -> bool:
+        """Whether `layer` applies the rotary embedding to q and k."""
+        return self.layer_rope[layer] if self.layer_rope else True
 
     @property
     def num_layers(self) -> int:

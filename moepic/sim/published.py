@@ -7,7 +7,8 @@ parameter count (tests/core/test_footprint.py). Counts as published: DeepSeek-V2
 DeepSeek-V3 671 B (its multi-token-prediction layer, `num_nextn_predict_layers`, is not part of the
 count, and HF transformers does not load it), GLM-4.5-Air 106 B, GPT-OSS-20B 20.91 B and GPT-OSS-120B
 116.83 B (OpenAI's model card; the experts ship as MXFP4, the counts are of parameters, not bytes),
-Phi-3.5-MoE 41.9 B.
+Phi-3.5-MoE 41.9 B, Llama-4-Scout 109 B (its text model, which is what moepic runs and counts,
+is 107.77 B; the rest is the vision tower, whose `vision_config` the preset leaves out).
 """
 
 from __future__ import annotations
@@ -80,6 +81,20 @@ PHI_35_MOE = {
     "torch_dtype": "bfloat16", "vocab_size": 32064,
 }  # fmt: skip
 
+LLAMA_4_SCOUT = {
+    "model_type": "llama4", "torch_dtype": "bfloat16", "text_config": {
+        "model_type": "llama4_text", "attention_bias": False, "attention_chunk_size": 8192, "attn_scale": 0.1,
+        "attn_temperature_tuning": 4, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+        "floor_scale": 8192, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "interleave_moe_layer_step": 1,
+        "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760,
+        "no_rope_layers": [], "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48,
+        "num_key_value_heads": 8, "num_local_experts": 16, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "torch_dtype": "bfloat16", "use_qk_norm": True, "vocab_size": 202048,
+    },
+}  # fmt: skip
+
 # preset name → (config.json values, total parameters as published)
 PUBLISHED_CONFIGS = {
     "deepseek-v2-lite": (DEEPSEEK_V2_LITE, 15.7e9),
@@ -88,4 +103,5 @@ PUBLISHED_CONFIGS = {
     "gpt-oss-20b": (GPT_OSS_20B, 20.91e9),
     "gpt-oss-120b": (GPT_OSS_120B, 116.83e9),
     "phi-3.5-moe": (PHI_35_MOE, 41.9e9),
+    "llama-4-scout": (LLAMA_4_SCOUT, 109e9),
 }

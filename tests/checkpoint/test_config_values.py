@@ -106,6 +106,16 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
          "unusable RoPE settings (LongRoPE short_factor has 2 values for 4 frequencies)"),
         ("phimoe", {("rope_parameters", "long_factor"): 3}, "rope_parameters.long_factor should be a list of numbers, got 3"),
         ("phimoe", {"router_jitter_noise": -0.1}, "key 'router_jitter_noise' must be > 0, got -0.1"),
+        ("llama4_text", {"num_experts_per_tok": 2}, "num_experts_per_tok 2 is not supported for llama4: its router scales "
+         "each expert's input, which moepic runs for one expert per token (as Llama-4 ships)"),
+        ("llama4_text", {"no_rope_layers": [1, 0]}, "no_rope_layers should list 4 integers in [0, 1], got [1, 0]"),
+        ("llama4_text", {"moe_layers": [1, 9]}, "moe_layers should list integers in [0, 3], got [1, 9]"),
+        ("llama4_text", {"attention_chunk_size": None}, "layer_types names chunked_attention layers but "
+         "attention_chunk_size is null"),
+        ("llama4_text", {"layer_types": ["full_attention"] * 3}, "layer_types should list 4 of full_attention, "
+         "chunked_attention, got ['full_attention', 'full_attention', 'full_attention']"),
+        ("llama4_text", {"attn_temperature_tuning": "yes"}, "attn_temperature_tuning should be true, false or a number, "
+         "got 'yes'"),
     ],
 )
 def test_bad_config_number_is_one_line_naming_file_and_key(checkpoint_dir, capsys, tmp_path, name, changes, expected):
@@ -140,14 +150,27 @@ def test_unreadable_config_json_is_named(checkpoint_dir, capsys, tmp_path, monke
     assert cli_error(capsys, ["inspect", "--model", str(folder)]) == f"{folder / 'config.json'}: cannot read (Permission denied)"
 
 
-def test_llama3_rope_needs_high_freq_factor_above_low():
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+def test_llama3_rope_needs_high_freq_factor_at_least_low():
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 2.0,
             "original_max_position_embeddings": 8192}
     with pytest.raises(CheckpointError) as info:
         rope_spec_from_hf_config({"rope_parameters": rope}, source="config.json")
     assert str(info.value) == (
-        "config.json: rope_parameters.high_freq_factor (4) must be > rope_parameters.low_freq_factor (4)"
+        "config.json: rope_parameters.high_freq_factor (2) must be ≥ rope_parameters.low_freq_factor (4)"
     )
+
+
+def test_llama3_rope_with_equal_factors_has_no_blend_band_and_matches_hf():
+    """Llama-4 Scout's: low = high = 1, so every wavelength is either kept or interpolated."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}
+    spec = rope_spec_from_hf_config({"rope_parameters": rope}, source="config.json")
+    inv_freq, _ = rope_inv_freq(spec, 128, max_position_embeddings=10485760)
+    config = LlamaConfig(hidden_size=128 * 4, num_attention_heads=4, max_position_embeddings=10485760, rope_parameters=rope)
+    assert torch.equal(inv_freq, ROPE_INIT_FUNCTIONS["llama3"](config)[0])
 
 
 def test_inspect_checks_config_json_too(checkpoint_dir, capsys, tmp_path):

@@ -9,7 +9,7 @@ from conftest import CHECKPOINTS
 from moepic.checkpoint.load import load_model
 from moepic.core.footprint import footprint
 from moepic.core.weights import MoEWeights
-from moepic.sim.published import DEEPSEEK_V2_LITE, DEEPSEEK_V3, GLM_45_AIR, GPT_OSS_20B, GPT_OSS_120B, PHI_35_MOE
+from moepic.sim.published import DEEPSEEK_V2_LITE, DEEPSEEK_V3, GLM_45_AIR, GPT_OSS_20B, GPT_OSS_120B, LLAMA_4_SCOUT, PHI_35_MOE
 
 
 def _numel(tree) -> int:
@@ -59,8 +59,11 @@ QWEN15_MOE_A27B = {
      (GLM_45_AIR, 106_852_251_264, 34_603_008),
      # Published 20.91 B and 116.83 B; an expert: 3·D·F weights and 2·F gate/up biases (its down bias is resident).
      (GPT_OSS_20B, 20_914_757_184, 2 * 2880 * (3 * 2880 + 2)), (GPT_OSS_120B, 116_829_156_672, 2 * 2880 * (3 * 2880 + 2)),
-     (PHI_35_MOE, 41_873_153_344, 157_286_400)],  # published 41.9 B
-    ids=["Mixtral-8x7B", "Qwen1.5-MoE-A2.7B", "DeepSeek-V2-Lite", "DeepSeek-V3", "GLM-4.5-Air", "GPT-OSS-20B", "GPT-OSS-120B", "Phi-3.5-MoE"],
+     (PHI_35_MOE, 41_873_153_344, 157_286_400),  # published 41.9 B
+     # Published 109 B with its vision tower; the text model, which moepic runs, is 107.77 B.
+     (LLAMA_4_SCOUT, 107_769_861_120, 251_658_240)],
+    ids=["Mixtral-8x7B", "Qwen1.5-MoE-A2.7B", "DeepSeek-V2-Lite", "DeepSeek-V3", "GLM-4.5-Air", "GPT-OSS-20B", "GPT-OSS-120B", "Phi-3.5-MoE",
+         "Llama-4-Scout"],
 )
 def test_inspect_reproduces_published_sizes_from_config_json_alone(capsys, tmp_path, config, total, bytes_per_expert):
     import json

@@ -30,7 +30,7 @@ from tests_support import (
     policy_for,
 )
 
-MODELS = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")  # qwen2_moe: a shared expert and a dense layer between MoE layers; deepseek_v3: latent attention, a biased grouped router; gpt_oss: biased experts split between device and host
+MODELS = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text")  # qwen2_moe: a shared expert and a dense layer between MoE layers; deepseek_v3: latent attention, a biased grouped router; gpt_oss: biased experts split between device and host; llama4_text: experts whose input the router scales
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
 
 

@@ -291,6 +291,7 @@ PUBLISHED = {
     "gpt-oss-20b": (2880, 2880, 49.8, 24, 32, 4, 20.91e9),
     "gpt-oss-120b": (2880, 2880, 49.8, 36, 128, 4, 116.83e9),
     "phi-3.5-moe": (4096, 6400, 157.3, 32, 16, 2, 41.9e9),
+    "llama-4-scout": (5120, 8192, 251.7, 48, 16, 1, 107.77e9),  # the text model: 109 B with the vision tower
     "olmoe-1b-7b": (2048, 1024, 12.6, 16, 64, 8, 6.9e9),
     "qwen3-30b-a3b": (2048, 768, 9.4, 48, 128, 8, 30.5e9),
 }
@@ -312,7 +313,7 @@ def test_a_preset_is_found_by_name_in_any_case_and_an_unknown_one_lists_the_know
     assert model_shape("Mixtral-8x7B") is PRESETS["mixtral-8x7b"]
     with pytest.raises(ConfigError) as error:
         model_shape("gpt-5")
-    assert str(error.value).startswith("unknown model shape 'gpt-5'; known: deepseek-v2-lite, deepseek-v3, glm-4.5-air, gpt-oss-120b, gpt-oss-20b, mixtral")
+    assert str(error.value).startswith("unknown model shape 'gpt-5'; known: deepseek-v2-lite, deepseek-v3, glm-4.5-air, gpt-oss-120b, gpt-oss-20b, llama-4-scout, mixtral")
 
 
 # --- named baselines -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from moepic.checkpoint.adapters.dots1 import Dots1Adapter
 from moepic.checkpoint.adapters.ernie import ErnieMoeAdapter
 from moepic.checkpoint.adapters.gpt_oss import GptOssAdapter
 from moepic.checkpoint.adapters.granite import GraniteMoeAdapter
+from moepic.checkpoint.adapters.llama4 import Llama4Adapter, Llama4TextAdapter
 from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
 from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
@@ -23,7 +24,7 @@ _ADAPTERS: dict[str, Adapter] = {
     for adapter in (
         MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(),
         Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter(), GptOssAdapter(),
-        PhimoeAdapter(),
+        PhimoeAdapter(), Llama4TextAdapter(), Llama4Adapter(),
     )
     for model_type in adapter.model_types
 }
@@ -35,8 +36,6 @@ _REFUSED = {
     "jamba": "its Mamba (state-space) layers are not supported",
     "lfm2_moe": "its short-convolution layers are not supported",
     "granitemoehybrid": "its Mamba (state-space) layers are not supported",
-    "llama4": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
-    "llama4_text": "not supported yet (top-1 sigmoid routing on the input, no-RoPE and chunked-attention layers)",
     "hunyuan_v1_moe": "not supported yet (q/k norm after the rotation, an output bias, NTK-alpha RoPE)",
     "flex_olmo": "not supported yet (norms after each sublayer rather than before)",
 }

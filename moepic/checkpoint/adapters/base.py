@@ -20,6 +20,8 @@ class Adapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     # The `quantization_config.quant_method` values its reader decodes (checkpoint/load.py refuses others).
     quantizations: ClassVar[tuple[str, ...]] = ()
+    # Tensors it never reads and the loader should not call unexpected (a multimodal file's vision tower).
+    ignored_prefixes: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def spec(self, cfg: HFConfig) -> ModelSpec:

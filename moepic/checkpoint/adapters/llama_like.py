@@ -136,7 +136,8 @@ class LlamaLikeAdapter(Adapter):
     def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> AttentionWeights:
         D, Q, K = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         bias = spec.attention_bias
-        norm_width = {"none": (None, None), "per_head": (spec.head_dim, spec.head_dim), "full": (Q, K)}[spec.qk_norm]
+        norm_width = {"none": (None, None), "weightless_after_rope": (None, None), "per_head": (spec.head_dim, spec.head_dim),
+                      "full": (Q, K)}[spec.qk_norm]
         return AttentionWeights(
             q_QD=read(f"{p}.q_proj.weight", Q, D),
             k_KD=read(f"{p}.k_proj.weight", K, D),

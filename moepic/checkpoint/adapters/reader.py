@@ -8,7 +8,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
-from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.checkpoint.files import PrefixedCheckpoint, SafetensorsCheckpoint
 from moepic.checkpoint.mxfp4 import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
 from moepic.errors import CheckpointError
 from moepic.core.spec import ModelSpec
@@ -19,7 +19,7 @@ from moepic.core.weights import WIDEST_NEURON_BLOCK, SwiGLUWeights, neuron_block
 class TensorReader:
     """Reads checkpoint tensors in the target dtype/device; builds SwiGLU weights in neuron blocks."""
 
-    ckpt: SafetensorsCheckpoint
+    ckpt: SafetensorsCheckpoint | PrefixedCheckpoint
     dtype: torch.dtype
     device: str
     widest_neuron_block: int = WIDEST_NEURON_BLOCK
