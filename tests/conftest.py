@@ -325,6 +325,35 @@ CHECKPOINTS = {
                                 projector_output_dim=32)),
         {},
     ),
+    # Hunyuan-MoE: q/k norm after the rotation, q/k/v/o biases, a float32 router, a shared MLP,
+    # NTK-alpha RoPE (HF's "dynamic" with a fixed alpha).
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        _common(num_experts=4, moe_topk=2, head_dim=8, attention_bias=True,
+                rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}),
+        {"random_buffers": ("bias", "layernorm.weight")},
+    ),
+    "hunyuan_v1_moe_linear_rope": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        _common(num_experts=6, moe_topk=3, head_dim=16, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                          "rope_theta": 10000.0}),
+        {"random_buffers": ("layernorm.weight",)},
+    ),
+    # FlexOlmo: OLMoE with its norms after each sublayer (the router reads the raw residual).
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        _common(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+        {"random_buffers": ("layernorm.weight",)},
+    ),
+    "flex_olmo_unnormalised": (
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        _common(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, num_hidden_layers=4),
+        {},
+    ),
 }
 
 

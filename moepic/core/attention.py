@@ -67,6 +67,8 @@ def _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, star
         k_HTd = rotate(k_HTd, cos_Td, sin_Td, spec.rope_layout)
         if spec.qk_norm == "weightless_after_rope":
             q_HTd, k_HTd = rms_normalize(q_HTd, spec.norm_eps), rms_normalize(k_HTd, spec.norm_eps)
+        elif spec.qk_norm == "per_head_after_rope":
+            q_HTd, k_HTd = rms_norm(q_HTd, w.q_norm, spec.norm_eps), rms_norm(k_HTd, w.k_norm, spec.norm_eps)
     elif spec.nope_temperature is not None:  # Llama-4: longer contexts sharpen NoPE layers' attention
         attn_scale, floor_scale = spec.nope_temperature
         positions_T = torch.arange(start, start + T, device=x_TD.device, dtype=torch.float32)
@@ -168,4 +170,6 @@ def gqa_params(spec: ModelSpec) -> int:
     params = 2 * Q * D + 2 * K * D + D * spec.output_bias + spec.num_heads * spec.attention_sinks
     if spec.attention_bias:
         params += Q + 2 * K
-    return params + {"none": 0, "weightless_after_rope": 0, "per_head": 2 * spec.head_dim, "full": Q + K}[spec.qk_norm]
+    per_head = 2 * spec.head_dim
+    return params + {"none": 0, "weightless_after_rope": 0, "per_head": per_head, "per_head_after_rope": per_head,
+                     "full": Q + K}[spec.qk_norm]

@@ -105,15 +105,23 @@ def forward(
     x_TD = F.embedding(tokens_T, w.embed_VD)
     if spec.embedding_multiplier != 1.0:
         x_TD = x_TD * spec.embedding_multiplier
+    post = spec.norm_placement == "post"
     for layer, lw in enumerate(w.layers):
-        h_TD = block_norm(x_TD, lw.input_norm_D, lw.input_norm_bias_D, spec.norm, spec.norm_eps)
+        def first_norm(t_TD):
+            return block_norm(t_TD, lw.input_norm_D, lw.input_norm_bias_D, spec.norm, spec.norm_eps)
+
+        def second_norm(t_TD):
+            return block_norm(t_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
+
+        h_TD = x_TD if post else first_norm(x_TD)
         out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, layer)
-        x_TD = _join(x_TD, out_TD, spec)
-        h_TD = block_norm(x_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
+        x_TD = _join(x_TD, first_norm(out_TD) if post else out_TD, spec)
+        h_TD = x_TD if post else second_norm(x_TD)
         if isinstance(lw.ffn, MoEWeights):
-            x_TD = _join(x_TD, moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap), spec)
+            out_TD = moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)
         else:
-            x_TD = _join(x_TD, swiglu(h_TD, lw.ffn), spec)
+            out_TD = swiglu(h_TD, lw.ffn)
+        x_TD = _join(x_TD, second_norm(out_TD) if post else out_TD, spec)
         experts.after_layer(layer, x_TD)
         if tap is not None:
             tap.layer_output(layer, x_TD)

@@ -155,9 +155,10 @@ def router_logits(
 
 def residual_router_logits(residual_TD: torch.Tensor, layer: LayerWeights, spec: ModelSpec) -> torch.Tensor:
     """[T, E]: MoE layer `layer`'s router logits for a residual stream, normalised with that layer's
-    pre-FFN norm as the layer would (its attention skipped): what a lookahead from an earlier
-    layer's output guesses that layer's experts by."""
-    x_TD = block_norm(residual_TD, layer.post_attention_norm_D, layer.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
+    pre-FFN norm as the layer would (its attention skipped; a post-norm layer routes on the residual
+    itself): what a lookahead from an earlier layer's output guesses that layer's experts by."""
+    x_TD = residual_TD if spec.norm_placement == "post" else block_norm(
+        residual_TD, layer.post_attention_norm_D, layer.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
     return router_logits(x_TD, layer.ffn.router_ED, spec.moe.router, layer.ffn.router_logit_bias_E)
 
 

@@ -12,9 +12,9 @@ import attrs
 from attrs import validators as v
 
 LayerKind = Literal["dense", "moe"]
-# q/k RMSNorm: per head or over the full width, before the rotation; or per head without a
-# weight after it, on rotating layers only (Llama-4's L2 norm).
-QKNorm = Literal["none", "per_head", "full", "weightless_after_rope"]
+# q/k RMSNorm: per head or over the full width, before the rotation; per head after it (Hunyuan);
+# or per head without a weight after it, on rotating layers only (Llama-4's L2 norm).
+QKNorm = Literal["none", "per_head", "full", "per_head_after_rope", "weightless_after_rope"]
 
 
 def _positive(instance, attribute, value) -> None:
@@ -155,6 +155,10 @@ class ModelSpec:
     vocab_size: int = attrs.field(validator=_positive)
     # Every block norm and the final one: RMSNorm (weight only), or LayerNorm with a bias (PhiMoE).
     norm: Literal["rms", "layer"] = "rms"
+    # Where a block's two norms sit: before each sublayer (pre: Llama and most), or on each
+    # sublayer's output before it joins the residual (post: FlexOlmo, whose router then reads the
+    # residual itself).
+    norm_placement: Literal["pre", "post"] = "pre"
     lm_head_bias: bool = False
     hidden_size: int = attrs.field(validator=_positive)
     num_heads: int = attrs.field(validator=_positive)
@@ -211,6 +215,8 @@ class ModelSpec:
             raise ValueError("a layer is 'dense' but dense_ffn is not set")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"unknown norm {self.norm!r}; expected 'rms' or 'layer'")
+        if self.norm_placement not in ("pre", "post"):
+            raise ValueError(f"unknown norm placement {self.norm_placement!r}; expected 'pre' or 'post'")
         for kind in self.layer_kinds:
             if kind not in ("dense", "moe"):
                 raise ValueError(f"unknown layer kind {kind!r}; expected 'dense' or 'moe'")

@@ -147,6 +147,10 @@ class MoEWeights:
 
 @attrs.frozen
 class LayerWeights:
+    """A block. Its first norm sits before attention, its second between attention and the FFN
+    (pre-norm, spec.norm_placement "pre"); with post-norm they normalise the attention's and the
+    FFN's outputs instead."""
+
     input_norm_D: torch.Tensor
     attention: AttentionWeights | MLAWeights
     post_attention_norm_D: torch.Tensor

@@ -52,9 +52,10 @@ class GateLookahead(ScoringPredictor):
         # rescaled: x·(w_target / w_source), precomputed per (source, target) pair
         self.rescale = {}
         if config.reads == "rescaled":
-            if model.spec.norm != "rms":
-                raise ValueError("gate_lookahead reads 'rescaled' rescales RMSNorm weights; this model's norms are "
-                                 f"{model.spec.norm!r}: use reads 'router_input' or 'layer_output'")
+            if model.spec.norm != "rms" or model.spec.norm_placement != "pre":
+                raise ValueError("gate_lookahead reads 'rescaled' rescales the weights of RMSNorms before the FFN; this "
+                                 f"model's norms are {model.spec.norm!r}, {model.spec.norm_placement}-norm: use reads "
+                                 "'router_input' or 'layer_output'")
             for source in moe_layers:
                 targets = self.targets[source]
                 w_source = self.moe[source].post_attention_norm_D

@@ -116,6 +116,12 @@ def _broken_copy(checkpoint_dir, tmp_path, name: str, changes: dict):
          "chunked_attention, got ['full_attention', 'full_attention', 'full_attention']"),
         ("llama4_text", {"attn_temperature_tuning": "yes"}, "attn_temperature_tuning should be true, false or a number, "
          "got 'yes'"),
+        ("hunyuan_v1_moe", {("rope_parameters", "alpha"): None}, "RoPE type 'dynamic' is supported with a fixed alpha "
+         "(NTK-alpha) only, got alpha None"),
+        ("hunyuan_v1_moe", {"num_experts": [4, 4, 8]}, "num_experts [4, 4, 8] differs between layers; moepic runs one "
+         "value for all"),
+        ("hunyuan_v1_moe", {"moe_topk": [2, 2, 0]}, "moe_topk [2, 2, 0] differs between layers; moepic runs one value for all"),
+        ("hunyuan_v1_moe", {"moe_topk": [0, 0, 0]}, "key 'moe_topk' must be in [1, 2147483647], got 0"),
     ],
 )
 def test_bad_config_number_is_one_line_naming_file_and_key(checkpoint_dir, capsys, tmp_path, name, changes, expected):

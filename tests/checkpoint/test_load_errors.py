@@ -103,14 +103,14 @@ def test_unknown_model_type_lists_the_supported_ones(checkpoint_dir, capsys, tmp
     folder = _copy(checkpoint_dir, tmp_path)
     _edit_config(folder, model_type="llama")
     assert _error(capsys, folder) == (
-        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, glm4_moe, gpt_oss, granitemoe, granitemoeshared, llama4, llama4_text, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
+        f"{folder / 'config.json'}: unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, flex_olmo, glm4_moe, gpt_oss, granitemoe, granitemoeshared, hunyuan_v1_moe, llama4, llama4_text, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
     )
 
 
 @pytest.mark.parametrize("model_type,why", [
     ("qwen3_next", "its linear-attention (Gated DeltaNet) layers are not supported"),
     ("jamba", "its Mamba (state-space) layers are not supported"),
-    ("hunyuan_v1_moe", "not supported yet (q/k norm after the rotation, an output bias, NTK-alpha RoPE)"),
+    ("lfm2_moe", "its short-convolution layers are not supported"),
 ])
 def test_a_known_family_moepic_does_not_run_says_why(checkpoint_dir, capsys, tmp_path, model_type, why):
     folder = _copy(checkpoint_dir, tmp_path)

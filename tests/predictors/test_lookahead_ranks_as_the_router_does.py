@@ -56,14 +56,16 @@ def test_the_routing_reports_lookahead_ranks_by_the_router_too():
     assert tap.recall() == {1: 1.0}
 
 
-@pytest.mark.parametrize("name", ["gpt_oss", "phimoe"])
+@pytest.mark.parametrize("name", ["gpt_oss", "phimoe", "flex_olmo"])
 def test_lookaheads_normalise_and_bias_as_the_layer_does(checkpoint_dir, name):
-    """GPT-OSS's router has a bias on its logits, PhiMoE normalises with LayerNorm and its bias: a
-    lookahead from a residual that the next layer routes on names exactly its experts."""
+    """GPT-OSS's router has a bias on its logits, PhiMoE normalises with LayerNorm and its bias,
+    FlexOlmo's router reads the raw residual (its norms follow each sublayer): a lookahead from a
+    residual that the next layer routes on names exactly its experts."""
     model = load_model(checkpoint_dir(name), dtype=torch.float32)
     spec, lw = model.spec, model.weights.layers[1]
     x_TD = torch.randn(16, spec.hidden_size, generator=torch.Generator().manual_seed(2))
-    router_input_TD = block_norm(x_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
+    router_input_TD = x_TD if spec.norm_placement == "post" else block_norm(
+        x_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
     weights_TK, ids_TK = route(router_input_TD, lw.ffn.router_ED, spec.moe, lw.ffn.router_bias_E, lw.ffn.router_logit_bias_E)
     tap = GateLookaheadTap(model)
     tap.layer_output(0, x_TD)
@@ -74,7 +76,8 @@ def test_lookaheads_normalise_and_bias_as_the_layer_does(checkpoint_dir, name):
     assert torch.equal(named.sort(-1).values, ids_TK.sort(-1).values)
 
 
-def test_rescaled_reads_are_refused_for_layer_norm_models(checkpoint_dir):
-    model = load_model(checkpoint_dir("phimoe"), dtype=torch.float32)
-    with pytest.raises(ValueError, match="rescales RMSNorm weights; this model's norms are 'layer'"):
+@pytest.mark.parametrize("name,norms", [("phimoe", "'layer', pre-norm"), ("flex_olmo", "'rms', post-norm")])
+def test_rescaled_reads_are_refused_where_there_is_no_rmsnorm_before_the_ffn(checkpoint_dir, name, norms):
+    model = load_model(checkpoint_dir(name), dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"rescales the weights of RMSNorms before the FFN; this model's norms are {norms}"):
         GateLookahead(GateLookaheadConfig(reads="rescaled"), model)

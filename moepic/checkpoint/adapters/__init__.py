@@ -11,10 +11,11 @@ from moepic.checkpoint.adapters.dots1 import Dots1Adapter
 from moepic.checkpoint.adapters.ernie import ErnieMoeAdapter
 from moepic.checkpoint.adapters.gpt_oss import GptOssAdapter
 from moepic.checkpoint.adapters.granite import GraniteMoeAdapter
+from moepic.checkpoint.adapters.hunyuan import HunyuanMoeAdapter
 from moepic.checkpoint.adapters.llama4 import Llama4Adapter, Llama4TextAdapter
 from moepic.checkpoint.adapters.minimax_m2 import MiniMaxM2Adapter
 from moepic.checkpoint.adapters.mixtral import MixtralAdapter
-from moepic.checkpoint.adapters.olmoe import OlmoeAdapter
+from moepic.checkpoint.adapters.olmoe import FlexOlmoAdapter, OlmoeAdapter
 from moepic.checkpoint.adapters.phimoe import PhimoeAdapter
 from moepic.checkpoint.adapters.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
 from moepic.errors import CheckpointError
@@ -24,7 +25,8 @@ _ADAPTERS: dict[str, Adapter] = {
     for adapter in (
         MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(), Glm4MoeAdapter(),
         Dots1Adapter(), MiniMaxM2Adapter(), GraniteMoeAdapter(), ErnieMoeAdapter(), GptOssAdapter(),
-        PhimoeAdapter(), Llama4TextAdapter(), Llama4Adapter(),
+        PhimoeAdapter(), Llama4TextAdapter(), Llama4Adapter(), HunyuanMoeAdapter(),
+        FlexOlmoAdapter(),
     )
     for model_type in adapter.model_types
 }
@@ -36,8 +38,6 @@ _REFUSED = {
     "jamba": "its Mamba (state-space) layers are not supported",
     "lfm2_moe": "its short-convolution layers are not supported",
     "granitemoehybrid": "its Mamba (state-space) layers are not supported",
-    "hunyuan_v1_moe": "not supported yet (q/k norm after the rotation, an output bias, NTK-alpha RoPE)",
-    "flex_olmo": "not supported yet (norms after each sublayer rather than before)",
 }
 
 

@@ -16,7 +16,7 @@ from moepic.progress import bar as progress_bar
 from moepic.checkpoint.adapters.base import Adapter
 from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.hf_config import HFConfig
-from moepic.core.spec import ModelSpec
+from moepic.core.spec import ModelSpec, RopeSpec
 from moepic.core.weights import (
     AttentionWeights,
     LayerWeights,
@@ -27,11 +27,12 @@ from moepic.core.weights import (
 from moepic.errors import CheckpointError
 
 
-def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, Any]:
+def common_spec_fields(cfg: HFConfig, default_rope_theta: float, rope: RopeSpec | None = None) -> dict[str, Any]:
     """Keyword arguments of ModelSpec that every Llama-family config spells the same way.
 
     `default_rope_theta` is what the architecture assumes when config.json states no theta
-    (transformers: 1e6 for Mixtral, 1e4 for the others).
+    (transformers: 1e6 for Mixtral, 1e4 for the others); `rope`, an adapter's own reading of its
+    RoPE, replaces the usual one (which is then not read at all).
     """
     act = cfg.get("hidden_act", kind=str, default="silu")
     if act != "silu":
@@ -49,7 +50,7 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
         num_kv_heads=cfg.size("num_key_value_heads", default=heads),
         head_dim=hidden // heads if head_dim is None else head_dim,
         norm_eps=cfg.get("rms_norm_eps", kind=float, positive=True),
-        rope=cfg.rope(default_rope_theta),
+        rope=cfg.rope(default_rope_theta) if rope is None else rope,
         tie_word_embeddings=cfg.get("tie_word_embeddings", kind=bool, default=False),
         max_position_embeddings=cfg.size("max_position_embeddings", default=4096),
         eos_token_ids=cfg.eos_token_ids(),
@@ -59,7 +60,7 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float) -> dict[str, An
 
 def build_spec(cfg: HFConfig, *, default_rope_theta: float = 10_000.0, **fields: Any) -> ModelSpec:
     """ModelSpec(**common + fields). Its validation errors become CheckpointErrors in `read_spec`."""
-    return ModelSpec(**(common_spec_fields(cfg, default_rope_theta) | fields))
+    return ModelSpec(**(common_spec_fields(cfg, default_rope_theta, fields.pop("rope", None)) | fields))
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -91,6 +92,11 @@ class TensorNames:
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     dense_prefix: str = "model.layers.{l}.mlp"
     shared_expert: str = "shared_expert"  # under moe_prefix
+    router: str = "gate.weight"  # under moe_prefix
+    q_norm: str = "q_norm"  # under the attention's prefix
+    k_norm: str = "k_norm"
+    first_norm: str = "input_layernorm"  # under the layer's prefix (LayerWeights says where each sits)
+    second_norm: str = "post_attention_layernorm"
     router_bias: str = "gate.e_score_correction_bias"  # under moe_prefix: a router's selection-only bias, if it has one
 
 
@@ -125,19 +131,20 @@ class LlamaLikeAdapter(Adapter):
         p = f"model.layers.{l}"
         ffn = self._moe(read, spec, l) if spec.layer_kinds[l] == "moe" else self._dense(read, spec, l)
         return LayerWeights(
-            input_norm_D=read(f"{p}.input_layernorm.weight", D),
+            input_norm_D=read(f"{p}.{self.names.first_norm}.weight", D),
             attention=self._attention(read, spec, f"{p}.self_attn"),
-            post_attention_norm_D=read(f"{p}.post_attention_layernorm.weight", D),
+            post_attention_norm_D=read(f"{p}.{self.names.second_norm}.weight", D),
             ffn=ffn,
-            input_norm_bias_D=self._norm_bias(read, spec, f"{p}.input_layernorm"),
-            post_attention_norm_bias_D=self._norm_bias(read, spec, f"{p}.post_attention_layernorm"),
+            input_norm_bias_D=self._norm_bias(read, spec, f"{p}.{self.names.first_norm}"),
+            post_attention_norm_bias_D=self._norm_bias(read, spec, f"{p}.{self.names.second_norm}"),
         )
 
     def _attention(self, read: TensorReader, spec: ModelSpec, p: str) -> AttentionWeights:
         D, Q, K = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         bias = spec.attention_bias
-        norm_width = {"none": (None, None), "weightless_after_rope": (None, None), "per_head": (spec.head_dim, spec.head_dim),
-                      "full": (Q, K)}[spec.qk_norm]
+        per_head = (spec.head_dim, spec.head_dim)
+        norm_width = {"none": (None, None), "weightless_after_rope": (None, None), "per_head": per_head,
+                      "per_head_after_rope": per_head, "full": (Q, K)}[spec.qk_norm]
         return AttentionWeights(
             q_QD=read(f"{p}.q_proj.weight", Q, D),
             k_KD=read(f"{p}.k_proj.weight", K, D),
@@ -146,8 +153,8 @@ class LlamaLikeAdapter(Adapter):
             q_bias=read(f"{p}.q_proj.bias", Q) if bias else None,
             k_bias=read(f"{p}.k_proj.bias", K) if bias else None,
             v_bias=read(f"{p}.v_proj.bias", K) if bias else None,
-            q_norm=read(f"{p}.q_norm.weight", norm_width[0]) if norm_width[0] else None,
-            k_norm=read(f"{p}.k_norm.weight", norm_width[1]) if norm_width[1] else None,
+            q_norm=read(f"{p}.{self.names.q_norm}.weight", norm_width[0]) if norm_width[0] else None,
+            k_norm=read(f"{p}.{self.names.k_norm}.weight", norm_width[1]) if norm_width[1] else None,
             o_bias=read(f"{p}.o_proj.bias", D) if spec.output_bias else None,
             sinks_H=read(f"{p}.sinks", spec.num_heads) if spec.attention_sinks else None,
         )
@@ -171,7 +178,7 @@ class LlamaLikeAdapter(Adapter):
             if moe.shared_expert_gated:
                 shared_gate = read(f"{prefix}.shared_expert_gate.weight", 1, D)
         bias_E = self._router_bias(read, spec, prefix) if moe.router.selection_bias else None
-        return MoEWeights(read.router(f"{prefix}.gate.weight", moe.num_experts, D, spec=spec), experts, shared, shared_gate,
+        return MoEWeights(read.router(f"{prefix}.{self.names.router}", moe.num_experts, D, spec=spec), experts, shared, shared_gate,
                           bias_E)
 
     def _router_bias(self, read: TensorReader, spec: ModelSpec, prefix: str):
