@@ -220,12 +220,26 @@ CHECKPOINTS = {
                 layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"]),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    "glm4_moe_grouped_full_head_norm_off": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        _common(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+                first_k_dense_replace=0, n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.0,
+                attention_bias=False, use_qk_norm=False, head_dim=8, partial_rotary_factor=1.0),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
     # MiniMax-M2: a biased sigmoid router without groups, full-width q/k norm, half-rotated heads
     # (given as the released checkpoints give it, `rotary_dim`).
     "minimax_m2": (
         "MiniMaxM2Config",
         "MiniMaxM2ForCausalLM",
         _common(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=16, rotary_dim=8),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
+    "minimax_m2_full_rotary": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        _common(num_local_experts=6, num_experts_per_tok=3, intermediate_size=16, head_dim=8, num_hidden_layers=4),
         {"random_buffers": "e_score_correction_bias"},
     ),
     # ERNIE-4.5: a biased softmax router, dense layers outside [start, end], interleaved rotary pairs.
@@ -236,12 +250,34 @@ CHECKPOINTS = {
                 moe_layer_end_index=-1, moe_layer_interval=1, tie_word_embeddings=True),
         {"random_buffers": "e_score_correction_bias"},
     ),
+    "ernie4_5_moe_every_other_layer": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        _common(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=0, moe_layer_start_index=0,
+                moe_layer_end_index=-1, moe_layer_interval=2, num_hidden_layers=4),
+        {"random_buffers": "e_score_correction_bias"},
+    ),
     # Granite-MoE: experts fused on disk, and its four scalings.
     "granitemoe": (
         "GraniteMoeConfig",
         "GraniteMoeForCausalLM",
         _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, embedding_multiplier=3.0,
                 residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, tie_word_embeddings=True),
+        {},
+    ),
+    "granitemoe_top1_untied": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        _common(num_local_experts=6, num_experts_per_tok=1, intermediate_size=32, embedding_multiplier=12.0,
+                residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0),
+        {},
+    ),
+    "granitemoeshared_tied": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=32,
+                embedding_multiplier=1.5, residual_multiplier=1.2, attention_multiplier=0.3, logits_scaling=0.5,
+                tie_word_embeddings=True),
         {},
     ),
     "granitemoeshared": (

@@ -93,7 +93,9 @@ def test_offloaded_generation_equals_the_dense_model_bit_for_bit(
 @pytest.mark.parametrize("name", ["deepseek_v2_lite", "deepseek_v2_grouped_yarn", "deepseek_v3", "deepseek_v3_halves_yarn", "glm4_moe", "dots1", "minimax_m2", "granitemoe", "granitemoeshared", "ernie4_5_moe",
                                   "gpt_oss_rope_default", "gpt_oss_mxfp4", "phimoe", "phimoe_default_rope",
                                   "llama4_text", "llama4_text_llama3_rope", "llama4",
-                                  "hunyuan_v1_moe", "hunyuan_v1_moe_linear_rope", "flex_olmo", "flex_olmo_unnormalised"])
+                                  "hunyuan_v1_moe", "hunyuan_v1_moe_linear_rope", "flex_olmo", "flex_olmo_unnormalised",
+                                  "glm4_moe_grouped_full_head_norm_off", "minimax_m2_full_rotary", "ernie4_5_moe_every_other_layer",
+                                  "granitemoe_top1_untied", "granitemoeshared_tied"])
 @pytest.mark.parametrize("theta", [0.25, 0.5])
 def test_deepseek_offloaded_at_a_small_budget_and_a_split_equals_its_dense_run(checkpoint_dir, name, theta):
     """Latent attention (GLM-4.5: grouped-query), dense first layers, shared experts and all three DeepSeek routers;

@@ -6,7 +6,7 @@ renormalised, a per-head q/k RMSNorm applied after the rotation (`query_layernor
 
 from __future__ import annotations
 
-from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
+from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec, head_dim_of
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.hf_rope import rope_spec_from_hf_config
 from moepic.checkpoint.limits import MAX_LAYERS
@@ -52,7 +52,7 @@ class HunyuanMoeAdapter(LlamaLikeAdapter):
             num_experts=_same_everywhere(cfg, "num_experts", layers), top_k=_same_everywhere(cfg, "moe_topk", layers),
             expert_ffn=F, shared_expert_ffn=F, router=RouterSpec(kind="softmax_topk", renormalize=True, fp32_logits=True),
         )
-        head_dim = cfg.size("head_dim", default=cfg.size("hidden_size") // cfg.size("num_attention_heads"))
+        head_dim = head_dim_of(cfg)
         if head_dim < 4:
             raise CheckpointError(f"{cfg.source}: head_dim {head_dim} is too small for NTK-alpha RoPE")
         bias = cfg.get("attention_bias", kind=bool, default=False)

@@ -37,18 +37,14 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float, rope: RopeSpec 
     act = cfg.get("hidden_act", kind=str, default="silu")
     if act != "silu":
         raise CheckpointError(f"{cfg.source}: hidden_act {act!r} is not supported (moepic runs SwiGLU/silu experts)")
-    hidden = cfg.size("hidden_size")
-    heads = cfg.size("num_attention_heads")
-    head_dim = cfg.size("head_dim", default=None)
-    if hidden % heads and head_dim is None:
-        raise CheckpointError(f"{cfg.source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    hidden, heads = cfg.size("hidden_size"), cfg.size("num_attention_heads")
     return dict(
         model_type=cfg.model_type,
         vocab_size=cfg.size("vocab_size"),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=cfg.size("num_key_value_heads", default=heads),
-        head_dim=hidden // heads if head_dim is None else head_dim,
+        head_dim=head_dim_of(cfg),
         norm_eps=cfg.get("rms_norm_eps", kind=float, positive=True),
         rope=cfg.rope(default_rope_theta) if rope is None else rope,
         tie_word_embeddings=cfg.get("tie_word_embeddings", kind=bool, default=False),
@@ -56,6 +52,17 @@ def common_spec_fields(cfg: HFConfig, default_rope_theta: float, rope: RopeSpec 
         eos_token_ids=cfg.eos_token_ids(),
         bos_token_id=(cfg.token_ids("bos_token_id") or (None,))[0],
     )
+
+
+def head_dim_of(cfg: HFConfig) -> int:
+    """Each attention head's width: `head_dim`, or hidden_size / num_attention_heads where unstated."""
+    hidden, heads = cfg.size("hidden_size"), cfg.size("num_attention_heads")
+    head_dim = cfg.size("head_dim", default=None)
+    if head_dim is not None:
+        return head_dim
+    if hidden % heads:
+        raise CheckpointError(f"{cfg.source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    return hidden // heads
 
 
 def build_spec(cfg: HFConfig, *, default_rope_theta: float = 10_000.0, **fields: Any) -> ModelSpec:

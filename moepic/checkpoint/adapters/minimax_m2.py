@@ -7,7 +7,7 @@ alone, renormalised. Its multi-token-prediction modules are not loaded (HF does 
 from __future__ import annotations
 
 
-from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec
+from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, TensorNames, build_spec, head_dim_of
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
@@ -34,7 +34,7 @@ class MiniMaxM2Adapter(LlamaLikeAdapter):
             expert_ffn=cfg.size("intermediate_size"),
             router=RouterSpec(kind="sigmoid_group_topk", renormalize=True),
         )
-        head_dim = cfg.size("head_dim", default=cfg.size("hidden_size") // cfg.size("num_attention_heads"))
+        head_dim = head_dim_of(cfg)
         rotary_dim = cfg.size("rotary_dim", default=head_dim)
         if rotary_dim > head_dim:
             raise CheckpointError(f"{cfg.source}: rotary_dim {rotary_dim} is wider than head_dim {head_dim}")
