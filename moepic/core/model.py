@@ -105,23 +105,17 @@ def forward(
     x_TD = F.embedding(tokens_T, w.embed_VD)
     if spec.embedding_multiplier != 1.0:
         x_TD = x_TD * spec.embedding_multiplier
-    post = spec.norm_placement == "post"
     for layer, lw in enumerate(w.layers):
-        def first_norm(t_TD):
-            return block_norm(t_TD, lw.input_norm_D, lw.input_norm_bias_D, spec.norm, spec.norm_eps)
-
-        def second_norm(t_TD):
-            return block_norm(t_TD, lw.post_attention_norm_D, lw.post_attention_norm_bias_D, spec.norm, spec.norm_eps)
-
-        h_TD = x_TD if post else first_norm(x_TD)
+        norms = ((lw.input_norm_D, lw.input_norm_bias_D), (lw.post_attention_norm_D, lw.post_attention_norm_bias_D))
+        h_TD = _sublayer_input(x_TD, norms[0], spec)
         out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, layer)
-        x_TD = _join(x_TD, first_norm(out_TD) if post else out_TD, spec)
-        h_TD = x_TD if post else second_norm(x_TD)
+        x_TD = _sublayer_output(x_TD, out_TD, norms[0], spec)
+        h_TD = _sublayer_input(x_TD, norms[1], spec)
         if isinstance(lw.ffn, MoEWeights):
             out_TD = moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)
         else:
             out_TD = swiglu(h_TD, lw.ffn)
-        x_TD = _join(x_TD, second_norm(out_TD) if post else out_TD, spec)
+        x_TD = _sublayer_output(x_TD, out_TD, norms[1], spec)
         experts.after_layer(layer, x_TD)
         if tap is not None:
             tap.layer_output(layer, x_TD)
@@ -133,6 +127,16 @@ def forward(
     if spec.logits_scaling != 1.0:
         logits_TV = logits_TV / spec.logits_scaling
     return logits_TV, attrs.evolve(cache, length=start + T)
+
+
+# A sublayer (attention or FFN) with its norm (weight, bias): x + f(norm(x)) with pre-norm,
+# x + norm(f(x)) with post-norm (spec.norm_placement).
+def _sublayer_input(x_TD: torch.Tensor, norm: tuple, spec: ModelSpec) -> torch.Tensor:
+    return x_TD if spec.norm_placement == "post" else block_norm(x_TD, *norm, spec.norm, spec.norm_eps)
+
+
+def _sublayer_output(x_TD: torch.Tensor, out_TD: torch.Tensor, norm: tuple, spec: ModelSpec) -> torch.Tensor:
+    return _join(x_TD, block_norm(out_TD, *norm, spec.norm, spec.norm_eps) if spec.norm_placement == "post" else out_TD, spec)
 
 
 def _join(residual_TD: torch.Tensor, out_TD: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
