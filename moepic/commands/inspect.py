@@ -28,7 +28,7 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
 
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
-    from moepic.core.footprint import footprint, kv_cache_numbers
+    from moepic.core.footprint import footprint, kv_cache_growth
 
     source = arguments.model_source(model)
     if isinstance(source, str):
@@ -39,7 +39,9 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
     dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
     return {
-        "kv_cache_bytes_per_token": kv_cache_numbers(spec) * spec.num_layers * size,
+        # What each token adds once the windowed / chunked layers' rings are full, and what those hold.
+        "kv_cache_bytes_per_token": kv_cache_growth(spec)[0] * size,
+        "kv_cache_bytes_bounded": kv_cache_growth(spec)[1] * size,
         "model": name,
         "dtype": str(dtype).removeprefix("torch."),
         "spec": attrs.asdict(spec),
@@ -98,5 +100,7 @@ def text(report: dict) -> str:
         f"{report['dtype']}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
         f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident;"
         f" KV cache {report['kv_cache_bytes_per_token'] / 2**10:.1f} KiB per token"
+        + (f" + {report['kv_cache_bytes_bounded'] / 2**20:.1f} MiB for the windowed / chunked layers' spans"
+           if report["kv_cache_bytes_bounded"] else "")
     )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moepic.core.kv_cache_layer import allowed_positions, remember
 from moepic.core.norms import rms_norm, rms_normalize
 from moepic.core.rope import rotate
 from moepic.core.spec import ModelSpec
@@ -37,29 +38,16 @@ def _project_qkv(x_TD: torch.Tensor, w: AttentionWeights, spec: ModelSpec):
     return q_THd.transpose(0, 1), k_THd.transpose(0, 1), v_THd.transpose(0, 1)
 
 
-def allowed_positions(T: int, start: int, window: int | None, device, chunk: int | None = None) -> torch.Tensor:
-    """Boolean [T, start+T]: which positions each new token may attend to (causal, within `window`,
-    within its own `chunk` of positions)."""
-    q_pos = torch.arange(start, start + T, device=device)[:, None]
-    k_pos = torch.arange(start + T, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= (q_pos - k_pos) < window
-    if chunk is not None:
-        allowed &= (k_pos // chunk) == (q_pos // chunk)
-    return allowed
-
-
 def causal_mask(T: int, start: int, window: int | None, device, chunk: int | None = None) -> torch.Tensor | None:
-    """Boolean [T, start+T] mask (True = may attend), or None when SDPA's own modes suffice."""
+    """Boolean [T, start+T] mask (True = may attend) over a full cache, or None when SDPA's own modes suffice."""
     if window is None and chunk is None and (T == 1 or start == 0):
         return None
-    return allowed_positions(T, start, window, device, chunk)
+    return allowed_positions(torch.arange(start, start + T, device=device), torch.arange(start + T, device=device),
+                             window, chunk)
 
 
-def _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start: int, layer: int, reserved: int = 0):
-    """The new tokens' queries [H, T, d], rotated where `layer` rotates; their keys and values
-    written at cache positions reserved + [start, start+T) (the kind's reserved slots first)."""
+def _project_rotated(x_TD, w, spec, cos_Td, sin_Td, start: int, layer: int):
+    """The new tokens' queries, keys and values [H, T, d], rotated where `layer` rotates."""
     T = x_TD.shape[0]
     q_HTd, k_HTd, v_HTd = _project_qkv(x_TD, w, spec)
     if spec.rotates(layer):
@@ -74,10 +62,7 @@ def _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, star
         positions_T = torch.arange(start, start + T, device=x_TD.device, dtype=torch.float32)
         scale_T1 = torch.log1p(torch.floor((positions_T + 1.0) / floor_scale)) * attn_scale + 1.0
         q_HTd = (q_HTd * scale_T1[:, None]).to(q_HTd.dtype)
-    at = reserved + start
-    cache_k_HSd[:, at : at + T] = k_HTd
-    cache_v_HSd[:, at : at + T] = v_HTd
-    return q_HTd
+    return q_HTd, k_HTd, v_HTd
 
 
 def _attend(q_HTd, keys_HSd, values_HSd, mask, spec: ModelSpec) -> torch.Tensor:
@@ -120,12 +105,11 @@ def attention(
     start: int,
     layer: int,
 ) -> torch.Tensor:
-    """`layer`'s attention: its window, chunk and rotation as the spec says for it."""
-    T = x_TD.shape[0]
-    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start, layer)
-    mask = causal_mask(T, start, spec.window(layer), x_TD.device, spec.chunk(layer))
-    out_TQ = _attend(q_HTd, cache_k_HSd[:, : start + T], cache_v_HSd[:, : start + T], mask, spec)
-    return F.linear(out_TQ, w.o_DQ, w.o_bias)
+    """`layer`'s attention: its window, chunk and rotation as the spec says for it; its cache as
+    core/kv_cache_layer.py keeps it (a ring where the layer sees a bounded span)."""
+    q_HTd, k_HTd, v_HTd = _project_rotated(x_TD, w, spec, cos_Td, sin_Td, start, layer)
+    keys_HSd, values_HSd, mask = remember(cache_k_HSd, cache_v_HSd, k_HTd, v_HTd, start, spec, layer)
+    return F.linear(_attend(q_HTd, keys_HSd, values_HSd, mask, spec), w.o_DQ, w.o_bias)
 
 
 def sink_attention(
@@ -140,17 +124,20 @@ def sink_attention(
     layer: int,
 ) -> torch.Tensor:
     """Attention with sinks (GPT-OSS): each head's softmax has one more logit, its learned sink,
-    whose value is nothing. The cache's position 0 is that key: zeros for key and value (so its
-    score is 0 and it adds nothing), and the mask adds the head's sink to its score. Tokens live at
-    positions 1 + p (`sink_cache_shapes`), so no step copies the cache to append the sink."""
+    whose value is nothing. The cache's slot 0 is that key: zeros for key and value (so its score is
+    0 and it adds nothing), and the mask adds the head's sink to its score. Tokens come after it
+    (`sink_cache_shapes`), so no step copies the cache to append the sink."""
     T = x_TD.shape[0]
-    q_HTd = _write_rotated(x_TD, w, spec, cos_Td, sin_Td, cache_k_HSd, cache_v_HSd, start, layer, reserved=1)
-    allowed_TS = allowed_positions(T, start, spec.window(layer), x_TD.device, spec.chunk(layer))
-    mask_HTS = torch.empty(spec.num_heads, T, 1 + start + T, dtype=q_HTd.dtype, device=x_TD.device)
+    q_HTd, k_HTd, v_HTd = _project_rotated(x_TD, w, spec, cos_Td, sin_Td, start, layer)
+    keys_HSd, values_HSd, allowed_TS = remember(cache_k_HSd, cache_v_HSd, k_HTd, v_HTd, start, spec, layer, reserved=1)
+    if allowed_TS is None:  # the new queries see the S slots in order, causally (one query: all of them)
+        S = keys_HSd.shape[1] - 1
+        allowed_TS = allowed_positions(torch.arange(S - T, S, device=x_TD.device), torch.arange(S, device=x_TD.device),
+                                       None, None)
+    mask_HTS = torch.empty(spec.num_heads, T, keys_HSd.shape[1], dtype=q_HTd.dtype, device=x_TD.device)
     mask_HTS[:, :, 0] = w.sinks_H.to(q_HTd.dtype)[:, None]
     mask_HTS[:, :, 1:] = torch.zeros((), dtype=q_HTd.dtype, device=x_TD.device).masked_fill(~allowed_TS, float("-inf"))
-    out_TQ = _attend(q_HTd, cache_k_HSd[:, : 1 + start + T], cache_v_HSd[:, : 1 + start + T], mask_HTS, spec)
-    return F.linear(out_TQ, w.o_DQ, w.o_bias)
+    return F.linear(_attend(q_HTd, keys_HSd, values_HSd, mask_HTS, spec), w.o_DQ, w.o_bias)
 
 
 def gqa_cache_shapes(spec: ModelSpec, positions: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

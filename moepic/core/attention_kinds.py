@@ -27,6 +27,8 @@ class AttentionKind:
     cache_shapes: Callable[[ModelSpec, int], tuple[tuple[int, ...], tuple[int, ...]]]  # for S positions
     params: Callable[[ModelSpec], int]  # one layer's weights
     reserved: int = 0  # leading cache positions no token takes (zeroed when allocated)
+    # Whether a layer that sees a bounded span keeps only that span, as a ring (core/kv_cache_layer.py).
+    rings: bool = False
 
     def cache_numbers(self, spec: ModelSpec) -> int:
         """Numbers one token adds to one layer's cache."""
@@ -41,8 +43,8 @@ def _product(shape: tuple[int, ...]) -> int:
 
 
 KINDS = {
-    "gqa": AttentionKind("gqa", attention, gqa_cache_shapes, gqa_params),
-    "gqa_sinks": AttentionKind("gqa_sinks", sink_attention, sink_cache_shapes, gqa_params, reserved=1),
+    "gqa": AttentionKind("gqa", attention, gqa_cache_shapes, gqa_params, rings=True),
+    "gqa_sinks": AttentionKind("gqa_sinks", sink_attention, sink_cache_shapes, gqa_params, reserved=1, rings=True),
     "mla": AttentionKind("mla", mla_attention, mla_cache_shapes, mla_params),
 }
 

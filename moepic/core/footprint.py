@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 
 from moepic.core.attention_kinds import attention_kind
+from moepic.core.kv_cache_layer import span_of
 from moepic.core.spec import ModelSpec
 
 
@@ -46,6 +47,23 @@ def attention_params(spec: ModelSpec) -> int:
 def kv_cache_numbers(spec: ModelSpec) -> int:
     """Numbers one token adds to one layer's KV cache, by attention kind."""
     return attention_kind(spec).cache_numbers(spec)
+
+
+def _ring_spans(spec: ModelSpec) -> list[int | None]:
+    """Per layer: the span it keeps as a ring (core/kv_cache_layer.py), or None if it keeps every position."""
+    rings = attention_kind(spec).rings
+    return [span_of(spec, layer) if rings else None for layer in range(spec.num_layers)]
+
+
+def kv_cache_numbers_at(spec: ModelSpec, context: int) -> int:
+    """Numbers the whole KV cache holds at `context` tokens: a ring layer stops growing at its span."""
+    return kv_cache_numbers(spec) * sum(context if s is None else min(s, context) for s in _ring_spans(spec))
+
+
+def kv_cache_growth(spec: ModelSpec) -> tuple[int, int]:
+    """(numbers each token adds to the whole cache once every ring is full, numbers the rings hold then)."""
+    spans = _ring_spans(spec)
+    return kv_cache_numbers(spec) * spans.count(None), kv_cache_numbers(spec) * sum(s for s in spans if s is not None)
 
 
 def footprint(spec: ModelSpec) -> Footprint:

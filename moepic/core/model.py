@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from moepic.core.attention_kinds import attention_kind
 from moepic.core.ffn import swiglu
+from moepic.core.kv_cache_layer import cache_positions
 from moepic.core.moe import ExpertSource, ResidentExperts, RoutingTap, moe_block
 from moepic.core.norms import block_norm
 from moepic.core.rope import rope_cos_sin, rope_inv_freq, rope_scaling_until
@@ -52,31 +53,28 @@ class Model:
 class KVCache:
     """Per-layer cache buffers, two per layer, and how many positions are filled. Their layout is
     the attention kind's (core/attention_kinds.py): grouped-query attention keeps keys and values
-    [Hkv, S_max, d]; latent attention keeps its latent [1, S_max, L] in `keys` and its shared
-    rotary key [1, S_max, r] in `values`."""
+    [Hkv, S, d] (S: every position, or a layer's span as a ring: core/kv_cache_layer.py); latent
+    attention keeps its latent [1, S, L] in `keys` and its shared rotary key [1, S, r] in `values`."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
+    capacity: int  # the longest sequence it holds
     length: int = 0
-    reserved: int = 0  # leading positions the attention kind keeps for itself (a sink's key)
 
     @classmethod
     def allocate(cls, model: Model, max_length: int) -> KVCache:
+        """Buffers for sequences of up to `max_length` tokens: a layer that sees a bounded span
+        (window, chunk) gets only that many slots where its attention kind keeps rings."""
         spec = model.spec
         kind = attention_kind(spec)
-        shapes = kind.cache_shapes(spec, max_length)
-
-        def buffers(shape) -> tuple[torch.Tensor, ...]:
-            out = tuple(torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(spec.num_layers))
-            for buffer in out:
+        keys, values = [], []
+        for layer in range(spec.num_layers):
+            positions = cache_positions(spec, layer, max_length) if kind.rings else max_length
+            for buffers, shape in zip((keys, values), kind.cache_shapes(spec, positions)):
+                buffer = torch.empty(shape, dtype=model.dtype, device=model.device)
                 buffer[:, : kind.reserved].zero_()
-            return out
-
-        return cls(keys=buffers(shapes[0]), values=buffers(shapes[1]), reserved=kind.reserved)
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1] - self.reserved
+                buffers.append(buffer)
+        return cls(keys=tuple(keys), values=tuple(values), capacity=max_length)
 
 
 def forward(

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from moepic.core.footprint import attention_params, expert_neuron_params, kv_cache_numbers, swiglu_params
+from moepic.core.footprint import attention_params, expert_neuron_params, kv_cache_numbers_at, swiglu_params
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.cache.placement import check_mode, loads_finish_s
@@ -81,9 +81,10 @@ def model_times(
 ) -> ModelTimes:
     """Roofline times of a decode step's parts at `context_tokens` of KV cache."""
     moe, D = spec.moe, spec.hidden_size
-    # weights + KV cache reads (core/footprint.py prices each attention kind)
+    # weights + KV cache reads (core/footprint.py prices each attention kind; a layer's average,
+    # where windowed or chunked layers read only their span)
     params = attention_params(spec)
-    attention = (params + kv_cache_numbers(spec) * context_tokens) * dtype_bytes
+    attention = (params + kv_cache_numbers_at(spec, context_tokens) / spec.num_layers) * dtype_bytes
     shared = swiglu_params(D, moe.shared_expert_ffn) * dtype_bytes
     router = moe.num_experts * D * dtype_bytes
     layer_s = hw.call_s(attention + router + shared, 2 * (params + moe.num_experts * D), hw.layer_overhead_us)

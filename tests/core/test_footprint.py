@@ -80,15 +80,31 @@ def test_inspect_reproduces_published_sizes_from_config_json_alone(capsys, tmp_p
 
 
 
-@pytest.mark.parametrize("preset,kv_bytes", [("mixtral-8x7b", 2 * 8 * 128 * 32 * 2), ("deepseek-v3", (512 + 64) * 61 * 2)])
-def test_inspect_prices_the_kv_cache_of_each_attention_kind(capsys, preset, kv_bytes):
+@pytest.mark.parametrize("preset,kv_bytes,bounded", [
+    ("mixtral-8x7b", 2 * 8 * 128 * 32 * 2, 0), ("deepseek-v3", (512 + 64) * 61 * 2, 0),
+    # GPT-OSS-120B: 18 full layers grow; 18 window-128 layers keep 128 positions each.
+    ("gpt-oss-120b", 2 * 8 * 64 * 18 * 2, 2 * 8 * 64 * 18 * 128 * 2),
+])
+def test_inspect_prices_the_kv_cache_of_each_attention_kind(capsys, preset, kv_bytes, bounded):
     """Grouped-query attention caches keys and values per KV head; latent attention its latent and
-    one rotary key (DeepSeek-V3: 70,272 bytes a token in bf16, against Mixtral's 131,072)."""
+    one rotary key (DeepSeek-V3: 70,272 bytes a token in bf16, against Mixtral's 131,072); a
+    windowed layer only its window."""
     import json
 
     from moepic.cli import main
 
     assert main(["inspect", "--model", preset, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == kv_bytes
+    report = json.loads(capsys.readouterr().out)
+    assert (report["kv_cache_bytes_per_token"], report["kv_cache_bytes_bounded"]) == (kv_bytes, bounded)
     assert main(["inspect", "--model", preset]) == 0
     assert f"KV cache {kv_bytes / 1024:.1f} KiB per token" in capsys.readouterr().out
+
+
+def test_the_kv_cache_at_a_context_counts_each_ring_up_to_its_span():
+    from moepic.core.footprint import kv_cache_numbers, kv_cache_numbers_at
+    from moepic.sim.shapes import model_shape
+
+    spec = model_shape("gpt-oss-20b").spec  # 12 full layers, 12 window-128 layers
+    per_layer = kv_cache_numbers(spec)
+    assert kv_cache_numbers_at(spec, 100) == 24 * 100 * per_layer
+    assert kv_cache_numbers_at(spec, 10_000) == (12 * 10_000 + 12 * 128) * per_layer
