@@ -73,9 +73,11 @@ def remember(
         cache_k_HSd[:, slot] = k_HTd[:, 0]
         cache_v_HSd[:, slot] = v_HTd[:, 0]
         filled = min(start + 1, ring)
-        mask = allowed_positions(q_T, _slot_positions(start + 1, filled, ring, device), window, chunk)
         end = reserved + filled
-        return cache_k_HSd[:, :end], cache_v_HSd[:, :end], None if bool(mask.all()) else mask
+        if chunk is None:  # the newest ≤ window positions: all inside the window (no mask, no device sync)
+            return cache_k_HSd[:, :end], cache_v_HSd[:, :end], None
+        return cache_k_HSd[:, :end], cache_v_HSd[:, :end], allowed_positions(
+            q_T, _slot_positions(start + 1, filled, ring, device), window, chunk)
     filled = min(start, ring)
     k_S = torch.cat((_slot_positions(start, filled, ring, device), q_T))
     keys_HSd = torch.cat((cache_k_HSd[:, : reserved + filled], k_HTd), dim=1)
