@@ -16,7 +16,8 @@ pytestmark = [
 PROMPT = [1, 17, 5, 42, 8, 77, 3]
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss_mxfp4", "phimoe",
+                                  "llama4", "hunyuan_v1_moe", "flex_olmo", "granitemoe"])
 def test_cuda_generation_matches_cpu(checkpoint_dir, name):
     folder = checkpoint_dir(name)
     cpu = load_model(folder, dtype=torch.float32)

@@ -108,3 +108,22 @@ def test_a_decode_step_syncs_with_the_host_only_to_read_each_layers_routing(mode
         token = torch.tensor([5], device="cuda")
         syncs = syncs_during(lambda: forward(model, token, cache, engine, logits_for="last"))
     assert len(syncs) == len(model.spec.moe_layers), "\n".join(syncs)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "gpt_oss_mxfp4", "phimoe", "llama4_text", "hunyuan_v1_moe", "flex_olmo"])
+def test_every_family_offloaded_on_cuda_equals_its_dense_gpu_run(checkpoint_dir, name):
+    """Latent attention, biased experts dequantised from MXFP4 (their biases pinned with them),
+    sinks and window rings, LayerNorm and LongRoPE, input-weighted routing, post-norm: the engine
+    at a small budget with split tops changes no bit on the device either."""
+    folder = checkpoint_dir(name)
+    dense_model = load_model(folder, dtype=torch.float32, device="cuda", widest_neuron_block=4)
+    model = load_model(folder, dtype=torch.float32, device="cuda", widest_neuron_block=4, offload_experts=True)
+    for w in routed_experts(model):
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in w.tensors)
+    prompt = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
+    dense = generate(dense_model, prompt, max_new_tokens=8, eos_ids=(), keep_logits=True)
+    engine = offloaded_experts(model, 0.3, 0.5, POLICIES["lcp"].config())
+    offloaded = generate(model, prompt, max_new_tokens=8, eos_ids=(), keep_logits=True, experts=engine)
+    assert offloaded.token_ids == dense.token_ids
+    for a, b in zip(offloaded.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
