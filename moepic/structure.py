@@ -185,8 +185,6 @@ def _resolved(data: dict, *, alone: bool = False) -> dict | None:
         raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
 
 
-
-
 def unstructure(value: Any) -> Any:
     """The inverse of `structure`: plain dicts, lists and scalars (strategies with their `name`)."""
     if isinstance(value, TaggedNode):

@@ -184,7 +184,6 @@ def run(args) -> dict:
     }
 
 
-
 def _check_trace_shape(trace, spec, path) -> None:
     moe = spec.moe
     found = (len(trace.moe_layers), trace.num_experts, trace.top_k)

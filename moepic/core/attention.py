@@ -1,10 +1,11 @@
 """Grouped-query self-attention over a KV cache that is passed in, with attention sinks where the
 model has them. Pure apart from the cache write.
 
-The cache buffers are preallocated and *donated*: this function writes the new keys/values into
-positions [start, start+T) in place (like gpt-fast's index_copy) and attends over [0, start+T).
-Callers treat the old cache value as consumed; `KVCache` in core/model.py enforces this by only
-ever handing out the advanced cache.
+The cache buffers are preallocated and *donated*: the new keys/values are written into them in
+place (like gpt-fast's index_copy; where, and what the queries then see, is
+core/kv_cache_layer.py's: every position, or a windowed layer's ring). Callers treat the old cache
+value as consumed; `KVCache` in core/model.py enforces this by only ever handing out the advanced
+cache.
 """
 
 from __future__ import annotations

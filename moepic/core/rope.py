@@ -185,7 +185,6 @@ def apply_rope_interleaved(x_HTr: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: to
     return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
 
 
-
 def rotate(x_HTd: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor, layout: str) -> torch.Tensor:
     """RoPE on the first r dims of x in the spec's pairing (ModelSpec.rope_layout); the rest pass."""
     if layout == "halves":

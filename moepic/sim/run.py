@@ -32,6 +32,7 @@ from moepic.sim.steps import trace_steps
 from moepic.tracing import RoutingTrace
 from moepic.tracing.checks import fit_trace_to_model
 
+
 @attrs.frozen
 class SpecOnly:
     """A model without weights: what the oracle predictors need of one."""

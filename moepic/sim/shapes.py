@@ -48,7 +48,6 @@ PRESETS = {
 }
 
 
-
 def _from_config(name: str, config: dict) -> ModelShape:
     from moepic.checkpoint.adapters import adapter_for
     from moepic.checkpoint.hf_config import HFConfig

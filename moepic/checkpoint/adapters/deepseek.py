@@ -121,7 +121,6 @@ class DeepseekAdapter(LlamaLikeAdapter):
         )
 
 
-
 class Glm4MoeAdapter(LlamaLikeAdapter):
     """GLM-4.5 / 4.5-Air (`glm4_moe`): grouped-query attention with q/k/v biases (`attention_bias`),
     half of each head rotated (`partial_rotary_factor`, 0.5 when unset, as HF assumes), an optional

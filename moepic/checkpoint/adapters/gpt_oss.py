@@ -22,6 +22,7 @@ from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import GatedActivation, ModelSpec, MoESpec, RouterSpec
 from moepic.core.weights import MoEWeights, SwiGLUWeights
 
+
 class GptOssAdapter(LlamaLikeAdapter):
     model_types = ("gpt_oss",)
     quantizations = ("mxfp4",)
