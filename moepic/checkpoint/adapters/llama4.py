@@ -54,7 +54,9 @@ class Llama4TextAdapter(LlamaLikeAdapter):
         if rotating is None:
             interval = cfg.size("no_rope_layer_interval", default=4)
             rotating = [int((l + 1) % interval != 0) for l in range(layers)]
-        chunk = cfg.size("attention_chunk_size", default=8192) if cfg.data.get("attention_chunk_size", 0) is not None else None
+        # HF's 8192 where the key is absent; an explicit null: no chunked layers.
+        chunk = None if "attention_chunk_size" in cfg.data and cfg.data["attention_chunk_size"] is None else cfg.size(
+            "attention_chunk_size", default=8192)
         types = cfg.data.get("layer_types")
         if types is None:
             types = ["chunked_attention" if r and chunk is not None else "full_attention" for r in rotating]
