@@ -38,10 +38,11 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
         spec, name, own_dtype = source.spec, source.name, DTYPES[arguments.PRESET_DTYPE]
     dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
+    per_token, bounded = kv_cache_growth(spec)
     return {
         # What each token adds once the windowed / chunked layers' rings are full, and what those hold.
-        "kv_cache_bytes_per_token": kv_cache_growth(spec)[0] * size,
-        "kv_cache_bytes_bounded": kv_cache_growth(spec)[1] * size,
+        "kv_cache_bytes_per_token": per_token * size,
+        "kv_cache_bytes_bounded": bounded * size,
         "model": name,
         "dtype": str(dtype).removeprefix("torch."),
         "spec": attrs.asdict(spec),

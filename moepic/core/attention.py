@@ -39,14 +39,6 @@ def _project_qkv(x_TD: torch.Tensor, w: AttentionWeights, spec: ModelSpec):
     return q_THd.transpose(0, 1), k_THd.transpose(0, 1), v_THd.transpose(0, 1)
 
 
-def causal_mask(T: int, start: int, window: int | None, device, chunk: int | None = None) -> torch.Tensor | None:
-    """Boolean [T, start+T] mask (True = may attend) over a full cache, or None when SDPA's own modes suffice."""
-    if window is None and chunk is None and (T == 1 or start == 0):
-        return None
-    return allowed_positions(torch.arange(start, start + T, device=device), torch.arange(start + T, device=device),
-                             window, chunk)
-
-
 def _project_rotated(x_TD, w, spec, cos_Td, sin_Td, start: int, layer: int):
     """The new tokens' queries, keys and values [H, T, d], rotated where `layer` rotates."""
     T = x_TD.shape[0]

@@ -47,6 +47,15 @@ def allowed_positions(q_T: torch.Tensor, k_S: torch.Tensor, window: int | None, 
     return allowed
 
 
+def causal_mask(T: int, start: int, window: int | None, device, chunk: int | None = None) -> torch.Tensor | None:
+    """Boolean [T, start+T] mask (True = may attend) over every position in order, or None when
+    SDPA's own modes suffice (plain causal from position 0, or one query)."""
+    if window is None and chunk is None and (T == 1 or start == 0):
+        return None
+    return allowed_positions(torch.arange(start, start + T, device=device), torch.arange(start + T, device=device),
+                             window, chunk)
+
+
 def remember(
     cache_k_HSd: torch.Tensor, cache_v_HSd: torch.Tensor, k_HTd: torch.Tensor, v_HTd: torch.Tensor,
     start: int, spec: ModelSpec, layer: int, reserved: int = 0,
@@ -61,10 +70,7 @@ def remember(
         end = reserved + start + T
         cache_k_HSd[:, reserved + start : end] = k_HTd
         cache_v_HSd[:, reserved + start : end] = v_HTd
-        plain = T == 1 or start == 0
-        mask = None if plain else allowed_positions(torch.arange(start, start + T, device=device),
-                                                     torch.arange(start + T, device=device), None, None)
-        return cache_k_HSd[:, :end], cache_v_HSd[:, :end], mask
+        return cache_k_HSd[:, :end], cache_v_HSd[:, :end], causal_mask(T, start, None, device)
     ring = cache_k_HSd.shape[1] - reserved
     q_T = torch.arange(start, start + T, device=device)
     window, chunk = spec.window(layer), spec.chunk(layer)

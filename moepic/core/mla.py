@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moepic.core.attention import causal_mask
+from moepic.core.kv_cache_layer import causal_mask
 from moepic.core.norms import rms_norm
 from moepic.core.rope import rotate
 from moepic.core.spec import ModelSpec
