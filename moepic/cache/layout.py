@@ -33,10 +33,10 @@ import attrs
 import numpy as np
 
 from moepic.core.ffn import top_neurons_for
-from moepic.core.footprint import expert_neuron_params
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.errors import ConfigError
+from moepic.quant import ExpertFormat, build_format
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*|%)\s*$")
@@ -247,9 +247,11 @@ def plan_layout(
     theta: float | Sequence[float] | None,
     widest_neuron_block: int | None = None,
     staging_experts: int | None = None,
+    expert_format: ExpertFormat | None = None,
 ) -> CacheLayout:
     """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ
-    (None: automatic, see the module docstring).
+    (None: automatic, see the module docstring), for experts stored in `expert_format` (default:
+    dense in `dtype_bytes`; a percentage budget is of the experts' bytes in that format).
 
     `staging_experts` whole-expert buffers are staged (default: top_k; prefetching needs more)."""
     moe = spec.moe
@@ -259,7 +261,7 @@ def plan_layout(
     F, E = moe.expert_ffn, moe.num_experts
     staging_n = moe.top_k if staging_experts is None else staging_experts
     block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
-    neuron_bytes = expert_neuron_params(spec) * dtype_bytes
+    neuron_bytes = (expert_format or build_format("dense")).neuron_bytes(spec.hidden_size, moe.expert_bias, dtype_bytes)
     expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
     per_layer_budget = isinstance(budget, (list, tuple))
     if per_layer_budget:

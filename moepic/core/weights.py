@@ -71,6 +71,18 @@ class SwiGLUWeights:
         return self.gate_up_N2BD.shape[0] * self.block
 
     @property
+    def hidden(self) -> int:
+        return self.down_FD.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down_FD.dtype
+
+    @property
+    def biased(self) -> bool:
+        return self.gate_up_bias_N2B is not None
+
+    @property
     def gate_FD(self) -> torch.Tensor:
         """Gate rows in checkpoint order (a copy when blocks are interleaved; for inspection)."""
         return self.gate_up_N2BD[:, 0].reshape(self.ffn_size, -1)
@@ -95,6 +107,14 @@ class SwiGLUWeights:
         if self.gate_up_bias_N2B is None:
             return self.gate_up_N2BD, self.down_FD
         return self.gate_up_N2BD, self.down_FD, self.gate_up_bias_N2B
+
+    def with_tensors(self, tensors: tuple[torch.Tensor, ...]) -> SwiGLUWeights:
+        """The same expert over other tensors, given in `tensors` order (views of a packed buffer, say)."""
+        return SwiGLUWeights(*tensors, activation=self.activation)
+
+    def dense(self) -> SwiGLUWeights:
+        """What the kernels compute with: itself (a quantized expert decodes: moepic/quant/format.py)."""
+        return self
 
     def to(self, device: torch.device | str) -> SwiGLUWeights:
         return attrs.evolve(self, gate_up_N2BD=self.gate_up_N2BD.to(device), down_FD=self.down_FD.to(device),

@@ -1,7 +1,10 @@
-"""Quantized weight formats, pure: how a matrix is stored in fewer bits and read back.
-
-These are the formats' arithmetic (quantize, pack, dequantize), each checked against its
-specification; what stores routed experts in them end to end (host store, device slots, the split
-aligned to whole groups) builds on them (issue 19). MXFP4, as GPT-OSS checkpoints ship it, lives
-with the checkpoint reader (moepic/checkpoint/mxfp4.py).
+"""Quantized weights, pure: the formats' arithmetic (groups.py, fp8.py; MXFP4 as GPT-OSS ships it
+is checkpoint/mxfp4.py) and the expert formats built on it, the one seam through which the host
+store, the device cache, staging, the split, the layout and the latency model see how a routed
+expert is stored (format.py). Importing this package registers every expert format.
 """
+
+from moepic.quant import dense, int4, int8  # noqa: F401  (registration)
+from moepic.quant.format import EXPERT_FORMATS, ExpertFormat, FormatConfig, QuantizedExpert, build_format, format_of
+
+__all__ = ["EXPERT_FORMATS", "ExpertFormat", "FormatConfig", "QuantizedExpert", "build_format", "format_of"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from moepic.cache.layout import LayerCacheLayout
-from moepic.core.packing import flat_views, neuron_numbers
+from moepic.core.packing import aligned, flat_views, packed_bytes
 from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_protocol import CopyEngine, Ticket
 
@@ -21,11 +21,12 @@ class LayerPool:
     """One layer's preallocated cache: `slots` flat top segments on the device."""
 
     def __init__(self, layout: LayerCacheLayout, like: SwiGLUWeights, device: torch.device) -> None:
-        """Slots for top segments shaped like the expert `like` (its width, dtype, biases)."""
-        numbers = layout.top_neurons * neuron_numbers(like.down_FD.shape[1], like.gate_up_bias_N2B is not None)
-        self.flat_SX = torch.empty(layout.slots, numbers, dtype=like.down_FD.dtype, device=device)
+        """Slots for top segments stored like the expert `like` (its format, width, dtype, biases)."""
+        self.top_bytes = packed_bytes(like, layout.top_neurons)
+        # Rows padded so each slot starts aligned for its first part's dtype (core/packing.py).
+        self.flat_SX = torch.empty(layout.slots, aligned(self.top_bytes), dtype=torch.uint8, device=device)
         # Views made once: building them on every hit costs more than a small expert's compute.
-        self.slots = [flat_views(self.flat_SX[s], layout.top_neurons, layout.block, like) for s in range(layout.slots)]
+        self.slots = [flat_views(self.flat_SX[s, : self.top_bytes], layout.top_neurons, like) for s in range(layout.slots)]
 
 
 class CacheSlots:

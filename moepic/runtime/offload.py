@@ -42,12 +42,12 @@ from moepic.cache.schedule import (
 )
 from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
-from moepic.core.packing import neuron_numbers
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
 from moepic.perfmodel.host_costs import HostPricing
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
+from moepic.quant import format_of
 from moepic.runtime.copy_engine import Link, copy_engine_for
 from moepic.runtime.copy_protocol import CopyEngine
 from moepic.runtime.cache_slots import CacheSlots
@@ -85,16 +85,16 @@ class OffloadedExperts:
             raise ValueError("host threads have no effect with hybrid off: nothing is computed on the host")
         self.predictor = predictor or NoPredictor()
         self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
-        any_expert = next(iter(self.store.experts.values()))[0]
-        dtype = any_expert.down_FD.dtype
-        if dtype.itemsize != layout.dtype_bytes:
-            raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts are {dtype}")
-        widest = max(layout.layers, key=lambda l: l.expert_bytes)  # all MoE layers share one expert shape
-        neuron_bytes = neuron_numbers(any_expert.down_FD.shape[1], any_expert.gate_up_bias_N2B is not None) * dtype.itemsize
-        if widest.neuron_bytes != neuron_bytes:
-            raise ValueError(f"the layout was planned for {widest.neuron_bytes} bytes per expert neuron, the experts take {neuron_bytes}")
+        any_expert = next(iter(self.store.experts.values()))[0]  # all MoE layers share one expert shape
+        if any_expert.dtype.itemsize != layout.dtype_bytes:
+            raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts compute in {any_expert.dtype}")
+        expert_format = format_of(any_expert)
+        neuron_bytes = expert_format.neuron_bytes(any_expert.hidden, any_expert.biased, any_expert.dtype.itemsize)
+        if layout.layers[0].neuron_bytes != neuron_bytes:
+            raise ValueError(f"the layout was planned for {layout.layers[0].neuron_bytes} bytes per expert neuron, "
+                             f"the experts take {neuron_bytes} ({expert_format.name})")
         self._layouts = {l.layer: l for l in layout.layers}
-        self.staging = StagingPool(layout.staging_experts, widest.ffn_size, widest.block, any_expert, self.device)
+        self.staging = StagingPool(layout.staging_experts, any_expert, self.device)
         self.copies: CopyEngine = copy_engine_for(self.device, link)
         self.slots = CacheSlots(layout.layers, any_expert, self.device, self.copies)
         self.pools = self.slots.pools
@@ -104,7 +104,8 @@ class OffloadedExperts:
         for l in layout.layers:
             for s, e in enumerate(self.residency[l.layer].cache.slots_S):
                 if e != FREE:
-                    self.pools[l.layer].flat_SX[s].copy_(self.store.flat[l.layer][e], non_blocking=True)
+                    pool = self.pools[l.layer]
+                    pool.flat_SX[s, : pool.top_bytes].copy_(self.store.flat[l.layer][e], non_blocking=True)
                     self.preload_bytes += l.expert_bytes
         self._clock = {l.layer: 0 for l in layout.layers}  # tokens each layer has routed
         self._step_clock = 0  # the clock of the step in progress
@@ -353,7 +354,7 @@ def offloaded_experts(
         predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
     layout = plan_layout(
         model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block,
-        staging_experts=staging_buffers(model.spec.moe.top_k, predictor),
+        staging_experts=staging_buffers(model.spec.moe.top_k, predictor), expert_format=format_of(expert),
     )
     if policy is None:
         policy = build_policy(policy_config)

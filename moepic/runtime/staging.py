@@ -16,7 +16,7 @@ from collections import deque
 import attrs
 import torch
 
-from moepic.core.packing import flat_views, neuron_numbers
+from moepic.core.packing import flat_views, packed_bytes
 from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_protocol import Ticket
 
@@ -25,19 +25,19 @@ from moepic.runtime.copy_protocol import Ticket
 class Buffer:
     index: int
     flat: torch.Tensor
-    expert: SwiGLUWeights  # views of `flat` in the compute layout
+    expert: SwiGLUWeights  # views of `flat` in the stored layout (quantized: QuantizedExpert)
     fence: object = None  # CUDA event compute recorded when it let go (None on the CPU)
     pending: Ticket | None = None  # a copy into it that may still be running (a dropped prefetch)
 
 
 class StagingPool:
-    def __init__(self, count: int, ffn_size: int, block: int, like: SwiGLUWeights, device: torch.device) -> None:
-        """`count` buffers for experts of `ffn_size` neurons shaped like `like` (width, dtype, biases)."""
+    def __init__(self, count: int, like: SwiGLUWeights, device: torch.device) -> None:
+        """`count` buffers for whole experts stored like `like` (format, width, dtype, biases)."""
         self.buffers = []
-        numbers = ffn_size * neuron_numbers(like.down_FD.shape[1], like.gate_up_bias_N2B is not None)
+        nbytes = packed_bytes(like, like.ffn_size)
         for i in range(count):
-            flat = torch.empty(numbers, dtype=like.down_FD.dtype, device=device)
-            self.buffers.append(Buffer(i, flat, flat_views(flat, ffn_size, block, like)))
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.buffers.append(Buffer(i, flat, flat_views(flat, like.ffn_size, like)))
         self._free: deque[Buffer] = deque(self.buffers)
         self.in_use = 0
         self.peak_in_use = 0

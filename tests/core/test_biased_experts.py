@@ -86,13 +86,13 @@ def test_a_packed_biased_expert_keeps_its_biases_in_one_buffer():
     expert = biased_expert(8, 16, 0, 4)
     packed = pack_expert(expert)
     flat = flat_buffer(packed)
-    assert flat is not None and flat.numel() == 16 * (3 * 8 + 2)
+    assert flat is not None and flat.numel() == 16 * (3 * 8 + 2) * 4  # fp32 bytes
     for a, b in zip(packed.tensors, expert.tensors, strict=True):
         assert torch.equal(a, b)
     assert packed.activation == CLAMPED
     # The top neurons, as a cache slot holds them: their own flat layout, biases included.
     top = expert.neurons(0, 8)
-    slot = flat_views(torch.empty(8 * (3 * 8 + 2)), 8, 4, expert)
+    slot = flat_views(torch.empty(8 * (3 * 8 + 2) * 4, dtype=torch.uint8), 8, expert)
     for dst, src in zip(slot.tensors, top.tensors, strict=True):
         dst.copy_(src)
     x_TD = torch.randn(2, 8)
@@ -101,4 +101,4 @@ def test_a_packed_biased_expert_keeps_its_biases_in_one_buffer():
 
 def test_an_unbiased_expert_packs_as_before():
     expert = SwiGLUWeights.from_projections(torch.randn(8, 4), torch.randn(8, 4), torch.randn(4, 8), block=4)
-    assert flat_buffer(pack_expert(expert)).numel() == 3 * 8 * 4 and len(expert.tensors) == 2
+    assert flat_buffer(pack_expert(expert)).numel() == 3 * 8 * 4 * 4 and len(expert.tensors) == 2

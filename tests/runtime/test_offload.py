@@ -181,7 +181,7 @@ def test_host_store_packs_unpacked_experts_into_one_flat_buffer_each(models):
     original, packed = model.weights.layers[layer].ffn.experts[2], store.experts[layer][2]
     assert torch.equal(original.gate_up_N2BD, packed.gate_up_N2BD) and torch.equal(original.down_FD, packed.down_FD)
     flat = store.flat[layer][2]
-    assert flat.numel() == 3 * original.ffn_size * original.down_FD.shape[1]
+    assert flat.dtype == torch.uint8 and flat.numel() == 3 * original.ffn_size * original.down_FD.shape[1] * 4  # fp32 bytes
     assert packed.down_FD.data_ptr() == flat.data_ptr() + 2 * original.ffn_size * original.down_FD.shape[1] * 4
 
 

@@ -23,7 +23,7 @@ F, B, D = 8, 4, 6  # ffn size, neuron block, hidden
 
 def pool(count: int = 3, dtype: torch.dtype = torch.float32) -> StagingPool:
     like = SwiGLUWeights(torch.zeros(F // B, 2, B, D, dtype=dtype), torch.zeros(F, D, dtype=dtype))
-    return StagingPool(count, F, B, like, torch.device("cpu"))
+    return StagingPool(count, like, torch.device("cpu"))
 
 
 def no_wait(ticket):
@@ -104,22 +104,23 @@ def test_expert_views_are_views_into_flat_in_the_compute_layout(dtype):
     p = pool(2, dtype)
     for buffer in p.buffers:
         gate_up, down = buffer.expert.gate_up_N2BD, buffer.expert.down_FD
-        assert buffer.flat.shape == (3 * F * D,) and buffer.flat.dtype == dtype
+        assert buffer.flat.shape == (3 * F * D * dtype.itemsize,) and buffer.flat.dtype == torch.uint8
+        flat = buffer.flat.view(dtype)  # the bytes as the expert's numbers
         assert gate_up.shape == (F // B, 2, B, D) and down.shape == (F, D)
         assert (buffer.expert.block, buffer.expert.ffn_size) == (B, F)
         # Writing the flat buffer shows in the views, and writing the views shows in the flat buffer.
-        buffer.flat.copy_(torch.arange(3 * F * D).to(dtype))
-        assert torch.equal(gate_up.reshape(-1), buffer.flat[: 2 * F * D])
-        assert torch.equal(down.reshape(-1), buffer.flat[2 * F * D :])
+        flat.copy_(torch.arange(3 * F * D).to(dtype))
+        assert torch.equal(gate_up.reshape(-1), flat[: 2 * F * D])
+        assert torch.equal(down.reshape(-1), flat[2 * F * D :])
         gate_up.fill_(-1)
         down.fill_(-2)
         expected = torch.cat([torch.full((2 * F * D,), -1, dtype=dtype), torch.full((F * D,), -2, dtype=dtype)])
-        assert torch.equal(buffer.flat, expected)
+        assert torch.equal(flat, expected)
     # Buffers do not share memory.
     a, b = p.buffers
-    a.flat.fill_(1)
-    b.flat.fill_(2)
-    assert torch.all(a.flat == 1) and torch.all(a.expert.down_FD == 1)
+    a.flat.view(dtype).fill_(1)
+    b.flat.view(dtype).fill_(2)
+    assert torch.all(a.flat.view(dtype) == 1) and torch.all(a.expert.down_FD == 1)
 
 
 def test_a_pending_copy_is_settled_by_the_next_acquire_of_that_buffer_and_only_then():
@@ -174,7 +175,7 @@ def test_acquire_of_a_buffer_a_dropped_prefetch_still_writes_waits_for_that_copy
         assert gate.entered.wait(10)
         buffer = p.acquire(engine.wait)
         src = torch.arange(3 * F * D, dtype=torch.float32)
-        ticket = engine.submit([(buffer.flat, src)])
+        ticket = engine.submit([(buffer.flat.view(torch.float32), src)])
         p.release(buffer, pending=ticket)  # a wasted prefetch: nobody waited for it
         assert not ticket.done.is_set()
         opener = threading.Timer(0.05, gate.opened.set)
@@ -185,5 +186,5 @@ def test_acquire_of_a_buffer_a_dropped_prefetch_still_writes_waits_for_that_copy
             opener.join()
         assert again is buffer
         assert ticket.done.is_set()
-        assert torch.equal(buffer.flat, src)
+        assert torch.equal(buffer.flat.view(torch.float32), src)
         assert engine.current_stats().waits == 1

@@ -1,0 +1,157 @@
+"""How a routed expert is stored: the one seam the host store, the device cache, staging, the
+split, the layout and the latency model ask. Pure.
+
+An expert format turns an expert's weights (core/weights.py `SwiGLUWeights`) into the tensors it
+is kept as, and back into weights the kernels compute with:
+
+    SwiGLUWeights ─encode─▶ stored expert: parts, each neuron-major ─decode─▶ SwiGLUWeights (compute dtype)
+                             └ a segment of neurons is one slice of every part (`neurons`)
+
+Every part's leading dimension counts neuron blocks, so a top or bottom segment of whole blocks
+is a contiguous slice of each part and moves as is: the split, the copies and the cache slots see
+bytes, never values. Decoding happens where the expert is computed (core/ffn.py asks `dense()`),
+right before its matmuls, so only the compressed bytes are kept and moved.
+
+`dense` (quant/dense.py) keeps the weights as they are: `SwiGLUWeights` is its stored form. Other
+formats (quant/int8.py, quant/int4.py, …) store a `QuantizedExpert`. A format is chosen by name
+(`EXPERT_FORMATS`), like every strategy, and a new one is one file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from math import prod
+from typing import ClassVar
+
+import attrs
+import torch
+
+from moepic.core.spec import GatedActivation
+from moepic.core.weights import SwiGLUWeights
+from moepic.registry import Registry, StrategyConfig
+
+EXPERT_FORMATS = Registry("expert format", default="dense")
+
+
+class FormatConfig(StrategyConfig):
+    registry = EXPERT_FORMATS
+
+
+@attrs.frozen(kw_only=True)
+class PartShape:
+    """One tensor of a stored expert, per neuron block of `block` neurons: [blocks, *per_block]."""
+
+    name: str
+    per_block: tuple[int, ...]
+    dtype: torch.dtype
+
+    def nbytes(self, blocks: int) -> int:
+        return blocks * prod(self.per_block) * self.dtype.itemsize
+
+
+class ExpertFormat(ABC):
+    """A way to store routed experts. Subclasses are registered with `EXPERT_FORMATS.register`."""
+
+    config: FormatConfig
+    # Segments are cut at multiples of this many neurons (a group spanning neurons is never cut).
+    neuron_multiple: ClassVar[int] = 1
+
+    def __init__(self, config: FormatConfig) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def quantized(self) -> bool:
+        return self.name != "dense"
+
+    @abstractmethod
+    def parts(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[PartShape, ...]:
+        """The stored tensors of an expert `hidden` wide, computed in `dtype`, in packing order:
+        itemsizes never grow along it, so every part of a packed buffer starts aligned (core/packing.py)."""
+
+    @abstractmethod
+    def encode(self, w: SwiGLUWeights) -> SwiGLUWeights | QuantizedExpert:
+        """`w` in this format (on `w`'s device)."""
+
+    @abstractmethod
+    def decode(self, q: QuantizedExpert) -> SwiGLUWeights:
+        """The weights `q` stores, in its compute dtype, on its device: what the kernels run."""
+
+    def check_shape(self, hidden: int, ffn_size: int, block: int) -> None:
+        """Raise ValueError naming what does not fit (a group size that does not divide the width, …)."""
+        if block % self.neuron_multiple or ffn_size % block:
+            raise ValueError(f"{self.name} experts cut at multiples of {self.neuron_multiple} neurons; "
+                             f"neuron block {block} of an FFN {ffn_size} wide does not")
+
+    def neuron_bytes(self, hidden: int, biased: bool, dtype_bytes: int) -> int:
+        """Bytes one neuron of an expert takes, scales and biases included: what a miss moves per neuron."""
+        dtype = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[dtype_bytes]
+        block = self.neuron_multiple
+        total = sum(p.nbytes(1) for p in self.parts(hidden, block, dtype, biased))
+        if total % block:
+            raise ValueError(f"{self.name}: {block} neurons take {total} bytes, not a whole number per neuron")
+        return total // block
+
+    def quantization_config(self) -> dict[str, object]:
+        """What a checkpoint's config.json records for experts stored in this format (`moepic quantize`)."""
+        return {"quant_method": "moepic", "expert_format": self.config.as_dict()}
+
+    def __repr__(self) -> str:
+        return f"ExpertFormat({self.config!r})"
+
+
+@attrs.frozen(eq=False)
+class QuantizedExpert:
+    """A routed expert stored in a quantized format: `parts` as `format.parts` lists them, each
+    [neuron blocks, …], so a segment of whole blocks is a slice of each (`neurons`)."""
+
+    format: ExpertFormat
+    parts: tuple[torch.Tensor, ...]
+    block: int
+    hidden: int
+    dtype: torch.dtype  # what it computes in
+    activation: GatedActivation
+    biased: bool = False  # whether it has gate/up biases (a part of their own, in `dtype`)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.parts[0].shape[0] * self.block
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.parts
+
+    def with_tensors(self, tensors: tuple[torch.Tensor, ...]) -> QuantizedExpert:
+        return attrs.evolve(self, parts=tuple(tensors))
+
+    def neurons(self, start: int, stop: int) -> QuantizedExpert:
+        """Neurons [start, stop), both multiples of the block: views, no copy."""
+        B = self.block
+        if start % B or stop % B or not 0 <= start <= stop <= self.ffn_size:
+            raise ValueError(
+                f"segment [{start}, {stop}) must lie in [0, {self.ffn_size}] on neuron-block boundaries (block {B})"
+            )
+        return self.with_tensors(tuple(p[start // B : stop // B] for p in self.parts))
+
+    def to(self, device: torch.device | str) -> QuantizedExpert:
+        return self.with_tensors(tuple(p.to(device) for p in self.parts))
+
+    def dense(self) -> SwiGLUWeights:
+        return self.format.decode(self)
+
+
+def format_of(expert: SwiGLUWeights | QuantizedExpert) -> ExpertFormat:
+    """The format an expert is stored in."""
+    if isinstance(expert, QuantizedExpert):
+        return expert.format
+    return build_format("dense")
+
+
+def build_format(config: FormatConfig | str | dict) -> ExpertFormat:
+    """A format from its config, its name, or its YAML node ({name: int4, group_size: 64})."""
+    if not isinstance(config, FormatConfig):
+        config = EXPERT_FORMATS.structure_node(config, "experts.format")
+    return EXPERT_FORMATS.build(config)
