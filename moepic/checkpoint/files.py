@@ -87,6 +87,10 @@ class PrefixedCheckpoint:
     def checked(self, name: str, stored: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
         return self.inner.checked(self.prefix + name, stored, converted)
 
+    @property
+    def read_order(self) -> list[str]:
+        return self.inner.read_order
+
 
 class SafetensorsCheckpoint:
     """Open handles on every shard; `read` takes one tensor, checks its shape, converts it.
@@ -124,6 +128,7 @@ class SafetensorsCheckpoint:
                     self._stack.close()
                     raise CheckpointError(f"{path}: the index lists tensor {name!r} here, but the file lacks it")
         self._read: set[str] = set()
+        self.read_order: list[str] = []  # every read, in order (repeats too): what a stretch of reading consumed
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self
@@ -154,7 +159,7 @@ class SafetensorsCheckpoint:
         tensor, path = self._stored(name, shape, index)
         if tensor.dtype != dtype:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected {dtype}")
-        self._read.add(name)
+        self._mark_read(name)
         return tensor
 
     def checked(self, name: str, stored: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
@@ -162,8 +167,12 @@ class SafetensorsCheckpoint:
         and `check_finite` is on; checked on the target device: what the model will compute with."""
         if self.check_finite and not all_finite(converted):
             raise CheckpointError(f"{self._file_of[name]}: tensor {name!r} {_non_finite_reason(stored, converted)}")
-        self._read.add(name)
+        self._mark_read(name)
         return converted
+
+    def _mark_read(self, name: str) -> None:
+        self._read.add(name)
+        self.read_order.append(name)
 
     def _stored(self, name: str, shape: tuple[int, ...], index: int | None) -> tuple[torch.Tensor, Path]:
         path = self._file_of.get(name)

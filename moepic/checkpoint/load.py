@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -12,11 +11,13 @@ from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.hf_rope import check_rope_angles
+from moepic.checkpoint.stored_experts import QUANT_METHOD, checked_format, stored_format
 from moepic.core.model import Model
 from moepic.core.packing import pack_expert
 from moepic.core.spec import ModelSpec
-from moepic.core.weights import WIDEST_NEURON_BLOCK
+from moepic.core.weights import WIDEST_NEURON_BLOCK, neuron_block
 from moepic.errors import CheckpointError
+from moepic.quant import ExpertFormat
 
 # Buffers some exporters save that carry no information moepic needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -30,7 +31,7 @@ def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
 def _read_spec_and_adapter(folder: str | Path):
     cfg = HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
-    _check_quantization(cfg, adapter.quantizations)
+    _check_quantization(cfg, adapter.quantizations + (QUANT_METHOD,))
     try:
         spec = adapter.spec(cfg)
     except (ValueError, TypeError) as e:  # MoESpec/RouterSpec validation inside an adapter
@@ -64,6 +65,7 @@ def load_model(
     widest_neuron_block: int = WIDEST_NEURON_BLOCK,
     offload_experts: bool = False,
     check_weights: bool = True,
+    expert_format: ExpertFormat | None = None,
 ) -> Model:
     """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype.
 
@@ -73,16 +75,32 @@ def load_model(
     what the offloading engine (moepic/runtime/offload.py) copies from. `check_weights` refuses a
     tensor with NaN or Inf values (in the target dtype), naming it; turning it off saves one pass
     over the weights (see files.py).
+
+    Routed experts are kept in the format the checkpoint stores them in (`moepic quantize`:
+    checkpoint/stored_experts.py), or encoded in `expert_format` as they are read (quantized on
+    load; a checkpoint already stored in a format is not re-encoded: asking for another is an error).
     """
     folder = Path(folder)
     spec, cfg, adapter = _read_spec_and_adapter(folder)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
+    stored = stored_format(cfg)
+    if expert_format is not None and not expert_format.quantized:
+        expert_format = None
+    if stored is not None and expert_format is not None and expert_format.config != stored.config:
+        raise CheckpointError(f"{cfg.source}: its experts are stored as {stored.config.as_dict()}; "
+                              f"re-encoding them as {expert_format.config.as_dict()} is not supported (quantize the source checkpoint)")
+    wanted = stored or expert_format
+    if wanted is not None and spec.moe is not None:
+        checked_format(wanted, spec, neuron_block(spec.moe.expert_ffn, widest_neuron_block), cfg.source)
     with SafetensorsCheckpoint(folder, check_finite=check_weights) as ckpt:
         place = None
         if offload_experts:
             pin = torch.device(device).type == "cuda"
-            place = functools.partial(pack_expert, pin_memory=pin)
-        reader = TensorReader(ckpt, dtype, device, widest_neuron_block, place_routed_expert=place)
+
+            def place(expert, key):
+                return pack_expert(expert, pin_memory=pin)
+        reader = TensorReader(ckpt, dtype, device, widest_neuron_block, place_routed_expert=place, spec=spec,
+                              stored_format=stored, expert_format=None if stored is not None else expert_format)
         weights = adapter.load_weights(reader, spec, progress)
         unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)
                       and not n.startswith(adapter.ignored_prefixes)]

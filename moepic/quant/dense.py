@@ -21,9 +21,9 @@ class DenseConfig(FormatConfig):
 @EXPERT_FORMATS.register("dense", DenseConfig)
 class DenseFormat(ExpertFormat):
     def parts(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[PartShape, ...]:
-        parts = (PartShape(name="gate_up", per_block=(2, block, hidden), dtype=dtype),
+        parts = (PartShape(name="gate_up", per_block=(2, block, hidden), dtype=dtype, paired=True),
                  PartShape(name="down", per_block=(block, hidden), dtype=dtype))
-        return parts + ((PartShape(name="gate_up_bias", per_block=(2, block), dtype=dtype),) if biased else ())
+        return parts + ((PartShape(name="gate_up_bias", per_block=(2, block), dtype=dtype, paired=True),) if biased else ())
 
     def encode(self, w: SwiGLUWeights) -> SwiGLUWeights:
         return w

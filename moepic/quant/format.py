@@ -39,11 +39,33 @@ class FormatConfig(StrategyConfig):
 
 @attrs.frozen(kw_only=True)
 class PartShape:
-    """One tensor of a stored expert, per neuron block of `block` neurons: [blocks, *per_block]."""
+    """One tensor of a stored expert, per neuron block of `block` neurons: [blocks, *per_block].
+    `paired`: per_block is (2, block, …), gate then up rows of the block's neurons (as
+    `SwiGLUWeights.gate_up_N2BD` interleaves them); else (block / u, …) for some u ≥ 1 neurons."""
 
     name: str
     per_block: tuple[int, ...]
     dtype: torch.dtype
+    paired: bool = False
+
+    def file_shape(self, ffn_size: int, block: int) -> tuple[int, ...]:
+        """Its shape in a checkpoint file, which does not depend on the block a run reads it in:
+        paired [2, F, …] (gate rows, then up rows), else [F / u, …]."""
+        if self.paired:
+            return (2, ffn_size, *self.per_block[2:])
+        return (ffn_size // block * self.per_block[0], *self.per_block[1:])
+
+    def to_file(self, t: torch.Tensor) -> torch.Tensor:
+        """[blocks, *per_block] → `file_shape` (a contiguous copy)."""
+        if self.paired:
+            return t.transpose(0, 1).reshape(2, -1, *t.shape[3:]).contiguous()
+        return t.reshape(-1, *t.shape[2:]).contiguous()
+
+    def from_file(self, t: torch.Tensor, block: int) -> torch.Tensor:
+        """`file_shape` → [blocks, *per_block] for neuron blocks of `block` (contiguous)."""
+        if self.paired:
+            return t.reshape(2, -1, block, *t.shape[2:]).transpose(0, 1).contiguous()
+        return t.reshape(-1, *self.per_block).contiguous()
 
     def nbytes(self, blocks: int) -> int:
         return blocks * prod(self.per_block) * self.dtype.itemsize

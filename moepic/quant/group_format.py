@@ -47,14 +47,14 @@ class GroupFormat(ExpertFormat):
     def parts(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[PartShape, ...]:
         groups, codes = hidden // self.config.group_size, hidden * self.bits // 8
         code_dtype = torch.int8 if self.bits == 8 and self.config.symmetric else torch.uint8
-        parts = [PartShape(name="gate_up_scales", per_block=(2, block, groups), dtype=SCALE_DTYPE),
+        parts = [PartShape(name="gate_up_scales", per_block=(2, block, groups), dtype=SCALE_DTYPE, paired=True),
                  PartShape(name="down_scales", per_block=(block, groups), dtype=SCALE_DTYPE)]
         if biased:
-            parts.append(PartShape(name="gate_up_bias", per_block=(2, block), dtype=dtype))
+            parts.append(PartShape(name="gate_up_bias", per_block=(2, block), dtype=dtype, paired=True))
         if not self.config.symmetric:
-            parts += [PartShape(name="gate_up_zeros", per_block=(2, block, groups), dtype=torch.uint8),
+            parts += [PartShape(name="gate_up_zeros", per_block=(2, block, groups), dtype=torch.uint8, paired=True),
                       PartShape(name="down_zeros", per_block=(block, groups), dtype=torch.uint8)]
-        parts += [PartShape(name="gate_up", per_block=(2, block, codes), dtype=code_dtype),
+        parts += [PartShape(name="gate_up", per_block=(2, block, codes), dtype=code_dtype, paired=True),
                   PartShape(name="down", per_block=(block, codes), dtype=code_dtype)]
         return tuple(sorted(parts, key=lambda p: -p.dtype.itemsize))  # aligned when packed (format.py)
 

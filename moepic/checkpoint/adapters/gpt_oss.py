@@ -65,7 +65,7 @@ class GptOssAdapter(LlamaLikeAdapter):
                 gate_bias_F=bias_2F[0::2].contiguous(), up_bias_F=bias_2F[1::2].contiguous(), activation=moe.activation,
             )
 
-        experts = tuple(read.placed(lambda device, e=e: expert(e, device)) for e in range(E))
+        experts = tuple(read.placed(lambda device, e=e: expert(e, device), key=f"{p}.experts.{e}") for e in range(E))
         return MoEWeights(
             read.router(f"{p}.router.weight", E, D, spec=spec), experts,
             router_logit_bias_E=read.router(f"{p}.router.bias", E, spec=spec),

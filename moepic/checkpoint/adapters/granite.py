@@ -38,7 +38,7 @@ class GraniteMoeAdapter(LlamaLikeAdapter):
     def _moe(self, read: TensorReader, spec: ModelSpec, l: int) -> MoEWeights:
         moe, D, E, F = spec.moe, spec.hidden_size, spec.moe.num_experts, spec.moe.expert_ffn
         p = f"model.layers.{l}.block_sparse_moe"
-        experts = tuple(read.fused_expert(f"{p}.input_linear.weight", f"{p}.output_linear.weight", e, E, D, F) for e in range(E))
+        experts = tuple(read.fused_expert(f"{p}.input_linear.weight", f"{p}.output_linear.weight", e, E, D, F, key=f"{p}.experts.{e}") for e in range(E))
         shared = None
         if moe.shared_expert_ffn:
             s = f"model.layers.{l}.shared_mlp"

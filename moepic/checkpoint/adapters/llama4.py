@@ -95,7 +95,7 @@ class Llama4TextAdapter(LlamaLikeAdapter):
             return SwiGLUWeights.from_projections(gate_up_D2F[:, :F].t().contiguous(), gate_up_D2F[:, F:].t().contiguous(),
                                                   down_FD.t(), block=read.block_for(F))
 
-        experts = tuple(read.placed(lambda device, e=e: expert(e, device)) for e in range(E))
+        experts = tuple(read.placed(lambda device, e=e: expert(e, device), key=f"{p}.experts.{e}") for e in range(E))
         shared = read.swiglu(f"{p}.shared_expert", ("gate_proj", "up_proj", "down_proj"), D, moe.shared_expert_ffn)
         return MoEWeights(read.router(f"{p}.router.weight", E, D, spec=spec), experts, shared)
 

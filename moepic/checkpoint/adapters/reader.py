@@ -10,9 +10,14 @@ import torch
 
 from moepic.checkpoint.files import PrefixedCheckpoint, SafetensorsCheckpoint
 from moepic.checkpoint.mxfp4 import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
+from moepic.checkpoint.stored_experts import read_stored_expert
 from moepic.errors import CheckpointError
 from moepic.core.spec import ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK, SwiGLUWeights, neuron_block
+from moepic.quant import ExpertFormat, QuantizedExpert
+
+# A routed expert as the run keeps it: dense, or in an expert format (moepic/quant/format.py).
+Expert = SwiGLUWeights | QuantizedExpert
 
 
 @attrs.frozen
@@ -24,8 +29,15 @@ class TensorReader:
     device: str
     widest_neuron_block: int = WIDEST_NEURON_BLOCK
     # Where routed experts go instead: a function that stores one (e.g. packs it into pinned host
-    # memory for offloading), called as each is read, so no second full copy is ever held.
-    place_routed_expert: Callable[[SwiGLUWeights], SwiGLUWeights] | None = None
+    # memory for offloading), called as each is read with its key (`placed`), so no second full
+    # copy is ever held.
+    place_routed_expert: Callable[[Expert, str], Expert] | None = None
+    # The model being read: what reading experts stored in a format needs (their width, biases, activation).
+    spec: ModelSpec | None = None
+    # Routed experts are stored in this format in the checkpoint (`moepic quantize` wrote it) …
+    stored_format: ExpertFormat | None = None
+    # … or read as the source stores them and encoded in this one as they are read.
+    expert_format: ExpertFormat | None = None
 
     def __call__(
         self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None, index: int | None = None
@@ -68,8 +80,9 @@ class TensorReader:
         """The neuron block of an F-wide FFN read here."""
         return neuron_block(F, self.widest_neuron_block)
 
-    def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> SwiGLUWeights:
-        return self.placed(lambda device: self.swiglu(prefix, projections, D, F, device=device))
+    def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> Expert:
+        """Routed expert `prefix` (`….experts.<e>`), as `placed` places one."""
+        return self.placed(lambda device: self.swiglu(prefix, projections, D, F, device=device), key=prefix)
 
     def fused_swiglu(
         self, gate_up: str, down: str, D: int, F: int, *, expert: tuple[int, int] | None = None, device: str | None = None
@@ -82,13 +95,21 @@ class TensorReader:
         return SwiGLUWeights.from_projections(gate_up_2FD[:F], gate_up_2FD[F:], self(down, *lead, D, F, device=device, index=index),
                                               block=self.block_for(F))
 
-    def fused_expert(self, gate_up: str, down: str, e: int, E: int, D: int, F: int) -> SwiGLUWeights:
-        """Routed expert `e` of experts fused on disk (`fused_swiglu`), placed as `routed_expert` places one."""
-        return self.placed(lambda device: self.fused_swiglu(gate_up, down, D, F, expert=(e, E), device=device))
+    def fused_expert(self, gate_up: str, down: str, e: int, E: int, D: int, F: int, *, key: str) -> Expert:
+        """Routed expert `e` of experts fused on disk (`fused_swiglu`), placed as `placed` places one."""
+        return self.placed(lambda device: self.fused_swiglu(gate_up, down, D, F, expert=(e, E), device=device), key=key)
 
-    def placed(self, read_expert: Callable[[str | None], SwiGLUWeights]) -> SwiGLUWeights:
+    def placed(self, read_expert: Callable[[str | None], SwiGLUWeights], *, key: str) -> Expert:
         """A routed expert where the run keeps them: read onto the model's device, or onto the host
-        and handed to `place_routed_expert` (so no second full copy is ever held)."""
-        if self.place_routed_expert is None:
-            return read_expert(None)
-        return self.place_routed_expert(read_expert("cpu"))
+        and handed to `place_routed_expert` (so no second full copy is ever held). `key` names the
+        expert (`<layer prefix>.experts.<e>`): a checkpoint storing experts in a format holds its
+        parts under it (checkpoint/stored_experts.py), read instead of calling `read_expert`."""
+        device = "cpu" if self.place_routed_expert is not None else None
+        if self.stored_format is not None:
+            block = self.block_for(self.spec.moe.expert_ffn)
+            expert = read_stored_expert(self.ckpt, key, self.stored_format, self.spec, self.dtype, block, device or self.device)
+        else:
+            expert = read_expert(device)
+            if self.expert_format is not None:
+                expert = self.expert_format.encode(expert)
+        return expert if self.place_routed_expert is None else self.place_routed_expert(expert, key)

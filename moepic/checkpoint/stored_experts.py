@@ -1,0 +1,72 @@
+"""Routed experts stored in a checkpoint in a moepic expert format (moepic/quant/format.py), as
+`moepic quantize` writes them. Side effects: file I/O (through the checkpoint reader).
+
+config.json says so with `quantization_config: {quant_method: moepic, expert_format: {name: int4,
+group_size: 64, …}}`. Each routed expert is then its format's parts, one tensor each, named after
+the expert (`<layer prefix>.experts.<e>`) and the part:
+
+    model.layers.0.block_sparse_moe.experts.3.gate_up         [2, F, D/2] uint8  (int4 codes)
+    model.layers.0.block_sparse_moe.experts.3.gate_up_scales  [2, F, D/g] float16
+    model.layers.0.block_sparse_moe.experts.3.down            [F, D/2]    uint8  (neuron-major)
+    …
+
+in a layout that does not depend on the neuron block a run reads them in (`PartShape.file_shape`);
+every other tensor is the source checkpoint's, untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepic.checkpoint.hf_config import HFConfig
+from moepic.core.spec import ModelSpec
+from moepic.errors import CheckpointError, ConfigError
+from moepic.quant import ExpertFormat, QuantizedExpert, build_format
+
+QUANT_METHOD = "moepic"
+
+
+def stored_format(cfg: HFConfig) -> ExpertFormat | None:
+    """The format a checkpoint stores its routed experts in (None: the source's own tensors)."""
+    q = cfg.data.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        return None
+    node = q.get("expert_format")
+    if not isinstance(node, dict):
+        raise CheckpointError(f"{cfg.source}: quantization_config.expert_format should be an object "
+                              f"such as {{'name': 'int4', 'group_size': 64}}, got {node!r}")
+    try:
+        return build_format(node)
+    except (ConfigError, ValueError) as e:
+        raise CheckpointError(f"{cfg.source}: quantization_config.expert_format: {e}") from None
+
+
+def checked_format(fmt: ExpertFormat, spec: ModelSpec, block: int, source: object) -> None:
+    """`fmt` can store this model's experts (a group size that divides the width, …), or a CheckpointError."""
+    try:
+        fmt.check_shape(spec.hidden_size, spec.moe.expert_ffn, block)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def read_stored_expert(
+    ckpt, key: str, fmt: ExpertFormat, spec: ModelSpec, dtype: torch.dtype, block: int, device: str
+) -> QuantizedExpert:
+    """Routed expert `key` as stored in `fmt`, on `device`, to compute in `dtype`. Integer parts are
+    read as stored (their dtype checked); float parts (scales, biases) are converted to the part's dtype."""
+    D, F, moe = spec.hidden_size, spec.moe.expert_ffn, spec.moe
+    tensors = []
+    for part in fmt.parts(D, block, dtype, moe.expert_bias):
+        name, shape = f"{key}.{part.name}", part.file_shape(F, block)
+        if part.dtype.is_floating_point:
+            stored = ckpt.read(name, shape, part.dtype)
+        else:
+            stored = ckpt.read_stored(name, shape, part.dtype)
+        tensors.append(part.from_file(stored, block).to(device))
+    return QuantizedExpert(fmt, tuple(tensors), block, D, dtype, moe.activation, moe.expert_bias)
+
+
+def expert_file_tensors(key: str, expert: QuantizedExpert) -> dict[str, torch.Tensor]:
+    """What a checkpoint file holds for routed expert `key` (`read_stored_expert` reads it back)."""
+    parts = expert.format.parts(expert.hidden, expert.block, expert.dtype, expert.biased)
+    return {f"{key}.{p.name}": p.to_file(t) for p, t in zip(parts, expert.parts, strict=True)}
