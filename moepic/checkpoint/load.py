@@ -31,7 +31,7 @@ def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
 def _read_spec_and_adapter(folder: str | Path):
     cfg = HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
-    _check_quantization(cfg, adapter.quantizations + (QUANT_METHOD,))
+    _check_quantization(cfg, adapter.quantizations)
     try:
         spec = adapter.spec(cfg)
     except (ValueError, TypeError) as e:  # MoESpec/RouterSpec validation inside an adapter
@@ -49,11 +49,13 @@ def _check_quantization(cfg: HFConfig, supported: tuple[str, ...]) -> None:
     if not isinstance(q, dict):
         raise CheckpointError(f"{cfg.source}: quantization_config should be an object, got {q!r}")
     method = q.get("quant_method")
+    if method == QUANT_METHOD:  # experts stored in a moepic expert format: every family reads them
+        return
     if method not in supported:
-        read = f"supported: {', '.join(map(repr, supported))} (or an unquantized checkpoint)" if supported else (
-            "only unquantized checkpoints are read")
+        read = ", ".join(map(repr, supported)) + ", " if supported else ""
         raise CheckpointError(f"{cfg.source}: quantization_config.quant_method {method!r} is not supported for "
-                              f"{cfg.model_type}; {read}")
+                              f"{cfg.model_type}; supported: {read}{QUANT_METHOD!r} (`moepic quantize` writes it) "
+                              "or an unquantized checkpoint")
 
 
 def load_model(

@@ -324,14 +324,14 @@ def test_a_gpt_oss_quantization_other_than_mxfp4_is_named(checkpoint_dir, capsys
     folder = _copy(checkpoint_dir, tmp_path, "gpt_oss_mxfp4")
     _edit_config(folder, quantization_config=quantization)
     assert _error(capsys, folder) == (f"{folder / 'config.json'}: quantization_config.quant_method {shown} is not supported "
-                                      "for gpt_oss; supported: 'mxfp4' (or an unquantized checkpoint)")
+                                      "for gpt_oss; supported: 'mxfp4', 'moepic' (`moepic quantize` writes it) or an unquantized checkpoint")
 
 
 def test_a_quantized_checkpoint_of_a_family_read_unquantized_only_is_named(checkpoint_dir, capsys, tmp_path):
     folder = _copy(checkpoint_dir, tmp_path)
     _edit_config(folder, quantization_config={"quant_method": "awq"})
     assert _error(capsys, folder) == (f"{folder / 'config.json'}: quantization_config.quant_method 'awq' is not supported "
-                                      "for mixtral; only unquantized checkpoints are read")
+                                      "for mixtral; supported: 'moepic' (`moepic quantize` writes it) or an unquantized checkpoint")
 
 
 def test_a_gpt_oss_quantization_config_that_is_not_an_object_is_named(checkpoint_dir, capsys, tmp_path):
