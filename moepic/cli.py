@@ -26,6 +26,7 @@ from moepic.commands import (
     generate,
     inspect,
     profile,
+    quantize,
     routing_report,
     simulate,
     synth_trace,
@@ -34,7 +35,7 @@ from moepic.commands import (
 from moepic.errors import MoepicError
 
 # The commands, in `moepic --help` order.
-COMMANDS = (generate, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace)
+COMMANDS = (generate, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace, quantize)
 
 
 def build_parser() -> arguments.Parser:

@@ -6,6 +6,7 @@ holds a second full copy of the model. Every failure names the file and the tens
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from moepic.checkpoint.hf_config import read_json_object
 from moepic.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                         "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -186,6 +189,18 @@ class SafetensorsCheckpoint:
             return (handle.get_tensor(name) if index is None else handle.get_slice(name)[index]), path
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
+
+    def raw(self, name: str) -> torch.Tensor:
+        """Tensor `name` exactly as stored (not counted as read): what a rewrite copies untouched."""
+        path = self._file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
+        return self._handles[path].get_tensor(name)
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes tensor `name` takes as stored, from the file's header (nothing is read)."""
+        piece = self._handles[self._file_of[name]].get_slice(name)
+        return math.prod(piece.get_shape()) * _SAFETENSORS_ITEMSIZE[piece.get_dtype()]
 
     def unread(self) -> list[str]:
         return sorted(set(self._file_of) - self._read)

@@ -24,11 +24,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
-    spec, cfg, _ = _read_spec_and_adapter(folder)
+    spec, cfg, _ = read_spec_and_adapter(folder)
     return spec, cfg
 
 
-def _read_spec_and_adapter(folder: str | Path):
+def read_spec_and_adapter(folder: str | Path):
     cfg = HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
     _check_quantization(cfg, adapter.quantizations)
@@ -83,7 +83,7 @@ def load_model(
     load; a checkpoint already stored in a format is not re-encoded: asking for another is an error).
     """
     folder = Path(folder)
-    spec, cfg, adapter = _read_spec_and_adapter(folder)
+    spec, cfg, adapter = read_spec_and_adapter(folder)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
     stored = stored_format(cfg)
     if expert_format is not None and not expert_format.quantized:

@@ -89,6 +89,8 @@ REGISTRIES = {
     "policy": ("moepic.policies", "POLICIES"),
     "predictor": ("moepic.predictors", "PREDICTORS"),
     "configurator": ("moepic.configurators", "CONFIGURATORS"),
+    "expert format": ("moepic.quant", "EXPERT_FORMATS"),
+    "expert-format": ("moepic.quant", "EXPERT_FORMATS"),
 }
 
 

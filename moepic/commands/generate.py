@@ -28,6 +28,7 @@ FLAG_KEYS = {
     "dtype": "model.dtype",
     "device": "model.device",
     "check_weights": "model.check_weights",
+    "expert_format": "model.expert_format.name",
     "prompt": "generate.prompt",
     "prompt_ids": "generate.prompt_ids",
     "max_new_tokens": "generate.max_new_tokens",
@@ -107,6 +108,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_key_range("SamplingConfig", "seed"), help="sampling seed")
     arguments.add_dtype(gen, "dtype of the weights, auto: the checkpoint's")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 …")
+    arguments.strategy_flag(gen, "expert-format", "keep routed experts as: {names} (quantized as they load; "
+                            "knobs as model.expert_format.group_size=128; `moepic quantize` writes such a checkpoint)")
     gen.add_argument("--no-check-weights", dest="check_weights", action="store_false", default=None,
                      help="skip the NaN/Inf check of each weight as it loads (done by default; skipping "
                      "saves 0.01-0.3 s per GB: experiments/bench_weight_check.py)")
@@ -271,6 +274,7 @@ def run_generate(cfg, *, as_json: bool) -> dict:
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.outputs import PendingOutput, check_writable
     from moepic.checkpoint.load import load_model, read_spec
+    from moepic.quant import build_format
     from moepic.default_model import model_folder
     from moepic.runtime.generation import generate
     from moepic.tokenizer import TextCodec
@@ -317,7 +321,7 @@ def run_generate(cfg, *, as_json: bool) -> dict:
     if bad:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {spec.vocab_size})")
     model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json, offload_experts=offload,
-                       check_weights=cfg.model.check_weights)
+                       check_weights=cfg.model.check_weights, expert_format=build_format(cfg.model.expert_format))
     experts = None
     if offload:
         from moepic.runtime.offload import offloaded_experts

@@ -40,9 +40,10 @@ class GroupFormat(ExpertFormat):
     def check_shape(self, hidden: int, ffn_size: int, block: int) -> None:
         super().check_shape(hidden, ffn_size, block)
         g = self.config.group_size
-        if hidden % g or (self.bits == 4 and g % 2):
-            raise ValueError(f"{self.name} group size {g} does not divide the experts' hidden size {hidden}"
-                             + (" into even groups" if self.bits == 4 else ""))
+        if self.bits == 4 and g % 2:
+            raise ValueError(f"{self.name} packs codes in pairs: group size {g} must be even")
+        if hidden % g:
+            raise ValueError(f"{self.name} group size {g} does not divide the experts' hidden size {hidden}")
 
     def parts(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[PartShape, ...]:
         groups, codes = hidden // self.config.group_size, hidden * self.bits // 8

@@ -38,6 +38,9 @@ class TensorReader:
     stored_format: ExpertFormat | None = None
     # … or read as the source stores them and encoded in this one as they are read.
     expert_format: ExpertFormat | None = None
+    # Where given, each routed expert's key ↦ the checkpoint's tensor names read for it (`moepic
+    # quantize` leaves those out of what it writes).
+    expert_reads: dict[str, list[str]] | None = None
 
     def __call__(
         self, name: str, *shape: int, device: str | None = None, dtype: torch.dtype | None = None, index: int | None = None
@@ -109,7 +112,10 @@ class TensorReader:
             block = self.block_for(self.spec.moe.expert_ffn)
             expert = read_stored_expert(self.ckpt, key, self.stored_format, self.spec, self.dtype, block, device or self.device)
         else:
+            mark = len(self.ckpt.read_order)
             expert = read_expert(device)
+            if self.expert_reads is not None:
+                self.expert_reads[key] = self.ckpt.read_order[mark:]
             if self.expert_format is not None:
                 expert = self.expert_format.encode(expert)
         return expert if self.place_routed_expert is None else self.place_routed_expert(expert, key)

@@ -1,0 +1,49 @@
+"""`moepic quantize`: a checkpoint whose routed experts are stored in an expert format (int8, int4,
+…), every other tensor untouched, that every command loads. Side effects: reads the model, writes
+the output folder (atomically: on failure nothing is left), a progress bar."""
+
+from __future__ import annotations
+
+from moepic.commands import arguments
+
+NAME = "quantize"
+HELP = "write a checkpoint with its routed experts quantized (int8, int4, …)"
+
+
+def add_parser(subparsers):
+    quantize = subparsers.add_parser(NAME, help=HELP)
+    arguments.add_model(quantize, shape=False)
+    fmt = quantize.add_argument("--format", default="int4", metavar="NAME", help="expert format: {formats}")
+    fmt.fills = {"formats": arguments.registered_names("expert format")}
+    quantize.add_argument("--group-size", type=int, default=64, help="weights per scale, along the hidden dimension")
+    quantize.add_argument("--asymmetric", action="store_true", help="a zero point per group as well as a scale")
+    quantize.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder (must not exist)")
+    arguments.add_json(quantize)
+    return quantize
+
+
+def run(args) -> dict:
+    import attrs
+
+    from moepic.checkpoint.quantize import quantize_checkpoint
+    from moepic.errors import ConfigError
+    from moepic.quant import EXPERT_FORMATS, build_format
+
+    if args.format not in EXPERT_FORMATS:
+        raise ConfigError(f"--format: unknown expert format {args.format!r}; known: {EXPERT_FORMATS.known()}")
+    folder = arguments.weights_folder(args.model, NAME)
+    node = {"name": args.format}
+    if args.format != "dense":
+        node |= {"group_size": args.group_size, "symmetric": not args.asymmetric}
+    report = quantize_checkpoint(folder, args.out, build_format(node))
+    return attrs.asdict(report)
+
+
+def text(report: dict) -> str:
+    mib = 2**20
+    fmt = ", ".join(f"{k} {v}" for k, v in report["expert_format"].items() if k != "name")
+    return (
+        f"{report['out']}: {report['experts']} routed experts as {report['expert_format']['name']} ({fmt}): "
+        f"{report['expert_bytes_before'] / mib:.2f} MiB → {report['expert_bytes_after'] / mib:.2f} MiB "
+        f"({report['expert_bytes_before'] / report['expert_bytes_after']:.2f}× smaller), {report['files']} file(s)"
+    )
