@@ -22,6 +22,7 @@ from moepic.commands import (
     arguments,
     compare,
     configure,
+    eval_ppl,
     fit_trace,
     generate,
     inspect,
@@ -35,7 +36,7 @@ from moepic.commands import (
 from moepic.errors import MoepicError
 
 # The commands, in `moepic --help` order.
-COMMANDS = (generate, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace, quantize)
+COMMANDS = (generate, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace, quantize, eval_ppl)
 
 
 def build_parser() -> arguments.Parser:
