@@ -17,6 +17,7 @@ from moepic.checkpoint.hf_config import read_json_object
 from moepic.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
+_ALIGN = 64  # bytes: what torch's CPU allocator gives
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                          "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
 INDEX_FILE = "model.safetensors.index.json"
@@ -103,6 +104,8 @@ class SafetensorsCheckpoint:
     NaN or Inf once converted is refused by name: such weights load fine and then sample garbage.
     """
 
+    prefix = ""  # names are the file's own (PrefixedCheckpoint adds one)
+
     def __init__(self, folder: Path, *, check_finite: bool = True):
         self.folder = folder
         self.check_finite = check_finite
@@ -154,7 +157,13 @@ class SafetensorsCheckpoint:
         tensor, path = self._stored(name, shape, index)
         if not (tensor.is_floating_point() or tensor.numel() == 0):
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
-        return self.checked(name, tensor, tensor.to(device=device, dtype=dtype))
+        converted = tensor.to(device=device, dtype=dtype)
+        if converted.data_ptr() % _ALIGN:
+            # As read, a tensor sits wherever the file's header put it; a CPU matmul over weights
+            # off a 16-byte boundary rounds its last bit differently, so the same values would
+            # compute differently from another file (or a copy). A fresh allocation is aligned.
+            converted = converted.clone()
+        return self.checked(name, tensor, converted)
 
     def read_stored(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, index: int | None = None) -> torch.Tensor:
         """Tensor `name` as stored (on the host), checked to be `shape` and of `dtype`: packed data

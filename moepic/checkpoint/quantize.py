@@ -63,10 +63,9 @@ def quantize_checkpoint(folder: str | Path, out: str | Path, fmt: ExpertFormat, 
     experts: dict[str, QuantizedExpert] = {}
     reads: dict[str, list[str]] = {}
     with SafetensorsCheckpoint(folder) as ckpt:
-        prefix = ""
 
         def keep(expert, key):
-            experts[prefix + key] = expert
+            experts[key] = expert
             return expert
 
         reader = TensorReader(ckpt, cfg.checkpoint_dtype(), "cpu", place_routed_expert=keep, spec=spec,

@@ -45,5 +45,9 @@ def text(report: dict) -> str:
     return (
         f"{report['out']}: {report['experts']} routed experts as {report['expert_format']['name']} ({fmt}): "
         f"{report['expert_bytes_before'] / mib:.2f} MiB → {report['expert_bytes_after'] / mib:.2f} MiB "
-        f"({report['expert_bytes_before'] / report['expert_bytes_after']:.2f}× smaller), {report['files']} file(s)"
+        f"({_ratio(report['expert_bytes_before'], report['expert_bytes_after'])}), {report['files']} file(s)"
     )
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"{before / after:.2f}× fewer bytes" if after <= before else f"{after / before:.2f}× more bytes"

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 
-import attrs
 import pytest
 import torch
 from safetensors import safe_open
@@ -83,34 +82,6 @@ def _assert_same_run(got, want) -> None:
         assert torch.equal(a, b), f"logits of step {step} differ by up to {(a - b).abs().max().item()}"
 
 
-def _tensors(x):
-    """Every tensor an attrs tree of weights holds (a format object is not descended into)."""
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for v in x:
-            yield from _tensors(v)
-    elif attrs.has(type(x)) and not type(x).__name__.endswith("Format"):
-        for field in attrs.fields(type(x)):
-            yield from _tensors(getattr(x, field.name))
-
-
-def _in_fresh_memory(model):
-    """`model` with every weight moved, values unchanged, into memory of its own (64-byte aligned).
-
-    load_model hands out weights backed by the safetensors file, at an address whose alignment
-    follows the file's header length; on this CPU an fp32 matmul over weights 8 bytes off a 16-byte
-    boundary rounds differently in the last bit from one over aligned weights (the same model,
-    re-allocated, gives other logits). Two different files holding the same values therefore only
-    compare bit for bit once both sit in memory aligned alike; the stored parts are compared exactly
-    before this, so nothing the quantized file holds is glossed over.
-    """
-    for t in _tensors(model.weights):
-        t.set_(t.clone())
-    model.inv_freq_d.set_(model.inv_freq_d.clone())
-    return model
-
-
 def _routed_experts(model):
     return [e for layer in model.weights.layers if isinstance(layer.ffn, MoEWeights) for e in layer.ffn.experts]
 
@@ -146,8 +117,9 @@ def test_the_quantized_folder_stores_what_quantizing_on_load_produces(checkpoint
         assert len(a.parts) == len(b.parts)
         for p, (x, y) in enumerate(zip(a.parts, b.parts, strict=True)):
             assert x.dtype == y.dtype and torch.equal(x, y), f"routed expert {e}, part {p}"
-    # And so the same greedy tokens and the same logits, bit for bit (see _in_fresh_memory).
-    _assert_same_run(_run(_in_fresh_memory(stored)), _run(_in_fresh_memory(on_load)))
+    # And so the same greedy tokens and the same logits, bit for bit: the loader gives every weight
+    # aligned memory of its own, so no file's header length changes how a matmul rounds (files.py).
+    _assert_same_run(_run(stored), _run(on_load))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

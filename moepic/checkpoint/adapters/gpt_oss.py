@@ -50,7 +50,6 @@ class GptOssAdapter(LlamaLikeAdapter):
         moe, D, E, F = spec.moe, spec.hidden_size, spec.moe.num_experts, spec.moe.expert_ffn
         p = f"model.layers.{l}.mlp"
         mxfp4 = read.ckpt.has(f"{p}.experts.gate_up_proj_blocks")
-        gate_up_bias_E2F = read(f"{p}.experts.gate_up_proj_bias", E, 2 * F, device="cpu")
 
         def expert(e: int, device: str | None) -> SwiGLUWeights:
             if mxfp4:
@@ -59,7 +58,8 @@ class GptOssAdapter(LlamaLikeAdapter):
             else:
                 gate_up_2FD = read(f"{p}.experts.gate_up_proj", E, D, 2 * F, index=e, device=device).t()
                 down_DF = read(f"{p}.experts.down_proj", E, F, D, index=e, device=device).t()
-            bias_2F = gate_up_bias_E2F[e].to(gate_up_2FD.device)
+            # Read per expert, with its matrices: the bias is its neurons', and goes where they go.
+            bias_2F = read(f"{p}.experts.gate_up_proj_bias", E, 2 * F, index=e, device=device)
             return SwiGLUWeights.from_projections(
                 gate_up_2FD[0::2].contiguous(), gate_up_2FD[1::2].contiguous(), down_DF, block=read.block_for(F),
                 gate_bias_F=bias_2F[0::2].contiguous(), up_bias_F=bias_2F[1::2].contiguous(), activation=moe.activation,

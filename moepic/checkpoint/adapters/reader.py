@@ -115,7 +115,8 @@ class TensorReader:
             mark = len(self.ckpt.read_order)
             expert = read_expert(device)
             if self.expert_reads is not None:
-                self.expert_reads[key] = self.ckpt.read_order[mark:]
+                self.expert_reads[self.ckpt.prefix + key] = self.ckpt.read_order[mark:]
             if self.expert_format is not None:
                 expert = self.expert_format.encode(expert)
-        return expert if self.place_routed_expert is None else self.place_routed_expert(expert, key)
+        # The hook sees the key as the file names it (a multimodal file's text model: under its prefix).
+        return expert if self.place_routed_expert is None else self.place_routed_expert(expert, self.ckpt.prefix + key)
