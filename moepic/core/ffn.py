@@ -34,6 +34,8 @@ def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
     """The FFN's output without any down bias (that is the expert's, not a segment's: core/moe.py).
     An expert stored quantized is decoded here, right before its matmuls (`dense`)."""
     w = w.dense()
+    if w.dtype != x_TD.dtype:  # a quantized expert decoded for a faster kernel (quant/format.py kernel_dtype)
+        return swiglu(x_TD.to(w.dtype), w).to(x_TD.dtype)
     T, (N, _, B, D) = x_TD.shape[0], w.gate_up_N2BD.shape
     bias = None if w.gate_up_bias_N2B is None else w.gate_up_bias_N2B.reshape(2 * N * B)
     gate_up_TN2B = F.linear(x_TD, w.gate_up_N2BD.view(2 * N * B, D), bias).view(T, N, 2, B)

@@ -28,5 +28,5 @@ class DenseFormat(ExpertFormat):
     def encode(self, w: SwiGLUWeights) -> SwiGLUWeights:
         return w
 
-    def decode(self, q: QuantizedExpert) -> SwiGLUWeights:
+    def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
         raise TypeError("a dense expert is stored as SwiGLUWeights; there is nothing to decode")

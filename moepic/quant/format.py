@@ -99,8 +99,8 @@ class ExpertFormat(ABC):
         """`w` in this format (on `w`'s device)."""
 
     @abstractmethod
-    def decode(self, q: QuantizedExpert) -> SwiGLUWeights:
-        """The weights `q` stores, in its compute dtype, on its device: what the kernels run."""
+    def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
+        """The weights `q` stores, in `dtype`, on its device: what the kernels run."""
 
     def check_shape(self, hidden: int, ffn_size: int, block: int) -> None:
         """Raise ValueError naming what does not fit (a group size that does not divide the width, …)."""
@@ -161,8 +161,15 @@ class QuantizedExpert:
     def to(self, device: torch.device | str) -> QuantizedExpert:
         return self.with_tensors(tuple(p.to(device) for p in self.parts))
 
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        """What its decoded weights and matmuls use: float32 on the CPU, where the decode computes in
+        float32 anyway and float32 matmuls beat bfloat16 ones (2.2× for a decode step of the bundled
+        model's expert, experiments/bench_quant_speed.py); the compute dtype on an accelerator."""
+        return torch.float32 if self.parts[0].device.type == "cpu" else self.dtype
+
     def dense(self) -> SwiGLUWeights:
-        return self.format.decode(self)
+        return self.format.decode(self, self.kernel_dtype)
 
 
 def format_of(expert: SwiGLUWeights | QuantizedExpert) -> ExpertFormat:

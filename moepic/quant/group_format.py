@@ -10,6 +10,7 @@ ones do. Per neuron of a hidden size D: 3·D·bits/8 bytes of codes + 3·D/g flo
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import attrs
@@ -75,16 +76,23 @@ class GroupFormat(ExpertFormat):
         tensors = tuple(named[p.name].reshape(N, *p.per_block).contiguous() for p in parts)
         return QuantizedExpert(self, tensors, B, D, dtype, w.activation, w.gate_up_bias_N2B is not None)
 
-    def decode(self, q: QuantizedExpert) -> SwiGLUWeights:
-        parts = self.parts(q.hidden, q.block, q.dtype, q.biased)
-        named = {p.name: t for p, t in zip(parts, q.parts, strict=True)}
-        N, D = q.parts[0].shape[0], q.hidden
+    def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
+        named = dict(zip(self._part_names(q.hidden, q.block, q.dtype, q.biased), q.parts, strict=True))
+        N, D, g = q.parts[0].shape[0], q.hidden, self.config.group_size
 
         def rows(name: str) -> torch.Tensor:
-            values = named[name]
-            zeros = named.get(f"{name}_zeros")
-            groups = QuantizedGroups(values.reshape(-1, values.shape[-1]), named[f"{name}_scales"].reshape(-1, D // self.config.group_size),
-                                     None if zeros is None else zeros.reshape(-1, zeros.shape[-1]), self.bits, self.config.group_size)
-            return dequantize(groups, q.dtype)
+            values, zeros = named[name], named.get(f"{name}_zeros")
+            groups = QuantizedGroups(values.reshape(-1, values.shape[-1]), named[f"{name}_scales"].reshape(-1, D // g),
+                                     None if zeros is None else zeros.reshape(-1, D // g), self.bits, g)
+            return dequantize(groups, dtype)
 
-        return SwiGLUWeights(rows("gate_up").view(N, 2, q.block, D), rows("down"), named.get("gate_up_bias"), q.activation)
+        return SwiGLUWeights(rows("gate_up").view(N, 2, q.block, D), rows("down"), _cast(named.get("gate_up_bias"), dtype), q.activation)
+
+    @functools.lru_cache(maxsize=64)
+    def _part_names(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[str, ...]:
+        """`parts`' names, looked up once per shape: decoding runs for every expert a step computes."""
+        return tuple(p.name for p in self.parts(hidden, block, dtype, biased))
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)

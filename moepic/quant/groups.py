@@ -3,7 +3,7 @@ stored as int8 or int4 values sharing one scale (symmetric) or a scale and a zer
 (asymmetric). Pure.
 
     W [R, C] ─quantize─▶ QuantizedGroups: values [R, C] int8 (int8), or [R, C/2] uint8 (int4: two per
-                                          byte, low nibble first); scales [R, C/g]; zeros [R, C/g] uint8 (asymmetric)
+                                          byte, `pack_nibbles`); scales [R, C/g]; zeros [R, C/g] uint8 (asymmetric)
              ◀dequantize─ W' [R, C];  |W − W'| ≤ scale / 2 everywhere
 
 Symmetric: scale = max|w| / q_max (127 or 7), values round(w / scale) in [−q_max, q_max].
@@ -78,26 +78,30 @@ def _stored_scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize(q: QuantizedGroups, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[R, C] in `dtype` (computed in float32, then cast)."""
+    """[R, C] in `dtype`: (code − zero) · scale in float32, then cast. It runs on every decode of
+    an expert, so it works in place on its one float32 buffer."""
     R, C = q.shape
-    if q.bits == 4:
-        codes_RC = unpack_nibbles(q.values).float() - (8 if q.zeros is None else 0)
-    else:
-        codes_RC = q.values.float()
-    codes_RGg = codes_RC.reshape(R, C // q.group, q.group)
+    codes = unpack_nibbles(q.values) if q.bits == 4 else q.values
+    w_RGg = codes.view(R, C // q.group, q.group).to(torch.float32)
     if q.zeros is not None:
-        codes_RGg = codes_RGg - q.zeros.float()[..., None]
-    return (codes_RGg * q.scales.float()[..., None]).reshape(R, C).to(dtype)
+        w_RGg.sub_(q.zeros.unsqueeze(-1))
+    elif q.bits == 4:
+        w_RGg.sub_(8)
+    return w_RGg.mul_(q.scales.unsqueeze(-1)).view(R, C).to(dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[..., C] integers in [0, 15] → [..., C/2] uint8, two per byte, the even column in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"nibbles pack in pairs; the last dimension is {codes.shape[-1]}")
+    """[..., C] integers in [0, 15] → [..., C/2] uint8, two per byte: byte j holds column j in its low
+    nibble and column j + C/2 in its high one. Unpacking is then two whole-row operations and a
+    concatenation, half the time of interleaved nibbles on a CPU (12 vs 24 µs for 640×128 codes),
+    and it runs on every decode of an expert."""
+    C = codes.shape[-1]
+    if C % 2:
+        raise ValueError(f"nibbles pack in pairs; the last dimension is {C}")
     codes = codes.to(torch.uint8)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes[..., : C // 2] | (codes[..., C // 2 :] << 4)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_nibbles`: [..., C/2] uint8 → [..., C] uint8 in [0, 15]."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1)

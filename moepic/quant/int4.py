@@ -1,4 +1,4 @@
-"""The `int4` expert format: 4-bit integer groups, two codes a byte (low nibble first), with
+"""The `int4` expert format: 4-bit integer groups, two codes a byte (quant/groups.py `pack_nibbles`), with
 float16 scales (quant/group_format.py)."""
 
 from __future__ import annotations
