@@ -302,3 +302,30 @@ def add_json(parser) -> None:
 
 def add_progress(parser) -> None:
     parser.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+
+
+# --- expert formats -------------------------------------------------------------------------------
+
+
+def add_expert_format(parser, help: str, *, flag: str = "--format", default: str | None = None) -> None:
+    """`--format NAME` (or `flag`) with the group formats' knobs `--group-size` and `--asymmetric`."""
+    action = parser.add_argument(flag, dest="expert_format", metavar="NAME", default=default, help=help)
+    action.fills = {"formats": registered_names("expert format")}
+    parser.add_argument("--group-size", type=int, default=64, help=f"with {flag} int8/int4: weights per scale, along the hidden dimension")
+    parser.add_argument("--asymmetric", action="store_true", help=f"with {flag} int8/int4: a zero point per group too")
+
+
+def expert_format(args, *, flag: str = "--format"):
+    """The ExpertFormat the flags name, or None where none was given; a mistake names the flag."""
+    if args.expert_format is None:
+        return None
+    formats = registry("expert format")
+    if args.expert_format not in formats:
+        raise ConfigError(f"{flag}: unknown expert format {args.expert_format!r}; known: {formats.known()}")
+    knobs = importlib.import_module("attrs").fields_dict(formats[args.expert_format].config)
+    node = {"name": args.expert_format}
+    if "group_size" in knobs:
+        if args.group_size < 1:
+            raise ConfigError(f"--group-size: at least 1, got {args.group_size}")
+        node |= {"group_size": args.group_size, "symmetric": not args.asymmetric}
+    return importlib.import_module("moepic.quant").build_format(node)

@@ -36,6 +36,8 @@ def add_parser(subparsers):
     arguments.strategy_flag(conf, "configurator", "how to choose the layers' budgets and θ: {names}")
     conf.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache length the decode step reads (tokens)")
     arguments.add_hybrid(conf)
+    arguments.add_expert_format(conf, "routed experts stored as: {formats} (default: the model's own); the config "
+                                "written keeps them so (model.expert_format)")
     conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
     arguments.add_json(conf)
     arguments.add_progress(conf)
@@ -87,12 +89,14 @@ def run(args) -> dict:
     from moepic.policies.base import auto_policies
     from moepic.core.footprint import footprint
     from moepic.outputs import check_writable, write_text_atomic
+    from moepic.checkpoint.stored_experts import stored_format
     from moepic.perfmodel.latency import layer_total_s, model_times
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
     from moepic.tracing import load_any_trace
 
     budget_bytes(args.budget, 1, "--budget")  # its form (unit, sign, size) before any file is read
+    fmt = arguments.expert_format(args)
     source = arguments.model_source(args.model)
     if isinstance(source, str):
         folder = source
@@ -100,6 +104,7 @@ def run(args) -> dict:
         if spec.moe is None:
             raise ConfigError(f"{folder}: the model has no routed experts to configure a cache for")
         own_dtype = cfg.checkpoint_dtype()
+        fmt = fmt or stored_format(cfg)
     else:  # a preset: its shape, no weights
         folder, spec, own_dtype = None, source.spec, DTYPES[arguments.PRESET_DTYPE]
     dtype = own_dtype if args.dtype in (None, "auto") else DTYPES[args.dtype]
@@ -123,9 +128,9 @@ def run(args) -> dict:
         raise ConfigError(f"--recall has no effect with --predictor {predictor_config.name}: nothing is prefetched")
     recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
-    expert_bytes_all = footprint(spec).routed_expert_bytes(dtype_bytes)
-    budget = budget_bytes(args.budget, expert_bytes_all, "--budget")
-    times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0)
+    times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0,
+                        expert_format=fmt)
+    budget = budget_bytes(args.budget, footprint(spec).num_routed_experts * times.expert_bytes, "--budget")
     staging = staging_buffers(moe.top_k, shape)
     with progress_bar(total=len(spec.moe_layers) * len(policy_configs), desc="hit-rate curves", unit="layer",
                       wanted=not args.json, leave=False) as bar:
@@ -153,6 +158,8 @@ def run(args) -> dict:
     }
     if args.model and folder is not None:
         run_config["model"] = {"path": str(Path(folder).resolve())}
+    if args.expert_format is not None and fmt.quantized:  # encoded as they load (a quantized folder keeps its own)
+        run_config.setdefault("model", {})["expert_format"] = fmt.config.as_dict()
     header = (
         f"# moepic configure: {configurator_config.name} for a budget of {budget} bytes ({args.budget}) with "
         f"staging for {chosen.staging_experts} experts\n# hardware {hw.name} ({hw.source})\n# trace {args.trace}\n"

@@ -22,10 +22,7 @@ def add_parser(subparsers):
     ppl.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
     ppl.add_argument("--window", type=int, help=f"tokens scored from an empty cache at a time (default: {WINDOW}, "
                      "or the model's context if shorter)")
-    fmt = ppl.add_argument("--expert-format", metavar="NAME", help="encode routed experts as they load: {formats}")
-    fmt.fills = {"formats": arguments.registered_names("expert format")}
-    ppl.add_argument("--group-size", type=int, default=64, help="with --expert-format: weights per scale")
-    ppl.add_argument("--asymmetric", action="store_true", help="with --expert-format: a zero point per group")
+    arguments.add_expert_format(ppl, "encode routed experts as they load: {formats}", flag="--expert-format")
     ppl.add_argument("--reference", metavar="DIR", help="compare predictions with this checkpoint (default, with "
                      "--expert-format or a quantized --model: the same model with dense experts, where it can be loaded)")
     arguments.add_dtype(ppl, "dtype of the weights, auto: the checkpoint's", default="auto")
@@ -40,7 +37,7 @@ def run(args) -> dict:
     from moepic.checkpoint.stored_experts import stored_format
     from moepic.datasets import dataset_path
     from moepic.errors import ConfigError
-    from moepic.quant import EXPERT_FORMATS, build_format
+    from moepic.quant import build_format
     from moepic.tokenizer import TextCodec
 
     folder = arguments.weights_folder(args.model, NAME)
@@ -50,14 +47,7 @@ def run(args) -> dict:
     window = min(WINDOW, spec.max_position_embeddings) if args.window is None else args.window
     if not 2 <= window <= spec.max_position_embeddings:
         raise ConfigError(f"--window: between 2 and the model's context ({spec.max_position_embeddings}), got {window}")
-    fmt = None
-    if args.expert_format is not None:
-        if args.expert_format not in EXPERT_FORMATS:
-            raise ConfigError(f"--expert-format: unknown expert format {args.expert_format!r}; known: {EXPERT_FORMATS.known()}")
-        node = {"name": args.expert_format}
-        if args.expert_format != "dense":
-            node |= {"group_size": args.group_size, "symmetric": not args.asymmetric}
-        fmt = build_format(node)
+    fmt = arguments.expert_format(args, flag="--expert-format")
     codec = TextCodec.from_folder(folder)
     if codec is None:
         raise ConfigError(f"{folder} has no tokenizer.json: perplexity is scored on text")

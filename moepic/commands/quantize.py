@@ -13,10 +13,7 @@ HELP = "write a checkpoint with its routed experts quantized (int8, int4, …)"
 def add_parser(subparsers):
     quantize = subparsers.add_parser(NAME, help=HELP)
     arguments.add_model(quantize, shape=False)
-    fmt = quantize.add_argument("--format", default="int4", metavar="NAME", help="expert format: {formats}")
-    fmt.fills = {"formats": arguments.registered_names("expert format")}
-    quantize.add_argument("--group-size", type=int, default=64, help="weights per scale, along the hidden dimension")
-    quantize.add_argument("--asymmetric", action="store_true", help="a zero point per group as well as a scale")
+    arguments.add_expert_format(quantize, "expert format: {formats}", default="int4")
     quantize.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder (must not exist)")
     arguments.add_json(quantize)
     return quantize
@@ -26,16 +23,10 @@ def run(args) -> dict:
     import attrs
 
     from moepic.checkpoint.quantize import quantize_checkpoint
-    from moepic.errors import ConfigError
-    from moepic.quant import EXPERT_FORMATS, build_format
 
-    if args.format not in EXPERT_FORMATS:
-        raise ConfigError(f"--format: unknown expert format {args.format!r}; known: {EXPERT_FORMATS.known()}")
+    fmt = arguments.expert_format(args)
     folder = arguments.weights_folder(args.model, NAME)
-    node = {"name": args.format}
-    if args.format != "dense":
-        node |= {"group_size": args.group_size, "symmetric": not args.asymmetric}
-    report = quantize_checkpoint(folder, args.out, build_format(node))
+    report = quantize_checkpoint(folder, args.out, fmt)
     return attrs.asdict(report)
 
 

@@ -10,6 +10,8 @@ Side effects: reads the files; the deprecated --model-shape prints a note.
 
 from __future__ import annotations
 
+import attrs
+
 from moepic.commands import arguments
 from moepic.errors import ConfigError
 from moepic.ranges import CONTEXT_TOKENS
@@ -26,6 +28,8 @@ def add_arguments(parser) -> None:
                          "of this recall stands in for gate_lookahead/mlp")
     parser.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache tokens the attention time assumes")
     arguments.add_hybrid(parser)
+    arguments.add_expert_format(parser, "routed experts stored as: {formats} (default: the model's own, dense unless "
+                                "`moepic quantize` wrote it): every setup moves that format's bytes")
     arguments.add_json(parser)
 
 
@@ -60,7 +64,10 @@ def from_args(args):
     from moepic.tracing import load_any_trace
 
     arguments.check_budget_form(args.budget)  # before any file is read
+    fmt = arguments.expert_format(args)
     shape, weights = _shape_and_weights(args)
+    if fmt is not None:
+        shape = attrs.evolve(shape, expert_format=fmt)
     hw = arguments.hardware_profile(args)
     if args.hybrid not in (None, "off") and hw.host is None:
         raise ConfigError(f"--hybrid {args.hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "

@@ -48,6 +48,7 @@ from moepic.cache.placement import check_mode, loads_finish_s
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.host_costs import HostPricing
 from moepic.perfmodel.workload import LayerWorkload, WorkloadProfile
+from moepic.quant import ExpertFormat, build_format
 
 
 @attrs.frozen(kw_only=True)
@@ -68,7 +69,7 @@ class ModelTimes:
     rest_s: float  # dense layers, embedding and lm_head: what no cache configuration changes
     ffn_size: int
     block: int  # neuron granularity of θ
-    neuron_bytes: int  # one neuron's gate, up and down rows
+    neuron_bytes: int  # one neuron's gate, up and down rows, in the experts' format (scales included)
 
     @property
     def expert_bytes(self) -> int:
@@ -77,9 +78,11 @@ class ModelTimes:
 
 def model_times(
     hw: HardwareProfile, spec: ModelSpec, *, dtype_bytes: int, context_tokens: int = 512, predictor: bool = False,
-    block: int | None = None,
+    block: int | None = None, expert_format: ExpertFormat | None = None,
 ) -> ModelTimes:
-    """Roofline times of a decode step's parts at `context_tokens` of KV cache."""
+    """Roofline times of a decode step's parts at `context_tokens` of KV cache, routed experts stored
+    in `expert_format` (default: dense): its bytes are what a miss moves, its kernel's what a step reads."""
+    fmt = expert_format or build_format("dense")
     moe, D = spec.moe, spec.hidden_size
     # weights + KV cache reads (core/footprint.py prices each attention kind; a layer's average,
     # where windowed or chunked layers read only their span)
@@ -91,17 +94,18 @@ def model_times(
     if shared:
         layer_s += hw.call_s(0, 0, hw.expert_overhead_us)  # its own launches
     expert_params = expert_neuron_params(spec) * moe.expert_ffn
+    expert_kernel_bytes = fmt.kernel_bytes(D, moe.expert_bias, dtype_bytes) * moe.expert_ffn
     dense_layers = sum(kind == "dense" for kind in spec.layer_kinds)
     dense_s = hw.call_s(attention + swiglu_params(D, spec.dense_ffn) * dtype_bytes, 0, hw.layer_overhead_us + hw.expert_overhead_us)
     head = spec.vocab_size * D * dtype_bytes
     return ModelTimes(
-        expert_s=hw.call_s(expert_params * dtype_bytes, 2 * expert_params, hw.expert_overhead_us),
+        expert_s=hw.call_s(expert_kernel_bytes, 2 * expert_params, hw.expert_overhead_us),
         layer_s=layer_s,
         predictor_s=hw.call_s(router, 2 * moe.num_experts * D, hw.expert_overhead_us) if predictor else 0.0,
         rest_s=dense_layers * dense_s + hw.call_s(head, 2 * spec.vocab_size * D, hw.expert_overhead_us),
         ffn_size=moe.expert_ffn,
         block=block or neuron_block(moe.expert_ffn),
-        neuron_bytes=expert_neuron_params(spec) * dtype_bytes,
+        neuron_bytes=fmt.neuron_bytes(D, moe.expert_bias, dtype_bytes),
     )
 
 

@@ -117,6 +117,13 @@ class ExpertFormat(ABC):
             raise ValueError(f"{self.name}: {block} neurons take {total} bytes, not a whole number per neuron")
         return total // block
 
+    def kernel_bytes(self, hidden: int, biased: bool, dtype_bytes: int) -> int:
+        """Bytes the computation of one neuron of an expert moves through memory, for the latency
+        model. A quantized format decodes into a dense buffer before the matmuls (core/ffn.py): it
+        reads its own bytes, writes the dense ones and reads them back."""
+        dense = build_format("dense").neuron_bytes(hidden, biased, dtype_bytes)
+        return dense if not self.quantized else self.neuron_bytes(hidden, biased, dtype_bytes) + 2 * dense
+
     def quantization_config(self) -> dict[str, object]:
         """What a checkpoint's config.json records for experts stored in this format (`moepic quantize`)."""
         return {"quant_method": "moepic", "expert_format": self.config.as_dict()}

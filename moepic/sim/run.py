@@ -15,7 +15,6 @@ import attrs
 from moepic.cache.layout import CacheLayout, budget_bytes, plan_layout, staging_buffers
 from moepic.configurators import CONFIGURATORS
 from moepic.configurators.base import configure_on_trace
-from moepic.core.footprint import footprint
 from moepic.core.spec import ModelSpec
 from moepic.errors import ConfigError
 from moepic.perfmodel.hardware import HardwareProfile
@@ -86,14 +85,16 @@ def resolve_predictor(config: PredictorConfig, testbed: Testbed):
 def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> tuple[CacheLayout, object]:
     """The layout and the policy to run it with: θ and an even split with the first policy, or the
     configurator's choice on the trace among `policies` (the fastest predicted)."""
-    spec, dtype_bytes = testbed.shape.spec, testbed.shape.dtype_bytes
+    spec, dtype_bytes, fmt = testbed.shape.spec, testbed.shape.dtype_bytes, testbed.shape.expert_format
     staging = staging_buffers(spec.moe.top_k, predictor)
     budget = testbed.budget if testbed.budget is not None else setup.budget
     if budget is None:
         raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
     if setup.configurator is None or isinstance(budget, (list, tuple)):
-        return plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging), policies[0]
-    total = budget_bytes(budget, footprint(spec).routed_expert_bytes(dtype_bytes), "--budget")
+        layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging,
+                             expert_format=fmt)
+        return layout, policies[0]
+    total = budget_bytes(budget, testbed.shape.expert_bytes, "--budget")
     configured = configure_on_trace(
         CONFIGURATORS.build(setup.configurator), testbed.trace, policies, hw=testbed.hw, times=times,
         recall_L=measured_recall(testbed.trace, predictor), candidates=predictor.candidates, budget_bytes=total,
@@ -101,11 +102,11 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
     )
     chosen = configured.chosen
     if chosen.staging_experts == 0:  # everything fits whole
-        layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging)
+        layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging, expert_format=fmt)
     else:
         layout = plan_layout(
             spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
-            staging_experts=staging,
+            staging_experts=staging, expert_format=fmt,
         )
     return layout, configured.policy
 
@@ -137,7 +138,7 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     predictor = resolve_predictor(setup.predictor, testbed)
     times = model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
-        predictor=predictor.horizon > 0,
+        predictor=predictor.horizon > 0, expert_format=testbed.shape.expert_format,
     )
     policies = [build_policy_on(config, testbed.trace) for config in setup.policy_choices or (setup.policy,)]
     layout, policy = setup_layout(setup, testbed, policies, predictor, times)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import attrs
 
+from moepic.core.footprint import footprint
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moepic.errors import ConfigError
+from moepic.quant import ExpertFormat, build_format
 from moepic.sim.published import PUBLISHED_CONFIGS
 
 
@@ -22,6 +24,15 @@ class ModelShape:
     name: str
     spec: ModelSpec
     dtype_bytes: int
+    # How its routed experts are stored (moepic/quant): a miss moves this format's bytes.
+    expert_format: ExpertFormat = attrs.field(factory=lambda: build_format("dense"))
+
+    @property
+    def expert_bytes(self) -> int:
+        """Every routed expert's bytes, in its format."""
+        moe = self.spec.moe
+        neuron = self.expert_format.neuron_bytes(self.spec.hidden_size, moe.expert_bias, self.dtype_bytes)
+        return footprint(self.spec).num_routed_experts * moe.expert_ffn * neuron
 
 
 def _preset(name, *, vocab, hidden, heads, kv_heads, head_dim, layers, experts, top_k, ffn, shared=0,
@@ -74,7 +85,10 @@ def model_shape(name_or_dir: str) -> ModelShape:
 
     from moepic.checkpoint.load import read_spec
 
+    from moepic.checkpoint.stored_experts import stored_format
+
     spec, cfg = read_spec(Path(name_or_dir))
     if spec.moe is None:
         raise ConfigError(f"{name_or_dir}: the model has no routed experts to simulate")
-    return ModelShape(name=Path(name_or_dir).name, spec=spec, dtype_bytes=torch.empty((), dtype=cfg.checkpoint_dtype()).element_size())
+    return ModelShape(name=Path(name_or_dir).name, spec=spec, dtype_bytes=torch.empty((), dtype=cfg.checkpoint_dtype()).element_size(),
+                      expert_format=stored_format(cfg) or build_format("dense"))
