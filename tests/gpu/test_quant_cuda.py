@@ -1,0 +1,72 @@
+"""Quantized experts on a CUDA device: the compressed bytes in pinned host memory, device slots and
+staging, decoded on the device; an offloaded run equals its all-resident GPU run bit for bit, and a
+decode on the GPU equals the CPU's in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moepic.cache.layout import plan_layout
+from moepic.checkpoint.load import load_model
+from moepic.core.weights import MoEWeights
+from moepic.default_model import default_model_dir
+from moepic.policies import POLICIES
+from moepic.quant import QuantizedExpert, build_format
+from moepic.runtime.generation import generate
+from moepic.runtime.offload import offloaded_experts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+PROMPT = list(range(300, 340))
+FORMATS = {"int4": {"name": "int4", "group_size": 64}, "int8": {"name": "int8", "group_size": 64},
+           "int4_asym": {"name": "int4", "group_size": 32, "symmetric": False}}
+
+
+def routed_experts(model):
+    return [w for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights) for w in lw.ffn.experts]
+
+
+@pytest.fixture(scope="module", params=sorted(FORMATS))
+def models(request):
+    fmt = build_format(FORMATS[request.param])
+    resident = load_model(default_model_dir(), device="cuda", expert_format=fmt)
+    offload = load_model(default_model_dir(), device="cuda", expert_format=fmt, offload_experts=True)
+    return fmt, resident, offload
+
+
+def test_quantized_experts_load_compressed_pinned_on_the_host_and_on_the_gpu(models):
+    _, resident, offload = models
+    assert all(isinstance(w, QuantizedExpert) and w.parts[0].is_cuda for w in routed_experts(resident))
+    assert all(p.device.type == "cpu" and p.is_pinned() for w in routed_experts(offload) for p in w.parts)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lcp"])
+@pytest.mark.parametrize("budget,theta", [(0.2, 0.5), (0.5, 0.25), (1.0, 1.0)])
+def test_offloaded_quantized_experts_on_cuda_equal_their_all_resident_gpu_run(models, policy, budget, theta):
+    fmt, resident_model, model = models
+    resident = generate(resident_model, PROMPT, max_new_tokens=24, eos_ids=(), keep_logits=True)
+    engine = offloaded_experts(model, budget, theta, POLICIES[policy].config())
+    assert all(p.flat_SX.is_cuda for p in engine.pools.values())
+    offloaded = generate(model, PROMPT, max_new_tokens=24, eos_ids=(), keep_logits=True, experts=engine)
+    assert offloaded.token_ids == resident.token_ids
+    for a, b in zip(offloaded.logits, resident.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    layout = plan_layout(model.spec, dtype_bytes=2, budget=1.0, theta=1.0, expert_format=fmt)
+    report = engine.report()
+    if budget < 1.0:
+        assert report["bytes_loaded"] > 0
+        # every copy moved whole experts or segments of the format's bytes, never dense ones
+        assert report["bytes_loaded"] % (layout.layers[0].expert_bytes // layout.layers[0].ffn_size) == 0
+
+
+def test_a_decode_on_the_gpu_equals_the_cpus_in_float32():
+    fmt = build_format(FORMATS["int4_asym"])
+    model = load_model(default_model_dir(), dtype=torch.float32, expert_format=fmt)
+    for w in routed_experts(model)[:8]:
+        cpu, gpu = w.dense(), w.to("cuda").dense()
+        assert gpu.gate_up_N2BD.dtype == torch.float32 == cpu.gate_up_N2BD.dtype
+        assert torch.equal(gpu.gate_up_N2BD.cpu(), cpu.gate_up_N2BD) and torch.equal(gpu.down_FD.cpu(), cpu.down_FD)
