@@ -22,7 +22,7 @@ def test_cuda_generation_matches_cpu(checkpoint_dir, name):
     folder = checkpoint_dir(name)
     cpu = load_model(folder, dtype=torch.float32)
     gpu = load_model(folder, dtype=torch.float32, device="cuda")
-    assert gpu.device.type == "cuda" and gpu.weights.layers[-1].attention.q_QD.is_cuda
+    assert gpu.device.type == "cuda" and gpu.weights.layers[-1].post_attention_norm_D.is_cuda  # (MLA has no q_QD)
     a = generate(cpu, PROMPT, max_new_tokens=8, eos_ids=(), keep_logits=True)
     b = generate(gpu, PROMPT, max_new_tokens=8, eos_ids=(), keep_logits=True)
     assert a.token_ids == b.token_ids

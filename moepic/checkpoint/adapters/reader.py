@@ -113,10 +113,12 @@ class TensorReader:
             expert = read_stored_expert(self.ckpt, key, self.stored_format, self.spec, self.dtype, block, device or self.device)
         else:
             mark = len(self.ckpt.read_order)
-            expert = read_expert(device)
+            # Encoded on the host, whatever the device: a format's bytes must not depend on where
+            # they were made (quantizing on load equals the file `moepic quantize` writes).
+            expert = read_expert("cpu" if self.expert_format is not None else device)
             if self.expert_reads is not None:
                 self.expert_reads[self.ckpt.prefix + key] = self.ckpt.read_order[mark:]
             if self.expert_format is not None:
-                expert = self.expert_format.encode(expert)
+                expert = self.expert_format.encode(expert).to(device or self.device)
         # The hook sees the key as the file names it (a multimodal file's text model: under its prefix).
         return expert if self.place_routed_expert is None else self.place_routed_expert(expert, self.ckpt.prefix + key)
