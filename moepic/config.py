@@ -16,7 +16,7 @@ import attrs
 from moepic.cache.layout import budget_bytes
 from moepic.policies import POLICIES, PolicyConfig
 from moepic.predictors import PREDICTORS, PredictorConfig
-from moepic.quant import EXPERT_FORMATS, FormatConfig
+from moepic.quant import FormatConfig
 from moepic.ranges import HOST_THREADS, LINK_GBPS, LINK_LATENCY_US, SEED, THETA, Range
 from moepic.structure import load_layers
 
@@ -31,9 +31,10 @@ class ModelConfig:
     # Refuse a weight with NaN/Inf as it loads (one sum per tensor: 0.01-0.03 s per GB
     # with the file in the page cache, up to 0.26 s per GB cold; experiments/bench_weight_check.py).
     check_weights: bool = True
-    # How routed experts are kept: dense as the checkpoint stores them, or encoded as they load
-    # (int8, int4: moepic/quant). A checkpoint `moepic quantize` wrote keeps its own format.
-    expert_format: FormatConfig = EXPERT_FORMATS.default_config()
+    # How routed experts are kept. None: as the checkpoint stores them (dense, GPT-OSS's MXFP4, or
+    # what `moepic quantize` wrote); dense: dequantised on load; int8, int4, mxfp4: encoded as they
+    # load (moepic/quant).
+    expert_format: FormatConfig | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -79,21 +79,21 @@ def load_model(
     over the weights (see files.py).
 
     Routed experts are kept in the format the checkpoint stores them in (`moepic quantize`:
-    checkpoint/stored_experts.py), or encoded in `expert_format` as they are read (quantized on
-    load; a checkpoint already stored in a format is not re-encoded: asking for another is an error).
+    checkpoint/stored_experts.py; GPT-OSS's MXFP4), or read as `expert_format` says: `dense`
+    dequantises a checkpoint's own format on load, a quantized one encodes experts as they are read
+    (a checkpoint `moepic quantize` wrote is not re-encoded: asking for another format is an error).
     """
     folder = Path(folder)
     spec, cfg, adapter = read_spec_and_adapter(folder)
     dtype = cfg.checkpoint_dtype() if dtype is None else dtype
     stored = stored_format(cfg)
-    if expert_format is not None and not expert_format.quantized:
-        expert_format = None
     if stored is not None and expert_format is not None and expert_format.config != stored.config:
         raise CheckpointError(f"{cfg.source}: its experts are stored as {stored.config.as_dict()}; "
                               f"re-encoding them as {expert_format.config.as_dict()} is not supported (quantize the source checkpoint)")
     wanted = stored or expert_format
-    if wanted is not None and spec.moe is not None:
-        checked_format(wanted, spec, neuron_block(spec.moe.expert_ffn, widest_neuron_block), cfg.source)
+    if wanted is not None and wanted.quantized and spec.moe is not None:
+        block = neuron_block(spec.moe.expert_ffn, max(widest_neuron_block, wanted.neuron_multiple))
+        checked_format(wanted, spec, block, cfg.source)
     with SafetensorsCheckpoint(folder, check_finite=check_weights) as ckpt:
         place = None
         if offload_experts:

@@ -108,8 +108,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_key_range("SamplingConfig", "seed"), help="sampling seed")
     arguments.add_dtype(gen, "dtype of the weights, auto: the checkpoint's")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 …")
-    arguments.strategy_flag(gen, "expert-format", "keep routed experts as: {names} (quantized as they load; "
-                            "knobs as model.expert_format.group_size=128; `moepic quantize` writes such a checkpoint)")
+    arguments.strategy_flag(gen, "expert-format", "keep routed experts as: {names} (default: as the checkpoint stores "
+                            "them; dense dequantises, the others encode as they load; knobs as "
+                            "model.expert_format.group_size=128; `moepic quantize` writes such a checkpoint)",
+                            shows=lambda: "as stored")
     gen.add_argument("--no-check-weights", dest="check_weights", action="store_false", default=None,
                      help="skip the NaN/Inf check of each weight as it loads (done by default; skipping "
                      "saves 0.01-0.3 s per GB: experiments/bench_weight_check.py)")
@@ -321,7 +323,8 @@ def run_generate(cfg, *, as_json: bool) -> dict:
     if bad:
         raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {spec.vocab_size})")
     model = load_model(folder, dtype=dtype, device=cfg.model.device, progress=not as_json, offload_experts=offload,
-                       check_weights=cfg.model.check_weights, expert_format=build_format(cfg.model.expert_format))
+                       check_weights=cfg.model.check_weights,
+                       expert_format=None if cfg.model.expert_format is None else build_format(cfg.model.expert_format))
     experts = None
     if offload:
         from moepic.runtime.offload import offloaded_experts

@@ -9,6 +9,7 @@ from conftest import CHECKPOINTS
 from moepic.checkpoint.load import load_model
 from moepic.core.footprint import footprint
 from moepic.core.weights import MoEWeights
+from moepic.quant import build_format
 from moepic.sim.published import DEEPSEEK_V2_LITE, DEEPSEEK_V3, GLM_45_AIR, GPT_OSS_20B, GPT_OSS_120B, LLAMA_4_SCOUT, PHI_35_MOE
 
 
@@ -26,7 +27,8 @@ def _numel(tree) -> int:
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_footprint_counts_every_loaded_parameter_once(checkpoint_dir, name):
-    model = load_model(checkpoint_dir(name), dtype=torch.float32)
+    # dense: a checkpoint's own format (GPT-OSS's MXFP4) dequantised, so each weight is one number
+    model = load_model(checkpoint_dir(name), dtype=torch.float32, expert_format=build_format("dense"))
     w, fp = model.weights, footprint(model.spec)
     routed = [e for layer in w.layers if isinstance(layer.ffn, MoEWeights) for e in layer.ffn.experts]
     assert fp.num_routed_experts == len(routed)

@@ -9,18 +9,25 @@ Experts are fused on disk, one tensor per layer and projection, gate and up inte
 (`experts.gate_up_proj` [E, D, 2F], `experts.down_proj` [E, F, D]) or as the released checkpoints
 ship them, MXFP4 (`quantization_config.quant_method` "mxfp4": `experts.gate_up_proj_blocks` /
 `_scales` for the [E, 2F, D] matrices, `experts.down_proj_blocks` / `_scales` for [E, D, F]),
+kept as blocks (the `mxfp4` expert format, quant/mxfp4.py), or with `expert_format` dense
 dequantised on load in the run's dtype exactly as HF does. The per-neuron gate/up biases travel
 with their neurons; each expert's down bias is added once to its output (core/moe.py).
 """
 
 from __future__ import annotations
 
+import torch
+
 from moepic.checkpoint.adapters.llama_like import LlamaLikeAdapter, build_spec, layer_windows
-from moepic.checkpoint.adapters.reader import TensorReader
+from moepic.checkpoint.adapters.reader import Native, TensorReader
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.limits import MAX_LAYERS
 from moepic.core.spec import GatedActivation, ModelSpec, MoESpec, RouterSpec
 from moepic.core.weights import MoEWeights, SwiGLUWeights
+from moepic.quant import QuantizedExpert, build_format
+from moepic.quant.mx import BLOCK_BYTES, VALUES_PER_BLOCK
+
+MXFP4 = build_format("mxfp4")
 
 
 class GptOssAdapter(LlamaLikeAdapter):
@@ -65,7 +72,31 @@ class GptOssAdapter(LlamaLikeAdapter):
                 gate_bias_F=bias_2F[0::2].contiguous(), up_bias_F=bias_2F[1::2].contiguous(), activation=moe.activation,
             )
 
-        experts = tuple(read.placed(lambda device, e=e: expert(e, device), key=f"{p}.experts.{e}") for e in range(E))
+        def blocks(e: int, device: str) -> QuantizedExpert:
+            """Expert e's MXFP4 blocks as stored, kept so (quant/mxfp4.py): gate rows are the even rows
+            of gate_up, up rows the odd ones; down's blocks run along F."""
+            B, G = read.block_for(F, VALUES_PER_BLOCK), D // VALUES_PER_BLOCK
+            gate_up = read.ckpt.read_stored(f"{p}.experts.gate_up_proj_blocks", (E, 2 * F, G, BLOCK_BYTES), torch.uint8, index=e)
+            gate_up_scales = read.ckpt.read_stored(f"{p}.experts.gate_up_proj_scales", (E, 2 * F, G), torch.uint8, index=e)
+            down = read.ckpt.read_stored(f"{p}.experts.down_proj_blocks", (E, D, F // VALUES_PER_BLOCK, BLOCK_BYTES),
+                                         torch.uint8, index=e)
+            down_scales = read.ckpt.read_stored(f"{p}.experts.down_proj_scales", (E, D, F // VALUES_PER_BLOCK), torch.uint8, index=e)
+            bias_2F = read(f"{p}.experts.gate_up_proj_bias", E, 2 * F, index=e, device="cpu")
+
+            def paired(rows_2F: torch.Tensor) -> torch.Tensor:  # interleaved gate/up rows → [N, 2, B, …]
+                return torch.stack((rows_2F[0::2].reshape(F // B, B, -1), rows_2F[1::2].reshape(F // B, B, -1)), dim=1)
+
+            expert = MXFP4.from_blocks(
+                paired(gate_up.reshape(2 * F, -1)), paired(gate_up_scales), down, down_scales,
+                paired(bias_2F[:, None]).reshape(F // B, 2, B), dtype=read.dtype, activation=moe.activation,
+            )
+            return expert.to(device)
+
+        experts = tuple(
+            read.placed(lambda device, e=e: expert(e, device), key=f"{p}.experts.{e}",
+                        native=Native(MXFP4, lambda device, e=e: blocks(e, device)) if mxfp4 else None)
+            for e in range(E)
+        )
         return MoEWeights(
             read.router(f"{p}.router.weight", E, D, spec=spec), experts,
             router_logit_bias_E=read.router(f"{p}.router.bias", E, spec=spec),

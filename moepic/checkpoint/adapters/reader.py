@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from moepic.checkpoint.files import PrefixedCheckpoint, SafetensorsCheckpoint
-from moepic.checkpoint.mxfp4 import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
+from moepic.quant.mx import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
 from moepic.checkpoint.stored_experts import read_stored_expert
 from moepic.errors import CheckpointError
 from moepic.core.spec import ModelSpec
@@ -18,6 +18,14 @@ from moepic.quant import ExpertFormat, QuantizedExpert
 
 # A routed expert as the run keeps it: dense, or in an expert format (moepic/quant/format.py).
 Expert = SwiGLUWeights | QuantizedExpert
+
+
+@attrs.frozen
+class Native:
+    """A routed expert as its checkpoint's own format stores it: `read(device)` reads it so."""
+
+    format: ExpertFormat
+    read: Callable[[str], QuantizedExpert]
 
 
 @attrs.frozen
@@ -51,7 +59,7 @@ class TensorReader:
     def mxfp4(self, name: str, rows: int, cols: int, *, expert: tuple[int, int], device: str | None = None) -> torch.Tensor:
         """Expert e's [rows, cols] matrix of MXFP4 experts fused per layer (`expert` = (e, E)):
         `{name}_blocks` [E, rows, cols/32, 16] and `{name}_scales` [E, rows, cols/32], both uint8,
-        dequantised in the target dtype (checkpoint/mxfp4.py) and checked to be finite."""
+        dequantised in the target dtype (quant/mx.py) and checked to be finite."""
         if cols % VALUES_PER_BLOCK:
             raise CheckpointError(f"{self.ckpt.folder}: MXFP4 tensor {name!r} needs rows of whole {VALUES_PER_BLOCK}-value "
                                   f"blocks; its rows are {cols} wide")
@@ -79,9 +87,14 @@ class TensorReader:
             block=self.block_for(F),
         )
 
-    def block_for(self, F: int) -> int:
-        """The neuron block of an F-wide FFN read here."""
-        return neuron_block(F, self.widest_neuron_block)
+    def block_for(self, F: int, multiple: int = 1) -> int:
+        """The neuron block of an F-wide FFN read here: a multiple of `multiple` neurons and of what
+        the experts' format cuts at (mxfp4: 32)."""
+        multiple = max((multiple, *(f.neuron_multiple for f in (self.stored_format, self.expert_format) if f is not None)))
+        block = neuron_block(F, max(self.widest_neuron_block, multiple))
+        if block % multiple:
+            raise CheckpointError(f"{self.ckpt.folder}: an FFN {F} wide cannot be cut into blocks of {multiple} neurons")
+        return block
 
     def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> Expert:
         """Routed expert `prefix` (`….experts.<e>`), as `placed` places one."""
@@ -102,23 +115,28 @@ class TensorReader:
         """Routed expert `e` of experts fused on disk (`fused_swiglu`), placed as `placed` places one."""
         return self.placed(lambda device: self.fused_swiglu(gate_up, down, D, F, expert=(e, E), device=device), key=key)
 
-    def placed(self, read_expert: Callable[[str | None], SwiGLUWeights], *, key: str) -> Expert:
+    def placed(self, read_expert: Callable[[str | None], SwiGLUWeights], *, key: str, native: Native | None = None) -> Expert:
         """A routed expert where the run keeps them: read onto the model's device, or onto the host
         and handed to `place_routed_expert` (so no second full copy is ever held). `key` names the
         expert (`<layer prefix>.experts.<e>`): a checkpoint storing experts in a format holds its
-        parts under it (checkpoint/stored_experts.py), read instead of calling `read_expert`."""
+        parts under it (checkpoint/stored_experts.py), read instead of calling `read_expert`.
+        `native`: the expert as the checkpoint's own format stores it (GPT-OSS's MXFP4), kept so
+        unless `expert_format` asks for another (dense: dequantised on load)."""
         device = "cpu" if self.place_routed_expert is not None else None
-        if self.stored_format is not None:
+        want = self.expert_format
+        if native is not None and (want is None or want.config == native.format.config):
+            expert = native.read(device or self.device)
+        elif self.stored_format is not None:
             block = self.block_for(self.spec.moe.expert_ffn)
             expert = read_stored_expert(self.ckpt, key, self.stored_format, self.spec, self.dtype, block, device or self.device)
         else:
             mark = len(self.ckpt.read_order)
             # Encoded on the host, whatever the device: a format's bytes must not depend on where
             # they were made (quantizing on load equals the file `moepic quantize` writes).
-            expert = read_expert("cpu" if self.expert_format is not None else device)
+            expert = read_expert("cpu" if want is not None and want.quantized else device)
             if self.expert_reads is not None:
                 self.expert_reads[self.ckpt.prefix + key] = self.ckpt.read_order[mark:]
-            if self.expert_format is not None:
-                expert = self.expert_format.encode(expert).to(device or self.device)
+            if want is not None and want.quantized:
+                expert = want.encode(expert).to(device or self.device)
         # The hook sees the key as the file names it (a multimodal file's text model: under its prefix).
         return expert if self.place_routed_expert is None else self.place_routed_expert(expert, self.ckpt.prefix + key)

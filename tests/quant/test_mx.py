@@ -1,4 +1,4 @@
-"""MXFP4 dequantisation (checkpoint/mxfp4.py) against HF transformers' reference, bit for bit."""
+"""MXFP4 dequantisation (quant/mx.py) against HF transformers' reference, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from moepic.checkpoint.mxfp4 import dequantize_mxfp4
+from moepic.quant.mx import dequantize_mxfp4
 
 
 def hf_reference(blocks, scales, dtype):
