@@ -90,6 +90,7 @@ def run(args) -> dict:
     from moepic.core.footprint import footprint
     from moepic.outputs import check_writable, write_text_atomic
     from moepic.checkpoint.stored_experts import stored_format
+    from moepic.perfmodel.host_costs import check_priceable
     from moepic.perfmodel.latency import layer_total_s, model_times
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
@@ -115,6 +116,8 @@ def run(args) -> dict:
     trace = load_any_trace(args.trace, num_experts=spec.moe.num_experts)
     _check_trace_shape(trace, spec, args.trace)
     hybrid = args.hybrid or "off"
+    if hybrid != "off":
+        check_priceable(fmt, f"--hybrid {hybrid}")
     if hybrid != "off" and hw.host is None:
         raise ConfigError(f"--hybrid {hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "
                           f"(bundled: {arguments.known_host_names()})")

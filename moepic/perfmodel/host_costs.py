@@ -22,11 +22,21 @@ from moepic.cache.layout import LayerCacheLayout
 from moepic.cache.placement import LoadCosts
 from moepic.errors import ConfigError
 from moepic.perfmodel.hardware import HardwareProfile, HostProfile
+from moepic.quant import ExpertFormat
 
 
 def shared_dram_gbps(host: HostProfile, link_gbps: float, dtype_bytes: int) -> float:
     """The host's expert rate (10⁹ weight bytes/s) with host→device copies reading the same DRAM."""
     return min(host.expert_gbps(dtype_bytes), max(host.memory_gbps - link_gbps, host.memory_gbps / 2))
+
+
+def check_priceable(expert_format: ExpertFormat | None, what: str) -> None:
+    """Host compute is priced for dense experts streamed through a GEMV. moepic's host path decodes
+    a quantized expert to float32 first, which no profile prices: refused by name, not mispriced."""
+    if expert_format is not None and expert_format.quantized:
+        raise ConfigError(f"{what} prices host compute of dense experts; with {expert_format.name} experts the host "
+                          "decodes to float32 before its GEMV, which is not priced yet: use hybrid off (or host-only in "
+                          "the engine, which measures rather than prices)")
 
 
 @attrs.frozen(kw_only=True)

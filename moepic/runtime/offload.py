@@ -43,7 +43,7 @@ from moepic.cache.schedule import (
 from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
-from moepic.perfmodel.host_costs import HostPricing
+from moepic.perfmodel.host_costs import HostPricing, check_priceable
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
@@ -350,6 +350,8 @@ def offloaded_experts(
     given as configs (built here) or as built strategies; `hybrid` places loads on the host too
     (`auto` prices them with `pricing`), on `host_threads` threads."""
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
+    if hybrid == "auto":
+        check_priceable(format_of(expert), "--hybrid auto")
     if predictor is None:
         predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
     layout = plan_layout(

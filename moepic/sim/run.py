@@ -17,6 +17,7 @@ from moepic.configurators import CONFIGURATORS
 from moepic.configurators.base import configure_on_trace
 from moepic.core.spec import ModelSpec
 from moepic.errors import ConfigError
+from moepic.perfmodel.host_costs import check_priceable
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.latency import model_times
 from moepic.perfmodel.workload import measured_recall
@@ -135,6 +136,8 @@ class SetupRun:
 def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     """Policy, predictor and layout. A setup with `policy_choices` and a configurator configures
     each candidate policy and keeps the one the latency model predicts fastest on the trace."""
+    if hybrid_of(setup, testbed) != "off":
+        check_priceable(testbed.shape.expert_format, f"{setup.name} (hybrid {hybrid_of(setup, testbed)})")
     predictor = resolve_predictor(setup.predictor, testbed)
     times = model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,

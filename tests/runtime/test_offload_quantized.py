@@ -105,3 +105,20 @@ def test_a_miss_moves_the_formats_bytes(models, fmt):
     assert everything.misses == everything.activations > 0
     assert engine.counters.demand_bytes == everything.activations * format_bytes == engine.host_to_device_bytes
     assert engine.layout.layers[0].expert_bytes == format_bytes
+
+
+def test_hybrid_auto_with_quantized_experts_is_refused_and_host_only_runs_exactly(models):
+    from moepic.errors import ConfigError
+
+    model = models("mixtral", "int4")
+    resident, trace = dense_run(model, PROMPT, 4)
+    with pytest.raises(ConfigError, match="prices host compute of dense experts; with int4 experts"):  # before any pricing
+        offloaded_experts(model, budget_from_minimum(model, "int4", 0.3), 0.5, policy=policy_for("lru", trace), hybrid="auto")
+    engine = offloaded_experts(model, budget_from_minimum(model, "int4", 0.3), 0.5, policy=policy_for("lru", trace), hybrid="host-only")
+    try:
+        offloaded = generate(model, PROMPT, max_new_tokens=4, eos_ids=(), keep_logits=True, experts=engine)
+    finally:
+        engine.close()
+    assert offloaded.token_ids == resident.token_ids  # the host decodes the same bytes (its sum rounds apart)
+    for a, b in zip(offloaded.logits, resident.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

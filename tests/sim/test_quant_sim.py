@@ -109,3 +109,11 @@ def test_configure_keeps_the_format_in_the_config_it_writes(capsys, tmp_path, tr
 def test_a_bad_format_flag_is_one_line(capsys, trace, flags, message):
     argv = ["compare", "--trace", trace, "--model", "mixtral-8x7b", "--hardware", "a6000", "--budget", "0.25", "--recall", "0.85"]
     assert cli_error(capsys, [*argv, *flags]) == message
+
+
+def test_hybrid_with_quantized_experts_is_refused_rather_than_mispriced(capsys, trace):
+    argv = ["simulate", "--trace", trace, "--model", "mixtral-8x7b", "--hardware", "a6000", "--budget", "0.25", "--recall", "0.85",
+            "--baseline", "fiddler", "--host", "desktop-ddr5", "--format", "int4"]
+    assert cli_error(capsys, argv).startswith("fiddler (hybrid auto) prices host compute of dense experts; with int4 experts")
+    capsys.readouterr()
+    assert main([*argv[:-2], "--json"]) == 0  # the same run with dense experts is priced
