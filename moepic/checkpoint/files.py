@@ -14,9 +14,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moepic.checkpoint.hf_config import read_json_object
+from moepic.quant.e4m3 import BLOCK as E4M3_BLOCK
+from moepic.quant.e4m3 import dequantize_fp8_blocks
 from moepic.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
+_FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 _ALIGN = 64  # bytes: what torch's CPU allocator gives
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                          "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
@@ -95,6 +98,9 @@ class PrefixedCheckpoint:
     def read_order(self) -> list[str]:
         return self.inner.read_order
 
+    def stored_dtype(self, name: str) -> str | None:
+        return self.inner.stored_dtype(self.prefix + name)
+
 
 class SafetensorsCheckpoint:
     """Open handles on every shard; `read` takes one tensor, checks its shape, converts it.
@@ -157,13 +163,36 @@ class SafetensorsCheckpoint:
         tensor, path = self._stored(name, shape, index)
         if not (tensor.is_floating_point() or tensor.numel() == 0):
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
-        converted = tensor.to(device=device, dtype=dtype)
+        if tensor.dtype in _FP8:
+            converted = self._dequantized_fp8(name, tensor, path, dtype, device, index)
+        else:
+            converted = tensor.to(device=device, dtype=dtype)
         if converted.data_ptr() % _ALIGN:
             # As read, a tensor sits wherever the file's header put it; a CPU matmul over weights
             # off a 16-byte boundary rounds its last bit differently, so the same values would
             # compute differently from another file (or a copy). A fresh allocation is aligned.
             converted = converted.clone()
         return self.checked(name, tensor, converted)
+
+    def _dequantized_fp8(self, name: str, tensor: torch.Tensor, path: Path, dtype, device, index) -> torch.Tensor:
+        """A block-scaled FP8 weight (DeepSeek-V3, Qwen3-FP8) in `dtype`, scaled by its
+        `{name}_scale_inv` exactly as HF dequantises it (quant/e4m3.py); without one, refused."""
+        if tensor.dtype != torch.float8_e4m3fn:
+            raise CheckpointError(f"{path}: tensor {name!r} is {tensor.dtype}; only e4m3 FP8 weights are read")
+        scale_name = f"{name}_scale_inv"
+        if scale_name not in self._file_of:
+            raise CheckpointError(f"{path}: FP8 tensor {name!r} has no scale tensor {scale_name!r}")
+        rows, cols = tensor.shape[-2:]
+        lead = tuple(self._handles[self._file_of[name]].get_slice(name).get_shape()[:-2]) if index is not None else ()
+        expected = (*lead, -(-rows // E4M3_BLOCK[0]), -(-cols // E4M3_BLOCK[1]))
+        scale, _ = self._stored(scale_name, expected, index)
+        self._mark_read(scale_name)
+        return dequantize_fp8_blocks(tensor.to(device), scale.to(device), dtype)
+
+    def stored_dtype(self, name: str) -> str | None:
+        """Tensor `name`'s dtype as the file's header names it (`BF16`, `F8_E4M3`, …), or None if absent."""
+        path = self._file_of.get(name)
+        return None if path is None else self._handles[path].get_slice(name).get_dtype()
 
     def read_stored(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, index: int | None = None) -> torch.Tensor:
         """Tensor `name` as stored (on the host), checked to be `shape` and of `dtype`: packed data

@@ -18,6 +18,8 @@ from moepic.core.spec import ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK, neuron_block
 from moepic.errors import CheckpointError
 from moepic.quant import ExpertFormat
+from moepic.quant.e4m3 import BLOCK as E4M3_BLOCK
+from moepic.quant.e4m3 import fp8_available
 
 # Buffers some exporters save that carry no information moepic needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -51,11 +53,25 @@ def _check_quantization(cfg: HFConfig, supported: tuple[str, ...]) -> None:
     method = q.get("quant_method")
     if method == QUANT_METHOD:  # experts stored in a moepic expert format: every family reads them
         return
+    if method == "fp8":  # block-scaled FP8 (DeepSeek-V3, Qwen3-FP8): every weight reads through files.py
+        _check_fp8(cfg, q)
+        return
     if method not in supported:
         read = ", ".join(map(repr, supported)) + ", " if supported else ""
         raise CheckpointError(f"{cfg.source}: quantization_config.quant_method {method!r} is not supported for "
                               f"{cfg.model_type}; supported: {read}{QUANT_METHOD!r} (`moepic quantize` writes it) "
                               "or an unquantized checkpoint")
+
+
+def _check_fp8(cfg: HFConfig, q: dict) -> None:
+    if not fp8_available():
+        raise CheckpointError(f"{cfg.source}: an FP8 checkpoint needs a torch with float8 dtypes; this torch is {torch.__version__}")
+    block = q.get("weight_block_size")
+    if block is not None and list(block) != list(E4M3_BLOCK):
+        raise CheckpointError(f"{cfg.source}: quantization_config.weight_block_size {block!r} is not supported; "
+                              f"FP8 weights are read in {list(E4M3_BLOCK)} blocks")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{cfg.source}: quantization_config.fmt {q.get('fmt')!r} is not supported; FP8 weights are read as e4m3")
 
 
 def load_model(

@@ -52,13 +52,13 @@ def checked_format(fmt: ExpertFormat, spec: ModelSpec, block: int, source: objec
 def read_stored_expert(
     ckpt, key: str, fmt: ExpertFormat, spec: ModelSpec, dtype: torch.dtype, block: int, device: str
 ) -> QuantizedExpert:
-    """Routed expert `key` as stored in `fmt`, on `device`, to compute in `dtype`. Integer parts are
-    read as stored (their dtype checked); float parts (scales, biases) are converted to the part's dtype."""
+    """Routed expert `key` as stored in `fmt`, on `device`, to compute in `dtype`. Codes (integer or
+    e4m3) are read as stored, their dtype checked; scales and biases are converted to the part's dtype."""
     D, F, moe = spec.hidden_size, spec.moe.expert_ffn, spec.moe
     tensors = []
     for part in fmt.parts(D, block, dtype, moe.expert_bias):
         name, shape = f"{key}.{part.name}", part.file_shape(F, block)
-        if part.dtype.is_floating_point:
+        if part.dtype.is_floating_point and part.dtype.itemsize > 1:  # scales, biases (not e4m3 codes)
             stored = ckpt.read(name, shape, part.dtype)
         else:
             stored = ckpt.read_stored(name, shape, part.dtype)

@@ -32,9 +32,10 @@ def run(args) -> dict:
 
 def text(report: dict) -> str:
     mib = 2**20
-    fmt = ", ".join(f"{k} {v}" for k, v in report["expert_format"].items() if k != "name")
+    knobs = ", ".join(f"{k} {v}" for k, v in report["expert_format"].items() if k != "name")
     return (
-        f"{report['out']}: {report['experts']} routed experts as {report['expert_format']['name']} ({fmt}): "
+        f"{report['out']}: {report['experts']} routed experts as {report['expert_format']['name']}"
+        f"{f' ({knobs})' if knobs else ''}: "
         f"{report['expert_bytes_before'] / mib:.2f} MiB → {report['expert_bytes_after'] / mib:.2f} MiB "
         f"({_ratio(report['expert_bytes_before'], report['expert_bytes_after'])}), {report['files']} file(s)"
     )

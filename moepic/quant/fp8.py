@@ -1,35 +1,88 @@
-"""Block-scaled FP8 weights, as DeepSeek-V3 and Qwen3-FP8 checkpoints ship them: an e4m3 matrix
-and one float32 scale per block of rows × columns (128 × 128), `weight_scale_inv`. Pure.
+"""The `fp8` expert format: e4m3 weights with a float32 scale per neuron row and 128 hidden columns,
+kept compressed end to end. Pure.
 
-    weight [R, C] float8_e4m3fn ─┐
-    scale_inv [⌈R/128⌉, ⌈C/128⌉] ─┴─▶ weight · scale_inv[r // 128, c // 128]  [R, C] in a dtype
-
-Dequantised as HF transformers does (both cast to the target dtype, then multiplied in it), so the
-weights are HF's bit for bit.
+DeepSeek-V3 and Qwen3-FP8 checkpoints scale blocks of 128 × 128 (quant/e4m3.py); a block's scale
+is copied to each of its 128 rows here (`from_blocks`), so every neuron carries its own scales and a
+segment cuts at any neuron block, as dense ones do. That costs 3 · ⌈D/128⌉ · 4 bytes a neuron
+beside its 3·D codes (3 % at D = 7168), and decodes to exactly what HF's dequantisation gives
+(both cast to the compute dtype, then multiplied). Encoding dense weights (`moepic quantize --format
+fp8`) takes a scale per row and 128 columns: max|w| / 448.
 """
 
 from __future__ import annotations
 
+import attrs
 import torch
 
-BLOCK = (128, 128)
+from moepic.core.spec import GatedActivation
+from moepic.core.weights import SwiGLUWeights
+from moepic.quant.e4m3 import BLOCK, fp8_available, quantize_e4m3_rows
+from moepic.quant.format import EXPERT_FORMATS, ExpertFormat, FormatConfig, PartShape, QuantizedExpert
+
+GROUP = BLOCK[1]
 
 
-def fp8_available() -> bool:
-    return hasattr(torch, "float8_e4m3fn")
+@attrs.frozen
+class FP8Config(FormatConfig):
+    pass
 
 
-def dequantize_fp8_blocks(
-    weight_RC: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block: tuple[int, int] = BLOCK
-) -> torch.Tensor:
-    if not fp8_available():
-        raise ValueError(f"FP8 weights need a torch with float8 dtypes; this torch is {torch.__version__}")
-    if weight_RC.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"FP8 weights must be float8_e4m3fn, got {weight_RC.dtype}")
-    R, C = weight_RC.shape
-    expected = (-(-R // block[0]), -(-C // block[1]))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"FP8 scales {list(scale_inv.shape)} do not match weights {[R, C]} in {block[0]}×{block[1]} "
-                         f"blocks: expected {list(expected)}")
-    scale_RC = scale_inv.to(dtype).repeat_interleave(block[0], dim=0)[:R].repeat_interleave(block[1], dim=1)[:, :C]
-    return weight_RC.to(dtype) * scale_RC
+@EXPERT_FORMATS.register("fp8", FP8Config)
+class FP8Format(ExpertFormat):
+    def check_shape(self, hidden: int, ffn_size: int, block: int) -> None:
+        super().check_shape(hidden, ffn_size, block)
+        if not fp8_available():
+            raise ValueError(f"fp8 experts need a torch with float8 dtypes; this torch is {torch.__version__}")
+
+    def parts(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[PartShape, ...]:
+        groups = -(-hidden // GROUP)
+        parts = [PartShape(name="gate_up_scales", per_block=(2, block, groups), dtype=torch.float32, paired=True),
+                 PartShape(name="down_scales", per_block=(block, groups), dtype=torch.float32)]
+        if biased:
+            parts.append(PartShape(name="gate_up_bias", per_block=(2, block), dtype=dtype, paired=True))
+        parts += [PartShape(name="gate_up", per_block=(2, block, hidden), dtype=torch.float8_e4m3fn, paired=True),
+                  PartShape(name="down", per_block=(block, hidden), dtype=torch.float8_e4m3fn)]
+        return tuple(sorted(parts, key=lambda p: -p.dtype.itemsize))
+
+    def encode(self, w: SwiGLUWeights) -> QuantizedExpert:
+        (N, _, B, D), F = w.gate_up_N2BD.shape, w.ffn_size
+        self.check_shape(D, F, B)
+        gate_up, gate_up_scales = quantize_e4m3_rows(w.gate_up_N2BD.reshape(-1, D))
+        down, down_scales = quantize_e4m3_rows(w.down_FD)
+        return self._expert(gate_up.view(N, 2, B, D), gate_up_scales.view(N, 2, B, -1), down, down_scales,
+                            w.gate_up_bias_N2B, dtype=w.dtype, activation=w.activation)
+
+    def from_blocks(
+        self, gate_FD: torch.Tensor, gate_scale_inv: torch.Tensor, up_FD: torch.Tensor, up_scale_inv: torch.Tensor,
+        down_DF: torch.Tensor, down_scale_inv: torch.Tensor, *, block: int, dtype: torch.dtype, activation: GatedActivation,
+    ) -> QuantizedExpert:
+        """An expert from a checkpoint's block-scaled e4m3 matrices (gate, up [F, D]; down [D, F]) and
+        their `weight_scale_inv` [⌈rows/128⌉, ⌈cols/128⌉]: each block's scale copied to its rows."""
+        F, D = gate_FD.shape
+        B = block
+
+        def per_row(scale_inv: torch.Tensor, rows: int) -> torch.Tensor:
+            return scale_inv.float().repeat_interleave(BLOCK[0], dim=0)[:rows]
+
+        gate_up = torch.stack((gate_FD.view(F // B, B, D), up_FD.view(F // B, B, D)), dim=1)
+        gate_up_scales = torch.stack((per_row(gate_scale_inv, F).view(F // B, B, -1), per_row(up_scale_inv, F).view(F // B, B, -1)), dim=1)
+        down_FD = down_DF.view(torch.uint8).t().contiguous().view(torch.float8_e4m3fn)  # a byte transpose: no arithmetic
+        return self._expert(gate_up, gate_up_scales, down_FD, per_row(down_scale_inv.t(), F), None, dtype=dtype, activation=activation)
+
+    def _expert(self, gate_up_N2BD, gate_up_scales_N2BG, down_FD, down_scales_FG, bias_N2B, *, dtype, activation) -> QuantizedExpert:
+        N, _, B, D = gate_up_N2BD.shape
+        named = {"gate_up": gate_up_N2BD, "gate_up_scales": gate_up_scales_N2BG, "down": down_FD.view(N, B, D),
+                 "down_scales": down_scales_FG.view(N, B, -1), "gate_up_bias": bias_N2B}
+        parts = self.parts(D, B, dtype, bias_N2B is not None)
+        return QuantizedExpert(self, tuple(named[p.name].contiguous() for p in parts), B, D, dtype, activation, bias_N2B is not None)
+
+    def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
+        named = {p.name: t for p, t in zip(self.parts(q.hidden, q.block, q.dtype, q.biased), q.parts, strict=True)}
+        D = q.hidden
+
+        def weights(name: str) -> torch.Tensor:  # as HF dequantises: both cast to the dtype, multiplied in it
+            scale = named[f"{name}_scales"].to(dtype).repeat_interleave(GROUP, dim=-1)[..., :D]
+            return named[name].to(dtype) * scale
+
+        bias = named.get("gate_up_bias")
+        return SwiGLUWeights(weights("gate_up"), weights("down").reshape(-1, D), None if bias is None else bias.to(dtype), q.activation)

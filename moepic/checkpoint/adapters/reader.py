@@ -12,12 +12,13 @@ from moepic.checkpoint.files import PrefixedCheckpoint, SafetensorsCheckpoint
 from moepic.quant.mx import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
 from moepic.checkpoint.stored_experts import read_stored_expert
 from moepic.errors import CheckpointError
-from moepic.core.spec import ModelSpec
+from moepic.core.spec import SILU, ModelSpec
 from moepic.core.weights import WIDEST_NEURON_BLOCK, SwiGLUWeights, neuron_block
-from moepic.quant import ExpertFormat, QuantizedExpert
+from moepic.quant import ExpertFormat, QuantizedExpert, build_format
 
 # A routed expert as the run keeps it: dense, or in an expert format (moepic/quant/format.py).
 Expert = SwiGLUWeights | QuantizedExpert
+FP8 = build_format("fp8")
 
 
 @attrs.frozen
@@ -97,8 +98,23 @@ class TensorReader:
         return block
 
     def routed_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int) -> Expert:
-        """Routed expert `prefix` (`….experts.<e>`), as `placed` places one."""
-        return self.placed(lambda device: self.swiglu(prefix, projections, D, F, device=device), key=prefix)
+        """Routed expert `prefix` (`….experts.<e>`), as `placed` places one; a block-scaled FP8
+        checkpoint's kept as its e4m3 blocks (the `fp8` expert format)."""
+        native = None
+        if self.ckpt.stored_dtype(f"{prefix}.{projections[0]}.weight") == "F8_E4M3":
+            native = Native(FP8, lambda device: self._fp8_expert(prefix, projections, D, F, device))
+        return self.placed(lambda device: self.swiglu(prefix, projections, D, F, device=device), key=prefix, native=native)
+
+    def _fp8_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int, device: str) -> QuantizedExpert:
+        def blocks(name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+            weight = self.ckpt.read_stored(f"{prefix}.{name}.weight", (rows, cols), torch.float8_e4m3fn)
+            scale = self(f"{prefix}.{name}.weight_scale_inv", -(-rows // 128), -(-cols // 128), dtype=torch.float32, device="cpu")
+            return weight, scale
+
+        gate, up, down = projections
+        expert = FP8.from_blocks(*blocks(gate, F, D), *blocks(up, F, D), *blocks(down, D, F), block=self.block_for(F),
+                                 dtype=self.dtype, activation=self.spec.moe.activation if self.spec else SILU)
+        return expert.to(device)
 
     def fused_swiglu(
         self, gate_up: str, down: str, D: int, F: int, *, expert: tuple[int, int] | None = None, device: str | None = None

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 (moepic/quant/fp8.py): e4m3 values as the format's specification defines them,
+"""Block-scaled FP8 (moepic/quant/e4m3.py): e4m3 values as the format's specification defines them,
 and HF transformers' dequantisation bit for bit."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moepic.quant.fp8 import dequantize_fp8_blocks
+from moepic.quant.e4m3 import dequantize_fp8_blocks
 
 
 def e4m3_from_bits(byte: int) -> float:
