@@ -34,6 +34,8 @@ FORMATS = {
     "int4-g128": {"name": "int4", "group_size": 128},
     "int4-g64-asym": {"name": "int4", "group_size": 64, "symmetric": False},
     "int4-g32": {"name": "int4", "group_size": 32},
+    "mxfp4": {"name": "mxfp4"},
+    "fp8": {"name": "fp8"},
 }
 NON_KJV = Path("/usr/share/common-licenses/GPL-3")
 

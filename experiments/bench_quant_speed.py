@@ -31,7 +31,8 @@ from moepic.quant import build_format
 from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
 
-FORMATS = {"bf16": {"name": "dense"}, "int8-g64": {"name": "int8", "group_size": 64}, "int4-g64": {"name": "int4", "group_size": 64}}
+FORMATS = {"bf16": {"name": "dense"}, "int8-g64": {"name": "int8", "group_size": 64}, "int4-g64": {"name": "int4", "group_size": 64},
+           "mxfp4": {"name": "mxfp4"}, "fp8": {"name": "fp8"}}
 PROMPT = list(range(300, 340))
 
 
@@ -41,12 +42,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", default="0.25")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="a subset of: %(default)s")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    formats = {name: FORMATS[name] for name in ["bf16", *args.formats.split(",")]}  # bf16: every ratio's reference
     budget = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
     folder = default_model_dir()
     models = {}
-    for label, node in FORMATS.items():
+    for label, node in formats.items():
         fmt = build_format(node)
         models[label, "dense"] = load_model(folder, device=args.device, expert_format=fmt)
         models[label, "offloaded"] = load_model(folder, device=args.device, expert_format=fmt, offload_experts=True)
@@ -66,7 +69,7 @@ def main() -> None:
 
     for cell in cells:  # warm-up, and each cell's tokens (offloaded must equal its dense self)
         reference[cell] = once(cell).token_ids
-    for label in FORMATS:
+    for label in formats:
         assert reference[label, "offloaded"] == reference[label, "dense"], f"{label}: offloaded tokens differ"
     for r in range(args.repeats):
         order = cells[r % len(cells):] + cells[: r % len(cells)]

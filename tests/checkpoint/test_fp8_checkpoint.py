@@ -132,3 +132,18 @@ def test_quantize_writes_fp8_experts_from_a_dense_checkpoint(checkpoint_dir, tmp
     for q, d in zip(routed(model), routed(dense)):  # e4m3: 3 mantissa bits, so within 1/16 of each row group's max
         back = q.dense()
         assert float((back.down_FD - d.down_FD).abs().max()) <= float(d.down_FD.abs().max()) / 16
+
+
+@pytest.mark.parametrize("D", [96, 256])  # a partial last group of columns, and whole ones
+def test_a_decode_is_codes_times_their_rows_scales_in_the_dtype(D):
+    from moepic.core.weights import SwiGLUWeights
+
+    g = torch.Generator().manual_seed(D)
+    w = SwiGLUWeights.from_projections(torch.randn(32, D, generator=g), torch.randn(32, D, generator=g),
+                                       torch.randn(D, 32, generator=g), block=8)
+    q = build_format("fp8").encode(w)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = q.format.decode(q, dtype)
+        codes, scales = q.parts[3].reshape(32, D), q.parts[1].reshape(32, -1)  # down: e4m3 [F, D], float32 [F, ⌈D/128⌉]
+        want = codes.to(dtype) * scales.to(dtype).repeat_interleave(128, dim=-1)[:, :D]
+        assert torch.equal(got.down_FD, want)

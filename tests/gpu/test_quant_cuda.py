@@ -23,7 +23,7 @@ pytestmark = [
 
 PROMPT = list(range(300, 340))
 FORMATS = {"int4": {"name": "int4", "group_size": 64}, "int8": {"name": "int8", "group_size": 64},
-           "int4_asym": {"name": "int4", "group_size": 32, "symmetric": False}}
+           "int4_asym": {"name": "int4", "group_size": 32, "symmetric": False}, "mxfp4": {"name": "mxfp4"}, "fp8": {"name": "fp8"}}
 
 
 def routed_experts(model):
@@ -63,8 +63,9 @@ def test_offloaded_quantized_experts_on_cuda_equal_their_all_resident_gpu_run(mo
         assert report["bytes_loaded"] % (layout.layers[0].expert_bytes // layout.layers[0].ffn_size) == 0
 
 
-def test_a_decode_on_the_gpu_equals_the_cpus_in_float32():
-    fmt = build_format(FORMATS["int4_asym"])
+@pytest.mark.parametrize("name", ["int4_asym", "mxfp4", "fp8"])
+def test_a_decode_on_the_gpu_equals_the_cpus_in_float32(name):
+    fmt = build_format(FORMATS[name])
     model = load_model(default_model_dir(), dtype=torch.float32, expert_format=fmt)
     for w in routed_experts(model)[:8]:
         cpu, gpu = w.dense(), w.to("cuda").dense()
