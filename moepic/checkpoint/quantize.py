@@ -7,8 +7,9 @@ Side effects: file I/O, a progress bar.
                 config.json        = the source's, with quantization_config {quant_method: moepic, …}
                 every other file (tokenizer, generation config) copied
 
-The output is written into a temporary folder beside `out` and renamed on success
-(outputs.atomic_folder), so a failure leaves no partial folder.
+Each expert's parts are written as it is encoded (`ShardWriter`: one shard in memory at a time, not
+every expert), into a temporary folder beside `out` renamed on success (outputs.atomic_folder), so a
+failure leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import attrs
+import torch
 from safetensors.torch import save_file
 
 from moepic.checkpoint.adapters.reader import TensorReader
@@ -59,52 +61,75 @@ def quantize_checkpoint(folder: str | Path, out: str | Path, fmt: ExpertFormat, 
         raise CheckpointError(f"{cfg.source}: a {spec.model_type} model has no routed experts to quantize")
     if not fmt.quantized:
         raise CheckpointError(f"expert format {fmt.name!r} stores experts as they are; choose a quantized one")
-    checked_format(fmt, spec, neuron_block(spec.moe.expert_ffn, WIDEST_NEURON_BLOCK), cfg.source)
-    experts: dict[str, QuantizedExpert] = {}
+    checked_format(fmt, spec, neuron_block(spec.moe.expert_ffn, max(WIDEST_NEURON_BLOCK, fmt.neuron_multiple)), cfg.source)
     reads: dict[str, list[str]] = {}
-    with SafetensorsCheckpoint(folder) as ckpt:
+    with SafetensorsCheckpoint(folder) as ckpt, atomic_folder(out, "quantized checkpoint") as tmp:
+        writer = ShardWriter(tmp, source=cfg.source)
+        experts = 0
 
-        def keep(expert, key):
-            experts[key] = expert
-            return expert
+        def write(expert: QuantizedExpert, key: str) -> QuantizedExpert:
+            """Each expert's parts go to the shards as it is encoded; the model keeps an empty stand-in,
+            so memory holds one shard, not every expert."""
+            nonlocal experts
+            experts += 1
+            for name, t in expert_file_tensors(key, expert).items():
+                writer.add(name, t)
+            return expert.with_tensors(tuple(t.new_empty((0, *t.shape[1:])) for t in expert.tensors))
 
-        reader = TensorReader(ckpt, cfg.checkpoint_dtype(), "cpu", place_routed_expert=keep, spec=spec,
+        reader = TensorReader(ckpt, cfg.checkpoint_dtype(), "cpu", place_routed_expert=write, spec=spec,
                               expert_format=fmt, expert_reads=reads)
         adapter.load_weights(reader, spec, progress)
+        after = writer.written_bytes
         consumed = {name for names in reads.values() for name in names}
-        kept = sorted(ckpt.names() - consumed)
+        for name in bar(sorted(ckpt.names() - consumed), desc="copying", unit="tensor", wanted=progress, leave=False):
+            writer.add(name, ckpt.raw(name))
+        files = writer.close()
+        _copy_other_files(folder, tmp, fmt)
         before = sum(ckpt.stored_nbytes(name) for name in consumed)
-        tensors = {name: (lambda name=name: ckpt.raw(name), ckpt.stored_nbytes(name)) for name in kept}
-        for key, expert in experts.items():
-            for name, t in expert_file_tensors(key, expert).items():
-                if name in tensors:
-                    raise CheckpointError(f"{cfg.source}: tensor {name!r} exists already; cannot store expert {key!r}'s part there")
-                tensors[name] = (lambda t=t: t, t.numel() * t.element_size())
-        after = sum(nbytes for name, (_, nbytes) in tensors.items() if name not in kept)
-        with atomic_folder(out, "quantized checkpoint") as tmp:
-            files = _write_shards(tmp, tensors, progress)
-            _copy_other_files(folder, tmp, fmt)
-    return QuantizeReport(str(folder), str(out), fmt.config.as_dict(), len(experts), before, after, files)
+    return QuantizeReport(str(folder), str(out), fmt.config.as_dict(), experts, before, after, files)
 
 
-def _write_shards(folder: Path, tensors: dict, progress: bool) -> int:
-    """Tensors ({name: (read, nbytes)}) into shards of at most SHARD_BYTES, with an index if several."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, (_, nbytes) in tensors.items():
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(bar(names, desc="writing", unit="file", wanted=progress), shards):
-        save_file({name: tensors[name][0]().contiguous() for name in shard}, str(folder / file), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(n for _, n in tensors.values())},
-                 "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return len(shards)
+class ShardWriter:
+    """Tensors written as they come, into shards of at most SHARD_BYTES; named as Hugging Face names
+    them (`model.safetensors`, or `model-0000i-of-0000n.safetensors` and an index) once all are in."""
+
+    def __init__(self, folder: Path, *, source: object) -> None:
+        self.folder, self.source = folder, source
+        self.names: set[str] = set()
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written_bytes = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:  # an expert's part named like a tensor of the source
+            raise CheckpointError(f"{self.source}: tensor {name!r} would be written twice")
+        self.names.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > SHARD_BYTES:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.written_bytes += nbytes
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.folder / f"shard-{len(self.shards):05d}.part"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Flush, name the shards and write the index where there are several; how many files."""
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.folder / f"shard-{i:05d}.part").rename(self.folder / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.written_bytes},
+                     "weight_map": {t: file for file, shard in zip(names, self.shards) for t in shard}}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return n
 
 
 def _copy_other_files(source: Path, folder: Path, fmt: ExpertFormat) -> None:

@@ -336,3 +336,21 @@ def test_asking_another_format_of_a_stored_one_is_refused(quantized, capsys):
     message = cli_error(capsys, [*GENERATE, "--model", str(folder), "--expert-format", "int8"])
     assert message.startswith(f"{folder / 'config.json'}: ")
     assert "re-encoding" in message and "not supported" in message and "'int8'" in message
+
+
+def test_a_large_checkpoint_is_written_in_shards_with_an_index_and_loads_the_same(checkpoint_dir, tmp_path, monkeypatch):
+    import moepic.checkpoint.quantize as quantize
+
+    src = checkpoint_dir("qwen2_moe")
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert main(["quantize", "--model", str(src), "--group-size", "16", "--out", str(single)]) == 0
+    monkeypatch.setattr(quantize, "SHARD_BYTES", 20_000)
+    assert main(["quantize", "--model", str(src), "--group-size", "16", "--out", str(sharded)]) == 0
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert not list(sharded.glob("*.part"))
+    a = generate(load_model(single, dtype=torch.float32), [1, 5, 9], max_new_tokens=4, eos_ids=(), keep_logits=True)
+    b = generate(load_model(sharded, dtype=torch.float32), [1, 5, 9], max_new_tokens=4, eos_ids=(), keep_logits=True)
+    assert a.token_ids == b.token_ids and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
