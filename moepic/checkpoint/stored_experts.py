@@ -41,6 +41,21 @@ def stored_format(cfg: HFConfig) -> ExpertFormat | None:
         raise CheckpointError(f"{cfg.source}: quantization_config.expert_format: {e}") from None
 
 
+# Formats checkpoints ship their experts in, by quantization_config.quant_method (kept as they are).
+NATIVE_FORMATS = {"mxfp4": "mxfp4", "fp8": "fp8"}
+
+
+def checkpoint_format(cfg: HFConfig) -> ExpertFormat:
+    """The format a checkpoint's routed experts load in by default: what `moepic quantize` wrote, the
+    release's own (GPT-OSS's MXFP4, block-scaled FP8), or dense."""
+    stored = stored_format(cfg)
+    if stored is not None:
+        return stored
+    q = cfg.data.get("quantization_config")
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    return build_format(NATIVE_FORMATS.get(method, "dense"))
+
+
 def checked_format(fmt: ExpertFormat, spec: ModelSpec, block: int, source: object) -> None:
     """`fmt` can store this model's experts (a group size that divides the width, …), or a CheckpointError."""
     try:

@@ -89,7 +89,7 @@ def run(args) -> dict:
     from moepic.policies.base import auto_policies
     from moepic.core.footprint import footprint
     from moepic.outputs import check_writable, write_text_atomic
-    from moepic.checkpoint.stored_experts import stored_format
+    from moepic.checkpoint.stored_experts import checkpoint_format
     from moepic.perfmodel.host_costs import check_priceable
     from moepic.perfmodel.latency import layer_total_s, model_times
     from moepic.policies import POLICIES
@@ -105,9 +105,10 @@ def run(args) -> dict:
         if spec.moe is None:
             raise ConfigError(f"{folder}: the model has no routed experts to configure a cache for")
         own_dtype = cfg.checkpoint_dtype()
-        fmt = fmt or stored_format(cfg)
+        fmt = fmt or checkpoint_format(cfg)
     else:  # a preset: its shape, no weights
         folder, spec, own_dtype = None, source.spec, DTYPES[arguments.PRESET_DTYPE]
+        fmt = fmt or source.expert_format
     dtype = own_dtype if args.dtype in (None, "auto") else DTYPES[args.dtype]
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     hw = arguments.hardware_profile(args)

@@ -13,32 +13,37 @@ def add_parser(subparsers):
     inspect = subparsers.add_parser(NAME, help=HELP)
     arguments.add_model(inspect, shape=True)
     arguments.add_dtype(inspect, "count bytes in this dtype", default="auto")
+    arguments.add_expert_format(inspect, "count routed experts' bytes in this format: {formats} (default: the "
+                                "checkpoint's own: dense, GPT-OSS's MXFP4, FP8, or what `moepic quantize` wrote)")
     arguments.add_json(inspect)
     return inspect
 
 
 def run(args) -> dict:
-    return run_inspect(args.model, args.dtype)
+    return run_inspect(args.model, args.dtype, arguments.expert_format(args))
 
 
-def run_inspect(model: str | None, dtype_name: str) -> dict:
+def run_inspect(model: str | None, dtype_name: str, expert_format=None) -> dict:
     """Spec and parameter/byte counts of a model folder or preset, without reading any weights."""
     import attrs
     import torch
 
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
+    from moepic.checkpoint.stored_experts import checkpoint_format
     from moepic.core.footprint import footprint, kv_cache_growth
 
     source = arguments.model_source(model)
     if isinstance(source, str):
         spec, cfg = read_spec(source)
-        name, own_dtype = source, cfg.checkpoint_dtype()
+        name, own_dtype, own_format = source, cfg.checkpoint_dtype(), checkpoint_format(cfg)
     else:
-        spec, name, own_dtype = source.spec, source.name, DTYPES[arguments.PRESET_DTYPE]
+        spec, name, own_dtype, own_format = source.spec, source.name, DTYPES[arguments.PRESET_DTYPE], source.expert_format
+    fmt = expert_format or own_format
     dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
     per_token, bounded = kv_cache_growth(spec)
+    expert_bytes = 0 if spec.moe is None else spec.moe.expert_ffn * fmt.neuron_bytes(spec.hidden_size, spec.moe.expert_bias, size)
     return {
         # What each token adds once the windowed / chunked layers' rings are full, and what those hold.
         "kv_cache_bytes_per_token": per_token * size,
@@ -48,8 +53,9 @@ def run_inspect(model: str | None, dtype_name: str) -> dict:
         "spec": attrs.asdict(spec),
         "total_params": fp.total_params,
         "routed_experts": fp.num_routed_experts,
-        "bytes_per_expert": fp.routed_expert_params * size,
-        "routed_expert_bytes": fp.routed_expert_bytes(size),
+        "expert_format": fmt.config.as_dict(),
+        "bytes_per_expert": expert_bytes,  # in its format, scales included
+        "routed_expert_bytes": expert_bytes * fp.num_routed_experts,
         "resident_bytes": fp.resident_params * size,
     }
 
@@ -97,8 +103,9 @@ def text(report: dict) -> str:
             f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, router {rule}"
             + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")
         )
+    fmt = report["expert_format"]["name"]
     lines.append(
-        f"{report['dtype']}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
+        f"{report['dtype']}{'' if fmt == 'dense' else f', {fmt} experts'}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
         f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident;"
         f" KV cache {report['kv_cache_bytes_per_token'] / 2**10:.1f} KiB per token"
         + (f" + {report['kv_cache_bytes_bounded'] / 2**20:.1f} MiB for the windowed / chunked layers' spans"

@@ -63,8 +63,11 @@ def _from_config(name: str, config: dict) -> ModelShape:
     from moepic.checkpoint.adapters import adapter_for
     from moepic.checkpoint.hf_config import HFConfig
 
+    from moepic.checkpoint.stored_experts import checkpoint_format
+
     cfg = HFConfig(config, source=f"preset {name}")
-    return ModelShape(name=name, spec=adapter_for(cfg.model_type, cfg.source).spec(cfg), dtype_bytes=2)
+    return ModelShape(name=name, spec=adapter_for(cfg.model_type, cfg.source).spec(cfg), dtype_bytes=2,
+                      expert_format=checkpoint_format(cfg))  # GPT-OSS: its release's MXFP4
 
 
 PRESETS |= {name: _from_config(name, config) for name, (config, _) in PUBLISHED_CONFIGS.items()}
@@ -85,10 +88,10 @@ def model_shape(name_or_dir: str) -> ModelShape:
 
     from moepic.checkpoint.load import read_spec
 
-    from moepic.checkpoint.stored_experts import stored_format
+    from moepic.checkpoint.stored_experts import checkpoint_format
 
     spec, cfg = read_spec(Path(name_or_dir))
     if spec.moe is None:
         raise ConfigError(f"{name_or_dir}: the model has no routed experts to simulate")
     return ModelShape(name=Path(name_or_dir).name, spec=spec, dtype_bytes=torch.empty((), dtype=cfg.checkpoint_dtype()).element_size(),
-                      expert_format=stored_format(cfg) or build_format("dense"))
+                      expert_format=checkpoint_format(cfg))

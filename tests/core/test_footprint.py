@@ -73,13 +73,27 @@ def test_inspect_reproduces_published_sizes_from_config_json_alone(capsys, tmp_p
     from moepic.cli import main
 
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert main(["inspect", "--model", str(tmp_path), "--json"]) == 0
+    assert main(["inspect", "--model", str(tmp_path), "--json", "--format", "dense"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["total_params"] == total
     assert report["bytes_per_expert"] == bytes_per_expert  # bf16, the checkpoint's dtype
     assert main(["inspect", "--model", str(tmp_path)]) == 0
     assert "offloadable" in capsys.readouterr().out
 
+
+
+@pytest.mark.parametrize("config", [GPT_OSS_20B, GPT_OSS_120B], ids=["GPT-OSS-20B", "GPT-OSS-120B"])
+def test_inspect_counts_a_releases_own_format_by_default(capsys, tmp_path, config):
+    """GPT-OSS ships MXFP4 experts, which load compressed: 51·D/32 bytes a neuron and 2 bf16 biases."""
+    import json
+
+    from moepic.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", "--model", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["expert_format"] == {"name": "mxfp4"}
+    assert report["bytes_per_expert"] == 2880 * (51 * 2880 // 32 + 2 * 2)
 
 
 @pytest.mark.parametrize("preset,kv_bytes,bounded", [
