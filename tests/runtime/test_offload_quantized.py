@@ -122,3 +122,11 @@ def test_hybrid_auto_with_quantized_experts_is_refused_and_host_only_runs_exactl
     assert offloaded.token_ids == resident.token_ids  # the host decodes the same bytes (its sum rounds apart)
     for a, b in zip(offloaded.logits, resident.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_refuses_hybrid_auto_with_quantized_experts_before_measuring_the_host(capsys):
+    from tests_support import cli_error
+
+    message = cli_error(capsys, ["generate", "--expert-format", "int4", "--budget", "0.3", "--hybrid", "auto",
+                                 "--max-new-tokens", "2", "--prompt-ids", "1,2"])
+    assert message.startswith("--hybrid auto prices host compute of dense experts; with int4 experts")
