@@ -147,3 +147,12 @@ def test_a_decode_is_codes_times_their_rows_scales_in_the_dtype(D):
         codes, scales = q.parts[3].reshape(32, D), q.parts[1].reshape(32, -1)  # down: e4m3 [F, D], float32 [F, ⌈D/128⌉]
         want = codes.to(dtype) * scales.to(dtype).repeat_interleave(128, dim=-1)[:, :D]
         assert torch.equal(got.down_FD, want)
+
+
+def test_an_fp8_checkpoint_on_a_torch_without_float8_is_one_line(capsys, pair, monkeypatch):
+    import moepic.checkpoint.load as load
+
+    monkeypatch.setattr(load, "fp8_available", lambda: False)
+    message = cli_error(capsys, ["generate", "--prompt-ids", "1,2", "--max-new-tokens", "1", "--model", str(pair[0])])
+    assert message == (f"{pair[0] / 'config.json'}: an FP8 checkpoint needs a torch with float8 dtypes; "
+                       f"this torch is {torch.__version__}")
