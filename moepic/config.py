@@ -32,7 +32,7 @@ class ModelConfig:
     # with the file in the page cache, up to 0.26 s per GB cold; experiments/bench_weight_check.py).
     check_weights: bool = True
     # How routed experts are kept. None: as the checkpoint stores them (dense, GPT-OSS's MXFP4, or
-    # what `moepic quantize` wrote); dense: dequantised on load; int8, int4, mxfp4: encoded as they
+    # what `moepic quantize` wrote); dense: dequantised on load; int8, int4, mxfp4, fp8: encoded as they
     # load (moepic/quant).
     expert_format: FormatConfig | None = None
 
