@@ -1,6 +1,6 @@
 """Benchmark: one expert projection's decode-step matmul on the CPU, moepic's int4 path against
-torch's own fused int4 and int8 CPU kernels (the ones torchao's CPU layouts call), for the choice
-issue 19 asks to measure: a library kernel or the hand-written decode.
+torch's own fused int4 and int8 CPU kernels (the ones torchao's CPU layouts call): is a library
+kernel worth its constraints on the format, against the hand-written decode?
 
 A script, not a test. Shapes: the bundled model's gate/up block (640 × 128), and Mixtral's
 (28672 × 4096) with --large. Rows: moepic's decode to float32 then a float32 matmul (what
