@@ -4,6 +4,7 @@ one seam through which the host store, the device cache, staging, the split, the
 latency model see how a routed expert is stored (format.py). Importing this package registers every
 expert format.
 """
+
 from moepic.quant import dense, fp8, int4, int8, mxfp4  # noqa: F401  (registration)
 from moepic.quant.format import EXPERT_FORMATS, ExpertFormat, FormatConfig, QuantizedExpert, build_format, format_of
 
