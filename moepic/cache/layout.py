@@ -261,7 +261,7 @@ def plan_layout(
     F, E = moe.expert_ffn, moe.num_experts
     staging_n = moe.top_k if staging_experts is None else staging_experts
     block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
-    neuron_bytes = (expert_format or build_format("dense")).neuron_bytes(spec.hidden_size, moe.expert_bias, dtype_bytes)
+    neuron_bytes = (expert_format or build_format("dense")).spec_neuron_bytes(spec, dtype_bytes)
     expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
     per_layer_budget = isinstance(budget, (list, tuple))
     if per_layer_budget:

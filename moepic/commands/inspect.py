@@ -43,7 +43,7 @@ def run_inspect(model: str | None, dtype_name: str, expert_format=None) -> dict:
     dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
     per_token, bounded = kv_cache_growth(spec)
-    expert_bytes = 0 if spec.moe is None else spec.moe.expert_ffn * fmt.neuron_bytes(spec.hidden_size, spec.moe.expert_bias, size)
+    expert_bytes = 0 if spec.moe is None else spec.moe.expert_ffn * fmt.spec_neuron_bytes(spec, size)
     return {
         # What each token adds once the windowed / chunked layers' rings are full, and what those hold.
         "kv_cache_bytes_per_token": per_token * size,

@@ -105,7 +105,7 @@ def model_times(
         rest_s=dense_layers * dense_s + hw.call_s(head, 2 * spec.vocab_size * D, hw.expert_overhead_us),
         ffn_size=moe.expert_ffn,
         block=block or neuron_block(moe.expert_ffn),
-        neuron_bytes=fmt.neuron_bytes(D, moe.expert_bias, dtype_bytes),
+        neuron_bytes=fmt.spec_neuron_bytes(spec, dtype_bytes),
     )
 
 

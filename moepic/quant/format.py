@@ -19,6 +19,7 @@ formats (quant/int8.py, quant/int4.py, …) store a `QuantizedExpert`. A format 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from math import prod
 from typing import ClassVar
@@ -26,7 +27,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from moepic.core.spec import GatedActivation
+from moepic.core.spec import GatedActivation, ModelSpec
 from moepic.core.weights import SwiGLUWeights
 from moepic.registry import Registry, StrategyConfig
 
@@ -102,11 +103,34 @@ class ExpertFormat(ABC):
     def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
         """The weights `q` stores, in `dtype`, on its device: what the kernels run."""
 
+    def assemble(
+        self, named: dict[str, torch.Tensor], *, hidden: int, ffn_size: int, block: int, dtype: torch.dtype,
+        activation: GatedActivation,
+    ) -> QuantizedExpert:
+        """An expert from its parts by name (a gate/up bias where there is one), each reshaped to
+        [neuron blocks, *per_block] and put in `parts` order."""
+        biased = named.get("gate_up_bias") is not None
+        parts = self.parts(hidden, block, dtype, biased)
+        tensors = tuple(named[p.name].reshape(ffn_size // block, *p.per_block).contiguous() for p in parts)
+        return QuantizedExpert(self, tensors, block, hidden, dtype, activation, biased)
+
+    def named_parts(self, q: QuantizedExpert) -> dict[str, torch.Tensor]:
+        """`q`'s parts by name, for decoding: the names are looked up once per shape."""
+        return dict(zip(self._part_names(q.hidden, q.block, q.dtype, q.biased), q.parts, strict=True))
+
+    @functools.lru_cache(maxsize=64)
+    def _part_names(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts(hidden, block, dtype, biased))
+
     def check_shape(self, hidden: int, ffn_size: int, block: int) -> None:
         """Raise ValueError naming what does not fit (a group size that does not divide the width, …)."""
         if block % self.neuron_multiple or ffn_size % block:
             raise ValueError(f"{self.name} experts cut at multiples of {self.neuron_multiple} neurons; "
                              f"neuron block {block} of an FFN {ffn_size} wide does not")
+
+    def spec_neuron_bytes(self, spec: ModelSpec, dtype_bytes: int) -> int:
+        """`neuron_bytes` of a model's routed experts."""
+        return self.neuron_bytes(spec.hidden_size, spec.moe.expert_bias, dtype_bytes)
 
     def neuron_bytes(self, hidden: int, biased: bool, dtype_bytes: int) -> int:
         """Bytes one neuron of an expert takes, scales and biases included: what a miss moves per neuron."""

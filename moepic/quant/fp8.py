@@ -47,12 +47,13 @@ class FP8Format(ExpertFormat):
         return tuple(sorted(parts, key=lambda p: -p.dtype.itemsize))
 
     def encode(self, w: SwiGLUWeights) -> QuantizedExpert:
-        (N, _, B, D), F = w.gate_up_N2BD.shape, w.ffn_size
+        (_, _, B, D), F = w.gate_up_N2BD.shape, w.ffn_size
         self.check_shape(D, F, B)
         gate_up, gate_up_scales = quantize_e4m3_rows(w.gate_up_N2BD.reshape(-1, D))
         down, down_scales = quantize_e4m3_rows(w.down_FD)
-        return self._expert(gate_up.view(N, 2, B, D), gate_up_scales.view(N, 2, B, -1), down, down_scales,
-                            w.gate_up_bias_N2B, dtype=w.dtype, activation=w.activation)
+        named = {"gate_up": gate_up, "gate_up_scales": gate_up_scales, "down": down, "down_scales": down_scales,
+                 "gate_up_bias": w.gate_up_bias_N2B}
+        return self.assemble(named, hidden=D, ffn_size=F, block=B, dtype=w.dtype, activation=w.activation)
 
     def from_blocks(
         self, gate_FD: torch.Tensor, gate_scale_inv: torch.Tensor, up_FD: torch.Tensor, up_scale_inv: torch.Tensor,
@@ -69,17 +70,11 @@ class FP8Format(ExpertFormat):
         gate_up = torch.stack((gate_FD.view(F // B, B, D), up_FD.view(F // B, B, D)), dim=1)
         gate_up_scales = torch.stack((per_row(gate_scale_inv, F).view(F // B, B, -1), per_row(up_scale_inv, F).view(F // B, B, -1)), dim=1)
         down_FD = down_DF.view(torch.uint8).t().contiguous().view(torch.float8_e4m3fn)  # a byte transpose: no arithmetic
-        return self._expert(gate_up, gate_up_scales, down_FD, per_row(down_scale_inv.t(), F), None, dtype=dtype, activation=activation)
-
-    def _expert(self, gate_up_N2BD, gate_up_scales_N2BG, down_FD, down_scales_FG, bias_N2B, *, dtype, activation) -> QuantizedExpert:
-        N, _, B, D = gate_up_N2BD.shape
-        named = {"gate_up": gate_up_N2BD, "gate_up_scales": gate_up_scales_N2BG, "down": down_FD.view(N, B, D),
-                 "down_scales": down_scales_FG.view(N, B, -1), "gate_up_bias": bias_N2B}
-        parts = self.parts(D, B, dtype, bias_N2B is not None)
-        return QuantizedExpert(self, tuple(named[p.name].contiguous() for p in parts), B, D, dtype, activation, bias_N2B is not None)
+        named = {"gate_up": gate_up, "gate_up_scales": gate_up_scales, "down": down_FD, "down_scales": per_row(down_scale_inv.t(), F)}
+        return self.assemble(named, hidden=D, ffn_size=F, block=B, dtype=dtype, activation=activation)
 
     def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
-        named = {p.name: t for p, t in zip(self.parts(q.hidden, q.block, q.dtype, q.biased), q.parts, strict=True)}
+        named = self.named_parts(q)
         D = q.hidden
 
         def weights(name: str) -> torch.Tensor:  # as HF dequantises: both cast to the dtype, multiplied in it

@@ -10,7 +10,6 @@ ones do. Per neuron of a hidden size D: 3·D·bits/8 bytes of codes + 3·D/g flo
 
 from __future__ import annotations
 
-import functools
 from typing import ClassVar
 
 import attrs
@@ -61,7 +60,7 @@ class GroupFormat(ExpertFormat):
         return tuple(sorted(parts, key=lambda p: -p.dtype.itemsize))  # aligned when packed (format.py)
 
     def encode(self, w: SwiGLUWeights) -> QuantizedExpert:
-        (N, _, B, D), dtype = w.gate_up_N2BD.shape, w.down_FD.dtype
+        (_, _, B, D), dtype = w.gate_up_N2BD.shape, w.down_FD.dtype
         self.check_shape(D, w.ffn_size, B)
         named = {}
         for name, rows in (("gate_up", w.gate_up_N2BD.reshape(-1, D)), ("down", w.down_FD)):
@@ -72,12 +71,10 @@ class GroupFormat(ExpertFormat):
                 named[f"{name}_zeros"] = q.zeros
         if w.gate_up_bias_N2B is not None:
             named["gate_up_bias"] = w.gate_up_bias_N2B
-        parts = self.parts(D, B, dtype, w.gate_up_bias_N2B is not None)
-        tensors = tuple(named[p.name].reshape(N, *p.per_block).contiguous() for p in parts)
-        return QuantizedExpert(self, tensors, B, D, dtype, w.activation, w.gate_up_bias_N2B is not None)
+        return self.assemble(named, hidden=D, ffn_size=w.ffn_size, block=B, dtype=dtype, activation=w.activation)
 
     def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
-        named = dict(zip(self._part_names(q.hidden, q.block, q.dtype, q.biased), q.parts, strict=True))
+        named = self.named_parts(q)
         N, D, g = q.parts[0].shape[0], q.hidden, self.config.group_size
 
         def rows(name: str) -> torch.Tensor:
@@ -87,11 +84,6 @@ class GroupFormat(ExpertFormat):
             return dequantize(groups, dtype)
 
         return SwiGLUWeights(rows("gate_up").view(N, 2, q.block, D), rows("down"), _cast(named.get("gate_up_bias"), dtype), q.activation)
-
-    @functools.lru_cache(maxsize=64)
-    def _part_names(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[str, ...]:
-        """`parts`' names, looked up once per shape: decoding runs for every expert a step computes."""
-        return tuple(p.name for p in self.parts(hidden, block, dtype, biased))
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -66,16 +66,14 @@ class MXFP4Format(ExpertFormat):
         """An expert from blocks as a checkpoint holds them: gate/up rows [N, 2, B, D/2] (blocks
         along D) with their scales, down [D, F/32, 16] and its scales [D, F/32] (blocks along F)."""
         N, _, B, X = gate_up_N2BX.shape
-        D = 2 * X
-        down = down_DG16.transpose(0, 1).reshape(N, B // G, D, BLOCK_BYTES)
-        down_scales = down_scales_DG.t().reshape(N, B // G, D)
-        parts = (gate_up_N2BX, gate_up_scales_N2BG, down, down_scales)
-        if bias_N2B is not None:
-            parts = (bias_N2B,) + parts
-        return QuantizedExpert(self, tuple(p.contiguous() for p in parts), B, D, dtype, activation, bias_N2B is not None)
+        named = {"gate_up": gate_up_N2BX, "gate_up_scales": gate_up_scales_N2BG, "gate_up_bias": bias_N2B,
+                 "down": down_DG16.transpose(0, 1), "down_scales": down_scales_DG.t()}  # [F/32, D, …]: neuron-major
+        return self.assemble(named, hidden=2 * X, ffn_size=N * B, block=B, dtype=dtype, activation=activation)
 
     def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
-        bias, (gate_up, gate_up_scales, down, down_scales) = (q.parts[0], q.parts[1:]) if q.biased else (None, q.parts)
+        named = self.named_parts(q)
+        gate_up, gate_up_scales, down, down_scales = (named[k] for k in ("gate_up", "gate_up_scales", "down", "down_scales"))
+        bias = named.get("gate_up_bias")
         N, B, D = gate_up.shape[0], q.block, q.hidden
         gate_up_N2BD = dequantize_mxfp4(gate_up.view(N, 2, B, D // G, BLOCK_BYTES), gate_up_scales, dtype)
         down_NbDg = dequantize_mxfp4(down, down_scales, dtype).view(N, B // G, D, G)  # the last index is the neuron

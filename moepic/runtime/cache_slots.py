@@ -26,7 +26,8 @@ class LayerPool:
         # Rows padded so each slot starts aligned for its first part's dtype (core/packing.py).
         self.flat_SX = torch.empty(layout.slots, aligned(self.top_bytes), dtype=torch.uint8, device=device)
         # Views made once: building them on every hit costs more than a small expert's compute.
-        self.slots = [flat_views(self.flat_SX[s, : self.top_bytes], layout.top_neurons, like) for s in range(layout.slots)]
+        self.rows = [self.flat_SX[s, : self.top_bytes] for s in range(layout.slots)]  # each slot's bytes
+        self.slots = [flat_views(row, layout.top_neurons, like) for row in self.rows]
 
 
 class CacheSlots:

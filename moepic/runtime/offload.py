@@ -104,8 +104,7 @@ class OffloadedExperts:
         for l in layout.layers:
             for s, e in enumerate(self.residency[l.layer].cache.slots_S):
                 if e != FREE:
-                    pool = self.pools[l.layer]
-                    pool.flat_SX[s, : pool.top_bytes].copy_(self.store.flat[l.layer][e], non_blocking=True)
+                    self.pools[l.layer].rows[s].copy_(self.store.flat[l.layer][e], non_blocking=True)
                     self.preload_bytes += l.expert_bytes
         self._clock = {l.layer: 0 for l in layout.layers}  # tokens each layer has routed
         self._step_clock = 0  # the clock of the step in progress

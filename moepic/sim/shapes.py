@@ -31,7 +31,7 @@ class ModelShape:
     def expert_bytes(self) -> int:
         """Every routed expert's bytes, in its format."""
         moe = self.spec.moe
-        neuron = self.expert_format.neuron_bytes(self.spec.hidden_size, moe.expert_bias, self.dtype_bytes)
+        neuron = self.expert_format.spec_neuron_bytes(self.spec, self.dtype_bytes)
         return footprint(self.spec).num_routed_experts * moe.expert_ffn * neuron
 
 

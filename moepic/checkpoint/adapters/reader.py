@@ -9,6 +9,7 @@ import attrs
 import torch
 
 from moepic.checkpoint.files import PrefixedCheckpoint, SafetensorsCheckpoint
+from moepic.quant.e4m3 import BLOCK as E4M3_BLOCK
 from moepic.quant.mx import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
 from moepic.checkpoint.stored_experts import read_stored_expert
 from moepic.errors import CheckpointError
@@ -108,7 +109,8 @@ class TensorReader:
     def _fp8_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int, device: str) -> QuantizedExpert:
         def blocks(name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
             weight = self.ckpt.read_stored(f"{prefix}.{name}.weight", (rows, cols), torch.float8_e4m3fn)
-            scale = self(f"{prefix}.{name}.weight_scale_inv", -(-rows // 128), -(-cols // 128), dtype=torch.float32, device="cpu")
+            scale = self(f"{prefix}.{name}.weight_scale_inv", -(-rows // E4M3_BLOCK[0]), -(-cols // E4M3_BLOCK[1]),
+                         dtype=torch.float32, device="cpu")
             return weight, scale
 
         gate, up, down = projections
