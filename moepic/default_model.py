@@ -21,10 +21,10 @@ def default_model_dir() -> Path:
 
 
 def model_folder(path: str | None) -> str:
-    """The folder a command runs on: `path`, or the bundled model; a missing folder is named first
+    """The folder (or GGUF file) a command runs on: `path`, or the bundled model; a missing folder is named first
     (before a tokenizer lookup could blame tokenizer.json instead)."""
     folder = path or str(default_model_dir())
-    if not Path(folder).is_dir():
+    if not Path(folder).is_dir() and not (folder.endswith(".gguf") and Path(folder).is_file()):
         raise CheckpointError(f"{folder}: model folder not found")
     return folder
 

@@ -123,6 +123,14 @@ CHECKPOINTS = {
         _common(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16, norm_topk_prob=True),
         {},
     ),
+    # Wide enough for GGUF's k-quant blocks (256 weights along each row, down's along the FFN).
+    "qwen3_moe_256": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        _common(num_experts=4, num_experts_per_tok=2, hidden_size=256, moe_intermediate_size=256, head_dim=32,
+                num_hidden_layers=2, norm_topk_prob=True),
+        {},
+    ),
     "qwen3_moe_yarn_tied": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",

@@ -9,9 +9,13 @@ import torch
 from moepic.checkpoint.adapters import adapter_for
 from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.files import SafetensorsCheckpoint
+from moepic.checkpoint.gguf_config import QUANT_METHOD as GGUF_METHOD
+from moepic.checkpoint.gguf_config import gguf_config, is_gguf
+from moepic.checkpoint.gguf_file import GGUFCheckpoint
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.hf_rope import check_rope_angles
-from moepic.checkpoint.stored_experts import QUANT_METHOD, checked_format, stored_format
+from moepic.checkpoint.stored_experts import (QUANT_METHOD, checked_format, checkpoint_format, kept_gguf_format,
+                                              stored_format)
 from moepic.core.model import Model
 from moepic.core.packing import pack_expert
 from moepic.core.spec import ModelSpec
@@ -31,7 +35,8 @@ def read_spec(folder: str | Path) -> tuple[ModelSpec, HFConfig]:
 
 
 def read_spec_and_adapter(folder: str | Path):
-    cfg = HFConfig.read(Path(folder))
+    """`folder`'s spec, config and adapter: a Hugging Face model folder, or a GGUF file."""
+    cfg = gguf_config(Path(folder)) if is_gguf(folder) else HFConfig.read(Path(folder))
     adapter = adapter_for(cfg.model_type, cfg.source)
     _check_quantization(cfg, adapter.quantizations)
     try:
@@ -51,7 +56,7 @@ def _check_quantization(cfg: HFConfig, supported: tuple[str, ...]) -> None:
     if not isinstance(q, dict):
         raise CheckpointError(f"{cfg.source}: quantization_config should be an object, got {q!r}")
     method = q.get("quant_method")
-    if method == QUANT_METHOD:  # experts stored in a moepic expert format: every family reads them
+    if method in (QUANT_METHOD, GGUF_METHOD):  # experts in a moepic expert format: every family reads them
         return
     if method == "fp8":  # block-scaled FP8 (DeepSeek-V3, Qwen3-FP8): every weight reads through files.py
         _check_fp8(cfg, q)
@@ -85,7 +90,8 @@ def load_model(
     check_weights: bool = True,
     expert_format: ExpertFormat | None = None,
 ) -> Model:
-    """Read config.json and the safetensors weights; `dtype=None` keeps the checkpoint's dtype.
+    """Read config.json and the safetensors weights (or a GGUF file: `folder` names the file);
+    `dtype=None` keeps the checkpoint's dtype (a GGUF file's: float32).
 
     Experts are laid out in neuron blocks of up to `widest_neuron_block` neurons: the granularity
     at which they can be split (core/weights.py). With `offload_experts`, routed experts stay in
@@ -95,7 +101,7 @@ def load_model(
     over the weights (see files.py).
 
     Routed experts are kept in the format the checkpoint stores them in (`moepic quantize`:
-    checkpoint/stored_experts.py; GPT-OSS's MXFP4), or read as `expert_format` says: `dense`
+    checkpoint/stored_experts.py; GPT-OSS's MXFP4; a GGUF file's blocks), or read as `expert_format` says: `dense`
     dequantises a checkpoint's own format on load, a quantized one encodes experts as they are read
     (a checkpoint `moepic quantize` wrote is not re-encoded: asking for another format is an error).
     """
@@ -106,11 +112,14 @@ def load_model(
     if stored is not None and expert_format is not None and expert_format.config != stored.config:
         raise CheckpointError(f"{cfg.source}: its experts are stored as {stored.config.as_dict()}; "
                               f"re-encoding them as {expert_format.config.as_dict()} is not supported (quantize the source checkpoint)")
-    wanted = stored or expert_format
+    gguf = is_gguf(folder)
+    own = checkpoint_format(cfg) if expert_format is None else None  # a GGUF file's unkept blocks: refused here
+    wanted = stored or expert_format or own
     if wanted is not None and wanted.quantized and spec.moe is not None:
         block = neuron_block(spec.moe.expert_ffn, max(widest_neuron_block, wanted.neuron_multiple))
         checked_format(wanted, spec, block, cfg.source)
-    with SafetensorsCheckpoint(folder, check_finite=check_weights) as ckpt:
+    opened = GGUFCheckpoint if gguf else SafetensorsCheckpoint
+    with opened(folder, check_finite=check_weights) as ckpt:
         place = None
         if offload_experts:
             pin = torch.device(device).type == "cuda"
@@ -118,7 +127,8 @@ def load_model(
             def place(expert, key):
                 return pack_expert(expert, pin_memory=pin)
         reader = TensorReader(ckpt, dtype, device, widest_neuron_block, place_routed_expert=place, spec=spec,
-                              stored_format=stored, expert_format=None if stored is not None else expert_format)
+                              stored_format=stored, expert_format=None if stored is not None else expert_format,
+                              native_format=kept_gguf_format(cfg) if gguf else None)
         weights = adapter.load_weights(reader, spec, progress)
         unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)
                       and not n.startswith(adapter.ignored_prefixes)]

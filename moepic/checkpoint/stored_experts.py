@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from moepic.checkpoint.gguf_config import QUANT_METHOD as GGUF_METHOD
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.core.spec import ModelSpec
 from moepic.errors import CheckpointError, ConfigError
@@ -47,13 +48,26 @@ NATIVE_FORMATS = {"mxfp4": "mxfp4", "fp8": "fp8"}
 
 def checkpoint_format(cfg: HFConfig) -> ExpertFormat:
     """The format a checkpoint's routed experts load in by default: what `moepic quantize` wrote, the
-    release's own (GPT-OSS's MXFP4, block-scaled FP8), or dense."""
+    release's own (GPT-OSS's MXFP4, block-scaled FP8, a GGUF file's blocks), or dense."""
     stored = stored_format(cfg)
     if stored is not None:
         return stored
     q = cfg.data.get("quantization_config")
     method = q.get("quant_method") if isinstance(q, dict) else None
+    if method == GGUF_METHOD:  # a GGUF file's blocks (checkpoint/gguf_config.py), when they can stay so
+        if "unkept" in q:
+            raise CheckpointError(f"{cfg.source}: {q['unkept']}; load it with --expert-format dense (dequantised) "
+                                  "or int4 (re-encoded)")
+        return kept_gguf_format(cfg)
     return build_format(NATIVE_FORMATS.get(method, "dense"))
+
+
+def kept_gguf_format(cfg: HFConfig) -> ExpertFormat | None:
+    """The `gguf` format a GGUF file's routed experts stay in as blocks; None where they cannot
+    (float tensors, kinds mixed across layers, kinds moepic does not keep)."""
+    q = cfg.data.get("quantization_config")
+    node = q.get("expert_format") if isinstance(q, dict) and q.get("quant_method") == GGUF_METHOD else None
+    return None if node is None else build_format(node)
 
 
 def checked_format(fmt: ExpertFormat, spec: ModelSpec, block: int, source: object) -> None:

@@ -103,7 +103,8 @@ def text(report: dict) -> str:
             f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, router {rule}"
             + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")
         )
-    fmt = report["expert_format"]["name"]
+    knobs = {k: v for k, v in report["expert_format"].items() if k != "name"}
+    fmt = report["expert_format"]["name"] + (f" ({', '.join(f'{k} {v}' for k, v in knobs.items())})" if knobs else "")
     lines.append(
         f"{report['dtype']}{'' if fmt == 'dense' else f', {fmt} experts'}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
         f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident;"

@@ -11,7 +11,8 @@ Each row of a weight is cut into blocks along its input dimension; a block is by
                                  16 int8 scales for sub-blocks of 16 | d (float16) w = (d·sc)·(q − 32)
 
 The arithmetic follows the `gguf` package's reference (float32, in its order), so the weights are
-its bit for bit (tests/quant/test_ggml.py). Loading GGUF files builds on it.
+its bit for bit (tests/quant/test_ggml.py); so is Q8_0's encoder (`quantize_q8_0`). The `gguf`
+expert format (quant/gguf_format.py) keeps experts as these blocks.
 """
 
 from __future__ import annotations
@@ -24,12 +25,33 @@ BLOCKS = {"Q8_0": (32, 34), "Q4_K": (QK_K, 144), "Q6_K": (QK_K, 210)}  # (weight
 
 def dequantize_ggml(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """[n, bytes] uint8 blocks of `kind` → [n, weights] float32."""
-    if kind not in BLOCKS:
-        raise ValueError(f"GGUF block type {kind!r} is not read; read: {', '.join(BLOCKS)}")
-    weights, nbytes = BLOCKS[kind]
+    weights, nbytes = block_shape(kind)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != nbytes:
         raise ValueError(f"{kind} blocks are [n, {nbytes}] uint8, got {list(blocks.shape)} {blocks.dtype}")
     return {"Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}[kind](blocks)
+
+
+def block_shape(kind: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of `kind`, or a ValueError naming the kinds read."""
+    if kind not in BLOCKS:
+        raise ValueError(f"GGUF block type {kind!r} is not read; read: {', '.join(BLOCKS)}")
+    return BLOCKS[kind]
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """[n, 32] weights → [n, 34] Q8_0 blocks, as llama.cpp quantizes them: d = max|x| / 127 in
+    float32, codes x / d rounded half away from zero, d stored as float16."""
+    x = x.float()
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = _round_half_away(x * inverse).to(torch.int8)
+    return torch.cat([d.half().view(torch.uint8), codes.view(torch.uint8)], dim=1)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    floored = a.floor()
+    return x.sign() * (floored + (2 * (a - floored)).floor())
 
 
 def _half(b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Tiny GGUF files for the tests, written with the `gguf` package's writer as llama.cpp's converter
+names and orders things: from a tiny Hugging Face checkpoint's tensors (float or Q8_0, quantized by
+the `gguf` package's own reference), or with routed experts as random Q4_K / Q6_K blocks (no
+Python k-quant encoder exists; any block with finite scales is one llama.cpp could have written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from moepic.quant.ggml import BLOCKS
+
+ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+_EXPERT = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """[rows, cols/w · bytes] random blocks of `kind` whose float16 scales are small and finite."""
+    weights, nbytes = BLOCKS[kind]
+    blocks = rng.integers(0, 256, size=(rows * cols // weights, nbytes), dtype=np.uint8)
+    scales = {"Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]  # byte offsets of float16 d (and dmin)
+    for at in scales:
+        blocks[:, at : at + 2] = rng.uniform(0, 2e-3, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for the llama architecture (interleaved RoPE pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensor_name(hf: str) -> tuple[str, int | None, str | None]:
+    """(GGUF name, expert index, projection) for an HF tensor name of the families written here."""
+    parts = hf.split(".")
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight", None, None
+    if hf == "model.norm.weight":
+        return "output_norm.weight", None, None
+    if hf == "lm_head.weight":
+        return "output.weight", None, None
+    l, rest = parts[2], parts[3:]
+    blk = f"blk.{l}"
+    if rest[0] in ("input_layernorm", "post_attention_layernorm"):
+        return f"{blk}.{'attn_norm' if rest[0] == 'input_layernorm' else 'ffn_norm'}.weight", None, None
+    if rest[0] == "self_attn":
+        what = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}[rest[1]]
+        return f"{blk}.{what}.{rest[2]}", None, None
+    if rest[1] == "experts":
+        p = _EXPERT[rest[3]]
+        return f"{blk}.ffn_{p}_exps.weight", int(rest[2]), p
+    if rest[1] == "gate":
+        return f"{blk}.ffn_gate_inp.weight", None, None
+    if rest[1] == "shared_expert_gate":
+        return f"{blk}.ffn_gate_inp_shexp.weight", None, None
+    if rest[1] == "shared_expert":
+        return f"{blk}.ffn_{rest[2].removesuffix('_proj')}_shexp.weight", None, None
+    return f"{blk}.ffn_{rest[1].removesuffix('_proj')}.weight", None, None  # a dense layer's MLP
+
+
+def write_gguf(
+    folder: Path, path: Path, *, experts: str | tuple[str, str] = "F32", resident: str = "F32", seed: int = 0,
+    drop: tuple[str, ...] = (),
+) -> Path:
+    """`folder`'s model as a GGUF file at `path`. `experts`: the routed experts' kind ("F32", "Q8_0"
+    from the checkpoint's weights) or (gate/up kind, down kind) of random blocks; `resident`: every
+    other 2-D weight's ("F32", "F16", "BF16", "Q8_0"). `drop`: GGUF tensor names left out."""
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config["model_type"]
+    arch, rng = ARCH[model_type], np.random.default_rng(seed)
+    tensors = load_file(folder / "model.safetensors")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    out: dict[str, np.ndarray | list] = {}
+    for hf, t in tensors.items():
+        name, expert, projection = _gguf_tensor_name(hf)
+        w = t.float().numpy()
+        if arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
+            w = _permute(w, heads if ".attn_q." in name else kv_heads)
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            w = w.reshape(-1)
+        if expert is None:
+            out[name] = w
+        else:
+            out.setdefault(name, {})[expert] = (w, projection)
+    writer = gguf.GGUFWriter(str(path), arch)
+    _metadata(writer, config, model_type)
+    for name, value in out.items():
+        if isinstance(value, dict):
+            _add_experts(writer, name, value, experts, rng)
+        elif name in drop:
+            continue
+        elif value.ndim == 2 and resident != "F32" and not name.endswith("ffn_gate_inp.weight"):
+            _add(writer, name, value, resident)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _add(writer: gguf.GGUFWriter, name: str, w: np.ndarray, kind: str) -> None:
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind in ("F16",):
+        writer.add_tensor(name, w.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
+
+def _add_experts(writer, name: str, by_expert: dict, experts, rng) -> None:
+    stacked = np.stack([by_expert[e][0] for e in sorted(by_expert)])  # [E, rows, cols]
+    projection = next(iter(by_expert.values()))[1]
+    if isinstance(experts, tuple):
+        kind = experts[1] if projection == "down" else experts[0]
+        E, rows, cols = stacked.shape
+        blocks = np.stack([random_blocks(kind, rows, cols, rng) for _ in range(E)])
+        writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType[kind])
+    elif experts == "F32":
+        writer.add_tensor(name, stacked)
+    else:
+        _add(writer, name, stacked, experts)
+
+
+def _metadata(writer: gguf.GGUFWriter, config: dict, model_type: str) -> None:
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if rope.get("rope_type", "default") != "default":
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        writer.add_rope_scaling_factor(rope["factor"])
+        if "original_max_position_embeddings" in rope:
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    experts = config.get("num_local_experts") or config["num_experts"]
+    writer.add_expert_count(experts)
+    if model_type == "mixtral":
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if model_type == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    if "norm_topk_prob" in config:  # llama.cpp fixes it per architecture; a file may still say
+        writer.add_expert_weights_norm(config["norm_topk_prob"])
+
+
+def gguf_reference_model(path: Path, **config):
+    """transformers' own reading of a GGUF file (it dequantises with the `gguf` package), float32.
+    `config`: what its metadata mapping misses (it reads no expert_feed_forward_length)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, **config).eval()
