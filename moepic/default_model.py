@@ -24,7 +24,9 @@ def model_folder(path: str | None) -> str:
     """The folder (or GGUF file) a command runs on: `path`, or the bundled model; a missing folder is named first
     (before a tokenizer lookup could blame tokenizer.json instead)."""
     folder = path or str(default_model_dir())
-    if not Path(folder).is_dir() and not (folder.endswith(".gguf") and Path(folder).is_file()):
+    from moepic.checkpoint.gguf_names import is_gguf
+
+    if not Path(folder).is_dir() and not is_gguf(folder):
         raise CheckpointError(f"{folder}: model folder not found")
     return folder
 

@@ -21,9 +21,9 @@ _EXPERT = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2":
 
 def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """[rows, cols/w · bytes] random blocks of `kind` whose float16 scales are small and finite."""
-    weights, nbytes = BLOCKS[kind]
+    weights, nbytes = BLOCKS.get(kind) or {"Q5_K": (256, 176)}[kind]  # Q5_K: a kind moepic does not keep
     blocks = rng.integers(0, 256, size=(rows * cols // weights, nbytes), dtype=np.uint8)
-    scales = {"Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]  # byte offsets of float16 d (and dmin)
+    scales = {"Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]  # byte offsets of float16 d (and dmin)
     for at in scales:
         blocks[:, at : at + 2] = rng.uniform(0, 2e-3, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)

@@ -93,7 +93,7 @@ def test_the_same_model_argument_names_a_folder_or_a_preset_in_every_shape_comma
 @pytest.mark.parametrize("command", ["inspect", "configure", "simulate", "compare"])
 def test_an_unknown_preset_lists_the_known_ones_in_every_shape_command(capsys, traces, command):
     message = cli_error(capsys, _argv(command, "gpt-5", traces["bundled"]))
-    assert message == f"unknown model shape 'gpt-5'; known: {known_shapes()} (or a model folder with config.json)"
+    assert message == f"unknown model shape 'gpt-5'; known: {known_shapes()} (or a model folder with config.json, or a GGUF file)"
 
 
 @pytest.mark.parametrize("command", ["inspect", "configure", "simulate", "compare"])

@@ -247,11 +247,13 @@ def plan_layout(
     theta: float | Sequence[float] | None,
     widest_neuron_block: int | None = None,
     staging_experts: int | None = None,
-    expert_format: ExpertFormat | None = None,
+    expert_format: ExpertFormat | Sequence[ExpertFormat] | None = None,
 ) -> CacheLayout:
     """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ
     (None: automatic, see the module docstring), for experts stored in `expert_format` (default:
-    dense in `dtype_bytes`; a percentage budget is of the experts' bytes in that format).
+    dense in `dtype_bytes`; a percentage budget is of the experts' bytes in that format), or one
+    format per MoE layer (a GGUF file's kinds vary by layer): a global budget is then split in
+    proportion to each layer's bytes, and staging holds the largest expert.
 
     `staging_experts` whole-expert buffers are staged (default: top_k; prefetching needs more)."""
     moe = spec.moe
@@ -261,19 +263,21 @@ def plan_layout(
     F, E = moe.expert_ffn, moe.num_experts
     staging_n = moe.top_k if staging_experts is None else staging_experts
     block = neuron_block(F) if widest_neuron_block is None else neuron_block(F, widest_neuron_block)
-    neuron_bytes = (expert_format or build_format("dense")).spec_neuron_bytes(spec, dtype_bytes)
-    expert_bytes, layer_bytes = F * neuron_bytes, E * F * neuron_bytes
+    formats = _per_moe_layer(expert_format or build_format("dense"), layers_n, "expert formats")
+    neuron_bytes = [fmt.spec_neuron_bytes(spec, dtype_bytes) for fmt in formats]
+    expert_bytes = [F * n for n in neuron_bytes]
+    layer_bytes = [E * b for b in expert_bytes]
     per_layer_budget = isinstance(budget, (list, tuple))
     if per_layer_budget:
         per_layer = _per_moe_layer(budget, layers_n, "cache.budget")
-        caches = [budget_bytes(v, layer_bytes, f"cache.budget[{i}]") for i, v in enumerate(per_layer)]
+        caches = [budget_bytes(v, layer_bytes[i], f"cache.budget[{i}]") for i, v in enumerate(per_layer)]
     else:
-        total = budget_bytes(budget, layers_n * layer_bytes, "cache.budget")
+        total = budget_bytes(budget, sum(layer_bytes), "cache.budget")
     if theta is None:  # whole experts where the budget holds them all: the dense layout, nothing loaded
         if per_layer_budget:
-            fits = [holds_every_expert(c, 1, E, expert_bytes) for c in caches]
+            fits = [holds_every_expert(c, 1, E, b) for c, b in zip(caches, expert_bytes)]
         else:
-            fits = [holds_every_expert(total, layers_n, E, expert_bytes)] * layers_n
+            fits = [total >= sum(layer_bytes)] * layers_n
         thetas = tuple(1.0 if whole else AUTO_THETA for whole in fits)
     else:
         thetas = _per_moe_layer(theta, layers_n, "cache.theta")
@@ -286,20 +290,21 @@ def plan_layout(
     def layout(cache_bytes_per_layer: Sequence[int], staging_experts: int) -> CacheLayout:
         entries = tuple(
             LayerCacheLayout(
-                layer=l, num_experts=E, ffn_size=F, block=block, top_neurons=top, neuron_bytes=neuron_bytes,
-                slots=slots_for(cache, top * neuron_bytes, E),
+                layer=l, num_experts=E, ffn_size=F, block=block, top_neurons=top, neuron_bytes=n,
+                slots=slots_for(cache, top * n, E),
             )
-            for l, top, cache in zip(spec.moe_layers, tops, cache_bytes_per_layer)
+            for l, top, cache, n in zip(spec.moe_layers, tops, cache_bytes_per_layer, neuron_bytes)
         )
         return CacheLayout(layers=entries, staging_experts=staging_experts, dtype_bytes=dtype_bytes, notes=notes)
 
     if per_layer_budget:
         result = layout(caches, staging_n)
     else:
-        if all(top == F for top in tops) and holds_every_expert(total, layers_n, E, expert_bytes):
-            return layout([layer_bytes] * layers_n, 0)
-        caches_total = cache_bytes_after_staging(total, staging_n, expert_bytes, what=f"cache.budget {budget!r}")
-        result = layout([caches_total // layers_n] * layers_n, staging_n)
+        if all(top == F for top in tops) and total >= sum(layer_bytes):
+            return layout(layer_bytes, 0)
+        caches_total = cache_bytes_after_staging(total, staging_n, max(expert_bytes), what=f"cache.budget {budget!r}")
+        # In proportion to each layer's bytes: equal shares where every layer stores its experts alike.
+        result = layout([caches_total * b // sum(layer_bytes) for b in layer_bytes], staging_n)
     if all(l.fully_resident for l in result.layers):
         result = attrs.evolve(result, staging_experts=0)
     return result

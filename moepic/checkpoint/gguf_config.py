@@ -7,8 +7,8 @@ renormalises its top-k weights, Qwen2-MoE does not), the value here is llama.cpp
 what the file was made to run as.
 
 Routed experts in Q8_0, Q4_K or Q6_K blocks load as the `gguf` expert format (quant/gguf_format.py)
-when every layer stores them in the same kinds; the config then says so as
-`quantization_config: {quant_method: gguf, expert_format: {name: gguf, gate_up: Q4_K, down: Q6_K}}`.
+of their kinds, which may vary by layer; the config says so as `quantization_config: {quant_method:
+gguf, expert_formats: [{name: gguf, gate_up: Q4_K, down: Q6_K}, …]}` (one per MoE layer).
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ FLOAT_KINDS = ("F32", "F16", "BF16")
 
 # GGUF architecture → (Hugging Face model_type, whether the top-k weights are renormalised).
 ARCHITECTURES = {"qwen3moe": ("qwen3_moe", True), "qwen2moe": ("qwen2_moe", False), "llama": ("mixtral", True)}
-
-
-def is_gguf(path: str | Path) -> bool:
-    """Whether `path` names a GGUF file (what every command's --model accepts besides a folder)."""
-    return str(path).endswith(".gguf") and Path(path).is_file()
 
 
 def gguf_config(path: Path) -> HFConfig:
@@ -108,23 +103,19 @@ def _rope(f: GGUFFile, arch: str) -> dict:
 
 def expert_quantization(f: GGUFFile, layers: int) -> dict | None:
     """How the routed experts are stored: None for float tensors (read as dense experts), else a
-    quantization_config naming the `gguf` format they load in, or why they cannot stay blocks."""
-    kinds = {p: {l: f.kind(f"blk.{l}.ffn_{p}_exps.weight") for l in range(layers)
-                 if f.has(f"blk.{l}.ffn_{p}_exps.weight")} for p in ("gate", "up", "down")}
-    found = {k for per_layer in kinds.values() for k in per_layer.values()}
-    if found <= set(FLOAT_KINDS):
+    quantization_config naming the `gguf` format each MoE layer's experts load in (llama.cpp varies
+    the kinds by layer: a Q4_K_M file's down is Q6_K in some, Q4_K in others), or why they cannot
+    stay blocks."""
+    kinds = {l: tuple(f.kind(f"blk.{l}.ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
+             for l in range(layers) if f.has(f"blk.{l}.ffn_gate_exps.weight")}
+    if {k for per_layer in kinds.values() for k in per_layer} <= set(FLOAT_KINDS):
         return None
     config = {"quant_method": QUANT_METHOD}
-    for p, per_layer in kinds.items():
-        differing = sorted(set(per_layer.values()))
-        if len(differing) > 1:
-            first = {k: next(l for l, v in per_layer.items() if v == k) for k in differing[:2]}
-            shown = ", ".join(f"blk.{l}.ffn_{p}_exps is {k}" for k, l in first.items())
-            return config | {"unkept": f"its routed experts mix block types across layers ({shown}); moepic keeps "
-                                       "one expert format per model"}
-    gate, up, down = (next(iter(kinds[p].values())) for p in ("gate", "up", "down"))
-    unread = [k for k in (gate, up, down) if k not in BLOCKS]
-    if gate != up or unread:
-        why = f"gate is {gate}, up {up}" if gate != up else f"{unread[0]} blocks are not kept (kept: {', '.join(BLOCKS)})"
-        return config | {"unkept": f"its routed experts cannot stay blocks: {why}"}
-    return config | {"expert_format": {"name": "gguf", "gate_up": gate, "down": down}}
+    formats = []
+    for l, (gate, up, down) in kinds.items():
+        unread = [k for k in (gate, up, down) if k not in BLOCKS]
+        if gate != up or unread:
+            why = f"gate is {gate}, up {up}" if gate != up else f"{unread[0]} blocks are not kept (kept: {', '.join(BLOCKS)})"
+            return config | {"unkept": f"blk.{l}'s routed experts cannot stay blocks: {why}"}
+        formats.append({"name": "gguf", "gate_up": gate, "down": down})
+    return config | {"expert_formats": formats}

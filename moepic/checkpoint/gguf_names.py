@@ -1,4 +1,5 @@
-"""Where each weight the adapters ask for by its Hugging Face name lives in a GGUF file. Pure.
+"""GGUF files by name: which paths are GGUF files, and where each weight the adapters ask for by
+its Hugging Face name lives in one. Pure (`is_gguf` looks at the path).
 
 llama.cpp names a layer's tensors `blk.<l>.<what>` and stacks a MoE layer's routed experts in one
 tensor per projection (`blk.<l>.ffn_gate_exps.weight`, [E, F, D]); the adapters read expert e alone
@@ -8,8 +9,14 @@ tensor per projection (`blk.<l>.ffn_gate_exps.weight`, [E, F, D]); the adapters 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import attrs
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether `path` names a GGUF file (what every command's --model accepts besides a folder)."""
+    return str(path).endswith(".gguf") and Path(path).is_file()
+
 
 _LAYER = r"model\.layers\.(?P<l>\d+)"
 _MOE = rf"{_LAYER}\.(?:mlp|block_sparse_moe)"

@@ -10,11 +10,12 @@ from moepic.checkpoint.adapters import adapter_for
 from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.files import SafetensorsCheckpoint
 from moepic.checkpoint.gguf_config import QUANT_METHOD as GGUF_METHOD
-from moepic.checkpoint.gguf_config import gguf_config, is_gguf
+from moepic.checkpoint.gguf_config import gguf_config
 from moepic.checkpoint.gguf_file import GGUFCheckpoint
+from moepic.checkpoint.gguf_names import is_gguf
 from moepic.checkpoint.hf_config import HFConfig
 from moepic.checkpoint.hf_rope import check_rope_angles
-from moepic.checkpoint.stored_experts import (QUANT_METHOD, checked_format, checkpoint_format, kept_gguf_format,
+from moepic.checkpoint.stored_experts import (QUANT_METHOD, checked_format, checkpoint_formats, gguf_formats,
                                               stored_format)
 from moepic.core.model import Model
 from moepic.core.packing import pack_expert
@@ -79,6 +80,15 @@ def _check_fp8(cfg: HFConfig, q: dict) -> None:
         raise CheckpointError(f"{cfg.source}: quantization_config.fmt {q.get('fmt')!r} is not supported; FP8 weights are read as e4m3")
 
 
+def _kept_blocks(cfg: HFConfig) -> tuple[ExpertFormat, ...]:
+    """The formats a GGUF file's experts stay in as blocks, one per MoE layer; () where they cannot
+    (read dequantised, or encoded, as the run asks: `load_model` refused them if it asked nothing)."""
+    try:
+        return gguf_formats(cfg) or ()
+    except CheckpointError:
+        return ()
+
+
 def load_model(
     folder: str | Path,
     *,
@@ -113,11 +123,15 @@ def load_model(
         raise CheckpointError(f"{cfg.source}: its experts are stored as {stored.config.as_dict()}; "
                               f"re-encoding them as {expert_format.config.as_dict()} is not supported (quantize the source checkpoint)")
     gguf = is_gguf(folder)
-    own = checkpoint_format(cfg) if expert_format is None else None  # a GGUF file's unkept blocks: refused here
-    wanted = stored or expert_format or own
-    if wanted is not None and wanted.quantized and spec.moe is not None:
-        block = neuron_block(spec.moe.expert_ffn, max(widest_neuron_block, wanted.neuron_multiple))
-        checked_format(wanted, spec, block, cfg.source)
+    layers = len(spec.moe_layers) if spec.moe is not None else 0
+    # A GGUF file's blocks that cannot stay so are refused here, unless a format is asked for.
+    own = checkpoint_formats(cfg, layers) if expert_format is None else ()
+    kept = _kept_blocks(cfg) if gguf else ()
+    wanted = [f for f in (stored, expert_format, *own) if f is not None and f.quantized]
+    if wanted and spec.moe is not None:
+        block = neuron_block(spec.moe.expert_ffn, max(widest_neuron_block, *(f.neuron_multiple for f in wanted)))
+        for fmt in {f.config: f for f in wanted}.values():
+            checked_format(fmt, spec, block, cfg.source)
     opened = GGUFCheckpoint if gguf else SafetensorsCheckpoint
     with opened(folder, check_finite=check_weights) as ckpt:
         place = None
@@ -128,7 +142,7 @@ def load_model(
                 return pack_expert(expert, pin_memory=pin)
         reader = TensorReader(ckpt, dtype, device, widest_neuron_block, place_routed_expert=place, spec=spec,
                               stored_format=stored, expert_format=None if stored is not None else expert_format,
-                              native_format=kept_gguf_format(cfg) if gguf else None)
+                              native_formats=kept)
         weights = adapter.load_weights(reader, spec, progress)
         unexpected = [n for n in ckpt.unread() if not n.endswith(_IGNORED_SUFFIXES)
                       and not n.startswith(adapter.ignored_prefixes)]

@@ -48,26 +48,43 @@ NATIVE_FORMATS = {"mxfp4": "mxfp4", "fp8": "fp8"}
 
 def checkpoint_format(cfg: HFConfig) -> ExpertFormat:
     """The format a checkpoint's routed experts load in by default: what `moepic quantize` wrote, the
-    release's own (GPT-OSS's MXFP4, block-scaled FP8, a GGUF file's blocks), or dense."""
+    release's own (GPT-OSS's MXFP4, block-scaled FP8, a GGUF file's blocks), or dense. One for the
+    whole model: a GGUF file whose kinds vary by layer is refused by name (`checkpoint_formats`)."""
     stored = stored_format(cfg)
     if stored is not None:
         return stored
     q = cfg.data.get("quantization_config")
     method = q.get("quant_method") if isinstance(q, dict) else None
-    if method == GGUF_METHOD:  # a GGUF file's blocks (checkpoint/gguf_config.py), when they can stay so
-        if "unkept" in q:
-            raise CheckpointError(f"{cfg.source}: {q['unkept']}; load it with --expert-format dense (dequantised) "
-                                  "or int4 (re-encoded)")
-        return kept_gguf_format(cfg)
+    if method == GGUF_METHOD:
+        formats = gguf_formats(cfg)
+        if formats is not None:
+            first_layer: dict = {}
+            for l, f in enumerate(formats):
+                first_layer.setdefault(f.config, l)
+            if len(first_layer) > 1:
+                shown = ", ".join(f"MoE layer {l}: {c.as_dict()}" for c, l in list(first_layer.items())[:2])
+                raise CheckpointError(f"{cfg.source}: its routed experts' formats vary by layer ({shown}); the "
+                                      "simulator and the configurator price one format per model: pass --format")
+            return formats[0]
     return build_format(NATIVE_FORMATS.get(method, "dense"))
 
 
-def kept_gguf_format(cfg: HFConfig) -> ExpertFormat | None:
-    """The `gguf` format a GGUF file's routed experts stay in as blocks; None where they cannot
-    (float tensors, kinds mixed across layers, kinds moepic does not keep)."""
+def checkpoint_formats(cfg: HFConfig, moe_layers: int) -> tuple[ExpertFormat, ...]:
+    """`checkpoint_format` for each of the `moe_layers` MoE layers (a GGUF file's vary by layer)."""
+    return gguf_formats(cfg) or (checkpoint_format(cfg),) * moe_layers
+
+
+def gguf_formats(cfg: HFConfig) -> tuple[ExpertFormat, ...] | None:
+    """The `gguf` format each MoE layer's routed experts stay in as blocks (checkpoint/gguf_config.py);
+    None where the checkpoint is not a GGUF file with quantized experts. Experts that cannot stay
+    blocks (a kind moepic does not keep) are refused, naming the way out."""
     q = cfg.data.get("quantization_config")
-    node = q.get("expert_format") if isinstance(q, dict) and q.get("quant_method") == GGUF_METHOD else None
-    return None if node is None else build_format(node)
+    if not isinstance(q, dict) or q.get("quant_method") != GGUF_METHOD:
+        return None
+    if "unkept" in q:
+        raise CheckpointError(f"{cfg.source}: {q['unkept']}; load it with --expert-format dense (dequantised) "
+                              "or int4 (re-encoded)")
+    return tuple(build_format(node) for node in q["expert_formats"])
 
 
 def checked_format(fmt: ExpertFormat, spec: ModelSpec, block: int, source: object) -> None:

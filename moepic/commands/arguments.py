@@ -144,7 +144,7 @@ def add_model(parser, *, shape: bool, help: str | None = None) -> None:
 
 
 def _preset(text: str | None):
-    if text is None or Path(text).is_dir():
+    if text is None or Path(text).is_dir() or Path(text).is_file():  # a folder, or a GGUF file
         return None
     from moepic.sim.shapes import PRESETS
 
@@ -173,7 +173,7 @@ def model_source(text: str | None):
     preset = _preset(text)
     if preset is not None:
         return preset
-    if text is None or "/" in text or Path(text).is_dir() or text.startswith("."):
+    if text is None or "/" in text or Path(text).exists() or text.startswith("."):
         return model_folder(text)  # a path: one that does not exist is named as a missing folder
     return model_shape(text)  # raises: an unknown preset, with the known ones
 

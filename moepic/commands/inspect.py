@@ -3,6 +3,8 @@ preset shape's (moepic/sim/shapes.py). Reads files only."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from moepic.commands import arguments
 
 NAME = "inspect"
@@ -30,20 +32,25 @@ def run_inspect(model: str | None, dtype_name: str, expert_format=None) -> dict:
 
     from moepic.checkpoint.hf_config import DTYPES
     from moepic.checkpoint.load import read_spec
-    from moepic.checkpoint.stored_experts import checkpoint_format
+    from moepic.checkpoint.stored_experts import checkpoint_formats
     from moepic.core.footprint import footprint, kv_cache_growth
 
     source = arguments.model_source(model)
     if isinstance(source, str):
         spec, cfg = read_spec(source)
-        name, own_dtype, own_format = source, cfg.checkpoint_dtype(), checkpoint_format(cfg)
+        name, own_dtype = source, cfg.checkpoint_dtype()
+        own_formats = checkpoint_formats(cfg, len(spec.moe_layers)) if expert_format is None else ()
     else:
-        spec, name, own_dtype, own_format = source.spec, source.name, DTYPES[arguments.PRESET_DTYPE], source.expert_format
-    fmt = expert_format or own_format
+        spec, name, own_dtype = source.spec, source.name, DTYPES[arguments.PRESET_DTYPE]
+        own_formats = (source.expert_format,) * len(spec.moe_layers)
+    formats = (expert_format,) * len(spec.moe_layers) if expert_format is not None else own_formats
     dtype = own_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     fp, size = footprint(spec), torch.empty((), dtype=dtype).element_size()
     per_token, bounded = kv_cache_growth(spec)
-    expert_bytes = 0 if spec.moe is None else spec.moe.expert_ffn * fmt.spec_neuron_bytes(spec, size)
+    # Per MoE layer: a GGUF file's kinds vary by layer.
+    layer_expert_bytes = [spec.moe.expert_ffn * f.spec_neuron_bytes(spec, size) for f in formats]
+    routed_bytes = sum(b * spec.moe.num_experts for b in layer_expert_bytes)
+    uniform = len({f.config for f in formats}) <= 1
     return {
         # What each token adds once the windowed / chunked layers' rings are full, and what those hold.
         "kv_cache_bytes_per_token": per_token * size,
@@ -53,9 +60,11 @@ def run_inspect(model: str | None, dtype_name: str, expert_format=None) -> dict:
         "spec": attrs.asdict(spec),
         "total_params": fp.total_params,
         "routed_experts": fp.num_routed_experts,
-        "expert_format": fmt.config.as_dict(),
-        "bytes_per_expert": expert_bytes,  # in its format, scales included
-        "routed_expert_bytes": expert_bytes * fp.num_routed_experts,
+        # One format for every MoE layer, or None where they differ (`expert_formats` lists them).
+        "expert_format": (formats[0] if formats else _dense()).config.as_dict() if uniform else None,
+        "expert_formats": [f.config.as_dict() for f in formats],
+        "bytes_per_expert": routed_bytes // max(fp.num_routed_experts, 1),  # in its format, scales included (a mean)
+        "routed_expert_bytes": routed_bytes,
         "resident_bytes": fp.resident_params * size,
     }
 
@@ -103,8 +112,11 @@ def text(report: dict) -> str:
             f"experts: {moe['num_experts']} per MoE layer, top-{moe['top_k']}, F {moe['expert_ffn']}, router {rule}"
             + (f", shared expert F {moe['shared_expert_ffn']}" if moe["shared_expert_ffn"] else "")
         )
-    knobs = {k: v for k, v in report["expert_format"].items() if k != "name"}
-    fmt = report["expert_format"]["name"] + (f" ({', '.join(f'{k} {v}' for k, v in knobs.items())})" if knobs else "")
+    if report["expert_format"] is not None:
+        fmt = _label(report["expert_format"])
+    else:
+        counts = Counter(_label(f) for f in report["expert_formats"])
+        fmt = "per-layer " + " + ".join(f"{label} on {n} layers" for label, n in counts.items())
     lines.append(
         f"{report['dtype']}{'' if fmt == 'dense' else f', {fmt} experts'}: {report['routed_experts']} routed experts x {report['bytes_per_expert'] / 2**20:.2f} MiB"
         f" = {report['routed_expert_bytes'] / gib:.3f} GiB offloadable; {report['resident_bytes'] / gib:.3f} GiB resident;"
@@ -113,3 +125,15 @@ def text(report: dict) -> str:
            if report["kv_cache_bytes_bounded"] else "")
     )
     return "\n".join(lines)
+
+
+def _label(node: dict) -> str:
+    """A format's name and knobs: `int4 (group_size 64, symmetric True)`."""
+    knobs = {k: v for k, v in node.items() if k != "name"}
+    return node["name"] + (f" ({', '.join(f'{k} {v}' for k, v in knobs.items())})" if knobs else "")
+
+
+def _dense():
+    from moepic.quant import build_format
+
+    return build_format("dense")

@@ -15,6 +15,8 @@ file's Q4_K gate/up and Q6_K down: 4.5 and 6.56 bits a weight, 5.19 on average.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 
@@ -42,6 +44,12 @@ class GGUFFormat(ExpertFormat):
     @property
     def neuron_multiple(self) -> int:  # type: ignore[override]  (per config, not per class)
         return BLOCKS[self.config.down][0]
+
+    @staticmethod
+    @functools.cache
+    def of(gate_up: str, down: str) -> GGUFFormat:
+        """The format of experts stored in these kinds (one instance each: a file reads thousands)."""
+        return EXPERT_FORMATS.build(GGUFConfig(gate_up=gate_up, down=down))
 
     def check_shape(self, hidden: int, ffn_size: int, block: int) -> None:
         super().check_shape(hidden, ffn_size, block)

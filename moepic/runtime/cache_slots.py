@@ -9,6 +9,8 @@ top still landing or overwrites one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from moepic.cache.layout import LayerCacheLayout
@@ -33,8 +35,11 @@ class LayerPool:
 class CacheSlots:
     """Every layer's pool (`pools`), and the fills in flight into their slots."""
 
-    def __init__(self, layouts: list[LayerCacheLayout], like: SwiGLUWeights, device: torch.device, copies: CopyEngine) -> None:
-        self.pools = {l.layer: LayerPool(l, like, device) for l in layouts}
+    def __init__(
+        self, layouts: list[LayerCacheLayout], likes: Mapping[int, SwiGLUWeights], device: torch.device, copies: CopyEngine
+    ) -> None:
+        """Pools for `layouts`, each layer's slots stored like `likes[layer]` (an expert of it)."""
+        self.pools = {l.layer: LayerPool(l, likes[l.layer], device) for l in layouts}
         self._copies = copies
         self._fills: dict[tuple[int, int], Ticket] = {}  # (layer, slot) → its fill, until waited for
 

@@ -47,7 +47,7 @@ from moepic.perfmodel.host_costs import HostPricing, check_priceable
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
-from moepic.quant import format_of
+from moepic.quant import ExpertFormat, format_of
 from moepic.runtime.copy_engine import Link, copy_engine_for
 from moepic.runtime.copy_protocol import CopyEngine
 from moepic.runtime.cache_slots import CacheSlots
@@ -85,18 +85,14 @@ class OffloadedExperts:
             raise ValueError("host threads have no effect with hybrid off: nothing is computed on the host")
         self.predictor = predictor or NoPredictor()
         self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
-        any_expert = next(iter(self.store.experts.values()))[0]  # all MoE layers share one expert shape
-        if any_expert.dtype.itemsize != layout.dtype_bytes:
-            raise ValueError(f"the layout was planned for {layout.dtype_bytes}-byte weights, the experts compute in {any_expert.dtype}")
-        expert_format = format_of(any_expert)
-        neuron_bytes = expert_format.neuron_bytes(any_expert.hidden, any_expert.biased, any_expert.dtype.itemsize)
-        if layout.layers[0].neuron_bytes != neuron_bytes:
-            raise ValueError(f"the layout was planned for {layout.layers[0].neuron_bytes} bytes per expert neuron, "
-                             f"the experts take {neuron_bytes} ({expert_format.name})")
+        # An expert of each MoE layer: a layer's experts share one shape and format (layers may differ).
+        likes = {layer: experts[0] for layer, experts in self.store.experts.items()}
         self._layouts = {l.layer: l for l in layout.layers}
-        self.staging = StagingPool(layout.staging_experts, any_expert, self.device)
+        for layer, like in likes.items():
+            _check_planned(self._layouts[layer], like, layout.dtype_bytes)
+        self.staging = StagingPool(layout.staging_experts, likes, self.device)
         self.copies: CopyEngine = copy_engine_for(self.device, link)
-        self.slots = CacheSlots(layout.layers, any_expert, self.device, self.copies)
+        self.slots = CacheSlots(layout.layers, likes, self.device, self.copies)
         self.pools = self.slots.pools
         self.counters = EngineCounters(layout)
         self.residency: dict[int, LayerResidency] = {l.layer: initial_residency(policy, l) for l in layout.layers}
@@ -181,7 +177,7 @@ class OffloadedExperts:
         )
         for e, slot in plan.kept:
             load = prefetched.pop(e)
-            self.loads.copy_on_device(self.slots.slot(layer, slot), load.buffer.expert.neurons(0, layout.top_neurons))
+            self.loads.copy_on_device(self.slots.slot(layer, slot), load.buffer.expert(layer).neurons(0, layout.top_neurons))
             self.counters.kept_prefetches += 1
             self.counters.kept_prefetch_bytes += load.ticket.nbytes
             self.staging.release(load.buffer, fence=self.copies.fence())
@@ -330,6 +326,22 @@ class OffloadedExperts:
                 self.host.close()
 
 
+def _check_planned(layout: LayerCacheLayout, like, dtype_bytes: int) -> None:
+    """The layout was planned for experts like `like` (an expert of its layer): dtype and bytes per neuron."""
+    if like.dtype.itemsize != dtype_bytes:
+        raise ValueError(f"the layout was planned for {dtype_bytes}-byte weights, the experts compute in {like.dtype}")
+    fmt = format_of(like)
+    neuron_bytes = fmt.neuron_bytes(like.hidden, like.biased, like.dtype.itemsize)
+    if layout.neuron_bytes != neuron_bytes:
+        raise ValueError(f"the layout was planned for {layout.neuron_bytes} bytes per expert neuron in layer {layout.layer}, "
+                         f"its experts take {neuron_bytes} ({fmt.name})")
+
+
+def expert_formats(model: Model) -> tuple[ExpertFormat, ...]:
+    """The format of each MoE layer's routed experts, in model order."""
+    return tuple(format_of(lw.ffn.experts[0]) for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
+
+
 def offloaded_experts(
     model: Model,
     budget,
@@ -349,13 +361,15 @@ def offloaded_experts(
     given as configs (built here) or as built strategies; `hybrid` places loads on the host too
     (`auto` prices them with `pricing`), on `host_threads` threads."""
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
+    formats = expert_formats(model)
     if hybrid == "auto":
-        check_priceable(format_of(expert), "--hybrid auto")
+        for fmt in formats:
+            check_priceable(fmt, "--hybrid auto")
     if predictor is None:
         predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
     layout = plan_layout(
         model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block,
-        staging_experts=staging_buffers(model.spec.moe.top_k, predictor), expert_format=format_of(expert),
+        staging_experts=staging_buffers(model.spec.moe.top_k, predictor), expert_format=formats,
     )
     if policy is None:
         policy = build_policy(policy_config)

@@ -51,7 +51,7 @@ class StagedLoads:
             return [(buffer.flat[: flat.numel()], flat)]
         top = layout.top_neurons
         src = self.store.experts[layout.layer][expert].neurons(top, layout.ffn_size)
-        dst = buffer.expert.neurons(top, layout.ffn_size)
+        dst = buffer.expert(layout.layer).neurons(top, layout.ffn_size)
         return list(zip(dst.tensors, src.tensors, strict=True))
 
     def start(self, layout: LayerCacheLayout, expert: int, part: str, *, urgent: bool) -> Load:
@@ -78,7 +78,7 @@ class StagedLoads:
     def assemble(self, layout: LayerCacheLayout, p: ExpertPlan, load: Load) -> SwiGLUWeights:
         """Wait for the expert's copy and complete it in its staging buffer; admit its top if planned."""
         self.copies.wait(load.ticket)
-        staged, top = load.buffer.expert, layout.top_neurons
+        staged, top = load.buffer.expert(layout.layer), layout.top_neurons
         direction = top_copy(p)
         if direction == "slot_to_staging":
             self.copy_on_device(staged.neurons(0, top), self.slots.slot(layout.layer, p.slot))
@@ -92,7 +92,7 @@ class StagedLoads:
         rounds differently from one matmul over the whole expert (docs/design.md §2)."""
         yield self.slots.slot(layout.layer, p.slot)
         self.copies.wait(load.ticket)
-        yield load.buffer.expert.neurons(layout.top_neurons, layout.ffn_size)
+        yield load.buffer.expert(layout.layer).neurons(layout.top_neurons, layout.ffn_size)
 
     def copy_on_device(self, dst: SwiGLUWeights, src: SwiGLUWeights) -> None:
         for d, s in zip(dst.tensors, src.tensors, strict=True):

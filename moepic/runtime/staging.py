@@ -12,6 +12,7 @@ ticket), and the next copy into the buffer waits for it. So no buffer is overwri
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 
 import attrs
 import torch
@@ -25,19 +26,25 @@ from moepic.runtime.copy_protocol import Ticket
 class Buffer:
     index: int
     flat: torch.Tensor
-    expert: SwiGLUWeights  # views of `flat` in the stored layout (quantized: QuantizedExpert)
+    views: dict[int, SwiGLUWeights]  # MoE layer → `flat` viewed as that layer's stored expert (quantized: QuantizedExpert)
     fence: object = None  # CUDA event compute recorded when it let go (None on the CPU)
     pending: Ticket | None = None  # a copy into it that may still be running (a dropped prefetch)
 
+    def expert(self, layer: int) -> SwiGLUWeights:
+        """The buffer as an expert of `layer` (layers may store experts in different formats)."""
+        return self.views[layer]
+
 
 class StagingPool:
-    def __init__(self, count: int, like: SwiGLUWeights, device: torch.device) -> None:
-        """`count` buffers for whole experts stored like `like` (format, width, dtype, biases)."""
+    def __init__(self, count: int, likes: Mapping[int, SwiGLUWeights], device: torch.device) -> None:
+        """`count` buffers, each holding any one whole expert of the layers in `likes` (layer → an
+        expert stored as that layer's are: format, width, dtype, biases), sized for the largest."""
         self.buffers = []
-        nbytes = packed_bytes(like, like.ffn_size)
+        nbytes = max(packed_bytes(like, like.ffn_size) for like in likes.values())
         for i in range(count):
             flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self.buffers.append(Buffer(i, flat, flat_views(flat, like.ffn_size, like)))
+            views = {layer: flat_views(flat, like.ffn_size, like) for layer, like in likes.items()}
+            self.buffers.append(Buffer(i, flat, views))
         self._free: deque[Buffer] = deque(self.buffers)
         self.in_use = 0
         self.peak_in_use = 0

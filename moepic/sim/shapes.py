@@ -78,17 +78,19 @@ def known_shapes() -> str:
 
 
 def model_shape(name_or_dir: str) -> ModelShape:
-    """A preset by name (case-insensitive), or the shape of a Hugging Face folder's config.json."""
+    """A preset by name (case-insensitive), or the shape of a Hugging Face folder's config.json or a GGUF file."""
     preset = PRESETS.get(name_or_dir.lower())
     if preset is not None:
         return preset
-    if not Path(name_or_dir).is_dir():
-        raise ConfigError(f"unknown model shape {name_or_dir!r}; known: {known_shapes()} (or a model folder with config.json)")
     import torch
 
+    from moepic.checkpoint.gguf_names import is_gguf
     from moepic.checkpoint.load import read_spec
-
     from moepic.checkpoint.stored_experts import checkpoint_format
+
+    if not Path(name_or_dir).is_dir() and not is_gguf(name_or_dir):
+        raise ConfigError(f"unknown model shape {name_or_dir!r}; known: {known_shapes()} (or a model folder with config.json, "
+                          "or a GGUF file)")
 
     spec, cfg = read_spec(Path(name_or_dir))
     if spec.moe is None:

@@ -24,6 +24,7 @@ from moepic.policies import POLICIES
 from moepic.quant import QuantizedExpert
 from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
+from moepic.sim.shapes import model_shape
 from tests_support import assert_slots_hold_the_host_bytes, cli_error, dense_run, policy_for
 
 PROMPT = [1, 17, 5, 42, 8, 33, 9, 60, 21, 4, 77, 12]
@@ -191,13 +192,44 @@ def mixed_down_kinds(checkpoint_dir, tmp_path) -> Path:
     return tmp_path / "mixed.gguf"
 
 
-def test_experts_mixing_block_types_across_layers_are_named_with_the_way_out(capsys, checkpoint_dir, tmp_path):
+def test_kinds_varying_by_layer_stay_blocks_in_each_layers_format(capsys, checkpoint_dir, tmp_path):
+    """As in a Q4_K_M file: each layer keeps its own kinds, the cache and staging size each layer's
+    experts by its own bytes, offloading changes no bit, and everything matches transformers."""
     path = mixed_down_kinds(checkpoint_dir, tmp_path)
+    model = load_model(path)
+    formats = [lw.ffn.experts[0].format.config.down for lw in model.weights.layers]
+    assert formats == ["Q6_K", "Q4_K"]
+    logits = run(model, 1).logits[0]
+    torch.testing.assert_close(logits, reference_logits(path, checkpoint_dir("qwen3_moe_256")), atol=2e-5, rtol=1e-5)
+    resident, trace = dense_run(model, PROMPT, 4)
+    engine = offloaded_experts(model, 0.4, 0.0, policy=policy_for("lru", trace))
+    offloaded = generate(model, PROMPT, max_new_tokens=4, eos_ids=(), keep_logits=True, experts=engine)
+    assert offloaded.token_ids == resident.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.logits, resident.logits))
+    D, F = 256, 256
+    assert [l.expert_bytes for l in engine.layout.layers] == [F * (2 * 144 + 210) * D // 256, F * 3 * 144 * D // 256]
+    assert engine.layout.staging_bytes == engine.layout.staging_experts * engine.layout.layers[0].expert_bytes
+    assert_slots_hold_the_host_bytes(engine)
+    assert main_ok(["inspect", "--model", str(path)])
+    assert "per-layer gguf (gate_up Q4_K, down Q6_K) on 1 layers + gguf (gate_up Q4_K, down Q4_K) on 1 layers" in capsys.readouterr().out
+    with pytest.raises(CheckpointError) as refused:  # what simulate, compare and configure read the shape with
+        model_shape(str(path))
+    message = str(refused.value)
+    assert "its routed experts' formats vary by layer (MoE layer 0: {'name': 'gguf', 'gate_up': 'Q4_K', 'down': 'Q6_K'}, " \
+           "MoE layer 1: {'name': 'gguf', 'gate_up': 'Q4_K', 'down': 'Q4_K'}); the simulator and the configurator price " \
+           "one format per model: pass --format" in message
+
+
+def test_a_kind_moepic_does_not_keep_is_named_with_the_way_out(capsys, checkpoint_dir, tmp_path):
+    path = write_gguf(checkpoint_dir("qwen3_moe_256"), tmp_path / "q5.gguf", experts=("Q5_K", "Q5_K"))
     message = cli_error(capsys, ["generate", "--model", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1"])
-    assert message == (f"{path}: its routed experts mix block types across layers (blk.1.ffn_down_exps is Q4_K, "
-                       "blk.0.ffn_down_exps is Q6_K); moepic keeps one expert format per model; load it with "
-                       "--expert-format dense (dequantised) or int4 (re-encoded)")
-    assert main_ok(["generate", "--model", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1", "--expert-format", "dense"])
+    assert message == (f"{path}: blk.0's routed experts cannot stay blocks: Q5_K blocks are not kept (kept: Q8_0, "
+                       "Q4_K, Q6_K); load it with --expert-format dense (dequantised) or int4 (re-encoded)")
+    from moepic.quant import build_format
+
+    dense = load_model(path, expert_format=build_format("dense"))  # dequantised by the gguf package's reference
+    torch.testing.assert_close(run(dense, 1).logits[0], reference_logits(path, checkpoint_dir("qwen3_moe_256")),
+                               atol=2e-5, rtol=1e-5)
 
 
 def main_ok(argv) -> bool:

@@ -23,7 +23,7 @@ F, B, D = 8, 4, 6  # ffn size, neuron block, hidden
 
 def pool(count: int = 3, dtype: torch.dtype = torch.float32) -> StagingPool:
     like = SwiGLUWeights(torch.zeros(F // B, 2, B, D, dtype=dtype), torch.zeros(F, D, dtype=dtype))
-    return StagingPool(count, like, torch.device("cpu"))
+    return StagingPool(count, {0: like}, torch.device("cpu"))
 
 
 def no_wait(ticket):
@@ -103,11 +103,11 @@ def test_pool_matches_a_fifo_model_and_peak_tracks_the_most_in_use(count, ops):
 def test_expert_views_are_views_into_flat_in_the_compute_layout(dtype):
     p = pool(2, dtype)
     for buffer in p.buffers:
-        gate_up, down = buffer.expert.gate_up_N2BD, buffer.expert.down_FD
+        gate_up, down = buffer.expert(0).gate_up_N2BD, buffer.expert(0).down_FD
         assert buffer.flat.shape == (3 * F * D * dtype.itemsize,) and buffer.flat.dtype == torch.uint8
         flat = buffer.flat.view(dtype)  # the bytes as the expert's numbers
         assert gate_up.shape == (F // B, 2, B, D) and down.shape == (F, D)
-        assert (buffer.expert.block, buffer.expert.ffn_size) == (B, F)
+        assert (buffer.expert(0).block, buffer.expert(0).ffn_size) == (B, F)
         # Writing the flat buffer shows in the views, and writing the views shows in the flat buffer.
         flat.copy_(torch.arange(3 * F * D).to(dtype))
         assert torch.equal(gate_up.reshape(-1), flat[: 2 * F * D])
@@ -120,7 +120,7 @@ def test_expert_views_are_views_into_flat_in_the_compute_layout(dtype):
     a, b = p.buffers
     a.flat.view(dtype).fill_(1)
     b.flat.view(dtype).fill_(2)
-    assert torch.all(a.flat.view(dtype) == 1) and torch.all(a.expert.down_FD == 1)
+    assert torch.all(a.flat.view(dtype) == 1) and torch.all(a.expert(0).down_FD == 1)
 
 
 def test_a_pending_copy_is_settled_by_the_next_acquire_of_that_buffer_and_only_then():

@@ -233,7 +233,7 @@ def test_gate_lookahead_runs_on_recorded_router_inputs_with_the_models_weights(c
 
 def test_an_unknown_preset_is_one_line_listing_the_known(capsys, traces):
     message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--baseline", "moepic", shape="gpt-5")])
-    assert message == f"unknown model shape 'gpt-5'; known: {known_shapes()} (or a model folder with config.json)"
+    assert message == f"unknown model shape 'gpt-5'; known: {known_shapes()} (or a model folder with config.json, or a GGUF file)"
     assert "mixtral-8x7b" in known_shapes() and "qwen3-30b-a3b" in known_shapes()
 
 

@@ -103,7 +103,7 @@ def test_configure_keeps_the_format_in_the_config_it_writes(capsys, tmp_path, tr
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--format", "int3"], "--format: unknown expert format 'int3'; known: dense, fp8, int4, int8, mxfp4"),
+    (["--format", "int3"], "--format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int8, mxfp4"),
     (["--format", "int4", "--group-size", "0"], "--group-size: at least 1, got 0"),
 ])
 def test_a_bad_format_flag_is_one_line(capsys, trace, flags, message):

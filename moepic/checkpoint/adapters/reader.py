@@ -11,6 +11,7 @@ import torch
 from moepic.checkpoint.files import PrefixedCheckpoint, SafetensorsCheckpoint
 from moepic.quant.e4m3 import BLOCK as E4M3_BLOCK
 from moepic.quant.ggml import BLOCKS
+from moepic.quant.gguf_format import GGUFFormat
 from moepic.quant.mx import BLOCK_BYTES, VALUES_PER_BLOCK, dequantize_mxfp4
 from moepic.checkpoint.stored_experts import read_stored_expert
 from moepic.errors import CheckpointError
@@ -49,9 +50,9 @@ class TensorReader:
     stored_format: ExpertFormat | None = None
     # … or read as the source stores them and encoded in this one as they are read.
     expert_format: ExpertFormat | None = None
-    # The format a checkpoint's own quantized experts are kept in where the run reads them so (a
-    # GGUF file's blocks: the `gguf` format of its kinds).
-    native_format: ExpertFormat | None = None
+    # The formats a checkpoint's own quantized experts are kept in, one per MoE layer, where they
+    # stay as stored (a GGUF file's blocks: the `gguf` format of each layer's kinds).
+    native_formats: tuple[ExpertFormat, ...] = ()
     # Where given, each routed expert's key ↦ the checkpoint's tensor names read for it (`moepic
     # quantize` leaves those out of what it writes).
     expert_reads: dict[str, list[str]] | None = None
@@ -96,7 +97,7 @@ class TensorReader:
     def block_for(self, F: int, multiple: int = 1) -> int:
         """The neuron block of an F-wide FFN read here: a multiple of `multiple` neurons and of what
         the experts' format cuts at (mxfp4: 32)."""
-        formats = (self.stored_format, self.expert_format, self.native_format)
+        formats = (self.stored_format, self.expert_format, *self.native_formats)
         multiple = max((multiple, *(f.neuron_multiple for f in formats if f is not None)))
         block = neuron_block(F, max(self.widest_neuron_block, multiple))
         if block % multiple:
@@ -110,8 +111,9 @@ class TensorReader:
         stored = self.ckpt.stored_dtype(f"{prefix}.{projections[0]}.weight")
         if stored == "F8_E4M3":
             native = Native(FP8, lambda device: self._fp8_expert(prefix, projections, D, F, device))
-        elif stored in BLOCKS and self.native_format is not None:  # a GGUF file's blocks
-            native = Native(self.native_format, lambda device: self._gguf_expert(prefix, projections, D, F, device))
+        elif stored in BLOCKS and self.native_formats:  # a GGUF file's blocks
+            gate_up, down = stored, self.ckpt.stored_dtype(f"{prefix}.{projections[2]}.weight")
+            native = Native(GGUFFormat.of(gate_up, down), lambda device: self._gguf_expert(prefix, projections, D, F, device))
         return self.placed(lambda device: self.swiglu(prefix, projections, D, F, device=device), key=prefix, native=native)
 
     def _fp8_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int, device: str) -> QuantizedExpert:
@@ -127,13 +129,12 @@ class TensorReader:
         return expert.to(device)
 
     def _gguf_expert(self, prefix: str, projections: tuple[str, str, str], D: int, F: int, device: str) -> QuantizedExpert:
-        fmt = self.native_format
         (gate_kind, gate), (up_kind, up), (down_kind, down_DX) = (
             self.ckpt.blocks(f"{prefix}.{name}.weight", *shape) for name, shape in zip(projections, ((F, D), (F, D), (D, F)))
         )
-        if (gate_kind, up_kind, down_kind) != (fmt.config.gate_up, fmt.config.gate_up, fmt.config.down):
-            raise CheckpointError(f"{self.ckpt.folder}: expert {prefix} is stored as {gate_kind}/{up_kind}/{down_kind}, "
-                                  f"the file's metadata says {fmt.config.gate_up}/{fmt.config.down}")
+        if gate_kind != up_kind:  # gguf_config refuses such a file first; a check, not a path
+            raise CheckpointError(f"{self.ckpt.folder}: expert {prefix}'s gate is {gate_kind}, its up {up_kind}")
+        fmt = GGUFFormat.of(gate_kind, down_kind)
         B = self.block_for(F)
         gate_up_N2BX = torch.stack([gate, up]).view(2, F // B, B, -1).transpose(0, 1)
         expert = fmt.from_rows(gate_up_N2BX, down_DX, block=B, dtype=self.dtype,
