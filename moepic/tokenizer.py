@@ -1,4 +1,5 @@
-"""Text ↔ token ids through the model folder's tokenizer.json (Hugging Face `tokenizers`). Side effects: reads a file."""
+"""Text ↔ token ids through the model folder's tokenizer.json (Hugging Face `tokenizers`), or the
+one a GGUF file carries (checkpoint/gguf_tokenizer.py). Side effects: reads a file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from moepic.errors import CheckpointError
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def no_tokenizer(folder: str | Path) -> str:
+    """What is missing where `TextCodec.from_folder` found no tokenizer, for an error message."""
+    from moepic.checkpoint.gguf_names import is_gguf
+
+    return f"{folder} carries no tokenizer" if is_gguf(folder) else f"{folder} has no {TOKENIZER_FILE}"
+
+
 class TextCodec:
     def __init__(self, tokenizer: Tokenizer, source: str):
         self._tokenizer = tokenizer
@@ -18,7 +26,14 @@ class TextCodec:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> TextCodec | None:
-        """The folder's tokenizer, or None when it has no tokenizer.json."""
+        """The folder's tokenizer (a GGUF file's own), or None when it has none."""
+        from moepic.checkpoint.gguf_names import is_gguf
+
+        if is_gguf(folder):
+            from moepic.checkpoint.gguf_tokenizer import gguf_tokenizer
+
+            tokenizer = gguf_tokenizer(Path(folder))
+            return None if tokenizer is None else cls(tokenizer, str(folder))
         path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
             return None

@@ -65,11 +65,12 @@ def _gguf_tensor_name(hf: str) -> tuple[str, int | None, str | None]:
 
 def write_gguf(
     folder: Path, path: Path, *, experts: str | tuple[str, str] = "F32", resident: str = "F32", seed: int = 0,
-    drop: tuple[str, ...] = (),
+    drop: tuple[str, ...] = (), tokenizer: dict | None = None,
 ) -> Path:
     """`folder`'s model as a GGUF file at `path`. `experts`: the routed experts' kind ("F32", "Q8_0"
     from the checkpoint's weights) or (gate/up kind, down kind) of random blocks; `resident`: every
-    other 2-D weight's ("F32", "F16", "BF16", "Q8_0"). `drop`: GGUF tensor names left out."""
+    other 2-D weight's ("F32", "F16", "BF16", "Q8_0"). `drop`: GGUF tensor names left out;
+    `tokenizer`: `tokenizer_metadata`'s arguments, to carry one."""
     config = json.loads((folder / "config.json").read_text())
     model_type = config["model_type"]
     arch, rng = ARCH[model_type], np.random.default_rng(seed)
@@ -89,6 +90,8 @@ def write_gguf(
             out.setdefault(name, {})[expert] = (w, projection)
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, config, model_type)
+    if tokenizer is not None:
+        tokenizer_metadata(writer, **tokenizer)
     for name, value in out.items():
         if isinstance(value, dict):
             _add_experts(writer, name, value, experts, rng)
@@ -168,3 +171,40 @@ def gguf_reference_model(path: Path, **config):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, **config).eval()
+
+
+def tokenizer_gguf(path: Path, tokenizer, *, kind: str, pre: str | None = None, add_bos: bool | None = None) -> Path:
+    """A GGUF file holding only a tokenizer's metadata (`tokenizer_metadata`), `<s>` and `</s>` its BOS and EOS."""
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    tokenizer_metadata(writer, tokenizer, kind=kind, pre=pre, add_bos=add_bos)
+    for token, add in (("<s>", writer.add_bos_token_id), ("</s>", writer.add_eos_token_id)):
+        if tokenizer.token_to_id(token) is not None:
+            add(tokenizer.token_to_id(token))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tokenizer_metadata(writer, tokenizer, *, kind: str, pre: str | None = None, add_bos: bool | None = None) -> None:
+    """A tokenizer's metadata as llama.cpp's converter writes it: `kind` "gpt2" (byte-level BPE:
+    its vocabulary and merges, `pre` naming the split) or "llama" (SentencePiece: its vocabulary
+    with scores falling in id order, no merges). `tokenizer`: a `tokenizers.Tokenizer` of that
+    kind; its special added tokens are written as control tokens."""
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = {t["content"] for t in state["added_tokens"] if t["special"]}
+    writer.add_tokenizer_model(kind)
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]])
+    else:
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    if "<unk>" in vocab:
+        writer.add_unk_token_id(vocab["<unk>"])
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)

@@ -38,7 +38,7 @@ def run(args) -> dict:
     from moepic.datasets import dataset_path
     from moepic.errors import ConfigError
     from moepic.quant import build_format
-    from moepic.tokenizer import TextCodec
+    from moepic.tokenizer import TextCodec, no_tokenizer
 
     folder = arguments.weights_folder(args.model, NAME)
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -50,7 +50,7 @@ def run(args) -> dict:
     fmt = arguments.expert_format(args, flag="--expert-format")
     codec = TextCodec.from_folder(folder)
     if codec is None:
-        raise ConfigError(f"{folder} has no tokenizer.json: perplexity is scored on text")
+        raise ConfigError(f"{no_tokenizer(folder)}: perplexity is scored on text")
     path = args.text if args.text is not None else dataset_path(args.dataset or "kjv-heldout")
     try:
         text = open(path, encoding="utf-8").read()

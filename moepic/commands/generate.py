@@ -99,7 +99,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--config", help="YAML run config (keys as in moepic/config.py)")
     arguments.add_model(gen, shape=False)
     prompt = gen.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer: tokenizer.json, or a GGUF file's own)")
     prompt.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as token ids: 1,2,3")
     gen.add_argument("--max-new-tokens", type=_key_range("GenerateConfig", "max_new_tokens"), help="tokens to generate after the prompt")
     gen.add_argument("--greedy", action="store_true", default=None, help="argmax decoding (default: sampling)")
@@ -284,7 +284,7 @@ def run_generate(cfg, *, as_json: bool) -> dict:
     from moepic.quant import build_format
     from moepic.default_model import model_folder
     from moepic.runtime.generation import generate
-    from moepic.tokenizer import TextCodec
+    from moepic.tokenizer import TextCodec, no_tokenizer
 
     _check_every_key_takes_effect(cfg)
     folder = model_folder(cfg.model.path)
@@ -311,7 +311,7 @@ def run_generate(cfg, *, as_json: bool) -> dict:
         prompt_ids = list(cfg.generate.prompt_ids)
     else:
         if codec is None:
-            raise ConfigError(f"{folder} has no tokenizer.json: give the prompt as --prompt-ids 1,2,3")
+            raise ConfigError(f"{no_tokenizer(folder)}: give the prompt as --prompt-ids 1,2,3")
         prompt_ids = codec.encode(DEFAULT_PROMPT if cfg.generate.prompt is None else cfg.generate.prompt)
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")

@@ -99,7 +99,7 @@ def run_routing_report(
             spec, _ = read_spec(arguments.weights_folder(model_dir, NAME))
             num_experts = spec.moe.num_experts if spec.moe is not None else None
         return routing_report(load_any_trace(trace_file, num_experts=num_experts), None)
-    from moepic.tokenizer import TextCodec
+    from moepic.tokenizer import TextCodec, no_tokenizer
 
     folder = arguments.weights_folder(model_dir, NAME)
     path = Path(text_file)
@@ -114,7 +114,7 @@ def run_routing_report(
         raise ConfigError(f"{path}: not UTF-8 text") from None
     codec = TextCodec.from_folder(folder)  # before the weights: a missing tokenizer should fail fast
     if codec is None:
-        raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
+        raise ConfigError(f"{no_tokenizer(folder)}, which --text needs")
     model = load_model(folder)
     from moepic.analysis.route_text import trace_text
 

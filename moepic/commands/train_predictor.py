@@ -106,11 +106,11 @@ def gather(model, folder, traces: list[str], text: str | None, max_tokens: int):
 
     if text is not None:
         from moepic.analysis.route_text import trace_text
-        from moepic.tokenizer import TextCodec
+        from moepic.tokenizer import TextCodec, no_tokenizer
 
         codec = TextCodec.from_folder(folder)
         if codec is None:
-            raise ConfigError(f"{folder} has no tokenizer.json, which --text needs")
+            raise ConfigError(f"{no_tokenizer(folder)}, which --text needs")
         loaded = [trace_text(model, codec, text, chunk=256, max_tokens=max_tokens, record_hidden=True)[0]]
     else:
         loaded = [load_any_trace(path, num_experts=model.spec.moe.num_experts) for path in traces]
