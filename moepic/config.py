@@ -103,6 +103,10 @@ class CacheConfig:
     # The host profile pricing `auto` on a CUDA device (a bundled name or a YAML file, as `--host`);
     # None: measured at start-up. On a CPU device the host is the device: not allowed.
     host: str | None = None
+    # HOBBIT-style, opt-in, changes numbers: an expert loaded whole (a miss) is copied and computed
+    # as its low-bit copy in this format ({name: int4, group_size: 64}), while the cache keeps the
+    # expert itself (its top filled from the host behind the step's copies). None: misses move the expert.
+    miss_format: FormatConfig | None = None
 
 
 @attrs.frozen(kw_only=True)

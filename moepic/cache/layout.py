@@ -93,6 +93,9 @@ class LayerCacheLayout:
     top_neurons: int
     slots: int
     neuron_bytes: int  # one neuron's gate row, up row and down row (and its gate/up biases: core/packing.py)
+    # With a miss format (`cache.miss_format`, HOBBIT-style): the bytes a neuron of its low-bit copy
+    # takes. An expert loaded whole (a miss) then moves and computes that copy; None: the expert itself.
+    miss_neuron_bytes: int | None = None
 
     @property
     def theta(self) -> float:
@@ -103,6 +106,7 @@ class LayerCacheLayout:
     expert_bytes: int = attrs.field(init=False)
     top_bytes: int = attrs.field(init=False)
     bottom_bytes: int = attrs.field(init=False)
+    whole_load_bytes: int = attrs.field(init=False)  # what loading an expert whole moves (a miss, or its prefetch)
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.top_neurons <= self.ffn_size or self.top_neurons % self.block:
@@ -112,6 +116,12 @@ class LayerCacheLayout:
         object.__setattr__(self, "expert_bytes", self.ffn_size * self.neuron_bytes)
         object.__setattr__(self, "top_bytes", self.top_neurons * self.neuron_bytes)
         object.__setattr__(self, "bottom_bytes", self.expert_bytes - self.top_bytes)
+        object.__setattr__(self, "whole_load_bytes", self.ffn_size * (self.miss_neuron_bytes or self.neuron_bytes))
+
+    @property
+    def low_bit_misses(self) -> bool:
+        """Whether a miss is served from the expert's low-bit copy (`miss_neuron_bytes`)."""
+        return self.miss_neuron_bytes is not None
 
     @property
     def cache_bytes(self) -> int:
@@ -248,6 +258,7 @@ def plan_layout(
     widest_neuron_block: int | None = None,
     staging_experts: int | None = None,
     expert_format: ExpertFormat | Sequence[ExpertFormat] | None = None,
+    miss_format: ExpertFormat | None = None,
 ) -> CacheLayout:
     """Per-layer cache sizes and slot counts for `budget` (see the module docstring) and θ
     (None: automatic, see the module docstring), for experts stored in `expert_format` (default:
@@ -255,7 +266,8 @@ def plan_layout(
     format per MoE layer (a GGUF file's kinds vary by layer): a global budget is then split in
     proportion to each layer's bytes, and staging holds the largest expert.
 
-    `staging_experts` whole-expert buffers are staged (default: top_k; prefetching needs more)."""
+    `staging_experts` whole-expert buffers are staged (default: top_k; prefetching needs more).
+    `miss_format`: misses are served from a low-bit copy in this format (`cache.miss_format`)."""
     moe = spec.moe
     if moe is None or not spec.moe_layers:
         raise BudgetError(f"{spec.model_type}: the model has no routed experts to offload")
@@ -287,11 +299,13 @@ def plan_layout(
     tops = [top_neurons_for(t, F, block) for t in thetas]
     notes = () if theta is None else _rounding_notes(thetas, tops, F, block)
 
+    miss_neuron_bytes = None if miss_format is None else miss_format.spec_neuron_bytes(spec, dtype_bytes)
+
     def layout(cache_bytes_per_layer: Sequence[int], staging_experts: int) -> CacheLayout:
         entries = tuple(
             LayerCacheLayout(
                 layer=l, num_experts=E, ffn_size=F, block=block, top_neurons=top, neuron_bytes=n,
-                slots=slots_for(cache, top * n, E),
+                slots=slots_for(cache, top * n, E), miss_neuron_bytes=miss_neuron_bytes,
             )
             for l, top, cache, n in zip(spec.moe_layers, tops, cache_bytes_per_layer, neuron_bytes)
         )

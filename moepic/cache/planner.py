@@ -153,7 +153,7 @@ def plan_layer_step(
         outcome, load, nbytes = "hit", "none", 0
     else:
         outcome, load, nbytes = "partial", "bottom", layout.bottom_bytes
-    whole = layout.expert_bytes
+    whole = layout.whole_load_bytes
     plans = tuple([
         ExpertPlan(e, outcome, slot_of[e], load, nbytes) if e in slot_of
         else ExpertPlan(e, "miss", admitted.get(e), "whole", whole)

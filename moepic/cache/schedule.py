@@ -29,7 +29,7 @@ from moepic.cache.planner import ExpertPlan, LayerCache, LayerPlan
 
 Part = Literal["whole", "bottom"]
 Fate = Literal["use", "keep", "drop"]
-TopCopy = Literal["slot_to_staging", "staging_to_slot"]
+TopCopy = Literal["slot_to_staging", "staging_to_slot", "host_to_slot"]
 
 
 def demand_reserve(staging_experts: int, prefetch: PrefetchShape) -> int:
@@ -123,16 +123,32 @@ def prefetch_fates(plan: LayerPlan, prefetched: Mapping[int, Part]) -> dict[int,
     }
 
 
-def top_copy(p: ExpertPlan) -> TopCopy | None:
-    """The device copy a loaded expert's top needs: a partial hit's cached top joins its bottom in
+def top_copy(p: ExpertPlan, layout: LayerCacheLayout) -> TopCopy | None:
+    """The copy a loaded expert's top needs: a partial hit's cached top joins its bottom in
     staging (one buffer in the compute layout); an admitted miss leaves its top in its slot. None:
     a hit (computed in its slot) or a miss the cache does not keep. (A kept prefetch's top goes to
-    its slot too: `plan.kept`.)"""
+    its slot too: `plan.kept`, through `admitted_top_copy`.)"""
     if p.load == "none" or p.slot is None:
         return None
-    return "slot_to_staging" if p.outcome == "partial" else "staging_to_slot"
+    return "slot_to_staging" if p.outcome == "partial" else admitted_top_copy(layout)
+
+
+def admitted_top_copy(layout: LayerCacheLayout) -> TopCopy:
+    """Where the top of an expert loaded whole and admitted to the cache comes from: its staging
+    buffer (a device copy), or, where misses are served from a low-bit copy (`cache.miss_format`),
+    the host: the cache keeps the expert itself, filled behind the step's other copies."""
+    return "host_to_slot" if layout.low_bit_misses else "staging_to_slot"
 
 
 def demand_loads(plan: LayerPlan, matched: Container[int]) -> list[ExpertPlan]:
     """The plan's loads no prefetch brings, in plan order: demand copies, urgent."""
     return [p for p in plan.experts if p.load != "none" and p.expert not in matched]
+
+
+def host_filled_tops(plan: LayerPlan, layout: LayerCacheLayout) -> list[int]:
+    """The experts whose tops the cache fills from the host this step, in plan order: where misses
+    are served from a low-bit copy, each one loaded whole and admitted, and each kept prefetch."""
+    if admitted_top_copy(layout) != "host_to_slot":
+        return []
+    admitted = [p.expert for p in plan.experts if p.load == "whole" and p.slot is not None]
+    return admitted + [e for e, _ in plan.kept]

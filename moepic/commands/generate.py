@@ -49,6 +49,7 @@ FLAG_KEYS = {
     "hybrid": "cache.hybrid",
     "host_threads": "cache.host_threads",
     "host": "cache.host",
+    "miss_format": "cache.miss_format.name",
 }
 
 
@@ -126,6 +127,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--horizon", type=int, help="MoE layers ahead the predictor prefetches (1-3)")
     gen.add_argument("--link-gbps", type=LINK_GBPS.parse, help="CPU: emulate a host→device link of this many GB/s")
     gen.add_argument("--link-latency-us", type=LINK_LATENCY_US.parse, help="CPU: per-copy latency of the emulated link, µs")
+    arguments.strategy_flag(gen, "miss-format", "offloaded runs, changes numbers: serve each miss from a low-bit copy in this "
+                            "format ({names}; knobs as cache.miss_format.group_size=128) while the cache keeps the "
+                            "expert itself", shows=lambda: "off", names=arguments.registered_names("expert format"))
     arguments.add_hybrid(gen, threads=True)
     arguments.add_host(gen, "CUDA only: it prices --hybrid auto (default: measured at start-up; on a CPU device the "
                        "host is measured and the link is the emulated one: no --link-gbps, copies are free and auto "
@@ -193,6 +197,8 @@ def text(report: dict) -> str:
             f"{stats['decode_bytes_loaded_per_token'] / 2**20:.2f} MiB/token loaded · "
             f"exposed copies {stats['decode_exposed_copy_s_per_token'] * 1e3:.2f} ms/token"
         )
+        if stats["miss_fill_bytes"]:  # misses served low-bit: the cache's full-precision tops, copied behind
+            cache += f" · {stats['miss_fill_bytes'] / 2**20:.2f} MiB of tops filled"
         if stats["prediction_recall"] is not None:
             cache += f" · {report['cache']['predictor']['name']} recall {stats['prediction_recall']:.1%}"
         if report["cache"].get("hybrid", "off") != "off":
@@ -339,6 +345,7 @@ def run_generate(cfg, *, as_json: bool) -> dict:
             model, cfg.cache.budget, cfg.cache.theta, cfg.cache.policy, cfg.cache.predictor,
             link=link, overlap_top=cfg.cache.overlap_top, hybrid=cfg.cache.hybrid,
             pricing=_pricing(cfg, model, link), host_threads=cfg.cache.host_threads,
+            miss_format=None if cfg.cache.miss_format is None else build_format(cfg.cache.miss_format),
         )
         for note in experts.layout.notes:  # a θ that whole neuron blocks rounded: said once, not hidden
             if note.problem():

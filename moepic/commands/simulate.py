@@ -46,6 +46,8 @@ def text(report: dict) -> str:
     lines.append(
         f"{report['ms_per_token']:.2f} ms/token (p50 {report['p50_ms']:.2f}, p99 {report['p99_ms']:.2f}); exposed copies "
         f"{report['exposed_copy_ms_per_token']:.2f} ms/token; hit rate {report['expert_hit_rate']:.1%}; "
-        f"{_mib(report['bytes_loaded_per_token'])} MiB/token loaded; simulated {report['layer_steps_per_s']:,.0f} layer-steps/s"
+        f"{_mib(report['bytes_loaded_per_token'])} MiB/token loaded"
+        + (f" (+ {report['miss_fill_bytes'] / 2**20:,.0f} MiB of full-precision tops filled behind)" if report["miss_fill_bytes"] else "")
+        + f"; simulated {report['layer_steps_per_s']:,.0f} layer-steps/s"
     )
     return "\n".join(lines + arguments.host_lines(report))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from math import prod
 from typing import ClassVar
 
@@ -29,6 +30,7 @@ import torch
 
 from moepic.core.spec import GatedActivation, ModelSpec
 from moepic.core.weights import SwiGLUWeights
+from moepic.errors import ConfigError
 from moepic.registry import Registry, StrategyConfig
 
 EXPERT_FORMATS = Registry("expert format", default="dense")
@@ -208,6 +210,21 @@ def format_of(expert: SwiGLUWeights | QuantizedExpert) -> ExpertFormat:
     if isinstance(expert, QuantizedExpert):
         return expert.format
     return build_format("dense")
+
+
+def check_miss_format(miss: ExpertFormat, cached: Iterable[ExpertFormat], hybrid: str = "off") -> None:
+    """A miss format (`cache.miss_format`) serves misses of dense experts from a low-bit copy on the
+    device: it must be quantized, the experts dense, and no load computed on the host (the engine's
+    and the simulator's rule); else a ConfigError."""
+    if hybrid != "off":
+        raise ConfigError(f"cache.miss_format serves misses from a low-bit copy on the device; hybrid {hybrid!r} "
+                          "computes them on the host instead: use one or the other")
+    quantized = [f for f in cached if f.quantized]
+    if quantized:
+        raise ConfigError(f"cache.miss_format serves misses of dense experts from a low-bit copy; these experts are "
+                          f"already {quantized[0].name}")
+    if not miss.quantized:
+        raise ConfigError("cache.miss_format: dense is the experts themselves; name a low-bit format (int4, int8, …)")
 
 
 def build_format(config: FormatConfig | str | dict) -> ExpertFormat:

@@ -34,6 +34,7 @@ class EngineCounters:
     kept_prefetches: int = 0  # wrong prefetches the policy admitted to the cache anyway
     kept_prefetch_bytes: int = 0
     device_copy_bytes: int = 0  # device → device (reassembly, admission)
+    miss_fill_bytes: int = 0  # host → device: admitted tops of misses served from their low-bit copy (background)
     demand_copies: int = 0  # loads copied on demand (not prefetched, not computed on the host)
     predictor_s: float = 0.0
     host: dict[int, HostCounts] = attrs.field(init=False)  # layer → what the host computed (the simulator's counts)
@@ -118,6 +119,7 @@ class EngineCounters:
             "host_splits": sum(h.splits for h in self.host.values()),
             "host_bytes": self.host_bytes,
             "fill_bytes": self.fill_bytes,
+            "miss_fill_bytes": self.miss_fill_bytes,
             "host_s": sum(host_s[l.layer] for host_s in self.host_s.values() for l in layers),
             "decode_host_s_per_token": sum(self.host_s[True].values()) / decode[0].tokens if decode[0].tokens else 0.0,
             "layer_host_experts": [self.host[l.layer].experts for l in layers],

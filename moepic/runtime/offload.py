@@ -37,17 +37,19 @@ from moepic.cache.layout import CacheLayout, LayerCacheLayout, plan_layout, stag
 from moepic.cache.placement import Hybrid, Placement, check_mode, settle_fills
 from moepic.cache.planner import FREE, ExpertPlan, LayerPlan, LayerResidency, initial_residency, residency_step
 from moepic.cache.schedule import (
-    PrefetchTarget, admission_candidates, demand_loads, demand_reserve, plan_prefetches,
+    PrefetchTarget, admission_candidates, admitted_top_copy, demand_loads, demand_reserve, plan_prefetches,
     prefetch_fates, prefetch_room,
 )
 from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
+from moepic.errors import ConfigError
 from moepic.perfmodel.host_costs import HostPricing, check_priceable
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.base import NoPredictor, Predictor
 from moepic.quant import ExpertFormat, format_of
+from moepic.quant.format import check_miss_format
 from moepic.runtime.copy_engine import Link, copy_engine_for
 from moepic.runtime.copy_protocol import CopyEngine
 from moepic.runtime.cache_slots import CacheSlots
@@ -56,7 +58,7 @@ from moepic.runtime.host_compute import HostBatch
 from moepic.runtime.host_share import HostShare
 from moepic.runtime.host_store import HostExpertStore
 from moepic.runtime.staged_loads import Load, StagedLoads
-from moepic.runtime.staging import StagingPool
+from moepic.runtime.staging import MISS, StagingPool
 
 
 class OffloadedExperts:
@@ -76,6 +78,7 @@ class OffloadedExperts:
         hybrid: Hybrid = "off",
         pricing: HostPricing | None = None,
         host_threads: int | None = None,
+        miss_format: ExpertFormat | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.layout, self.policy = layout, policy
@@ -84,12 +87,15 @@ class OffloadedExperts:
         if hybrid == "off" and host_threads is not None:
             raise ValueError("host threads have no effect with hybrid off: nothing is computed on the host")
         self.predictor = predictor or NoPredictor()
-        self.store = store if store is not None else HostExpertStore(weights, pin_memory=self.device.type == "cuda")
+        _check_miss_format(layout, miss_format, hybrid)
+        self.store = store if store is not None else HostExpertStore(
+            weights, pin_memory=self.device.type == "cuda", miss_format=miss_format)
         # An expert of each MoE layer: a layer's experts share one shape and format (layers may differ).
         likes = {layer: experts[0] for layer, experts in self.store.experts.items()}
         self._layouts = {l.layer: l for l in layout.layers}
         for layer, like in likes.items():
             _check_planned(self._layouts[layer], like, layout.dtype_bytes)
+        likes |= {(layer, MISS): experts[0] for layer, experts in self.store.miss_experts.items()}
         self.staging = StagingPool(layout.staging_experts, likes, self.device)
         self.copies: CopyEngine = copy_engine_for(self.device, link)
         self.slots = CacheSlots(layout.layers, likes, self.device, self.copies)
@@ -177,7 +183,10 @@ class OffloadedExperts:
         )
         for e, slot in plan.kept:
             load = prefetched.pop(e)
-            self.loads.copy_on_device(self.slots.slot(layer, slot), load.buffer.expert(layer).neurons(0, layout.top_neurons))
+            if admitted_top_copy(layout) == "host_to_slot":  # it holds the low-bit copy; the cache keeps the expert
+                self.loads.fill_top(layout, e, slot)
+            else:
+                self.loads.copy_on_device(self.slots.slot(layer, slot), load.buffer.expert(layer).neurons(0, layout.top_neurons))
             self.counters.kept_prefetches += 1
             self.counters.kept_prefetch_bytes += load.ticket.nbytes
             self.staging.release(load.buffer, fence=self.copies.fence())
@@ -308,7 +317,8 @@ class OffloadedExperts:
 
     @property
     def host_to_device_bytes(self) -> int:
-        return self.counters.demand_bytes + self.counters.prefetch_bytes + self.counters.fill_bytes
+        c = self.counters
+        return c.demand_bytes + c.prefetch_bytes + c.fill_bytes + c.miss_fill_bytes
 
     def report(self) -> dict[str, object]:
         """Counters of the run so far: cache, prediction, copies."""
@@ -324,6 +334,23 @@ class OffloadedExperts:
         finally:
             if self.host is not None:
                 self.host.close()
+
+
+def _check_miss_format(layout: CacheLayout, miss_format: ExpertFormat | None, hybrid: Hybrid) -> None:
+    """A miss format needs a layout planned for it, and no host share."""
+    if any(l.low_bit_misses != (miss_format is not None) for l in layout.layers):
+        raise ValueError(f"the layout and the engine disagree on the miss format (the engine's: {miss_format!r})")
+    if miss_format is not None:
+        check_miss_format(miss_format, (), hybrid)
+
+
+def _check_miss_format_fits(miss_format: ExpertFormat, formats: Sequence[ExpertFormat], expert) -> None:
+    """A quantized miss format that can encode these (dense) experts, or one line naming the problem."""
+    check_miss_format(miss_format, formats)  # (the hybrid mode: in the engine, which every caller builds)
+    try:
+        miss_format.check_shape(expert.hidden, expert.ffn_size, expert.block)
+    except ValueError as e:
+        raise ConfigError(f"cache.miss_format: {e}") from None
 
 
 def _check_planned(layout: LayerCacheLayout, like, dtype_bytes: int) -> None:
@@ -356,12 +383,17 @@ def offloaded_experts(
     hybrid: Hybrid = "off",
     pricing: HostPricing | None = None,
     host_threads: int | None = None,
+    miss_format: ExpertFormat | None = None,
 ) -> OffloadedExperts:
     """The engine for `model` (its routed experts in host memory) under a budget, θ, policy and predictor,
     given as configs (built here) or as built strategies; `hybrid` places loads on the host too
-    (`auto` prices them with `pricing`), on `host_threads` threads."""
+    (`auto` prices them with `pricing`), on `host_threads` threads. `miss_format` (HOBBIT-style,
+    changes numbers): an expert loaded whole is copied and computed as its low-bit copy in this
+    format, while the cache keeps the expert itself."""
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
     formats = expert_formats(model)
+    if miss_format is not None:
+        _check_miss_format_fits(miss_format, formats, expert)
     if hybrid == "auto":
         for fmt in formats:
             check_priceable(fmt, "--hybrid auto")
@@ -369,11 +401,11 @@ def offloaded_experts(
         predictor = PREDICTORS.build(predictor_config, model) if predictor_config is not None else NoPredictor()
     layout = plan_layout(
         model.spec, dtype_bytes=model.dtype.itemsize, budget=budget, theta=theta, widest_neuron_block=expert.block,
-        staging_experts=staging_buffers(model.spec.moe.top_k, predictor), expert_format=formats,
+        staging_experts=staging_buffers(model.spec.moe.top_k, predictor), expert_format=formats, miss_format=miss_format,
     )
     if policy is None:
         policy = build_policy(policy_config)
     return OffloadedExperts(
         model.weights, layout, policy, device=model.device, predictor=predictor, link=link, overlap_top=overlap_top,
-        hybrid=hybrid, pricing=pricing, host_threads=host_threads,
+        hybrid=hybrid, pricing=pricing, host_threads=host_threads, miss_format=miss_format,
     )

@@ -23,7 +23,7 @@ from moepic.runtime.cache_slots import CacheSlots
 from moepic.runtime.copy_protocol import CopyEngine, Ticket
 from moepic.runtime.engine_stats import EngineCounters
 from moepic.runtime.host_store import HostExpertStore
-from moepic.runtime.staging import Buffer, StagingPool
+from moepic.runtime.staging import MISS, Buffer, StagingPool
 
 
 @attrs.frozen
@@ -46,8 +46,8 @@ class StagedLoads:
         self.demand_reserve = demand_reserve
 
     def ranges(self, layout: LayerCacheLayout, expert: int, part: str, buffer: Buffer):
-        if part == "whole":
-            flat = self.store.flat[layout.layer][expert]
+        if part == "whole":  # a miss: the expert, or its low-bit copy (`cache.miss_format`)
+            flat = (self.store.miss_flat if layout.low_bit_misses else self.store.flat)[layout.layer][expert]
             return [(buffer.flat[: flat.numel()], flat)]
         top = layout.top_neurons
         src = self.store.experts[layout.layer][expert].neurons(top, layout.ffn_size)
@@ -75,16 +75,30 @@ class StagedLoads:
             loads[p.expert] = self.start(layout, p.expert, p.load, urgent=True)
             at_least_one = False
 
+    def staged(self, layout: LayerCacheLayout, load: Load) -> SwiGLUWeights:
+        """A load's staging buffer as the expert it holds: a whole load's low-bit copy where misses
+        are served so (`cache.miss_format`), else the expert itself."""
+        low_bit = load.part == "whole" and layout.low_bit_misses
+        return load.buffer.expert((layout.layer, MISS) if low_bit else layout.layer)
+
     def assemble(self, layout: LayerCacheLayout, p: ExpertPlan, load: Load) -> SwiGLUWeights:
         """Wait for the expert's copy and complete it in its staging buffer; admit its top if planned."""
         self.copies.wait(load.ticket)
-        staged, top = load.buffer.expert(layout.layer), layout.top_neurons
-        direction = top_copy(p)
+        staged, top = self.staged(layout, load), layout.top_neurons
+        direction = top_copy(p, layout)
         if direction == "slot_to_staging":
             self.copy_on_device(staged.neurons(0, top), self.slots.slot(layout.layer, p.slot))
         elif direction == "staging_to_slot":
             self.copy_on_device(self.slots.slot(layout.layer, p.slot), staged.neurons(0, top))
+        elif direction == "host_to_slot":
+            self.fill_top(layout, p.expert, p.slot)
         return staged
+
+    def fill_top(self, layout: LayerCacheLayout, expert: int, slot: int) -> None:
+        """The expert's own top into its slot from the host, behind the step's copies: what the cache
+        keeps of a miss served from its low-bit copy."""
+        top = self.store.experts[layout.layer][expert].neurons(0, layout.top_neurons)
+        self.counters.miss_fill_bytes += self.slots.fill(layout.layer, slot, top)
 
     def top_then_bottom(self, layout: LayerCacheLayout, p: ExpertPlan, load: Load) -> Iterator[SwiGLUWeights]:
         """A partial hit as two segments: the cached top at once (computed while the bottom is still

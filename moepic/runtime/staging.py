@@ -12,7 +12,7 @@ ticket), and the next copy into the buffer waits for it. So no buffer is overwri
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import attrs
 import torch
@@ -22,23 +22,29 @@ from moepic.core.weights import SwiGLUWeights
 from moepic.runtime.copy_protocol import Ticket
 
 
+# A staging view's key for a layer's low-bit copies (`cache.miss_format`): (layer, MISS).
+MISS = "miss"
+
+
 @attrs.define(eq=False)
 class Buffer:
     index: int
     flat: torch.Tensor
-    views: dict[int, SwiGLUWeights]  # MoE layer → `flat` viewed as that layer's stored expert (quantized: QuantizedExpert)
+    # MoE layer → `flat` viewed as that layer's stored expert (quantized: QuantizedExpert); (layer, MISS) → as its low-bit copy
+    views: dict[Hashable, SwiGLUWeights]
     fence: object = None  # CUDA event compute recorded when it let go (None on the CPU)
     pending: Ticket | None = None  # a copy into it that may still be running (a dropped prefetch)
 
-    def expert(self, layer: int) -> SwiGLUWeights:
-        """The buffer as an expert of `layer` (layers may store experts in different formats)."""
-        return self.views[layer]
+    def expert(self, key: Hashable) -> SwiGLUWeights:
+        """The buffer as an expert of layer `key` (layers may store experts in different formats),
+        or as a low-bit copy of one (`(layer, MISS)`)."""
+        return self.views[key]
 
 
 class StagingPool:
-    def __init__(self, count: int, likes: Mapping[int, SwiGLUWeights], device: torch.device) -> None:
-        """`count` buffers, each holding any one whole expert of the layers in `likes` (layer → an
-        expert stored as that layer's are: format, width, dtype, biases), sized for the largest."""
+    def __init__(self, count: int, likes: Mapping[Hashable, SwiGLUWeights], device: torch.device) -> None:
+        """`count` buffers, each holding any one whole expert of the kinds in `likes` (a layer, or
+        (layer, MISS) → an expert stored as those are: format, width, dtype, biases), sized for the largest."""
         self.buffers = []
         nbytes = max(packed_bytes(like, like.ffn_size) for like in likes.values())
         for i in range(count):

@@ -15,6 +15,7 @@ import attrs
 from moepic.config import CacheConfig, load_config
 from moepic.configurators import ConfiguratorConfig
 from moepic.errors import ConfigError
+from moepic.quant import FormatConfig
 from moepic.policies.base import PolicyConfig
 from moepic.predictors import PredictorConfig
 from moepic.structure import load_layers
@@ -43,6 +44,7 @@ class Setup:
     policy_choices: tuple[PolicyConfig, ...] = ()
     budget: str | float | tuple[str | float, ...] | None = None  # a run config's own; --budget replaces it
     hybrid: str = "off"  # where loads run (moepic/cache/placement.py); --hybrid replaces it
+    miss_format: FormatConfig | None = None  # serve misses from a low-bit copy (cache.miss_format)
 
 
 @attrs.frozen(kw_only=True)
@@ -68,6 +70,7 @@ class SystemConfig:
             name=name, approximates=self.approximates, theta=self.cache.theta, policy=choices[0] if choices else self.cache.policy,
             policy_choices=choices if len(choices) > 1 else (), predictor=self.cache.predictor,
             configurator=self.configurator, budget=self.cache.budget, hybrid=self.cache.hybrid,
+            miss_format=self.cache.miss_format,
         )
 
 

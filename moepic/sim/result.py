@@ -26,6 +26,7 @@ class Counters:
         self.host = [HostCounts() for _ in layers]  # decode steps
         self.demand = self.prefetch = self.wasted = self.kept_bytes = 0  # bytes, as the engine counts them
         self.cancelled = self.kept_count = 0
+        self.miss_fill_bytes = 0  # admitted tops of misses served from their low-bit copy (cache.miss_format)
 
     def kept(self, nbytes: int) -> None:
         self.kept_count += 1
@@ -55,6 +56,7 @@ class Counters:
             cancelled_prefetches=self.cancelled,
             kept_prefetches=self.kept_count,
             kept_prefetch_bytes=self.kept_bytes,
+            miss_fill_bytes=self.miss_fill_bytes,
             overall_recall=ratio(sum(r.correct for r in self.predicted), sum(r.routed for r in self.predicted)),
             overall_precision=ratio(sum(r.correct for r in self.predicted), sum(r.predicted for r in self.predicted)),
             hybrid=hybrid,
@@ -84,6 +86,7 @@ class SimResult:
     cancelled_prefetches: int
     kept_prefetches: int
     kept_prefetch_bytes: int
+    miss_fill_bytes: int = 0  # admitted tops of misses served from their low-bit copy, filled from the host
     hybrid: str = "off"  # where loads ran (moepic/cache/placement.py)
     host: tuple[HostCounts, ...] = ()  # per MoE layer, decode steps
     host_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode tokens] the host's busy time
@@ -121,6 +124,7 @@ class SimResult:
             "host_bottoms": sum(h.bottoms for h in self.host),
             "host_splits": sum(h.splits for h in self.host),
             "fill_bytes": sum(h.fill_bytes for h in self.host),
+            "miss_fill_bytes": self.miss_fill_bytes,
             "decode_host_s_per_token": float(self.host_s.mean()) if self.tokens else None,
             "host_ms_per_token": float(self.host_s.mean() * 1e3) if self.tokens else None,
             "host_wait_ms_per_token": float(self.host_wait_s.mean() * 1e3) if self.tokens else None,

@@ -24,6 +24,8 @@ from moepic.perfmodel.workload import measured_recall
 from moepic.policies.base import build_policy_on
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.noisy_oracle import NoisyOracleConfig
+from moepic.quant import build_format
+from moepic.quant.format import check_miss_format
 from moepic.sim.baseline import Setup
 from moepic.sim.result import SimResult
 from moepic.sim.shapes import ModelShape
@@ -93,8 +95,11 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
         raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
     if setup.configurator is None or isinstance(budget, (list, tuple)):
         layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging,
-                             expert_format=fmt)
+                             expert_format=fmt, miss_format=miss_format_of(setup))
         return layout, policies[0]
+    if setup.miss_format is not None:
+        raise ConfigError(f"{setup.name}: cache.miss_format with a configurator is not priced yet (its latency model "
+                          "moves whole experts); give θ instead")
     total = budget_bytes(budget, testbed.shape.expert_bytes, "--budget")
     configured = configure_on_trace(
         CONFIGURATORS.build(setup.configurator), testbed.trace, policies, hw=testbed.hw, times=times,
@@ -138,6 +143,8 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     each candidate policy and keeps the one the latency model predicts fastest on the trace."""
     if hybrid_of(setup, testbed) != "off":
         check_priceable(testbed.shape.expert_format, f"{setup.name} (hybrid {hybrid_of(setup, testbed)})")
+    if setup.miss_format is not None:
+        check_miss_format(miss_format_of(setup), (testbed.shape.expert_format,), hybrid_of(setup, testbed))
     predictor = resolve_predictor(setup.predictor, testbed)
     times = model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
@@ -148,12 +155,27 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     return Prepared(policy, predictor, layout, times)
 
 
+def miss_format_of(setup: Setup):
+    """The built miss format of a setup (`cache.miss_format`), or None."""
+    return None if setup.miss_format is None else build_format(setup.miss_format)
+
+
+def miss_expert_s(setup: Setup, testbed: Testbed) -> float | None:
+    """What computing one expert from its low-bit copy takes (the miss format's kernel), or None."""
+    if setup.miss_format is None:
+        return None
+    shape = testbed.shape
+    return model_times(testbed.hw, shape.spec, dtype_bytes=shape.dtype_bytes, context_tokens=testbed.context_tokens,
+                       expert_format=miss_format_of(setup)).expert_s
+
+
 def run_setup(setup: Setup, testbed: Testbed) -> SetupRun:
     start = time.perf_counter()
     ready = prepare(setup, testbed)
     configured = time.perf_counter()
     result = simulate(
-        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed)
+        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed),
+        miss_expert_s=miss_expert_s(setup, testbed),
     )
     return SetupRun(result, configured - start, time.perf_counter() - configured)
 

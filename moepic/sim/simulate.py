@@ -45,8 +45,8 @@ from moepic.cache.layout import CacheLayout
 from moepic.cache.placement import Hybrid, check_mode, place_loads, prefetch_share, settle_fills
 from moepic.cache.planner import initial_residency, plan_layer_step
 from moepic.cache.schedule import (
-    Part, PrefetchTarget, admission_candidates, demand_in_flight, demand_loads, demand_reserve, plan_prefetches,
-    prefetch_fates, prefetch_room, top_copy,
+    Part, PrefetchTarget, admission_candidates, admitted_top_copy, demand_in_flight, demand_loads, demand_reserve,
+    host_filled_tops, plan_prefetches, prefetch_fates, prefetch_room, top_copy,
 )
 from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.host_costs import HostPricing
@@ -108,10 +108,13 @@ def simulate(
     predictor: Predictor | None = None,
     *,
     hybrid: Hybrid = "off",
+    miss_expert_s: float | None = None,
 ) -> SimResult:
     """Replay `trace` through the cache `layout` and `policy`, prefetching what `predictor` names
     (its `trace_predictions_ahead`: each MoE layer for the next `horizon` ones); with `hybrid`,
-    demand loads run on the host where moepic/cache/placement.py says (priced by `hw.host`)."""
+    demand loads run on the host where moepic/cache/placement.py says (priced by `hw.host`).
+    A layout with a miss format (`cache.miss_format`) moves and computes an expert loaded whole as
+    its low-bit copy (`miss_expert_s` a token), and fills an admitted top from the host."""
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
@@ -144,7 +147,9 @@ def simulate(
                 union.update(experts)
     reach = max((target - c for c, source_issues in enumerate(issues) for target, _ in source_issues), default=0)
     link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
-    whole_s = [latency + l.expert_bytes / link_Bps for l in layers]
+    if any(l.low_bit_misses for l in layers) and (miss_expert_s is None or hybrid != "off"):
+        raise ValueError("a layout with a miss format needs miss_expert_s, and hybrid off")
+    whole_s = [latency + l.whole_load_bytes / link_Bps for l in layers]
     bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]
     fill_s = [latency + l.top_bytes / link_Bps for l in layers]
@@ -275,12 +280,17 @@ def simulate(
             for p in plan_prefetches(targets, prefetch_room(free, reserve)):
                 whole = p.part == "whole"
                 end = link + (whole_s if whole else bottom_s)[p.key]
-                nbytes = layers[p.key].expert_bytes if whole else layers[p.key].bottom_bytes
+                nbytes = layers[p.key].whole_load_bytes if whole else layers[p.key].bottom_bytes
                 pending[p.key][p.expert] = _Copy(p.part, link, end, nbytes, order)
                 order += 1
                 link = end
                 prefetch += nbytes
             pending[c] = {}
+            for e in host_filled_tops(plan, layers[c]):  # a low-bit miss's top the cache keeps: behind the prefetches
+                fills[c, e] = _Copy("whole", link, link + fill_s[c], layers[c].top_bytes, order)
+                order += 1
+                link += fill_s[c]
+                counters.miss_fill_bytes += layers[c].top_bytes
             host_ready, host_experts, host_work = r, set(), 0.0
             if hosted:  # the host's queue: hand-off, its jobs in order, the last result back
                 for pl in hosted:
@@ -311,10 +321,10 @@ def simulate(
                         exposed += landed - clock
                         clock = landed
                     clock += load_s
-                    if top_copy(p) is not None:
+                    if top_copy(p, layers[c]) in ("slot_to_staging", "staging_to_slot"):
                         clock += top_device_s[c]
-                clock += expert_s
-            if plan.kept:
+                clock += miss_expert_s if p.load == "whole" and layers[c].low_bit_misses else expert_s
+            if plan.kept and admitted_top_copy(layers[c]) == "staging_to_slot":
                 clock += top_device_s[c] * len(plan.kept)
             if hosted:
                 for pl in hosted:  # the device's part: a cached top, or a split miss's once it has landed

@@ -90,3 +90,21 @@ def test_a_text_that_cannot_be_read_is_named(capsys, tmp_path):
 def test_a_model_without_a_tokenizer_is_named(capsys, checkpoint_dir):
     folder = checkpoint_dir("mixtral")
     assert cli_error(capsys, ["eval-ppl", "--model", str(folder)]) == f"{folder} has no tokenizer.json: perplexity is scored on text"
+
+
+def test_through_an_offloading_engine_a_window_is_scored_token_by_token_and_changes_no_bit(model):
+    """Fed a token at a time, as generation feeds it: the engine (exact) scores what the resident
+    experts score token by token, bit for bit, and what one forward per window scores, to rounding."""
+    from moepic.core.moe import ResidentExperts
+    from moepic.runtime.offload import offloaded_experts
+    from tests_support import policy_for
+
+    ids = [(7 * i + 3) % model.spec.vocab_size for i in range(40)]
+    engine = offloaded_experts(model, 0.4, 0.5, policy=policy_for("lru", None))
+    offloaded = score(model, ids, 16, experts=engine, progress=False)
+    resident = score(model, ids, 16, experts=ResidentExperts(model.weights), progress=False)
+    assert (offloaded.nll, offloaded.tokens) == (resident.nll, resident.tokens) and torch.equal(offloaded.predictions, resident.predictions)
+    assert engine.report()["misses"] > 0
+    windowed = score(model, ids, 16, progress=False)
+    assert offloaded.tokens == windowed.tokens == 40 - 3  # windows of 16, 16, 8: 15 + 15 + 7 predicted
+    assert math.isclose(offloaded.nll, windowed.nll, rel_tol=1e-5)

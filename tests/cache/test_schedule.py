@@ -6,6 +6,7 @@ decisions alike; here each rule is checked on its own, on hand-made plans and ca
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 
 from moepic.cache.layout import LayerCacheLayout, PrefetchShape
@@ -119,13 +120,26 @@ def test_only_whole_prefetches_that_have_landed_are_offered_for_admission():
 
 
 def test_a_partial_hit_joins_its_cached_top_and_an_admitted_miss_leaves_its_top_in_its_slot():
-    plan, _ = plan_layer_step(layout(slots=2), cache(1), [1, 2, 3, 4], np.arange(8.0))
+    split = layout(slots=2)
+    plan, _ = plan_layer_step(split, cache(1), [1, 2, 3, 4], np.arange(8.0))
     by_expert = {p.expert: p for p in plan.experts}
-    assert top_copy(by_expert[1]) == "slot_to_staging"
+    assert top_copy(by_expert[1], split) == "slot_to_staging"
     admitted = [e for e in (2, 3, 4) if by_expert[e].admitted]
     assert admitted == [4]  # one free slot, the highest priority miss
-    assert top_copy(by_expert[4]) == "staging_to_slot"
-    assert top_copy(by_expert[2]) is None and top_copy(by_expert[3]) is None
-    hits, _ = plan_layer_step(layout(theta_blocks=4), cache(1), [1], np.zeros(8))
-    assert top_copy(hits.experts[0]) is None  # a whole hit runs in its slot
+    assert top_copy(by_expert[4], split) == "staging_to_slot"
+    assert top_copy(by_expert[2], split) is None and top_copy(by_expert[3], split) is None
+    whole = layout(theta_blocks=4)
+    hits, _ = plan_layer_step(whole, cache(1), [1], np.zeros(8))
+    assert top_copy(hits.experts[0], whole) is None  # a whole hit runs in its slot
+
+
+def test_with_a_miss_format_a_miss_moves_its_low_bit_copy_and_an_admitted_top_comes_from_the_host():
+    """The planner prices a whole load at the low-bit copy's bytes (what the engine copies and the
+    simulator times); the cache keeps the expert itself, so an admitted top is filled from the host."""
+    low = attrs.evolve(layout(slots=2), miss_neuron_bytes=3)
+    plan, _ = plan_layer_step(low, cache(1), [1, 2, 4], np.arange(8.0))
+    by_expert = {p.expert: p for p in plan.experts}
+    assert by_expert[2].bytes_loaded == low.ffn_size * 3 == low.whole_load_bytes < low.expert_bytes
+    assert by_expert[1].bytes_loaded == low.bottom_bytes  # a partial hit's bottom: the expert's own bytes
+    assert top_copy(by_expert[4], low) == "host_to_slot" and top_copy(by_expert[1], low) == "slot_to_staging"
 

@@ -35,7 +35,7 @@ SIMULATE_KEYS = {
     "p99_ms", "exposed_copy_ms_per_token", "expert_hit_rate", "hits", "partial_hits", "misses", "bytes_loaded_per_token",
     "prediction_recall", "prediction_precision", "demand_bytes", "prefetch_bytes", "wasted_prefetch_bytes",
     "cancelled_prefetches", "kept_prefetches", "cache_bytes", "staging_bytes", "layers", "hardware", "host", "model_shape",
-    "trace", "hybrid", "host_experts", "host_bottoms", "host_splits", "fill_bytes", "decode_host_s_per_token", "host_ms_per_token",
+    "trace", "hybrid", "host_experts", "host_bottoms", "host_splits", "fill_bytes", "miss_fill_bytes", "decode_host_s_per_token", "host_ms_per_token",
     "host_wait_ms_per_token",
 }
 LAYER_KEYS = {"layer", "theta", "slots", "hit_rate", "bytes_loaded_per_token", "recall", "precision", "ms_per_token",
