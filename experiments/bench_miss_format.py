@@ -9,9 +9,9 @@ quality and what it saves in bytes and time.
    the MiB a token moved host → device (demand, prefetches and the full-precision tops filled
    behind).
 2. Time, simulated (Mixtral-8x7B, A6000 profile, the shared routing traces, 25 % of the expert
-   bytes): LRU with a gate-lookahead prefetch (θ 1, mixtral-offloading's shape) and LCP at θ 0.5,
-   each without and with an int4 miss format. (The configurator's latency model does not price a
-   miss format yet, so these run at a fixed θ.)
+   bytes): LRU with a gate-lookahead prefetch (θ 1, mixtral-offloading's shape), LCP at θ 0.5 and
+   moepic configured by its latency model (which prices the miss format), each without and with an
+   int4 miss format.
 
 Run:  python experiments/bench_miss_format.py [--max-tokens 3000] [--json FILE]
 """
@@ -79,7 +79,8 @@ def simulated(recall: float) -> dict:
         return {}
     shape, hw = model_shape("mixtral-8x7b"), load_profile("a6000")
     lru = load_baseline("lru-prefetch")
-    setups = {"lru-prefetch θ 1": lru, "lcp θ 0.5 + prefetch": attrs.evolve(lru, theta=0.5, policy=POLICIES.default_config())}
+    setups = {"lru-prefetch θ 1": lru, "lcp θ 0.5 + prefetch": attrs.evolve(lru, theta=0.5, policy=POLICIES.default_config()),
+              "moepic (configured)": load_baseline("moepic")}
     out = {}
     for path in traces:
         trace = load_any_trace(path, num_experts=shape.spec.moe.num_experts)

@@ -38,6 +38,9 @@ def add_parser(subparsers):
     arguments.add_hybrid(conf)
     arguments.add_expert_format(conf, "routed experts stored as: {formats} (default: the model's own); the config "
                                 "written keeps them so (model.expert_format)")
+    miss = conf.add_argument("--miss-format", metavar="NAME", help="price misses served from a low-bit copy in this format "
+                             "({formats}, its default knobs; changes numbers: cache.miss_format); the config written keeps it")
+    miss.fills = {"formats": arguments.registered_names("expert format")}
     conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
     arguments.add_json(conf)
     arguments.add_progress(conf)
@@ -132,8 +135,9 @@ def run(args) -> dict:
         raise ConfigError(f"--recall has no effect with --predictor {predictor_config.name}: nothing is prefetched")
     recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
+    miss_format = _miss_format(args.miss_format, fmt, hybrid, spec)
     times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0,
-                        expert_format=fmt)
+                        expert_format=fmt, miss_format=miss_format)
     budget = budget_bytes(args.budget, footprint(spec).num_routed_experts * times.expert_bytes, "--budget")
     staging = staging_buffers(moe.top_k, shape)
     with progress_bar(total=len(spec.moe_layers) * len(policy_configs), desc="hit-rate curves", unit="layer",
@@ -158,6 +162,7 @@ def run(args) -> dict:
             "policy": policy_config.as_dict(),
             "predictor": predictor_config.as_dict(),
             **({"hybrid": hybrid} if hybrid != "off" else {}),
+            **({"miss_format": miss_format.config.as_dict()} if miss_format is not None else {}),
         }
     }
     if args.model and folder is not None:
@@ -193,6 +198,23 @@ def run(args) -> dict:
         "configure_s": configured.configure_s,
         "config": args.out,
     }
+
+
+def _miss_format(name: str | None, fmt, hybrid: str, spec):
+    """The built `--miss-format`, checked against the experts (format, shape) and the hybrid mode, or None."""
+    if name is None:
+        return None
+    from moepic.quant import EXPERT_FORMATS, build_format
+    from moepic.quant.format import check_miss_format
+
+    if name not in EXPERT_FORMATS:
+        raise ConfigError(f"--miss-format: unknown expert format {name!r}; known: {EXPERT_FORMATS.known()}")
+    from moepic.core.weights import neuron_block
+
+    miss_format = build_format(name)
+    F = spec.moe.expert_ffn
+    check_miss_format(miss_format, (fmt,), hybrid, shape=(spec.hidden_size, F, neuron_block(F)))
+    return miss_format
 
 
 def _check_trace_shape(trace, spec, path) -> None:

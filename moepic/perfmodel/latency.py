@@ -9,6 +9,7 @@ a the predictor's recall, k′ the experts it prefetches per step, W the compute
     W_l        = k·t_expert + t_layer        the previous layer's experts and this layer's attention:
                                              a prediction is made as the previous layer routes
     per routed expert:  hit → its bottom, (1−θ)S in 1 copy (θ = 1: nothing);  miss → S in 1 copy
+                        (with a miss format: its low-bit copy's bytes, computed at its kernel's time)
     prefetched = the predicted routed experts (each with probability a) + k′ − (their number) wrong
                  guesses, each a hit with probability h_l(C)
     exposed_l  = E[ max(0, copy(prefetched bytes) − W_l) ]      what the prefetch fails to hide
@@ -70,18 +71,28 @@ class ModelTimes:
     ffn_size: int
     block: int  # neuron granularity of θ
     neuron_bytes: int  # one neuron's gate, up and down rows, in the experts' format (scales included)
+    # With a miss format (`cache.miss_format`): a neuron of the low-bit copy a miss moves, and one
+    # token through an expert computed from it. None: misses move and compute the expert itself.
+    miss_neuron_bytes: int | None = None
+    miss_expert_s: float | None = None
 
     @property
     def expert_bytes(self) -> int:
         return self.ffn_size * self.neuron_bytes
 
+    @property
+    def whole_load_bytes(self) -> int:
+        """What loading an expert whole moves: the expert, or its low-bit copy."""
+        return self.ffn_size * (self.miss_neuron_bytes or self.neuron_bytes)
+
 
 def model_times(
     hw: HardwareProfile, spec: ModelSpec, *, dtype_bytes: int, context_tokens: int = 512, predictor: bool = False,
-    block: int | None = None, expert_format: ExpertFormat | None = None,
+    block: int | None = None, expert_format: ExpertFormat | None = None, miss_format: ExpertFormat | None = None,
 ) -> ModelTimes:
     """Roofline times of a decode step's parts at `context_tokens` of KV cache, routed experts stored
-    in `expert_format` (default: dense): its bytes are what a miss moves, its kernel's what a step reads."""
+    in `expert_format` (default: dense): its bytes are what a miss moves, its kernel's what a step
+    reads; with `miss_format`, a miss moves and computes its low-bit copy in that format instead."""
     fmt = expert_format or build_format("dense")
     moe, D = spec.moe, spec.hidden_size
     # weights + KV cache reads (core/footprint.py prices each attention kind; a layer's average,
@@ -94,18 +105,23 @@ def model_times(
     if shared:
         layer_s += hw.call_s(0, 0, hw.expert_overhead_us)  # its own launches
     expert_params = expert_neuron_params(spec) * moe.expert_ffn
-    expert_kernel_bytes = fmt.kernel_bytes(D, moe.expert_bias, dtype_bytes) * moe.expert_ffn
+
+    def expert_s(f: ExpertFormat) -> float:
+        return hw.call_s(f.kernel_bytes(D, moe.expert_bias, dtype_bytes) * moe.expert_ffn, 2 * expert_params, hw.expert_overhead_us)
+
     dense_layers = sum(kind == "dense" for kind in spec.layer_kinds)
     dense_s = hw.call_s(attention + swiglu_params(D, spec.dense_ffn) * dtype_bytes, 0, hw.layer_overhead_us + hw.expert_overhead_us)
     head = spec.vocab_size * D * dtype_bytes
     return ModelTimes(
-        expert_s=hw.call_s(expert_kernel_bytes, 2 * expert_params, hw.expert_overhead_us),
+        expert_s=expert_s(fmt),
         layer_s=layer_s,
         predictor_s=hw.call_s(router, 2 * moe.num_experts * D, hw.expert_overhead_us) if predictor else 0.0,
         rest_s=dense_layers * dense_s + hw.call_s(head, 2 * spec.vocab_size * D, hw.expert_overhead_us),
         ffn_size=moe.expert_ffn,
         block=block or neuron_block(moe.expert_ffn),
         neuron_bytes=fmt.spec_neuron_bytes(spec, dtype_bytes),
+        miss_neuron_bytes=None if miss_format is None else miss_format.spec_neuron_bytes(spec, dtype_bytes),
+        miss_expert_s=None if miss_format is None else expert_s(miss_format),
     )
 
 
@@ -129,6 +145,8 @@ class LatencyModel:
     def __init__(
         self, hw: HardwareProfile, times: ModelTimes, workload: WorkloadProfile, *, hybrid: str = "off", dtype_bytes: int = 2
     ) -> None:
+        if hybrid != "off" and times.miss_neuron_bytes is not None:
+            raise ValueError("a miss format is priced with hybrid off (its misses run on the device)")
         self.hw, self.times, self.workload = hw, times, workload
         self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None  # no host: one line naming --host
         self.hybrid = check_mode(hybrid, self.pricing is not None or hybrid == "off")
@@ -155,7 +173,7 @@ class LatencyModel:
         slots_X = np.asarray(slots_X, dtype=np.int64)
         top_X = np.asarray(top_X, dtype=np.int64)
         slots_X = np.where(top_X > 0, slots_X, 0)  # θ = 0: nothing cached
-        S = float(t.expert_bytes)
+        S = float(t.whole_load_bytes)  # a miss: the expert, or its low-bit copy (`cache.miss_format`)
         whole = top_X == t.ffn_size
         hit_bytes_X = np.where(whole, 0.0, (t.ffn_size - top_X) * t.neuron_bytes)
         hit_copies_X = np.where(whole, 0.0, 1.0)
@@ -188,7 +206,10 @@ class LatencyModel:
             exposed_X = (hits_XJ * finish_XJ).sum(1)
             demand_X = np.zeros(len(slots_X))
             assemble_X = np.zeros(len(slots_X))
-        compute = t.layer_s + k * t.expert_s + (t.predictor_s if kp > 0 else 0.0)
+        experts_s = k * t.expert_s
+        if t.miss_expert_s is not None:  # a miss served from its low-bit copy computes from it (its own kernel)
+            experts_s = k * (h_X * t.expert_s + (1 - h_X) * t.miss_expert_s)
+        compute = t.layer_s + experts_s + (t.predictor_s if kp > 0 else 0.0)
         # The engine's host work: a planned step, and each loaded expert (a miss, or a partial hit).
         loads_X = k * (1 - h_X) + partial_X
         resident_X = (slots_X == self.num_experts) & whole

@@ -212,10 +212,13 @@ def format_of(expert: SwiGLUWeights | QuantizedExpert) -> ExpertFormat:
     return build_format("dense")
 
 
-def check_miss_format(miss: ExpertFormat, cached: Iterable[ExpertFormat], hybrid: str = "off") -> None:
+def check_miss_format(
+    miss: ExpertFormat, cached: Iterable[ExpertFormat], hybrid: str = "off", *, shape: tuple[int, int, int] | None = None
+) -> None:
     """A miss format (`cache.miss_format`) serves misses of dense experts from a low-bit copy on the
-    device: it must be quantized, the experts dense, and no load computed on the host (the engine's
-    and the simulator's rule); else a ConfigError."""
+    device: it must be quantized, fit the experts' `shape` (hidden, FFN width, neuron block), the
+    experts be dense, and no load be computed on the host (the engine's, the simulator's and the
+    configurator's rule); else a ConfigError."""
     if hybrid != "off":
         raise ConfigError(f"cache.miss_format serves misses from a low-bit copy on the device; hybrid {hybrid!r} "
                           "computes them on the host instead: use one or the other")
@@ -225,6 +228,11 @@ def check_miss_format(miss: ExpertFormat, cached: Iterable[ExpertFormat], hybrid
                           f"already {quantized[0].name}")
     if not miss.quantized:
         raise ConfigError("cache.miss_format: dense is the experts themselves; name a low-bit format (int4, int8, …)")
+    if shape is not None:
+        try:
+            miss.check_shape(*shape)
+        except ValueError as e:
+            raise ConfigError(f"cache.miss_format: {e}") from None
 
 
 def build_format(config: FormatConfig | str | dict) -> ExpertFormat:

@@ -43,7 +43,6 @@ from moepic.cache.schedule import (
 from moepic.core.ffn import SegmentOutput
 from moepic.core.model import Model
 from moepic.core.weights import ModelWeights, MoEWeights, SwiGLUWeights
-from moepic.errors import ConfigError
 from moepic.perfmodel.host_costs import HostPricing, check_priceable
 from moepic.policies.base import CachePolicy, PolicyConfig, build_policy
 from moepic.predictors import PREDICTORS, PredictorConfig
@@ -346,11 +345,8 @@ def _check_miss_format(layout: CacheLayout, miss_format: ExpertFormat | None, hy
 
 def _check_miss_format_fits(miss_format: ExpertFormat, formats: Sequence[ExpertFormat], expert) -> None:
     """A quantized miss format that can encode these (dense) experts, or one line naming the problem."""
-    check_miss_format(miss_format, formats)  # (the hybrid mode: in the engine, which every caller builds)
-    try:
-        miss_format.check_shape(expert.hidden, expert.ffn_size, expert.block)
-    except ValueError as e:
-        raise ConfigError(f"cache.miss_format: {e}") from None
+    # (the hybrid mode: checked in the engine, which every caller builds)
+    check_miss_format(miss_format, formats, shape=(expert.hidden, expert.ffn_size, expert.block))
 
 
 def _check_planned(layout: LayerCacheLayout, like, dtype_bytes: int) -> None:

@@ -16,6 +16,7 @@ from moepic.cache.layout import CacheLayout, budget_bytes, plan_layout, staging_
 from moepic.configurators import CONFIGURATORS
 from moepic.configurators.base import configure_on_trace
 from moepic.core.spec import ModelSpec
+from moepic.core.weights import neuron_block
 from moepic.errors import ConfigError
 from moepic.perfmodel.host_costs import check_priceable
 from moepic.perfmodel.hardware import HardwareProfile
@@ -97,9 +98,6 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
         layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging,
                              expert_format=fmt, miss_format=miss_format_of(setup))
         return layout, policies[0]
-    if setup.miss_format is not None:
-        raise ConfigError(f"{setup.name}: cache.miss_format with a configurator is not priced yet (its latency model "
-                          "moves whole experts); give θ instead")
     total = budget_bytes(budget, testbed.shape.expert_bytes, "--budget")
     configured = configure_on_trace(
         CONFIGURATORS.build(setup.configurator), testbed.trace, policies, hw=testbed.hw, times=times,
@@ -108,11 +106,12 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
     )
     chosen = configured.chosen
     if chosen.staging_experts == 0:  # everything fits whole
-        layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging, expert_format=fmt)
+        layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging, expert_format=fmt,
+                             miss_format=miss_format_of(setup))
     else:
         layout = plan_layout(
             spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
-            staging_experts=staging, expert_format=fmt,
+            staging_experts=staging, expert_format=fmt, miss_format=miss_format_of(setup),
         )
     return layout, configured.policy
 
@@ -144,11 +143,13 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     if hybrid_of(setup, testbed) != "off":
         check_priceable(testbed.shape.expert_format, f"{setup.name} (hybrid {hybrid_of(setup, testbed)})")
     if setup.miss_format is not None:
-        check_miss_format(miss_format_of(setup), (testbed.shape.expert_format,), hybrid_of(setup, testbed))
+        spec = testbed.shape.spec
+        check_miss_format(miss_format_of(setup), (testbed.shape.expert_format,), hybrid_of(setup, testbed),
+                          shape=(spec.hidden_size, spec.moe.expert_ffn, neuron_block(spec.moe.expert_ffn)))
     predictor = resolve_predictor(setup.predictor, testbed)
     times = model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
-        predictor=predictor.horizon > 0, expert_format=testbed.shape.expert_format,
+        predictor=predictor.horizon > 0, expert_format=testbed.shape.expert_format, miss_format=miss_format_of(setup),
     )
     policies = [build_policy_on(config, testbed.trace) for config in setup.policy_choices or (setup.policy,)]
     layout, policy = setup_layout(setup, testbed, policies, predictor, times)
@@ -160,22 +161,12 @@ def miss_format_of(setup: Setup):
     return None if setup.miss_format is None else build_format(setup.miss_format)
 
 
-def miss_expert_s(setup: Setup, testbed: Testbed) -> float | None:
-    """What computing one expert from its low-bit copy takes (the miss format's kernel), or None."""
-    if setup.miss_format is None:
-        return None
-    shape = testbed.shape
-    return model_times(testbed.hw, shape.spec, dtype_bytes=shape.dtype_bytes, context_tokens=testbed.context_tokens,
-                       expert_format=miss_format_of(setup)).expert_s
-
-
 def run_setup(setup: Setup, testbed: Testbed) -> SetupRun:
     start = time.perf_counter()
     ready = prepare(setup, testbed)
     configured = time.perf_counter()
     result = simulate(
-        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed),
-        miss_expert_s=miss_expert_s(setup, testbed),
+        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed)
     )
     return SetupRun(result, configured - start, time.perf_counter() - configured)
 

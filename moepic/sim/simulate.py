@@ -108,13 +108,12 @@ def simulate(
     predictor: Predictor | None = None,
     *,
     hybrid: Hybrid = "off",
-    miss_expert_s: float | None = None,
 ) -> SimResult:
     """Replay `trace` through the cache `layout` and `policy`, prefetching what `predictor` names
     (its `trace_predictions_ahead`: each MoE layer for the next `horizon` ones); with `hybrid`,
     demand loads run on the host where moepic/cache/placement.py says (priced by `hw.host`).
     A layout with a miss format (`cache.miss_format`) moves and computes an expert loaded whole as
-    its low-bit copy (`miss_expert_s` a token), and fills an admitted top from the host."""
+    its low-bit copy (`times.miss_expert_s` a token), and fills an admitted top from the host."""
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
@@ -147,8 +146,9 @@ def simulate(
                 union.update(experts)
     reach = max((target - c for c, source_issues in enumerate(issues) for target, _ in source_issues), default=0)
     link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
-    if any(l.low_bit_misses for l in layers) and (miss_expert_s is None or hybrid != "off"):
-        raise ValueError("a layout with a miss format needs miss_expert_s, and hybrid off")
+    if any(l.low_bit_misses for l in layers) and (times.miss_expert_s is None or hybrid != "off"):
+        raise ValueError("a layout with a miss format needs times with one (model_times(miss_format=…)), and hybrid off")
+    miss_expert_s = times.miss_expert_s
     whole_s = [latency + l.whole_load_bytes / link_Bps for l in layers]
     bottom_s = [latency + l.bottom_bytes / link_Bps for l in layers]
     top_device_s = [l.top_bytes / (hw.device_copy_gbps * 1e9) for l in layers]

@@ -23,7 +23,8 @@ pytestmark = [
 
 PROMPT = list(range(300, 340))
 FORMATS = {"int4": {"name": "int4", "group_size": 64}, "int8": {"name": "int8", "group_size": 64},
-           "int4_asym": {"name": "int4", "group_size": 32, "symmetric": False}, "mxfp4": {"name": "mxfp4"}, "fp8": {"name": "fp8"}}
+           "int4_asym": {"name": "int4", "group_size": 32, "symmetric": False}, "mxfp4": {"name": "mxfp4"}, "fp8": {"name": "fp8"},
+           "gguf_q8": {"name": "gguf", "gate_up": "Q8_0", "down": "Q8_0"}}
 
 
 def routed_experts(model):
@@ -63,7 +64,7 @@ def test_offloaded_quantized_experts_on_cuda_equal_their_all_resident_gpu_run(mo
         assert report["bytes_loaded"] % (layout.layers[0].expert_bytes // layout.layers[0].ffn_size) == 0
 
 
-@pytest.mark.parametrize("name", ["int4_asym", "mxfp4", "fp8"])
+@pytest.mark.parametrize("name", ["int4_asym", "mxfp4", "fp8", "gguf_q8"])
 def test_a_decode_on_the_gpu_equals_the_cpus_in_float32(name):
     fmt = build_format(FORMATS[name])
     model = load_model(default_model_dir(), dtype=torch.float32, expert_format=fmt)
@@ -71,3 +72,27 @@ def test_a_decode_on_the_gpu_equals_the_cpus_in_float32(name):
         cpu, gpu = w.dense(), w.to("cuda").dense()
         assert gpu.gate_up_N2BD.dtype == torch.float32 == cpu.gate_up_N2BD.dtype
         assert torch.equal(gpu.gate_up_N2BD.cpu(), cpu.gate_up_N2BD) and torch.equal(gpu.down_FD.cpu(), cpu.down_FD)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "Q6_K"])
+def test_gguf_blocks_dequantise_on_the_gpu_as_on_the_cpu(kind):
+    import numpy as np
+    from gguf_writing import random_blocks
+
+    from moepic.quant.ggml import BLOCKS, dequantize_ggml
+
+    blocks = torch.from_numpy(random_blocks(kind, 64, 512, np.random.default_rng(0))).reshape(-1, BLOCKS[kind][1])
+    assert torch.equal(dequantize_ggml(blocks.cuda(), kind).cpu(), dequantize_ggml(blocks, kind))
+
+
+def test_misses_served_low_bit_on_cuda_with_nothing_cached_equal_the_int4_models_gpu_run():
+    fmt = build_format(FORMATS["int4"])
+    dense = load_model(default_model_dir(), device="cuda", offload_experts=True)
+    int4 = load_model(default_model_dir(), device="cuda", expert_format=fmt)
+    expected = generate(int4, PROMPT, max_new_tokens=16, eos_ids=(), keep_logits=True)
+    staging = plan_layout(dense.spec, dtype_bytes=2, budget=1.0, theta=0.0, miss_format=fmt).staging_bytes
+    engine = offloaded_experts(dense, staging, 0.0, POLICIES["lru"].config(), miss_format=fmt)
+    run = generate(dense, PROMPT, max_new_tokens=16, eos_ids=(), keep_logits=True, experts=engine)
+    assert run.token_ids == expected.token_ids
+    for a, b in zip(run.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -111,3 +111,25 @@ def test_on_the_mixtral_traces_with_an_a6000_the_configurator_beats_every_unifor
     ours = configure_cache(CONFIGURATORS.build(CONFIGURATORS["moepic"].config()), model, budget, 6).predicted_s
     for theta in (0.0, 0.25, 0.4, 0.6, 1.0):
         assert ours < uniform_s(model, theta, budget, 6)
+
+
+@given(latency_models(), st.data())
+def test_a_miss_format_prices_a_miss_at_its_low_bit_copy(model, data):
+    """Bytes a step loads: each hit's bottom, each miss's low-bit copy (its own bytes without a miss
+    format); compute: hits at the expert's kernel, misses at the copy's. Where every expert is a
+    whole hit nothing changes."""
+    import attrs
+
+    t = model.times
+    low = LatencyModel(model.hw, attrs.evolve(t, miss_neuron_bytes=t.neuron_bytes // 4, miss_expert_s=t.expert_s * 1.5),
+                       model.workload)
+    column = data.draw(st.integers(0, model.num_layers - 1))
+    slots = np.arange(model.num_experts + 1)
+    top = np.full(len(slots), t.block * data.draw(st.integers(0, t.ffn_size // t.block)))
+    ours, theirs = low.parts(column, slots, top), model.parts(column, slots, top)
+    h, k = ours["hit_rate"], model.k
+    bottom = np.where(top == t.ffn_size, 0, (t.ffn_size - top) * t.neuron_bytes)
+    np.testing.assert_allclose(ours["bytes"], k * (h * bottom + (1 - h) * t.ffn_size * (t.neuron_bytes // 4)))
+    np.testing.assert_allclose(ours["compute"] - theirs["compute"], k * (1 - h) * 0.5 * t.expert_s, atol=1e-15)
+    every = (slots == model.num_experts) & (top == t.ffn_size)
+    np.testing.assert_allclose(low.layer_s(column, slots, top)[every], model.layer_s(column, slots, top)[every])

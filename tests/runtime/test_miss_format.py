@@ -98,9 +98,9 @@ def test_the_cache_keeps_full_precision_tops_and_the_simulator_counts_what_the_e
     assert_slots_hold_the_host_bytes(engine)
     trace = recorder.trace()
     hw = load_profile("a6000")
-    times = model_times(hw, model.spec, dtype_bytes=4)
-    low_s = model_times(hw, model.spec, dtype_bytes=4, expert_format=fmt).expert_s
-    sim = simulate(trace, engine.layout, policy_for(policy, trace), times, hw, miss_expert_s=low_s)
+    times = model_times(hw, model.spec, dtype_bytes=4, miss_format=fmt)
+    assert times.miss_expert_s == model_times(hw, model.spec, dtype_bytes=4, expert_format=fmt).expert_s
+    sim = simulate(trace, engine.layout, policy_for(policy, trace), times, hw)
     assert sim.decode == tuple(engine.decode_stats.values()) and sim.prefill == tuple(engine.prefill_stats.values())
     c = engine.counters
     assert (sim.demand_bytes, sim.miss_fill_bytes) == (c.demand_bytes, c.miss_fill_bytes)
@@ -120,7 +120,7 @@ def test_a_miss_format_that_cannot_serve_is_one_line(capsys, models, checkpoint_
         "cache.miss_format: int4 group size 48 does not divide the experts' hidden size 128")
 
 
-def test_simulate_reads_a_miss_format_from_a_run_config_and_a_configurator_refuses_it(capsys, models, checkpoint_dir, tmp_path):
+def test_simulate_reads_a_miss_format_from_a_run_config_and_the_configurator_prices_it(capsys, models, checkpoint_dir, tmp_path):
     import json
 
     from moepic.cli import main
@@ -138,13 +138,40 @@ def test_simulate_reads_a_miss_format_from_a_run_config_and_a_configurator_refus
     plain, low = reports[False], reports[True]
     assert plain["miss_fill_bytes"] == 0 < low["miss_fill_bytes"]
     assert low["misses"] == plain["misses"] and low["demand_bytes"] < plain["demand_bytes"]
+
     from moepic.perfmodel.hardware import load_profile
     from moepic.sim.baseline import load_baseline
     from moepic.sim.run import Testbed, run_setup
     from moepic.sim.shapes import model_shape
 
-    configured = attrs.evolve(load_baseline("moepic"), miss_format=build_format(INT4).config)
     testbed = Testbed(trace=trace, shape=model_shape(str(checkpoint_dir("mixtral"))), hw=load_profile("a6000"), budget=0.5,
                       recall=0.8)
-    with pytest.raises(ConfigError, match="cache.miss_format with a configurator is not priced yet"):
-        run_setup(configured, testbed)
+    configured = run_setup(attrs.evolve(load_baseline("moepic"), miss_format=build_format(INT4).config), testbed).result
+    assert all(l.low_bit_misses for l in configured.layout.layers)
+    assert configured.demand_bytes < run_setup(load_baseline("moepic"), testbed).result.demand_bytes
+
+
+def test_configure_prices_a_miss_format_and_writes_it(capsys, models, checkpoint_dir, tmp_path):
+    import json
+
+    import yaml
+
+    from moepic.cli import main
+    from moepic.tracing.trace import save_trace
+
+    _, trace = dense_run(models["mixtral"], PROMPT, 6)
+    save_trace(trace, tmp_path / "run.npz")
+    predicted = {}
+    assert cli_error(capsys, ["configure", "--model", str(checkpoint_dir("mixtral")), "--hardware", "a6000", "--budget", "0.3",
+                              "--trace", str(tmp_path / "run.npz"), "--miss-format", "int8"]) == (
+        "cache.miss_format: int8 group size 64 does not divide the experts' hidden size 32")  # its default knobs
+    for miss in ([], ["--miss-format", "fp8"]):
+        argv = ["configure", "--model", str(checkpoint_dir("mixtral")), "--hardware", "a6000", "--budget", "0.3",
+                "--trace", str(tmp_path / "run.npz"), "--out", str(tmp_path / "c.yaml"), "--json", *miss]
+        assert main(argv) == 0
+        predicted[bool(miss)] = json.loads(capsys.readouterr().out)["predicted_ms_per_token"]
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["cache"]["miss_format"]["name"] == "fp8"
+    assert predicted[True] < predicted[False]  # the same misses move fewer bytes
+    assert cli_error(capsys, ["configure", "--model", str(checkpoint_dir("mixtral")), "--hardware", "a6000", "--budget", "0.3",
+                              "--trace", str(tmp_path / "run.npz"), "--miss-format", "dense"]) == (
+        "cache.miss_format: dense is the experts themselves; name a low-bit format (int4, int8, …)")
