@@ -9,7 +9,8 @@ a the predictor's recall, k′ the experts it prefetches per step, W the compute
     W_l        = k·t_expert + t_layer        the previous layer's experts and this layer's attention:
                                              a prediction is made as the previous layer routes
     per routed expert:  hit → its bottom, (1−θ)S in 1 copy (θ = 1: nothing);  miss → S in 1 copy
-                        (with a miss format: its low-bit copy's bytes, computed at its kernel's time)
+                        (with a miss format: its low-bit copy's bytes, computed at its kernel's time,
+                        and each admitted miss's top θS filled behind, on the link the next copies need)
     prefetched = the predicted routed experts (each with probability a) + k′ − (their number) wrong
                  guesses, each a hit with probability h_l(C)
     exposed_l  = E[ max(0, copy(prefetched bytes) − W_l) ]      what the prefetch fails to hide
@@ -197,6 +198,12 @@ class LatencyModel:
             a, exposed_X = 0.0, np.zeros(len(slots_X))
         unpredicted = k * (1 - a)
         demand_X = unpredicted * (guess_bytes_X / link_Bps + guess_copies_X * tau)
+        fill_X = self._fill_s(layer, slots_X, top_X)
+        if kp > 0:  # behind the step's copies, the fills hold the link the next prefetch needs
+            exposed_X = exposed_X + (joint_XPM * (np.maximum(0.0, copy_XPM + fill_X[:, None, None] - self.window_s)
+                                                 - np.maximum(0.0, copy_XPM - self.window_s))).sum((1, 2))
+        else:  # …or the next demand copies
+            demand_X = demand_X + fill_X
         partial_X = np.where(whole, 0.0, k * h_X)
         assemble_X = partial_X * top_X * t.neuron_bytes / (hw.device_copy_gbps * 1e9)
         if self.pricing is not None:  # the loads on link and host, by the engine's placement rule
@@ -222,6 +229,15 @@ class LatencyModel:
             "hit_rate": h_X,
             "bytes": k * guess_bytes_X,
         }
+
+    def _fill_s(self, layer: LayerWorkload, slots_X: np.ndarray, top_X: np.ndarray) -> np.ndarray:
+        """Link seconds a step's fills take: with a miss format, each admitted miss's top is copied
+        from the host (`admissions_C`, measured on the trace); none otherwise."""
+        t, hw = self.times, self.hw
+        if t.miss_neuron_bytes is None or layer.admissions_C is None:
+            return np.zeros(len(slots_X))
+        admitted_X = layer.admissions_C[slots_X]
+        return admitted_X * (top_X * t.neuron_bytes / (hw.link_gbps * 1e9) + hw.link_latency_us * 1e-6)
 
     def _loads_finish_J(self, top_neurons: int, head_start_s: float) -> np.ndarray:
         """[j]: when a hybrid step's loads are done with j of its k routed experts' tops cached."""

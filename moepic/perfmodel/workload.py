@@ -11,6 +11,8 @@ Per MoE layer l:
   For large E the curve is replayed at a grid of C and interpolated linearly in between.
 - `recall`: the share of its routed experts that the predictor named one MoE layer earlier (the
   first MoE layer: 0, nothing runs before it); `candidates`: experts prefetched per step (k′).
+- `admissions_C[C]`: the misses a decode step admits to the cache, on average, with C tops (from the
+  same replay): what a miss format fills from the host behind the step's copies.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LayerWorkload:
     hits_CJ: np.ndarray  # [E+1, k+1], rows sum to 1
     recall: float  # a_l
     candidates: float  # k′_l: experts prefetched per step (0: no prediction)
+    admissions_C: np.ndarray | None = None  # [E+1] misses admitted per decode step (None: not measured, 0)
 
     def __attrs_post_init__(self) -> None:
         if self.hits_CJ.ndim != 2 or not np.allclose(self.hits_CJ.sum(1), 1.0) or (self.hits_CJ < -1e-12).any():
@@ -75,16 +78,19 @@ def _interpolate(points_C: np.ndarray, values_PJ: np.ndarray, num_experts: int) 
     return np.stack([np.interp(every_C, points_C, values_PJ[:, j]) for j in range(values_PJ.shape[1])], axis=1)
 
 
-def hit_distribution(trace: RoutingTrace, column: int, policy: CachePolicy, slots: int) -> np.ndarray:
-    """[k+1]: the share of decode steps of MoE layer `column` with j routed experts cached, with `slots` tops."""
+def hit_distribution(trace: RoutingTrace, column: int, policy: CachePolicy, slots: int) -> tuple[np.ndarray, float]:
+    """[k+1]: the share of decode steps of MoE layer `column` with j routed experts cached, with
+    `slots` tops; and the misses a decode step admits to the cache, on average."""
     E, k = trace.num_experts, trace.top_k
     layout = slot_count_layout(trace.moe_layers[column], E, slots)
     counted = decode_steps(trace)
     hist_J = np.zeros(k + 1)
+    admitted = 0
     for plan, count in zip(replay_layer(trace, column, layout, policy), counted):
         if count:
             hist_J[sum(p.outcome != "miss" for p in plan.experts)] += 1
-    return hist_J / hist_J.sum()
+            admitted += sum(p.outcome == "miss" and p.slot is not None for p in plan.experts)
+    return hist_J / hist_J.sum(), admitted / hist_J.sum()
 
 
 def workload_from_trace(
@@ -105,10 +111,12 @@ def workload_from_trace(
     points_C = curve_points(E)
     layers = []
     for column, layer in enumerate(trace.moe_layers):
-        measured_PJ = np.stack([hit_distribution(trace, column, policy, int(c)) for c in points_C])
+        measured = [hit_distribution(trace, column, policy, int(c)) for c in points_C]
+        measured_PJ = np.stack([hits_J for hits_J, _ in measured])
+        admitted_P1 = np.array([[admitted] for _, admitted in measured])
         layers.append(LayerWorkload(
             layer=layer, hits_CJ=_interpolate(points_C, measured_PJ, E), recall=float(recall_L[column]),
-            candidates=candidates if column else 0.0,
+            candidates=candidates if column else 0.0, admissions_C=_interpolate(points_C, admitted_P1, E)[:, 0],
         ))
         progress(column + 1)
     source = f"{trace.source or trace.model}: {trace.num_tokens} tokens, policy {policy.config.name}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from moepic.cache.layout import plan_layout
 from moepic.cache.replay import replay_trace
@@ -133,3 +133,39 @@ def test_a_miss_format_prices_a_miss_at_its_low_bit_copy(model, data):
     np.testing.assert_allclose(ours["compute"] - theirs["compute"], k * (1 - h) * 0.5 * t.expert_s, atol=1e-15)
     every = (slots == model.num_experts) & (top == t.ffn_size)
     np.testing.assert_allclose(low.layer_s(column, slots, top)[every], model.layer_s(column, slots, top)[every])
+
+
+@given(latency_models(), st.data())
+def test_a_miss_formats_fills_hold_the_link_for_the_admitted_tops(model, data):
+    """Each admitted miss's full-precision top is filled from the host: on a layer that prefetches
+    nothing (the first) it adds exactly its link time to the demand; it never makes a step faster."""
+    import attrs
+
+    t = model.times
+    low_times = attrs.evolve(t, miss_neuron_bytes=max(1, t.neuron_bytes // 4), miss_expert_s=t.expert_s)
+    admissions = data.draw(st.floats(0.0, float(model.k)))
+    layers = tuple(attrs.evolve(l, admissions_C=np.full(model.num_experts + 1, admissions)) for l in model.workload.layers)
+    filled = LatencyModel(model.hw, low_times, attrs.evolve(model.workload, layers=layers))
+    unfilled = LatencyModel(model.hw, low_times, model.workload)
+    slots = np.arange(model.num_experts + 1)
+    top = np.full(len(slots), t.block * data.draw(st.integers(0, t.ffn_size // t.block)))
+    link = model.hw.link_gbps * 1e9
+    first_f, first_u = filled.parts(0, slots, top), unfilled.parts(0, slots, top)
+    np.testing.assert_allclose(first_f["demand"] - first_u["demand"],
+                               admissions * (top * t.neuron_bytes / link + model.hw.link_latency_us * 1e-6), rtol=1e-9, atol=1e-15)
+    for column in range(model.num_layers):
+        assert (filled.layer_s(column, slots, top) >= unfilled.layer_s(column, slots, top) - 1e-15).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(trace=traces())
+def test_the_replay_counts_admissions_lru_takes_every_miss_it_has_room_for(trace):
+    """The admissions the replay measures: never more than a step's misses or the cache's slots, and
+    LRU takes every miss once the cache has room for a whole step's experts (C ≥ k)."""
+    assume(trace.num_tokens > 0)
+    profile = workload_from_trace(trace, POLICIES["lru"].config(), recall_L=[0.0] * len(trace.moe_layers), candidates=0)
+    for layer in profile.layers:
+        misses_C, k = trace.top_k * (1 - layer.hit_rate_C), trace.top_k
+        slots_C = np.arange(len(misses_C))
+        assert (layer.admissions_C <= np.minimum(misses_C, slots_C) + 1e-9).all()
+        np.testing.assert_allclose(layer.admissions_C[k:], misses_C[k:], atol=1e-9)
