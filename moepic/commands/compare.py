@@ -29,8 +29,8 @@ def run(args) -> dict:
     bed = testbed.from_args(args)
     if args.baselines:
         names = tuple(n.strip() for n in args.baselines.split(","))
-    else:  # the hybrid systems where a host profile prices their CPU work
-        names = ORDER + (HYBRID_ORDER if bed.hw.host is not None else ())
+    else:  # the hybrid systems where a host profile prices their CPU work (a miss format runs on the device)
+        names = ORDER + (HYBRID_ORDER if bed.hw.host is not None and bed.miss_format is None else ())
     setups = [load_baseline(n) for n in names]
     for setup in setups:
         if (bed.hybrid or setup.hybrid) != "off" and bed.hw.host is None:

@@ -25,7 +25,7 @@ from moepic.perfmodel.workload import measured_recall
 from moepic.policies.base import build_policy_on
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.noisy_oracle import NoisyOracleConfig
-from moepic.quant import build_format
+from moepic.quant import FormatConfig, build_format
 from moepic.quant.format import check_miss_format
 from moepic.sim.baseline import Setup
 from moepic.sim.result import SimResult
@@ -58,6 +58,7 @@ class Testbed:
     model: object | None = None  # a loaded model (weights), for gate_lookahead/mlp on recorded router inputs
     context_tokens: int = 512
     hybrid: str | None = None  # global: where loads run; None: the setup's own
+    miss_format: FormatConfig | None = None  # global: misses served from a low-bit copy; None: the setup's own
 
 
 def hybrid_of(setup: Setup, testbed: Testbed) -> str:
@@ -96,7 +97,7 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
         raise ConfigError(f"{setup.name}: no budget; give --budget (bytes like 24GiB, or a share of all expert bytes like 0.25)")
     if setup.configurator is None or isinstance(budget, (list, tuple)):
         layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=budget, theta=setup.theta, staging_experts=staging,
-                             expert_format=fmt, miss_format=miss_format_of(setup))
+                             expert_format=fmt, miss_format=miss_format_of(setup, testbed))
         return layout, policies[0]
     total = budget_bytes(budget, testbed.shape.expert_bytes, "--budget")
     configured = configure_on_trace(
@@ -107,11 +108,11 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
     chosen = configured.chosen
     if chosen.staging_experts == 0:  # everything fits whole
         layout = plan_layout(spec, dtype_bytes=dtype_bytes, budget=total, theta=1.0, staging_experts=staging, expert_format=fmt,
-                             miss_format=miss_format_of(setup))
+                             miss_format=miss_format_of(setup, testbed))
     else:
         layout = plan_layout(
             spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
-            staging_experts=staging, expert_format=fmt, miss_format=miss_format_of(setup),
+            staging_experts=staging, expert_format=fmt, miss_format=miss_format_of(setup, testbed),
         )
     return layout, configured.policy
 
@@ -142,23 +143,24 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     each candidate policy and keeps the one the latency model predicts fastest on the trace."""
     if hybrid_of(setup, testbed) != "off":
         check_priceable(testbed.shape.expert_format, f"{setup.name} (hybrid {hybrid_of(setup, testbed)})")
-    if setup.miss_format is not None:
+    if miss_format_of(setup, testbed) is not None:
         spec = testbed.shape.spec
-        check_miss_format(miss_format_of(setup), (testbed.shape.expert_format,), hybrid_of(setup, testbed),
+        check_miss_format(miss_format_of(setup, testbed), (testbed.shape.expert_format,), hybrid_of(setup, testbed),
                           shape=(spec.hidden_size, spec.moe.expert_ffn, neuron_block(spec.moe.expert_ffn)))
     predictor = resolve_predictor(setup.predictor, testbed)
     times = model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
-        predictor=predictor.horizon > 0, expert_format=testbed.shape.expert_format, miss_format=miss_format_of(setup),
+        predictor=predictor.horizon > 0, expert_format=testbed.shape.expert_format, miss_format=miss_format_of(setup, testbed),
     )
     policies = [build_policy_on(config, testbed.trace) for config in setup.policy_choices or (setup.policy,)]
     layout, policy = setup_layout(setup, testbed, policies, predictor, times)
     return Prepared(policy, predictor, layout, times)
 
 
-def miss_format_of(setup: Setup):
-    """The built miss format of a setup (`cache.miss_format`), or None."""
-    return None if setup.miss_format is None else build_format(setup.miss_format)
+def miss_format_of(setup: Setup, testbed: Testbed):
+    """The built miss format a setup runs with (the testbed's, else its own `cache.miss_format`), or None."""
+    config = testbed.miss_format if testbed.miss_format is not None else setup.miss_format
+    return None if config is None else build_format(config)
 
 
 def run_setup(setup: Setup, testbed: Testbed) -> SetupRun:

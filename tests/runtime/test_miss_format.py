@@ -175,3 +175,24 @@ def test_configure_prices_a_miss_format_and_writes_it(capsys, models, checkpoint
     assert cli_error(capsys, ["configure", "--model", str(checkpoint_dir("mixtral")), "--hardware", "a6000", "--budget", "0.3",
                               "--trace", str(tmp_path / "run.npz"), "--miss-format", "dense"]) == (
         "cache.miss_format: dense is the experts themselves; name a low-bit format (int4, int8, …)")
+
+
+def test_compare_runs_every_baseline_with_the_miss_format(capsys, models, checkpoint_dir, tmp_path):
+    import json
+
+    from moepic.cli import main
+    from moepic.tracing.trace import save_trace
+
+    _, trace = dense_run(models["mixtral"], PROMPT, 6)
+    save_trace(trace, tmp_path / "run.npz")
+    argv = ["compare", "--trace", str(tmp_path / "run.npz"), "--model", str(checkpoint_dir("mixtral")), "--hardware", "a6000",
+            "--budget", "0.5", "--recall", "0.8", "--baselines", "on-demand-lru,moepic", "--json"]
+    rows = {}
+    for miss in ([], ["--miss-format", "fp8"]):
+        assert main(argv + miss) == 0
+        rows[bool(miss)] = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    for name in ("on-demand-lru", "moepic"):  # (a tiny model on an A6000 is launch-bound: the bytes tell)
+        assert rows[True][name]["bytes_loaded_per_token"] < rows[False][name]["bytes_loaded_per_token"]
+    assert rows[True]["on-demand-lru"]["miss_fill_bytes"] > 0 == rows[False]["on-demand-lru"]["miss_fill_bytes"]
+    assert cli_error(capsys, argv + ["--miss-format", "int3"]) == (
+        "--miss-format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int8, mxfp4")
