@@ -46,32 +46,23 @@ def stored_format(cfg: HFConfig) -> ExpertFormat | None:
 NATIVE_FORMATS = {"mxfp4": "mxfp4", "fp8": "fp8"}
 
 
+def checkpoint_formats(cfg: HFConfig, moe_layers: int) -> tuple[ExpertFormat, ...]:
+    """The format each of the `moe_layers` MoE layers' routed experts load in by default: what
+    `moepic quantize` wrote, the release's own (GPT-OSS's MXFP4, block-scaled FP8), a GGUF file's
+    blocks (whose kinds may vary by layer), or dense."""
+    return gguf_formats(cfg) or (checkpoint_format(cfg),) * moe_layers
+
+
 def checkpoint_format(cfg: HFConfig) -> ExpertFormat:
-    """The format a checkpoint's routed experts load in by default: what `moepic quantize` wrote, the
-    release's own (GPT-OSS's MXFP4, block-scaled FP8, a GGUF file's blocks), or dense. One for the
-    whole model: a GGUF file whose kinds vary by layer is refused by name (`checkpoint_formats`)."""
+    """`checkpoint_formats` of a checkpoint that stores every layer's experts alike (not a GGUF file)."""
     stored = stored_format(cfg)
     if stored is not None:
         return stored
     q = cfg.data.get("quantization_config")
     method = q.get("quant_method") if isinstance(q, dict) else None
     if method == GGUF_METHOD:
-        formats = gguf_formats(cfg)
-        if formats is not None:
-            first_layer: dict = {}
-            for l, f in enumerate(formats):
-                first_layer.setdefault(f.config, l)
-            if len(first_layer) > 1:
-                shown = ", ".join(f"MoE layer {l}: {c.as_dict()}" for c, l in list(first_layer.items())[:2])
-                raise CheckpointError(f"{cfg.source}: its routed experts' formats vary by layer ({shown}); the "
-                                      "simulator and the configurator price one format per model: pass --format")
-            return formats[0]
+        raise ValueError("a GGUF file's formats are per layer: ask checkpoint_formats")
     return build_format(NATIVE_FORMATS.get(method, "dense"))
-
-
-def checkpoint_formats(cfg: HFConfig, moe_layers: int) -> tuple[ExpertFormat, ...]:
-    """`checkpoint_format` for each of the `moe_layers` MoE layers (a GGUF file's vary by layer)."""
-    return gguf_formats(cfg) or (checkpoint_format(cfg),) * moe_layers
 
 
 def gguf_formats(cfg: HFConfig) -> tuple[ExpertFormat, ...] | None:

@@ -90,11 +90,10 @@ def run(args) -> dict:
     from moepic.configurators import CONFIGURATORS, configure_cache
     from moepic.configurators.base import configure_on_trace
     from moepic.policies.base import auto_policies
-    from moepic.core.footprint import footprint
     from moepic.outputs import check_writable, write_text_atomic
-    from moepic.checkpoint.stored_experts import checkpoint_format
+    from moepic.checkpoint.stored_experts import checkpoint_formats
     from moepic.perfmodel.host_costs import check_priceable
-    from moepic.perfmodel.latency import layer_total_s, model_times
+    from moepic.perfmodel.latency import layer_model_times, layer_total_s
     from moepic.policies import POLICIES
     from moepic.predictors import PREDICTORS
     from moepic.tracing import load_any_trace
@@ -108,10 +107,10 @@ def run(args) -> dict:
         if spec.moe is None:
             raise ConfigError(f"{folder}: the model has no routed experts to configure a cache for")
         own_dtype = cfg.checkpoint_dtype()
-        fmt = fmt or checkpoint_format(cfg)
+        formats = (fmt,) * len(spec.moe_layers) if fmt else checkpoint_formats(cfg, len(spec.moe_layers))
     else:  # a preset: its shape, no weights
         folder, spec, own_dtype = None, source.spec, DTYPES[arguments.PRESET_DTYPE]
-        fmt = fmt or source.expert_format
+        formats = (fmt,) * len(spec.moe_layers) if fmt else source.expert_formats
     dtype = own_dtype if args.dtype in (None, "auto") else DTYPES[args.dtype]
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     hw = arguments.hardware_profile(args)
@@ -121,7 +120,8 @@ def run(args) -> dict:
     _check_trace_shape(trace, spec, args.trace)
     hybrid = args.hybrid or "off"
     if hybrid != "off":
-        check_priceable(fmt, f"--hybrid {hybrid}")
+        for layer_format in formats:
+            check_priceable(layer_format, f"--hybrid {hybrid}")
     if hybrid != "off" and hw.host is None:
         raise ConfigError(f"--hybrid {hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "
                           f"(bundled: {arguments.known_host_names()})")
@@ -135,15 +135,16 @@ def run(args) -> dict:
         raise ConfigError(f"--recall has no effect with --predictor {predictor_config.name}: nothing is prefetched")
     recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
-    miss_format = _miss_format(args.miss_format, fmt, hybrid, spec)
-    times = model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0,
-                        expert_format=fmt, miss_format=miss_format)
-    budget = budget_bytes(args.budget, footprint(spec).num_routed_experts * times.expert_bytes, "--budget")
+    miss_format = _miss_format(args.miss_format, formats, hybrid, spec)
+    layer_times = layer_model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0,
+                                    expert_formats=formats, miss_format=miss_format)  # a GGUF file's formats vary by layer
+    times = layer_times[0]
+    budget = budget_bytes(args.budget, moe.num_experts * sum(t.expert_bytes for t in layer_times), "--budget")
     staging = staging_buffers(moe.top_k, shape)
     with progress_bar(total=len(spec.moe_layers) * len(policy_configs), desc="hit-rate curves", unit="layer",
                       wanted=not args.json, leave=False) as bar:
         configured = configure_on_trace(
-            CONFIGURATORS.build(configurator_config), trace, policy_configs, hw=hw, times=times, recall_L=recall,
+            CONFIGURATORS.build(configurator_config), trace, policy_configs, hw=hw, times=layer_times, recall_L=recall,
             candidates=shape.candidates, budget_bytes=budget, staging_experts=staging, progress=bar.update,
             hybrid=hybrid, dtype_bytes=dtype_bytes,
         )
@@ -167,7 +168,7 @@ def run(args) -> dict:
     }
     if args.model and folder is not None:
         run_config["model"] = {"path": str(Path(folder).resolve())}
-    if args.expert_format is not None and fmt.quantized:  # encoded as they load (a quantized folder keeps its own)
+    if fmt is not None and fmt.quantized:  # encoded as they load (a quantized folder keeps its own)
         run_config.setdefault("model", {})["expert_format"] = fmt.config.as_dict()
     header = (
         f"# moepic configure: {configurator_config.name} for a budget of {budget} bytes ({args.budget}) with "
@@ -186,7 +187,7 @@ def run(args) -> dict:
         "predicted_ms_per_token": chosen.predicted_s * 1e3,
         "baselines": baselines,
         "budget_bytes": budget,
-        "staging_bytes": chosen.staging_experts * times.expert_bytes,
+        "staging_bytes": chosen.staging_experts * max(t.expert_bytes for t in layer_times),
         "total_bytes": chosen.total_bytes,
         "configurator": configurator_config.as_dict(),
         "policy": policy_config.as_dict(),
@@ -200,7 +201,7 @@ def run(args) -> dict:
     }
 
 
-def _miss_format(name: str | None, fmt, hybrid: str, spec):
+def _miss_format(name: str | None, formats, hybrid: str, spec):
     """The built `--miss-format`, checked against the experts (format, shape) and the hybrid mode, or None."""
     if name is None:
         return None
@@ -213,7 +214,7 @@ def _miss_format(name: str | None, fmt, hybrid: str, spec):
 
     miss_format = build_format(name)
     F = spec.moe.expert_ffn
-    check_miss_format(miss_format, (fmt,), hybrid, shape=(spec.hidden_size, F, neuron_block(F)))
+    check_miss_format(miss_format, formats, hybrid, shape=(spec.hidden_size, F, neuron_block(F)))
     return miss_format
 
 

@@ -82,7 +82,7 @@ def from_args(args):
     fmt = arguments.expert_format(args)
     shape, weights = _shape_and_weights(args)
     if fmt is not None:
-        shape = attrs.evolve(shape, expert_format=fmt)
+        shape = attrs.evolve(shape, expert_format=fmt, layer_formats=None)
     hw = arguments.hardware_profile(args)
     if args.hybrid not in (None, "off") and hw.host is None:
         raise ConfigError(f"--hybrid {args.hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "

@@ -21,7 +21,7 @@ from typing import Protocol
 import attrs
 import numpy as np
 
-from moepic.cache.layout import cache_bytes_after_staging, holds_every_expert
+from moepic.cache.layout import cache_bytes_after_staging
 from moepic.core.ffn import top_neurons_for
 from moepic.perfmodel.latency import LatencyModel, LayerChoice
 from moepic.perfmodel.workload import workload_from_trace
@@ -48,17 +48,17 @@ def register_configurator(name: str, config: type[ConfiguratorConfig]):
 class CacheConfiguration:
     layers: tuple[LayerChoice, ...]
     staging_experts: int
-    neuron_bytes: int
+    neuron_bytes: tuple[int, ...]  # per MoE layer (layers may store their experts in different formats)
     ffn_size: int
     predicted_s: float  # per decode token
 
     def cache_bytes(self) -> list[int]:
-        return [c.slots * c.top_neurons * self.neuron_bytes for c in self.layers]
+        return [c.slots * c.top_neurons * n for c, n in zip(self.layers, self.neuron_bytes, strict=True)]
 
     @property
     def total_bytes(self) -> int:
-        """Caches and staging: what the run will hold on the device for routed experts."""
-        return sum(self.cache_bytes()) + self.staging_experts * self.ffn_size * self.neuron_bytes
+        """Caches and staging (sized for the largest expert): what the run will hold on the device for routed experts."""
+        return sum(self.cache_bytes()) + self.staging_experts * self.ffn_size * max(self.neuron_bytes)
 
     def thetas(self, block: int) -> list[float]:
         """θ per layer as a float that `top_neurons_for` reads back as exactly the chosen top."""
@@ -77,14 +77,16 @@ def configure_cache(configurator: Configurator, model: LatencyModel, budget_byte
     A budget that holds every whole expert needs no configurator (and no staging); one below the
     staging buffers cannot run at all."""
     t, E = model.times, model.num_experts
-    if holds_every_expert(budget_bytes, model.num_layers, E, t.expert_bytes):
+    layer_times = model.layer_times
+    if budget_bytes >= sum(E * lt.expert_bytes for lt in layer_times):  # every expert whole: nothing to configure
         layers, staging_experts = (LayerChoice(slots=E, top_neurons=t.ffn_size),) * model.num_layers, 0
     else:
-        cache_bytes = cache_bytes_after_staging(budget_bytes, staging_experts, t.expert_bytes, what="budget")
+        staging_bytes = max(lt.expert_bytes for lt in layer_times)
+        cache_bytes = cache_bytes_after_staging(budget_bytes, staging_experts, staging_bytes, what="budget")
         layers = tuple(configurator.configure(model, cache_bytes))
     return CacheConfiguration(
-        layers=layers, staging_experts=staging_experts, neuron_bytes=t.neuron_bytes, ffn_size=t.ffn_size,
-        predicted_s=model.token_s(layers),
+        layers=layers, staging_experts=staging_experts, neuron_bytes=tuple(lt.neuron_bytes for lt in layer_times),
+        ffn_size=t.ffn_size, predicted_s=model.token_s(layers),
     )
 
 

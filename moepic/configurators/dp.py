@@ -26,15 +26,15 @@ class DynamicProgram:
         self.config = config
 
     def configure(self, model: LatencyModel, cache_bytes: int) -> tuple[LayerChoice, ...]:
-        U, E, t = self.config.budget_units, model.num_experts, model.times
+        U, E = self.config.budget_units, model.num_experts
         unit = cache_bytes / U
         tops = top_grid(model, self.config.theta_steps)
         slots_X = np.repeat(np.arange(E + 1), len(tops))
         top_X = np.tile(tops, E + 1)
         keep = (top_X > 0) | (slots_X == 0)  # θ = 0 caches nothing: one option
         slots_X, top_X = slots_X[keep], top_X[keep]
-        units_X = units_for(slots_X, top_X, t.neuron_bytes, unit)
-        tables = [best_per_budget(units_X, model.layer_s(c, slots_X, top_X), U) for c in range(model.num_layers)]
+        tables = [best_per_budget(units_for(slots_X, top_X, model.times_for(c).neuron_bytes, unit), model.layer_s(c, slots_X, top_X), U)
+                  for c in range(model.num_layers)]
         # Forward: F[l][u]; remember each layer's share v for the backtrack.
         total_U, shares = tables[0][0], []
         for best_U, _ in tables[1:]:

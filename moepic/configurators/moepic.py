@@ -48,9 +48,9 @@ def fixed_point(g: Callable[[np.ndarray], np.ndarray], start_X: np.ndarray, max_
     raise RuntimeError(f"the fixed-point iteration did not settle within {max_steps} steps (is g monotone?)")
 
 
-def slots_at(model: LatencyModel, budget_X: np.ndarray, blocks_X: np.ndarray) -> np.ndarray:
-    """C(θ) = min(E, ⌊M / top bytes⌋) for tops of `blocks_X` neuron blocks (0 where there are none)."""
-    t = model.times
+def slots_at(model: LatencyModel, column: int, budget_X: np.ndarray, blocks_X: np.ndarray) -> np.ndarray:
+    """C(θ) = min(E, ⌊M / top bytes⌋) for tops of `blocks_X` neuron blocks of MoE layer `column` (0 where there are none)."""
+    t = model.times_for(column)
     return slots_for(budget_X, blocks_X * t.block * t.neuron_bytes, model.num_experts)
 
 
@@ -67,15 +67,15 @@ class DivideAndConquer:
 
     def theta_map(self, model: LatencyModel, column: int, budget_X: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """g on top sizes in blocks (0…F/block), for each budget level M (bytes) of `budget_X`."""
-        t, E, k = model.times, model.num_experts, model.k
+        t, E, k = model.times_for(column), model.num_experts, model.k
         blocks = t.ffn_size // t.block
         layer = model.workload.layers[column]
-        hidden_bytes = model.hw.link_gbps * 1e9 * model.window_s if layer.candidates > 0 else 0.0
+        hidden_bytes = model.hw.link_gbps * 1e9 * model.window_s_L[column] if layer.candidates > 0 else 0.0
         need = 1.0 - hidden_bytes / (k * t.expert_bytes)  # the share of an expert that must be cached
         h_C = np.maximum.accumulate(layer.hit_rate_C)  # measured curves may dip; g must not
 
         def g(b_X: np.ndarray) -> np.ndarray:
-            slots_X = np.where(b_X > 0, slots_at(model, budget_X, b_X), E)  # θ → 0: every top fits
+            slots_X = np.where(b_X > 0, slots_at(model, column, budget_X, b_X), E)  # θ → 0: every top fits
             with np.errstate(divide="ignore"):
                 theta_X = np.clip(np.where(h_C[slots_X] > 0, need / h_C[slots_X], 1.0 if need > 0 else 0.0), 0.0, 1.0)
             return np.ceil(theta_X * blocks - 1e-9).astype(np.int64)
@@ -84,11 +84,11 @@ class DivideAndConquer:
 
     def layer_table(self, model: LatencyModel, column: int, unit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """best[u] over u budget units for one layer, and each level's chosen (slots, top)."""
-        U, E, t, R = self.config.budget_units, model.num_experts, model.times, self.config.window
+        U, E, t, R = self.config.budget_units, model.num_experts, model.times_for(column), self.config.window
         budget_V = np.floor(np.arange(U + 1) * unit).astype(np.int64)
         g = self.theta_map(model, column, budget_V)
         b_V, _ = fixed_point(g, np.zeros(U + 1, dtype=np.int64), t.ffn_size // t.block + 1)
-        slots_star_V = np.where(b_V > 0, slots_at(model, budget_V, b_V), 0)
+        slots_star_V = np.where(b_V > 0, slots_at(model, column, budget_V, b_V), 0)
         window = np.arange(-R, R + 1)[None, :]
 
         def with_tops(slots_VN: np.ndarray) -> np.ndarray:

@@ -29,5 +29,5 @@ class Uniform:
         t = model.times
         top = top_neurons_for(self.config.theta, t.ffn_size, t.block)
         per_layer = cache_bytes // model.num_layers
-        slots = slots_for(per_layer, top * t.neuron_bytes, model.num_experts)
-        return (LayerChoice(slots=slots, top_neurons=top),) * model.num_layers
+        return tuple(LayerChoice(slots=slots_for(per_layer, top * model.times_for(c).neuron_bytes, model.num_experts), top_neurons=top)
+                     for c in range(model.num_layers))

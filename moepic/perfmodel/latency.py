@@ -126,6 +126,18 @@ def model_times(
     )
 
 
+def layer_model_times(
+    hw: HardwareProfile, spec: ModelSpec, *, expert_formats: Sequence[ExpertFormat], **kwargs
+) -> tuple[ModelTimes, ...]:
+    """`model_times` for each MoE layer's experts' format (a GGUF file's kinds vary by layer), each
+    distinct format priced once; `kwargs` as `model_times` takes them."""
+    priced: dict = {}
+    for fmt in expert_formats:
+        if fmt.config not in priced:
+            priced[fmt.config] = model_times(hw, spec, expert_format=fmt, **kwargs)
+    return tuple(priced[fmt.config] for fmt in expert_formats)
+
+
 def binomial_JP(k: int, p: float) -> np.ndarray:
     """[j, i]: P(i of j independent events with probability p), for j = 0…k."""
     out = np.zeros((k + 1, k + 1))
@@ -144,17 +156,31 @@ class LatencyModel:
     """T_l for any (C, θ) of any MoE layer, vectorised over configurations; see the module docstring."""
 
     def __init__(
-        self, hw: HardwareProfile, times: ModelTimes, workload: WorkloadProfile, *, hybrid: str = "off", dtype_bytes: int = 2
+        self, hw: HardwareProfile, times: ModelTimes | Sequence[ModelTimes], workload: WorkloadProfile, *, hybrid: str = "off",
+        dtype_bytes: int = 2,
     ) -> None:
-        if hybrid != "off" and times.miss_neuron_bytes is not None:
-            raise ValueError("a miss format is priced with hybrid off (its misses run on the device)")
+        """`times`: the model's, or one per MoE layer where layers store their experts in different
+        formats (a GGUF file's kinds vary by layer; `layer_times`)."""
+        layer_times = tuple(times) if isinstance(times, (list, tuple)) else (times,) * len(workload.layers)
+        if len(layer_times) != len(workload.layers):
+            raise ValueError(f"times for {len(layer_times)} MoE layers, a workload of {len(workload.layers)}")
+        times = layer_times[0]
+        if hybrid != "off" and (times.miss_neuron_bytes is not None or len(set(layer_times)) > 1):
+            raise ValueError("hybrid is priced for one dense format and no miss format")
         self.hw, self.times, self.workload = hw, times, workload
+        self.layer_times = layer_times
         self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None  # no host: one line naming --host
         self.hybrid = check_mode(hybrid, self.pricing is not None or hybrid == "off")
         self._finish: dict[tuple[int, float], np.ndarray] = {}  # (top neurons, head start) → [j] loads_finish
         self.k, self.num_experts = workload.top_k, workload.num_experts
-        self.window_s = self.k * times.expert_s + times.layer_s
+        # The compute that hides a prefetch: the previous layer's experts and this one's attention.
+        self.window_s_L = [self.k * t.expert_s + t.layer_s for t in layer_times]
+        self.window_s = self.window_s_L[0]
         self._joint = [self._predicted_split(l) for l in workload.layers]
+
+    def times_for(self, column: int) -> ModelTimes:
+        """The times of MoE layer `column` (its experts' format)."""
+        return self.layer_times[column]
 
     @property
     def num_layers(self) -> int:
@@ -169,7 +195,8 @@ class LatencyModel:
 
     def parts(self, column: int, slots_X: np.ndarray, top_X: np.ndarray) -> dict[str, np.ndarray]:
         """Seconds per token of MoE layer `column`, per configuration X (C = slots_X, top neurons top_X)."""
-        t, hw, k = self.times, self.hw, self.k
+        t, hw, k = self.times_for(column), self.hw, self.k
+        window_s = self.window_s_L[column]
         layer = self.workload.layers[column]
         slots_X = np.asarray(slots_X, dtype=np.int64)
         top_X = np.asarray(top_X, dtype=np.int64)
@@ -193,21 +220,21 @@ class LatencyModel:
             bytes_XPM = ph * hit_bytes_X[:, None, None] + pm * S + wrong * guess_bytes_X[:, None, None]
             copies_XPM = ph * hit_copies_X[:, None, None] + pm + wrong * guess_copies_X[:, None, None]
             copy_XPM = bytes_XPM / link_Bps + copies_XPM * tau
-            exposed_X = (joint_XPM * np.maximum(0.0, copy_XPM - self.window_s)).sum((1, 2))
+            exposed_X = (joint_XPM * np.maximum(0.0, copy_XPM - window_s)).sum((1, 2))
         else:
             a, exposed_X = 0.0, np.zeros(len(slots_X))
         unpredicted = k * (1 - a)
         demand_X = unpredicted * (guess_bytes_X / link_Bps + guess_copies_X * tau)
-        fill_X = self._fill_s(layer, slots_X, top_X)
+        fill_X = self._fill_s(column, slots_X, top_X)
         if kp > 0:  # behind the step's copies, the fills hold the link the next prefetch needs
-            exposed_X = exposed_X + (joint_XPM * (np.maximum(0.0, copy_XPM + fill_X[:, None, None] - self.window_s)
-                                                 - np.maximum(0.0, copy_XPM - self.window_s))).sum((1, 2))
+            exposed_X = exposed_X + (joint_XPM * (np.maximum(0.0, copy_XPM + fill_X[:, None, None] - window_s)
+                                                 - np.maximum(0.0, copy_XPM - window_s))).sum((1, 2))
         else:  # …or the next demand copies
             demand_X = demand_X + fill_X
         partial_X = np.where(whole, 0.0, k * h_X)
         assemble_X = partial_X * top_X * t.neuron_bytes / (hw.device_copy_gbps * 1e9)
         if self.pricing is not None:  # the loads on link and host, by the engine's placement rule
-            head_start = a * self.window_s if kp > 0 else 0.0
+            head_start = a * window_s if kp > 0 else 0.0
             hits_XJ = layer.hits_CJ[slots_X]
             finish_XJ = np.stack([self._loads_finish_J(int(top), head_start) for top in top_X])
             exposed_X = (hits_XJ * finish_XJ).sum(1)
@@ -230,10 +257,10 @@ class LatencyModel:
             "bytes": k * guess_bytes_X,
         }
 
-    def _fill_s(self, layer: LayerWorkload, slots_X: np.ndarray, top_X: np.ndarray) -> np.ndarray:
+    def _fill_s(self, column: int, slots_X: np.ndarray, top_X: np.ndarray) -> np.ndarray:
         """Link seconds a step's fills take: with a miss format, each admitted miss's top is copied
         from the host (`admissions_C`, measured on the trace); none otherwise."""
-        t, hw = self.times, self.hw
+        t, hw, layer = self.times_for(column), self.hw, self.workload.layers[column]
         if t.miss_neuron_bytes is None or layer.admissions_C is None:
             return np.zeros(len(slots_X))
         admitted_X = layer.admissions_C[slots_X]

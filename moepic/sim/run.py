@@ -20,7 +20,7 @@ from moepic.core.weights import neuron_block
 from moepic.errors import ConfigError
 from moepic.perfmodel.host_costs import check_priceable
 from moepic.perfmodel.hardware import HardwareProfile
-from moepic.perfmodel.latency import model_times
+from moepic.perfmodel.latency import layer_model_times
 from moepic.perfmodel.workload import measured_recall
 from moepic.policies.base import build_policy_on
 from moepic.predictors import PREDICTORS, PredictorConfig
@@ -90,7 +90,7 @@ def resolve_predictor(config: PredictorConfig, testbed: Testbed):
 def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> tuple[CacheLayout, object]:
     """The layout and the policy to run it with: θ and an even split with the first policy, or the
     configurator's choice on the trace among `policies` (the fastest predicted)."""
-    spec, dtype_bytes, fmt = testbed.shape.spec, testbed.shape.dtype_bytes, testbed.shape.expert_format
+    spec, dtype_bytes, fmt = testbed.shape.spec, testbed.shape.dtype_bytes, testbed.shape.expert_formats
     staging = staging_buffers(spec.moe.top_k, predictor)
     budget = testbed.budget if testbed.budget is not None else setup.budget
     if budget is None:
@@ -111,7 +111,7 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
                              miss_format=miss_format_of(setup, testbed))
     else:
         layout = plan_layout(
-            spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times.block),
+            spec, dtype_bytes=dtype_bytes, budget=[f"{b}B" for b in chosen.cache_bytes()], theta=chosen.thetas(times[0].block),
             staging_experts=staging, expert_format=fmt, miss_format=miss_format_of(setup, testbed),
         )
     return layout, configured.policy
@@ -142,15 +142,16 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     """Policy, predictor and layout. A setup with `policy_choices` and a configurator configures
     each candidate policy and keeps the one the latency model predicts fastest on the trace."""
     if hybrid_of(setup, testbed) != "off":
-        check_priceable(testbed.shape.expert_format, f"{setup.name} (hybrid {hybrid_of(setup, testbed)})")
+        for fmt in testbed.shape.expert_formats:
+            check_priceable(fmt, f"{setup.name} (hybrid {hybrid_of(setup, testbed)})")
     if miss_format_of(setup, testbed) is not None:
         spec = testbed.shape.spec
-        check_miss_format(miss_format_of(setup, testbed), (testbed.shape.expert_format,), hybrid_of(setup, testbed),
+        check_miss_format(miss_format_of(setup, testbed), testbed.shape.expert_formats, hybrid_of(setup, testbed),
                           shape=(spec.hidden_size, spec.moe.expert_ffn, neuron_block(spec.moe.expert_ffn)))
     predictor = resolve_predictor(setup.predictor, testbed)
-    times = model_times(
+    times = layer_model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
-        predictor=predictor.horizon > 0, expert_format=testbed.shape.expert_format, miss_format=miss_format_of(setup, testbed),
+        predictor=predictor.horizon > 0, expert_formats=testbed.shape.expert_formats, miss_format=miss_format_of(setup, testbed),
     )
     policies = [build_policy_on(config, testbed.trace) for config in setup.policy_choices or (setup.policy,)]
     layout, policy = setup_layout(setup, testbed, policies, predictor, times)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import attrs
 
-from moepic.core.footprint import footprint
 from moepic.core.spec import ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moepic.errors import ConfigError
 from moepic.quant import ExpertFormat, build_format
@@ -26,13 +25,19 @@ class ModelShape:
     dtype_bytes: int
     # How its routed experts are stored (moepic/quant): a miss moves this format's bytes.
     expert_format: ExpertFormat = attrs.field(factory=lambda: build_format("dense"))
+    # One format per MoE layer where they differ (a GGUF file's kinds vary by layer); None: `expert_format`'s.
+    layer_formats: tuple[ExpertFormat, ...] | None = None
+
+    @property
+    def expert_formats(self) -> tuple[ExpertFormat, ...]:
+        """Each MoE layer's experts' format."""
+        return self.layer_formats or (self.expert_format,) * len(self.spec.moe_layers)
 
     @property
     def expert_bytes(self) -> int:
-        """Every routed expert's bytes, in its format."""
+        """Every routed expert's bytes, in its layer's format."""
         moe = self.spec.moe
-        neuron = self.expert_format.spec_neuron_bytes(self.spec, self.dtype_bytes)
-        return footprint(self.spec).num_routed_experts * moe.expert_ffn * neuron
+        return sum(moe.num_experts * moe.expert_ffn * f.spec_neuron_bytes(self.spec, self.dtype_bytes) for f in self.expert_formats)
 
 
 def _preset(name, *, vocab, hidden, heads, kv_heads, head_dim, layers, experts, top_k, ffn, shared=0,
@@ -86,7 +91,7 @@ def model_shape(name_or_dir: str) -> ModelShape:
 
     from moepic.checkpoint.gguf_names import is_gguf
     from moepic.checkpoint.load import read_spec
-    from moepic.checkpoint.stored_experts import checkpoint_format
+    from moepic.checkpoint.stored_experts import checkpoint_formats
 
     if not Path(name_or_dir).is_dir() and not is_gguf(name_or_dir):
         raise ConfigError(f"unknown model shape {name_or_dir!r}; known: {known_shapes()} (or a model folder with config.json, "
@@ -95,5 +100,6 @@ def model_shape(name_or_dir: str) -> ModelShape:
     spec, cfg = read_spec(Path(name_or_dir))
     if spec.moe is None:
         raise ConfigError(f"{name_or_dir}: the model has no routed experts to simulate")
+    formats = checkpoint_formats(cfg, len(spec.moe_layers))  # a GGUF file's vary by layer
     return ModelShape(name=Path(name_or_dir).name, spec=spec, dtype_bytes=torch.empty((), dtype=cfg.checkpoint_dtype()).element_size(),
-                      expert_format=checkpoint_format(cfg))
+                      expert_format=formats[0], layer_formats=formats if len({f.config for f in formats}) > 1 else None)

@@ -38,6 +38,8 @@ Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import numpy as np
 
@@ -103,7 +105,7 @@ def simulate(
     trace: RoutingTrace,
     layout: CacheLayout,
     policy: CachePolicy,
-    times: ModelTimes,
+    times: ModelTimes | Sequence[ModelTimes],
     hw: HardwareProfile,
     predictor: Predictor | None = None,
     *,
@@ -146,6 +148,9 @@ def simulate(
                 union.update(experts)
     reach = max((target - c for c, source_issues in enumerate(issues) for target, _ in source_issues), default=0)
     link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
+    # One per MoE layer where layers store their experts in different formats (a GGUF file's kinds).
+    layer_times = tuple(times) if isinstance(times, (list, tuple)) else (times,) * len(layout.layers)
+    times = layer_times[0]
     if any(l.low_bit_misses for l in layers) and (times.miss_expert_s is None or hybrid != "off"):
         raise ValueError("a layout with a miss format needs times with one (model_times(miss_format=…)), and hybrid off")
     miss_expert_s = times.miss_expert_s
@@ -156,10 +161,10 @@ def simulate(
     # A layer runs the predictor once per layer ahead it names experts for.
     predictor_L = [times.predictor_s * len(issues[c]) for c in range(L)]
     layer_s = [times.layer_s + predictor_L[c] for c in range(L)]
-    expert_s = times.expert_s
+    expert_s = [t.expert_s for t in layer_times]
     # A cached top computed alone (its bottom on the host): the launch, and θ of the weights.
     launch_s = hw.expert_overhead_us * 1e-6
-    top_expert_s = [launch_s + l.theta * max(0.0, expert_s - launch_s) for l in layers]
+    top_expert_s = [launch_s + l.theta * max(0.0, expert_s[c] - launch_s) for c, l in enumerate(layers)]
     # The engine's own host work (hardware.py): per planned step, and per loaded expert.
     step_s = [0.0 if l.fully_resident else hw.offload_step_us * 1e-6 for l in layers]
     load_s = hw.load_us * 1e-6
@@ -323,7 +328,7 @@ def simulate(
                     clock += load_s
                     if top_copy(p, layers[c]) in ("slot_to_staging", "staging_to_slot"):
                         clock += top_device_s[c]
-                clock += miss_expert_s if p.load == "whole" and layers[c].low_bit_misses else expert_s
+                clock += miss_expert_s if p.load == "whole" and layers[c].low_bit_misses else expert_s[c]
             if plan.kept and admitted_top_copy(layers[c]) == "staging_to_slot":
                 clock += top_device_s[c] * len(plan.kept)
             if hosted:

@@ -212,12 +212,30 @@ def test_kinds_varying_by_layer_stay_blocks_in_each_layers_format(capsys, checkp
     assert_slots_hold_the_host_bytes(engine)
     assert main_ok(["inspect", "--model", str(path)])
     assert "per-layer gguf (gate_up Q4_K, down Q6_K) on 1 layers + gguf (gate_up Q4_K, down Q4_K) on 1 layers" in capsys.readouterr().out
-    with pytest.raises(CheckpointError) as refused:  # what simulate, compare and configure read the shape with
-        model_shape(str(path))
-    message = str(refused.value)
-    assert "its routed experts' formats vary by layer (MoE layer 0: {'name': 'gguf', 'gate_up': 'Q4_K', 'down': 'Q6_K'}, " \
-           "MoE layer 1: {'name': 'gguf', 'gate_up': 'Q4_K', 'down': 'Q4_K'}); the simulator and the configurator price " \
-           "one format per model: pass --format" in message
+    shape = model_shape(str(path))  # what simulate, compare and configure price it with: each layer its own bytes
+    assert [f.config.down for f in shape.expert_formats] == ["Q6_K", "Q4_K"]
+    assert shape.expert_bytes == 4 * sum(l.expert_bytes for l in engine.layout.layers)
+
+
+def test_simulate_and_configure_price_each_layers_format(capsys, checkpoint_dir, tmp_path):
+    from moepic.tracing.trace import save_trace
+
+    path = mixed_down_kinds(checkpoint_dir, tmp_path)
+    _, trace = dense_run(load_model(path), PROMPT, 6)
+    save_trace(trace, tmp_path / "run.npz")
+    common = ["--trace", str(tmp_path / "run.npz"), "--model", str(path), "--hardware", "a6000", "--budget", "0.9", "--json"]
+    assert main_ok(["simulate", *common, "--baseline", "moepic", "--recall", "0.8"])
+    simulated = json.loads(capsys.readouterr().out)
+    assert main_ok(["configure", *common])
+    configured = json.loads(capsys.readouterr().out)
+    F = D = 256
+    q6_layer, q4_layer = F * (2 * 144 + 210) * D // 256, F * 3 * 144 * D // 256  # expert bytes of layers 0 and 1
+    budget = int(0.9 * 4 * (q6_layer + q4_layer))  # a share of every expert's bytes, each layer in its format
+    assert configured["budget_bytes"] == budget
+    for report in (simulated, configured):
+        assert report["staging_bytes"] > 0 and report["staging_bytes"] % q6_layer == 0  # staging holds the larger experts
+    assert simulated["cache_bytes"] + simulated["staging_bytes"] <= budget
+    assert sum(l["budget_bytes"] for l in configured["layers"]) + configured["staging_bytes"] <= budget
 
 
 def test_a_kind_moepic_does_not_keep_is_named_with_the_way_out(capsys, checkpoint_dir, tmp_path):

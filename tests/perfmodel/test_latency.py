@@ -169,3 +169,20 @@ def test_the_replay_counts_admissions_lru_takes_every_miss_it_has_room_for(trace
         slots_C = np.arange(len(misses_C))
         assert (layer.admissions_C <= np.minimum(misses_C, slots_C) + 1e-9).all()
         np.testing.assert_allclose(layer.admissions_C[k:], misses_C[k:], atol=1e-9)
+
+
+@given(latency_models(), st.data())
+def test_per_layer_times_price_each_layer_as_its_own_format(model, data):
+    """Layers storing their experts in different formats (a GGUF file's kinds vary by layer): each
+    MoE layer is priced exactly as a model in its own format would price it."""
+    import attrs
+
+    t = model.times
+    other = attrs.evolve(t, neuron_bytes=max(1, t.neuron_bytes // 3), expert_s=t.expert_s * 1.25)
+    layer_times = [other if c % 2 else t for c in range(model.num_layers)]
+    mixed = LatencyModel(model.hw, layer_times, model.workload)
+    slots = np.arange(model.num_experts + 1)
+    top = np.full(len(slots), t.block * data.draw(st.integers(0, t.ffn_size // t.block)))
+    for column, own in enumerate(layer_times):
+        alone = LatencyModel(model.hw, own, model.workload)
+        np.testing.assert_array_equal(mixed.layer_s(column, slots, top), alone.layer_s(column, slots, top))
