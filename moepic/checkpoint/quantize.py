@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from moepic.checkpoint.adapters.reader import TensorReader
 from moepic.checkpoint.files import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
+from moepic.checkpoint.gguf_names import is_gguf
 from moepic.checkpoint.load import read_spec_and_adapter
 from moepic.checkpoint.stored_experts import checked_format, expert_file_tensors
 from moepic.core.weights import WIDEST_NEURON_BLOCK, neuron_block
@@ -52,6 +53,9 @@ def quantize_checkpoint(folder: str | Path, out: str | Path, fmt: ExpertFormat, 
         raise CheckpointError(f"{out}: the output folder is the source checkpoint; choose another one")
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new folder (quantize never overwrites one)")
+    if is_gguf(folder):
+        raise CheckpointError(f"{folder}: a GGUF file keeps its experts quantized already and loads as it is "
+                              "(--model FILE.gguf); `moepic quantize` rewrites safetensors folders")
     spec, cfg, adapter = read_spec_and_adapter(folder)
     q = cfg.data.get("quantization_config")
     if isinstance(q, dict) and q.get("quant_method") == "moepic":

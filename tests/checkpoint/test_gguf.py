@@ -267,6 +267,14 @@ def test_a_file_that_is_not_gguf_an_unsupported_architecture_and_a_missing_tenso
         load_model(missing)
 
 
+def test_quantize_points_a_gguf_file_to_loading_it_as_it_is(capsys, gguf_file, tmp_path):
+    path = gguf_file("qwen3_moe")
+    assert cli_error(capsys, ["quantize", "--model", str(path), "--format", "int4", "--out", str(tmp_path / "q")]) == (
+        f"{path}: a GGUF file keeps its experts quantized already and loads as it is (--model FILE.gguf); "
+        "`moepic quantize` rewrites safetensors folders")
+    assert not (tmp_path / "q").exists()
+
+
 def retitled(path: Path, tmp_path: Path, arch: str) -> Path:
     """`path` with general.architecture set to `arch` (as long as qwen3moe, so no offset moves)."""
     data, old = path.read_bytes(), b"qwen3moe"
