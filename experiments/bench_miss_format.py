@@ -13,7 +13,7 @@ quality and what it saves in bytes and time.
    moepic configured by its latency model (which prices the miss format), each without and with an
    int4 miss format.
 
-Run:  python experiments/bench_miss_format.py [--max-tokens 3000] [--json FILE]
+Run:  python experiments/bench_miss_format.py [--max-tokens 3000] [--json FILE] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--theta", type=float, default=0.5)
     parser.add_argument("--recall", type=float, default=0.85, help="gate lookahead's stand-in recall (simulated part)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="save the bytes and the simulated ms/token as bar charts here")
     args = parser.parse_args()
     torch.manual_seed(0)
     measured = quality(args.max_tokens, args.window, args.budgets, args.theta)
@@ -127,6 +128,31 @@ def main() -> None:
         print(f"\n(simulated part skipped: no traces under {TRACES})")
     if args.json:
         args.json.write_text(json.dumps({"measured": measured, "simulated": sim}, indent=2) + "\n")
+    if args.plot:
+        plot(measured, sim, args.plot)
+
+
+def plot(measured: dict, sim: dict, path: Path) -> None:
+    """MiB a token moved, measured (bundled model), and ms/token per setup, simulated (each trace)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offloaded = {name: r for name, r in measured["rows"].items() if "mib_per_token" in r}
+    fig, axes = plt.subplots(1, 1 + len(sim), figsize=(6 * (1 + len(sim)), 4), squeeze=False)
+    ax = axes[0][0]
+    ax.barh(list(offloaded), [r["mib_per_token"] for r in offloaded.values()], color="tab:green")
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB moved a token (bundled model, measured)")
+    for ax, (trace, rows) in zip(axes[0][1:], sim.items()):
+        colors = ["tab:orange" if "int4 misses" in name else "tab:blue" for name in rows]
+        ax.barh(list(rows), [r["ms_per_token"] for r in rows.values()], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms / token (Mixtral-8x7B, A6000, simulated)")
+        ax.set_title(trace)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
