@@ -205,13 +205,12 @@ def _miss_format(name: str | None, formats, hybrid: str, spec):
     """The built `--miss-format`, checked against the experts (format, shape) and the hybrid mode, or None."""
     if name is None:
         return None
+    from moepic.core.weights import neuron_block
     from moepic.quant import EXPERT_FORMATS, build_format
     from moepic.quant.format import check_miss_format
 
     if name not in EXPERT_FORMATS:
         raise ConfigError(f"--miss-format: unknown expert format {name!r}; known: {EXPERT_FORMATS.known()}")
-    from moepic.core.weights import neuron_block
-
     miss_format = build_format(name)
     F = spec.moe.expert_ffn
     check_miss_format(miss_format, formats, hybrid, shape=(spec.hidden_size, F, neuron_block(F)))
