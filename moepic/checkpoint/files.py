@@ -67,7 +67,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _non_finite_reason(tensor: torch.Tensor, converted: torch.Tensor) -> str:
+def non_finite_reason(tensor: torch.Tensor, converted: torch.Tensor) -> str:
     """Why `converted` (`tensor` in the load dtype) holds NaN/Inf: stored so, or overflowed by the cast."""
     bad = int((~torch.isfinite(converted)).sum())
     if all_finite(tensor):
@@ -207,7 +207,7 @@ class SafetensorsCheckpoint:
         """`converted` (what tensor `name`, `stored`, became), refused by name if it holds NaN or Inf
         and `check_finite` is on; checked on the target device: what the model will compute with."""
         if self.check_finite and not all_finite(converted):
-            raise CheckpointError(f"{self._file_of[name]}: tensor {name!r} {_non_finite_reason(stored, converted)}")
+            raise CheckpointError(f"{self._file_of[name]}: tensor {name!r} {non_finite_reason(stored, converted)}")
         self._mark_read(name)
         return converted
 

@@ -18,7 +18,7 @@ import torch
 
 import gguf
 
-from moepic.checkpoint.files import all_finite
+from moepic.checkpoint.files import all_finite, non_finite_reason
 from moepic.checkpoint.gguf_names import GGUFName, gguf_name, unpermute
 from moepic.errors import CheckpointError
 from moepic.quant.ggml import BLOCKS, dequantize_ggml
@@ -126,8 +126,7 @@ class GGUFCheckpoint:
             values = unpermute(values, self.heads["q" if ".attn_q." in where.name else "k"])
         converted = values.reshape(shape).to(device=device, dtype=dtype)
         if self.check_finite and not all_finite(converted):
-            bad = int((~torch.isfinite(converted)).sum())
-            raise CheckpointError(f"{self.folder}: tensor {where.name!r} has {bad} NaN or Inf value(s) in {dtype}")
+            raise CheckpointError(f"{self.folder}: tensor {where.name!r} {non_finite_reason(values, converted)}")
         self._mark_read(where.name)
         return converted
 

@@ -315,13 +315,33 @@ def add_expert_format(parser, help: str, *, flag: str = "--format", default: str
     parser.add_argument("--asymmetric", action="store_true", help=f"with {flag} int8/int4: a zero point per group too")
 
 
+def _known_format(name: str, flag: str):
+    """The expert-format registry, once `name` is known to it; else one line naming the flag."""
+    formats = registry("expert format")
+    if name not in formats:
+        raise ConfigError(f"{flag}: unknown expert format {name!r}; known: {formats.known()}")
+    return formats
+
+
+def add_miss_format(parser, help: str) -> None:
+    """`--miss-format NAME` (`cache.miss_format`, with the format's default knobs); `help` may use {formats}."""
+    action = parser.add_argument("--miss-format", metavar="NAME", help=help)
+    action.fills = {"formats": registered_names("expert format")}
+
+
+def miss_format(args):
+    """The ExpertFormat `--miss-format` names, or None where none was given."""
+    if args.miss_format is None:
+        return None
+    _known_format(args.miss_format, "--miss-format")
+    return importlib.import_module("moepic.quant").build_format(args.miss_format)
+
+
 def expert_format(args, *, flag: str = "--format"):
     """The ExpertFormat the flags name, or None where none was given; a mistake names the flag."""
     if args.expert_format is None:
         return None
-    formats = registry("expert format")
-    if args.expert_format not in formats:
-        raise ConfigError(f"{flag}: unknown expert format {args.expert_format!r}; known: {formats.known()}")
+    formats = _known_format(args.expert_format, flag)
     knobs = importlib.import_module("attrs").fields_dict(formats[args.expert_format].config)
     node = {"name": args.expert_format}
     if "group_size" in knobs:

@@ -38,9 +38,8 @@ def add_parser(subparsers):
     arguments.add_hybrid(conf)
     arguments.add_expert_format(conf, "routed experts stored as: {formats} (default: the model's own); the config "
                                 "written keeps them so (model.expert_format)")
-    miss = conf.add_argument("--miss-format", metavar="NAME", help="price misses served from a low-bit copy in this format "
-                             "({formats}, its default knobs; changes numbers: cache.miss_format); the config written keeps it")
-    miss.fills = {"formats": arguments.registered_names("expert format")}
+    arguments.add_miss_format(conf, "price misses served from a low-bit copy in this format ({formats}, its default "
+                              "knobs; changes numbers: cache.miss_format); the config written keeps it")
     conf.add_argument("--out", metavar="FILE.yaml", help="write the cache config here (for moepic generate --config)")
     arguments.add_json(conf)
     arguments.add_progress(conf)
@@ -135,7 +134,7 @@ def run(args) -> dict:
         raise ConfigError(f"--recall has no effect with --predictor {predictor_config.name}: nothing is prefetched")
     recall = _recall(args.recall, trace, args.trace, predictor_config, folder, dtype, len(spec.moe_layers))
 
-    miss_format = _miss_format(args.miss_format, formats, hybrid, spec)
+    miss_format = _checked_miss_format(arguments.miss_format(args), formats, hybrid, spec)
     layer_times = layer_model_times(hw, spec, dtype_bytes=dtype_bytes, context_tokens=args.context, predictor=shape.horizon > 0,
                                     expert_formats=formats, miss_format=miss_format)  # a GGUF file's formats vary by layer
     times = layer_times[0]
@@ -201,17 +200,13 @@ def run(args) -> dict:
     }
 
 
-def _miss_format(name: str | None, formats, hybrid: str, spec):
-    """The built `--miss-format`, checked against the experts (format, shape) and the hybrid mode, or None."""
-    if name is None:
+def _checked_miss_format(miss_format, formats, hybrid: str, spec):
+    """`--miss-format`'s format, checked against the experts (formats, shape) and the hybrid mode, or None."""
+    if miss_format is None:
         return None
     from moepic.core.weights import neuron_block
-    from moepic.quant import EXPERT_FORMATS, build_format
     from moepic.quant.format import check_miss_format
 
-    if name not in EXPERT_FORMATS:
-        raise ConfigError(f"--miss-format: unknown expert format {name!r}; known: {EXPERT_FORMATS.known()}")
-    miss_format = build_format(name)
     F = spec.moe.expert_ffn
     check_miss_format(miss_format, formats, hybrid, shape=(spec.hidden_size, F, neuron_block(F)))
     return miss_format

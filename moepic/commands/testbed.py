@@ -30,21 +30,9 @@ def add_arguments(parser) -> None:
     arguments.add_hybrid(parser)
     arguments.add_expert_format(parser, "routed experts stored as: {formats} (default: the model's own, dense unless "
                                 "`moepic quantize` wrote it): every setup moves that format's bytes")
-    miss = parser.add_argument("--miss-format", metavar="NAME", help="serve every setup's misses from a low-bit copy in "
-                               "this format ({formats}, its default knobs; changes numbers: cache.miss_format)")
-    miss.fills = {"formats": arguments.registered_names("expert format")}
+    arguments.add_miss_format(parser, "serve every setup's misses from a low-bit copy in this format ({formats}, its "
+                              "default knobs; changes numbers: cache.miss_format)")
     arguments.add_json(parser)
-
-
-def _miss_format(name: str | None):
-    """The `--miss-format` node, or None; an unknown name is one line."""
-    if name is None:
-        return None
-    from moepic.quant import EXPERT_FORMATS, build_format
-
-    if name not in EXPERT_FORMATS:
-        raise ConfigError(f"--miss-format: unknown expert format {name!r}; known: {EXPERT_FORMATS.known()}")
-    return build_format(name).config
 
 
 def _shape_and_weights(args):
@@ -78,7 +66,7 @@ def from_args(args):
     from moepic.tracing import load_any_trace
 
     arguments.check_budget_form(args.budget)  # before any file is read
-    _miss_format(args.miss_format)
+    miss_format = arguments.miss_format(args)
     fmt = arguments.expert_format(args)
     shape, weights = _shape_and_weights(args)
     if fmt is not None:
@@ -98,7 +86,7 @@ def from_args(args):
         model = load_model(weights)
         router_inputs(trace, model.spec.hidden_size, args.trace)  # the model's width, or one line naming the trace
     return Testbed(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context,
-                   hybrid=args.hybrid, miss_format=_miss_format(args.miss_format))
+                   hybrid=args.hybrid, miss_format=None if miss_format is None else miss_format.config)
 
 
 def mib(nbytes: float) -> str:

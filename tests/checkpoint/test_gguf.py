@@ -6,6 +6,7 @@ computes what transformers' own reading of the file computes, and offloading cha
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -173,23 +174,32 @@ def test_generate_and_inspect_take_a_gguf_file(capsys, gguf_file):
 
 # -- bad input ------------------------------------------------------------------------------------
 
-def mixed_down_kinds(checkpoint_dir, tmp_path) -> Path:
-    """A Q4_K_M-like file: layer 0's down in Q6_K, layer 1's in Q4_K (llama.cpp varies it by layer)."""
-    path = write_gguf(checkpoint_dir("qwen3_moe_256"), tmp_path / "a.gguf", experts=("Q4_K", "Q6_K"))
-    other = write_gguf(checkpoint_dir("qwen3_moe_256"), tmp_path / "b.gguf", experts=("Q4_K", "Q4_K"))
-    reader, donor = gguf.GGUFReader(path), {t.name: t for t in gguf.GGUFReader(other).tensors}
-    writer = gguf.GGUFWriter(str(tmp_path / "mixed.gguf"), "qwen3moe")
+def rewritten(path: Path, out: Path, replaced: dict) -> Path:
+    """`path` with the tensors of `replaced` (name → a gguf ReaderTensor or a float32 array) swapped in."""
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(out), reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if not field.name.startswith(("GGUF.", "general.architecture")):
             writer.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
     for t in reader.tensors:
-        source = donor[t.name] if t.name == "blk.1.ffn_down_exps.weight" else t
-        writer.add_tensor(t.name, np.array(source.data), raw_dtype=source.tensor_type)
+        source = replaced.get(t.name, t)
+        if isinstance(source, np.ndarray):
+            writer.add_tensor(t.name, source)
+        else:
+            writer.add_tensor(t.name, np.array(source.data), raw_dtype=source.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return tmp_path / "mixed.gguf"
+    return out
+
+
+def mixed_down_kinds(checkpoint_dir, tmp_path) -> Path:
+    """A Q4_K_M-like file: layer 0's down in Q6_K, layer 1's in Q4_K (llama.cpp varies it by layer)."""
+    path = write_gguf(checkpoint_dir("qwen3_moe_256"), tmp_path / "a.gguf", experts=("Q4_K", "Q6_K"))
+    other = write_gguf(checkpoint_dir("qwen3_moe_256"), tmp_path / "b.gguf", experts=("Q4_K", "Q4_K"))
+    donor = {t.name: t for t in gguf.GGUFReader(other).tensors}
+    return rewritten(path, tmp_path / "mixed.gguf", {"blk.1.ffn_down_exps.weight": donor["blk.1.ffn_down_exps.weight"]})
 
 
 def test_kinds_varying_by_layer_stay_blocks_in_each_layers_format(capsys, checkpoint_dir, tmp_path):
@@ -273,6 +283,22 @@ def test_quantize_points_a_gguf_file_to_loading_it_as_it_is(capsys, gguf_file, t
         f"{path}: a GGUF file keeps its experts quantized already and loads as it is (--model FILE.gguf); "
         "`moepic quantize` rewrites safetensors folders")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_weight_holding_nan_or_too_large_for_the_dtype_is_named(gguf_file, tmp_path):
+    """As safetensors files are checked (files.py): a NaN stored in the file, or a value the cast overflows."""
+    path = gguf_file("qwen3_moe")
+    weight = gguf.GGUFReader(path)
+    norm = next(t for t in weight.tensors if t.name == "blk.1.ffn_norm.weight")
+    for value, stored, dtype, reason in (
+        (np.nan, np.float32, torch.float32, "has 1 NaN or Inf value(s)"),
+        (1e39, np.float64, torch.bfloat16, "has 1 value(s) too large for bfloat16 (load it in a wider dtype)"),  # an F64 tensor
+    ):
+        bad = np.array(norm.data, dtype=stored)
+        bad[3] = value
+        broken = rewritten(path, tmp_path / f"{stored.__name__}.gguf", {norm.name: bad})
+        with pytest.raises(CheckpointError, match=re.escape(f"tensor 'blk.1.ffn_norm.weight' {reason}")):
+            load_model(broken, dtype=dtype)
 
 
 def retitled(path: Path, tmp_path: Path, arch: str) -> Path:
