@@ -99,11 +99,12 @@ def read_stored_expert(
             stored = ckpt.read(name, shape, part.dtype)
         else:
             stored = ckpt.read_stored(name, shape, part.dtype)
-        tensors.append(part.from_file(stored, block).to(device))
+        tensors.append(fmt.part_from_file(part.name, part.from_file(stored, block)).to(device))
     return QuantizedExpert(fmt, tuple(tensors), block, D, dtype, moe.activation, moe.expert_bias)
 
 
 def expert_file_tensors(key: str, expert: QuantizedExpert) -> dict[str, torch.Tensor]:
     """What a checkpoint file holds for routed expert `key` (`read_stored_expert` reads it back)."""
     parts = expert.format.parts(expert.hidden, expert.block, expert.dtype, expert.biased)
-    return {f"{key}.{p.name}": p.to_file(t) for p, t in zip(parts, expert.parts, strict=True)}
+    fmt = expert.format
+    return {f"{key}.{p.name}": p.to_file(fmt.part_to_file(p.name, t)) for p, t in zip(parts, expert.parts, strict=True)}

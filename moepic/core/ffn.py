@@ -32,7 +32,11 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: GatedActivation) -> torch.T
 
 def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
     """The FFN's output without any down bias (that is the expert's, not a segment's: core/moe.py).
-    An expert stored quantized is decoded here, right before its matmuls (`dense`)."""
+    An expert stored quantized is decoded here, right before its matmuls (`dense`), unless its
+    format computes from the stored bytes on this device (`fused_swiglu`)."""
+    fused = w.fused_swiglu(x_TD)
+    if fused is not None:
+        return fused
     w = w.dense()
     if w.dtype != x_TD.dtype:  # a quantized expert decoded for a faster kernel (quant/format.py kernel_dtype)
         return swiglu(x_TD.to(w.dtype), w).to(x_TD.dtype)

@@ -116,6 +116,10 @@ class SwiGLUWeights:
         """What the kernels compute with: itself (a quantized expert decodes: moepic/quant/format.py)."""
         return self
 
+    def fused_swiglu(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """None: dense weights have no fused path (a quantized expert may: moepic/quant/format.py)."""
+        return None
+
     def to(self, device: torch.device | str) -> SwiGLUWeights:
         return attrs.evolve(self, gate_up_N2BD=self.gate_up_N2BD.to(device), down_FD=self.down_FD.to(device),
                             gate_up_bias_N2B=None if self.gate_up_bias_N2B is None else self.gate_up_bias_N2B.to(device))

@@ -5,7 +5,7 @@ latency model see how a routed expert is stored (format.py). Importing this pack
 expert format.
 """
 
-from moepic.quant import dense, fp8, gguf_format, int4, int8, mxfp4  # noqa: F401  (registration)
+from moepic.quant import dense, fp8, gguf_format, int4, int4_fused, int8, mxfp4  # noqa: F401  (registration)
 from moepic.quant.format import EXPERT_FORMATS, ExpertFormat, FormatConfig, QuantizedExpert, build_format, format_of
 
 __all__ = ["EXPERT_FORMATS", "ExpertFormat", "FormatConfig", "QuantizedExpert", "build_format", "format_of"]

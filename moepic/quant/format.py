@@ -105,6 +105,20 @@ class ExpertFormat(ABC):
     def decode(self, q: QuantizedExpert, dtype: torch.dtype) -> SwiGLUWeights:
         """The weights `q` stores, in `dtype`, on its device: what the kernels run."""
 
+    def fused_swiglu(self, x_TD: torch.Tensor, q: QuantizedExpert) -> torch.Tensor | None:
+        """`q`'s output for `x_TD` computed from its stored bytes by a fused kernel, where the format
+        has one for `x_TD`'s device (quant/int4_fused.py on the host); None: decode, then matmul."""
+        return None
+
+    def part_to_file(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Part `name` ([blocks, *per_block]) with its bytes as files keep them: the same bytes, but
+        for a format whose in-memory layout depends on the machine (quant/int4_fused.py)."""
+        return t
+
+    def part_from_file(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of `part_to_file`."""
+        return t
+
     def assemble(
         self, named: dict[str, torch.Tensor], *, hidden: int, ffn_size: int, block: int, dtype: torch.dtype,
         activation: GatedActivation,
@@ -203,6 +217,9 @@ class QuantizedExpert:
 
     def dense(self) -> SwiGLUWeights:
         return self.format.decode(self, self.kernel_dtype)
+
+    def fused_swiglu(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        return self.format.fused_swiglu(x_TD, self)
 
 
 def format_of(expert: SwiGLUWeights | QuantizedExpert) -> ExpertFormat:

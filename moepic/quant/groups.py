@@ -48,13 +48,13 @@ def quantize(
     w_RGg = w_RC.float().reshape(R, C // group, group)
     if symmetric:
         q_max = 2 ** (bits - 1) - 1
-        scales_RG = _stored_scales(w_RGg.abs().amax(dim=-1) / q_max, scale_dtype)
+        scales_RG = stored_scales(w_RGg.abs().amax(dim=-1) / q_max, scale_dtype)
         q_RGg = torch.round(w_RGg / scales_RG.float()[..., None]).clamp(-q_max, q_max)
         zeros_RG = None
     else:
         top = 2**bits - 1
         low_RG, high_RG = w_RGg.amin(dim=-1).clamp(max=0), w_RGg.amax(dim=-1).clamp(min=0)
-        scales_RG = _stored_scales((high_RG - low_RG) / top, scale_dtype)
+        scales_RG = stored_scales((high_RG - low_RG) / top, scale_dtype)
         zeros_RG = torch.round(-low_RG / scales_RG.float()).clamp(0, top)
         q_RGg = (torch.round(w_RGg / scales_RG.float()[..., None]) + zeros_RG[..., None]).clamp(0, top)
         zeros_RG = zeros_RG.to(torch.uint8)
@@ -66,7 +66,7 @@ def quantize(
     return QuantizedGroups(values, scales_RG, zeros_RG, bits, group)
 
 
-def _stored_scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def stored_scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float32 scales in `dtype`, each rounded up (so |w| / scale never exceeds the code range);
     0 (a group of zeros) becomes 1."""
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
