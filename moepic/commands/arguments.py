@@ -347,5 +347,9 @@ def expert_format(args, *, flag: str = "--format"):
     if "group_size" in knobs:
         if args.group_size < 1:
             raise ConfigError(f"--group-size: at least 1, got {args.group_size}")
-        node |= {"group_size": args.group_size, "symmetric": not args.asymmetric}
+        node |= {"group_size": args.group_size}
+    if "symmetric" in knobs:
+        node |= {"symmetric": not args.asymmetric}
+    elif args.asymmetric:
+        raise ConfigError(f"--asymmetric: {args.expert_format} has no symmetric or asymmetric groups to choose")
     return importlib.import_module("moepic.quant").build_format(node)

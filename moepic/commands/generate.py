@@ -238,15 +238,12 @@ def _pricing(cfg, model, link):
     """What `--hybrid auto` places loads by: measured or named at start-up (runtime/host_pricing.py)."""
     if cfg.cache.hybrid != "auto":
         return None
-    from moepic.perfmodel.host_costs import check_priceable
     from moepic.quant import format_of
     from moepic.runtime.host_pricing import run_pricing
 
     expert = next(lw.ffn.experts[0] for lw in model.weights.layers if hasattr(lw.ffn, "experts"))
-    check_priceable(format_of(expert), "--hybrid auto")  # before measuring anything
-
     return run_pricing(model.device, model.dtype.itemsize, host=cfg.cache.host, link=link, threads=cfg.cache.host_threads,
-                       note=lambda text: print(f"moepic: note: {text}", file=sys.stderr))
+                       expert_format=format_of(expert), note=lambda text: print(f"moepic: note: {text}", file=sys.stderr))
 
 
 def _check_every_key_takes_effect(cfg) -> None:

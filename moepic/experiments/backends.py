@@ -226,9 +226,12 @@ def run_engine(config: ExperimentConfig) -> dict:
     link = Link(gbps=cache.link_gbps, latency_us=cache.link_latency_us) if cache.link_gbps else None
     pricing = None
     if setup.hybrid == "auto":  # priced as `moepic generate` prices it on this machine
+        from moepic.quant import format_of
         from moepic.runtime.host_pricing import run_pricing
 
-        pricing = run_pricing(model.device, model.dtype.itemsize, host=None, link=link, threads=None)
+        expert = next(lw.ffn.experts[0] for lw in model.weights.layers if hasattr(lw.ffn, "experts"))
+        pricing = run_pricing(model.device, model.dtype.itemsize, host=None, link=link, threads=None,
+                              expert_format=format_of(expert))
     ms_per_token, report, decode_stats = [], {}, {}
     for repeat in range(config.engine.repeats + 1):  # the first warms up
         engine = OffloadedExperts(model.weights, ready.layout, ready.policy, device=model.device, predictor=ready.predictor,

@@ -117,9 +117,21 @@ class HostProfile:
     # A host-computed result (a D-vector per token) reaching the device; None where no device was
     # there to measure it (a CPU-only machine).
     result_latency_us: float | None = attrs.field(default=None, validator=HOST_US)
+    # int4-fused experts (quant/int4_fused.py): their stored bytes (codes and scales) through torch's
+    # fused CPU int4 kernel per second, 1e9 bytes/s; None: not described, and hybrid auto with
+    # int4-fused experts is refused naming this key.
+    int4_expert_gbps: float | None = attrs.field(default=None, validator=attrs.validators.optional(HOST_GBPS))
 
-    def expert_gbps(self, dtype_bytes: int) -> float:
-        """The expert rate for weights of `dtype_bytes` bytes (2: bf16 or fp16, 4: fp32)."""
+    def expert_gbps(self, dtype_bytes: int, kernel: str = "dense") -> float:
+        """The expert rate of a format's host kernel (ExpertFormat.host_kernel): dense weights of
+        `dtype_bytes` bytes (2: bf16 or fp16, 4: fp32), or int4-fused's stored bytes."""
+        if kernel == "int4":
+            if self.int4_expert_gbps is None:
+                raise ConfigError(f"host profile {self.name!r} has no int4_expert_gbps to price host compute of int4-fused "
+                                  "experts; measure one with moepic profile, or add it to the profile")
+            return self.int4_expert_gbps
+        if kernel != "dense":
+            raise ValueError(f"no host rate for kernel {kernel!r}")
         return self.fp32_expert_gbps if dtype_bytes >= 4 else self.bf16_expert_gbps
 
     def as_dict(self) -> dict:

@@ -3,6 +3,7 @@
 
     copy      link latency + bytes / link bandwidth                          (as every copy is priced)
     host      hand-off per call + max(bytes / host expert rate,  flops / host matmul rate)
+              (the rate of the experts' format's host kernel: dense bf16 / fp32, or int4-fused's)
     hand-off  the tokens' input to the host, and a result back to the device (host.result_latency_us)
 
 The host streams expert weights from the same DRAM that host→device copies read, so while the
@@ -25,18 +26,22 @@ from moepic.perfmodel.hardware import HardwareProfile, HostProfile
 from moepic.quant import ExpertFormat
 
 
-def shared_dram_gbps(host: HostProfile, link_gbps: float, dtype_bytes: int) -> float:
-    """The host's expert rate (10⁹ weight bytes/s) with host→device copies reading the same DRAM."""
-    return min(host.expert_gbps(dtype_bytes), max(host.memory_gbps - link_gbps, host.memory_gbps / 2))
+def shared_dram_gbps(host: HostProfile, link_gbps: float, expert_gbps: float) -> float:
+    """The host's expert rate (10⁹ stored bytes/s; `expert_gbps` alone) with host→device copies
+    reading the same DRAM."""
+    return min(expert_gbps, max(host.memory_gbps - link_gbps, host.memory_gbps / 2))
 
 
 def check_priceable(expert_format: ExpertFormat | None, what: str) -> None:
-    """Host compute is priced for dense experts streamed through a GEMV. moepic's host path decodes
-    a quantized expert to float32 first, which no profile prices: refused by name, not mispriced."""
-    if expert_format is not None and expert_format.quantized:
-        raise ConfigError(f"{what} prices host compute of dense experts; with {expert_format.name} experts the host "
-                          "decodes to float32 before its GEMV, which is not priced yet: use hybrid off (or host-only in "
-                          "the engine, which measures rather than prices)")
+    """Host compute is priced for formats the host computes as stored (`host_kernel`: dense
+    experts through a GEMV, int4-fused through torch's fused int4 kernel). moepic's host path
+    decodes the other quantized formats to float32 first, which no profile prices: refused by
+    name, not mispriced."""
+    if expert_format is not None and expert_format.host_kernel is None:
+        raise ConfigError(f"{what} prices host compute of experts the host computes as stored (dense, int4-fused); "
+                          f"with {expert_format.name} experts the host decodes to float32 before its GEMV, which is "
+                          "not priced: use --expert-format int4-fused, hybrid off, or host-only in the engine (which "
+                          "measures rather than prices)")
 
 
 @attrs.frozen(kw_only=True)
@@ -47,14 +52,22 @@ class HostPricing:
     link_gbps: float
     link_latency_us: float
     dtype_bytes: int
+    kernel: str = "dense"  # the experts' host kernel (ExpertFormat.host_kernel), whose rate the host profile gives
+    weight_bytes: float | None = None  # stored bytes an expert weight takes, scales included (None: dtype_bytes)
     _costs: dict = attrs.field(factory=dict, init=False, repr=False, eq=False)  # (layer, tokens) → LoadCosts
 
+    def __attrs_post_init__(self) -> None:
+        self.host.expert_gbps(self.dtype_bytes, self.kernel)  # a profile without the kernel's rate: one line, now
+
     @classmethod
-    def of(cls, hw: HardwareProfile, dtype_bytes: int) -> HostPricing:
+    def of(cls, hw: HardwareProfile, dtype_bytes: int, *, kernel: str | None = "dense", weight_bytes: float | None = None) -> HostPricing:
         if hw.host is None:
             raise ConfigError(f"hardware profile {hw.name!r} describes no host CPU; give one (--host NAME|FILE, "
                               "or workload.host in an experiment config)")
-        return cls(host=hw.host, link_gbps=hw.link_gbps, link_latency_us=hw.link_latency_us, dtype_bytes=dtype_bytes)
+        if kernel is None:
+            raise ConfigError("these experts' format has no host kernel to price (perfmodel/host_costs.check_priceable)")
+        return cls(host=hw.host, link_gbps=hw.link_gbps, link_latency_us=hw.link_latency_us, dtype_bytes=dtype_bytes,
+                   kernel=kernel, weight_bytes=weight_bytes)
 
     @property
     def handoff_s(self) -> float:
@@ -70,11 +83,12 @@ class HostPricing:
 
     def host_s(self, nbytes: int, tokens: int) -> float:
         """One host call over `nbytes` of expert weights for `tokens` tokens."""
-        stream_s = nbytes / (shared_dram_gbps(self.host, self.link_gbps, self.dtype_bytes) * 1e9)
+        rate = shared_dram_gbps(self.host, self.link_gbps, self.host.expert_gbps(self.dtype_bytes, self.kernel))
+        stream_s = nbytes / (rate * 1e9)
         if tokens > 1:
-            gflops = self.host.matmul_gflops
+            gflops, weights = self.host.matmul_gflops, nbytes / (self.weight_bytes or self.dtype_bytes)
             # 2 flops per weight per token; without a matmul rate each token streams the weights again.
-            compute_s = 2 * nbytes / self.dtype_bytes * tokens / (gflops * 1e9) if gflops else tokens * stream_s
+            compute_s = 2 * weights * tokens / (gflops * 1e9) if gflops else tokens * stream_s
             stream_s = max(stream_s, compute_s)
         return self.host.call_overhead_us * 1e-6 + stream_s
 
@@ -93,3 +107,8 @@ class HostPricing:
                 handoff_s=self.handoff_s, fill_s=self.copy_s(top_bytes), can_split=0 < top_bytes < expert_bytes,
             )
         return costs
+
+
+def host_pricing(hw: HardwareProfile, times, dtype_bytes: int) -> HostPricing:
+    """HostPricing for experts whose `times` (perfmodel/latency.py ModelTimes) name their host kernel."""
+    return HostPricing.of(hw, dtype_bytes, kernel=times.host_kernel, weight_bytes=times.weight_bytes)

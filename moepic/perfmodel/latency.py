@@ -48,7 +48,7 @@ from moepic.core.spec import ModelSpec
 from moepic.core.weights import neuron_block
 from moepic.cache.placement import check_mode, loads_finish_s
 from moepic.perfmodel.hardware import HardwareProfile
-from moepic.perfmodel.host_costs import HostPricing
+from moepic.perfmodel.host_costs import host_pricing
 from moepic.perfmodel.workload import LayerWorkload, WorkloadProfile
 from moepic.quant import ExpertFormat, build_format
 
@@ -76,6 +76,10 @@ class ModelTimes:
     # token through an expert computed from it. None: misses move and compute the expert itself.
     miss_neuron_bytes: int | None = None
     miss_expert_s: float | None = None
+    # The format's host kernel and stored bytes per weight, which price computing an expert on the
+    # host (perfmodel/host_costs.py; None: no host kernel, hybrid refused).
+    host_kernel: str | None = "dense"
+    weight_bytes: float | None = None
 
     @property
     def expert_bytes(self) -> int:
@@ -123,6 +127,8 @@ def model_times(
         neuron_bytes=fmt.spec_neuron_bytes(spec, dtype_bytes),
         miss_neuron_bytes=None if miss_format is None else miss_format.spec_neuron_bytes(spec, dtype_bytes),
         miss_expert_s=None if miss_format is None else expert_s(miss_format),
+        host_kernel=fmt.host_kernel,
+        weight_bytes=fmt.weight_bytes(dtype_bytes),
     )
 
 
@@ -166,10 +172,10 @@ class LatencyModel:
             raise ValueError(f"times for {len(layer_times)} MoE layers, a workload of {len(workload.layers)}")
         times = layer_times[0]
         if hybrid != "off" and (times.miss_neuron_bytes is not None or len(set(layer_times)) > 1):
-            raise ValueError("hybrid is priced for one dense format and no miss format")
+            raise ValueError("hybrid is priced for one expert format and no miss format")
         self.hw, self.times, self.workload = hw, times, workload
         self.layer_times = layer_times
-        self.pricing = HostPricing.of(hw, dtype_bytes) if hybrid != "off" else None  # no host: one line naming --host
+        self.pricing = host_pricing(hw, times, dtype_bytes) if hybrid != "off" else None  # no host: one line naming --host
         self.hybrid = check_mode(hybrid, self.pricing is not None or hybrid == "off")
         self._finish: dict[tuple[int, float], np.ndarray] = {}  # (top neurons, head start) → [j] loads_finish
         self.k, self.num_experts = workload.top_k, workload.num_experts

@@ -20,6 +20,8 @@ class DenseConfig(FormatConfig):
 
 @EXPERT_FORMATS.register("dense", DenseConfig)
 class DenseFormat(ExpertFormat):
+    host_kernel = "dense"  # a GEMV over the weights themselves
+
     def parts(self, hidden: int, block: int, dtype: torch.dtype, biased: bool) -> tuple[PartShape, ...]:
         parts = (PartShape(name="gate_up", per_block=(2, block, hidden), dtype=dtype, paired=True),
                  PartShape(name="down", per_block=(block, hidden), dtype=dtype))

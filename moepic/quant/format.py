@@ -80,6 +80,10 @@ class ExpertFormat(ABC):
     config: FormatConfig
     # Segments are cut at multiples of this many neurons (a group spanning neurons is never cut).
     neuron_multiple: ClassVar[int] = 1
+    # The host kernel that computes this format as stored, as host profiles name its rate
+    # (perfmodel/hardware.py HostProfile.expert_gbps); None: the host decodes before a GEMV, which
+    # no profile prices (hybrid auto is refused: perfmodel/host_costs.py check_priceable).
+    host_kernel: ClassVar[str | None] = None
 
     def __init__(self, config: FormatConfig) -> None:
         self.config = config
@@ -156,6 +160,13 @@ class ExpertFormat(ABC):
         if total % block:
             raise ValueError(f"{self.name}: {block} neurons take {total} bytes, not a whole number per neuron")
         return total // block
+
+    def weight_bytes(self, dtype_bytes: int) -> float:
+        """Stored bytes an expert weight takes, scales included (biases aside): the weights behind
+        a number of bytes, for pricing their flops. Every format's bytes grow with the hidden size in
+        proportion, so one wide enough for every format's groups and tiles gives it."""
+        hidden = 4096
+        return self.neuron_bytes(hidden, False, dtype_bytes) / (3 * hidden)
 
     def kernel_bytes(self, hidden: int, biased: bool, dtype_bytes: int) -> int:
         """Bytes the computation of one neuron of an expert moves through memory, for the latency

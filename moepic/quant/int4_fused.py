@@ -75,6 +75,7 @@ def dequantize_offset(codes_RC: torch.Tensor, sz_RG2: torch.Tensor) -> torch.Ten
 @EXPERT_FORMATS.register("int4-fused", Int4FusedConfig)
 class Int4FusedFormat(ExpertFormat):
     config: Int4FusedConfig
+    host_kernel = "int4"  # host profiles' int4_expert_gbps
 
     def __init__(self, config: Int4FusedConfig) -> None:
         super().__init__(config)

@@ -3,7 +3,8 @@ allocations, thread settings (restored), timing.
 
 Decode on the host is a GEMV per projection that streams every weight once, so the expert rate is
 measured on experts that together are larger than any CPU cache, cycled so no call finds its
-weights cached, and reported as weight bytes per second. The hand-off cost per call is the time of
+weights cached, and reported as weight bytes per second: dense bf16 and fp32 experts, and
+int4-fused ones through torch's fused int4 kernel (their stored bytes) where this torch has it. The hand-off cost per call is the time of
 a tiny expert; the DRAM bandwidth a large copy (read + write traffic, as the DRAM sees it). The
 result latency (a D-vector handed to the device) needs a device and is measured only on CUDA.
 """
@@ -22,8 +23,12 @@ from pathlib import Path
 import torch
 
 from moepic.core.ffn import swiglu
+from moepic.core.packing import packed_bytes
+from moepic.core.spec import SILU
 from moepic.core.weights import SwiGLUWeights
 from moepic.perfmodel.hardware import HostProfile
+from moepic.quant import QuantizedExpert, build_format
+from moepic.quant.int4_tiles import kernel_layout
 from moepic.runtime.timing import median_s
 
 CPU = torch.device("cpu")
@@ -69,12 +74,29 @@ def _experts(D: int, F: int, dtype: torch.dtype, count: int) -> list[SwiGLUWeigh
             for _ in range(count)]
 
 
-def expert_gbps(dtype: torch.dtype, *, working_set: int, repeats: int, overhead_s: float) -> float:
-    """Expert weight bytes per second through `swiglu` at one token, cycling over experts that
-    together fill `working_set` bytes (so each call streams its weights from DRAM)."""
+def _int4_fused_experts(D: int, F: int, count: int) -> list[QuantizedExpert]:
+    """int4-fused experts of random codes and small scales (encoding real weights would take
+    seconds and times the same kernel)."""
+    fmt, block = build_format("int4-fused"), 64
+
+    def part(p) -> torch.Tensor:
+        shape = (F // block, *p.per_block)
+        if p.dtype == torch.uint8:
+            return torch.randint(0, 256, shape, dtype=torch.uint8)
+        return torch.empty(shape, dtype=p.dtype).uniform_(1e-3, 2e-3)
+
+    return [QuantizedExpert(fmt, tuple(part(p) for p in fmt.parts(D, block, torch.bfloat16, False)), block, D,
+                            torch.bfloat16, SILU) for _ in range(count)]
+
+
+def expert_gbps(dtype: torch.dtype, *, working_set: int, repeats: int, overhead_s: float, int4_fused: bool = False) -> float:
+    """Expert bytes per second through `swiglu` at one token, cycling over experts that together
+    fill `working_set` bytes (so each call streams its weights from DRAM): dense weights of
+    `dtype`, or (`int4_fused`) int4-fused experts' stored bytes through the fused kernel."""
     D, F = 1024, 2816
-    expert_bytes = 3 * D * F * dtype.itemsize
-    experts = _experts(D, F, dtype, max(2, -(-working_set // expert_bytes)))
+    expert_bytes = 3 * D * F * dtype.itemsize if not int4_fused else packed_bytes(_int4_fused_experts(D, 64, 1)[0], F)
+    count = max(2, -(-working_set // expert_bytes))
+    experts = _int4_fused_experts(D, F, count) if int4_fused else _experts(D, F, dtype, count)
     x_1D, order = torch.randn(1, D, dtype=dtype), cycle(experts)
     seconds = median_s(lambda: [swiglu(x_1D, next(order)) for _ in experts], CPU, repeats)
     return len(experts) * expert_bytes / max(seconds - len(experts) * overhead_s, 1e-9) / 1e9
@@ -129,6 +151,8 @@ def measure_host(
         overhead = call_overhead_s(repeats * 8)
         fp32 = expert_gbps(torch.float32, working_set=working_set, repeats=repeats, overhead_s=overhead)
         bf16 = expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead)
+        int4 = (expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead, int4_fused=True)
+                if kernel_layout() is not None else None)  # no fused kernel here: int4-fused experts are not priced
         gflops = matmul_gflops(torch.float32, tokens=256, repeats=repeats)
     with torch_threads(cores):
         dram = memory_gbps(min(working_set, (64 if quick else 256) * MiB), repeats)
@@ -138,5 +162,5 @@ def measure_host(
     return HostProfile(
         name=name, source=f"measured by moepic profile on {where}{note}", bf16_expert_gbps=bf16, fp32_expert_gbps=fp32,
         call_overhead_us=overhead * 1e6, memory_gbps=dram, physical_cores=cores, result_latency_us=latency,
-        matmul_gflops=gflops,
+        matmul_gflops=gflops, int4_expert_gbps=int4,
     )

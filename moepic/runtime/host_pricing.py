@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 
 from moepic.perfmodel.hardware import load_host
-from moepic.perfmodel.host_costs import HostPricing
+from moepic.perfmodel.host_costs import HostPricing, check_priceable
+from moepic.quant import ExpertFormat, build_format
 from moepic.runtime.copy_engine import Link
 from moepic.runtime.host_measure import MiB, measure_host
 
@@ -27,9 +28,13 @@ QUICK_WORKING_SET = 16 * MiB  # a CPU run's host measurement: a second, not seve
 
 def run_pricing(
     device: torch.device, dtype_bytes: int, *, host: str | None, link: Link | None, threads: int | None,
-    note: Callable[[str], None] = lambda text: None,
+    expert_format: ExpertFormat | None = None, note: Callable[[str], None] = lambda text: None,
 ) -> HostPricing:
-    """HostPricing for an engine on `device`; `note` hears what was measured, in one line."""
+    """HostPricing for an engine on `device` whose experts are stored in `expert_format` (default
+    dense; one the host computes as stored: perfmodel/host_costs.py check_priceable); `note` hears
+    what was measured, in one line."""
+    fmt = expert_format or build_format("dense")
+    check_priceable(fmt, "--hybrid auto")
     if device.type == "cuda":
         from moepic.runtime.measure import copy_rates
 
@@ -48,8 +53,9 @@ def run_pricing(
         gbps, latency_us = (link.gbps, link.latency_us) if link is not None else (math.inf, 0.0)
         where = "host measured now"
     note(
-        f"hybrid auto prices with {where}: {profile.expert_gbps(dtype_bytes):.1f} GB/s of expert weights, "
+        f"hybrid auto prices with {where}: {profile.expert_gbps(dtype_bytes, fmt.host_kernel):.1f} GB/s of {fmt.name} experts, "
         f"{profile.call_overhead_us:.0f} µs a call; link {gbps:.1f} GB/s + {latency_us:.0f} µs"
         + ("" if device.type == "cuda" or link is not None else " (no emulated link: copies are free, every load is copied)")
     )
-    return HostPricing(host=profile, link_gbps=gbps, link_latency_us=latency_us, dtype_bytes=dtype_bytes)
+    return HostPricing(host=profile, link_gbps=gbps, link_latency_us=latency_us, dtype_bytes=dtype_bytes,
+                       kernel=fmt.host_kernel, weight_bytes=fmt.weight_bytes(dtype_bytes))

@@ -51,7 +51,7 @@ from moepic.cache.schedule import (
     host_filled_tops, plan_prefetches, prefetch_fates, prefetch_room, top_copy,
 )
 from moepic.perfmodel.hardware import HardwareProfile
-from moepic.perfmodel.host_costs import HostPricing
+from moepic.perfmodel.host_costs import host_pricing
 from moepic.perfmodel.latency import ModelTimes
 from moepic.policies.base import CachePolicy, priority_series
 from moepic.predictors.base import NoPredictor, Predictor, merge_votes
@@ -119,7 +119,8 @@ def simulate(
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
-    pricing = HostPricing.of(hw, layout.dtype_bytes) if hybrid != "off" else None
+    first_times = times[0] if isinstance(times, (list, tuple)) else times
+    pricing = host_pricing(hw, first_times, layout.dtype_bytes) if hybrid != "off" else None
     check_mode(hybrid, pricing is not None)
     shared_cores = hw.device == "cpu"  # a CPU "device" (the engine on this machine) is the host's own cores
     candidates = predictor.candidates
@@ -151,6 +152,8 @@ def simulate(
     # One per MoE layer where layers store their experts in different formats (a GGUF file's kinds).
     layer_times = tuple(times) if isinstance(times, (list, tuple)) else (times,) * len(layout.layers)
     times = layer_times[0]
+    if pricing is not None and len(set(layer_times)) > 1:
+        raise ValueError("hybrid is priced for one expert format: these layers store theirs in several")
     if any(l.low_bit_misses for l in layers) and (times.miss_expert_s is None or hybrid != "off"):
         raise ValueError("a layout with a miss format needs times with one (model_times(miss_format=…)), and hybrid off")
     miss_expert_s = times.miss_expert_s

@@ -73,7 +73,7 @@ def test_eval_ppl_reports_quantized_experts_against_their_dense_selves(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--max-tokens", "1"], "--max-tokens: at least 2 tokens are scored, got 1"),
     (["--window", "1"], "--window: between 2 and the model's context (1024), got 1"),
-    (["--expert-format", "int3"], "--expert-format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int8, mxfp4"),
+    (["--expert-format", "int3"], "--expert-format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int4-fused, int8, mxfp4"),
     (["--dataset", "nope"], "unknown dataset 'nope'; known: kjv-heldout"),
 ])
 def test_bad_eval_ppl_flags_are_named(capsys, argv, message):

@@ -231,6 +231,29 @@ def test_the_bundled_model_quantizes_to_int8_and_generates(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in bundled.iterdir()} == before
 
 
+def test_the_bundled_model_quantizes_to_int4_fused_and_its_folder_runs_what_encoding_on_load_runs(capsys, tmp_path):
+    """int4-fused keeps its codes in the tile order of this machine's kernel; the folder keeps one
+    order for every machine (quant/int4_tiles.py CANONICAL) and reads back into this one's."""
+    out = tmp_path / "kjv-int4-fused"
+    assert main(["quantize", "--format", "int4-fused", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["expert_format"] == {"name": "int4-fused", "group_size": 64}
+    greedy = ["generate", "--max-new-tokens", "4", "--greedy", "--prompt-ids", "1,2,3", "--json"]
+    capsys.readouterr()
+    assert main([*greedy, "--model", str(out)]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert main([*greedy, "--expert-format", "int4-fused"]) == 0
+    on_load = json.loads(capsys.readouterr().out)
+    assert from_folder["token_ids"] == on_load["token_ids"]
+    from moepic.checkpoint.load import load_model
+    from moepic.quant import build_format
+
+    experts = [load_model(out, dtype=torch.float32).weights.layers[0].ffn.experts,
+               load_model(default_model_dir(), dtype=torch.float32, expert_format=build_format("int4-fused")).weights.layers[0].ffn.experts]
+    for read, encoded in zip(*experts, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(read.parts, encoded.parts, strict=True))
+
+
 # --- 5. user mistakes: one line, exit 2, nothing written --------------------------------------------------
 
 

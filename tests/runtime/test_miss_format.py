@@ -195,4 +195,4 @@ def test_compare_runs_every_baseline_with_the_miss_format(capsys, models, checkp
         assert rows[True][name]["bytes_loaded_per_token"] < rows[False][name]["bytes_loaded_per_token"]
     assert rows[True]["on-demand-lru"]["miss_fill_bytes"] > 0 == rows[False]["on-demand-lru"]["miss_fill_bytes"]
     assert cli_error(capsys, argv + ["--miss-format", "int3"]) == (
-        "--miss-format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int8, mxfp4")
+        "--miss-format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int4-fused, int8, mxfp4")

@@ -112,7 +112,7 @@ def test_hybrid_auto_with_quantized_experts_is_refused_and_host_only_runs_exactl
 
     model = models("mixtral", "int4")
     resident, trace = dense_run(model, PROMPT, 4)
-    with pytest.raises(ConfigError, match="prices host compute of dense experts; with int4 experts"):  # before any pricing
+    with pytest.raises(ConfigError, match="prices host compute of experts the host computes as stored (dense, int4-fused); with int4 experts"):  # before any pricing
         offloaded_experts(model, budget_from_minimum(model, "int4", 0.3), 0.5, policy=policy_for("lru", trace), hybrid="auto")
     engine = offloaded_experts(model, budget_from_minimum(model, "int4", 0.3), 0.5, policy=policy_for("lru", trace), hybrid="host-only")
     try:
@@ -129,4 +129,4 @@ def test_generate_refuses_hybrid_auto_with_quantized_experts_before_measuring_th
 
     message = cli_error(capsys, ["generate", "--expert-format", "int4", "--budget", "0.3", "--hybrid", "auto",
                                  "--max-new-tokens", "2", "--prompt-ids", "1,2"])
-    assert message.startswith("--hybrid auto prices host compute of dense experts; with int4 experts")
+    assert message.startswith("--hybrid auto prices host compute of experts the host computes as stored (dense, int4-fused); with int4 experts")

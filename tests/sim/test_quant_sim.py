@@ -103,7 +103,7 @@ def test_configure_keeps_the_format_in_the_config_it_writes(capsys, tmp_path, tr
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--format", "int3"], "--format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int8, mxfp4"),
+    (["--format", "int3"], "--format: unknown expert format 'int3'; known: dense, fp8, gguf, int4, int4-fused, int8, mxfp4"),
     (["--format", "int4", "--group-size", "0"], "--group-size: at least 1, got 0"),
 ])
 def test_a_bad_format_flag_is_one_line(capsys, trace, flags, message):
@@ -114,6 +114,6 @@ def test_a_bad_format_flag_is_one_line(capsys, trace, flags, message):
 def test_hybrid_with_quantized_experts_is_refused_rather_than_mispriced(capsys, trace):
     argv = ["simulate", "--trace", trace, "--model", "mixtral-8x7b", "--hardware", "a6000", "--budget", "0.25", "--recall", "0.85",
             "--baseline", "fiddler", "--host", "desktop-ddr5", "--format", "int4"]
-    assert cli_error(capsys, argv).startswith("fiddler (hybrid auto) prices host compute of dense experts; with int4 experts")
+    assert cli_error(capsys, argv).startswith("fiddler (hybrid auto) prices host compute of experts the host computes as stored (dense, int4-fused); with int4 experts")
     capsys.readouterr()
     assert main([*argv[:-2], "--json"]) == 0  # the same run with dense experts is priced
