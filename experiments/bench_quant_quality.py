@@ -12,6 +12,7 @@ prose, far from the training text); --text FILE replaces it.
 
 Run:  python experiments/bench_quant_quality.py
       python experiments/bench_quant_quality.py --max-tokens 4000     (quicker)
+      python experiments/bench_quant_quality.py --formats int4-g64,int4-fused-g64
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ FORMATS = {
     "int4-g128": {"name": "int4", "group_size": 128},
     "int4-g64-asym": {"name": "int4", "group_size": 64, "symmetric": False},
     "int4-g32": {"name": "int4", "group_size": 32},
+    "int4-fused-g64": {"name": "int4-fused", "group_size": 64},
     "mxfp4": {"name": "mxfp4"},
     "fp8": {"name": "fp8"},
 }
@@ -46,7 +48,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="score each text's first N tokens (default: all)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--formats", default=None, help=f"a subset of: {', '.join(FORMATS)} (bf16 always runs: the reference)")
     args = parser.parse_args()
+    formats = FORMATS if args.formats is None else {
+        label: FORMATS[label] for label in ["bf16 (dense)", *(f for f in args.formats.split(",") if f != "bf16 (dense)")]}
     folder = default_model_dir()
     codec = TextCodec.from_folder(folder)
     texts = {"kjv-heldout": dataset_path("kjv-heldout")}
@@ -57,7 +62,7 @@ def main() -> None:
     ids = {name: codec.encode(path.read_text(encoding="utf-8"))[: args.max_tokens] for name, path in texts.items()}
     results: dict[str, dict[str, dict]] = {}
     reference = {}
-    for label, node in FORMATS.items():
+    for label, node in formats.items():
         model = load_model(folder, expert_format=build_format(node))
         bytes_per_neuron = build_format(node).neuron_bytes(model.spec.hidden_size, False, 2)
         results[label] = {"bytes_per_expert_neuron": bytes_per_neuron}

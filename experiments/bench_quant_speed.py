@@ -32,6 +32,7 @@ from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
 
 FORMATS = {"bf16": {"name": "dense"}, "int8-g64": {"name": "int8", "group_size": 64}, "int4-g64": {"name": "int4", "group_size": 64},
+           "int4-fused": {"name": "int4-fused", "group_size": 64},
            "mxfp4": {"name": "mxfp4"}, "fp8": {"name": "fp8"}, "gguf-q8_0": {"name": "gguf", "gate_up": "Q8_0", "down": "Q8_0"}}
 PROMPT = list(range(300, 340))
 

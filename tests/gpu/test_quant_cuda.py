@@ -24,7 +24,7 @@ pytestmark = [
 PROMPT = list(range(300, 340))
 FORMATS = {"int4": {"name": "int4", "group_size": 64}, "int8": {"name": "int8", "group_size": 64},
            "int4_asym": {"name": "int4", "group_size": 32, "symmetric": False}, "mxfp4": {"name": "mxfp4"}, "fp8": {"name": "fp8"},
-           "gguf_q8": {"name": "gguf", "gate_up": "Q8_0", "down": "Q8_0"}}
+           "gguf_q8": {"name": "gguf", "gate_up": "Q8_0", "down": "Q8_0"}, "int4_fused": {"name": "int4-fused", "group_size": 64}}
 
 
 def routed_experts(model):
@@ -96,3 +96,23 @@ def test_misses_served_low_bit_on_cuda_with_nothing_cached_equal_the_int4_models
     assert run.token_ids == expected.token_ids
     for a, b in zip(run.logits, expected.logits):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_int4_fused_hybrid_on_cuda_computes_the_hosts_share_with_the_fused_kernel_and_keeps_the_tokens():
+    """The device decodes int4-fused experts before its matmuls; the host computes its loads with
+    torch's fused int4 kernel on the same bytes: the tokens of the all-resident GPU run."""
+    from moepic.runtime.host_pricing import run_pricing
+
+    fmt = build_format(FORMATS["int4_fused"])
+    resident = load_model(default_model_dir(), device="cuda", expert_format=fmt)
+    offload = load_model(default_model_dir(), device="cuda", expert_format=fmt, offload_experts=True)
+    expected = generate(resident, PROMPT, max_new_tokens=12, eos_ids=())
+    for mode in ("host-only", "auto"):
+        pricing = run_pricing(offload.device, 2, host="desktop-ddr5", link=None, threads=None, expert_format=fmt) if mode == "auto" else None
+        engine = offloaded_experts(offload, 0.3, 0.5, hybrid=mode, pricing=pricing)
+        try:
+            got = generate(offload, PROMPT, max_new_tokens=12, eos_ids=(), experts=engine)
+        finally:
+            engine.close()
+        assert got.token_ids == expected.token_ids
+        assert mode == "auto" or engine.counters.host_bytes > 0

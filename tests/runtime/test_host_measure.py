@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from moepic.quant.int4_tiles import kernel_layout
 from moepic.runtime.host_measure import default_host_threads, measure_host, physical_cores
 
 
@@ -24,6 +25,9 @@ def test_host_is_measured_on_the_threads_asked_for_and_they_are_restored():
     for rate in (host.bf16_expert_gbps, host.fp32_expert_gbps, host.memory_gbps, host.call_overhead_us):
         assert math.isfinite(rate) and rate > 0
     assert host.result_latency_us is None and "no CUDA device" in host.source
+    # int4-fused experts through torch's fused kernel, where this torch has it (quant/int4_tiles.py)
+    assert (host.int4_expert_gbps is None) == (kernel_layout() is None)
+    assert host.int4_expert_gbps is None or (math.isfinite(host.int4_expert_gbps) and host.int4_expert_gbps > 0)
 
 
 @pytest.mark.gpu

@@ -112,7 +112,7 @@ def test_hybrid_auto_with_quantized_experts_is_refused_and_host_only_runs_exactl
 
     model = models("mixtral", "int4")
     resident, trace = dense_run(model, PROMPT, 4)
-    with pytest.raises(ConfigError, match="prices host compute of experts the host computes as stored (dense, int4-fused); with int4 experts"):  # before any pricing
+    with pytest.raises(ConfigError, match=r"prices host compute of experts the host computes as stored \(dense, int4-fused\); with int4 experts"):  # before any pricing
         offloaded_experts(model, budget_from_minimum(model, "int4", 0.3), 0.5, policy=policy_for("lru", trace), hybrid="auto")
     engine = offloaded_experts(model, budget_from_minimum(model, "int4", 0.3), 0.5, policy=policy_for("lru", trace), hybrid="host-only")
     try:
