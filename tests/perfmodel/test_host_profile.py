@@ -49,6 +49,8 @@ def test_bundled_host_loads_by_name_says_it_is_not_measured_and_round_trips(name
     host = load_host(name)
     assert host.name == name and "not measured here" in host.source
     assert host.memory_gbps >= max(host.bf16_expert_gbps, host.fp32_expert_gbps)  # a GEMV cannot outrun DRAM
+    # Every reference host prices int4-fused experts, never above what DRAM gives a GEMV.
+    assert host.int4_expert_gbps is not None and host.int4_expert_gbps <= host.fp32_expert_gbps
     path = _write(tmp_path / f"{name}.yaml", host.as_dict())
     assert load_host(path) == host
 
@@ -62,6 +64,30 @@ def test_more_memory_channels_mean_faster_reference_hosts():
 def test_expert_rate_follows_the_weight_dtype():
     host = attrs.evolve(load_host("desktop-ddr5"), bf16_expert_gbps=10.0, fp32_expert_gbps=30.0)
     assert (host.expert_gbps(2), host.expert_gbps(4)) == (10.0, 30.0)
+
+
+def test_int4_fused_experts_are_priced_at_the_int4_rate_and_their_flops_from_their_bytes():
+    from moepic.perfmodel.host_costs import HostPricing
+    from moepic.quant import build_format
+
+    host = attrs.evolve(load_host("desktop-ddr5"), bf16_expert_gbps=10.0, int4_expert_gbps=20.0, memory_gbps=1000.0,
+                        call_overhead_us=0.0, matmul_gflops=100.0)
+    fmt = build_format("int4-fused")
+    assert fmt.weight_bytes(2) == 0.5 + 4 / 64  # half a byte of code, a bf16 scale and offset per 64
+    int4 = HostPricing(host=host, link_gbps=10.0, link_latency_us=0.0, dtype_bytes=2, kernel=fmt.host_kernel,
+                       weight_bytes=fmt.weight_bytes(2))
+    dense = HostPricing(host=host, link_gbps=10.0, link_latency_us=0.0, dtype_bytes=2)
+    nbytes = 2**20
+    assert int4.host_s(nbytes, 1) == pytest.approx(nbytes / 20e9) and dense.host_s(nbytes, 1) == pytest.approx(nbytes / 10e9)
+    # a prompt's tokens: 2 flops per weight per token, the weights behind the bytes
+    assert int4.host_s(nbytes, 64) == pytest.approx(2 * nbytes / fmt.weight_bytes(2) * 64 / 100e9)
+
+
+def test_a_host_without_an_int4_rate_cannot_price_int4_fused_experts():
+    host = load_host("desktop-ddr5")
+    assert attrs.evolve(host, int4_expert_gbps=None).as_dict().get("int4_expert_gbps") is None
+    with pytest.raises(ConfigError, match="host profile 'desktop-ddr5' has no int4_expert_gbps"):
+        attrs.evolve(host, int4_expert_gbps=None).expert_gbps(2, "int4")
 
 
 @pytest.mark.parametrize("name", known_profiles())

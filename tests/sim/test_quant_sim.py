@@ -117,3 +117,28 @@ def test_hybrid_with_quantized_experts_is_refused_rather_than_mispriced(capsys, 
     assert cli_error(capsys, argv).startswith("fiddler (hybrid auto) prices host compute of experts the host computes as stored (dense, int4-fused); with int4 experts")
     capsys.readouterr()
     assert main([*argv[:-2], "--json"]) == 0  # the same run with dense experts is priced
+
+
+def test_hybrid_with_int4_fused_experts_is_priced_at_the_hosts_int4_rate(capsys, trace, tmp_path):
+    """int4-fused is the quantized format the host computes as stored: a faster int4 rate makes
+    a hybrid setup faster, and a host that gives none is refused in one line naming the key."""
+    import yaml
+
+    from moepic.perfmodel.hardware import load_host
+
+    def host_file(name: str, int4_gbps: float | None) -> str:
+        data = load_host("desktop-ddr5").as_dict() | {"name": name, "int4_expert_gbps": int4_gbps}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+        return str(path)
+
+    argv = ["simulate", "--trace", trace, "--model", "mixtral-8x7b", "--hardware", "a6000", "--budget", "0.25", "--recall",
+            "0.85", "--baseline", "fiddler", "--format", "int4-fused"]
+    ms = {}
+    for name, gbps in (("slow", 2.0), ("fast", 60.0)):
+        capsys.readouterr()
+        assert main([*argv, "--host", host_file(name, gbps), "--json"]) == 0
+        ms[name] = json.loads(capsys.readouterr().out)["ms_per_token"]
+    assert ms["fast"] < ms["slow"]
+    assert cli_error(capsys, [*argv, "--host", host_file("none", None)]).startswith(
+        "host profile 'none' has no int4_expert_gbps to price host compute of int4-fused experts")
