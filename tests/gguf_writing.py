@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from moepic.quant.ggml import BLOCKS
 
-ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe", "mixtral": "llama"}
 _EXPERT = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
@@ -153,6 +153,11 @@ def _metadata(writer: gguf.GGUFWriter, config: dict, model_type: str) -> None:
     if model_type == "mixtral":
         writer.add_feed_forward_length(config["intermediate_size"])
         writer.add_rope_dimension_count(head_dim)
+    elif model_type == "olmoe":  # as llama.cpp's converter: the experts' width is the feed-forward length
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_rope_dimension_count(head_dim)
+        if config.get("clip_qkv") is not None:
+            writer.add_clamp_kqv(config["clip_qkv"])
     else:
         writer.add_feed_forward_length(config["intermediate_size"])
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])

@@ -1,10 +1,11 @@
 """A GGUF file's metadata as the config.json the adapters read: llama.cpp's keys → Hugging Face's.
 Side effects: reads the file's header.
 
-Read: `qwen3moe` (Qwen3-MoE), `qwen2moe` (Qwen2-MoE, its shared expert) and `llama` with experts
-(Mixtral). Where llama.cpp fixes a behaviour by architecture instead of a key (Qwen3-MoE
-renormalises its top-k weights, Qwen2-MoE does not), the value here is llama.cpp's, since it is
-what the file was made to run as.
+Read: `qwen3moe` (Qwen3-MoE), `qwen2moe` (Qwen2-MoE, its shared expert), `olmoe` (OLMoE: q/k
+norms over the full width, its clamp on q, k and v) and `llama` with experts (Mixtral). Where
+llama.cpp fixes a behaviour by architecture instead of a key (Qwen3-MoE renormalises its top-k
+weights, Qwen2-MoE and OLMoE do not), the value here is llama.cpp's, since it is what the file was
+made to run as.
 
 Routed experts in Q8_0, Q4_K or Q6_K blocks load as the `gguf` expert format (quant/gguf_format.py)
 of their kinds, which may vary by layer; the config says so as `quantization_config: {quant_method:
@@ -24,7 +25,8 @@ QUANT_METHOD = "gguf"
 FLOAT_KINDS = ("F32", "F16", "BF16")
 
 # GGUF architecture → (Hugging Face model_type, whether the top-k weights are renormalised).
-ARCHITECTURES = {"qwen3moe": ("qwen3_moe", True), "qwen2moe": ("qwen2_moe", False), "llama": ("mixtral", True)}
+ARCHITECTURES = {"qwen3moe": ("qwen3_moe", True), "qwen2moe": ("qwen2_moe", False), "olmoe": ("olmoe", False),
+                 "llama": ("mixtral", True)}
 
 
 def gguf_config(path: Path) -> HFConfig:
@@ -70,6 +72,9 @@ def config_dict(f: GGUFFile) -> dict:
     expert_ffn = key("expert_feed_forward_length", default=None)
     if model_type == "mixtral":
         config |= {"num_local_experts": experts, "intermediate_size": expert_ffn or key("feed_forward_length")}
+    elif model_type == "olmoe":  # every layer MoE; its intermediate_size is the experts'
+        config |= {"num_experts": experts, "intermediate_size": expert_ffn or key("feed_forward_length"),
+                   "attention_bias": f.has("blk.0.attn_q.bias"), "clip_qkv": key("attention.clamp_kqv", float, None)}
     else:
         dense_layers = [l for l in range(layers) if not f.has(f"blk.{l}.ffn_gate_inp.weight")]
         config |= {"num_experts": experts, "moe_intermediate_size": expert_ffn or key("feed_forward_length"),

@@ -55,10 +55,12 @@ def first_expert(model):
     return next(lw.ffn.experts[0] for lw in model.weights.layers if isinstance(lw.ffn, MoEWeights))
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral", "qwen3_moe_yarn_tied"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral", "qwen3_moe_yarn_tied", "olmoe", "olmoe_linear_rope"])
 def test_a_float_gguf_computes_exactly_what_its_safetensors_checkpoint_does(checkpoint_dir, gguf_file, name):
     """Names, the llama architecture's q/k row order (Mixtral), Qwen2-MoE's shared expert and its
-    [D] gate, dense layers, YaRN from the rope metadata, tied embeddings: any slip changes a logit."""
+    [D] gate, dense layers, YaRN from the rope metadata, tied embeddings, OLMoE's full-width q/k norms
+    and its clamp (clip_qkv), linear rope scaling: any slip changes a logit."""
+    assert read_spec(gguf_file(name))[0] == read_spec(checkpoint_dir(name))[0]
     ours, reference = run(load_model(gguf_file(name))), run(load_model(checkpoint_dir(name)))
     assert ours.token_ids == reference.token_ids
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, reference.logits))
@@ -270,7 +272,7 @@ def test_a_file_that_is_not_gguf_an_unsupported_architecture_and_a_missing_tenso
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     assert cli_error(capsys, ["inspect", "--model", str(junk)]).startswith(f"{junk}: not a readable GGUF file")
-    with pytest.raises(CheckpointError, match="GGUF architecture 'deepseek' is not supported; supported: qwen3moe, qwen2moe, llama"):
+    with pytest.raises(CheckpointError, match="GGUF architecture 'deepseek' is not supported; supported: qwen3moe, qwen2moe, olmoe, llama"):
         read_spec(retitled(gguf_file("qwen3_moe"), tmp_path, "deepseek"))
     missing = write_gguf(checkpoint_dir("qwen3_moe"), tmp_path / "missing.gguf", drop=("blk.1.attn_k_norm.weight",))
     with pytest.raises(CheckpointError, match=r"missing tensor 'blk.1.attn_k_norm.weight' \(model.layers.1.self_attn.k_norm.weight\)"):
