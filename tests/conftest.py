@@ -321,6 +321,22 @@ CHECKPOINTS = {
                 swiglu_limit=3.0, rope_parameters=_GPT_OSS_YARN),
         {"random_buffers": ("sinks", "bias"), "mxfp4": True},
     ),
+    # GPT-OSS as llama.cpp runs it (what a GGUF file can say): its released alpha and limit, even
+    # layers sliding; YaRN (MXFP4) with its correction range rounded, as llama.cpp always rounds it.
+    "gpt_oss_llamacpp": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+        {"random_buffers": ("sinks", "bias")},
+    ),
+    "gpt_oss_llamacpp_mxfp4": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
+                rope_parameters=_GPT_OSS_YARN | {"truncate": True}),
+        {"random_buffers": ("sinks", "bias"), "mxfp4": True},
+    ),
     # PhiMoE: LayerNorm with biases, q/k/v/o and lm_head biases, SparseMixer routing, LongRoPE whose
     # pretraining length (16) the test's decode crosses, so the long mscale takes over mid-run.
     "phimoe": (

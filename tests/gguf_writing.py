@@ -213,3 +213,87 @@ def tokenizer_metadata(writer, tokenizer, *, kind: str, pre: str | None = None, 
         writer.add_unk_token_id(vocab["<unk>"])
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
+
+
+def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OCP / HF MXFP4 (codes [..., G, 16]: byte j holds values 2j and 2j+1; scales [..., G]) → GGUF's
+    rows [..., G·17]: the scale byte, then bytes whose low nibbles are values 0–15, high 16–31."""
+    codes = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(*blocks.shape[:-1], 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate((scales[..., None], qs), axis=-1).astype(np.uint8).reshape(*scales.shape[:-1], -1)
+
+
+def write_gpt_oss_gguf(folder: Path, path: Path, *, experts: str = "F32", drop: tuple[str, ...] = ()) -> Path:
+    """A GPT-OSS checkpoint (float experts, or MXFP4 as its releases ship them) as llama.cpp's
+    converter writes it: gate, up and down stacked apart ([E, F, D] / [E, D, F], MXFP4 rows as GGUF's
+    17-byte blocks), their biases apart, the sinks, the router, `post_attention_norm`. `experts`:
+    float experts' kind in the file (F32, or Q8_0 quantized by the `gguf` package)."""
+    config = json.loads((folder / "config.json").read_text())
+    tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in load_file(folder / "model.safetensors").items()}
+    out: dict[str, tuple[np.ndarray, object]] = {}
+    simple = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+    for hf, w in tensors.items():
+        if hf in simple:
+            out[simple[hf]] = (w, None)
+            continue
+        l, rest = hf.split(".")[2], ".".join(hf.split(".")[3:])
+        blk = f"blk.{l}"
+        layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "self_attn.sinks": "attn_sinks.weight", "mlp.router.weight": "ffn_gate_inp.weight",
+                 "mlp.router.bias": "ffn_gate_inp.bias", "mlp.experts.down_proj_bias": "ffn_down_exps.bias"}
+        for a, g in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            layer |= {f"self_attn.{a}.weight": f"{g}.weight", f"self_attn.{a}.bias": f"{g}.bias"}
+        if rest in layer:
+            out[f"{blk}.{layer[rest]}"] = (w, None)
+        elif rest == "mlp.experts.gate_up_proj":  # [E, D, 2F], gate and up interleaved by neuron
+            out[f"{blk}.ffn_gate_exps.weight"] = (w[:, :, 0::2].transpose(0, 2, 1).copy(), None)
+            out[f"{blk}.ffn_up_exps.weight"] = (w[:, :, 1::2].transpose(0, 2, 1).copy(), None)
+        elif rest == "mlp.experts.gate_up_proj_bias":
+            out[f"{blk}.ffn_gate_exps.bias"], out[f"{blk}.ffn_up_exps.bias"] = (w[:, 0::2].copy(), None), (w[:, 1::2].copy(), None)
+        elif rest == "mlp.experts.down_proj":  # HF's [E, F, D] → llama.cpp's [E, D, F]
+            out[f"{blk}.ffn_down_exps.weight"] = (w.transpose(0, 2, 1).copy(), None)
+        elif rest == "mlp.experts.gate_up_proj_blocks":
+            scales = tensors[hf.replace("_blocks", "_scales")]
+            out[f"{blk}.ffn_gate_exps.weight"] = (_ggml_mxfp4(w[:, 0::2], scales[:, 0::2]), gguf.GGMLQuantizationType.MXFP4)
+            out[f"{blk}.ffn_up_exps.weight"] = (_ggml_mxfp4(w[:, 1::2], scales[:, 1::2]), gguf.GGMLQuantizationType.MXFP4)
+        elif rest == "mlp.experts.down_proj_blocks":
+            out[f"{blk}.ffn_down_exps.weight"] = (_ggml_mxfp4(w, tensors[hf.replace("_blocks", "_scales")]),
+                                                  gguf.GGMLQuantizationType.MXFP4)
+        elif not rest.endswith("_scales"):
+            raise ValueError(f"no GGUF name for {hf}")
+    writer = gguf.GGUFWriter(str(path), "gpt-oss")
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_expert_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", 150000.0))
+    if rope.get("rope_type", "default") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_expert_count(config["num_local_experts"])
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    for name, (w, raw) in out.items():
+        if name in drop:
+            continue
+        if experts != "F32" and raw is None and name.endswith("_exps.weight"):
+            _add(writer, name, w, experts)
+        else:
+            writer.add_tensor(name, w, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

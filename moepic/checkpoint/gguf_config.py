@@ -2,7 +2,8 @@
 Side effects: reads the file's header.
 
 Read: `qwen3moe` (Qwen3-MoE), `qwen2moe` (Qwen2-MoE, its shared expert), `olmoe` (OLMoE: q/k
-norms over the full width, its clamp on q, k and v) and `llama` with experts (Mixtral). Where
+norms over the full width, its clamp on q, k and v), `gpt-oss` (GPT-OSS: sinks, biases, sliding
+layers, its MXFP4 experts kept as the `mxfp4` format) and `llama` with experts (Mixtral). Where
 llama.cpp fixes a behaviour by architecture instead of a key (Qwen3-MoE renormalises its top-k
 weights, Qwen2-MoE and OLMoE do not), the value here is llama.cpp's, since it is what the file was
 made to run as.
@@ -26,7 +27,7 @@ FLOAT_KINDS = ("F32", "F16", "BF16")
 
 # GGUF architecture → (Hugging Face model_type, whether the top-k weights are renormalised).
 ARCHITECTURES = {"qwen3moe": ("qwen3_moe", True), "qwen2moe": ("qwen2_moe", False), "olmoe": ("olmoe", False),
-                 "llama": ("mixtral", True)}
+                 "gpt-oss": ("gpt_oss", True), "llama": ("mixtral", True)}
 
 
 def gguf_config(path: Path) -> HFConfig:
@@ -75,6 +76,10 @@ def config_dict(f: GGUFFile) -> dict:
     elif model_type == "olmoe":  # every layer MoE; its intermediate_size is the experts'
         config |= {"num_experts": experts, "intermediate_size": expert_ffn or key("feed_forward_length"),
                    "attention_bias": f.has("blk.0.attn_q.bias"), "clip_qkv": key("attention.clamp_kqv", float, None)}
+    elif model_type == "gpt_oss":  # even layers slide (llama.cpp's pattern, HF's default), the rest are full
+        config |= {"num_local_experts": experts, "intermediate_size": expert_ffn or key("feed_forward_length"),
+                   "sliding_window": key("attention.sliding_window"), "attention_bias": f.has("blk.0.attn_q.bias")}
+        return config | _gpt_oss_quantization(f, layers)
     else:
         dense_layers = [l for l in range(layers) if not f.has(f"blk.{l}.ffn_gate_inp.weight")]
         config |= {"num_experts": experts, "moe_intermediate_size": expert_ffn or key("feed_forward_length"),
@@ -89,6 +94,20 @@ def config_dict(f: GGUFFile) -> dict:
     if quantization is not None:
         config["quantization_config"] = quantization
     return config
+
+
+def _gpt_oss_quantization(f: GGUFFile, layers: int) -> dict:
+    """GPT-OSS's experts: MXFP4 ones kept as the `mxfp4` format (its adapter reads them fused:
+    checkpoint/gguf_fused.py), float ones dense; other kinds cannot stay blocks (the `gguf` format
+    carries no expert biases)."""
+    kinds = {f.kind(f"blk.{l}.ffn_{p}_exps.weight") for l in range(layers) for p in ("gate", "up", "down")
+             if f.has(f"blk.{l}.ffn_{p}_exps.weight")}
+    if kinds <= set(FLOAT_KINDS):
+        return {}
+    if kinds == {"MXFP4"}:
+        return {"quantization_config": {"quant_method": "mxfp4"}}
+    return {"quantization_config": {"quant_method": QUANT_METHOD, "unkept": f"GPT-OSS's routed experts stay blocks in "
+                                    f"MXFP4 only; these are {', '.join(sorted(kinds))}"}}
 
 
 def _rope(f: GGUFFile, arch: str) -> dict:

@@ -6,6 +6,8 @@ Tensors are mapped to their GGUF names (checkpoint/gguf_names.py) and read one a
 map: float ones as they are, block-quantized ones dequantised in float32 (quant/ggml.py for the
 kinds moepic keeps, the `gguf` package's own reference for the rest). Routed experts can instead
 be read as their blocks (`blocks`), which the `gguf` expert format keeps (quant/gguf_format.py).
+GPT-OSS's adapter reads its experts fused per layer: those tensors are assembled from the file's
+per-projection stacks (checkpoint/gguf_fused.py), MXFP4 ones as blocks (`read_stored`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import gguf
 
 from moepic.checkpoint.files import all_finite, non_finite_reason
+from moepic.checkpoint.gguf_fused import FusedExperts, assemble, fused_experts
 from moepic.checkpoint.gguf_names import GGUFName, gguf_name, unpermute
 from moepic.errors import CheckpointError
 from moepic.quant.ggml import BLOCKS, dequantize_ggml
@@ -89,7 +92,7 @@ class GGUFCheckpoint:
         self.folder = self.file.path  # what messages name
         self.check_finite = check_finite
         arch = self.file.field("general.architecture", str)
-        self.llama_rope = arch == "llama"
+        self.arch, self.llama_rope = arch, arch == "llama"
         heads = self.file.field(f"{arch}.attention.head_count", int)
         self.heads = {"q": heads, "k": self.file.field(f"{arch}.attention.head_count_kv", int, heads)}
         self._read: set[str] = set()
@@ -102,14 +105,24 @@ class GGUFCheckpoint:
         self.file.close()
 
     def _locate(self, name: str) -> GGUFName | None:
-        where = gguf_name(name, llama_rope=self.llama_rope)
+        where = gguf_name(name, llama_rope=self.llama_rope, arch=self.arch)
         return where if where is not None and self.file.has(where.name) else None
 
+    def _fused(self, name: str) -> FusedExperts | None:
+        """GPT-OSS's fused expert tensor `name`, where the file holds its sources (in MXFP4, for blocks)."""
+        fused = fused_experts(name) if self.arch == "gpt-oss" else None
+        if fused is None or not all(self.file.has(s) for s in fused.sources):
+            return None
+        return fused if not fused.mxfp4 or all(self.file.kind(s) == "MXFP4" for s in fused.sources) else None
+
     def has(self, name: str) -> bool:
-        return self._locate(name) is not None
+        return self._locate(name) is not None or self._fused(name) is not None
 
     def stored_dtype(self, name: str) -> str | None:
         """The block type tensor `name` is stored in (F32, BF16, Q4_K, …), or None if absent."""
+        fused = self._fused(name)
+        if fused is not None:
+            return self.file.kind(fused.sources[0])
         where = self._locate(name)
         return None if where is None else self.file.kind(where.name)
 
@@ -117,7 +130,12 @@ class GGUFCheckpoint:
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
         *, index: int | None = None,
     ) -> torch.Tensor:
-        """Tensor `name` checked to be `shape`, dequantised, in `dtype` on `device`."""
+        """Tensor `name` checked to be `shape`, dequantised, in `dtype` on `device`; `index`: one
+        expert of a fused GPT-OSS expert tensor."""
+        fused = self._fused(name)
+        if fused is not None and not fused.mxfp4:
+            values = self._assembled(name, fused, shape, index, raw=False)
+            return self.checked(name, values, values.to(device=device, dtype=dtype))
         if index is not None:
             raise CheckpointError(f"{self.folder}: GGUF files stack experts per projection; {name!r} is read by expert")
         where = self._where(name, shape)
@@ -129,6 +147,42 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.folder}: tensor {where.name!r} {non_finite_reason(values, converted)}")
         self._mark_read(where.name)
         return converted
+
+    def read_stored(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, index: int | None = None) -> torch.Tensor:
+        """A fused GPT-OSS MXFP4 tensor (`…_blocks` / `…_scales`, uint8) as the `mxfp4` format keeps it."""
+        fused = self._fused(name)
+        if fused is None or not fused.mxfp4:
+            raise CheckpointError(f"{self.folder}: no MXFP4 experts {name!r} in this GGUF file (expected shape {list(shape)})")
+        if dtype != torch.uint8:
+            raise CheckpointError(f"{self.folder}: MXFP4 {name!r} is uint8, {dtype} was asked for")
+        return self._assembled(name, fused, shape, index, raw=True)
+
+    def checked(self, name: str, stored: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
+        """`converted` (what tensor `name`, `stored`, became), refused by name if it holds NaN or Inf."""
+        if self.check_finite and not all_finite(converted):
+            raise CheckpointError(f"{self.folder}: tensor {name!r} {non_finite_reason(stored, converted)}")
+        return converted
+
+    def _assembled(self, name: str, fused: FusedExperts, shape: tuple[int, ...], index: int | None, *, raw: bool) -> torch.Tensor:
+        """Fused tensor `name` (expert `index` of it, or all), checked against `shape` (the whole tensor's)."""
+        experts = self.file.tensor_shape(fused.sources[0])[0]
+        if index is not None and not index < experts:
+            raise CheckpointError(f"{self.folder}: tensor {fused.sources[0]!r} stacks {experts} experts; expert {index} was asked for")
+        parts = []
+        for source in fused.sources:
+            where = GGUFName(source, index)
+            if raw:
+                data = self.file.tensors[source].data
+                parts.append(torch.from_numpy(np.array(data if index is None else data[index])))
+            else:
+                parts.append(self._values(where))
+            self._mark_read(source)
+        values = assemble(fused, parts)
+        found = (experts, *values.shape) if index is not None else tuple(values.shape)
+        if found != tuple(shape):
+            raise CheckpointError(f"{self.folder}: {' and '.join(map(repr, fused.sources))} make {name!r} of shape "
+                                  f"{list(found)}, expected {list(shape)}")
+        return values
 
     def blocks(self, name: str, rows: int, cols: int) -> tuple[str, torch.Tensor]:
         """Routed-expert weight `name` ([rows, cols] weights) as its block type and its rows of
@@ -142,7 +196,7 @@ class GGUFCheckpoint:
         return kind, torch.from_numpy(np.array(data if where.expert is None else data[where.expert]))
 
     def _where(self, name: str, shape: tuple[int, ...]) -> GGUFName:
-        where = gguf_name(name, llama_rope=self.llama_rope)
+        where = gguf_name(name, llama_rope=self.llama_rope, arch=self.arch)
         if where is None or not self.file.has(where.name):
             shown = f"{name!r}" if where is None else f"{where.name!r} ({name})"
             raise CheckpointError(f"{self.folder}: missing tensor {shown} (expected shape {list(shape)})")

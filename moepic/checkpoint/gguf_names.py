@@ -33,12 +33,16 @@ _TABLE = [
     (rf"{_LAYER}\.self_attn\.o_proj\.(?P<part>weight|bias)", "blk.{l}.attn_output.{part}"),
     (rf"{_LAYER}\.self_attn\.(?P<a>[qk])_norm\.weight", "blk.{l}.attn_{a}_norm.weight"),
     (rf"{_MOE}\.gate\.weight", "blk.{l}.ffn_gate_inp.weight"),
+    (rf"{_LAYER}\.mlp\.router\.(?P<part>weight|bias)", "blk.{l}.ffn_gate_inp.{part}"),  # GPT-OSS's router
+    (rf"{_LAYER}\.self_attn\.sinks", "blk.{l}.attn_sinks.weight"),
     (rf"{_MOE}\.experts\.(?P<e>\d+)\.(?P<p>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight", "blk.{l}.ffn_{p}_exps.weight"),
     (rf"{_MOE}\.shared_expert\.(?P<p>gate_proj|up_proj|down_proj)\.weight", "blk.{l}.ffn_{p}_shexp.weight"),
     (rf"{_MOE}\.shared_expert_gate\.weight", "blk.{l}.ffn_gate_inp_shexp.weight"),
     (rf"{_LAYER}\.mlp\.(?P<p>gate_proj|up_proj|down_proj)\.weight", "blk.{l}.ffn_{p}.weight"),
 ]
 _COMPILED = [(re.compile(pattern), template) for pattern, template in _TABLE]
+# Where an architecture names a tensor otherwise (GPT-OSS's norm before its MoE is a post-attention norm).
+_ARCH_TABLE = {"gpt-oss": [(re.compile(rf"{_LAYER}\.post_attention_layernorm\.weight"), "blk.{l}.post_attention_norm.weight")]}
 
 
 @attrs.frozen
@@ -51,10 +55,11 @@ class GGUFName:
     rope_permuted: bool = False
 
 
-def gguf_name(hf_name: str, *, llama_rope: bool) -> GGUFName | None:
+def gguf_name(hf_name: str, *, llama_rope: bool, arch: str = "") -> GGUFName | None:
     """The GGUF tensor holding `hf_name`, or None where no GGUF name stands for it. `llama_rope`:
-    the file is llama.cpp's `llama` architecture (Mixtral), whose q and k rows are permuted."""
-    for pattern, template in _COMPILED:
+    the file is llama.cpp's `llama` architecture (Mixtral), whose q and k rows are permuted;
+    `arch`: the file's architecture, for the names it has of its own."""
+    for pattern, template in (*_ARCH_TABLE.get(arch, ()), *_COMPILED):
         match = pattern.fullmatch(hf_name)
         if match is None:
             continue

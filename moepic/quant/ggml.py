@@ -10,6 +10,9 @@ Each row of a weight is cut into blocks along its input dimension; a block is by
     Q6_K 256 weights, 210 bytes: 128 bytes of low nibbles | 64 of high 2-bit pairs |
                                  16 int8 scales for sub-blocks of 16 | d (float16) w = (d·sc)·(q − 32)
 
+GGUF's MXFP4 (GPT-OSS's experts) is not dequantised here: `mxfp4_as_mx` turns its 17-byte
+blocks into the OCP / Hugging Face layout the `mxfp4` expert format keeps (quant/mx.py).
+
 The arithmetic follows the `gguf` package's reference (float32, in its order), so the weights are
 its bit for bit (tests/quant/test_ggml.py); so is Q8_0's encoder (`quantize_q8_0`). The `gguf`
 expert format (quant/gguf_format.py) keeps experts as these blocks.
@@ -29,6 +32,21 @@ def dequantize_ggml(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != nbytes:
         raise ValueError(f"{kind} blocks are [n, {nbytes}] uint8, got {list(blocks.shape)} {blocks.dtype}")
     return {"Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}[kind](blocks)
+
+
+MXFP4_BLOCK = (32, 17)  # GGUF's MXFP4: an E8M0 scale byte, then 16 bytes of E2M1 codes
+
+
+def mxfp4_as_mx(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF MXFP4 rows [..., G·17] uint8 → (codes [..., G, 16], scales [..., G]) as OCP / Hugging
+    Face lay them out: the same E2M1 codes and E8M0 scales (llama.cpp doubles its value table and
+    halves the scale: the same values), byte j holding values 2j and 2j+1 instead of j and j+16."""
+    weights, nbytes = MXFP4_BLOCK
+    if blocks.dtype != torch.uint8 or blocks.shape[-1] % nbytes:
+        raise ValueError(f"MXFP4 rows are whole {nbytes}-byte blocks of uint8, got {list(blocks.shape)} {blocks.dtype}")
+    b = blocks.reshape(*blocks.shape[:-1], -1, nbytes)
+    codes = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), dim=-1)  # values 0..31 in order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), b[..., 0].contiguous()
 
 
 def block_shape(kind: str) -> tuple[int, int]:

@@ -16,13 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gguf_writing import gguf_reference_model, write_gguf
+from gguf_writing import gguf_reference_model, write_gguf, write_gpt_oss_gguf
 from moepic.cache.layout import plan_layout
 from moepic.checkpoint.load import load_model, read_spec
 from moepic.core.weights import MoEWeights
 from moepic.errors import CheckpointError
 from moepic.policies import POLICIES
-from moepic.quant import QuantizedExpert
+from moepic.quant import QuantizedExpert, build_format
 from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
 from moepic.sim.shapes import model_shape
@@ -64,6 +64,46 @@ def test_a_float_gguf_computes_exactly_what_its_safetensors_checkpoint_does(chec
     ours, reference = run(load_model(gguf_file(name))), run(load_model(checkpoint_dir(name)))
     assert ours.token_ids == reference.token_ids
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, reference.logits))
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_llamacpp", "gpt_oss_llamacpp_mxfp4"])
+def test_a_gpt_oss_gguf_computes_exactly_what_its_safetensors_checkpoint_does(checkpoint_dir, tmp_path, name):
+    """GPT-OSS's experts fused on disk are assembled from the file's per-projection stacks (gate and
+    up interleaved by neuron, their biases, down transposed); its sinks, router with bias,
+    post-attention norm, sliding layers, YaRN; MXFP4 experts stay the `mxfp4` format's blocks (GGUF's
+    nibble order turned into OCP's): the same spec, and every logit bit for bit."""
+    path = write_gpt_oss_gguf(checkpoint_dir(name), tmp_path / f"{name}.gguf")
+    assert read_spec(path)[0] == read_spec(checkpoint_dir(name))[0]
+    model, reference = load_model(path), load_model(checkpoint_dir(name))
+    if name.endswith("mxfp4"):
+        expert = first_expert(model)
+        assert isinstance(expert, QuantizedExpert) and expert.format.name == "mxfp4"
+        assert all(torch.equal(a, b) for a, b in zip(expert.parts, first_expert(reference).parts, strict=True))
+    ours, theirs = run(model), run(reference)
+    assert ours.token_ids == theirs.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+
+
+def test_offloaded_gpt_oss_gguf_mxfp4_experts_equal_their_all_resident_run(checkpoint_dir, tmp_path):
+    model = load_model(write_gpt_oss_gguf(checkpoint_dir("gpt_oss_llamacpp_mxfp4"), tmp_path / "g.gguf"))
+    resident, trace = dense_run(model, PROMPT, 5)
+    for share, theta in ((0.3, 0.5), (0.0, 0.0)):
+        layout = plan_layout(model.spec, dtype_bytes=4, budget=1.0, theta=0.5, expert_format=first_expert(model).format)
+        budget = layout.staging_bytes + int(share * (layout.expert_bytes - layout.staging_bytes))
+        engine = offloaded_experts(model, budget, theta, policy=policy_for("lru", trace))
+        offloaded = run(model, 5, experts=engine)
+        assert offloaded.token_ids == resident.token_ids
+        assert all(torch.equal(a, b) for a, b in zip(offloaded.logits, resident.logits))
+        assert_slots_hold_the_host_bytes(engine)
+
+
+def test_gpt_oss_experts_in_another_kind_are_named_with_the_way_out(capsys, checkpoint_dir, tmp_path):
+    path = write_gpt_oss_gguf(checkpoint_dir("gpt_oss_llamacpp"), tmp_path / "q8.gguf", experts="Q8_0")
+    assert cli_error(capsys, ["inspect", "--model", str(path)]).startswith(
+        f"{path}: GPT-OSS's routed experts stay blocks in MXFP4 only; these are Q8_0; load it with --expert-format dense")
+    dense = load_model(path, expert_format=build_format("dense"))  # dequantised as the gguf package does
+    assert not isinstance(first_expert(dense), QuantizedExpert)
+    assert run(dense, 2).token_ids == run(load_model(checkpoint_dir("gpt_oss_llamacpp")), 2).token_ids
 
 
 def reference_logits(path: Path, source: Path) -> torch.Tensor:
@@ -272,7 +312,7 @@ def test_a_file_that_is_not_gguf_an_unsupported_architecture_and_a_missing_tenso
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     assert cli_error(capsys, ["inspect", "--model", str(junk)]).startswith(f"{junk}: not a readable GGUF file")
-    with pytest.raises(CheckpointError, match="GGUF architecture 'deepseek' is not supported; supported: qwen3moe, qwen2moe, olmoe, llama"):
+    with pytest.raises(CheckpointError, match="GGUF architecture 'deepseek' is not supported; supported: qwen3moe, qwen2moe, olmoe, gpt-oss, llama"):
         read_spec(retitled(gguf_file("qwen3_moe"), tmp_path, "deepseek"))
     missing = write_gguf(checkpoint_dir("qwen3_moe"), tmp_path / "missing.gguf", drop=("blk.1.attn_k_norm.weight",))
     with pytest.raises(CheckpointError, match=r"missing tensor 'blk.1.attn_k_norm.weight' \(model.layers.1.self_attn.k_norm.weight\)"):

@@ -56,3 +56,25 @@ def test_q8_0_blocks_gguf_writes_come_back_within_half_a_step():
 def test_bad_blocks_are_named(blocks, kind, message):
     with pytest.raises(ValueError, match=message):
         dequantize_ggml(blocks, kind)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 4), spread=st.sampled_from([1e-3, 1.0, 100.0]), seed=st.integers(0, 2**16))
+def test_mxfp4_blocks_turned_into_ocp_layout_decode_to_the_gguf_packages_values_bit_for_bit(rows, blocks, spread, seed):
+    """GGUF's MXFP4 (GPT-OSS files) kept as the `mxfp4` format: the same values, nibbles reordered."""
+    from moepic.quant.ggml import mxfp4_as_mx
+    from moepic.quant.mx import dequantize_mxfp4
+
+    w = (np.random.default_rng(seed).standard_normal((rows, 32 * blocks)) * spread).astype(np.float32)
+    q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.MXFP4)
+    codes, scales = mxfp4_as_mx(torch.from_numpy(q))
+    assert codes.shape == (rows, blocks, 16) and scales.shape == (rows, blocks)
+    ours = dequantize_mxfp4(codes, scales, torch.float32).reshape(rows, -1)
+    assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.MXFP4)))
+
+
+def test_mxfp4_rows_of_partial_blocks_are_refused():
+    from moepic.quant.ggml import mxfp4_as_mx
+
+    with pytest.raises(ValueError, match="MXFP4 rows are whole 17-byte blocks"):
+        mxfp4_as_mx(torch.zeros(2, 20, dtype=torch.uint8))
