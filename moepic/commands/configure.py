@@ -204,11 +204,9 @@ def _checked_miss_format(miss_format, formats, hybrid: str, spec):
     """`--miss-format`'s format, checked against the experts (formats, shape) and the hybrid mode, or None."""
     if miss_format is None:
         return None
-    from moepic.core.weights import neuron_block
-    from moepic.quant.format import check_miss_format
+    from moepic.quant.format import check_miss_format, expert_shape
 
-    F = spec.moe.expert_ffn
-    check_miss_format(miss_format, formats, hybrid, shape=(spec.hidden_size, F, neuron_block(F)))
+    check_miss_format(miss_format, formats, hybrid, shape=expert_shape(spec))
     return miss_format
 
 

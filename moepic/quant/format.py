@@ -29,7 +29,7 @@ import attrs
 import torch
 
 from moepic.core.spec import GatedActivation, ModelSpec
-from moepic.core.weights import SwiGLUWeights
+from moepic.core.weights import SwiGLUWeights, neuron_block
 from moepic.errors import ConfigError
 from moepic.registry import Registry, StrategyConfig
 
@@ -238,6 +238,11 @@ def format_of(expert: SwiGLUWeights | QuantizedExpert) -> ExpertFormat:
     if isinstance(expert, QuantizedExpert):
         return expert.format
     return build_format("dense")
+
+
+def expert_shape(spec: ModelSpec) -> tuple[int, int, int]:
+    """(hidden size, FFN width, neuron block) of a model's routed experts: what `check_shape` takes."""
+    return spec.hidden_size, spec.moe.expert_ffn, neuron_block(spec.moe.expert_ffn)
 
 
 def check_miss_format(

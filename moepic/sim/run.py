@@ -16,7 +16,6 @@ from moepic.cache.layout import CacheLayout, budget_bytes, plan_layout, staging_
 from moepic.configurators import CONFIGURATORS
 from moepic.configurators.base import configure_on_trace
 from moepic.core.spec import ModelSpec
-from moepic.core.weights import neuron_block
 from moepic.errors import ConfigError
 from moepic.perfmodel.host_costs import check_priceable
 from moepic.perfmodel.hardware import HardwareProfile
@@ -26,7 +25,7 @@ from moepic.policies.base import build_policy_on
 from moepic.predictors import PREDICTORS, PredictorConfig
 from moepic.predictors.noisy_oracle import NoisyOracleConfig
 from moepic.quant import FormatConfig, build_format
-from moepic.quant.format import check_miss_format
+from moepic.quant.format import check_miss_format, expert_shape
 from moepic.sim.baseline import Setup
 from moepic.sim.result import SimResult
 from moepic.sim.shapes import ModelShape
@@ -147,7 +146,7 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
     if miss_format_of(setup, testbed) is not None:
         spec = testbed.shape.spec
         check_miss_format(miss_format_of(setup, testbed), testbed.shape.expert_formats, hybrid_of(setup, testbed),
-                          shape=(spec.hidden_size, spec.moe.expert_ffn, neuron_block(spec.moe.expert_ffn)))
+                          shape=expert_shape(spec))
     predictor = resolve_predictor(setup.predictor, testbed)
     times = layer_model_times(
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
