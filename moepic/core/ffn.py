@@ -16,6 +16,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from moepic.core import rows
 from moepic.core.spec import GatedActivation
 from moepic.core.weights import SwiGLUWeights
 
@@ -30,21 +31,28 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: GatedActivation) -> torch.T
     return (up + act.up_offset) * (gate * torch.sigmoid(gate * act.alpha))
 
 
-def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
+def swiglu(x_TD: torch.Tensor, w: SwiGLUWeights, *, rowwise: bool = False) -> torch.Tensor:
     """The FFN's output without any down bias (that is the expert's, not a segment's: core/moe.py).
     An expert stored quantized is decoded here, right before its matmuls (`dense`), unless its
-    format computes from the stored bytes on this device (`fused_swiglu`)."""
-    fused = w.fused_swiglu(x_TD)
-    if fused is not None:
-        return fused
+    format computes from the stored bytes on this device (`fused_swiglu`). `rowwise`: each token
+    computed as it would be alone (core/rows.py: tokens of different sequences)."""
+    T = x_TD.shape[0]
+    if rowwise and T > 1:
+        first = w.fused_swiglu(x_TD[:1])
+        if first is not None:  # a fused kernel promises nothing across rows: one row at a time
+            return torch.cat([first, *(w.fused_swiglu(x_TD[t : t + 1]) for t in range(1, T))])
+    else:
+        fused = w.fused_swiglu(x_TD)
+        if fused is not None:
+            return fused
     w = w.dense()
     if w.dtype != x_TD.dtype:  # a quantized expert decoded for a faster kernel (quant/format.py kernel_dtype)
-        return swiglu(x_TD.to(w.dtype), w).to(x_TD.dtype)
-    T, (N, _, B, D) = x_TD.shape[0], w.gate_up_N2BD.shape
+        return swiglu(x_TD.to(w.dtype), w, rowwise=rowwise).to(x_TD.dtype)
+    N, _, B, D = w.gate_up_N2BD.shape
     bias = None if w.gate_up_bias_N2B is None else w.gate_up_bias_N2B.reshape(2 * N * B)
-    gate_up_TN2B = F.linear(x_TD, w.gate_up_N2BD.view(2 * N * B, D), bias).view(T, N, 2, B)
+    gate_up_TN2B = rows.linear(x_TD, w.gate_up_N2BD.view(2 * N * B, D), bias, rowwise=rowwise).view(T, N, 2, B)
     h_TF = gated(gate_up_TN2B[:, :, 0], gate_up_TN2B[:, :, 1], w.activation).reshape(T, N * B)
-    return h_TF @ w.down_FD
+    return rows.matmul(h_TF, w.down_FD, rowwise=rowwise)
 
 
 @attrs.frozen(eq=False)
@@ -55,7 +63,9 @@ class SegmentOutput:
     y_TD: torch.Tensor
 
 
-def swiglu_segments(x_TD: torch.Tensor, segments: Iterable[SwiGLUWeights | SegmentOutput]) -> torch.Tensor:
+def swiglu_segments(
+    x_TD: torch.Tensor, segments: Iterable[SwiGLUWeights | SegmentOutput], *, rowwise: bool = False
+) -> torch.Tensor:
     """One expert given as neuron segments (e.g. a cached top and a freshly loaded bottom), each
     as weights to compute here or as an output computed elsewhere; their outputs are summed.
 
@@ -70,7 +80,7 @@ def swiglu_segments(x_TD: torch.Tensor, segments: Iterable[SwiGLUWeights | Segme
         elif segment.ffn_size == 0:
             continue
         else:
-            term = swiglu(x_TD, segment)
+            term = swiglu(x_TD, segment, rowwise=rowwise)
         y_TD = term if y_TD is None else y_TD + term
     if y_TD is None:
         raise ValueError("an expert needs at least one non-empty neuron segment")

@@ -8,12 +8,14 @@ donated cache buffers (see core/attention.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
 import torch
 import torch.nn.functional as F
 
+from moepic.core import rows
 from moepic.core.attention_kinds import attention_kind
 from moepic.core.ffn import swiglu
 from moepic.core.kv_cache_layer import cache_positions
@@ -100,41 +102,100 @@ def forward(
     cos_Td, sin_Td = rope_cos_sin(model.inv_freq_d, scaling, positions_T, model.dtype)
 
     attend = attention_kind(spec).attend
-    x_TD = F.embedding(tokens_T, w.embed_VD)
-    if spec.embedding_multiplier != 1.0:
-        x_TD = x_TD * spec.embedding_multiplier
-    for layer, lw in enumerate(w.layers):
+
+    def attention(layer: int, h_TD: torch.Tensor) -> torch.Tensor:
+        lw = w.layers[layer]
+        return attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, layer)
+
+    x_TD = _layers(model, _embed(model, tokens_T), attention, experts, tap)
+    if logits_for == "last":
+        x_TD = x_TD[-1:]
+    return _logits(model, x_TD), attrs.evolve(cache, length=start + T)
+
+
+def decode_step(
+    model: Model, tokens_B: torch.Tensor, caches: Sequence[KVCache], experts: ExpertSource | None = None
+) -> tuple[torch.Tensor, list[KVCache]]:
+    """One new token for each of B sequences (token b continues the sequence in `caches[b]`, which
+    may be of any length): logits [B, V] and the caches advanced by one. Every token is computed
+    exactly as `forward` computes it for its sequence alone, bit for bit: attention per sequence,
+    and every matmul over the batch's tokens row by row (core/rows.py), so that a batch never
+    changes anyone's output. The MoE layers route all B tokens at once: the expert source sees the
+    union of their experts, once per layer."""
+    spec, w = model.spec, model.weights
+    experts = ResidentExperts(w) if experts is None else experts
+    B = tokens_B.shape[0]
+    if len(caches) != B:
+        raise ValueError(f"{B} tokens for {len(caches)} sequences' caches")
+    for b, cache in enumerate(caches):
+        if cache.length + 1 > cache.capacity:
+            raise ValueError(f"sequence {b}'s KV cache holds {cache.capacity} positions, all used")
+    attend = attention_kind(spec).attend
+    rotary = []  # each sequence's (cos, sin) at its own position, as `forward` computes them
+    for cache in caches:
+        scaling = rope_scaling_until(spec.rope, cache.length + 1, model.rope_scaling)
+        position_T = torch.tensor([cache.length], device=tokens_B.device)
+        rotary.append(rope_cos_sin(model.inv_freq_d, scaling, position_T, model.dtype))
+
+    def attention(layer: int, h_BD: torch.Tensor) -> torch.Tensor:
+        lw = w.layers[layer]
+        return torch.cat([
+            attend(h_1D, lw.attention, spec, *rotary[b], c.keys[layer], c.values[layer], c.length, layer)
+            for b, (h_1D, c) in enumerate(zip(rows.each(h_BD), caches, strict=True))
+        ])
+
+    x_BD = _layers(model, _embed(model, tokens_B), attention, experts, None, rowwise=True)
+    return _logits(model, x_BD, rowwise=True), [attrs.evolve(c, length=c.length + 1) for c in caches]
+
+
+def _embed(model: Model, tokens_T: torch.Tensor) -> torch.Tensor:
+    x_TD = F.embedding(tokens_T, model.weights.embed_VD)
+    return x_TD * model.spec.embedding_multiplier if model.spec.embedding_multiplier != 1.0 else x_TD
+
+
+def _layers(
+    model: Model, x_TD: torch.Tensor, attention, experts: ExpertSource, tap: RoutingTap | None, *, rowwise: bool = False
+) -> torch.Tensor:
+    """The decoder layers over the residual stream; `attention(layer, h_TD)` attends with the
+    caches; `rowwise`: the tokens are of different sequences (core/rows.py)."""
+    spec = model.spec
+    for layer, lw in enumerate(model.weights.layers):
         norms = ((lw.input_norm_D, lw.input_norm_bias_D), (lw.post_attention_norm_D, lw.post_attention_norm_bias_D))
-        h_TD = _sublayer_input(x_TD, norms[0], spec)
-        out_TD = attend(h_TD, lw.attention, spec, cos_Td, sin_Td, cache.keys[layer], cache.values[layer], start, layer)
-        x_TD = _sublayer_output(x_TD, out_TD, norms[0], spec)
-        h_TD = _sublayer_input(x_TD, norms[1], spec)
+        h_TD = _sublayer_input(x_TD, norms[0], spec, rowwise)
+        x_TD = _sublayer_output(x_TD, attention(layer, h_TD), norms[0], spec, rowwise)
+        h_TD = _sublayer_input(x_TD, norms[1], spec, rowwise)
         if isinstance(lw.ffn, MoEWeights):
-            out_TD = moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap)
+            out_TD = moe_block(h_TD, lw.ffn, spec.moe, layer, experts, tap, rowwise=rowwise)
         else:
-            out_TD = swiglu(h_TD, lw.ffn)
-        x_TD = _sublayer_output(x_TD, out_TD, norms[1], spec)
+            out_TD = swiglu(h_TD, lw.ffn, rowwise=rowwise)
+        x_TD = _sublayer_output(x_TD, out_TD, norms[1], spec, rowwise)
         experts.after_layer(layer, x_TD)
         if tap is not None:
             tap.layer_output(layer, x_TD)
+    return x_TD
 
-    if logits_for == "last":
-        x_TD = x_TD[-1:]
-    logits_TV = F.linear(block_norm(x_TD, w.final_norm_D, w.final_norm_bias_D, spec.norm, spec.norm_eps), w.lm_head_VD,
-                         w.lm_head_bias_V)
-    if spec.logits_scaling != 1.0:
-        logits_TV = logits_TV / spec.logits_scaling
-    return logits_TV, attrs.evolve(cache, length=start + T)
+
+def _logits(model: Model, x_TD: torch.Tensor, *, rowwise: bool = False) -> torch.Tensor:
+    spec, w = model.spec, model.weights
+    h_TD = rows.per_row(lambda x: block_norm(x, w.final_norm_D, w.final_norm_bias_D, spec.norm, spec.norm_eps), x_TD,
+                        rowwise=rowwise)
+    logits_TV = rows.linear(h_TD, w.lm_head_VD, w.lm_head_bias_V, rowwise=rowwise)
+    return logits_TV / spec.logits_scaling if spec.logits_scaling != 1.0 else logits_TV
 
 
 # A sublayer (attention or FFN) with its norm (weight, bias): x + f(norm(x)) with pre-norm,
 # x + norm(f(x)) with post-norm (spec.norm_placement).
-def _sublayer_input(x_TD: torch.Tensor, norm: tuple, spec: ModelSpec) -> torch.Tensor:
-    return x_TD if spec.norm_placement == "post" else block_norm(x_TD, *norm, spec.norm, spec.norm_eps)
+# `rowwise`: the tokens are of different sequences, each normalised alone (core/rows.py).
+def _sublayer_input(x_TD: torch.Tensor, norm: tuple, spec: ModelSpec, rowwise: bool = False) -> torch.Tensor:
+    return x_TD if spec.norm_placement == "post" else _norm(x_TD, norm, spec, rowwise)
 
 
-def _sublayer_output(x_TD: torch.Tensor, out_TD: torch.Tensor, norm: tuple, spec: ModelSpec) -> torch.Tensor:
-    return _join(x_TD, block_norm(out_TD, *norm, spec.norm, spec.norm_eps) if spec.norm_placement == "post" else out_TD, spec)
+def _sublayer_output(x_TD: torch.Tensor, out_TD: torch.Tensor, norm: tuple, spec: ModelSpec, rowwise: bool = False) -> torch.Tensor:
+    return _join(x_TD, _norm(out_TD, norm, spec, rowwise) if spec.norm_placement == "post" else out_TD, spec)
+
+
+def _norm(x_TD: torch.Tensor, norm: tuple, spec: ModelSpec, rowwise: bool) -> torch.Tensor:
+    return rows.per_row(lambda x: block_norm(x, *norm, spec.norm, spec.norm_eps), x_TD, rowwise=rowwise)
 
 
 def _join(residual_TD: torch.Tensor, out_TD: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

@@ -23,8 +23,8 @@ from typing import Protocol
 
 import attrs
 import torch
-import torch.nn.functional as F
 
+from moepic.core import rows
 from moepic.core.ffn import SegmentOutput, swiglu, swiglu_segments
 from moepic.core.routing import route
 from moepic.core.spec import MoESpec
@@ -115,13 +115,17 @@ def combine_experts(
     ids_per_token: list[list[int]],
     experts: Iterable[tuple[int, Iterable[SwiGLUWeights | SegmentOutput]]],
     down_bias_ED: torch.Tensor | None = None,
+    *,
+    rowwise: bool = False,
 ) -> torch.Tensor:
     """Σ_k weights_TK[t, k] · expert_{ids[t][k]}(x_t), running each expert once on its tokens,
     in the order `experts` yields them (the sum's order, so dense and offloaded runs agree).
-    An expert's down bias (`down_bias_ED[e]`) joins its segments' sum once, before the weighting."""
+    An expert's down bias (`down_bias_ED[e]`) joins its segments' sum once, before the weighting.
+    `rowwise`: each token computed as it would be alone (tokens of different sequences: core/rows.py);
+    a token's sum runs over its experts in the same order either way."""
 
     def expert_output(e: int, x_TD: torch.Tensor, segments) -> torch.Tensor:
-        y_TD = swiglu_segments(x_TD, segments)
+        y_TD = swiglu_segments(x_TD, segments, rowwise=rowwise)
         return y_TD if down_bias_ED is None else y_TD + down_bias_ED[e]
 
     if len(ids_per_token) == 1:  # decode: one token, no gathering needed
@@ -155,8 +159,12 @@ def moe_block(
     layer: int,
     experts: ExpertSource,
     tap: RoutingTap | None = None,
+    *,
+    rowwise: bool = False,
 ) -> torch.Tensor:
-    weights_TK, ids_TK = route(x_TD, w.router_ED, moe, w.router_bias_E, w.router_logit_bias_E)
+    """The block's output for `x_TD`; `rowwise`: its tokens come from different sequences, and each
+    is computed exactly as it would be alone (core/rows.py)."""
+    weights_TK, ids_TK = route(x_TD, w.router_ED, moe, w.router_bias_E, w.router_logit_bias_E, rowwise=rowwise)
     if tap is not None:
         tap.routed(layer, x_TD, weights_TK, ids_TK)
     ids_per_token, lookahead_rows = routing_to_host_sync(ids_TK, experts.lookahead(layer, x_TD))
@@ -167,10 +175,10 @@ def moe_block(
         # scale of the input does not change an unbiased router's ranking).
         expert_in_TD, weights_TK = x_TD * weights_TK, torch.ones_like(weights_TK)
     routed = experts.experts_for(layer, ids_per_token, expert_in_TD, lookahead_rows)
-    y_TD = combine_experts(expert_in_TD, weights_TK, ids_per_token, routed, w.expert_down_bias_ED)
+    y_TD = combine_experts(expert_in_TD, weights_TK, ids_per_token, routed, w.expert_down_bias_ED, rowwise=rowwise)
     if w.shared_expert is not None:
-        shared_TD = swiglu(x_TD, w.shared_expert)
+        shared_TD = swiglu(x_TD, w.shared_expert, rowwise=rowwise)
         if w.shared_expert_gate_1D is not None:
-            shared_TD = torch.sigmoid(F.linear(x_TD, w.shared_expert_gate_1D)) * shared_TD
+            shared_TD = torch.sigmoid(rows.linear(x_TD, w.shared_expert_gate_1D, rowwise=rowwise)) * shared_TD
         y_TD = y_TD + shared_TD
     return y_TD

@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from moepic.core import rows
 from moepic.core.norms import block_norm
 from moepic.core.spec import ModelSpec, MoESpec, RouterSpec
 from moepic.core.weights import LayerWeights
@@ -143,14 +143,17 @@ def router_fn(kind: str) -> RouterFn:
 
 
 def router_logits(
-    x_TD: torch.Tensor, router_ED: torch.Tensor, router: RouterSpec | None = None, logit_bias_E: torch.Tensor | None = None
+    x_TD: torch.Tensor, router_ED: torch.Tensor, router: RouterSpec | None = None, logit_bias_E: torch.Tensor | None = None,
+    *, rowwise: bool = False,
 ) -> torch.Tensor:
     """[T, E]: the router's score of every expert for router inputs `x_TD`, before the routing rule
     turns them into weights: in x's dtype, or float32 where the router asks (`fp32_logits`);
-    `logit_bias_E`: a bias on the logits themselves (GPT-OSS's), where the router has one."""
+    `logit_bias_E`: a bias on the logits themselves (GPT-OSS's), where the router has one.
+    `rowwise`: each token scored as it would be alone (core/rows.py)."""
     if router is not None and router.fp32_logits:
-        return F.linear(x_TD.float(), router_ED.float(), None if logit_bias_E is None else logit_bias_E.float())
-    return F.linear(x_TD, router_ED, logit_bias_E)
+        return rows.linear(x_TD.float(), router_ED.float(), None if logit_bias_E is None else logit_bias_E.float(),
+                           rowwise=rowwise)
+    return rows.linear(x_TD, router_ED, logit_bias_E, rowwise=rowwise)
 
 
 def residual_router_logits(residual_TD: torch.Tensor, layer: LayerWeights, spec: ModelSpec) -> torch.Tensor:
@@ -164,10 +167,15 @@ def residual_router_logits(residual_TD: torch.Tensor, layer: LayerWeights, spec:
 
 def route(
     x_TD: torch.Tensor, router_ED: torch.Tensor, moe: MoESpec, bias_E: torch.Tensor | None = None,
-    logit_bias_E: torch.Tensor | None = None,
+    logit_bias_E: torch.Tensor | None = None, *, rowwise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights_TK in x's dtype, ids_TK int64) for every token; `bias_E`: the layer's selection-only
-    bias; `logit_bias_E`: its bias on the logits."""
-    logits_TE = router_logits(x_TD, router_ED, moe.router, logit_bias_E)
-    weights_TK, ids_TK = router_fn(moe.router.kind)(logits_TE, moe.router, moe.top_k, bias_E)
+    bias; `logit_bias_E`: its bias on the logits; `rowwise`: as `router_logits`."""
+    logits_TE = router_logits(x_TD, router_ED, moe.router, logit_bias_E, rowwise=rowwise)
+    rule = router_fn(moe.router.kind)
+    if rowwise and x_TD.shape[0] > 1:  # its sums and softmaxes over a few experts, one token at a time
+        weights, ids = zip(*(rule(row_1E, moe.router, moe.top_k, bias_E) for row_1E in rows.each(logits_TE)))
+        weights_TK, ids_TK = torch.cat(weights), torch.cat(ids)
+    else:
+        weights_TK, ids_TK = rule(logits_TE, moe.router, moe.top_k, bias_E)
     return weights_TK.to(x_TD.dtype), ids_TK

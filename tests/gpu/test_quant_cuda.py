@@ -109,7 +109,7 @@ def test_int4_fused_hybrid_on_cuda_computes_the_hosts_share_with_the_fused_kerne
     expected = generate(resident, PROMPT, max_new_tokens=12, eos_ids=())
     for mode in ("host-only", "auto"):
         pricing = run_pricing(offload.device, 2, host="desktop-ddr5", link=None, threads=None, expert_format=fmt) if mode == "auto" else None
-        engine = offloaded_experts(offload, 0.3, 0.5, hybrid=mode, pricing=pricing)
+        engine = offloaded_experts(offload, 0.3, 0.5, POLICIES["lru"].config(), hybrid=mode, pricing=pricing)
         try:
             got = generate(offload, PROMPT, max_new_tokens=12, eos_ids=(), experts=engine)
         finally:
