@@ -142,11 +142,8 @@ class GGUFCheckpoint:
         values = self._values(where)
         if where.rope_permuted:
             values = unpermute(values, self.heads["q" if ".attn_q." in where.name else "k"])
-        converted = values.reshape(shape).to(device=device, dtype=dtype)
-        if self.check_finite and not all_finite(converted):
-            raise CheckpointError(f"{self.folder}: tensor {where.name!r} {non_finite_reason(values, converted)}")
         self._mark_read(where.name)
-        return converted
+        return self.checked(where.name, values, values.reshape(shape).to(device=device, dtype=dtype))
 
     def read_stored(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, index: int | None = None) -> torch.Tensor:
         """A fused GPT-OSS MXFP4 tensor (`…_blocks` / `…_scales`, uint8) as the `mxfp4` format keeps it."""

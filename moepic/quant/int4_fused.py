@@ -7,19 +7,23 @@ into groups of g weights along the matmul's input (D for gate/up, F for down), e
 bfloat16 scale s and offset z: w = (code − 8)·s + z, codes in [0, 15] spanning the group's
 [min, max] (as the kernel computes it, and llama.cpp's Q4_1 stores it). Down's groups run along
 the neurons, so a segment is cut at multiples of g neurons (and of the kernel's 64-row tiles:
-`neuron_multiple`). Kept per neuron block:
+`neuron_multiple`). Kept per neuron block of B neurons, each part's bytes in the kernel's order
+for those neurons (shapes as the format seam wants them, neuron-major):
 
-    gate_up         [2, B, D/2]     uint8    each block's gate rows then up rows, tiled along rows
-    gate_up_scales  [2, B, D/g, 2]  bfloat16 (s, z) per group, neuron-major
-    down            [B, D/2]        uint8    per neuron, its column of down's tiles
-    down_scales     [B/g, D, 2]     bfloat16 (s, z) per group of g neurons, as the kernel reads them
+    gate_up         [2, B, D/2]     uint8    the block's gate rows then up rows, in 64-row tiles
+    gate_up_scales  [2, B, D/g, 2]  bfloat16 (s, z) per group, laid out [D/g, 2·B, 2]
+    down            [B, D/2]        uint8    down's tiles for the block's neurons, [D/r, B, r/2]
+    down_scales     [B/g, D, 2]     bfloat16 (s, z) per group of g neurons
+
+so a segment of one block is the kernel's input as it is, and one of several gathers its blocks'
+scales and down tiles in whole-block chunks (a few µs). Files keep every part neuron-major in
+`CANONICAL` tiles (`part_to_file`), whatever the block and the machine.
 
 Per neuron: 1.5·D bytes of codes + 12·D/g of scales (4.5 bits a weight at g 64). On the host
 (CPU tensors, and a torch whose kernel reads this process's layout) `fused_swiglu` runs two
-kernel calls on bfloat16 activations — the kernel's fast path; float32 ones take a path 30× slower
-— after gathering gate/up's scales and down's columns into the kernel's order (a copy of an
-eighth of the bytes and of a third). Elsewhere (a GPU) the expert decodes before a matmul, as
-every format does; the two agree to bfloat16 rounding, not bit for bit.
+kernel calls on bfloat16 activations — the kernel's fast path; float32 ones take a path 30× slower.
+Elsewhere (a GPU) the expert decodes before a matmul, as every format does; the two agree to
+bfloat16 rounding, not bit for bit.
 """
 
 from __future__ import annotations

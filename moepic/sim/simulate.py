@@ -119,8 +119,10 @@ def simulate(
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
-    first_times = times[0] if isinstance(times, (list, tuple)) else times
-    pricing = host_pricing(hw, first_times, layout.dtype_bytes) if hybrid != "off" else None
+    # One per MoE layer where layers store their experts in different formats (a GGUF file's kinds).
+    layer_times = tuple(times) if isinstance(times, (list, tuple)) else (times,) * len(layout.layers)
+    times = layer_times[0]
+    pricing = host_pricing(hw, times, layout.dtype_bytes) if hybrid != "off" else None
     check_mode(hybrid, pricing is not None)
     shared_cores = hw.device == "cpu"  # a CPU "device" (the engine on this machine) is the host's own cores
     candidates = predictor.candidates
@@ -149,9 +151,6 @@ def simulate(
                 union.update(experts)
     reach = max((target - c for c, source_issues in enumerate(issues) for target, _ in source_issues), default=0)
     link_Bps, latency = hw.link_gbps * 1e9, hw.link_latency_us * 1e-6
-    # One per MoE layer where layers store their experts in different formats (a GGUF file's kinds).
-    layer_times = tuple(times) if isinstance(times, (list, tuple)) else (times,) * len(layout.layers)
-    times = layer_times[0]
     if pricing is not None and len(set(layer_times)) > 1:
         raise ValueError("hybrid is priced for one expert format: these layers store theirs in several")
     if any(l.low_bit_misses for l in layers) and (times.miss_expert_s is None or hybrid != "off"):

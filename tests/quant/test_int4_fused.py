@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from moepic.checkpoint.stored_experts import expert_file_tensors, read_stored_expert
 from moepic.core.ffn import swiglu
 from moepic.core.packing import flat_buffer, pack_expert, packed_bytes
+from moepic.core.spec import SILU
 from moepic.quant import build_format
 from moepic.quant.int4_fused import dequantize_offset, quantize_offset
 from moepic.quant.int4_tiles import CANONICAL, KNOWN, TileLayout, kernel_layout
@@ -97,7 +98,7 @@ def test_a_constant_group_comes_back_as_its_value_in_bfloat16():
 def test_the_fused_kernel_computes_what_the_decoded_weights_do(D, blocks, group, dtype, biased, tokens, data):
     F, seed = 64 * blocks, data.draw(st.integers(0, 2**16))
     q = build_format({"name": "int4-fused", "group_size": group}).encode(
-        expert(D, F, 64, dtype, biased, seed, spread=0.1, activation=GPT_OSS if biased else expert.__defaults__[1]))
+        expert(D, F, 64, dtype, biased, seed, spread=0.1, activation=GPT_OSS if biased else SILU))
     x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
     start = data.draw(st.integers(0, blocks - 1)) * 64
     segment = q.neurons(start, F)
