@@ -56,13 +56,16 @@ class ExpertSource(Protocol):
         ids_per_token: Sequence[Sequence[int]],
         router_input_TD: torch.Tensor,
         lookahead_rows: list[list[int]] | None = None,
+        *,
+        decode: bool | None = None,
     ) -> Iterator[tuple[int, Iterable[SwiGLUWeights | SegmentOutput]]]:
         """Each expert that `ids_per_token` routes to, once, by ascending id, except that a source may
         hand out experts computed elsewhere last (so that work overlaps the block's own), as neuron
         segments that together cover all of F. Segments may be overwritten after the next expert is requested.
         A segment is weights (computed by the block) or a `SegmentOutput`: its output for the
         expert's tokens (those routed to it, in token order), [T_e, D], unweighted.
-        `router_input_TD` is what the layer routed on; `lookahead_rows` is `lookahead(...)` on the host."""
+        `router_input_TD` is what the layer routed on; `lookahead_rows` is `lookahead(...)` on the host.
+        `decode`: a decode step, one token of each of one or more sequences (None: one token is one)."""
         ...
 
     def after_layer(self, layer: int, x_TD: torch.Tensor) -> None:
@@ -91,7 +94,8 @@ class ResidentExperts:
         return None
 
     def experts_for(
-        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor, lookahead_rows=None
+        self, layer: int, ids_per_token: Sequence[Sequence[int]], router_input_TD: torch.Tensor, lookahead_rows=None,
+        *, decode: bool | None = None,
     ) -> Iterator[tuple[int, Sequence[SwiGLUWeights]]]:
         experts = self.weights.layers[layer].ffn.experts
         return ((e, (experts[e],)) for e in sorted({e for ids in ids_per_token for e in ids}))
@@ -174,7 +178,8 @@ def moe_block(
         # The source gets that input too (what it computes on the host, or predicts from: a positive
         # scale of the input does not change an unbiased router's ranking).
         expert_in_TD, weights_TK = x_TD * weights_TK, torch.ones_like(weights_TK)
-    routed = experts.experts_for(layer, ids_per_token, expert_in_TD, lookahead_rows)
+    # A batch's decode step (rowwise: one token of each of several sequences) is a decode step too.
+    routed = experts.experts_for(layer, ids_per_token, expert_in_TD, lookahead_rows, decode=rowwise or len(ids_per_token) == 1)
     y_TD = combine_experts(expert_in_TD, weights_TK, ids_per_token, routed, w.expert_down_bias_ED, rowwise=rowwise)
     if w.shared_expert is not None:
         shared_TD = swiglu(x_TD, w.shared_expert, rowwise=rowwise)

@@ -49,8 +49,9 @@ class EngineCounters:
         self.host = {l: HostCounts() for l in layers}
         self.host_s = {decode: dict.fromkeys(layers, 0.0) for decode in (False, True)}
 
-    def add_plan(self, plan: LayerPlan, tokens: int) -> None:
-        stats = self.decode if tokens == 1 else self.prefill
+    # `decode`: a decode step (one token of each of one or more sequences), not a prompt's prefill.
+    def add_plan(self, plan: LayerPlan, tokens: int, decode: bool) -> None:
+        stats = self.decode if decode else self.prefill
         stats[plan.layer] = stats[plan.layer].add(plan, tokens)
 
     def add_host(self, layout: LayerCacheLayout, placed: Iterable[Placement]) -> None:
@@ -67,11 +68,11 @@ class EngineCounters:
         """Expert weight bytes computed on the host instead of copied."""
         return sum(h.bytes for h in self.host.values())
 
-    def add_host_s(self, layer: int, tokens: int, seconds: float) -> None:
-        self.host_s[tokens == 1][layer] += seconds
+    def add_host_s(self, layer: int, decode: bool, seconds: float) -> None:
+        self.host_s[decode][layer] += seconds
 
-    def add_resident_step(self, layer: int, tokens: int, activations: int) -> None:
-        counts = self.resident[tokens == 1][layer]
+    def add_resident_step(self, layer: int, tokens: int, activations: int, decode: bool) -> None:
+        counts = self.resident[decode][layer]
         counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + tokens, counts[2] + activations
 
     def add_prediction(self, layer: int, predicted: Iterable[int], routed: Iterable[int]) -> None:

@@ -100,7 +100,7 @@ class SplitExperts:
     def lookahead(self, layer, router_input_TD):
         return None
 
-    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None):
+    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None, *, decode=None):
         expert_ids = sorted({e for ids in ids_per_token for e in ids})
         self.asked.append((layer, tuple(expert_ids)))
         experts = self.model.weights.layers[layer].ffn.experts
@@ -131,7 +131,7 @@ class BottomsElsewhere(SplitExperts):
     """An ExpertSource that hands each expert's top out as weights and computes its bottom itself,
     handing back the bottom's output (as a source computing on the host would)."""
 
-    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None):
+    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None, *, decode=None):
         for e, (top, bottom) in super().experts_for(layer, ids_per_token, router_input_TD, lookahead_rows):
             tokens_T = torch.tensor([t for t, ids in enumerate(ids_per_token) if e in ids])
             yield e, (top, SegmentOutput(swiglu(router_input_TD[tokens_T], bottom)))

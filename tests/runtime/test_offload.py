@@ -53,8 +53,8 @@ class CheckedAfterEveryStep:
     def lookahead(self, layer, router_input_TD):
         return self.engine.lookahead(layer, router_input_TD)
 
-    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None):
-        yield from self.engine.experts_for(layer, ids_per_token, router_input_TD, lookahead_rows)
+    def experts_for(self, layer, ids_per_token, router_input_TD, lookahead_rows=None, *, decode=None):
+        yield from self.engine.experts_for(layer, ids_per_token, router_input_TD, lookahead_rows, decode=decode)
         assert_slots_hold_the_host_bytes(self.engine)
 
 

@@ -82,6 +82,18 @@ def test_batched_decode_through_the_offloading_engine_changes_no_bit(models, the
     assert_as_alone(models("mixtral"), requests, results)
 
 
+@pytest.mark.parametrize("share", [0.2, 1.0])  # 1.0: every layer fully resident, counted without the planner
+def test_the_engine_counts_a_batched_step_as_decode_and_the_prompts_as_prefill(models, share):
+    model = models("mixtral", offload=True)
+    # Prompts of two tokens and more: a one-token prompt's prefill is a one-token step, counted as decode.
+    requests = [Request(prompt_ids=p, max_new_tokens=n, eos_ids=()) for p, n in (([1, 2, 3], 6), ([9, 4], 4), ([5, 6, 7, 8, 9], 5))]
+    engine = offloaded_experts(model, share, 0.5, POLICIES["lru"].config())
+    results = generate_batch(model, requests, experts=engine)
+    decode_tokens = sum(len(r.token_ids) - 1 for r in results)
+    assert {s.tokens for s in engine.decode_stats.values()} == {decode_tokens}
+    assert {s.tokens for s in engine.prefill_stats.values()} == {sum(len(r.prompt_ids) for r in requests)}
+
+
 def test_a_decode_step_needs_one_cache_per_token_and_room_in_each(models):
     model = models("mixtral")
     caches = [KVCache.allocate(model, 1), KVCache.allocate(model, 4)]
