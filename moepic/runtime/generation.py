@@ -45,6 +45,17 @@ class GenerationResult:
     logits: list[torch.Tensor] | None = None
 
 
+def check_prefill_chunk(model: Model, prefill_chunk: int | None) -> None:
+    """A prefill chunk is a positive size, for a model whose rope keeps one scale across a prompt."""
+    if prefill_chunk is None:
+        return
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if cache_rebuild_length(model.spec.rope, model.rope_scaling) is not None:
+        raise ValueError("prefill_chunk: this model's rope (LongRoPE) changes scale within a sequence, which a prompt "
+                         "prefilled in pieces would mix; prefill its prompts whole")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -63,16 +74,20 @@ def generate(
     progress: bool = False,
     on_token: Callable[[int], None] | None = None,
     tap: RoutingTap | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Greedy or seeded sampling; stops at max_new_tokens or after emitting an EOS id.
 
     `on_token` sees each new id as soon as it is chosen (for streaming output); its time counts
-    in the decode timing, so keep it cheap.
+    in the decode timing, so keep it cheap. `prefill_chunk`: the prompt goes through in pieces of
+    at most that many tokens (as a server interleaves a long prompt with others' decode steps:
+    runtime/scheduler.py), which rounds otherwise than one piece.
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_prefill_chunk(model, prefill_chunk)
     eos = set(model.spec.eos_token_ids if eos_ids is None else eos_ids)
     device = model.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -81,8 +96,9 @@ def generate(
         experts.begin_request()
     tokens_T = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
 
-    def step(tokens: torch.Tensor, cache: KVCache):
-        logits_TV, cache = forward(model, tokens, cache, experts, logits_for="last", tap=tap)
+    def step(tokens: torch.Tensor, cache: KVCache, chunk: int | None = None):
+        for piece in tokens.split(chunk or len(tokens)):
+            logits_TV, cache = forward(model, piece, cache, experts, logits_for="last", tap=tap)
         logits_V = logits_TV[-1]
         next_id = sample_next_token(
             logits_V,
@@ -99,7 +115,7 @@ def generate(
     with progress_bar(total=max_new_tokens, desc="generating", unit="tok", wanted=progress, leave=False) as bar:
         _sync(device)
         t0 = time.perf_counter()
-        logits_V, next_id, cache = step(tokens_T, cache)
+        logits_V, next_id, cache = step(tokens_T, cache, prefill_chunk)
         token = int(next_id)  # the host needs the id anyway (EOS check, next input): this is the sync
         t1 = time.perf_counter()
         while True:

@@ -4,10 +4,12 @@ wall-clock timing; the KV caches it allocates (freed when a request ends or is c
     submit(request) ─▶ waiting ─admit (prefill alone, first token)─▶ running ─decode_step─▶ … ─▶ done
                                    up to `max_batch` running            (EOS, token limit, cancel)
 
-Each `step()` admits waiting requests while the batch has room, prefilling each alone (its first
-token comes from its prefill, as in `generate`), then runs one decode step (core/model.py
-`decode_step`) for every running request that had a token before the step. Every request's tokens
-and logits are what `generate` gives it alone, bit for bit, whatever else is in the batch and
+Each `step()` admits waiting requests while the batch has room, prefills each admitted prompt
+alone — whole, or its next `prefill_chunk` tokens, so a long prompt spreads over several steps
+while the others keep decoding — whose last piece gives its first token (as in `generate`), then
+runs one decode step (core/model.py `decode_step`) for every request that had a token before the
+step. Every request's tokens
+and logits are what `generate` gives it alone (with the same `prefill_chunk`), bit for bit, whatever else is in the batch and
 whenever it arrived (tests/runtime/test_scheduler.py): the MoE layers load the union of the
 batch's experts once, and every token is computed as its sequence alone would compute it.
 """
@@ -27,7 +29,7 @@ from moepic.core.moe import ExpertSource
 from moepic.core.rope import cache_rebuild_length
 from moepic.core.sampling import sample_next_token
 from moepic.errors import MoepicError
-from moepic.runtime.generation import GenerationResult, GenerationStats
+from moepic.runtime.generation import GenerationResult, GenerationStats, check_prefill_chunk
 
 
 class QueueFull(MoepicError):
@@ -68,6 +70,7 @@ class _Running:
         self.new_ids: list[int] = []
         self.logits: list[torch.Tensor] = []
         self.last: torch.Tensor | None = None  # the newest token, the next step's input
+        self.prefilled = 0  # prompt tokens through the model so far
         self.prefill_s = self.decode_s = 0.0
 
     def take(self, logits_V: torch.Tensor, keep_logits: bool) -> str | None:
@@ -91,13 +94,15 @@ class _Running:
 
 class Scheduler:
     """Continuous batching over `model` and its expert source (default: every expert resident).
-    `max_batch`: requests decoded together; `max_queue`: requests waiting beyond them."""
+    `max_batch`: requests decoded together; `max_queue`: requests waiting beyond them;
+    `prefill_chunk`: prompt tokens a request puts through per step (None: its whole prompt)."""
 
     def __init__(self, model: Model, experts: ExpertSource | None = None, *, max_batch: int = 8, max_queue: int = 64,
-                 keep_logits: bool = False) -> None:
+                 keep_logits: bool = False, prefill_chunk: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model, self.experts, self.keep_logits = model, experts, keep_logits
+        check_prefill_chunk(model, prefill_chunk)
+        self.model, self.experts, self.keep_logits, self.prefill_chunk = model, experts, keep_logits, prefill_chunk
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: deque[tuple[int, Request]] = deque()
         self._running: dict[int, _Running] = {}
@@ -138,17 +143,16 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """Admit what fits, then one decode step: the tokens this produced, in request order."""
+        """Admit what fits, put each admitted prompt's next piece through, then one decode step for
+        the requests that had a token: the tokens this produced (first tokens first)."""
         events: list[TokenEvent] = []
-        ready = list(self._running)  # the ones with a token to continue from
+        ready = [i for i, seq in self._running.items() if seq.new_ids]  # the ones with a token to continue from
         while self._waiting and len(self._running) < self.max_batch:
             request_id, request = self._waiting.popleft()
-            seq = self._running[request_id] = _Running(self.model, request)
-            start = time.perf_counter()
-            prompt_T = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.model.device)
-            logits_TV, seq.cache = forward(self.model, prompt_T, seq.cache, self.experts, logits_for="last")
-            events.append(self._took(request_id, seq, logits_TV[-1]))
-            seq.prefill_s = time.perf_counter() - start
+            self._running[request_id] = _Running(self.model, request)
+        for request_id, seq in list(self._running.items()):
+            if not seq.new_ids:
+                self._prefill(request_id, seq, events)
         batched = []
         for request_id in ready:
             seq = self._running[request_id]
@@ -172,6 +176,18 @@ class Scheduler:
                 events.append(self._took(request_id, seq, logits_BV[row]))
         return events
 
+    def _prefill(self, request_id: int, seq: _Running, events: list[TokenEvent]) -> None:
+        """The prompt's next piece through the model; its last gives the first token."""
+        start = time.perf_counter()
+        prompt = seq.request.prompt_ids
+        piece = prompt[seq.prefilled : seq.prefilled + (self.prefill_chunk or len(prompt))]
+        piece_T = torch.tensor(piece, dtype=torch.long, device=self.model.device)
+        logits_TV, seq.cache = forward(self.model, piece_T, seq.cache, self.experts, logits_for="last")
+        seq.prefilled += len(piece)
+        seq.prefill_s += time.perf_counter() - start
+        if seq.prefilled == len(prompt):
+            events.append(self._took(request_id, seq, logits_TV[-1]))
+
     def _took(self, request_id: int, seq: _Running, logits_V: torch.Tensor) -> TokenEvent:
         finished = seq.take(logits_V, self.keep_logits)
         if finished is not None:
@@ -181,11 +197,13 @@ class Scheduler:
 
 
 def generate_batch(
-    model: Model, requests: Sequence[Request], *, experts: ExpertSource | None = None, keep_logits: bool = False
+    model: Model, requests: Sequence[Request], *, experts: ExpertSource | None = None, keep_logits: bool = False,
+    prefill_chunk: int | None = None,
 ) -> list[GenerationResult]:
     """Each request's result, in order, as `generate` would give it alone: all submitted at once,
     decoded together (a request's decode time is the wall time of the steps it took part in)."""
-    scheduler = Scheduler(model, experts, max_batch=max(1, len(requests)), max_queue=len(requests), keep_logits=keep_logits)
+    scheduler = Scheduler(model, experts, max_batch=max(1, len(requests)), max_queue=len(requests), keep_logits=keep_logits,
+                          prefill_chunk=prefill_chunk)
     ids = [scheduler.submit(r) for r in requests]
     while not scheduler.idle:
         scheduler.step()

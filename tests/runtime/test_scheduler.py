@@ -34,10 +34,10 @@ def models(checkpoint_dir):
     return get
 
 
-def assert_as_alone(model, requests, results, experts_alone=None) -> None:
+def assert_as_alone(model, requests, results, experts_alone=None, prefill_chunk=None) -> None:
     for request, got in zip(requests, results, strict=True):
         alone = generate(model, request.prompt_ids, max_new_tokens=request.max_new_tokens, sampling=request.sampling,
-                         eos_ids=request.eos_ids, keep_logits=True, experts=experts_alone)
+                         eos_ids=request.eos_ids, keep_logits=True, experts=experts_alone, prefill_chunk=prefill_chunk)
         assert got.token_ids == alone.token_ids
         assert got.stopped_on_eos == alone.stopped_on_eos
         assert all(torch.equal(a, b) for a, b in zip(got.logits, alone.logits, strict=True))
@@ -133,6 +133,35 @@ def test_requests_arriving_at_any_step_into_a_bounded_batch_get_what_they_would_
         mine = [e for e in events if e.request_id == ids[i]]
         assert [e.token for e in mine] == result.token_ids
         assert [e.finished for e in mine] == [None] * (len(mine) - 1) + ["length"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(name=st.sampled_from(("mixtral", "gpt_oss", "deepseek_v3")), requests=requests_, chunk=st.integers(1, 5),
+       max_batch=st.integers(1, 3))
+def test_chunked_prefill_gives_what_generate_gives_with_the_same_chunks(models, name, requests, chunk, max_batch):
+    model = models(name)
+    scheduler = Scheduler(model, max_batch=max_batch, keep_logits=True, prefill_chunk=chunk)
+    ids = [scheduler.submit(r) for r in requests]
+    while not scheduler.idle:
+        scheduler.step()
+    assert_as_alone(model, requests, [scheduler.result(i) for i in ids], prefill_chunk=chunk)
+
+
+def test_a_long_prompt_prefills_over_several_steps_while_the_batch_keeps_decoding(models):
+    model = models("mixtral")
+    scheduler = Scheduler(model, max_batch=2, prefill_chunk=3)
+    running = scheduler.submit(Request(prompt_ids=[1, 2], max_new_tokens=8, eos_ids=()))
+    scheduler.step()  # its prompt fits one piece: its first token
+    long = scheduler.submit(Request(prompt_ids=list(range(1, 12)), max_new_tokens=2, eos_ids=()))
+    steps = [scheduler.step() for _ in range(4)]  # 11 prompt tokens in pieces of 3: the 4th step gives its first token
+    assert [[e.request_id for e in events] for events in steps] == [[running], [running], [running], [long, running]]
+
+
+def test_a_prefill_chunk_must_be_positive_and_a_longrope_model_prefills_whole(models):
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1, got 0"):
+        Scheduler(models("mixtral"), prefill_chunk=0)
+    with pytest.raises(ValueError, match="LongRoPE.*prefill its prompts whole"):
+        generate(models("phimoe"), [1, 2, 3], max_new_tokens=2, prefill_chunk=2)
 
 
 def test_a_cancelled_request_leaves_and_the_others_go_on(models):
