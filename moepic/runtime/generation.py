@@ -45,6 +45,25 @@ class GenerationResult:
     logits: list[torch.Tensor] | None = None
 
 
+def next_token(logits_V: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """The next id as `sampling` picks it from `logits_V` (a 0-d tensor: reading it syncs the device)."""
+    return sample_next_token(logits_V, greedy=sampling.greedy, temperature=sampling.temperature, top_p=sampling.top_p,
+                             generator=generator)
+
+
+def stop_ids(model: Model, eos_ids: Sequence[int] | None) -> set[int]:
+    """The ids that end a generation: the ones given, else the model's EOS ids."""
+    return set(model.spec.eos_token_ids if eos_ids is None else eos_ids)
+
+
+def rebuild(model: Model, ids: Sequence[int], cache: KVCache, experts, *, tap=None) -> tuple[torch.Tensor, KVCache]:
+    """The whole sequence `ids` run again from an empty cache (`cache_rebuild_length`: a rope scale
+    the cached keys carry has changed): the last position's logits [V], and the refilled cache."""
+    everything_T = torch.tensor(list(ids), dtype=torch.long, device=model.device)
+    logits_TV, cache = forward(model, everything_T, attrs.evolve(cache, length=0), experts, logits_for="last", tap=tap)
+    return logits_TV[-1], cache
+
+
 def check_prefill_chunk(model: Model, prefill_chunk: int | None) -> None:
     """A prefill chunk is a positive size, for a model whose rope keeps one scale across a prompt."""
     if prefill_chunk is None:
@@ -88,7 +107,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_prefill_chunk(model, prefill_chunk)
-    eos = set(model.spec.eos_token_ids if eos_ids is None else eos_ids)
+    eos = stop_ids(model, eos_ids)
     device = model.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     cache = KVCache.allocate(model, len(prompt_ids) + max_new_tokens)
@@ -96,18 +115,13 @@ def generate(
         experts.begin_request()
     tokens_T = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
 
+    def sample(logits_V: torch.Tensor, cache: KVCache):
+        return logits_V, next_token(logits_V, sampling, generator), cache
+
     def step(tokens: torch.Tensor, cache: KVCache, chunk: int | None = None):
         for piece in tokens.split(chunk or len(tokens)):
             logits_TV, cache = forward(model, piece, cache, experts, logits_for="last", tap=tap)
-        logits_V = logits_TV[-1]
-        next_id = sample_next_token(
-            logits_V,
-            greedy=sampling.greedy,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            generator=generator,
-        )
-        return logits_V, next_id, cache
+        return sample(logits_TV[-1], cache)
 
     rebuild_at = cache_rebuild_length(model.spec.rope, model.rope_scaling)
     kept, new_ids = [], []
@@ -128,8 +142,7 @@ def generate(
             if token in eos or len(new_ids) == max_new_tokens:
                 break
             if cache.length == rebuild_at:  # the sequence outgrows a scale the cached keys carry
-                everything_T = torch.tensor([*prompt_ids, *new_ids], dtype=torch.long, device=device)
-                logits_V, next_id, cache = step(everything_T, attrs.evolve(cache, length=0))
+                logits_V, next_id, cache = sample(*rebuild(model, [*prompt_ids, *new_ids], cache, experts, tap=tap))
             else:
                 logits_V, next_id, cache = step(next_id.view(1), cache)
             token = int(next_id)

@@ -8,10 +8,10 @@ Each `step()` admits waiting requests while the batch has room, prefills each ad
 alone — whole, or its next `prefill_chunk` tokens, so a long prompt spreads over several steps
 while the others keep decoding — whose last piece gives its first token (as in `generate`), then
 runs one decode step (core/model.py `decode_step`) for every request that had a token before the
-step. Every request's tokens
-and logits are what `generate` gives it alone (with the same `prefill_chunk`), bit for bit, whatever else is in the batch and
-whenever it arrived (tests/runtime/test_scheduler.py): the MoE layers load the union of the
-batch's experts once, and every token is computed as its sequence alone would compute it.
+step. Every request's tokens and logits are what `generate` gives it alone (with the same
+`prefill_chunk`), bit for bit, whatever else is in the batch and whenever it arrived
+(tests/runtime/test_scheduler.py): the MoE layers load the union of the batch's experts once, and
+every token is computed as its sequence alone would compute it.
 """
 
 from __future__ import annotations
@@ -27,9 +27,15 @@ from moepic.config import SamplingConfig
 from moepic.core.model import KVCache, Model, decode_step, forward
 from moepic.core.moe import ExpertSource
 from moepic.core.rope import cache_rebuild_length
-from moepic.core.sampling import sample_next_token
 from moepic.errors import MoepicError
-from moepic.runtime.generation import GenerationResult, GenerationStats, check_prefill_chunk
+from moepic.runtime.generation import (
+    GenerationResult,
+    GenerationStats,
+    check_prefill_chunk,
+    next_token,
+    rebuild,
+    stop_ids,
+)
 
 
 class QueueFull(MoepicError):
@@ -64,7 +70,7 @@ class _Running:
 
     def __init__(self, model: Model, request: Request) -> None:
         self.request = request
-        self.eos = set(model.spec.eos_token_ids if request.eos_ids is None else request.eos_ids)
+        self.eos = stop_ids(model, request.eos_ids)
         self.generator = torch.Generator(device=model.device).manual_seed(request.sampling.seed)
         self.cache = KVCache.allocate(model, len(request.prompt_ids) + request.max_new_tokens)
         self.new_ids: list[int] = []
@@ -75,9 +81,7 @@ class _Running:
 
     def take(self, logits_V: torch.Tensor, keep_logits: bool) -> str | None:
         """Sample the next token (as `generate` does); why the request ends with it, if it does."""
-        s = self.request.sampling
-        self.last = sample_next_token(logits_V, greedy=s.greedy, temperature=s.temperature, top_p=s.top_p,
-                                      generator=self.generator)
+        self.last = next_token(logits_V, self.request.sampling, self.generator)
         self.new_ids.append(int(self.last))
         if keep_logits:
             self.logits.append(logits_V.clone())
@@ -158,11 +162,9 @@ class Scheduler:
             seq = self._running[request_id]
             if seq.cache.length == self._rebuild_at:  # it outgrows a rope scale its cached keys carry: alone, as `generate`
                 start = time.perf_counter()
-                everything_T = torch.tensor([*seq.request.prompt_ids, *seq.new_ids], dtype=torch.long, device=self.model.device)
-                logits_TV, seq.cache = forward(self.model, everything_T, attrs.evolve(seq.cache, length=0), self.experts,
-                                               logits_for="last")
+                logits_V, seq.cache = rebuild(self.model, [*seq.request.prompt_ids, *seq.new_ids], seq.cache, self.experts)
                 seq.decode_s += time.perf_counter() - start
-                events.append(self._took(request_id, seq, logits_TV[-1]))
+                events.append(self._took(request_id, seq, logits_V))
             else:
                 batched.append(request_id)
         if batched:
