@@ -66,6 +66,8 @@ _MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=
 _DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
                   "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
 # GPT-OSS's YaRN (not truncated), scaled down to the tiny models' context.
+# Tiny GPT-OSS: 4 experts, top-2, window 4 (its variants differ in SwiGLU limit, rope, experts' format).
+_GPT_OSS_TINY = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4)
 _GPT_OSS_YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 64,
                  "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
 
@@ -300,8 +302,7 @@ CHECKPOINTS = {
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
-        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
-                swiglu_limit=0.6, rope_parameters=_GPT_OSS_YARN),
+        _common(**_GPT_OSS_TINY, swiglu_limit=0.6, rope_parameters=_GPT_OSS_YARN),
         {"random_buffers": ("sinks", "bias")},
     ),
     "gpt_oss_rope_default": (
@@ -317,8 +318,7 @@ CHECKPOINTS = {
     "gpt_oss_mxfp4": (
         "GptOssConfig",
         "GptOssForCausalLM",
-        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
-                swiglu_limit=3.0, rope_parameters=_GPT_OSS_YARN),
+        _common(**_GPT_OSS_TINY, swiglu_limit=3.0, rope_parameters=_GPT_OSS_YARN),
         {"random_buffers": ("sinks", "bias"), "mxfp4": True},
     ),
     # GPT-OSS as llama.cpp runs it (what a GGUF file can say): its released alpha and limit, even
@@ -326,15 +326,13 @@ CHECKPOINTS = {
     "gpt_oss_llamacpp": (
         "GptOssConfig",
         "GptOssForCausalLM",
-        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
-                rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+        _common(**_GPT_OSS_TINY, rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
         {"random_buffers": ("sinks", "bias")},
     ),
     "gpt_oss_llamacpp_mxfp4": (
         "GptOssConfig",
         "GptOssForCausalLM",
-        _common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=4,
-                rope_parameters=_GPT_OSS_YARN | {"truncate": True}),
+        _common(**_GPT_OSS_TINY, rope_parameters=_GPT_OSS_YARN | {"truncate": True}),
         {"random_buffers": ("sinks", "bias"), "mxfp4": True},
     ),
     # PhiMoE: LayerNorm with biases, q/k/v/o and lm_head biases, SparseMixer routing, LongRoPE whose

@@ -101,11 +101,7 @@ def write_gguf(
             _add(writer, name, value, resident)
         else:
             writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _written(writer, path)
 
 
 def _add(writer: gguf.GGUFWriter, name: str, w: np.ndarray, kind: str) -> None:
@@ -130,7 +126,16 @@ def _add_experts(writer, name: str, by_expert: dict, experts, rng) -> None:
         _add(writer, name, stacked, experts)
 
 
-def _metadata(writer: gguf.GGUFWriter, config: dict, model_type: str) -> None:
+def _written(writer: gguf.GGUFWriter, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _header(writer: gguf.GGUFWriter, config: dict) -> None:
+    """What every family's file says alike: sizes, heads, norm, rope, BOS and EOS."""
     writer.add_vocab_size(config["vocab_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -147,6 +152,10 @@ def _metadata(writer: gguf.GGUFWriter, config: dict, model_type: str) -> None:
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
+
+
+def _metadata(writer: gguf.GGUFWriter, config: dict, model_type: str) -> None:
+    _header(writer, config)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     experts = config.get("num_local_experts") or config["num_experts"]
     writer.add_expert_count(experts)
@@ -185,11 +194,7 @@ def tokenizer_gguf(path: Path, tokenizer, *, kind: str, pre: str | None = None, 
     for token, add in (("<s>", writer.add_bos_token_id), ("</s>", writer.add_eos_token_id)):
         if tokenizer.token_to_id(token) is not None:
             add(tokenizer.token_to_id(token))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _written(writer, path)
 
 
 def tokenizer_metadata(writer, tokenizer, *, kind: str, pre: str | None = None, add_bos: bool | None = None) -> None:
@@ -263,28 +268,14 @@ def write_gpt_oss_gguf(folder: Path, path: Path, *, experts: str = "F32", drop: 
         elif not rest.endswith("_scales"):
             raise ValueError(f"no GGUF name for {hf}")
     writer = gguf.GGUFWriter(str(path), "gpt-oss")
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
+    _header(writer, config)
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_expert_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    rope = config.get("rope_parameters") or {}
-    writer.add_rope_freq_base(rope.get("rope_theta", 150000.0))
-    if rope.get("rope_type", "default") == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(rope["factor"])
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_expert_count(config["num_local_experts"])
     writer.add_expert_used_count(config["num_experts_per_tok"])
     writer.add_sliding_window(config["sliding_window"])
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
     for name, (w, raw) in out.items():
         if name in drop:
             continue
@@ -292,8 +283,4 @@ def write_gpt_oss_gguf(folder: Path, path: Path, *, experts: str = "F32", drop: 
             _add(writer, name, w, experts)
         else:
             writer.add_tensor(name, w, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _written(writer, path)
