@@ -136,13 +136,15 @@ def result_latency_us(device: torch.device, hidden: int, repeats: int) -> float:
 
 
 def measure_host(
-    device: torch.device, *, quick: bool, threads: int | None, name: str, working_set: int | None = None
+    device: torch.device, *, quick: bool, threads: int | None, name: str, working_set: int | None = None,
+    int4: bool = True,
 ) -> HostProfile:
     """The host profile of this machine, its expert rates on `threads` threads (default: the
     physical cores less one); the memory bandwidth with every physical core. `working_set`: the
     bytes of experts cycled through and of the memory copy (default 96 MiB quick, 512 MiB
     otherwise); a smaller one measures sooner (a run pricing its own placement at start-up) but
-    lets more of the weights come from the CPU's caches."""
+    lets more of the weights come from the CPU's caches. `int4`: measure int4-fused experts' rate
+    too (`moepic profile` does; a run's start-up only where its experts are int4-fused)."""
     cores = physical_cores()
     threads = threads or default_host_threads()
     repeats = 5 if quick else 15
@@ -151,8 +153,10 @@ def measure_host(
         overhead = call_overhead_s(repeats * 8)
         fp32 = expert_gbps(torch.float32, working_set=working_set, repeats=repeats, overhead_s=overhead)
         bf16 = expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead)
-        int4 = (expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead, int4_fused=True)
-                if kernel_layout() is not None else None)  # no fused kernel here: int4-fused experts are not priced
+        # int4-fused experts' rate where this torch has the fused kernel (None: they are not priced),
+        # unless the caller prices another format (a run's start-up measures only what it uses).
+        int4_gbps = (expert_gbps(torch.bfloat16, working_set=working_set, repeats=repeats, overhead_s=overhead, int4_fused=True)
+                     if int4 and kernel_layout() is not None else None)
         gflops = matmul_gflops(torch.float32, tokens=256, repeats=repeats)
     with torch_threads(cores):
         dram = memory_gbps(min(working_set, (64 if quick else 256) * MiB), repeats)
@@ -162,5 +166,5 @@ def measure_host(
     return HostProfile(
         name=name, source=f"measured by moepic profile on {where}{note}", bf16_expert_gbps=bf16, fp32_expert_gbps=fp32,
         call_overhead_us=overhead * 1e6, memory_gbps=dram, physical_cores=cores, result_latency_us=latency,
-        matmul_gflops=gflops, int4_expert_gbps=int4,
+        matmul_gflops=gflops, int4_expert_gbps=int4_gbps,
     )

@@ -41,14 +41,14 @@ def run_pricing(
         if host is not None:
             profile = load_host(host)
         else:
-            profile = measure_host(device, quick=True, threads=threads, name="measured")
+            profile = measure_host(device, quick=True, threads=threads, name="measured", int4=fmt.host_kernel == "int4")
         rates = copy_rates(device, 16 * MiB, 3, None)
         gbps, latency_us = rates["link_gbps"], rates["link_latency_us"]
         where = f"host {profile.name}" + (" (measured now; --host NAME|FILE gives one)" if host is None else "")
     else:
         if host is not None:
             raise ValueError("a host profile is for a CUDA device; on a CPU device the host is the device")
-        profile = measure_host(device, quick=True, threads=torch.get_num_threads(), name="measured",
+        profile = measure_host(device, quick=True, threads=torch.get_num_threads(), name="measured", int4=fmt.host_kernel == "int4",
                                working_set=QUICK_WORKING_SET)
         gbps, latency_us = (link.gbps, link.latency_us) if link is not None else (math.inf, 0.0)
         where = "host measured now"
