@@ -129,9 +129,11 @@ class Scheduler:
         return len(self._running)
 
     def submit(self, request: Request) -> int:
-        """Queue `request`; its id. QueueFull when `max_queue` requests wait already."""
-        if len(self._waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self._waiting)} requests are waiting already (the queue holds {self.max_queue})")
+        """Queue `request`; its id. QueueFull when `max_queue` requests wait already beyond the batch's
+        free places (a request that the next step admits is not refused for arriving before it)."""
+        beyond_batch = len(self._waiting) - max(0, self.max_batch - len(self._running))
+        if beyond_batch >= self.max_queue:
+            raise QueueFull(f"{beyond_batch} requests are waiting already beyond the batch (the queue holds {self.max_queue})")
         request_id, self._next_id = self._next_id, self._next_id + 1
         self._waiting.append((request_id, request))
         return request_id

@@ -15,7 +15,7 @@ from moepic.checkpoint.load import load_model
 from moepic.config import SamplingConfig
 from moepic.core.model import KVCache, decode_step
 from moepic.policies import POLICIES
-from moepic.runtime.scheduler import QueueFull, Request, Scheduler, TokenEvent, generate_batch
+from moepic.runtime.scheduler import QueueFull, Request, Scheduler, generate_batch
 from moepic.runtime.generation import generate
 from moepic.runtime.offload import offloaded_experts
 
@@ -180,14 +180,18 @@ def test_a_cancelled_request_leaves_and_the_others_go_on(models):
     assert_as_alone(model, requests[1:], [scheduler.result(second), scheduler.result(waiting)])
 
 
-def test_a_full_queue_refuses_a_request_by_name(models):
-    scheduler = Scheduler(models("mixtral"), max_batch=1, max_queue=1)
-    scheduler.submit(Request(prompt_ids=[1], max_new_tokens=2))
-    with pytest.raises(QueueFull, match="1 requests are waiting already"):
+def test_a_full_queue_refuses_a_request_by_name_counting_only_what_waits_beyond_the_batch(models):
+    scheduler = Scheduler(models("mixtral"), max_batch=2, max_queue=1)
+    for _ in range(3):  # two the next step admits, one waiting beyond them
         scheduler.submit(Request(prompt_ids=[1], max_new_tokens=2))
-    (event,) = scheduler.step()  # admitted: its first token, and room in the queue again
-    assert event.request_id == 0 and isinstance(event, TokenEvent) and scheduler.queued == 0
-    assert scheduler.submit(Request(prompt_ids=[1], max_new_tokens=2)) == 1
+    with pytest.raises(QueueFull, match="1 requests are waiting already beyond the batch"):
+        scheduler.submit(Request(prompt_ids=[1], max_new_tokens=2))
+    events = scheduler.step()  # two admitted: their first tokens; the third still waits
+    assert [e.request_id for e in events] == [0, 1] and scheduler.queued == 1 and scheduler.batch_size == 2
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request(prompt_ids=[1], max_new_tokens=2))
+    scheduler.step()  # both finish (two tokens each): room for the waiting one and one more
+    assert scheduler.batch_size == 0 and scheduler.submit(Request(prompt_ids=[1], max_new_tokens=2)) == 3
 
 
 def test_a_scheduler_needs_room_for_one():
