@@ -29,6 +29,7 @@ from moepic.commands import (
     profile,
     quantize,
     routing_report,
+    serve,
     simulate,
     synth_trace,
     train_predictor,
@@ -36,7 +37,7 @@ from moepic.commands import (
 from moepic.errors import MoepicError
 
 # The commands, in `moepic --help` order.
-COMMANDS = (generate, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace, quantize, eval_ppl)
+COMMANDS = (generate, serve, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace, quantize, eval_ppl)
 
 
 def build_parser() -> arguments.Parser:

@@ -110,11 +110,29 @@ class CacheConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ServeConfig:
+    """`moepic serve` (moepic/serve): where it listens and how many requests it holds at once."""
+
+    # Loopback by default: the server has no authentication, so reaching it from elsewhere is a choice.
+    bind: str = "127.0.0.1"
+    port: int = attrs.field(default=8000, validator=Range(0, 65535, whole=True))  # 0: any free port (announced)
+    # The name clients give as `model`; None: the model folder's name.
+    model_name: str | None = None
+    max_batch: int = attrs.field(default=8, validator=Range(1, 1024, whole=True))  # requests decoded together
+    max_queue: int = attrs.field(default=64, validator=Range(0, 10**6, whole=True))  # waiting beyond them; more: 429
+    # Prompt tokens a request puts through per step while the others decode; None: a prompt at once.
+    prefill_chunk: int | None = attrs.field(default=None, validator=Range(1, 2**20, whole=True))
+    # On Ctrl-C / SIGTERM: seconds in-flight requests may take to finish before they are cancelled.
+    drain_s: float = attrs.field(default=30.0, validator=Range(0, 3600))
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     generate: GenerateConfig = GenerateConfig()
     sampling: SamplingConfig = SamplingConfig()
     cache: CacheConfig = CacheConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def load_config(

@@ -42,8 +42,10 @@ class TextCodec:
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise CheckpointError(f"{path}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens`: the tokenizer's own (a BOS); off for text that spells them itself,
+        as a rendered chat template does."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

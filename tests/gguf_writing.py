@@ -197,11 +197,13 @@ def tokenizer_gguf(path: Path, tokenizer, *, kind: str, pre: str | None = None, 
     return _written(writer, path)
 
 
-def tokenizer_metadata(writer, tokenizer, *, kind: str, pre: str | None = None, add_bos: bool | None = None) -> None:
+def tokenizer_metadata(writer, tokenizer, *, kind: str, pre: str | None = None, add_bos: bool | None = None,
+                       chat_template: str | None = None) -> None:
     """A tokenizer's metadata as llama.cpp's converter writes it: `kind` "gpt2" (byte-level BPE:
     its vocabulary and merges, `pre` naming the split) or "llama" (SentencePiece: its vocabulary
     with scores falling in id order, no merges). `tokenizer`: a `tokenizers.Tokenizer` of that
-    kind; its special added tokens are written as control tokens."""
+    kind; its special added tokens are written as control tokens. `chat_template`: the file's
+    `tokenizer.chat_template`."""
     state = json.loads(tokenizer.to_str())
     vocab = state["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
@@ -218,6 +220,8 @@ def tokenizer_metadata(writer, tokenizer, *, kind: str, pre: str | None = None, 
         writer.add_unk_token_id(vocab["<unk>"])
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
 
 def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
