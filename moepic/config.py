@@ -120,6 +120,10 @@ class ServeConfig:
     model_name: str | None = None
     max_batch: int = attrs.field(default=8, validator=Range(1, 1024, whole=True))  # requests decoded together
     max_queue: int = attrs.field(default=64, validator=Range(0, 10**6, whole=True))  # waiting beyond them; more: 429
+    # A chat request without max_tokens may generate what the context has left, up to this many tokens:
+    # its KV cache is allocated whole when it starts, so a long-context model's full context per
+    # request would exhaust memory at a handful of requests.
+    default_max_tokens: int = attrs.field(default=2048, validator=Range(1, 2**20, whole=True))
     # Prompt tokens a request puts through per step while the others decode; None: a prompt at once.
     prefill_chunk: int | None = attrs.field(default=None, validator=Range(1, 2**20, whole=True))
     # On Ctrl-C / SIGTERM: seconds in-flight requests may take to finish before they are cancelled.

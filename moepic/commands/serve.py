@@ -24,6 +24,7 @@ FLAG_KEYS = RUN_FLAG_KEYS | {
     "max_batch": "serve.max_batch",
     "max_queue": "serve.max_queue",
     "prefill_chunk": "serve.prefill_chunk",
+    "default_max_tokens": "serve.default_max_tokens",
     "drain_s": "serve.drain_s",
 }
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -42,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="requests waiting for a place in the batch; one more is refused with 429")
     serve.add_argument("--prefill-chunk", type=key_range("ServeConfig", "prefill_chunk"),
                        help="prompt tokens a new request puts through per step, while the batch keeps decoding")
+    serve.add_argument("--default-max-tokens", type=key_range("ServeConfig", "default_max_tokens"),
+                       help="a chat request's token limit when it sets none (within the context's rest; its KV cache "
+                       "is allocated whole)")
     serve.add_argument("--drain-s", type=key_range("ServeConfig", "drain_s"),
                        help="on Ctrl-C / SIGTERM: seconds requests in flight may take to finish")
     run_setup.add_engine_flags(serve)
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ConfigError(f"serve.{e}") from None
         name = serve.model_name or Path(folder).name
         served = ServedModel(name=name, codec=codec, template=template, context=spec.max_position_embeddings,
-                             vocab_size=spec.vocab_size)
+                             vocab_size=spec.vocab_size, default_max_tokens=serve.default_max_tokens)
         worker = ServeWorker(scheduler, experts)
         app = build_app(served, worker, ServeMetrics(worker))
         if serve.bind not in _LOOPBACK:

@@ -33,6 +33,7 @@ class ServedModel:
     template: ChatTemplate | None
     context: int  # max_position_embeddings: prompt + completion must fit
     vocab_size: int
+    default_max_tokens: int = 2048  # a chat request's limit when it sets none (and the context allows)
 
     def completion(self, body: CompletionRequest) -> Prepared:
         self._check_name(body.model)
@@ -70,8 +71,8 @@ class ServedModel:
         if len(ids) >= self.context:
             raise ApiError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
                            f"{len(ids)}, leaving none for the completion", param=prompt_field, code="context_length_exceeded")
-        if max_tokens is None:  # chat's default: whatever the context has left
-            max_tokens = self.context - len(ids)
+        if max_tokens is None:  # chat's default: what the context has left, within the server's default
+            max_tokens = min(self.context - len(ids), self.default_max_tokens)
         if len(ids) + max_tokens > self.context:
             raise ApiError(400, f"this model's maximum context length is {self.context} tokens; you asked for "
                            f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the completion)",

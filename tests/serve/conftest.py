@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from moepic.default_model import default_model_dir
-from serve_support import TEMPLATE, Reference, ServerProcess
+from moepic.serve.process import ServerProcess
+from serve_support import TEMPLATE, Reference
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,8 @@
-"""What the serve tests share: `moepic serve` as its own process on a free port, the model in this
-process for the answers each request must give (its solo `generate` run), and waiting."""
+"""What the serve tests share: the model in this process for the answers each request must give (its
+solo `generate` run), and waiting. The server process itself: moepic/serve/process.py."""
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 
 from moepic.default_model import default_model_dir
@@ -15,43 +10,6 @@ from moepic.default_model import default_model_dir
 # A ChatML-like template: the bundled model is a base model, so any template renders a prompt it continues.
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-START_S = 180  # torch's import and the weights' load, on a busy 2-core machine
-
-
-class ServerProcess:
-    """`moepic serve ARGS --port 0`, its announced URL, and its stderr as it comes."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "moepic", "serve", "--port", "0", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        announced = threading.Event()
-
-        def read() -> None:
-            for line in self.process.stderr:
-                self.lines.append(line)
-                if "serving" in line:
-                    announced.set()
-            announced.set()  # the process ended before it announced anything
-
-        threading.Thread(target=read, daemon=True).start()
-        if not announced.wait(START_S) or self.process.poll() is not None:
-            self.process.kill()
-            raise AssertionError(f"moepic serve did not start:\n{self.stderr}")
-        self.url = re.search(r"at (http://\S+) ", "".join(self.lines)).group(1)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise AssertionError(f"moepic serve did not stop within {timeout} s:\n{self.stderr}") from None
 
 
 class Reference:

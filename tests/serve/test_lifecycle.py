@@ -13,7 +13,8 @@ import pytest
 
 from moepic.cli import main
 from moepic.default_model import default_model_dir
-from serve_support import ServerProcess, wait_for
+from moepic.serve.process import ServerProcess
+from serve_support import wait_for
 from tests_support import cli_error
 
 
