@@ -136,9 +136,10 @@ class _Run:
         """(text, None) as text is decided, then (text, finish reason) once. Leaving early (the
         client went, an error) cancels the request. `http`: watch it for a client that left."""
         outcome, left_scheduler = "cancelled", False
+        watch = None if http is None else _Watch(http)
         try:
             while True:
-                item = await (self.events.get() if http is None else _next_event(self.events, http))
+                item = await (self.events.get() if watch is None else watch.next_event(self.events))
                 if isinstance(item, ApiError):
                     outcome, left_scheduler = "error", True  # the worker dropped it
                     raise item
@@ -165,13 +166,25 @@ class _Run:
                 self.metrics.latency_s.observe(time.perf_counter() - self.arrived)
 
 
-async def _next_event(events: asyncio.Queue, http: Request):
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await http.is_disconnected():
-                raise _ClientGone() from None
+class _Watch:
+    """A whole-answer request's client, checked at most every DISCONNECT_POLL_S, whether or not
+    tokens keep arriving (a busy batch would otherwise never give the check its turn)."""
+
+    def __init__(self, http: Request) -> None:
+        self.http, self.checked = http, time.perf_counter()
+
+    async def next_event(self, events: asyncio.Queue):
+        while True:
+            try:
+                item = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                item = None
+            if time.perf_counter() - self.checked >= DISCONNECT_POLL_S:
+                self.checked = time.perf_counter()
+                if await self.http.is_disconnected():
+                    raise _ClientGone()
+            if item is not None:
+                return item
 
 
 class _closing:

@@ -144,9 +144,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_place_and_the_others_go_on(se
         assert _health(server)["batch_size"] == 1
         response.close()
     wait_for(lambda: _idle(server), what="the request leaving the batch after its client left")
-    cancelled = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
-                 if line.startswith('moepic_requests_total{endpoint="completions",outcome="cancelled"}')]
-    assert cancelled and float(cancelled[0].split()[-1]) >= 1
+    assert _cancelled(server) >= 1
     answer = client.completions.create(model="kjv", prompt="And God said", max_tokens=6, temperature=0)
     assert answer.choices[0].text == reference.text("And God said", 6)
 
@@ -165,3 +163,18 @@ def test_a_full_queue_answers_429_and_the_server_serves_again_once_it_drains(ser
     wait_for(lambda: _idle(server), what="the batch and the queue emptying after their clients left")
     answer = client.completions.create(model="kjv", prompt="And God said", max_tokens=5, temperature=0)
     assert answer.choices[0].text == reference.text("And God said", 5)
+
+
+def _cancelled(server) -> float:
+    """Requests cancelled so far (their clients left), as /metrics counts them."""
+    prefix = 'moepic_requests_total{endpoint="completions",outcome="cancelled"}'
+    return sum(float(line.split()[-1]) for line in httpx.get(f"{server.url}/metrics").text.splitlines() if line.startswith(prefix))
+
+
+def test_a_client_that_leaves_while_waiting_for_a_whole_answer_frees_its_place(server):
+    before = _cancelled(server)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up: its connection closes
+        httpx.post(f"{server.url}/v1/completions", json={"model": "kjv", "prompt": "And God said", "max_tokens": 900},
+                   timeout=httpx.Timeout(60, read=0.5))
+    wait_for(lambda: _cancelled(server) == before + 1, what="the request being cancelled after its client left")
+    wait_for(lambda: _idle(server), what="the request leaving the batch")
