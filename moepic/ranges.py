@@ -76,3 +76,5 @@ LINK_LATENCY_US = Range(0, 1e6)  # one second per copy
 CONTEXT_TOKENS = Range(0, 2**24, whole=True)  # 16 Mi tokens: beyond any model's context
 HOST_THREADS = Range(1, 4096, whole=True)  # host worker threads (hybrid runs, moepic profile)
 SEED = Range(0, 2**64 - 1, whole=True)  # what torch.Generator.manual_seed accepts
+BATCH = Range(1, 1024, whole=True)  # streams decoded together: beyond what a device's KV caches hold
+STREAM_TOKENS = Range(1, 10**7, whole=True)  # decode tokens per request a trace's sequences are cut into

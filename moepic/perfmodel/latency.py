@@ -80,6 +80,20 @@ class ModelTimes:
     # host (perfmodel/host_costs.py; None: no host kernel, hybrid refused).
     host_kernel: str | None = "dense"
     weight_bytes: float | None = None
+    # A decode step of B sequences (continuous batching) reads the weights once and each sequence's
+    # KV cache: what one more sequence adds to a MoE layer's part and to the rest, and one more
+    # token's matmul through an expert, which starts to count only once it outweighs reading the
+    # expert (hundreds of tokens on a GPU). 0: priced as one token.
+    layer_sequence_s: float = 0.0
+    rest_sequence_s: float = 0.0
+    expert_token_s: float = 0.0
+    expert_launch_s: float = 0.0
+
+    def expert_s_for(self, tokens: int, one_token_s: float | None = None) -> float:
+        """An expert (`one_token_s` for one token: `expert_s`, or a miss format's) over `tokens` tokens:
+        the roofline's larger side, reading its weights once or computing every token."""
+        one_token_s = self.expert_s if one_token_s is None else one_token_s
+        return one_token_s if tokens == 1 else max(one_token_s, self.expert_launch_s + tokens * self.expert_token_s)
 
     @property
     def expert_bytes(self) -> int:
@@ -117,6 +131,7 @@ def model_times(
     dense_layers = sum(kind == "dense" for kind in spec.layer_kinds)
     dense_s = hw.call_s(attention + swiglu_params(D, spec.dense_ffn) * dtype_bytes, 0, hw.layer_overhead_us + hw.expert_overhead_us)
     head = spec.vocab_size * D * dtype_bytes
+    sequence_s = kv_cache_numbers_at(spec, context_tokens) / spec.num_layers * dtype_bytes / (hw.memory_gbps * 1e9)
     return ModelTimes(
         expert_s=expert_s(fmt),
         layer_s=layer_s,
@@ -129,6 +144,10 @@ def model_times(
         miss_expert_s=None if miss_format is None else expert_s(miss_format),
         host_kernel=fmt.host_kernel,
         weight_bytes=fmt.weight_bytes(dtype_bytes),
+        layer_sequence_s=sequence_s,
+        rest_sequence_s=dense_layers * sequence_s,
+        expert_token_s=2 * expert_params / (hw.matmul_tflops * 1e12),
+        expert_launch_s=hw.expert_overhead_us * 1e-6,
     )
 
 

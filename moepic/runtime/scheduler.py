@@ -24,6 +24,7 @@ import attrs
 import torch
 
 from moepic.config import SamplingConfig
+from moepic.core.batching import joining
 from moepic.core.model import KVCache, Model, decode_step, forward
 from moepic.core.moe import ExpertSource
 from moepic.core.rope import cache_rebuild_length
@@ -153,7 +154,7 @@ class Scheduler:
         the requests that had a token: the tokens this produced (first tokens first)."""
         events: list[TokenEvent] = []
         ready = [i for i, seq in self._running.items() if seq.new_ids]  # the ones with a token to continue from
-        while self._waiting and len(self._running) < self.max_batch:
+        for _ in range(joining(len(self._running), len(self._waiting), self.max_batch)):  # the rule the simulator replays
             request_id, request = self._waiting.popleft()
             self._running[request_id] = _Running(self.model, request)
         for request_id, seq in list(self._running.items()):

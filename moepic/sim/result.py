@@ -1,7 +1,7 @@
 """What a simulation counts, and the report it makes of it. Pure (plain counters).
 
 The cache counters fold into the same `LayerCacheStats` the engine reports, split into decode
-(one-token) and prefill steps, and the byte and prediction counters mean what the engine's do
+(one token, or one of each stream of a batch) and prefill steps, and the byte and prediction counters mean what the engine's do
 (moepic/runtime/engine_stats.py), so a simulated run and a real one compare field by field.
 """
 
@@ -20,7 +20,7 @@ class Counters:
     """What the simulator counts as it goes, per MoE layer (by column) and for the whole run."""
 
     def __init__(self, layers: Sequence[LayerCacheLayout]) -> None:
-        self.decode = [LayerCacheStats(layer=l.layer) for l in layers]  # one-token steps
+        self.decode = [LayerCacheStats(layer=l.layer) for l in layers]  # decode steps
         self.prefill = list(self.decode)
         self.predicted = [PredictionCounts() for _ in layers]  # decode steps
         self.host = [HostCounts() for _ in layers]  # decode steps
@@ -34,7 +34,7 @@ class Counters:
 
     def result(
         self, *, token_s, exposed_s, layer_time_L, exposed_L, predictor_s: float, layout: CacheLayout, hybrid: str = "off",
-        host_s=None, host_wait_s=None,
+        host_s=None, host_wait_s=None, step_tokens=None,
     ) -> SimResult:
         def ratio(a, b):
             return a / b if b else None
@@ -63,6 +63,7 @@ class Counters:
             host=tuple(self.host),
             host_s=np.zeros(len(token_s)) if host_s is None else host_s,
             host_wait_s=np.zeros(len(token_s)) if host_wait_s is None else host_wait_s,
+            step_tokens=np.ones(len(token_s), np.int64) if step_tokens is None else step_tokens,
         )
 
 
@@ -71,11 +72,13 @@ class SimResult:
     layout: CacheLayout
     decode: tuple[LayerCacheStats, ...]  # per MoE layer, decode steps
     prefill: tuple[LayerCacheStats, ...]
-    token_s: np.ndarray  # [decode tokens] simulated latency
-    exposed_s: np.ndarray  # [decode tokens] time compute waited for copies
-    layer_s: np.ndarray  # [L] mean time per decode token in each MoE layer (attention to last expert)
+    # Per decode step (a token at batch 1; with a batch, one token of each running stream): a
+    # stream waits a step per token, so its latency per token is the step's.
+    token_s: np.ndarray  # [decode steps] simulated latency
+    exposed_s: np.ndarray  # [decode steps] time compute waited for copies
+    layer_s: np.ndarray  # [L] mean time per decode step in each MoE layer (attention to last expert): a stream's per token
     layer_exposed_s: np.ndarray  # [L] of which compute waited for copies
-    predictor_s: float  # per decode token: the predictions every layer ran (inside token_s)
+    predictor_s: float  # per decode step: the predictions every layer ran (inside token_s)
     recall: tuple[float | None, ...]  # per MoE layer, decode steps (None: not predicted)
     precision: tuple[float | None, ...]
     overall_recall: float | None
@@ -89,24 +92,48 @@ class SimResult:
     miss_fill_bytes: int = 0  # admitted tops of misses served from their low-bit copy, filled from the host
     hybrid: str = "off"  # where loads ran (moepic/cache/placement.py)
     host: tuple[HostCounts, ...] = ()  # per MoE layer, decode steps
-    host_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode tokens] the host's busy time
-    host_wait_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode tokens] of which the device waited for
+    host_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode steps] the host's busy time
+    host_wait_s: np.ndarray = attrs.field(factory=lambda: np.zeros(0))  # [decode steps] of which the device waited for
+    step_tokens: np.ndarray = attrs.field(factory=lambda: np.zeros(0, np.int64))  # [decode steps] tokens in each (the batch)
+
+    @property
+    def steps(self) -> int:
+        return len(self.token_s)
 
     @property
     def tokens(self) -> int:
-        return len(self.token_s)
+        """Decode tokens: one a step at batch 1."""
+        return int(self.step_tokens.sum())
+
+    def per_token(self, per_step: np.ndarray) -> float | None:
+        """Work done per step (the host's busy seconds) summed over the run, per decode token, as the
+        engine divides it; at batch 1 the mean per step."""
+        return float(per_step.sum() / self.tokens) if self.tokens else None
+
+    def per_stream(self, per_step: np.ndarray) -> float | None:
+        """A wait every stream of a step sees (its time, its copy waits) per token of a stream: the
+        steps' mean weighted by their tokens; at batch 1 the mean per step."""
+        return float((per_step * self.step_tokens).sum() / self.tokens) if self.tokens else None
 
     def summary(self) -> dict[str, object]:
-        """Decode figures per token and per MoE layer (JSON-ready)."""
+        """Decode figures per token and per MoE layer (JSON-ready). With a batch: `ms_per_token` is
+        what a stream waits per token (each step's time, weighted by its tokens), and so are the
+        copy and host waits; `ms_per_step` is a step's mean, `tokens_per_s` all streams together;
+        amounts (bytes, the host's busy time) are per token, as the engine counts them, and the hit
+        rate is per (step, expert) load. The layer rows are means per decode step."""
         cache = summary(self.decode, self.tokens)
         ms = self.token_s * 1e3
         q = (lambda p: float(np.percentile(ms, p))) if self.tokens else (lambda p: None)
         return {
             "tokens": self.tokens,
-            "ms_per_token": float(ms.mean()) if self.tokens else None,
+            "steps": self.steps,
+            "ms_per_token": self.per_stream(ms),
+            "ms_per_step": float(ms.mean()) if self.tokens else None,
+            "tokens_per_s": float(self.tokens / self.token_s.sum()) if self.tokens else None,
             "p50_ms": q(50),
             "p99_ms": q(99),
-            "exposed_copy_ms_per_token": float(self.exposed_s.mean() * 1e3) if self.tokens else None,
+            "exposed_copy_ms_per_token": self.per_stream(self.exposed_s) * 1e3 if self.tokens else None,
+            "exposed_copy_ms_per_step": float(self.exposed_s.mean() * 1e3) if self.tokens else None,
             "expert_hit_rate": cache["expert_hit_rate"],
             "hits": cache["hits"],
             "partial_hits": cache["partial_hits"],
@@ -125,9 +152,9 @@ class SimResult:
             "host_splits": sum(h.splits for h in self.host),
             "fill_bytes": sum(h.fill_bytes for h in self.host),
             "miss_fill_bytes": self.miss_fill_bytes,
-            "decode_host_s_per_token": float(self.host_s.mean()) if self.tokens else None,
-            "host_ms_per_token": float(self.host_s.mean() * 1e3) if self.tokens else None,
-            "host_wait_ms_per_token": float(self.host_wait_s.mean() * 1e3) if self.tokens else None,
+            "decode_host_s_per_token": self.per_token(self.host_s),
+            "host_ms_per_token": self.per_token(self.host_s) * 1e3 if self.tokens else None,
+            "host_wait_ms_per_token": self.per_stream(self.host_wait_s) * 1e3 if self.tokens else None,
             "cache_bytes": self.layout.cache_bytes,
             "staging_bytes": self.layout.staging_bytes,
             "layers": [

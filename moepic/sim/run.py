@@ -3,7 +3,8 @@
     setup ─▶ policy, predictor (a noisy_oracle stands in where the trace has no router inputs)
           └▶ layout: θ and an even budget split, or the configurator's per-layer choice on the
              latency model (workload measured on the same trace, recall measured from the predictor)
-    trace, layout, policy, predictor, times ─▶ simulate ─▶ SimResult
+    trace ─▶ steps (the trace's order, or its requests `batch` at a time: moepic/sim/steps.py)
+    trace, steps, layout, policy, predictor, times ─▶ simulate ─▶ SimResult
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from moepic.sim.baseline import Setup
 from moepic.sim.result import SimResult
 from moepic.sim.shapes import ModelShape
 from moepic.sim.simulate import simulate
-from moepic.sim.steps import trace_steps
+from moepic.sim.steps import TraceSteps, batched_steps, trace_steps
 from moepic.tracing import RoutingTrace
 from moepic.tracing.checks import fit_trace_to_model
 
@@ -58,6 +59,13 @@ class Testbed:
     context_tokens: int = 512
     hybrid: str | None = None  # global: where loads run; None: the setup's own
     miss_format: FormatConfig | None = None  # global: misses served from a low-bit copy; None: the setup's own
+    # The trace's requests decoded `batch` at a time (continuous batching), cut into pieces of
+    # `stream_tokens` decode tokens where given (moepic/sim/steps.py); 1, None: one after another.
+    batch: int = 1
+    stream_tokens: int | None = None
+
+    def steps(self) -> TraceSteps:
+        return batched_steps(self.trace, self.batch, self.stream_tokens)
 
 
 def hybrid_of(setup: Setup, testbed: Testbed) -> str:
@@ -86,9 +94,10 @@ def resolve_predictor(config: PredictorConfig, testbed: Testbed):
     return PREDICTORS.build(config, model, **future)
 
 
-def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> tuple[CacheLayout, object]:
+def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times, routed=None) -> tuple[CacheLayout, object]:
     """The layout and the policy to run it with: θ and an even split with the first policy, or the
-    configurator's choice on the trace among `policies` (the fastest predicted)."""
+    configurator's choice on the trace among `policies` (the fastest predicted), replayed in the
+    order it is `routed` (a batch's: moepic/sim/steps.py `TraceSteps.routed`; default: the trace's)."""
     spec, dtype_bytes, fmt = testbed.shape.spec, testbed.shape.dtype_bytes, testbed.shape.expert_formats
     staging = staging_buffers(spec.moe.top_k, predictor)
     budget = testbed.budget if testbed.budget is not None else setup.budget
@@ -100,7 +109,7 @@ def setup_layout(setup: Setup, testbed: Testbed, policies, predictor, times) -> 
         return layout, policies[0]
     total = budget_bytes(budget, testbed.shape.expert_bytes, "--budget")
     configured = configure_on_trace(
-        CONFIGURATORS.build(setup.configurator), testbed.trace, policies, hw=testbed.hw, times=times,
+        CONFIGURATORS.build(setup.configurator), testbed.trace if routed is None else routed, policies, hw=testbed.hw, times=times,
         recall_L=measured_recall(testbed.trace, predictor), candidates=predictor.candidates, budget_bytes=total,
         staging_experts=staging, hybrid=hybrid_of(setup, testbed), dtype_bytes=dtype_bytes,
     )
@@ -124,6 +133,7 @@ class Prepared:
     predictor: object
     layout: CacheLayout
     times: object
+    steps: TraceSteps | None = None  # the order the trace is routed in (None: its own)
 
 
 @attrs.frozen(eq=False)
@@ -134,7 +144,7 @@ class SetupRun:
 
     @property
     def layer_steps_per_s(self) -> float:
-        return self.result.tokens * len(self.result.layout.layers) / max(self.simulate_s, 1e-9)
+        return self.result.steps * len(self.result.layout.layers) / max(self.simulate_s, 1e-9)
 
 
 def prepare(setup: Setup, testbed: Testbed) -> Prepared:
@@ -152,9 +162,12 @@ def prepare(setup: Setup, testbed: Testbed) -> Prepared:
         testbed.hw, testbed.shape.spec, dtype_bytes=testbed.shape.dtype_bytes, context_tokens=testbed.context_tokens,
         predictor=predictor.horizon > 0, expert_formats=testbed.shape.expert_formats, miss_format=miss_format_of(setup, testbed),
     )
-    policies = [build_policy_on(config, testbed.trace) for config in setup.policy_choices or (setup.policy,)]
-    layout, policy = setup_layout(setup, testbed, policies, predictor, times)
-    return Prepared(policy, predictor, layout, times)
+    steps = testbed.steps()
+    # A policy that reads the future (belady) reads it in the order the run routes it.
+    routed = steps.routed(testbed.trace)
+    policies = [build_policy_on(config, routed) for config in setup.policy_choices or (setup.policy,)]
+    layout, policy = setup_layout(setup, testbed, policies, predictor, times, routed)
+    return Prepared(policy, predictor, layout, times, steps)
 
 
 def miss_format_of(setup: Setup, testbed: Testbed):
@@ -168,7 +181,8 @@ def run_setup(setup: Setup, testbed: Testbed) -> SetupRun:
     ready = prepare(setup, testbed)
     configured = time.perf_counter()
     result = simulate(
-        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed)
+        testbed.trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=hybrid_of(setup, testbed),
+        steps=ready.steps,
     )
     return SetupRun(result, configured - start, time.perf_counter() - configured)
 

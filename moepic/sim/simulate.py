@@ -1,6 +1,7 @@
 """The simulator's core: a trace stepped through the engine's planner, timed by an event model. Pure.
 
-Per step (a decode token, or a prompt's prefill) and MoE layer, in the engine's order:
+Per step (a decode token, a batch's decode of one token per stream, or a prompt's prefill;
+moepic/sim/steps.py) and MoE layer, in the engine's order:
 
     compute stream  ─ attention, norms, router (+ predictor) ─▶ r ─ experts in id order, each after its copy ─▶
     copy stream         … prefetches for this layer and later ones (issued at earlier layers' r) …
@@ -54,9 +55,9 @@ from moepic.perfmodel.hardware import HardwareProfile
 from moepic.perfmodel.host_costs import host_pricing
 from moepic.perfmodel.latency import ModelTimes
 from moepic.policies.base import CachePolicy, priority_series
-from moepic.predictors.base import NoPredictor, Predictor, merge_votes
+from moepic.predictors.base import NoPredictor, Predictor
 from moepic.sim.result import Counters, SimResult
-from moepic.sim.steps import trace_steps
+from moepic.sim.steps import TraceSteps, step_predictions, trace_steps, used_per_step
 from moepic.tracing import RoutingTrace
 
 
@@ -78,29 +79,6 @@ class _Copy:
         return _Copy(self.part, start, start + (self.end - self.start), self.nbytes, self.order)
 
 
-def step_predictions(named_NK: np.ndarray, steps, candidates: int) -> list[list[int]]:
-    """Per step: the experts named for a layer (a prompt's tokens merged by votes), at most k′."""
-    rows = [[e for e in row if e >= 0] for row in named_NK.tolist()]
-    out = []
-    for start, tokens in zip(steps.start_S.tolist(), steps.tokens_S.tolist()):
-        out.append((rows[start] if tokens == 1 else merge_votes(rows[start : start + tokens]))[:candidates])
-    return out
-
-
-def _used_lists(counts_SE: np.ndarray) -> list[list[int]]:
-    """Per step, the experts it routes to, ascending (what the planner takes)."""
-    rows, experts = np.nonzero(counts_SE)
-    return [part.tolist() for part in np.split(experts, np.cumsum(np.bincount(rows, minlength=len(counts_SE)))[:-1])]
-
-
-def _used_per_step(trace: RoutingTrace, steps, column: int, counts_SE: np.ndarray) -> list[list[int]]:
-    if (steps.tokens_S == 1).all():  # decode only: each token's ids, sorted (distinct, as routers pick them)
-        ids_NK = np.sort(trace.expert_ids_NLK[:, column], axis=1)
-        if (np.diff(ids_NK, axis=1) > 0).all():
-            return ids_NK.tolist()
-    return _used_lists(counts_SE)
-
-
 def simulate(
     trace: RoutingTrace,
     layout: CacheLayout,
@@ -110,12 +88,15 @@ def simulate(
     predictor: Predictor | None = None,
     *,
     hybrid: Hybrid = "off",
+    steps: TraceSteps | None = None,
 ) -> SimResult:
     """Replay `trace` through the cache `layout` and `policy`, prefetching what `predictor` names
     (its `trace_predictions_ahead`: each MoE layer for the next `horizon` ones); with `hybrid`,
     demand loads run on the host where moepic/cache/placement.py says (priced by `hw.host`).
     A layout with a miss format (`cache.miss_format`) moves and computes an expert loaded whole as
-    its low-bit copy (`times.miss_expert_s` a token), and fills an admitted top from the host."""
+    its low-bit copy (`times.miss_expert_s` a token), and fills an admitted top from the host.
+    `steps`: the order the trace is routed in (moepic/sim/steps.py `batched_steps`, a batch's
+    decode steps one token of each stream); default: the trace's own, one request after another."""
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
     predictor = predictor or NoPredictor()
@@ -126,11 +107,11 @@ def simulate(
     check_mode(hybrid, pricing is not None)
     shared_cores = hw.device == "cpu"  # a CPU "device" (the engine on this machine) is the host's own cores
     candidates = predictor.candidates
-    steps = trace_steps(trace)
+    steps = trace_steps(trace) if steps is None else steps
     layers = layout.layers
     L, E = len(layers), trace.num_experts
     counts = [steps.counts_SE(trace, c) for c in range(L)]
-    used = [_used_per_step(trace, steps, c, counts_SE) for c, counts_SE in enumerate(counts)]
+    used = [used_per_step(trace, steps, c, counts_SE) for c, counts_SE in enumerate(counts)]
     priorities = [
         priority_series(policy, l.layer, E, counts[c], steps.tokens_S, steps.new_request_S) for c, l in enumerate(layers)
     ]
@@ -181,10 +162,15 @@ def simulate(
     exposed_L = [0.0] * L
 
     decode_S, tokens_S = steps.decode_S.tolist(), steps.tokens_S.tolist()
+    step_tokens = []  # per decode step: its tokens (one per stream in the batch)
     carried_fills: dict[tuple[int, int], _Copy] = {}
     demand = prefetch = wasted = 0  # bytes, as the engine counts them
     for s in range(steps.num_steps):
         decode, tokens = decode_S[s], tokens_S[s]
+        # A batch's decode step reads the weights once and each stream's KV cache; a prompt is priced
+        # as one token (it is not reported; its clock only carries fills into the next step).
+        sequences = tokens if decode else 1
+        more_layer_s = (sequences - 1) * times.layer_sequence_s  # 0.0 for one: the same sums, bit for bit
         stats_L = counters.decode if decode else counters.prefill
         t = exposed = host_busy = host_wait = 0.0
         # Per target column: expert → its prefetch on the link. Copies run in issue order on one
@@ -195,7 +181,7 @@ def simulate(
         fills: dict[tuple[int, int], _Copy] = carried_fills
         order = 0
         for c in range(L):
-            r = t + layer_s[c] + step_s[c]
+            r = t + (layer_s[c] + more_layer_s) + step_s[c]
             here = pending[c]
             parts = {e: p.part for e, p in here.items()} if here else {}
             loaded = admission_candidates(parts, lambda e: here[e].end <= r) if here else ()  # noqa: B023 (called at once)
@@ -330,7 +316,8 @@ def simulate(
                     clock += load_s
                     if top_copy(p, layers[c]) in ("slot_to_staging", "staging_to_slot"):
                         clock += top_device_s[c]
-                clock += miss_expert_s if p.load == "whole" and layers[c].low_bit_misses else expert_s[c]
+                one_s = miss_expert_s if p.load == "whole" and layers[c].low_bit_misses else expert_s[c]
+                clock += one_s if sequences == 1 else layer_times[c].expert_s_for(int(counts[c][s, p.expert]), one_s)
             if plan.kept and admitted_top_copy(layers[c]) == "staging_to_slot":
                 clock += top_device_s[c] * len(plan.kept)
             if hosted:
@@ -354,7 +341,8 @@ def simulate(
         # Fills still under way when the step ends carry into the next, on its clock.
         carried_fills = {key: _Copy(f.part, -1.0, f.end - t, f.nbytes, -1) for key, f in fills.items() if f.end > t}
         if decode:
-            token_s.append(t + times.rest_s)
+            token_s.append(t + (times.rest_s + (sequences - 1) * times.rest_sequence_s))
+            step_tokens.append(tokens)
             exposed_s.append(exposed)
             host_busy_s.append(host_busy)
             host_wait_s.append(host_wait)
@@ -362,5 +350,5 @@ def simulate(
     return counters.result(
         token_s=np.array(token_s), exposed_s=np.array(exposed_s), layer_time_L=np.array(layer_time_L),
         exposed_L=np.array(exposed_L), predictor_s=sum(predictor_L), layout=layout, hybrid=hybrid,
-        host_s=np.array(host_busy_s), host_wait_s=np.array(host_wait_s),
+        host_s=np.array(host_busy_s), host_wait_s=np.array(host_wait_s), step_tokens=np.array(step_tokens, dtype=np.int64),
     )
