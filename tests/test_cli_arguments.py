@@ -134,7 +134,7 @@ def test_every_strategy_flag_of_every_command_lists_the_registered_names(command
         help_of_flag = _option_help(command, flag, monkeypatch)
         for name in STRATEGY_FLAGS[flag]:
             assert name in help_of_flag, (command, flag, name)
-    expected = {"generate": {"--policy", "--predictor"}, "configure": {"--policy", "--predictor", "--configurator"},
+    expected = {"generate": {"--policy", "--predictor"}, "serve": {"--policy", "--predictor"}, "configure": {"--policy", "--predictor", "--configurator"},
                 "simulate": {"--baseline"}, "compare": {"--baselines"}}.get(command, set())
     assert set(flags) == expected
 

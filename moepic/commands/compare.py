@@ -37,12 +37,14 @@ def run(args) -> dict:
             raise ConfigError(f"baseline {setup.name} computes experts on the host CPU (hybrid {bed.hybrid or setup.hybrid}): "
                               f"give --host NAME|FILE (bundled: {arguments.known_host_names()})")
     return compare_setups(setups, bed, progress=not args.json) | {"trace": args.trace, "budget": args.budget, "recall": bed.recall,
-                                                                   "host": arguments.host_name(bed.hw)}
+                                                                   "host": arguments.host_name(bed.hw), "batch": bed.batch,
+                                                                   "stream_tokens": bed.stream_tokens}
 
 
 def text(report: dict) -> str:
     lines = [f"{report['model_shape']} on {report['hardware']}, budget {report['budget']}, trace {report['trace']} "
-             f"({report['tokens']} decode tokens)" + (f", gate-lookahead stand-in recall {report['recall']}" if report["recall"] is not None else "")]
+             f"({report['tokens']} decode tokens)" + (f", gate-lookahead stand-in recall {report['recall']}" if report["recall"] is not None else "")
+             + (f", batch {report['batch']} (ms/token: each stream's)" if report.get("batch", 1) > 1 else "")]
     width = max([14] + [len(r["name"]) for r in report["rows"]])
     lines.append(f"{'baseline':<{width}} {'ms/token':>9} {'p99':>9} {'× moepic':>9} {'× oracle':>9} {'hit rate':>8} "
                  f"{'MiB/token':>10} {'exposed ms':>10} {'recall':>7} {'host ms':>8} {'host wait':>9}")

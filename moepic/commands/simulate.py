@@ -32,7 +32,8 @@ def run(args) -> dict:
         raise ConfigError(f"{setup.name} computes experts on the host CPU (hybrid {bed.hybrid or setup.hybrid}): "
                           f"give --host NAME|FILE (bundled: {arguments.known_host_names()})")
     return result_row(setup.name, setup.approximates, run_setup(setup, bed)) | {
-        "hardware": bed.hw.name, "host": arguments.host_name(bed.hw), "model_shape": bed.shape.name, "trace": args.trace}
+        "hardware": bed.hw.name, "host": arguments.host_name(bed.hw), "model_shape": bed.shape.name, "trace": args.trace,
+        "batch": bed.batch, "stream_tokens": bed.stream_tokens}
 
 
 def text(report: dict) -> str:
@@ -50,4 +51,7 @@ def text(report: dict) -> str:
         + (f" (+ {report['miss_fill_bytes'] / 2**20:,.0f} MiB of full-precision tops filled behind)" if report["miss_fill_bytes"] else "")
         + f"; simulated {report['layer_steps_per_s']:,.0f} layer-steps/s"
     )
+    if report.get("batch", 1) > 1 or report.get("stream_tokens") is not None:
+        lines.append(f"batch {report['batch']}: {report['steps']} decode steps of {report['ms_per_step']:.2f} ms, "
+                     f"{report['tokens_per_s']:.2f} tokens/s over all streams (ms/token is each stream's)")
     return "\n".join(lines + arguments.host_lines(report))

@@ -14,7 +14,7 @@ import attrs
 
 from moepic.commands import arguments
 from moepic.errors import ConfigError
-from moepic.ranges import CONTEXT_TOKENS
+from moepic.ranges import BATCH, CONTEXT_TOKENS, STREAM_TOKENS
 
 
 def add_arguments(parser) -> None:
@@ -27,6 +27,10 @@ def add_arguments(parser) -> None:
     arguments.add_recall(parser, "where the trace has no router inputs or --model gives no weights, a noisy_oracle "
                          "of this recall stands in for gate_lookahead/mlp")
     parser.add_argument("--context", type=CONTEXT_TOKENS.parse, default=512, help="KV-cache tokens the attention time assumes")
+    parser.add_argument("--batch", type=BATCH.parse, default=1, help="decode the trace's requests this many at a time "
+                        "(continuous batching: a step routes one token of each running request; default 1: one after another)")
+    parser.add_argument("--stream-tokens", type=STREAM_TOKENS.parse, metavar="N", help="cut each sequence of the trace into "
+                        "requests of N decode tokens (more streams for --batch; routing within a request stays the trace's)")
     arguments.add_hybrid(parser)
     arguments.add_expert_format(parser, "routed experts stored as: {formats} (default: the model's own, dense unless "
                                 "`moepic quantize` wrote it): every setup moves that format's bytes")
@@ -86,7 +90,8 @@ def from_args(args):
         model = load_model(weights)
         router_inputs(trace, model.spec.hidden_size, args.trace)  # the model's width, or one line naming the trace
     return Testbed(trace=trace, shape=shape, hw=hw, budget=args.budget, recall=recall, model=model, context_tokens=args.context,
-                   hybrid=args.hybrid, miss_format=None if miss_format is None else miss_format.config)
+                   hybrid=args.hybrid, miss_format=None if miss_format is None else miss_format.config, batch=args.batch,
+                   stream_tokens=args.stream_tokens)
 
 
 def mib(nbytes: float) -> str:

@@ -154,16 +154,20 @@ def run_sim(config: ExperimentConfig) -> dict:
     context = _recorded_context(workload.recorded) if workload.source == "recorded" else workload.context_tokens
     testbed = Testbed(
         trace=trace, shape=shape, hw=hardware(workload), budget=config.cache.budget, recall=workload.recall, model=model,
-        context_tokens=context,
+        context_tokens=context, batch=workload.batch, stream_tokens=workload.stream_tokens,
     )
     start = time.perf_counter()
     setup = config.setup()
     ready = prepare(setup, testbed)
     configured = time.perf_counter()
-    result = simulate(trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=setup.hybrid)
+    result = simulate(trace, ready.layout, ready.policy, ready.times, testbed.hw, ready.predictor, hybrid=setup.hybrid,
+                      steps=ready.steps)
     summary = result.summary()
     metrics = {
-        "ms_per_token": summary["ms_per_token"],
+        "ms_per_token": summary["ms_per_token"],  # per stream: a step's time, weighted by its tokens
+        "ms_per_step": summary["ms_per_step"],
+        "tokens_per_s": summary["tokens_per_s"],  # all streams together
+        "batch": workload.batch,
         "p99_ms": summary["p99_ms"],
         "exposed_copy_ms_per_token": summary["exposed_copy_ms_per_token"],
         "expert_hit_rate": summary["expert_hit_rate"],
@@ -178,6 +182,7 @@ def run_sim(config: ExperimentConfig) -> dict:
         "staging_mib": summary["staging_bytes"] / MIB,
         "policy": ready.policy.config.name,
         "tokens": summary["tokens"],
+        "steps": summary["steps"],  # decode steps: one per token at batch 1
         "configure_s": configured - start,
         "simulate_s": time.perf_counter() - configured,
     }
@@ -210,6 +215,9 @@ def run_engine(config: ExperimentConfig) -> dict:
                           "(and workload.model_shape=bundled or a model folder)")
     if cache.budget is None:
         raise ConfigError("backend engine: config key cache.budget is not set (bytes like 64MiB, or a share like 0.25)")
+    if workload.batch != 1 or workload.stream_tokens is not None:
+        raise ConfigError("backend engine: workload.batch and workload.stream_tokens are the simulator's (the engine "
+                          "backend generates one request after another); set them to 1 and null")
     if workload.link_gbps is not None:
         raise ConfigError("backend engine: workload.link_gbps rescales a simulated GPU's link; the engine copies over "
                           "this machine's link, emulated at cache.link_gbps on a CPU")

@@ -19,7 +19,7 @@ from typing import Literal
 import attrs
 
 from moepic.structure import load_layers, read_yaml
-from moepic.ranges import CONTEXT_TOKENS, LINK_GBPS, RECALL, SEED, Range
+from moepic.ranges import BATCH, CONTEXT_TOKENS, LINK_GBPS, RECALL, SEED, STREAM_TOKENS, Range
 from moepic.sim.baseline import SystemConfig, baseline_path
 
 Recall = float | tuple[float, ...]
@@ -79,6 +79,11 @@ class WorkloadConfig:
     # router inputs in the trace); one value, or one per MoE layer.
     recall: Recall | None = attrs.field(default=0.85, validator=RECALL)
     context_tokens: int = attrs.field(default=512, validator=CONTEXT_TOKENS)  # attention context of a decode step (a recorded workload: its own)
+    # The trace's requests decoded `batch` at a time in continuous-batching order (backend sim;
+    # moepic/sim/steps.py); with `stream_tokens`, each sequence is cut into requests of that many
+    # decode tokens first (the shared traces hold two long sequences). 1, null: one after another.
+    batch: int = attrs.field(default=1, validator=BATCH)
+    stream_tokens: int | None = attrs.field(default=None, validator=STREAM_TOKENS)
 
 
 @attrs.frozen(kw_only=True)

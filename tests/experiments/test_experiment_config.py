@@ -147,5 +147,11 @@ def test_an_ill_typed_workload_value_names_the_key():
         load_experiment(BASE, overrides=["workload.synthetic.tokens=0"])
     assert str(e.value) == "config key workload.synthetic.tokens: expected an integer in [1, 10000000], got 0"
     with pytest.raises(ConfigError) as e:
+        load_experiment(BASE, overrides=["workload.batch=0"])
+    assert str(e.value) == "config key workload.batch: expected an integer in [1, 1024], got 0"
+    with pytest.raises(ConfigError) as e:
+        load_experiment(BASE, overrides=["workload.stream_tokens=-8"])
+    assert str(e.value) == "config key workload.stream_tokens: expected an integer in [1, 10000000], got -8"
+    with pytest.raises(ConfigError) as e:
         load_experiment(BASE, overrides=["executor.kind=slurm"])
     assert str(e.value) == "config key executor.kind: expected one of 'local', 'ray', got 'slurm'"

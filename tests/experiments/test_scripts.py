@@ -125,6 +125,8 @@ def test_the_recorded_config_is_the_cells_config(toy, name):
                 assert config.cache.predictor.name == record["key"]["predictor"]
             elif axis.name == "horizon":
                 assert getattr(config.cache.predictor, "horizon", 1) == record["key"]["horizon"]
+            elif axis.name == "batch":
+                assert config.workload.batch == record["key"]["batch"] == record["metrics"]["batch"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -174,6 +176,28 @@ def test_belady_hits_at_least_as_often_as_every_online_policy_at_each_budget(toy
         belady = records["belady", budget]["metrics"]["expert_hit_rate"]
         for policy in ONLINE:
             assert belady >= records[policy, budget]["metrics"]["expert_hit_rate"], (policy, budget)
+
+
+def test_a_batch_decodes_every_token_of_the_toy_trace_in_fewer_steps(toy):
+    """Each batch size simulates the same decode tokens; a batch of B takes fewer, longer steps, and
+    its table sets hit rate and throughput side by side for every batch size."""
+    _, report, out = toy("batch")
+    records = _results(out)
+    for record in records:
+        metrics = record["metrics"]
+        assert metrics["tokens"] == records[0]["metrics"]["tokens"]
+        assert metrics["tokens_per_s"] == pytest.approx(metrics["tokens"] / (metrics["ms_per_step"] * 1e-3 * metrics["steps"]))
+        if record["key"]["batch"] == 1:
+            assert metrics["ms_per_token"] == metrics["ms_per_step"]
+        else:
+            assert metrics["steps"] < metrics["tokens"] and metrics["ms_per_step"] > 0
+    assert "| policy | budget | B=1 | B=4 |" in report.table
+
+
+def test_the_engine_backend_refuses_a_batch(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(load_script("batch").ABLATION, BASE, _argv(tmp_path, "--backend", "engine", "engine.repeats=1"), default_out=tmp_path)
+    assert "workload.batch and workload.stream_tokens are the simulator's" in capsys.readouterr().err
 
 
 def test_the_theta_ends_of_the_sweep(toy):

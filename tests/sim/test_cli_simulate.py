@@ -36,7 +36,7 @@ SIMULATE_KEYS = {
     "prediction_recall", "prediction_precision", "demand_bytes", "prefetch_bytes", "wasted_prefetch_bytes",
     "cancelled_prefetches", "kept_prefetches", "cache_bytes", "staging_bytes", "layers", "hardware", "host", "model_shape",
     "trace", "hybrid", "host_experts", "host_bottoms", "host_splits", "fill_bytes", "miss_fill_bytes", "decode_host_s_per_token", "host_ms_per_token",
-    "host_wait_ms_per_token",
+    "host_wait_ms_per_token", "steps", "ms_per_step", "tokens_per_s", "exposed_copy_ms_per_step", "batch", "stream_tokens",
 }
 LAYER_KEYS = {"layer", "theta", "slots", "hit_rate", "bytes_loaded_per_token", "recall", "precision", "ms_per_token",
               "exposed_copy_ms_per_token", "host_experts", "host_bottoms", "host_splits", "host_ms_per_token"}
@@ -174,6 +174,24 @@ def test_simulate_prints_a_table_of_layers_and_a_summary_line(capsys, traces):
     assert lines[1].split()[:2] == ["layer", "theta"]
     assert [int(line.split()[0]) for line in lines[2:34]] == list(range(32))
     assert " ms/token (p50 " in lines[34] and len(lines) == 35
+
+
+@needs_gsm8k
+def test_simulate_a_batch_decodes_the_same_tokens_in_fewer_steps_and_says_so(capsys):
+    common = _common(str(GSM8K), "--baseline", "cache-only", "--budget", "0.25", "--stream-tokens", "8")
+    alone = _run(capsys, ["simulate", *common, "--json"])
+    batched = _run(capsys, ["simulate", *common, "--batch", "8", "--json"])
+    assert (alone["batch"], batched["batch"], batched["stream_tokens"]) == (1, 8, 8)
+    assert batched["tokens"] == alone["tokens"] == alone["steps"] and batched["steps"] < alone["tokens"] / 4
+    assert batched["tokens_per_s"] > alone["tokens_per_s"] and batched["ms_per_token"] > alone["ms_per_token"]
+    assert batched["hits"] + batched["partial_hits"] + batched["misses"] < alone["hits"] + alone["partial_hits"] + alone["misses"]
+    out = _text(capsys, ["simulate", *common, "--batch", "8"])
+    assert f"batch 8: {batched['steps']} decode steps of " in out.splitlines()[-1] and "tokens/s over all streams" in out
+
+
+def test_a_batch_outside_its_range_is_one_line(capsys, traces):
+    message = cli_error(capsys, ["simulate", *_common(traces["mixtral"], "--baseline", "cache-only", "--budget", "0.5", "--batch", "0")])
+    assert "argument --batch: expected an integer in [1, 1024], got '0'" in message
 
 
 def test_a_hardware_profile_file_is_used_and_a_slower_link_is_slower(capsys, traces, tmp_path):
