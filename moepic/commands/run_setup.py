@@ -102,11 +102,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        "copies every load)")
 
 
-def add_config_tail(parser: argparse.ArgumentParser, flag_keys: Mapping[str, str]) -> None:
+def add_config_tail(parser: argparse.ArgumentParser, flag_keys: Mapping[str, str], *, example: str = "sampling.seed=3") -> None:
     """--allow-env, the key=value overrides and --progress; then each override flag shows its
     config key's default in the help, unless it says its own."""
     parser.add_argument("--allow-env", action="store_true", help="let configs read environment variables with ${oc.env:NAME}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.seed=3")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
     arguments.add_progress(parser)
     for action in parser._actions:
         if action.dest in flag_keys and not hasattr(action, "shows"):

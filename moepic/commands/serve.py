@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="on Ctrl-C / SIGTERM: seconds requests in flight may take to finish")
     run_setup.add_engine_flags(serve)
     arguments.add_json(serve)
-    run_setup.add_config_tail(serve, FLAG_KEYS)
+    run_setup.add_config_tail(serve, FLAG_KEYS, example="serve.max_batch=16")
     return serve
 
 
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     arguments.refuse_preset(args.model, NAME)
     cfg = run_setup.run_config(args, FLAG_KEYS)
     run_setup.check_cache_keys_take_effect(cfg, FLAG_KEYS)
+    _refuse_generate_keys(cfg)
     run_setup.check_device(cfg)
     folder = model_folder(cfg.model.path)
     codec = TextCodec.from_folder(folder)
@@ -121,6 +122,19 @@ def run(args: argparse.Namespace) -> dict:
     counters = worker.counters
     return {"model": folder, "name": name, "url": address, "uptime_s": time.perf_counter() - started,
             "steps": counters.steps, "prompt_tokens": counters.prompt_tokens, "generated_tokens": counters.generated_tokens}
+
+
+def _refuse_generate_keys(cfg) -> None:
+    """A run config's generate: and sampling: sections are generate's; a server takes both per request."""
+    import attrs
+
+    from moepic.config import GenerateConfig, SamplingConfig
+
+    for section, default in (("generate", GenerateConfig()), ("sampling", SamplingConfig())):
+        given = [f.name for f in attrs.fields(type(default)) if getattr(getattr(cfg, section), f.name) != getattr(default, f.name)]
+        if given:
+            raise ConfigError(f"{section}.{given[0]} has no effect on moepic serve: prompts, limits and sampling come "
+                              "with each request (max_tokens, temperature, top_p, seed)")
 
 
 def _refuse_own_future(cfg, experts) -> None:

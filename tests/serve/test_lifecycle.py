@@ -98,6 +98,8 @@ def test_start_up_mistakes_are_one_line(capsys, tmp_path):
         (folder / name).symlink_to(default_model_dir() / name)
     assert "moepic serve needs the model's tokenizer" in cli_error(capsys, ["serve", "--model", str(folder), "--port", "0"])
     assert "--port: expected an integer in [0, 65535], got '70000'" in cli_error(capsys, ["serve", "--port", "70000"])
+    assert cli_error(capsys, ["serve", "--port", "0", "sampling.temperature=0.5"]).startswith(
+        "sampling.temperature has no effect on moepic serve")
 
 
 def test_a_failed_step_fails_its_requests_with_500_and_the_server_reports_itself_down():
