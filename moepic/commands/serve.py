@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     from moepic.serve.chat import read_chat_template
     from moepic.serve.metrics import ServeMetrics
     from moepic.serve.requests import ServedModel
-    from moepic.serve.server import listening_socket, run_server, url
+    from moepic.serve.server import listening_socket, serve_until_signalled, url
     from moepic.serve.worker import ServeWorker
     from moepic.tokenizer import TextCodec, no_tokenizer
 
@@ -106,15 +106,11 @@ def run(args: argparse.Namespace) -> dict:
         if serve.bind not in _LOOPBACK:
             print(f"moepic: note: listening on {serve.bind}, beyond this machine; the server has no authentication",
                   file=sys.stderr)
-        worker.start()
         started, address = time.perf_counter(), url(sock)
-        print(f"moepic: serving {name!r} at {address} (OpenAI API under /v1; chat "
-              f"{'with the model' + chr(39) + 's template' if template else 'unavailable: no chat template'}; "
-              "Ctrl-C drains and stops)", file=sys.stderr, flush=True)
-        try:
-            run_server(app, sock, drain_s=serve.drain_s)
-        finally:
-            worker.stop()
+        chat = "with the model's template" if template else "unavailable: no chat template"
+        print(f"moepic: serving {name!r} at {address} (OpenAI API under /v1; chat {chat}; Ctrl-C drains and stops)",
+              file=sys.stderr, flush=True)
+        serve_until_signalled(app, sock, worker, drain_s=serve.drain_s)
     finally:
         sock.close()
         if experts is not None:

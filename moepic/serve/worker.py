@@ -5,9 +5,12 @@ event loop. Side effects: a thread, wall-clock times, stderr (a failed step's tr
                         ◀── each request's TokenEvents (the last says why it ended) ──┘
                             or an ApiError: the worker stopped, or a step failed
 
-Why a thread: a step holds the CPU (or waits on the device) for milliseconds to seconds; on the
-event loop it would stall every connection. Why one: the scheduler and the expert engine are not
-thread-safe, and a single owner needs no locks around them. Commands are applied between steps, so
+Why apart from the event loop: a step holds the CPU (or waits on the device) for milliseconds to
+seconds; on the event loop it would stall every connection. Why one: the scheduler and the expert
+engine are not thread-safe, and a single owner needs no locks around them. `moepic serve` runs it
+on the main thread and the HTTP server beside it (moepic/serve/server.py): torch's OpenMP team
+belongs to the thread that first used it, and a second thread's team on the same cores made every
+small op wait for sleeping workers (measured: 165 vs 300 tokens/s on the bundled model). Commands are applied between steps, so
 a request submitted during a step joins the next (continuous batching), and a cancelled one leaves
 before it, its KV cache freed.
 """
@@ -30,6 +33,7 @@ from moepic.serve.protocol import ApiError
 
 RATE_WINDOW_S = 10.0  # tokens/s is measured over the last this many seconds
 REPORT_EVERY_S = 0.5  # the engine's counters are copied for /metrics at most this often
+IDLE_WAKE_S = 0.25  # an idle worker on the main thread wakes this often (a signal's handler runs then)
 
 
 @attrs.define
@@ -71,16 +75,22 @@ class ServeWorker:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, _Submit] = {}
         self._reported_at = 0.0
-        self._thread = threading.Thread(target=self._run, name="moepic-serve-worker", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Step in a thread of its own (tests, embedding); `moepic serve` calls `run` on its main thread."""
+        self._thread = threading.Thread(target=self.run, name="moepic-serve-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current step; requests still running get a 503."""
+    def request_stop(self) -> None:
+        """Stop after the current step (from any thread); requests still running get a 503."""
         self.stopping = True
         self._commands.put(_STOP)
-        self._thread.join(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     # --- the event loop's side ----------------------------------------------------------------------
 
@@ -114,10 +124,12 @@ class ServeWorker:
 
     # --- the worker thread --------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Apply commands and step until `request_stop`. Idle, it waits for a command in slices, so
+        that on the main thread a signal's handler gets its turn."""
         while True:
             waiting = self.scheduler.idle or self.failed is not None  # nothing to step: sleep until told
-            command = self._commands.get() if waiting else self._next_command()
+            command = self._wait_for_command() if waiting else self._next_command()
             while command is not None:
                 if command is _STOP:
                     self._end_all(ApiError(503, "the server shut down before this request finished", kind="server_error"))
@@ -131,6 +143,11 @@ class ServeWorker:
         with contextlib.suppress(queue.Empty):
             return self._commands.get_nowait()
         return None
+
+    def _wait_for_command(self):
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self._commands.get(timeout=IDLE_WAKE_S)
 
     def _apply(self, command) -> None:
         if isinstance(command, _Submit):
