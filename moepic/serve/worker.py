@@ -1,18 +1,21 @@
-"""The thread that owns the model: it steps the scheduler and hands each request's tokens to the
-event loop. Side effects: a thread, wall-clock times, stderr (a failed step's traceback).
+"""The loop that owns the model: it steps the scheduler and hands each request's tokens to the
+event loop. Side effects: a thread (when started as one), wall-clock times, stderr (a failed
+step's traceback).
 
-    handlers (event loop) ── submit / cancel ──▶ command queue ──▶ worker thread: apply, step(), …
+    handlers (event loop) ── submit / cancel ──▶ command queue ──▶ worker: apply, step(), …
                         ◀── each request's TokenEvents (the last says why it ended) ──┘
                             or an ApiError: the worker stopped, or a step failed
 
 Why apart from the event loop: a step holds the CPU (or waits on the device) for milliseconds to
 seconds; on the event loop it would stall every connection. Why one: the scheduler and the expert
-engine are not thread-safe, and a single owner needs no locks around them. `moepic serve` runs it
-on the main thread and the HTTP server beside it (moepic/serve/server.py): torch's OpenMP team
-belongs to the thread that first used it, and a second thread's team on the same cores made every
-small op wait for sleeping workers (measured: 165 vs 300 tokens/s on the bundled model). Commands are applied between steps, so
-a request submitted during a step joins the next (continuous batching), and a cancelled one leaves
-before it, its KV cache freed.
+engine are not thread-safe, and a single owner needs no locks around them. Commands are applied
+between steps, so a request submitted during a step joins the next (continuous batching), and a
+cancelled one leaves before it, its KV cache freed.
+
+`moepic serve` runs it on the main thread, the HTTP server beside it (moepic/serve/server.py):
+torch's OpenMP team belongs to the thread that first used it, and a second thread's team on the
+same cores made every small op wait for sleeping workers (measured: 165 vs 300 tokens/s on the
+bundled model). `start` runs it in a thread of its own, for tests and embedding.
 """
 
 from __future__ import annotations
