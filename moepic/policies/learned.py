@@ -1,0 +1,153 @@
+"""The learned policy: an expert's priority is a linear score of its reuse features
+(policies/reuse.py), fit by least squares to Belady's labels (used within the next `horizon`
+tokens) on recorded routing by `moepic train-policy`. Pure, apart from reading its file.
+
+The model file is JSON (never a pickle): format, version, the features it was fit on, their
+means and spreads, the weights and bias, the horizon, and the model shape it was trained for
+(experts per layer, MoE layers: a file used on another shape is an error naming both). Without a
+file the policy uses the built-in generic model (`reuse_default.json`), trained on the bundled
+model's own routing (experiments/train_reuse_default.py); it fits any shape, since every feature is
+an expert's own history, and it has seen none of the shared Mixtral traces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import final
+
+import attrs
+import numpy as np
+
+from moepic.errors import ConfigError
+from moepic.policies import reuse
+from moepic.policies.base import LayerStep, PolicyConfig, register_policy
+
+FORMAT, VERSION = "moepic-reuse-policy", 1
+DEFAULT_FILE = Path(__file__).with_name("reuse_default.json")
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class ReuseModel:
+    weights_F: np.ndarray
+    bias: float
+    mean_F: np.ndarray
+    std_F: np.ndarray
+    horizon: int
+    num_experts: int | None = None  # the shape it was trained for; None: any (the generic model)
+    moe_layers: tuple[int, ...] | None = None
+    trained_on: tuple[str, ...] = ()
+    source: str = "in memory"  # its file, for messages
+
+    def score(self, features_EF: np.ndarray) -> np.ndarray:
+        """float64 [E]: higher for experts more likely used within the horizon."""
+        return ((features_EF - self.mean_F) / self.std_F) @ self.weights_F + self.bias
+
+    def check_fits(self, layer: int, num_experts: int) -> None:
+        if self.num_experts is not None and num_experts != self.num_experts:
+            raise ConfigError(f"{self.source}: the learned policy was trained for {self.num_experts} experts per "
+                              f"layer; this model's layer {layer} has {num_experts}")
+        if self.moe_layers is not None and layer not in self.moe_layers:
+            raise ConfigError(f"{self.source}: the learned policy was trained for a model whose MoE layers are "
+                              f"{_layers_text(self.moe_layers)}; this model's layer {layer} is not among them")
+
+    def as_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "features": list(reuse.FEATURES), "horizon": self.horizon,
+                "weights": self.weights_F.tolist(), "bias": self.bias, "mean": self.mean_F.tolist(),
+                "std": self.std_F.tolist(), "num_experts": self.num_experts,
+                "moe_layers": None if self.moe_layers is None else list(self.moe_layers), "trained_on": list(self.trained_on)}
+
+    def save(self, path: str | Path) -> None:
+        from moepic.outputs import write_text_atomic
+
+        write_text_atomic(path, "learned policy", json.dumps(self.as_json(), indent=1) + "\n")  # all or nothing
+
+
+def _layers_text(layers: tuple[int, ...]) -> str:
+    return f"{layers[0]}–{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) else str(list(layers))
+
+
+def load_reuse_model(path: str | Path) -> ReuseModel:
+    """A `moepic train-policy` file, checked field by field (a clear error names the file and field)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: learned policy file not found (moepic train-policy writes one)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as a learned policy (JSON: {e})") from None
+
+    def field(name: str, kind, check=lambda v: True, why: str = ""):
+        value = data.get(name) if isinstance(data, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or not check(value):
+            raise ConfigError(f"{path}: field {name!r} should be {why or kind.__name__}, got {value!r}"[:300])
+        return value
+
+    field("format", str, lambda v: v == FORMAT, f"{FORMAT!r} (this is not a moepic train-policy file)")
+    field("version", int, lambda v: v == VERSION, f"{VERSION}")
+    names = field("features", list, lambda v: v == list(reuse.FEATURES), f"the features {list(reuse.FEATURES)}")
+    F = len(names)
+
+    def vector(name: str, positive: bool = False) -> np.ndarray:
+        values = field(name, list, lambda v: len(v) == F and all(isinstance(x, (int, float)) and math.isfinite(x) and
+                                                               (x > 0 or not positive) for x in v),
+                       f"{F} finite{' positive' if positive else ''} numbers")
+        return np.asarray(values, dtype=np.float64)
+
+    experts = data.get("num_experts")
+    layers = data.get("moe_layers")
+    if experts is not None:
+        field("num_experts", int, lambda v: v >= 1, "a positive integer or null")
+    if layers is not None:
+        field("moe_layers", list, lambda v: v and all(isinstance(x, int) and x >= 0 for x in v), "a list of layer indices or null")
+    return ReuseModel(
+        weights_F=vector("weights"), bias=float(field("bias", (int, float), math.isfinite, "a finite number")),
+        mean_F=vector("mean"), std_F=vector("std", positive=True), horizon=field("horizon", int, lambda v: v >= 1, "a positive integer"),
+        num_experts=experts, moe_layers=None if layers is None else tuple(layers),
+        trained_on=tuple(str(t) for t in data.get("trained_on") or ()), source=str(path),
+    )
+
+
+def fit_reuse_model(features_NF: np.ndarray, labels_N: np.ndarray, *, horizon: int, ridge: float = 1.0, **shape) -> ReuseModel:
+    """Least squares (ridge `ridge` on standardised features) of the 0/1 labels: a linear score
+    that ranks experts as the chance of their use within `horizon` tokens."""
+    if len(features_NF) == 0:
+        raise ValueError("no samples to fit the learned policy on (the traces have no steps)")
+    mean_F, std_F = features_NF.mean(axis=0), features_NF.std(axis=0)
+    std_F = np.where(std_F > 1e-9, std_F, 1.0)  # a constant feature: no scaling, and its weight goes to the bias
+    Z = np.column_stack([(features_NF - mean_F) / std_F, np.ones(len(features_NF))])
+    solution = np.linalg.solve(Z.T @ Z + ridge * np.eye(Z.shape[1]), Z.T @ labels_N.astype(np.float64))
+    return ReuseModel(weights_F=solution[:-1], bias=float(solution[-1]), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
+
+
+@attrs.frozen(kw_only=True)
+class LearnedConfig(PolicyConfig):
+    # A `moepic train-policy` file; None: the built-in generic model (trained on the bundled model's routing).
+    path: str | None = None
+
+    offered_by_auto = False  # `--policy auto` offers it once a trained file is given (not yet wired)
+
+
+@final
+@register_policy("learned", LearnedConfig)
+class LearnedPolicy:
+    def __init__(self, config: LearnedConfig = LearnedConfig(), model: ReuseModel | None = None) -> None:
+        self.config = config
+        self.model = model if model is not None else load_reuse_model(config.path or DEFAULT_FILE)
+
+    def init(self, layer: int, num_experts: int) -> reuse.ReuseState:
+        self.model.check_fits(layer, num_experts)
+        return reuse.initial_state(num_experts)
+
+    def update(self, state: reuse.ReuseState, step: LayerStep) -> reuse.ReuseState:
+        return reuse.advanced(state, step)
+
+    def priority(self, state: reuse.ReuseState) -> np.ndarray:
+        return self.model.score(reuse.features(state))
+
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
+        """Step by step, each step's score by the very call `priority` makes (bit for bit the same)."""
+        self.model.check_fits(layer, num_experts)
+        features_SEF = reuse.feature_series(layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S)
+        return np.array([self.model.score(f_EF) for f_EF in features_SEF]).reshape(len(counts_SE), num_experts)
