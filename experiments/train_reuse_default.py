@@ -15,8 +15,7 @@ import argparse
 from moepic.checkpoint.load import load_model
 from moepic.datasets import dataset_path
 from moepic.default_model import default_model_dir
-from moepic.policies.learned import DEFAULT_FILE, fit_reuse_model
-from moepic.policies.reuse import reuse_samples
+from moepic.policies.learned import DEFAULT_FILE, train_reuse_model
 from moepic.progress import bar
 from moepic.runtime.generation import generate
 from moepic.tokenizer import TextCodec
@@ -46,11 +45,9 @@ def main() -> None:
             generate(model, prompt, max_new_tokens=args.new_tokens, eos_ids=(), tap=recorder)
             progress.update(1)
     trace = recorder.trace(source="kjv-moe-tiny on kjv-heldout's first half")
-    features, labels = reuse_samples(trace, HORIZON)
-    fitted = fit_reuse_model(features, labels, horizon=HORIZON, trained_on=(f"{trace.source}: {trace.num_tokens} tokens",))
+    fitted = train_reuse_model([trace], horizon=HORIZON, generic=True)
     fitted.save(args.out)
-    print(f"{args.out}: {len(labels)} samples, {labels.mean():.1%} used within {HORIZON} token(s); weights "
-          + ", ".join(f"{w:+.3f}" for w in fitted.weights_F))
+    print(f"{args.out}: {trace.num_tokens} tokens; weights " + ", ".join(f"{w:+.3f}" for w in fitted.weights_F))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,13 @@ from moepic.commands import (
     serve,
     simulate,
     synth_trace,
+    train_policy,
     train_predictor,
 )
 from moepic.errors import MoepicError
 
 # The commands, in `moepic --help` order.
-COMMANDS = (generate, serve, inspect, routing_report, train_predictor, profile, configure, simulate, compare, fit_trace, synth_trace, quantize, eval_ppl)
+COMMANDS = (generate, serve, inspect, routing_report, train_predictor, train_policy, profile, configure, simulate, compare, fit_trace, synth_trace, quantize, eval_ppl)
 
 
 def build_parser() -> arguments.Parser:

@@ -121,6 +121,27 @@ def fit_reuse_model(features_NF: np.ndarray, labels_N: np.ndarray, *, horizon: i
     return ReuseModel(weights_F=solution[:-1], bias=float(solution[-1]), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
 
 
+def check_one_shape(traces, names) -> None:
+    """The traces are of one model shape (experts per layer, MoE layers), else an error naming two."""
+    first = traces[0]
+    for name, trace in zip(names[1:], traces[1:]):
+        if (trace.num_experts, tuple(trace.moe_layers)) != (first.num_experts, tuple(first.moe_layers)):
+            raise ConfigError(f"{name}: {trace.num_experts} experts in MoE layers {_layers_text(trace.moe_layers)}, but "
+                              f"{names[0]} has {first.num_experts} in {_layers_text(first.moe_layers)}: use one model's traces")
+
+
+def train_reuse_model(traces, *, horizon: int = 1, ridge: float = 1.0, generic: bool = False, names=None) -> ReuseModel:
+    """The learned policy's model fit on every (token, expert) of `traces` (RoutingTraces of one model
+    shape; `names`: how to call them in messages and in the file). `generic`: record no shape."""
+    names = list(names or (t.source or f"trace {i}" for i, t in enumerate(traces)))
+    check_one_shape(traces, names)
+    first = traces[0]
+    samples = [reuse.reuse_samples(trace, horizon) for trace in traces]
+    shape = {} if generic else {"num_experts": first.num_experts, "moe_layers": tuple(first.moe_layers)}
+    return fit_reuse_model(np.concatenate([f for f, _ in samples]), np.concatenate([l for _, l in samples]), horizon=horizon,
+                           ridge=ridge, trained_on=tuple(f"{n}: {t.num_tokens} tokens" for n, t in zip(names, traces)), **shape)
+
+
 @attrs.frozen(kw_only=True)
 class LearnedConfig(PolicyConfig):
     # A `moepic train-policy` file; None: the built-in generic model (trained on the bundled model's routing).

@@ -133,3 +133,45 @@ def test_learning_finds_a_pattern_lru_cannot_see():
                                   np.arange(3), np.ones(3, np.int64), np.zeros(3, bool))
     before_return = model.score(features_SEF[-1])  # the step before 3's use, 0 just used
     assert before_return[3] > before_return[0]
+
+
+def _record(tmp_path, name: str, prompt: str, model: str | None = None) -> str:
+    from moepic.cli import main
+
+    path = tmp_path / f"{name}.npz"
+    assert main(["generate", *(["--model", model] if model else []), "--prompt-ids", prompt, "--max-new-tokens", "24",
+                 "--record-trace", str(path), "--json"]) == 0
+    return str(path)
+
+
+def test_train_policy_fits_a_file_scores_it_held_out_and_generation_with_it_equals_the_dense_run(tmp_path, capsys):
+    from moepic.cli import main
+
+    train, held_out = _record(tmp_path, "train", "5,17,300,42"), _record(tmp_path, "held", "7,99,1000")
+    out = tmp_path / "policy.json"
+    capsys.readouterr()
+    assert main(["train-policy", "--trace", train, "--eval-trace", held_out, "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["hit_rates"]) == {"0.125", "0.25", "0.5"}
+    for rates in report["hit_rates"].values():
+        assert set(rates) == {"learned", "lru", "lfu", "lcp", "belady"} and all(0 <= r <= 1 for r in rates.values())
+        assert rates["belady"] >= max(rates.values()) - 1e-12  # nothing beats the bound
+    assert load_reuse_model(out).num_experts == 16
+    runs = []
+    for extra in ([], ["--budget", "0.25", "--policy", "learned", f"cache.policy.path={out}"]):
+        assert main(["generate", "--prompt-ids", "7,99,1000", "--max-new-tokens", "12", "--json", *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert runs[0] == runs[1]
+
+
+def test_train_policy_refuses_traces_of_two_models_and_bad_flags(tmp_path, capsys, checkpoint_dir):
+    from tests_support import cli_error
+
+    bundled = _record(tmp_path, "bundled", "5,17,300")
+    other = _record(tmp_path, "other", "5,17,30", model=str(checkpoint_dir("mixtral")))
+    out = str(tmp_path / "p.json")
+    assert "use one model's traces" in cli_error(capsys, ["train-policy", "--trace", bundled, "--trace", other, "--out", out])
+    assert "use one model's traces" in cli_error(capsys, ["train-policy", "--trace", bundled, "--eval-trace", other, "--out", out])
+    assert "--horizon must be an integer from 1" in cli_error(capsys, ["train-policy", "--trace", bundled, "--out", out, "--horizon", "0"])
+    assert "--ridge must be a finite number >= 0" in cli_error(capsys, ["train-policy", "--trace", bundled, "--out", out, "--ridge", "nan"])
+    assert not (tmp_path / "p.json").exists()
