@@ -1,6 +1,6 @@
 """Regenerate every ablation's results and figures, and the results section of experiments/README.md.
 
-    python experiments/make_results.py                 # all six at their default size (~5 min on 2 cores)
+    python experiments/make_results.py                 # all seven at their default size (~6 min on 2 cores)
     python experiments/make_results.py --only theta    # one (the others' sections stay as they are)
     python experiments/make_results.py --executor ray  # any flag after the known ones goes to every script
 
@@ -23,7 +23,7 @@ RESULTS = HERE / "results"
 README = HERE / "README.md"
 BEGIN, END = "<!-- ablations:begin -->", "<!-- ablations:end -->"
 # (issue letter, script name) in the order the README shows them.
-SCRIPTS = (("a", "policies"), ("b", "theta"), ("c", "predictors"), ("d", "configurator"), ("e", "hardware"), ("f", "batch"))
+SCRIPTS = (("a", "policies"), ("b", "theta"), ("c", "predictors"), ("d", "configurator"), ("e", "hardware"), ("f", "batch"), ("g", "learned_policy"))
 
 
 def load(name: str):

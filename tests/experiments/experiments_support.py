@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "experiments" / "configs" / "base.yaml"
-SCRIPTS = ("policies", "theta", "configurator", "hardware", "predictors", "batch")
+SCRIPTS = ("policies", "theta", "configurator", "hardware", "predictors", "batch", "learned_policy")
 # Fields of a record's metrics that time the run itself (they differ from run to run).
 TIMING = ("wall_s", "configure_s", "simulate_s")
 
