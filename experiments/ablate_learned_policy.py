@@ -2,11 +2,12 @@
 
 `learned` is fit (moepic train-policy's fit) on the *other* shared Mixtral trace than the one it
 runs on: trained on humaneval for the gsm8k cells and on gsm8k for the humaneval cells, never on
-what it is scored on. `learned-generic` is the built-in model, trained on the bundled model's own
-routing (it has seen no Mixtral routing at all). Layout as in ablation (a) (θ 0.5, the budget split
-evenly, gate prefetch at the base's recall), so only the replacement decision differs. Under the
-table: the share of the hit-rate gap between the best of LRU/LFU/LCP and Belady that each learned
-model closes.
+what it is scored on; `learned-recency` and `learned-recency-frequency` are fit on those feature
+groups only, `learned-64-tokens` on the other trace's first 64 tokens (the training-set size).
+`learned-generic` is the built-in model, trained on the bundled model's own routing (it has seen no
+Mixtral routing at all). Layout as in ablation (a) (θ 0.5, the budget split evenly, gate prefetch
+at the base's recall), so only the replacement decision differs. Under the table: the share of the
+hit-rate gap between the best of LRU/LFU/LCP and Belady that each learned model closes.
 
     python experiments/ablate_learned_policy.py          # both shared traces, A6000 profile (~1 min)
     python experiments/ablate_learned_policy.py --toy    # a synthetic trace (learned: fit on another seed)
@@ -31,45 +32,55 @@ NAMES = ("gsm8k", "humaneval")
 OTHER = {"gsm8k": "humaneval", "humaneval": "gsm8k"}
 BUDGETS = (0.125, 0.25, 0.5)
 ONLINE = ("lru", "lfu", "lcp")
+# The held-out fits (their files: `_held_out_model`): the feature groups and training tokens of each.
+VARIANTS = {
+    "learned": {},
+    "learned-recency": {"groups": ("recency",)},
+    "learned-recency-frequency": {"groups": ("recency", "frequency")},
+    "learned-64-tokens": {"tokens": 64},
+}
 POLICIES = choices("policy", {
     **{name: [f"cache.policy.name={name}"] for name in (*ONLINE, "belady")},
-    "learned": ["cache.policy.name=learned"],  # its file: `_held_out_model`
+    **{name: ["cache.policy.name=learned"] for name in VARIANTS},
     "learned-generic": ["cache.policy.name=learned"],  # the built-in model
 })
 TRACES = choices("trace", {name: [f"workload.trace={SHARED}/{name}_2_routing.jsonl"] for name in NAMES})
 
 
-def model_path(trained_on: str) -> Path:
+def model_path(trained_on: str, variant: str) -> Path:
     from moepic.default_model import cache_root
 
-    return cache_root() / "experiments" / "learned-policy" / f"trained-on-{trained_on}.json"
+    return cache_root() / "experiments" / "learned-policy" / f"{variant}-trained-on-{trained_on}.json"
 
 
 def train(toy: bool) -> None:
-    """The held-out models: one per shared trace (toy: one on a synthetic trace of another seed)."""
+    """The held-out models: each variant on each shared trace (toy: on a synthetic trace of another seed)."""
     from moepic.policies.learned import train_reuse_model
     from moepic.tracing import load_any_trace
+    from moepic.tracing.synthetic import select_tokens
 
-    model_path("toy-seed-1").parent.mkdir(parents=True, exist_ok=True)
     if toy:
         from moepic.experiments.backends import synthetic_trace
         from moepic.experiments.config import SyntheticConfig, WorkloadConfig
         from moepic.sim.shapes import model_shape
 
-        trace = synthetic_trace(WorkloadConfig(source="synthetic", synthetic=SyntheticConfig(tokens=96, sequences=2, seed=1)),
-                                model_shape("mixtral-8x7b"))
-        train_reuse_model([trace], names=["synthetic seed 1"]).save(model_path("toy-seed-1"))
-        return
-    for name in NAMES:
-        trace_file = f"{SHARED}/{name}_2_routing.jsonl"
-        train_reuse_model([load_any_trace(trace_file, num_experts=8)], names=[trace_file]).save(model_path(name))
+        traces = {"toy-seed-1": synthetic_trace(WorkloadConfig(source="synthetic", synthetic=SyntheticConfig(tokens=96, sequences=2, seed=1)),
+                                                model_shape("mixtral-8x7b"))}
+    else:
+        traces = {name: load_any_trace(f"{SHARED}/{name}_2_routing.jsonl", num_experts=8) for name in NAMES}
+    for trained_on, trace in traces.items():
+        for variant, fit in VARIANTS.items():
+            path = model_path(trained_on, variant)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            used = trace if "tokens" not in fit else select_tokens(trace, slice(0, fit["tokens"]))
+            train_reuse_model([used], names=[trained_on], groups=fit.get("groups")).save(path)
 
 
 def _held_out_model(key: dict) -> list[str]:
-    if key["policy"] != "learned":
+    if key["policy"] not in VARIANTS:
         return []
     trained_on = OTHER[key["trace"]] if "trace" in key else "toy-seed-1"
-    return [f"cache.policy.path={model_path(trained_on)}"]
+    return [f"cache.policy.path={model_path(trained_on, key['policy'])}"]
 
 
 def gap_closed(records: list[dict]) -> str:
@@ -82,7 +93,7 @@ def gap_closed(records: list[dict]) -> str:
         best = max(rates[name] for name in ONLINE)
         gap = rates["belady"] - best
         closed = ", ".join(f"{name} {(rates[name] - best) / gap:+.0%}" if gap > 0 else f"{name} n/a"
-                           for name in ("learned", "learned-generic"))
+                           for name in (*VARIANTS, "learned-generic"))
         lines.append(f"  {trace} at {budget:.1%}: best online {best:.3f}, belady {rates['belady']:.3f}; {closed}")
     return "\n".join(lines)
 

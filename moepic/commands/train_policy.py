@@ -34,6 +34,8 @@ def add_parser(subparsers):
     train.add_argument("--horizon", type=int, default=1, help="label: the expert is used within this many tokens")
     train.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the least-squares fit")
     train.add_argument("--generic", action="store_true", help="record no model shape: the file serves any model")
+    train.add_argument("--features", metavar="GROUP,…", help="fit on these feature groups only (recency, frequency, gap, "
+                       "request; default: all), for ablations")
     arguments.add_json(train)
     return train
 
@@ -49,12 +51,20 @@ def run(args) -> dict:
         raise ConfigError(f"train-policy --ridge must be a finite number >= 0, got {args.ridge}")
     if args.num_experts is not None and args.num_experts < 1:
         raise ConfigError(f"train-policy --num-experts must be >= 1, got {args.num_experts}")
+    groups = None if args.features is None else tuple(g.strip() for g in args.features.split(","))
+    if groups is not None:
+        from moepic.policies.reuse import feature_mask
+
+        try:
+            feature_mask(groups)
+        except ValueError as e:
+            raise ConfigError(f"train-policy --features: {e}") from None
     check_writable(args.out, "learned policy")  # before reading and fitting, not after
     traces = [load_any_trace(path, num_experts=args.num_experts) for path in args.trace]
     held_out = None if args.eval_trace is None else load_any_trace(args.eval_trace, num_experts=args.num_experts)
     if held_out is not None:
         check_one_shape([*traces, held_out], [*args.trace, args.eval_trace])
-    model = train_reuse_model(traces, horizon=args.horizon, ridge=args.ridge, generic=args.generic, names=args.trace)
+    model = train_reuse_model(traces, horizon=args.horizon, ridge=args.ridge, generic=args.generic, names=args.trace, groups=groups)
     model.save(args.out)
     report = {"out": args.out, "trained_on": list(model.trained_on), "horizon": model.horizon,
               "weights": dict(zip(_features(), model.weights_F.tolist())), "bias": model.bias}

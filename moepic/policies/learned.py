@@ -109,16 +109,22 @@ def load_reuse_model(path: str | Path) -> ReuseModel:
     )
 
 
-def fit_reuse_model(features_NF: np.ndarray, labels_N: np.ndarray, *, horizon: int, ridge: float = 1.0, **shape) -> ReuseModel:
+def fit_reuse_model(features_NF: np.ndarray, labels_N: np.ndarray, *, horizon: int, ridge: float = 1.0,
+                    groups: tuple[str, ...] | None = None, **shape) -> ReuseModel:
     """Least squares (ridge `ridge` on standardised features) of the 0/1 labels: a linear score
-    that ranks experts as the chance of their use within `horizon` tokens."""
+    that ranks experts as the chance of their use within `horizon` tokens. `groups`: fit on these
+    feature groups only (reuse.FEATURE_GROUPS; the others get weight 0), for ablations."""
     if len(features_NF) == 0:
         raise ValueError("no samples to fit the learned policy on (the traces have no steps)")
-    mean_F, std_F = features_NF.mean(axis=0), features_NF.std(axis=0)
-    std_F = np.where(std_F > 1e-9, std_F, 1.0)  # a constant feature: no scaling, and its weight goes to the bias
-    Z = np.column_stack([(features_NF - mean_F) / std_F, np.ones(len(features_NF))])
+    used_F = reuse.feature_mask(groups)
+    mean_F = np.where(used_F, features_NF.mean(axis=0), 0.0)
+    std_F = features_NF.std(axis=0)
+    std_F = np.where(used_F & (std_F > 1e-9), std_F, 1.0)  # a constant feature: no scaling, and its weight goes to the bias
+    Z = np.column_stack([(features_NF[:, used_F] - mean_F[used_F]) / std_F[used_F], np.ones(len(features_NF))])
     solution = np.linalg.solve(Z.T @ Z + ridge * np.eye(Z.shape[1]), Z.T @ labels_N.astype(np.float64))
-    return ReuseModel(weights_F=solution[:-1], bias=float(solution[-1]), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
+    weights_F = np.zeros(len(used_F))
+    weights_F[used_F] = solution[:-1]
+    return ReuseModel(weights_F=weights_F, bias=float(solution[-1]), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
 
 
 def check_one_shape(traces, names) -> None:
@@ -130,16 +136,19 @@ def check_one_shape(traces, names) -> None:
                               f"{names[0]} has {first.num_experts} in {_layers_text(first.moe_layers)}: use one model's traces")
 
 
-def train_reuse_model(traces, *, horizon: int = 1, ridge: float = 1.0, generic: bool = False, names=None) -> ReuseModel:
+def train_reuse_model(traces, *, horizon: int = 1, ridge: float = 1.0, generic: bool = False, names=None,
+                      groups: tuple[str, ...] | None = None) -> ReuseModel:
     """The learned policy's model fit on every (token, expert) of `traces` (RoutingTraces of one model
-    shape; `names`: how to call them in messages and in the file). `generic`: record no shape."""
+    shape; `names`: how to call them in messages and in the file). `generic`: record no shape;
+    `groups`: the feature groups to fit on (None: all)."""
     names = list(names or (t.source or f"trace {i}" for i, t in enumerate(traces)))
     check_one_shape(traces, names)
     first = traces[0]
     samples = [reuse.reuse_samples(trace, horizon) for trace in traces]
     shape = {} if generic else {"num_experts": first.num_experts, "moe_layers": tuple(first.moe_layers)}
     return fit_reuse_model(np.concatenate([f for f, _ in samples]), np.concatenate([l for _, l in samples]), horizon=horizon,
-                           ridge=ridge, trained_on=tuple(f"{n}: {t.num_tokens} tokens" for n, t in zip(names, traces)), **shape)
+                           ridge=ridge, groups=groups, trained_on=tuple(f"{n}: {t.num_tokens} tokens" for n, t in zip(names, traces)),
+                           **shape)
 
 
 @attrs.frozen(kw_only=True)

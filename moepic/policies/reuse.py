@@ -26,6 +26,24 @@ from moepic.policies.base import LayerStep
 HALF_LIVES = (1, 4, 16, 64, 256)  # tokens
 NEVER = 4096  # tokens: "never", and the cap of recency and gaps (beyond a cache's memory)
 FEATURES = ("used_now", "log_recency", "never_used", *(f"log_ema_{h}" for h in HALF_LIVES), "log_prev_gap", "log_mu")
+# Named groups of FEATURES, for fits on some of them (ablations: what each kind of history adds).
+FEATURE_GROUPS = {
+    "recency": ("used_now", "log_recency", "never_used"),
+    "frequency": tuple(f"log_ema_{h}" for h in HALF_LIVES),
+    "gap": ("log_prev_gap",),
+    "request": ("log_mu",),
+}
+
+
+def feature_mask(groups: tuple[str, ...] | None) -> np.ndarray:
+    """bool [F]: the features of `groups` (None: all of them)."""
+    if groups is None:
+        return np.ones(len(FEATURES), bool)
+    unknown = sorted(set(groups) - set(FEATURE_GROUPS))
+    if unknown:
+        raise ValueError(f"unknown feature group {unknown[0]!r}; known: {', '.join(FEATURE_GROUPS)}")
+    chosen = {name for group in groups for name in FEATURE_GROUPS[group]}
+    return np.array([name in chosen for name in FEATURES])
 
 
 @attrs.frozen(eq=False)

@@ -175,3 +175,19 @@ def test_train_policy_refuses_traces_of_two_models_and_bad_flags(tmp_path, capsy
     assert "--horizon must be an integer from 1" in cli_error(capsys, ["train-policy", "--trace", bundled, "--out", out, "--horizon", "0"])
     assert "--ridge must be a finite number >= 0" in cli_error(capsys, ["train-policy", "--trace", bundled, "--out", out, "--ridge", "nan"])
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_fit_on_some_feature_groups_leaves_the_others_out():
+    from moepic.policies.reuse import FEATURE_GROUPS, feature_mask
+
+    trace = one_layer_trace([[0, 1], [2, 1], [0, 3], [0, 1], [2, 3]] * 6, num_experts=4)
+    features_NF, labels_N = reuse_samples(trace, 1)
+    model = fit_reuse_model(features_NF, labels_N, horizon=1, groups=("recency",))
+    kept = feature_mask(("recency",))
+    assert kept.sum() == len(FEATURE_GROUPS["recency"]) and (model.weights_F[~kept] == 0).all() and (model.weights_F[kept] != 0).any()
+    # Left-out features do not move the score, whatever their values.
+    changed_NF = features_NF.copy()
+    changed_NF[:, ~kept] += 7.0
+    np.testing.assert_array_equal(model.score(changed_NF[:4]), model.score(features_NF[:4]))
+    with pytest.raises(ValueError, match="unknown feature group 'colour'; known: recency, frequency, gap, request"):
+        feature_mask(("recency", "colour"))
