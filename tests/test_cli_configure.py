@@ -220,6 +220,27 @@ def test_policy_auto_keeps_the_fastest_predicted_of_its_candidates(capsys, tmp_p
     assert yaml.safe_load((tmp_path / "auto.yaml").read_text())["cache"]["policy"] == auto["policy"]
 
 
+def test_a_learned_policy_file_is_weighed_by_auto_and_written_into_the_config(capsys, tmp_path, trace_files):
+    from moepic.policies.learned import LearnedPolicy
+
+    other = tmp_path / "other.npz"  # fit on another run's routing than the one configured on
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["generate", "--prompt-ids", "9,8,7", "--max-new-tokens", "40", "--json", "--record-trace", str(other)]) == 0
+        assert main(["train-policy", "--trace", str(other), "--out", str(tmp_path / "p.json"), "--json"]) == 0
+    learned = _configure(capsys, trace_files, "--policy", "learned", "--learned-policy", str(tmp_path / "p.json"),
+                         "--out", str(tmp_path / "l.yaml"))
+    _assert_consistent(learned)
+    assert learned["policy"] == {"name": "learned", "path": str(tmp_path / "p.json")}
+    assert yaml.safe_load((tmp_path / "l.yaml").read_text())["cache"]["policy"] == learned["policy"]
+    assert isinstance(POLICIES.build(POLICIES.structure_node(learned["policy"], "cache.policy")), LearnedPolicy)
+    single = {name: _configure(capsys, trace_files, "--policy", name)["predicted_ms_per_token"] for name in auto_policies()}
+    auto = _configure(capsys, trace_files, "--policy", "auto", "--learned-policy", str(tmp_path / "p.json"))
+    assert auto["predicted_ms_per_token"] == min([*single.values(), learned["predicted_ms_per_token"]])
+    message = cli_error(capsys, ["configure", "--trace", trace_files["hidden"], "--hardware", "a6000", "--budget", "0.25",
+                                 "--policy", "lru", "--learned-policy", str(tmp_path / "p.json")])
+    assert message.startswith("--learned-policy has no effect with --policy lru")
+
+
 def test_predictor_none_and_oracle_set_the_recall(capsys, trace_files):
     L = len(_moe_layers())
     gate = _configure(capsys, trace_files, "--predictor", "gate_lookahead")

@@ -30,6 +30,8 @@ def add_parser(subparsers):
     conf.add_argument("--trace", required=True, help="routing trace (.npz or JSONL) whose hit-rate curves to use")
     arguments.strategy_flag(conf, "policy", "cache policy whose hit rates to measure: {names}; auto: the fastest "
                             "predicted of {auto}", auto=_auto_policies)
+    conf.add_argument("--learned-policy", metavar="FILE.json", help="a `moepic train-policy` file (fit on other routing "
+                      "than --trace): --policy learned uses it, --policy auto weighs it beside the others")
     arguments.strategy_flag(conf, "predictor", "prefetching predictor: {names} (none: load on demand)")
     arguments.add_recall(conf, "assumed instead of measured on the trace's router inputs (which needs the "
                          "weights of a model folder)")
@@ -125,7 +127,13 @@ def run(args) -> dict:
         raise ConfigError(f"--hybrid {hybrid} computes experts on the host CPU: give --host NAME|FILE to price it "
                           f"(bundled: {arguments.known_host_names()})")
     candidates = auto_policies() if args.policy == "auto" else (args.policy,) if args.policy else (POLICIES.default,)
-    policy_configs = [POLICIES.structure_node({"name": name}, "--policy") for name in candidates]
+    nodes = [{"name": name} for name in candidates]
+    if args.learned_policy is not None:
+        if args.policy not in ("auto", "learned"):
+            raise ConfigError(f"--learned-policy has no effect with --policy {args.policy or POLICIES.default}: it is for "
+                              "--policy learned or auto")
+        nodes = [node for node in nodes if node["name"] != "learned"] + [{"name": "learned", "path": args.learned_policy}]
+    policy_configs = [POLICIES.structure_node(node, "--policy") for node in nodes]
     predictor_config = PREDICTORS.structure_node(arguments.strategy_name("predictor", args.predictor), "--predictor")
     configurator_config = CONFIGURATORS.structure_node(arguments.strategy_name("configurator", args.configurator), "--configurator")
     moe = spec.moe
