@@ -11,6 +11,7 @@ which frees its KV cache; the others go on. Every error body has OpenAI's shape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -39,13 +40,19 @@ class _ClientGone(Exception):
 
 class _ClosingStream(StreamingResponse):
     """A stream whose generator is closed however the response ends (finished, client gone, server
-    stopping), so its `finally` cancels the request at once instead of whenever it is collected."""
+    stopping), so the request is cancelled at once instead of whenever the generator is collected;
+    and released even if the stream never started (a client gone before its first byte)."""
+
+    def __init__(self, content, run: _Run, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.run = run
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            self.run.release()
 
 
 class _DrainCutsQuietly:
@@ -109,9 +116,9 @@ def build_app(model: ServedModel, worker: ServeWorker, metrics: ServeMetrics) ->
         request_id, events = await worker.submit(prepared.request)
         run = _Run(worker, request_id, events, prepared, model, metrics, endpoint, arrived)
         if body.stream:
-            return _ClosingStream(_sse(run, shape, body.include_usage), media_type="text/event-stream")
+            return _ClosingStream(_sse(run, shape, body.include_usage), run, media_type="text/event-stream")
         text, ended = [], None
-        async with _closing(run.pieces(http)) as pieces:
+        async with contextlib.aclosing(run.pieces(http)) as pieces:
             async for piece, ended in pieces:
                 text.append(piece)
         return shape.whole("".join(text), ended, run.counts())
@@ -120,7 +127,8 @@ def build_app(model: ServedModel, worker: ServeWorker, metrics: ServeMetrics) ->
 
 
 class _Run:
-    """One submitted request's events, as text pieces cut at its stop strings."""
+    """One submitted request's events, as text pieces cut at its stop strings; `release` (once,
+    however it ends) cancels it if it is still in the scheduler and counts its outcome."""
 
     def __init__(self, worker: ServeWorker, request_id: int, events: asyncio.Queue, prepared: Prepared,
                  model: ServedModel, metrics: ServeMetrics, endpoint: str, arrived: float) -> None:
@@ -128,6 +136,7 @@ class _Run:
         self.metrics, self.endpoint, self.arrived = metrics, endpoint, arrived
         self.decoder, self.stops = IncrementalDecoder(model.codec), StopText(prepared.stops)
         self.tokens = 0
+        self.outcome, self.left_scheduler, self.released = "cancelled", False, False
 
     def counts(self) -> dict:
         return usage(len(self.prepared.request.prompt_ids), self.tokens)
@@ -135,13 +144,12 @@ class _Run:
     async def pieces(self, http: Request | None = None) -> AsyncIterator[tuple[str, str | None]]:
         """(text, None) as text is decided, then (text, finish reason) once. Leaving early (the
         client went, an error) cancels the request. `http`: watch it for a client that left."""
-        outcome, left_scheduler = "cancelled", False
         watch = None if http is None else _Watch(http)
         try:
             while True:
                 item = await (self.events.get() if watch is None else watch.next_event(self.events))
                 if isinstance(item, ApiError):
-                    outcome, left_scheduler = "error", True  # the worker dropped it
+                    self.outcome, self.left_scheduler = "error", True  # the worker dropped it
                     raise item
                 event: TokenEvent = item
                 self.tokens += 1
@@ -151,19 +159,25 @@ class _Run:
                 if event.finished is not None and not self.stops.stopped:  # EOS or the token limit: the rest of the text
                     text += self.stops.push(self.decoder.flush())
                     text += self.stops.flush()
-                left_scheduler = event.finished is not None
-                if self.stops.stopped or left_scheduler:
-                    outcome = "stop" if self.stops.stopped else finish_reason(event.finished)
-                    yield text, outcome
+                self.left_scheduler = event.finished is not None
+                if self.stops.stopped or self.left_scheduler:
+                    self.outcome = "stop" if self.stops.stopped else finish_reason(event.finished)
+                    yield text, self.outcome
                     return
                 if text:
                     yield text, None
         finally:
-            if not left_scheduler:  # a stop string ended it early, or nobody listens: free its place and cache
-                self.worker.cancel(self.request_id)
-            self.metrics.requests.labels(self.endpoint, outcome).inc()
-            if outcome in ("stop", "length"):
-                self.metrics.latency_s.observe(time.perf_counter() - self.arrived)
+            self.release()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        if not self.left_scheduler:  # a stop string ended it early, or nobody listens: free its place and cache
+            self.worker.cancel(self.request_id)
+        self.metrics.requests.labels(self.endpoint, self.outcome).inc()
+        if self.outcome in ("stop", "length"):
+            self.metrics.latency_s.observe(time.perf_counter() - self.arrived)
 
 
 class _Watch:
@@ -185,19 +199,6 @@ class _Watch:
                     raise _ClientGone()
             if item is not None:
                 return item
-
-
-class _closing:
-    """`async with`: an async generator closed on the way out, whatever ended the block."""
-
-    def __init__(self, generator) -> None:
-        self.generator = generator
-
-    async def __aenter__(self):
-        return self.generator
-
-    async def __aexit__(self, *exc) -> None:
-        await self.generator.aclose()
 
 
 def _data(payload: dict | str) -> str:
