@@ -132,9 +132,10 @@ class Scheduler:
     def submit(self, request: Request) -> int:
         """Queue `request`; its id. QueueFull when `max_queue` requests wait already beyond the batch's
         free places (a request that the next step admits is not refused for arriving before it)."""
-        beyond_batch = len(self._waiting) - max(0, self.max_batch - len(self._running))
-        if beyond_batch >= self.max_queue:
-            raise QueueFull(f"{beyond_batch} requests are waiting already beyond the batch (the queue holds {self.max_queue})")
+        with_it = len(self._waiting) + 1
+        beyond_batch = with_it - joining(len(self._running), with_it, self.max_batch)  # waiting after the next step's admissions
+        if beyond_batch > self.max_queue:
+            raise QueueFull(f"{beyond_batch - 1} requests are waiting already beyond the batch (the queue holds {self.max_queue})")
         request_id, self._next_id = self._next_id, self._next_id + 1
         self._waiting.append((request_id, request))
         return request_id
