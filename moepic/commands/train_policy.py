@@ -20,7 +20,7 @@ from moepic.errors import ConfigError
 
 NAME = "train-policy"
 HELP = "fit the learned cache policy to Belady's choices on routing traces"
-COMPARED = ("lru", "lfu", "lcp", "belady")
+COMPARED = ("lru", "lfu", "lcp", "belady")  # learned.ONLINE and the bound
 SHARES = (0.125, 0.25, 0.5)
 
 
@@ -43,6 +43,7 @@ def add_parser(subparsers):
 def run(args) -> dict:
     from moepic.outputs import check_writable
     from moepic.policies.learned import check_one_shape, train_reuse_model
+    from moepic.policies.reuse import FEATURES
     from moepic.tracing import load_any_trace
 
     if args.horizon < 1 or args.horizon > 1 << 20:
@@ -67,17 +68,11 @@ def run(args) -> dict:
     model = train_reuse_model(traces, horizon=args.horizon, ridge=args.ridge, generic=args.generic, names=args.trace, groups=groups)
     model.save(args.out)
     report = {"out": args.out, "trained_on": list(model.trained_on), "horizon": model.horizon,
-              "weights": dict(zip(_features(), model.weights_F.tolist())), "bias": model.bias}
+              "weights": dict(zip(FEATURES, model.weights_F.tolist())), "bias": model.bias}
     if held_out is not None:
         report["eval_trace"] = args.eval_trace
         report["hit_rates"] = held_out_hit_rates(model, held_out)
     return report
-
-
-def _features() -> tuple[str, ...]:
-    from moepic.policies.reuse import FEATURES
-
-    return FEATURES
 
 
 def held_out_hit_rates(model, trace) -> dict[str, dict[str, float]]:
@@ -101,6 +96,8 @@ def held_out_hit_rates(model, trace) -> dict[str, dict[str, float]]:
 
 
 def text(report: dict) -> str:
+    from moepic.policies.learned import gap_closed
+
     lines = [f"wrote {report['out']} (horizon {report['horizon']}; trained on {', '.join(report['trained_on'])})",
              "weights: " + ", ".join(f"{name} {w:+.3f}" for name, w in report["weights"].items())]
     if "hit_rates" in report:
@@ -108,8 +105,7 @@ def text(report: dict) -> str:
         lines += [f"hit rate on {report['eval_trace']} (whole experts cached):",
                   f"{'cached':>8} " + " ".join(f"{n:>8}" for n in names) + "   gap to belady closed"]
         for share, rates in report["hit_rates"].items():
-            best = max(rates[n] for n in ("lru", "lfu", "lcp"))
-            gap = rates["belady"] - best
-            closed = (rates["learned"] - best) / gap if gap > 0 else float("nan")
-            lines.append(f"{float(share):>8.1%} " + " ".join(f"{rates[n]:>8.3f}" for n in names) + f"   {closed:+.0%}")
+            closed = gap_closed(rates, "learned")
+            lines.append(f"{float(share):>8.1%} " + " ".join(f"{rates[n]:>8.3f}" for n in names) + "   "
+                         + ("n/a" if closed is None else f"{closed:+.0%}"))
     return "\n".join(lines)

@@ -127,6 +127,17 @@ def fit_reuse_model(features_NF: np.ndarray, labels_N: np.ndarray, *, horizon: i
     return ReuseModel(weights_F=weights_F, bias=float(solution[-1]), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
 
 
+ONLINE = ("lru", "lfu", "lcp")  # the online policies a learned one is measured against
+
+
+def gap_closed(hit_rates: dict[str, float], name: str) -> float | None:
+    """The share of the hit-rate gap between the best of ONLINE and Belady that policy `name`
+    closes (negative: below the best online one); None where Belady leads by nothing."""
+    best = max(hit_rates[policy] for policy in ONLINE)
+    gap = hit_rates["belady"] - best
+    return (hit_rates[name] - best) / gap if gap > 0 else None
+
+
 def check_one_shape(traces, names) -> None:
     """The traces are of one model shape (experts per layer, MoE layers), else an error naming two."""
     first = traces[0]
@@ -156,7 +167,9 @@ class LearnedConfig(PolicyConfig):
     # A `moepic train-policy` file; None: the built-in generic model (trained on the bundled model's routing).
     path: str | None = None
 
-    offered_by_auto = False  # `--policy auto` offers it once a trained file is given (not yet wired)
+    # Not among `--policy auto`'s own choices: configure weighs it only with --learned-policy FILE, a
+    # file fit on other routing than the trace it configures on.
+    offered_by_auto = False
 
 
 @final
@@ -175,9 +188,3 @@ class LearnedPolicy:
 
     def priority(self, state: reuse.ReuseState) -> np.ndarray:
         return self.model.score(reuse.features(state))
-
-    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
-        """Step by step, each step's score by the very call `priority` makes (bit for bit the same)."""
-        self.model.check_fits(layer, num_experts)
-        features_SEF = reuse.feature_series(layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S)
-        return np.array([self.model.score(f_EF) for f_EF in features_SEF]).reshape(len(counts_SE), num_experts)

@@ -10,7 +10,7 @@ import secrets
 
 import attrs
 
-from moepic.config import SamplingConfig
+from moepic.config import SamplingConfig, ServeConfig
 from moepic.runtime.scheduler import Request
 from moepic.serve.chat import ChatTemplate, ChatTemplateError
 from moepic.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -33,7 +33,8 @@ class ServedModel:
     template: ChatTemplate | None
     context: int  # max_position_embeddings: prompt + completion must fit
     vocab_size: int
-    default_max_tokens: int = 2048  # a chat request's limit when it sets none (and the context allows)
+    # A chat request's limit when it sets none (and the context allows): serve.default_max_tokens.
+    default_max_tokens: int = attrs.fields(ServeConfig).default_max_tokens.default
 
     def completion(self, body: CompletionRequest) -> Prepared:
         self._check_name(body.model)

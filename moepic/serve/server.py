@@ -9,9 +9,9 @@ the worker (the model's steps) on the main thread. Side effects: a socket, a thr
 
 Why the model on the main thread: torch's OpenMP team belongs to the thread that first used it
 (the one that loaded the model); a second thread's team on the same cores waits on sleeping
-workers at every small op (serve/worker.py). Why not uvicorn's own signal handling: it re-raises a
-signal once it has shut down, which would end a cleanly drained server with 130 or 143; here the
-drain is a server's normal end.
+workers at every small op (serve/worker.py). Why not uvicorn's own signal handling (it handles none
+off the main thread anyway): it re-raises a signal once it has shut down, which would end a cleanly
+drained server with 130 or 143; here the drain is a server's normal end.
 """
 
 from __future__ import annotations
@@ -27,12 +27,6 @@ import uvicorn
 
 from moepic.errors import ConfigError
 from moepic.serve.worker import ServeWorker
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield  # the main thread handles them (serve_until_signalled); this one runs in a thread anyway
 
 
 def listening_socket(bind: str, port: int) -> socket.socket:
@@ -59,7 +53,7 @@ def serve_until_signalled(app, sock: socket.socket, worker: ServeWorker, *, drai
     the module's docstring). Call it from the main thread."""
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=max(drain_s, 0.001))
-    server = _Server(config)
+    server = uvicorn.Server(config)  # in a thread: it installs no signal handlers of its own
 
     def http() -> None:
         try:
