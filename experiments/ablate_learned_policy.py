@@ -5,11 +5,16 @@ runs on: trained on humaneval for the gsm8k cells and on gsm8k for the humaneval
 what it is scored on; `learned-recency` and `learned-recency-frequency` are fit on those feature
 groups only, `learned-64-tokens` on the other trace's first 64 tokens (the training-set size).
 `learned-generic` is the built-in model, trained on the bundled model's own routing (it has seen no
-Mixtral routing at all). Layout as in ablation (a) (θ 0.5, the budget split evenly, gate prefetch
+Mixtral routing at all).
+
+The `bundled` rows run the routing the bundled model records here on prompts from kjv-heldout's
+second half (workload.source recorded: its router inputs let gate lookahead run for real); its
+learned models are fit on the model's routing of prompts from the first half, other requests than
+those scored (the built-in generic model was trained on that same first half). Layout as in ablation (a) (θ 0.5, the budget split evenly, gate prefetch
 at the base's recall), so only the replacement decision differs. Under the table: the share of the
 hit-rate gap between the best of LRU/LFU/LCP and Belady that each learned model closes.
 
-    python experiments/ablate_learned_policy.py          # both shared traces, A6000 profile (~1 min)
+    python experiments/ablate_learned_policy.py          # both shared traces and the bundled model, A6000 profile (~2 min)
     python experiments/ablate_learned_policy.py --toy    # a synthetic trace (learned: fit on another seed)
 """
 
@@ -30,7 +35,7 @@ from moepic.policies.learned import ONLINE
 HERE = Path(__file__).resolve().parent
 SHARED = "../shared/traces/mixtral-8x7b-instruct-fp8"
 NAMES = ("gsm8k", "humaneval")
-OTHER = {"gsm8k": "humaneval", "humaneval": "gsm8k"}
+OTHER = {"gsm8k": "humaneval", "humaneval": "gsm8k", "bundled": "bundled-first-half"}
 BUDGETS = (0.125, 0.25, 0.5)
 # The held-out fits (their files: `_held_out_model`): the feature groups and training tokens of each.
 VARIANTS = {
@@ -44,7 +49,11 @@ POLICIES = choices("policy", {
     **{name: ["cache.policy.name=learned"] for name in VARIANTS},
     "learned-generic": ["cache.policy.name=learned"],  # the built-in model
 })
-TRACES = choices("trace", {name: [f"workload.trace={SHARED}/{name}_2_routing.jsonl"] for name in NAMES})
+TRACES = choices("trace", {
+    **{name: [f"workload.trace={SHARED}/{name}_2_routing.jsonl"] for name in NAMES},
+    "bundled": ["workload.source=recorded", "workload.model_shape=bundled", "workload.recorded.requests=8",
+                "workload.recorded.new_tokens=64"],
+})
 
 
 def model_path(trained_on: str, variant: str) -> Path:
@@ -54,7 +63,8 @@ def model_path(trained_on: str, variant: str) -> Path:
 
 
 def train(toy: bool) -> None:
-    """The held-out models: each variant on each shared trace (toy: on a synthetic trace of another seed)."""
+    """The held-out models: each variant on each shared trace and on the bundled model's first-half routing
+    (toy: on a synthetic trace of another seed)."""
     from moepic.policies.learned import train_reuse_model
     from moepic.tracing import load_any_trace
     from moepic.tracing.synthetic import select_tokens
@@ -67,7 +77,11 @@ def train(toy: bool) -> None:
         traces = {"toy-seed-1": synthetic_trace(WorkloadConfig(source="synthetic", synthetic=SyntheticConfig(tokens=96, sequences=2, seed=1)),
                                                 model_shape("mixtral-8x7b"))}
     else:
+        from moepic.default_model import default_model_dir
+        from moepic.experiments.backends import training_routing
+
         traces = {name: load_any_trace(f"{SHARED}/{name}_2_routing.jsonl", num_experts=8) for name in NAMES}
+        traces["bundled-first-half"] = training_routing(str(default_model_dir()))
     for trained_on, trace in traces.items():
         for variant, fit in VARIANTS.items():
             path = model_path(trained_on, variant)

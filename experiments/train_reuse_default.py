@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from moepic.checkpoint.load import load_model
-from moepic.datasets import dataset_path
 from moepic.default_model import default_model_dir
+from moepic.experiments.backends import training_routing
 from moepic.policies.learned import DEFAULT_FILE, train_reuse_model
-from moepic.progress import bar
-from moepic.runtime.generation import generate
-from moepic.tokenizer import TextCodec
-from moepic.tracing.recorder import RoutingRecorder
 
 HORIZON = 1  # tokens: "used by the next token" ranked best of 1, 4 and 16 on the shared traces
 
@@ -31,20 +26,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(DEFAULT_FILE))
     args = parser.parse_args()
-    folder = default_model_dir()
-    model = load_model(str(folder))
-    text = dataset_path("kjv-heldout").read_text(encoding="utf-8")
-    ids = TextCodec.from_folder(folder).encode(text[: len(text) // 2])
-    stride = len(ids) // args.requests
-    recorder = RoutingRecorder(model.spec, model_name=str(folder))
-    with bar(total=args.requests, desc="recording", unit="request", wanted=True) as progress:
-        for i in range(args.requests):
-            if i:
-                recorder.begin_sequence()
-            prompt = ids[i * stride : i * stride + args.prompt_tokens]
-            generate(model, prompt, max_new_tokens=args.new_tokens, eos_ids=(), tap=recorder)
-            progress.update(1)
-    trace = recorder.trace(source="kjv-moe-tiny on kjv-heldout's first half")
+    trace = training_routing(str(default_model_dir()), requests=args.requests, prompt_tokens=args.prompt_tokens,
+                             new_tokens=args.new_tokens)
     fitted = train_reuse_model([trace], horizon=HORIZON, generic=True)
     fitted.save(args.out)
     print(f"{args.out}: {trace.num_tokens} tokens; weights " + ", ".join(f"{w:+.3f}" for w in fitted.weights_F))

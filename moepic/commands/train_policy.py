@@ -7,7 +7,9 @@ labels on routing traces, and optionally score it on a held-out trace.
 The traces are recorded routing (`moepic generate --record-trace`, or a JSONL routing log) of one
 model; the file records that model's shape, so it cannot be used on another by mistake. The
 held-out score replays the evaluation trace through whole-expert caches of 1/8, 1/4 and 1/2 of a
-layer's experts (cache/replay.py) for the learned policy, LRU, LFU, LCP and Belady (the bound).
+layer's experts (cache/replay.py: each token a step, a prompt's too, where the model is fit on the
+engine's steps, a prompt one) for the learned policy, LRU, LFU, LCP and Belady (the bound); the
+simulator (experiments/ablate_learned_policy.py) scores it on the engine's steps.
 Side effects: reads traces, writes the policy file (whole or not at all).
 """
 

@@ -95,13 +95,10 @@ def recorded_run(folder: str, recorded: RecordedConfig) -> RecordedRun:
     """The dense model's greedy runs of `recorded.requests` prompts, cut one after another from the
     middle of the dataset's text (its second half: the mlp predictor trains on the first)."""
     from moepic.datasets import DATASETS
-    from moepic.runtime.generation import generate
     from moepic.tokenizer import TextCodec
-    from moepic.tracing.recorder import RoutingRecorder
 
     if recorded.dataset not in DATASETS:
         raise ConfigError(f"config key workload.recorded.dataset: unknown dataset {recorded.dataset!r}; known: {', '.join(sorted(DATASETS))}")
-    model = _model(folder)
     text = DATASETS[recorded.dataset].read_text()
     ids = TextCodec.from_folder(folder).encode(text[len(text) // 2 :])
     n = recorded.prompt_tokens
@@ -109,13 +106,41 @@ def recorded_run(folder: str, recorded: RecordedConfig) -> RecordedRun:
         raise ConfigError(f"workload.recorded: {recorded.dataset}'s second half has {len(ids)} tokens, fewer than "
                           f"{recorded.requests} prompts of {n}")
     prompts = [ids[i * n : (i + 1) * n] for i in range(recorded.requests)]
+    token_ids, trace = record_greedy(folder, prompts, recorded.new_tokens, source=f"{folder} on {recorded.dataset}")
+    return RecordedRun(prompts, token_ids, trace)
+
+
+def training_routing(folder: str, *, requests: int = 16, prompt_tokens: int = 32, new_tokens: int = 64,
+                     dataset: str = "kjv-heldout") -> RoutingTrace:
+    """Routing to learn from, never evaluated on: the model's greedy runs of `requests` prompts cut at
+    even strides across the *first* half of the dataset's text (recorded workloads use the second)."""
+    from moepic.datasets import DATASETS
+    from moepic.tokenizer import TextCodec
+
+    text = DATASETS[dataset].read_text()
+    ids = TextCodec.from_folder(folder).encode(text[: len(text) // 2])
+    stride = len(ids) // requests
+    prompts = [ids[i * stride : i * stride + prompt_tokens] for i in range(requests)]
+    return record_greedy(folder, prompts, new_tokens, source=f"{Path(folder).name} on {dataset}'s first half", progress=True)[1]
+
+
+def record_greedy(folder: str, prompts: list[list[int]], new_tokens: int, *, source: str,
+                  progress: bool = False) -> tuple[list[list[int]], RoutingTrace]:
+    """The dense model's greedy tokens for each prompt, and the routing of all of them (with router inputs)."""
+    from moepic.progress import bar
+    from moepic.runtime.generation import generate
+    from moepic.tracing.recorder import RoutingRecorder
+
+    model = _model(folder)
     recorder = RoutingRecorder(model.spec, model_name=folder, record_hidden=True)
     token_ids = []
-    for i, prompt in enumerate(prompts):
-        if i:
-            recorder.begin_sequence()
-        token_ids.append(generate(model, prompt, max_new_tokens=recorded.new_tokens, eos_ids=(), tap=recorder).token_ids)
-    return RecordedRun(prompts, token_ids, recorder.trace(source=f"{folder} on {recorded.dataset}"))
+    with bar(total=len(prompts), desc="recording routing", unit="request", wanted=progress) as done:
+        for i, prompt in enumerate(prompts):
+            if i:
+                recorder.begin_sequence()
+            token_ids.append(generate(model, prompt, max_new_tokens=new_tokens, eos_ids=(), tap=recorder).token_ids)
+            done.update(1)
+    return token_ids, recorder.trace(source=source)
 
 
 @functools.lru_cache(maxsize=2)

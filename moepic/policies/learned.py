@@ -1,6 +1,6 @@
 """The learned policy: an expert's priority is a linear score of its reuse features
 (policies/reuse.py), fit by least squares to Belady's labels (used within the next `horizon`
-tokens) on recorded routing by `moepic train-policy`. Pure, apart from reading its file.
+tokens) within each step of recorded routing by `moepic train-policy`. Pure, apart from reading its file.
 
 The model file is JSON (never a pickle): format, version, the features it was fit on, their
 means and spreads, the weights and bias, the horizon, and the model shape it was trained for
@@ -109,22 +109,32 @@ def load_reuse_model(path: str | Path) -> ReuseModel:
     )
 
 
-def fit_reuse_model(features_NF: np.ndarray, labels_N: np.ndarray, *, horizon: int, ridge: float = 1.0,
+def fit_reuse_model(features_MEF: np.ndarray, labels_ME: np.ndarray, *, horizon: int, ridge: float = 1.0,
                     groups: tuple[str, ...] | None = None, **shape) -> ReuseModel:
-    """Least squares (ridge `ridge` on standardised features) of the 0/1 labels: a linear score
-    that ranks experts as the chance of their use within `horizon` tokens. `groups`: fit on these
+    """The linear score of reuse.FEATURES that `ranking_least_squares` fits. `groups`: fit on these
     feature groups only (reuse.FEATURE_GROUPS; the others get weight 0), for ablations."""
-    if len(features_NF) == 0:
+    if features_MEF.size == 0:
         raise ValueError("no samples to fit the learned policy on (the traces have no steps)")
     used_F = reuse.feature_mask(groups)
-    mean_F = np.where(used_F, features_NF.mean(axis=0), 0.0)
-    std_F = features_NF.std(axis=0)
-    std_F = np.where(used_F & (std_F > 1e-9), std_F, 1.0)  # a constant feature: no scaling, and its weight goes to the bias
-    Z = np.column_stack([(features_NF[:, used_F] - mean_F[used_F]) / std_F[used_F], np.ones(len(features_NF))])
-    solution = np.linalg.solve(Z.T @ Z + ridge * np.eye(Z.shape[1]), Z.T @ labels_N.astype(np.float64))
-    weights_F = np.zeros(len(used_F))
-    weights_F[used_F] = solution[:-1]
-    return ReuseModel(weights_F=weights_F, bias=float(solution[-1]), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
+    mean_F, std_F, weights_F = np.zeros(len(used_F)), np.ones(len(used_F)), np.zeros(len(used_F))
+    mean_F[used_F], std_F[used_F], weights_F[used_F] = ranking_least_squares(features_MEF[..., used_F], labels_ME, ridge)
+    # Centred, the score has no intercept; the bias puts it on the labels' scale (the mean rate of use).
+    return ReuseModel(weights_F=weights_F, bias=float(labels_ME.mean()), mean_F=mean_F, std_F=std_F, horizon=horizon, **shape)
+
+
+def ranking_least_squares(features_MEF: np.ndarray, labels_ME: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means, spreads and weights of a linear score fit by least squares (ridge `ridge` on standardised
+    features) to the 0/1 labels *within* each row m (the E experts one ranking orders): features and
+    labels centred per row, so the fit spends nothing on what moves every expert of a step alike,
+    which cannot change an eviction (a constant feature: spread 1, weight 0)."""
+    flat_NF = features_MEF.reshape(-1, features_MEF.shape[-1])
+    mean_F, std_F = flat_NF.mean(axis=0), flat_NF.std(axis=0)
+    std_F = np.where(std_F > 1e-9, std_F, 1.0)
+    Z_MEF = (features_MEF - mean_F) / std_F
+    Z_NF = (Z_MEF - Z_MEF.mean(axis=1, keepdims=True)).reshape(len(flat_NF), -1)
+    y_N = (labels_ME - labels_ME.mean(axis=1, keepdims=True)).ravel()
+    weights_F = np.linalg.solve(Z_NF.T @ Z_NF + ridge * np.eye(Z_NF.shape[1]), Z_NF.T @ y_N)
+    return mean_F, std_F, weights_F
 
 
 ONLINE = ("lru", "lfu", "lcp")  # the online policies a learned one is measured against

@@ -22,6 +22,7 @@ import attrs
 import numpy as np
 
 from moepic.policies.base import LayerStep
+from moepic.sim.steps import trace_steps
 
 HALF_LIVES = (1, 4, 16, 64, 256)  # tokens
 NEVER = 4096  # tokens: "never", and the cap of recency and gaps (beyond a cache's memory)
@@ -108,17 +109,16 @@ def reuse_labels(counts_SE: np.ndarray, clock_S: np.ndarray, tokens_S: np.ndarra
 
 
 def reuse_samples(trace, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every (token, expert) of every MoE layer of `trace` as features [N, F] and labels [N]: each
-    token one step, a new sequence a new request (as cache/replay.py replays a trace)."""
-    N, E = trace.num_tokens, trace.num_experts
-    clock_N, tokens_N = np.arange(N, dtype=np.int64), np.ones(N, np.int64)
-    new_request_N = np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]] if N else np.zeros(0, bool)
-    features, labels = [], []
+    """Every step of every MoE layer of `trace`: features [M, E, F] and labels [M, E], one row per
+    layer step. The trace is cut into the steps the engine takes (moepic/sim/steps.py: a prompt is
+    one step, each generated token one), so that the states a model is fit on are those it ranks in:
+    fit with each prompt token a step of its own, the bundled model's policy fell below LCP in the
+    simulator (-11 % / -28 % of the gap to Belady at 12.5 % / 25 %; +10 % / +10 % fit on the engine's steps)."""
+    steps, E = trace_steps(trace), trace.num_experts
+    clock_S = steps.start_S.astype(np.int64)
+    features, labels = [np.zeros((0, E, len(FEATURES)))], [np.zeros((0, E), bool)]
     for column, layer in enumerate(trace.moe_layers):
-        counts_NE = np.zeros((N, E), dtype=np.int64)
-        np.add.at(counts_NE, (np.arange(N)[:, None], trace.expert_ids_NLK[:, column]), 1)
-        features.append(feature_series(layer, E, counts_NE, clock_N, tokens_N, new_request_N).reshape(-1, len(FEATURES)))
-        labels.append(reuse_labels(counts_NE, clock_N, tokens_N, horizon).ravel())
-    if not features:
-        return np.zeros((0, len(FEATURES))), np.zeros(0, bool)
+        counts_SE = steps.counts_SE(trace, column)
+        features.append(feature_series(layer, E, counts_SE, clock_S, steps.tokens_S, steps.new_request_S))
+        labels.append(reuse_labels(counts_SE, clock_S, steps.tokens_S, horizon))
     return np.concatenate(features), np.concatenate(labels)

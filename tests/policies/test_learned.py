@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from moepic.errors import ConfigError
 from moepic.policies import POLICIES
 from moepic.policies.base import LayerStep
-from moepic.policies.learned import DEFAULT_FILE, LearnedConfig, LearnedPolicy, fit_reuse_model, load_reuse_model
+from moepic.policies.learned import (DEFAULT_FILE, LearnedConfig, LearnedPolicy, fit_reuse_model, load_reuse_model,
+                                    ranking_least_squares)
 from moepic.policies.reuse import FEATURES, NEVER, advanced, feature_series, features, initial_state, reuse_labels, reuse_samples
 from policy_support import one_layer_trace
 
@@ -121,6 +123,30 @@ def test_the_built_in_model_is_generic_and_loads():
     LearnedPolicy().init(7, 128)  # any shape
 
 
+def test_samples_are_the_engines_steps_a_prompt_one_step_each_generated_token_one():
+    """The states a model is fit on are those it ranks in: a 3-token prompt is one step (as the
+    engine and the simulator take it, moepic/sim/steps.py), then one step per generated token."""
+    trace = attrs.evolve(one_layer_trace([[0, 1], [1, 2], [2, 3], [3, 0], [0, 1]], num_experts=4),
+                         prefill_N=np.array([True, True, True, False, False]))
+    features_MEF, labels_ME = reuse_samples(trace, 1)
+    assert features_MEF.shape == (3, 4, len(FEATURES)) and labels_ME.shape == (3, 4)
+    f = dict(zip(FEATURES, features_MEF[0].T))
+    assert f["used_now"].tolist() == [1, 1, 1, 1] and np.expm1(f["log_mu"]).round().tolist() == [1, 2, 2, 1]
+    assert labels_ME.tolist() == [[True, False, False, True], [True, True, False, False], [False, False, False, False]]
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 6))
+def test_the_fit_ranks_within_a_step_a_shift_of_a_whole_step_changes_nothing(seed, num_experts):
+    """Only the order of a step's experts decides an eviction: adding any constant to a feature across
+    all experts of one step leaves the fitted score's weights (in the features' own units) unchanged."""
+    rng = np.random.default_rng(seed)
+    features_MEF = rng.normal(size=(40, num_experts, 3))
+    labels_ME = rng.random((40, num_experts)) < 0.4
+    shifted_MEF = features_MEF + rng.normal(scale=5.0, size=(40, 1, 3))
+    (_, std_F, w_F), (_, shifted_std_F, shifted_w_F) = (ranking_least_squares(f, labels_ME, 0.0) for f in (features_MEF, shifted_MEF))
+    np.testing.assert_allclose(w_F / std_F, shifted_w_F / shifted_std_F, rtol=1e-6, atol=1e-9)
+
+
 def test_learning_finds_a_pattern_lru_cannot_see():
     """Expert 3 comes back every 4th token and expert 0 is used at random in between: a cache of one
     (beside the step's own) should keep 3 over a more recent 0 just before 3 is due. The fitted
@@ -181,13 +207,13 @@ def test_a_fit_on_some_feature_groups_leaves_the_others_out():
     from moepic.policies.reuse import FEATURE_GROUPS, feature_mask
 
     trace = one_layer_trace([[0, 1], [2, 1], [0, 3], [0, 1], [2, 3]] * 6, num_experts=4)
-    features_NF, labels_N = reuse_samples(trace, 1)
-    model = fit_reuse_model(features_NF, labels_N, horizon=1, groups=("recency",))
+    features_MEF, labels_ME = reuse_samples(trace, 1)
+    model = fit_reuse_model(features_MEF, labels_ME, horizon=1, groups=("recency",))
     kept = feature_mask(("recency",))
     assert kept.sum() == len(FEATURE_GROUPS["recency"]) and (model.weights_F[~kept] == 0).all() and (model.weights_F[kept] != 0).any()
     # Left-out features do not move the score, whatever their values.
-    changed_NF = features_NF.copy()
-    changed_NF[:, ~kept] += 7.0
-    np.testing.assert_array_equal(model.score(changed_NF[:4]), model.score(features_NF[:4]))
+    changed_MEF = features_MEF.copy()
+    changed_MEF[..., ~kept] += 7.0
+    np.testing.assert_array_equal(model.score(changed_MEF[3]), model.score(features_MEF[3]))
     with pytest.raises(ValueError, match="unknown feature group 'colour'; known: recency, frequency, gap, request"):
         feature_mask(("recency", "colour"))
