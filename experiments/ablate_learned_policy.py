@@ -5,14 +5,13 @@ runs on: trained on humaneval for the gsm8k cells and on gsm8k for the humaneval
 what it is scored on; `learned-recency` and `learned-recency-frequency` are fit on those feature
 groups only, `learned-64-tokens` on the other trace's first 64 tokens (the training-set size).
 `learned-generic` is the built-in model, trained on the bundled model's own routing (it has seen no
-Mixtral routing at all).
-
-The `bundled` rows run the routing the bundled model records here on prompts from kjv-heldout's
-second half (workload.source recorded: its router inputs let gate lookahead run for real); its
-learned models are fit on the model's routing of prompts from the first half, other requests than
-those scored (the built-in generic model was trained on that same first half). Layout as in ablation (a) (θ 0.5, the budget split evenly, gate prefetch
-at the base's recall), so only the replacement decision differs. Under the table: the share of the
-hit-rate gap between the best of LRU/LFU/LCP and Belady that each learned model closes.
+Mixtral routing at all). The `bundled` rows run the routing the bundled model records here on 8
+prompts from kjv-heldout's second half (workload.source recorded: with router inputs, so gate
+lookahead runs for real); its learned models are fit on the model's routing of 16 prompts from the
+first half, other requests than those scored (the built-in model was trained on that same half, so
+there `learned-generic` is `learned` without the shape check). Layout as in ablation (a) (θ 0.5, the
+budget split evenly, gate prefetch), so only the replacement decision differs. Under the table: the
+share of the hit-rate gap between the best of LRU/LFU/LCP and Belady that each learned model closes.
 
     python experiments/ablate_learned_policy.py          # both shared traces and the bundled model, A6000 profile (~2 min)
     python experiments/ablate_learned_policy.py --toy    # a synthetic trace (learned: fit on another seed)

@@ -40,9 +40,22 @@ class ReuseModel:
     trained_on: tuple[str, ...] = ()
     source: str = "in memory"  # its file, for messages
 
+    # The score with its standardisation folded in: one product and one add a step.
+    scale_F: np.ndarray = attrs.field(init=False)
+    offset: float = attrs.field(init=False)
+
+    @scale_F.default
+    def _scale(self) -> np.ndarray:
+        return self.weights_F / self.std_F
+
+    @offset.default
+    def _offset(self) -> float:
+        return float(self.bias - self.mean_F @ self.scale_F)
+
     def score(self, features_EF: np.ndarray) -> np.ndarray:
-        """float64 [E]: higher for experts more likely used within the horizon."""
-        return ((features_EF - self.mean_F) / self.std_F) @ self.weights_F + self.bias
+        """float64 [E]: higher for experts more likely used within the horizon:
+        ((features - mean) / std) · weights + bias."""
+        return features_EF @ self.scale_F + self.offset
 
     def check_fits(self, layer: int, num_experts: int) -> None:
         if self.num_experts is not None and num_experts != self.num_experts:

@@ -50,7 +50,7 @@ def feature_mask(groups: tuple[str, ...] | None) -> np.ndarray:
 @attrs.frozen(eq=False)
 class ReuseState:
     used_E: np.ndarray  # bool: in the latest step
-    last_used_E: np.ndarray  # int64 clock of the latest use; -1 never
+    last_used_E: np.ndarray  # float64 clock of the latest use; -inf never (so that now - it is inf)
     prev_gap_E: np.ndarray  # float64 tokens between the last two uses; NEVER unknown
     ema_HE: np.ndarray  # float64 decayed activations per half-life
     mu_E: np.ndarray  # int64 activations in this request
@@ -58,35 +58,63 @@ class ReuseState:
 
 
 def initial_state(num_experts: int) -> ReuseState:
-    return ReuseState(np.zeros(num_experts, bool), np.full(num_experts, -1, np.int64), np.full(num_experts, float(NEVER)),
+    return ReuseState(np.zeros(num_experts, bool), np.full(num_experts, -np.inf), np.full(num_experts, float(NEVER)),
                       np.zeros((len(HALF_LIVES), num_experts)), np.zeros(num_experts, np.int64), 0)
 
 
-_DECAY_PER_TOKEN_H = np.array([2.0 ** (-1.0 / h) for h in HALF_LIVES])
+# Per token; a decode step (one token after the last) uses it as is. The policy runs every layer
+# step of the engine, so these functions keep to a few numpy calls each (~10 µs a step together).
+_DECAY_PER_TOKEN_H1 = np.array([[2.0 ** (-1.0 / h)] for h in HALF_LIVES])
 
 
 def advanced(state: ReuseState, step: LayerStep) -> ReuseState:
     """The state after `step` (a new value)."""
-    used_E = step.counts_E > 0
-    gap_E = np.where(state.last_used_E >= 0, step.clock - state.last_used_E, NEVER).astype(np.float64)
-    decay_H = _DECAY_PER_TOKEN_H ** (step.clock + step.tokens - state.now)
+    counts_E = step.counts_E
+    used_E = counts_E > 0
+    elapsed = step.clock + step.tokens - state.now
+    decay_H1 = _DECAY_PER_TOKEN_H1 if elapsed == 1 else _DECAY_PER_TOKEN_H1**elapsed
     return ReuseState(
         used_E=used_E,
-        last_used_E=np.where(used_E, step.clock, state.last_used_E),
-        prev_gap_E=np.where(used_E & (state.last_used_E >= 0), np.minimum(gap_E, NEVER), state.prev_gap_E),
-        ema_HE=state.ema_HE * decay_H[:, None] + step.counts_E,
-        mu_E=(0 if step.new_request else state.mu_E) + step.counts_E,
+        last_used_E=np.where(used_E, float(step.clock), state.last_used_E),
+        # A first use leaves the gap unknown: clock - (-inf) is capped to NEVER, its value before.
+        prev_gap_E=np.where(used_E, np.minimum(step.clock - state.last_used_E, NEVER), state.prev_gap_E),
+        ema_HE=state.ema_HE * decay_H1 + counts_E,
+        mu_E=counts_E if step.new_request else state.mu_E + counts_E,
         now=step.clock + step.tokens,
     )
 
 
+_ROW = {name: f for f, name in enumerate(FEATURES)}
+_EMA_ROWS = slice(_ROW[f"log_ema_{HALF_LIVES[0]}"], _ROW[f"log_ema_{HALF_LIVES[-1]}"] + 1)
+
+
+def _log_runs() -> list[slice]:
+    """The runs of consecutive log_ features (each goes through log1p in place in one call)."""
+    runs, start = [], None
+    for f, name in enumerate((*FEATURES, "")):
+        if name.startswith("log_") and start is None:
+            start = f
+        elif not name.startswith("log_") and start is not None:
+            runs.append(slice(start, f))
+            start = None
+    return runs
+
+
+_LOG_RUNS = _log_runs()
+
+
 def features(state: ReuseState) -> np.ndarray:
     """[E, F] in FEATURES' order."""
-    recency_E = np.where(state.last_used_E >= 0, np.minimum(state.now - state.last_used_E, NEVER), NEVER)
-    return np.column_stack([
-        state.used_E, np.log1p(recency_E), state.last_used_E < 0, *np.log1p(state.ema_HE), np.log1p(state.prev_gap_E),
-        np.log1p(state.mu_E),
-    ]).astype(np.float64)
+    out_FE = np.empty((len(FEATURES), len(state.used_E)))
+    out_FE[_ROW["used_now"]] = state.used_E
+    out_FE[_ROW["never_used"]] = state.last_used_E < 0
+    np.minimum(state.now - state.last_used_E, NEVER, out=out_FE[_ROW["log_recency"]])
+    out_FE[_EMA_ROWS] = state.ema_HE
+    out_FE[_ROW["log_prev_gap"]] = state.prev_gap_E
+    out_FE[_ROW["log_mu"]] = state.mu_E
+    for run in _LOG_RUNS:
+        np.log1p(out_FE[run], out=out_FE[run])
+    return out_FE.T
 
 
 def feature_series(layer: int, num_experts: int, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:

@@ -1,0 +1,194 @@
+"""Probe: do the current token's hidden state or its routing at the layer before add to the learned
+policy's routing-history features? Measured held out before building them into the engine.
+
+What is known when layer l ranks its experts after a step (moepic/cache/planner.py plans then):
+the layer's routing history (the policy's features, policies/reuse.py), the step's hidden state at
+layer l, and the step's routing at layers < l. Feature sets, each fit as the policy is
+(learned.ranking_least_squares: least squares within a step to "used by the next token"):
+
+    history      the learned policy's features
+    +router      + the layer's router scores of the step's tokens (its hidden state through the
+                   router: every expert's score, not only the top-k), now and decayed at 4 and 16 tokens
+    +same-layer  + P(e used next | experts used now) in this layer, a table fit on the training routing
+    +prev-layer  + P(e used next | the step's experts at layer l-1), likewise
+    all          all of them
+
+Scored on held-out routing, stepped as the engine steps (a prompt one step): the ranking's AUC
+within a step (a used-next expert above an unused one), and the hit rate of a whole-expert cache of
+1/8, 1/4 and 1/2 of a layer's experts planned with each score (cache/planner.py), beside LRU, LFU,
+LCP and Belady. The bundled model: fit on its routing of kjv-heldout's first half, scored on its
+routing of the second (both recorded here, with hidden states). The shared Mixtral traces (no
+hidden states: +router does not apply): fit on one, scored on the other.
+
+Run:  python experiments/probe_reuse_features.py [--out experiments/results/learned_policy/probe.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moepic.cache.layout import LayerCacheLayout
+from moepic.cache.planner import initial_cache, plan_layer_step
+from moepic.policies import POLICIES
+from moepic.policies.base import build_policy_on, priority_series
+from moepic.policies.learned import ONLINE, gap_closed, ranking_least_squares
+from moepic.policies.reuse import reuse_samples
+from moepic.sim.steps import trace_steps
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path("../shared/traces/mixtral-8x7b-instruct-fp8")
+SHARES = (0.125, 0.25, 0.5)
+ROUTER_HALF_LIVES = (4, 16)
+SETS = {"history": (), "+router": ("router",), "+same-layer": ("same",), "+prev-layer": ("prev",), "all": ("router", "same", "prev")}
+
+
+def step_router_scores(trace, model, steps) -> np.ndarray:
+    """[L, S, E]: each step's mean router score of every expert (its tokens' hidden states through the layer's router)."""
+    from moepic.core.routing import router_logits, selection_scores
+
+    step_N = np.repeat(np.arange(steps.num_steps), steps.tokens_S)
+    out = np.zeros((len(trace.moe_layers), steps.num_steps, trace.num_experts))
+    for column, layer in enumerate(trace.moe_layers):
+        ffn = model.weights.layers[layer].ffn
+        hidden_TD = torch.from_numpy(trace.hidden_NLD[:, column]).to(ffn.router_ED.dtype)
+        with torch.no_grad():
+            logits_TE = router_logits(hidden_TD, ffn.router_ED, model.spec.moe.router, ffn.router_logit_bias_E)
+            scores_TE = selection_scores(logits_TE, model.spec.moe.router, ffn.router_bias_E).double().numpy()
+        np.add.at(out[column], step_N, scores_TE)
+    return out / steps.tokens_S[None, :, None]
+
+
+def decayed(values_SE: np.ndarray, tokens_S: np.ndarray, half_life: int) -> np.ndarray:
+    """[S, E]: Σ of earlier steps' values, each decayed by half every `half_life` tokens."""
+    out, running = np.empty_like(values_SE), np.zeros(values_SE.shape[1])
+    for s, (values_E, tokens) in enumerate(zip(values_SE, tokens_S)):
+        running = running * 2.0 ** (-tokens / half_life) + values_E
+        out[s] = running
+    return out
+
+
+def used_LSE(trace, steps) -> np.ndarray:
+    return np.stack([steps.counts_SE(trace, c) > 0 for c in range(len(trace.moe_layers))])
+
+
+def transition_tables(trace) -> tuple[np.ndarray, np.ndarray]:
+    """[L, E, E] each: P(e used at the next step | e' used now) in the same layer, and given e' used
+    now at the layer before (layer 0: its own), counted over `trace`'s steps with add-one smoothing."""
+    steps = trace_steps(trace)
+    used = used_LSE(trace, steps).astype(np.float64)
+    L, S, E = used.shape
+    same, prev = np.empty((L, E, E)), np.empty((L, E, E))
+    for l in range(L):
+        nxt = used[l, 1:]
+        for table, now in ((same, used[l, :-1]), (prev, used[max(l - 1, 0), :-1])):
+            table[l] = (now.T @ nxt + 1) / (now.sum(0)[:, None] + 2)
+    return same, prev
+
+
+def extra_features(trace, model, tables, wanted: tuple[str, ...]) -> np.ndarray:
+    """[L·S, E, X] in reuse_samples' row order (layer by layer, step by step)."""
+    steps = trace_steps(trace)
+    L, E = len(trace.moe_layers), trace.num_experts
+    cols = []
+    if "router" in wanted:
+        scores = step_router_scores(trace, model, steps)
+        cols += [scores] + [np.log1p(np.stack([decayed(s, steps.tokens_S, h) for s in scores])) for h in ROUTER_HALF_LIVES]
+    used = used_LSE(trace, steps).astype(np.float64)
+    for name, table in zip(("same", "prev"), tables):
+        if name in wanted:
+            source = used if name == "same" else np.concatenate([used[:1], used[:-1]])
+            cols.append(np.einsum("lse,lef->lsf", source, table) / np.maximum(source.sum(-1, keepdims=True), 1))
+    if not cols:
+        return np.zeros((L * steps.num_steps, E, 0))
+    return np.stack(cols, axis=-1).reshape(L * steps.num_steps, E, len(cols))
+
+
+def within_step_auc(score_ME: np.ndarray, labels_ME: np.ndarray) -> float:
+    """Mean over steps with both kinds of expert: the share of (used-next, unused) pairs ranked right (ties: half)."""
+    aucs = []
+    for s_E, y_E in zip(score_ME, labels_ME):
+        pos, neg = s_E[y_E], s_E[~y_E]
+        if len(pos) and len(neg):
+            diff = pos[:, None] - neg[None, :]
+            aucs.append(((diff > 0) + 0.5 * (diff == 0)).mean())
+    return float(np.mean(aucs))
+
+
+def planned_hit_rate(trace, priority_LSE: np.ndarray, slots: int) -> float:
+    """Hits / routed experts of whole-expert caches of `slots`, planned step by step with these priorities."""
+    steps = trace_steps(trace)
+    hits = routed = 0
+    for column, layer in enumerate(trace.moe_layers):
+        layout = LayerCacheLayout(layer=layer, num_experts=trace.num_experts, ffn_size=1, block=1, top_neurons=1, slots=slots, neuron_bytes=1)
+        cache = initial_cache(layout)
+        for counts_E, priority_E in zip(steps.counts_SE(trace, column), priority_LSE[column]):
+            plan, cache = plan_layer_step(layout, cache, np.flatnonzero(counts_E).tolist(), priority_E)
+            hits += sum(p.outcome != "miss" for p in plan.experts)
+            routed += len(plan.experts)
+    return hits / max(routed, 1)
+
+
+def probe(name: str, train, held, model) -> list[str]:
+    """The table's lines for one (training routing, held-out routing) pair."""
+    steps = trace_steps(held)
+    L, S, E = len(held.moe_layers), steps.num_steps, held.num_experts
+    tables = transition_tables(train)
+    history_train, labels_train = reuse_samples(train, 1)
+    history_held, labels_held = reuse_samples(held, 1)
+    scores = {}  # row → priority [L, S, E] on the held-out steps
+    for policy in (*ONLINE, "belady"):
+        built = build_policy_on(POLICIES[policy].config(), held)
+        scores[policy] = np.stack([priority_series(built, layer, E, steps.counts_SE(held, c), steps.tokens_S, steps.new_request_S)
+                                   for c, layer in enumerate(held.moe_layers)])
+    for set_name, wanted in SETS.items():
+        if "router" in wanted and held.hidden_NLD is None:
+            continue
+        X_train = np.concatenate([history_train, extra_features(train, model, tables, wanted)], axis=-1)
+        X_held = np.concatenate([history_held, extra_features(held, model, tables, wanted)], axis=-1)
+        mean_F, std_F, w_F = ranking_least_squares(X_train, labels_train, 1.0)
+        scores[set_name] = (((X_held - mean_F) / std_F) @ w_F).reshape(L, S, E)
+    rates = {row: {share: planned_hit_rate(held, score, max(1, round(share * E))) for share in SHARES} for row, score in scores.items()}
+    lines = [f"{name}: fit on {train.num_tokens} tokens, scored on {held.num_tokens} ({S} steps × {L} layers)",
+             f"  {'':<12} {'AUC':>6} " + " ".join(f"{f'hit@{s:g}':>9}" for s in SHARES) + "   gap to Belady closed"]
+    for row, score in scores.items():
+        closed = " ".join("n/a" if c is None else f"{c:+.0%}" for c in
+                          (gap_closed({p: rates[p][share] for p in (*ONLINE, "belady", row)}, row) for share in SHARES))
+        lines.append(f"  {row:<12} {within_step_auc(score.reshape(L * S, E), labels_held):>6.3f} "
+                     + " ".join(f"{rates[row][share]:>9.3f}" for share in SHARES) + "   " + closed)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(HERE / "results" / "learned_policy" / "probe.txt"))
+    args = parser.parse_args()
+    from moepic.checkpoint.load import load_model
+    from moepic.default_model import default_model_dir
+    from moepic.experiments.backends import recorded_run, training_routing
+    from moepic.experiments.config import RecordedConfig
+    from moepic.tracing import load_any_trace
+
+    folder = str(default_model_dir())
+    # The ablation's bundled workload (experiments/ablate_learned_policy.py) and its training routing.
+    held = recorded_run(folder, RecordedConfig(requests=8, new_tokens=64)).trace
+    lines = probe("bundled model (kjv-moe-tiny, 16 experts, top-2)", training_routing(folder), held, load_model(folder))
+    mixtral = {name: SHARED / f"{name}_2_routing.jsonl" for name in ("gsm8k", "humaneval")}
+    if all(path.is_file() for path in mixtral.values()):
+        traces = {name: load_any_trace(path, num_experts=8) for name, path in mixtral.items()}
+        lines += probe("Mixtral-8x7B gsm8k (fit on humaneval)", traces["humaneval"], traces["gsm8k"], None)
+        lines += probe("Mixtral-8x7B humaneval (fit on gsm8k)", traces["gsm8k"], traces["humaneval"], None)
+    else:
+        lines.append(f"(the shared Mixtral traces are not at {SHARED}: their rows are left out)")
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
