@@ -1,5 +1,6 @@
 """Probe: do the current token's hidden state or its routing at the layer before add to the learned
-policy's routing-history features? Measured held out before building them into the engine.
+policy's routing-history features, and does another model or target beat its least squares?
+Measured held out before building any of them into the engine.
 
 What is known when layer l ranks its experts after a step (moepic/cache/planner.py plans then):
 the layer's routing history (the policy's features, policies/reuse.py), the step's hidden state at
@@ -12,6 +13,14 @@ layer l, and the step's routing at layers < l. Feature sets, each fit as the pol
     +same-layer  + P(e used next | experts used now) in this layer, a table fit on the training routing
     +prev-layer  + P(e used next | the step's experts at layer l-1), likewise
     all          all of them
+
+and, on the history features alone, other fits than the policy's:
+
+    MLP          a small MLP (32 tanh units) by binary cross-entropy on "used by the next token"
+    pairwise     a linear score by logistic loss on the step's (used-next, unused) pairs
+    distance     least squares within a step to -log(1 + tokens to the next use): Belady's own order
+    in-sample    the policy's fit, fit on the very routing it is scored on: not a result, a ceiling
+                 (what a linear score of the history could reach knowing the test set)
 
 Scored on held-out routing, stepped as the engine steps (a prompt one step): the ranking's AUC
 within a step (a used-next expert above an unused one), and the hit rate of a whole-expert cache of
@@ -36,14 +45,19 @@ from moepic.cache.planner import initial_cache, plan_layer_step
 from moepic.policies import POLICIES
 from moepic.policies.base import build_policy_on, priority_series
 from moepic.policies.learned import ONLINE, gap_closed, ranking_least_squares
-from moepic.policies.reuse import reuse_samples
+from moepic.policies.reuse import NEVER, reuse_samples, tokens_to_next_use
 from moepic.sim.steps import trace_steps
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path("../shared/traces/mixtral-8x7b-instruct-fp8")
 SHARES = (0.125, 0.25, 0.5)
 ROUTER_HALF_LIVES = (4, 16)
-SETS = {"history": (), "+router": ("router",), "+same-layer": ("same",), "+prev-layer": ("prev",), "all": ("router", "same", "prev")}
+# row: (extra feature groups, fit)
+ROWS = {
+    "history": ((), "least squares"), "+router": (("router",), "least squares"), "+same-layer": (("same",), "least squares"),
+    "+prev-layer": (("prev",), "least squares"), "all": (("router", "same", "prev"), "least squares"),
+    "MLP": ((), "mlp"), "pairwise": ((), "pairwise"), "distance": ((), "distance"),
+}
 
 
 def step_router_scores(trace, model, steps) -> np.ndarray:
@@ -132,6 +146,36 @@ def planned_hit_rate(trace, priority_LSE: np.ndarray, slots: int) -> float:
     return hits / max(routed, 1)
 
 
+def fitted_scorer(fit: str, X_MEF: np.ndarray, used_next_ME: np.ndarray, to_next_use_ME: np.ndarray):
+    """A function [M', E, F] → scores [M', E], fit on the training rows by `fit` (ROWS)."""
+    if fit in ("least squares", "distance"):
+        target_ME = used_next_ME if fit == "least squares" else -np.log1p(np.minimum(to_next_use_ME, NEVER))
+        mean_F, std_F, w_F = ranking_least_squares(X_MEF, target_ME, 1.0)
+        return lambda X: ((X - mean_F) / std_F) @ w_F
+    flat = X_MEF.reshape(-1, X_MEF.shape[-1])
+    mean_F, std_F = flat.mean(0), np.where(flat.std(0) > 1e-9, flat.std(0), 1.0)
+    Z_MEF = torch.from_numpy((X_MEF - mean_F) / std_F)
+    y_ME = torch.from_numpy(used_next_ME.astype(np.float64))
+    torch.manual_seed(0)
+    F = X_MEF.shape[-1]
+    net = torch.nn.Sequential(torch.nn.Linear(F, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)) if fit == "mlp" else torch.nn.Linear(F, 1)
+    net = net.double()
+    pairs_MEE = (y_ME[:, :, None] > 0) & (y_ME[:, None, :] == 0)
+
+    def loss() -> torch.Tensor:
+        s_ME = net(Z_MEF).squeeze(-1)
+        if fit == "mlp":
+            return torch.nn.functional.binary_cross_entropy_with_logits(s_ME, y_ME)
+        return torch.nn.functional.softplus(s_ME[:, None, :] - s_ME[:, :, None])[pairs_MEE].mean()
+
+    optimiser = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(300):
+        optimiser.zero_grad()
+        loss().backward()
+        optimiser.step()
+    return lambda X: net(torch.from_numpy((X - mean_F) / std_F)).squeeze(-1).detach().numpy()
+
+
 def probe(name: str, train, held, model) -> list[str]:
     """The table's lines for one (training routing, held-out routing) pair."""
     steps = trace_steps(held)
@@ -139,18 +183,22 @@ def probe(name: str, train, held, model) -> list[str]:
     tables = transition_tables(train)
     history_train, labels_train = reuse_samples(train, 1)
     history_held, labels_held = reuse_samples(held, 1)
+    train_steps = trace_steps(train)
+    to_next_use = np.concatenate([tokens_to_next_use(train_steps.counts_SE(train, c), train_steps.start_S, train_steps.tokens_S)
+                                  for c in range(len(train.moe_layers))])
     scores = {}  # row → priority [L, S, E] on the held-out steps
     for policy in (*ONLINE, "belady"):
         built = build_policy_on(POLICIES[policy].config(), held)
         scores[policy] = np.stack([priority_series(built, layer, E, steps.counts_SE(held, c), steps.tokens_S, steps.new_request_S)
                                    for c, layer in enumerate(held.moe_layers)])
-    for set_name, wanted in SETS.items():
+    for row, (wanted, fit) in ROWS.items():
         if "router" in wanted and held.hidden_NLD is None:
             continue
         X_train = np.concatenate([history_train, extra_features(train, model, tables, wanted)], axis=-1)
         X_held = np.concatenate([history_held, extra_features(held, model, tables, wanted)], axis=-1)
-        mean_F, std_F, w_F = ranking_least_squares(X_train, labels_train, 1.0)
-        scores[set_name] = (((X_held - mean_F) / std_F) @ w_F).reshape(L, S, E)
+        scores[row] = fitted_scorer(fit, X_train, labels_train, to_next_use)(X_held).reshape(L, S, E)
+    mean_F, std_F, w_F = ranking_least_squares(history_held, labels_held, 1.0)
+    scores["in-sample"] = (((history_held - mean_F) / std_F) @ w_F).reshape(L, S, E)
     rates = {row: {share: planned_hit_rate(held, score, max(1, round(share * E))) for share in SHARES} for row, score in scores.items()}
     lines = [f"{name}: fit on {train.num_tokens} tokens, scored on {held.num_tokens} ({S} steps × {L} layers)",
              f"  {'':<12} {'AUC':>6} " + " ".join(f"{f'hit@{s:g}':>9}" for s in SHARES) + "   gap to Belady closed"]

@@ -128,10 +128,15 @@ def feature_series(layer: int, num_experts: int, counts_SE, clock_S, tokens_S, n
 
 def reuse_labels(counts_SE: np.ndarray, clock_S: np.ndarray, tokens_S: np.ndarray, horizon: int) -> np.ndarray:
     """[S, E] bool: expert e is used by a later step starting within `horizon` tokens of step s's end."""
+    return tokens_to_next_use(counts_SE, clock_S, tokens_S) < horizon
+
+
+def tokens_to_next_use(counts_SE: np.ndarray, clock_S: np.ndarray, tokens_S: np.ndarray) -> np.ndarray:
+    """[S, E] float64: tokens from step s's end to the start of the next step using expert e (inf: none)."""
     S, E = counts_SE.shape
-    next_use_E, out_SE = np.full(E, np.iinfo(np.int64).max), np.empty((S, E), bool)
+    next_use_E, out_SE = np.full(E, np.inf), np.empty((S, E))
     for s in range(S - 1, -1, -1):
-        out_SE[s] = next_use_E - (clock_S[s] + tokens_S[s]) < horizon
+        out_SE[s] = next_use_E - (clock_S[s] + tokens_S[s])
         next_use_E = np.where(counts_SE[s] > 0, clock_S[s], next_use_E)
     return out_SE
 

@@ -17,7 +17,8 @@ from moepic.policies import POLICIES
 from moepic.policies.base import LayerStep
 from moepic.policies.learned import (DEFAULT_FILE, LearnedConfig, LearnedPolicy, fit_reuse_model, load_reuse_model,
                                     ranking_least_squares)
-from moepic.policies.reuse import FEATURES, NEVER, advanced, feature_series, features, initial_state, reuse_labels, reuse_samples
+from moepic.policies.reuse import (FEATURES, NEVER, advanced, feature_series, features, initial_state, reuse_labels, reuse_samples,
+                                   tokens_to_next_use)
 from policy_support import one_layer_trace
 
 
@@ -29,6 +30,18 @@ def test_a_label_says_whether_the_expert_is_used_within_the_horizon(used, horizo
     for s in range(S):
         for e in range(4):
             assert labels_SE[s, e] == any(counts_SE[t, e] for t in range(s + 1, min(S, s + 1 + horizon)))
+
+
+@given(st.lists(st.tuples(st.lists(st.booleans(), min_size=3, max_size=3), st.integers(1, 5)), min_size=1, max_size=20))
+def test_tokens_to_next_use_is_the_wait_from_a_steps_end_to_the_next_step_using_the_expert(steps):
+    counts_SE = np.array([used for used, _ in steps], dtype=np.int64)
+    tokens_S = np.array([tokens for _, tokens in steps])
+    clock_S = np.cumsum(tokens_S) - tokens_S
+    out_SE = tokens_to_next_use(counts_SE, clock_S, tokens_S)
+    for s in range(len(steps)):
+        for e in range(3):
+            later = [clock_S[t] for t in range(s + 1, len(steps)) if counts_SE[t, e]]
+            assert out_SE[s, e] == (later[0] - clock_S[s] - tokens_S[s] if later else np.inf)
 
 
 def test_labels_of_multi_token_steps_count_tokens_not_steps():
