@@ -10,6 +10,10 @@ held-out score replays the evaluation trace through whole-expert caches of 1/8, 
 layer's experts (cache/replay.py: each token a step, a prompt's too, where the model is fit on the
 engine's steps, a prompt one) for the learned policy, LRU, LFU, LCP and Belady (the bound); the
 simulator (experiments/ablate_learned_policy.py) scores it on the engine's steps.
+The policy reads routing history only: router inputs a trace holds (`--trace-hidden`) are not used,
+since held out they did not help (experiments/probe_reuse_features.py: the current token's router
+scores move the share of the gap to Belady by −3 to +2 points) and reading them in the engine would
+cost a transfer per layer.
 Side effects: reads traces, writes the policy file (whole or not at all).
 """
 
