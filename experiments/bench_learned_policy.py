@@ -3,7 +3,7 @@
 A script, not a test. In one run:
 
 1. Policy cost: one layer step's `update` + `priority`, µs (median of 3 passes over 2,000 random
-   steps), at 8 and 128 experts, for LRU, LCP and learned; times MoE layers = the cost per token.
+   steps), at 8 and 128 experts, for LRU, LFU, LCP and learned; times MoE layers = the cost per token.
 2. The engine, one table per emulated link speed (--link-gbps, comma-separated): the bundled model
    offloaded at --budget (θ 0.5), greedy decode of held-out KJV prompts (kjv-heldout's second half;
    the built-in learned model was trained on the first), per policy: decode ms/token (medians of

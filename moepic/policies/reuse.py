@@ -79,7 +79,7 @@ def advanced(state: ReuseState, step: LayerStep) -> ReuseState:
         # A first use leaves the gap unknown: clock - (-inf) is capped to NEVER, its value before.
         prev_gap_E=np.where(used_E, np.minimum(step.clock - state.last_used_E, NEVER), state.prev_gap_E),
         ema_HE=state.ema_HE * decay_H1 + counts_E,
-        mu_E=counts_E if step.new_request else state.mu_E + counts_E,
+        mu_E=counts_E.copy() if step.new_request else state.mu_E + counts_E,  # a copy: states share no arrays with steps
         now=step.clock + step.tokens,
     )
 
@@ -146,7 +146,7 @@ def reuse_samples(trace, horizon: int) -> tuple[np.ndarray, np.ndarray]:
     layer step. The trace is cut into the steps the engine takes (moepic/sim/steps.py: a prompt is
     one step, each generated token one), so that the states a model is fit on are those it ranks in:
     fit with each prompt token a step of its own, the bundled model's policy fell below LCP in the
-    simulator (-11 % / -28 % of the gap to Belady at 12.5 % / 25 %; +10 % / +10 % fit on the engine's steps)."""
+    simulator (-11 % / -28 % of the gap to Belady at 12.5 % / 25 %), and rose above it fit on these."""
     steps, E = trace_steps(trace), trace.num_experts
     clock_S = steps.start_S.astype(np.int64)
     features, labels = [np.zeros((0, E, len(FEATURES)))], [np.zeros((0, E), bool)]
