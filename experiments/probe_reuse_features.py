@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moepic.cache.layout import LayerCacheLayout
-from moepic.cache.planner import initial_cache, plan_layer_step
+from moepic.cache.layout import CacheLayout, slot_count_layout
+from moepic.cache.replay import replay_trace
+from moepic.cache.stats import total
 from moepic.policies import POLICIES
 from moepic.policies.base import build_policy_on, priority_series
 from moepic.policies.learned import ONLINE, gap_closed, ranking_least_squares
@@ -132,18 +133,26 @@ def within_step_auc(score_ME: np.ndarray, labels_ME: np.ndarray) -> float:
     return float(np.mean(aucs))
 
 
+class _Precomputed:
+    """Priorities computed ahead, [L, S, E], as the policy a replay asks for its series."""
+
+    def __init__(self, trace, priority_LSE: np.ndarray) -> None:
+        self.column = {layer: c for c, layer in enumerate(trace.moe_layers)}
+        self.priority_LSE = priority_LSE
+
+    def init(self, layer: int, num_experts: int) -> None:
+        return None
+
+    def priority_series(self, layer, num_experts, counts_SE, clock_S, tokens_S, new_request_S) -> np.ndarray:
+        return self.priority_LSE[self.column[layer]]
+
+
 def planned_hit_rate(trace, priority_LSE: np.ndarray, slots: int) -> float:
-    """Hits / routed experts of whole-expert caches of `slots`, planned step by step with these priorities."""
-    steps = trace_steps(trace)
-    hits = routed = 0
-    for column, layer in enumerate(trace.moe_layers):
-        layout = LayerCacheLayout(layer=layer, num_experts=trace.num_experts, ffn_size=1, block=1, top_neurons=1, slots=slots, neuron_bytes=1)
-        cache = initial_cache(layout)
-        for counts_E, priority_E in zip(steps.counts_SE(trace, column), priority_LSE[column]):
-            plan, cache = plan_layer_step(layout, cache, np.flatnonzero(counts_E).tolist(), priority_E)
-            hits += sum(p.outcome != "miss" for p in plan.experts)
-            routed += len(plan.experts)
-    return hits / max(routed, 1)
+    """The hit rate of whole-expert caches of `slots` planned with these priorities, the trace
+    replayed as the engine steps it (cache/replay.py)."""
+    layout = CacheLayout(layers=tuple(slot_count_layout(l, trace.num_experts, slots) for l in trace.moe_layers),
+                         staging_experts=trace.top_k, dtype_bytes=1)
+    return total(replay_trace(trace, layout, _Precomputed(trace, priority_LSE), trace_steps(trace))).hit_rate
 
 
 def fitted_scorer(fit: str, X_MEF: np.ndarray, used_next_ME: np.ndarray, to_next_use_ME: np.ndarray):

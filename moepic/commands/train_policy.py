@@ -7,9 +7,8 @@ labels on routing traces, and optionally score it on a held-out trace.
 The traces are recorded routing (`moepic generate --record-trace`, or a JSONL routing log) of one
 model; the file records that model's shape, so it cannot be used on another by mistake. The
 held-out score replays the evaluation trace through whole-expert caches of 1/8, 1/4 and 1/2 of a
-layer's experts (cache/replay.py: each token a step, a prompt's too, where the model is fit on the
-engine's steps, a prompt one) for the learned policy, LRU, LFU, LCP and Belady (the bound); the
-simulator (experiments/ablate_learned_policy.py) scores it on the engine's steps.
+layer's experts (cache/replay.py), the trace cut into the engine's steps as the model is fit on
+them (a prompt one step), for the learned policy, LRU, LFU, LCP and Belady (the bound).
 The policy reads routing history only: router inputs a trace holds (`--trace-hidden`) are not used,
 since held out they did not help (experiments/probe_reuse_features.py: the current token's router
 scores move the share of the gap to Belady by −3 to +2 points) and reading them in the engine would
@@ -83,21 +82,21 @@ def run(args) -> dict:
 
 def held_out_hit_rates(model, trace) -> dict[str, dict[str, float]]:
     """{share of a layer's experts cached: {policy: hit rate}} on `trace`, whole-expert caches."""
-    from moepic.cache.layout import CacheLayout, LayerCacheLayout
+    from moepic.cache.layout import CacheLayout, slot_count_layout
     from moepic.cache.replay import replay_trace
     from moepic.cache.stats import total
     from moepic.policies import POLICIES
     from moepic.policies.base import build_policy_on
     from moepic.policies.learned import LearnedPolicy
+    from moepic.sim.steps import trace_steps
 
-    out = {}
+    out, steps = {}, trace_steps(trace)
     for share in SHARES:
         slots = max(1, round(share * trace.num_experts))
-        layout = CacheLayout(layers=tuple(
-            LayerCacheLayout(layer=l, num_experts=trace.num_experts, ffn_size=1, block=1, top_neurons=1, slots=slots, neuron_bytes=1)
-            for l in trace.moe_layers), staging_experts=trace.top_k, dtype_bytes=1)
+        layout = CacheLayout(layers=tuple(slot_count_layout(l, trace.num_experts, slots) for l in trace.moe_layers),
+                             staging_experts=trace.top_k, dtype_bytes=1)
         policies = {name: build_policy_on(POLICIES[name].config(), trace) for name in COMPARED} | {"learned": LearnedPolicy(model=model)}
-        out[f"{share:g}"] = {name: total(replay_trace(trace, layout, policy)).hit_rate for name, policy in policies.items()}
+        out[f"{share:g}"] = {name: total(replay_trace(trace, layout, policy, steps)).hit_rate for name, policy in policies.items()}
     return out
 
 

@@ -1,18 +1,17 @@
 """The reuse-feature probe (experiments/probe_reuse_features.py) scores what it says: its planned
-hit rate is the replay's where every step is one token, and its AUC counts ranked pairs."""
+hit rate is the policy's own replay on the engine's steps, and its AUC counts ranked pairs."""
 
 from __future__ import annotations
 
 import importlib.util
 
-import attrs
 import numpy as np
 from experiments_support import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests_support import traces
 
-from moepic.cache.layout import CacheLayout, LayerCacheLayout
+from moepic.cache.layout import CacheLayout, slot_count_layout
 from moepic.cache.replay import replay_trace
 from moepic.cache.stats import total
 from moepic.policies import POLICIES
@@ -26,18 +25,15 @@ spec.loader.exec_module(probe)
 
 @settings(max_examples=30, deadline=None)
 @given(traces().filter(lambda t: t.num_tokens > 0), st.integers(1, 4), st.sampled_from(["lru", "lfu", "lcp"]))
-def test_planned_hit_rate_is_the_replays_where_each_step_is_one_token(trace, slots, name):
-    trace = attrs.evolve(trace, prefill_N=np.zeros(trace.num_tokens, bool))  # every token a step of its own
+def test_planned_hit_rate_replays_the_scores_as_the_policy_would_on_the_engines_steps(trace, slots, name):
     slots = min(slots, trace.num_experts)
     steps = trace_steps(trace)
-    assert (steps.tokens_S == 1).all()
     policy = POLICIES.build(POLICIES[name].config())
     priority_LSE = np.stack([priority_series(policy, layer, trace.num_experts, steps.counts_SE(trace, c), steps.tokens_S, steps.new_request_S)
                              for c, layer in enumerate(trace.moe_layers)])
-    layout = CacheLayout(layers=tuple(LayerCacheLayout(layer=l, num_experts=trace.num_experts, ffn_size=1, block=1, top_neurons=1,
-                                                       slots=slots, neuron_bytes=1) for l in trace.moe_layers),
+    layout = CacheLayout(layers=tuple(slot_count_layout(l, trace.num_experts, slots) for l in trace.moe_layers),
                          staging_experts=trace.top_k, dtype_bytes=1)
-    assert probe.planned_hit_rate(trace, priority_LSE, slots) == total(replay_trace(trace, layout, policy)).hit_rate
+    assert probe.planned_hit_rate(trace, priority_LSE, slots) == total(replay_trace(trace, layout, policy, steps)).hit_rate
 
 
 def test_within_step_auc_counts_pairs_ranked_right_ties_half():
