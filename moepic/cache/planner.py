@@ -95,12 +95,8 @@ class LayerResidency:
 def initial_residency(policy: CachePolicy, layout: LayerCacheLayout) -> LayerResidency:
     """An empty cache, except that a layer with room for all its whole experts starts with them all
     (the engine loads them up front, as a dense model would: such a layer never loads again)."""
-    return LayerResidency(initial_cache(layout), policy.init(layout.layer, layout.num_experts))
-
-
-def initial_cache(layout: LayerCacheLayout) -> LayerCache:
-    """The cache before a layer's first step (see `initial_residency`)."""
-    return LayerCache(tuple(range(layout.num_experts))) if layout.fully_resident else LayerCache.empty(layout.slots)
+    cache = LayerCache(tuple(range(layout.num_experts))) if layout.fully_resident else LayerCache.empty(layout.slots)
+    return LayerResidency(cache, policy.init(layout.layer, layout.num_experts))
 
 
 def plan_layer_step(
