@@ -30,6 +30,7 @@ routing of the second (both recorded here, with hidden states). The shared Mixtr
 hidden states: +router does not apply): fit on one, scored on the other.
 
 Run:  python experiments/probe_reuse_features.py [--out experiments/results/learned_policy/probe.txt]
+      (the figure: the same name, .png)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 from moepic.cache.layout import CacheLayout, slot_count_layout
 from moepic.cache.replay import replay_trace
 from moepic.cache.stats import total
+from moepic.experiments.plots import grouped_bars
 from moepic.policies import POLICIES
 from moepic.policies.base import build_policy_on, priority_series
 from moepic.policies.learned import ONLINE, gap_closed, ranking_least_squares
@@ -185,8 +187,9 @@ def fitted_scorer(fit: str, X_MEF: np.ndarray, used_next_ME: np.ndarray, to_next
     return lambda X: net(torch.from_numpy((X - mean_F) / std_F)).squeeze(-1).detach().numpy()
 
 
-def probe(name: str, train, held, model) -> list[str]:
-    """The table's lines for one (training routing, held-out routing) pair."""
+def probe(name: str, train, held, model) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The table's lines for one (training routing, held-out routing) pair, and each fitted row's
+    share of the gap to Belady closed at SHARES (for the figure)."""
     steps = trace_steps(held)
     L, S, E = len(held.moe_layers), steps.num_steps, held.num_experts
     tables = transition_tables(train)
@@ -211,12 +214,12 @@ def probe(name: str, train, held, model) -> list[str]:
     rates = {row: {share: planned_hit_rate(held, score, max(1, round(share * E))) for share in SHARES} for row, score in scores.items()}
     lines = [f"{name}: fit on {train.num_tokens} tokens, scored on {held.num_tokens} ({S} steps × {L} layers)",
              f"  {'':<12} {'AUC':>6} " + " ".join(f"{f'hit@{s:g}':>9}" for s in SHARES) + "   gap to Belady closed"]
+    closed = {row: [gap_closed({p: rates[p][share] for p in (*ONLINE, "belady", row)}, row) for share in SHARES] for row in scores}
     for row, score in scores.items():
-        closed = " ".join("n/a" if c is None else f"{c:+.0%}" for c in
-                          (gap_closed({p: rates[p][share] for p in (*ONLINE, "belady", row)}, row) for share in SHARES))
         lines.append(f"  {row:<12} {within_step_auc(score.reshape(L * S, E), labels_held):>6.3f} "
-                     + " ".join(f"{rates[row][share]:>9.3f}" for share in SHARES) + "   " + closed)
-    return lines
+                     + " ".join(f"{rates[row][share]:>9.3f}" for share in SHARES) + "   "
+                     + " ".join("n/a" if c is None else f"{c:+.0%}" for c in closed[row]))
+    return lines, {row: shares for row, shares in closed.items() if row not in (*ONLINE, "belady")}
 
 
 def main() -> None:
@@ -232,19 +235,27 @@ def main() -> None:
     folder = str(default_model_dir())
     # The ablation's bundled workload (experiments/ablate_learned_policy.py) and its training routing.
     held = recorded_run(folder, RecordedConfig(requests=8, new_tokens=64)).trace
-    lines = probe("bundled model (kjv-moe-tiny, 16 experts, top-2)", training_routing(folder), held, load_model(folder))
+    pairs = {"bundled model (kjv-moe-tiny, 16 experts, top-2)": (training_routing(folder), held, load_model(folder))}
     mixtral = {name: SHARED / f"{name}_2_routing.jsonl" for name in ("gsm8k", "humaneval")}
     if all(path.is_file() for path in mixtral.values()):
         traces = {name: load_any_trace(path, num_experts=8) for name, path in mixtral.items()}
-        lines += probe("Mixtral-8x7B gsm8k (fit on humaneval)", traces["humaneval"], traces["gsm8k"], None)
-        lines += probe("Mixtral-8x7B humaneval (fit on gsm8k)", traces["gsm8k"], traces["humaneval"], None)
-    else:
+        pairs["Mixtral-8x7B gsm8k (fit on humaneval)"] = (traces["humaneval"], traces["gsm8k"], None)
+        pairs["Mixtral-8x7B humaneval (fit on gsm8k)"] = (traces["gsm8k"], traces["humaneval"], None)
+    lines, panels = [], {}
+    for name, (train, evaluated, model) in pairs.items():
+        table, panels[name] = probe(name, train, evaluated, model)
+        lines += table
+    if len(pairs) == 1:
         lines.append(f"(the shared Mixtral traces are not at {SHARED}: their rows are left out)")
     text = "\n".join(lines)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n", encoding="utf-8")
+    figure = grouped_bars(panels, [f"{share:.1%} cached" for share in SHARES], out.with_suffix(".png"), percent=True,
+                          title="share of the hit-rate gap to Belady closed, held out (vs the best of LRU/LFU/LCP)",
+                          ylabel="gap closed")
+    print(f"wrote {out}, {figure}")
 
 
 if __name__ == "__main__":

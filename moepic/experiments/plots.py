@@ -2,7 +2,8 @@
 each figure file is written whole or not at all (moepic.outputs).
 
 Two kinds cover the ablations: a metric against one axis, a line per level of another (and one
-panel per level of a third), and a per-MoE-layer figure, a line per cell.
+panel per level of a third), and a per-MoE-layer figure, a line per cell. A grouped bar chart
+serves the probes: a value per (row, series) in each panel.
 """
 
 from __future__ import annotations
@@ -84,6 +85,31 @@ def layer_plot(
         ax.set_xlabel("MoE layer")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def grouped_bars(panels: dict[str, dict[str, Sequence[float | None]]], series: Sequence[str], path: Path, *,
+                 title: str, ylabel: str, percent: bool = False) -> Path:
+    """One panel per key of `panels`; in each, a group of bars per row, one bar per `series`
+    (None: no bar). `percent`: values are shares, labelled as percentages."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    width = 0.8 / len(series)
+    for ax, (panel, rows) in zip(axes[0], panels.items()):
+        for i, name in enumerate(series):
+            xs = [r + (i - (len(series) - 1) / 2) * width for r, values in enumerate(rows.values()) if values[i] is not None]
+            ys = [values[i] for values in rows.values() if values[i] is not None]
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(rows)), list(rows), rotation=35, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(panel, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if percent:
+            ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

@@ -41,3 +41,11 @@ def test_within_step_auc_counts_pairs_ranked_right_ties_half():
     score_ME = np.array([[3.0, 1.0, 3.0], [0.0, 1.0, 2.0], [5.0, 4.0, 3.0]])
     # step 0: 1 positive vs 2 negatives: above one, tied with one → 0.75; step 1: both above → 1; step 2: no positive, skipped
     assert probe.within_step_auc(score_ME, labels_ME) == (0.75 + 1.0) / 2
+
+
+def test_the_grouped_bar_figure_is_a_whole_png_and_skips_missing_values(tmp_path):
+    from moepic.experiments.plots import grouped_bars
+
+    path = grouped_bars({"a": {"history": [0.1, None], "+router": [-0.2, 0.3]}, "b": {"history": [None, None]}},
+                        ["12.5 %", "25 %"], tmp_path / "probe.png", title="t", ylabel="gap closed", percent=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(tmp_path.iterdir()) == [path]
