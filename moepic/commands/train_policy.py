@@ -11,7 +11,7 @@ layer's experts (cache/replay.py), the trace cut into the engine's steps as the 
 them (a prompt one step), for the learned policy, LRU, LFU, LCP and Belady (the bound).
 The policy reads routing history only: router inputs a trace holds (`--trace-hidden`) are not used,
 since held out they did not help (experiments/probe_reuse_features.py: the current token's router
-scores move the share of the gap to Belady by −3 to +2 points) and reading them in the engine would
+scores move the share of the gap to Belady by −4 to +2 points) and reading them in the engine would
 cost a transfer per layer.
 Side effects: reads traces, writes the policy file (whole or not at all).
 """
