@@ -164,7 +164,8 @@ def fitted_scorer(fit: str, X_MEF: np.ndarray, used_next_ME: np.ndarray, to_next
         mean_F, std_F, w_F = ranking_least_squares(X_MEF, target_ME, 1.0)
         return lambda X: ((X - mean_F) / std_F) @ w_F
     flat = X_MEF.reshape(-1, X_MEF.shape[-1])
-    mean_F, std_F = flat.mean(0), np.where(flat.std(0) > 1e-9, flat.std(0), 1.0)
+    mean_F, std_F = flat.mean(0), flat.std(0)
+    std_F = np.where(std_F > 1e-9, std_F, 1.0)
     Z_MEF = torch.from_numpy((X_MEF - mean_F) / std_F)
     y_ME = torch.from_numpy(used_next_ME.astype(np.float64))
     torch.manual_seed(0)
@@ -209,8 +210,7 @@ def probe(name: str, train, held, model) -> tuple[list[str], dict[str, list[floa
         X_train = np.concatenate([history_train, extra_features(train, model, tables, wanted)], axis=-1)
         X_held = np.concatenate([history_held, extra_features(held, model, tables, wanted)], axis=-1)
         scores[row] = fitted_scorer(fit, X_train, labels_train, to_next_use)(X_held).reshape(L, S, E)
-    mean_F, std_F, w_F = ranking_least_squares(history_held, labels_held, 1.0)
-    scores["in-sample"] = (((history_held - mean_F) / std_F) @ w_F).reshape(L, S, E)
+    scores["in-sample"] = fitted_scorer("least squares", history_held, labels_held, None)(history_held).reshape(L, S, E)
     rates = {row: {share: planned_hit_rate(held, score, max(1, round(share * E))) for share in SHARES} for row, score in scores.items()}
     lines = [f"{name}: fit on {train.num_tokens} tokens, scored on {held.num_tokens} ({S} steps × {L} layers)",
              f"  {'':<12} {'AUC':>6} " + " ".join(f"{f'hit@{s:g}':>9}" for s in SHARES) + "   gap to Belady closed"]

@@ -16,7 +16,7 @@ from moepic.cache.layout import CacheLayout, LayerCacheLayout
 from moepic.cache.planner import LayerPlan, initial_residency, plan_layer_step
 from moepic.cache.stats import LayerCacheStats
 from moepic.policies.base import CachePolicy, priority_series
-from moepic.sim.steps import TraceSteps
+from moepic.sim.steps import TraceSteps, trace_steps
 from moepic.tracing import RoutingTrace
 
 
@@ -25,15 +25,11 @@ def replay_layer(trace: RoutingTrace, column: int, layout: LayerCacheLayout, pol
     """The plan of every step of MoE layer `column` (the trace's order), with `layout`'s cache: each
     token a step, or, with `steps`, the trace cut as they say (sim/steps.py `trace_steps`: a prompt
     one step, as the engine routes it)."""
-    if steps is None:
-        counts_SE = np.zeros((trace.num_tokens, trace.num_experts), dtype=np.int64)
-        np.add.at(counts_SE, (np.arange(trace.num_tokens)[:, None], trace.expert_ids_NLK[:, column]), 1)
-        tokens_S, new_request_S = np.ones(trace.num_tokens, np.int64), np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]]
-    else:
-        counts_SE, tokens_S, new_request_S = steps.counts_SE(trace, column), steps.tokens_S, steps.new_request_S
+    steps = trace_steps(trace, token_by_token=True) if steps is None else steps
+    counts_SE = steps.counts_SE(trace, column)
     # The policy's priorities depend on the routing alone, so they are computed for all steps at
     # once; the planner then steps the cache with them, as `residency_step` would.
-    priority_SE = priority_series(policy, layout.layer, trace.num_experts, counts_SE, tokens_S, new_request_S)
+    priority_SE = priority_series(policy, layout.layer, trace.num_experts, counts_SE, steps.tokens_S, steps.new_request_S)
     cache = initial_residency(policy, layout).cache  # init: a policy checks it fits the layer
     for counts_E, priority_E in zip(counts_SE, priority_SE):
         plan, cache = plan_layer_step(layout, cache, np.flatnonzero(counts_E).tolist(), priority_E)
@@ -46,11 +42,11 @@ def replay_trace(trace: RoutingTrace, layout: CacheLayout, policy: CachePolicy,
     token a step, or the trace cut into `steps`)."""
     if len(trace.moe_layers) != len(layout.layers):
         raise ValueError(f"the trace has {len(trace.moe_layers)} MoE layers, the layout {len(layout.layers)}")
-    tokens_S = np.ones(trace.num_tokens, np.int64) if steps is None else steps.tokens_S
+    steps = trace_steps(trace, token_by_token=True) if steps is None else steps
     out = []
     for column, layer_layout in enumerate(layout.layers):
         stats = LayerCacheStats(layer=layer_layout.layer)
-        for plan, tokens in zip(replay_layer(trace, column, layer_layout, policy, steps), tokens_S.tolist()):
+        for plan, tokens in zip(replay_layer(trace, column, layer_layout, policy, steps), steps.tokens_S.tolist()):
             stats = stats.add(plan, tokens)
         out.append(stats)
     return tuple(out)

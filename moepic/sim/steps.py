@@ -65,11 +65,15 @@ class TraceSteps:
         )
 
 
-def trace_steps(trace: RoutingTrace) -> TraceSteps:
+def trace_steps(trace: RoutingTrace, *, token_by_token: bool = False) -> TraceSteps:
+    """The engine's steps; `token_by_token`: every token a step of its own, a prompt's too (a
+    decode-style replay, cache/replay.py's default)."""
     N = trace.num_tokens
     new_sequence_N = np.r_[True, trace.sequence_N[1:] != trace.sequence_N[:-1]] if N else np.zeros(0, bool)
     # A prefill token continues its predecessor's step if both are in the same sequence's prompt.
     continues_N = trace.prefill_N & np.r_[False, trace.prefill_N[:-1]] & ~new_sequence_N if N else np.zeros(0, bool)
+    if token_by_token:
+        continues_N = np.zeros(N, bool)
     start_S = np.flatnonzero(~continues_N)
     tokens_S = np.diff(np.r_[start_S, N])
     return TraceSteps(
